@@ -1,0 +1,90 @@
+//! The Canal layer: everything between the Canal server's TCP port and [`ChangeEvent`]s.
+//!
+//! - [`codec`]: length-prefixed frames with a size cap.
+//! - [`proto`]: prost types from `proto/`.
+//! - [`auth`]: the password scramble.
+//! - [`session`]: one authenticated TCP session and its requests.
+//! - [`decode`]: entries to [`ChangeEvent`]s.
+//! - [`connection`]: the `CanalConnection` actor that owns the session, fetches batches, acks
+//!   them in order, rolls back, and reconnects with backoff.
+//!
+//! Every failure is a [`CanalError`]; none of them panics. Any error on a session drops it: the
+//! connection actor reconnects, re-subscribes and rolls back, so unacked batches are redelivered.
+//!
+//! [`ChangeEvent`]: crate::event::ChangeEvent
+
+pub mod auth;
+pub mod codec;
+pub mod connection;
+pub mod decode;
+pub mod proto;
+pub mod session;
+
+pub use connection::{Batch, BatchRef, CanalConnection, ConnectionConfig};
+pub use session::{Session, SessionConfig};
+
+use std::time::Duration;
+
+/// Errors of the Canal layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CanalError {
+    #[error("cannot connect to canal server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("canal server {addr} did not answer within {after:?} while {during}")]
+    Timeout {
+        addr: String,
+        during: &'static str,
+        after: Duration,
+    },
+    #[error("canal server {addr} closed the connection while {during}")]
+    Closed { addr: String, during: &'static str },
+    #[error("bad frame from canal server: {0}")]
+    Frame(#[from] codec::FrameError),
+    #[error("malformed {what} packet from canal server: {source}")]
+    Protobuf {
+        what: &'static str,
+        source: prost::DecodeError,
+    },
+    #[error("unexpected {got} packet from canal server while waiting for {expected}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("canal server sent a compressed packet (compression {0}), which is not supported")]
+    Compression(i32),
+    #[error(
+        "authentication failed for user '{user}' on destination '{destination}' (code {code}): {message}"
+    )]
+    Auth {
+        destination: String,
+        user: String,
+        code: i32,
+        message: String,
+    },
+    #[error("canal server error {code} on destination '{destination}' while {during}: {message}")]
+    Server {
+        destination: String,
+        during: &'static str,
+        code: i32,
+        message: String,
+    },
+    #[error("cannot decode batch {batch_id} from destination '{destination}': {source}")]
+    Decode {
+        destination: String,
+        batch_id: i64,
+        source: decode::DecodeError,
+    },
+}
+
+impl CanalError {
+    /// Errors that a reconnect cannot fix: retrying just repeats them (wrong password, frame
+    /// over the cap). The connection still retries them with backoff, but logs them as errors.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            CanalError::Auth { .. }
+                | CanalError::Frame(codec::FrameError::TooLarge { .. })
+                | CanalError::Compression(_)
+        )
+    }
+}

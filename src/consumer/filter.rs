@@ -1,0 +1,111 @@
+//! Table filters: which database, table and event types a consumer wants.
+
+use crate::event::{ChangeEvent, EventType};
+use regex::Regex;
+use std::collections::BTreeSet;
+
+/// A name matcher: exact (case-insensitive, like MySQL identifiers on Canal's side) or a regex
+/// anchored on both ends.
+#[derive(Debug, Clone)]
+pub enum NameMatch {
+    Exact(String),
+    Pattern(Regex),
+}
+
+impl NameMatch {
+    pub fn exact(name: &str) -> Self {
+        NameMatch::Exact(name.to_string())
+    }
+
+    /// Compiles `pattern` anchored as `^(?:pattern)$`.
+    pub fn pattern(pattern: &str) -> Result<Self, regex::Error> {
+        Ok(NameMatch::Pattern(Regex::new(&format!("^(?:{pattern})$"))?))
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            NameMatch::Exact(n) => n.eq_ignore_ascii_case(name),
+            NameMatch::Pattern(r) => r.is_match(name),
+        }
+    }
+
+    /// The matcher as a Canal filter regex fragment (matched by Canal against the lower-cased
+    /// `schema.table`).
+    pub fn canal_regex(&self) -> String {
+        match self {
+            NameMatch::Exact(n) => regex::escape(&n.to_ascii_lowercase()),
+            NameMatch::Pattern(r) => {
+                let s = r.as_str();
+                s.strip_prefix("^(?:")
+                    .and_then(|s| s.strip_suffix(")$"))
+                    .unwrap_or(s)
+                    .to_string()
+            }
+        }
+    }
+}
+
+/// `add_filter(database, table, {event types})`.
+#[derive(Debug, Clone)]
+pub struct TableFilter {
+    pub database: NameMatch,
+    pub table: NameMatch,
+    /// Empty means every event type.
+    pub event_types: BTreeSet<EventType>,
+}
+
+impl TableFilter {
+    /// Exact database and table names.
+    pub fn new(database: &str, table: &str, event_types: &[EventType]) -> Self {
+        TableFilter {
+            database: NameMatch::exact(database),
+            table: NameMatch::exact(table),
+            event_types: event_types.iter().copied().collect(),
+        }
+    }
+
+    pub fn matches(&self, event: &ChangeEvent) -> bool {
+        (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
+            && self.database.matches(&event.database)
+            && self.table.matches(&event.table)
+    }
+
+    /// This filter as one Canal subscription regex on `schema.table`.
+    pub fn canal_regex(&self) -> String {
+        format!(
+            "{}\\.{}",
+            self.database.canal_regex(),
+            self.table.canal_regex()
+        )
+    }
+}
+
+/// The Canal subscription filter covering `filters`: their regexes, de-duplicated, joined with
+/// commas. Empty input gives an empty string, which keeps the server's own filter; callers that
+/// want "nothing" must handle that case themselves.
+pub fn canal_filter<'a>(filters: impl IntoIterator<Item = &'a TableFilter>) -> String {
+    let set: BTreeSet<String> = filters.into_iter().map(|f| f.canal_regex()).collect();
+    set.into_iter().collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_and_pattern_filters_and_their_canal_form() {
+        let f = TableFilter::new("test_db", "users", &[EventType::Insert]);
+        assert_eq!(f.canal_regex(), "test_db\\.users");
+        let g = TableFilter {
+            database: NameMatch::exact("shop"),
+            table: NameMatch::pattern("orders_\\d+").unwrap(),
+            event_types: Default::default(),
+        };
+        assert!(g.table.matches("orders_12"));
+        assert!(!g.table.matches("orders_12x"));
+        assert_eq!(
+            canal_filter([&f, &g, &f]),
+            "shop\\.orders_\\d+,test_db\\.users"
+        );
+    }
+}

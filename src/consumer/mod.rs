@@ -1,0 +1,188 @@
+//! Consumers: what reacts to change events.
+//!
+//! A consumer has a name, table filters, and `process_event`, which sees each matching
+//! [`ChangeEvent`] and calls [`ConsumerContext::trigger_plugin`] to emit work, exactly like the
+//! reference system's consumer classes. Consumers written in Rust implement [`Consumer`];
+//! config-defined consumers (`rules`) are one implementation of it.
+//!
+//! `process_event` must be deterministic for a given event: on redelivery it runs again and its
+//! triggers get the same ids. Returning an error (or panicking) fails the event; the consumer
+//! actor then applies the consumer's [`ErrorPolicy`].
+
+pub mod filter;
+
+pub use filter::TableFilter;
+
+use crate::event::ChangeEvent;
+use crate::trigger::{MessageFormat, Priority, Route, SourceRef, Trigger, message_id};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// A per-event failure inside a consumer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConsumerError {
+    /// This event could not be handled (bad data, a rule that cannot render this row). The
+    /// consumer's error policy decides what happens.
+    #[error("{0}")]
+    Event(String),
+    /// The consumer cannot continue: it is stopped, restarted with backoff by its supervisor,
+    /// and the event is retried after the restart.
+    #[error("consumer must stop: {0}")]
+    Fatal(String),
+}
+
+/// What to do with an event whose processing failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ErrorPolicy {
+    /// Trigger a plugin (by default `error_handler`) with the event and the error.
+    #[default]
+    ErrorHandler,
+    /// Publish the event and the error to a dead-letter route.
+    DeadLetter {
+        #[serde(default = "default_dead_letter_route")]
+        route: Route,
+    },
+    /// Stop the consumer; it is restarted with backoff and retries the event.
+    Stop,
+}
+
+fn default_dead_letter_route() -> Route {
+    Route {
+        exchange: String::new(),
+        routing_key: "plugin_tasks.dead_letter".into(),
+    }
+}
+
+/// The plugin triggered by the `error_handler` policy.
+pub const ERROR_HANDLER_PLUGIN: &str = "error_handler";
+
+/// A consumer: filters plus `process_event`.
+pub trait Consumer: Send + 'static {
+    /// Unique name, e.g. `example_consumer`.
+    fn name(&self) -> &str;
+
+    /// Which tables and event types this consumer wants.
+    fn filters(&self) -> &[TableFilter];
+
+    /// Handle one event; emit work through `ctx`.
+    fn process_event(
+        &mut self,
+        event: &ChangeEvent,
+        ctx: &mut ConsumerContext,
+    ) -> Result<(), ConsumerError>;
+
+    /// What to do when `process_event` fails with [`ConsumerError::Event`].
+    fn error_policy(&self) -> ErrorPolicy {
+        ErrorPolicy::ErrorHandler
+    }
+
+    /// True if this consumer wants `event` (any filter matches).
+    fn wants(&self, event: &ChangeEvent) -> bool {
+        self.filters().iter().any(|f| f.matches(event))
+    }
+}
+
+/// A full trigger request, for callers that need more than `trigger_plugin`.
+#[derive(Debug, Clone, Default)]
+pub struct TriggerRequest {
+    pub plugin: String,
+    pub payload: serde_json::Value,
+    pub priority: Priority,
+    /// The config rule name, if any (part of the message id).
+    pub rule: Option<String>,
+    /// Overrides the consumer's default route.
+    pub route: Option<Route>,
+    /// Overrides the consumer's default format.
+    pub format: Option<MessageFormat>,
+}
+
+/// Handed to `process_event`: collects the triggers for the current event.
+#[derive(Debug)]
+pub struct ConsumerContext {
+    consumer: String,
+    default_route: Route,
+    default_format: MessageFormat,
+    source: Option<SourceRef>,
+    seq: HashMap<(Option<String>, String), u32>,
+    triggers: Vec<Trigger>,
+}
+
+impl ConsumerContext {
+    pub fn new(consumer: &str, default_route: Route, default_format: MessageFormat) -> Self {
+        ConsumerContext {
+            consumer: consumer.to_string(),
+            default_route,
+            default_format,
+            source: None,
+            seq: HashMap::new(),
+            triggers: Vec::new(),
+        }
+    }
+
+    /// Point the context at the next event (resets the per-event id counters).
+    pub fn begin_event(&mut self, event: &ChangeEvent) {
+        self.source = Some(SourceRef::from(event));
+        self.seq.clear();
+    }
+
+    /// The reference API: trigger `plugin` with `payload` at `priority`.
+    pub fn trigger_plugin(
+        &mut self,
+        plugin: &str,
+        payload: serde_json::Value,
+        priority: Priority,
+    ) -> &Trigger {
+        self.trigger(TriggerRequest {
+            plugin: plugin.to_string(),
+            payload,
+            priority,
+            ..Default::default()
+        })
+    }
+
+    /// Trigger with every option.
+    pub fn trigger(&mut self, req: TriggerRequest) -> &Trigger {
+        let source = self
+            .source
+            .clone()
+            .expect("ConsumerContext::begin_event must be called before triggering");
+        let key = (req.rule.clone(), req.plugin.clone());
+        let seq = self.seq.entry(key).or_insert(0);
+        let id = message_id(
+            &source.position,
+            &self.consumer,
+            req.rule.as_deref(),
+            &req.plugin,
+            *seq,
+        );
+        *seq += 1;
+        self.triggers.push(Trigger {
+            id,
+            plugin: req.plugin,
+            payload: req.payload,
+            priority: req.priority,
+            consumer: self.consumer.clone(),
+            rule: req.rule,
+            source,
+            route: req.route.unwrap_or_else(|| self.default_route.clone()),
+            format: req.format.unwrap_or_else(|| self.default_format.clone()),
+        });
+        self.triggers.last().expect("just pushed")
+    }
+
+    /// Triggers collected so far.
+    pub fn triggers(&self) -> &[Trigger] {
+        &self.triggers
+    }
+
+    /// Drop the triggers of the current event (used when it fails).
+    pub fn truncate(&mut self, len: usize) {
+        self.triggers.truncate(len);
+    }
+
+    /// Take every trigger collected so far.
+    pub fn take_triggers(&mut self) -> Vec<Trigger> {
+        std::mem::take(&mut self.triggers)
+    }
+}

@@ -1,0 +1,24 @@
+//! canal-consumer: MySQL row changes from Alibaba Canal, routed to consumers, turned into plugin
+//! tasks on RabbitMQ, with nothing lost.
+//!
+//! The pipeline, and the module that owns each stage:
+//!
+//! ```text
+//! MySQL binlog -> Canal server -(TCP)-> canal::connection (CanalConnection actor)
+//!     -> manager (Manager actor: routing, batch tracking, ordered acks)
+//!     -> consumer (one supervised actor per consumer; rules for config-driven ones)
+//!     -> publisher (AMQP publisher actor: confirms, returns, back-pressure)
+//!     -> RabbitMQ queue `plugin_tasks` -> plugin workers (e.g. Celery)
+//! ```
+//!
+//! - [`canal`]: the Canal protocol: codec, session, connection actor, entry decoding.
+//! - [`event`]: the [`event::ChangeEvent`] model consumers see.
+//! - [`consumer`]: the [`consumer::Consumer`] trait, filters and the trigger context.
+//! - [`trigger`]: what a consumer emits: [`trigger::Trigger`], priorities, message ids.
+//! - [`publisher`]: where triggers go.
+
+pub mod canal;
+pub mod consumer;
+pub mod event;
+pub mod publisher;
+pub mod trigger;

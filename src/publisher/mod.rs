@@ -1,0 +1,69 @@
+//! The publisher boundary: how triggers leave the consumers.
+//!
+//! Consumers send [`Publish`] messages to a `Recipient<Publish>`. The AMQP publisher actor is
+//! the production implementation; [`RecordingSink`] records triggers for tests and `test` runs.
+//! Whoever receives a `Publish` must answer on its `reply` channel only once every trigger in it
+//! is safely delivered (AMQP: confirmed by the broker), or with an error; triggers must leave in
+//! the order `Publish` messages arrive.
+
+use crate::trigger::Trigger;
+use actix::prelude::*;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// Why a publish failed. Any of these means the Canal batch must not be acked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "broker returned message {id} as unroutable (exchange '{exchange}', routing key '{routing_key}'): {reason}"
+    )]
+    Returned {
+        id: String,
+        exchange: String,
+        routing_key: String,
+        reason: String,
+    },
+    #[error("broker nacked message {id}")]
+    Nacked { id: String },
+    #[error("no confirm for message {id} within {timeout:?}")]
+    ConfirmTimeout {
+        id: String,
+        timeout: std::time::Duration,
+    },
+    #[error("broker connection lost with {unconfirmed} messages unconfirmed: {reason}")]
+    ConnectionLost { unconfirmed: usize, reason: String },
+    #[error("cannot encode message {id}: {reason}")]
+    Encode { id: String, reason: String },
+    #[error("publisher unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Publish these triggers, in order; answer on `reply` when all are confirmed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Publish {
+    pub triggers: Vec<Trigger>,
+    pub reply: oneshot::Sender<Result<(), PublishError>>,
+}
+
+/// A sink that records every trigger and confirms at once (tests, `test NAME`).
+#[derive(Debug, Default, Clone)]
+pub struct RecordingSink {
+    pub recorded: Arc<Mutex<Vec<Trigger>>>,
+}
+
+impl Actor for RecordingSink {
+    type Context = Context<Self>;
+}
+
+impl Handler<Publish> for RecordingSink {
+    type Result = ();
+
+    fn handle(&mut self, msg: Publish, _: &mut Context<Self>) {
+        self.recorded
+            .lock()
+            .expect("recording sink poisoned")
+            .extend(msg.triggers);
+        let _ = msg.reply.send(Ok(()));
+    }
+}
