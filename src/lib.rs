@@ -18,6 +18,7 @@
 //! - [`publisher`]: where triggers go.
 
 pub mod canal;
+pub mod config;
 pub mod consumer;
 pub mod event;
 pub mod publisher;
