@@ -18,8 +18,10 @@
 //! - [`publisher`]: where triggers go.
 
 pub mod canal;
+pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod event;
+pub mod manager;
 pub mod publisher;
 pub mod trigger;

@@ -9,6 +9,7 @@
 //! triggers get the same ids. Returning an error (or panicking) fails the event; the consumer
 //! actor then applies the consumer's [`ErrorPolicy`].
 
+pub mod actor;
 pub mod filter;
 
 pub use filter::TableFilter;

@@ -1,0 +1,5 @@
+//! The command line: `start`, `tail`, `list`, `status`, `enable`, `disable`, `test`,
+//! `check-config`. Each subcommand lives in its own function; `main.rs` only parses and
+//! dispatches.
+
+pub mod tail;

@@ -1,0 +1,334 @@
+//! The consumer actor: one per consumer, under actix supervision.
+//!
+//! It runs its [`Consumer`] over the events the Manager routes to it, one batch at a time, and
+//! hands the resulting triggers to the publisher in the same order. Its reply to the Manager
+//! carries a receiver that resolves when the publisher has confirmed them.
+//!
+//! Failure handling:
+//! - `ConsumerError::Event` applies the consumer's [`ErrorPolicy`] (trigger `error_handler`, or
+//!   a dead-letter message); the batch goes on.
+//! - `ConsumerError::Fatal`, the `stop` policy, or a panic inside `process_event` fails the
+//!   batch (nothing of it is published) and stops the actor. Its supervisor restarts it; the
+//!   Manager retries the same batch after a backoff that grows with each restart. A panic is
+//!   caught here, so it stops only this consumer.
+//! - More than `max_restarts` restarts within `quarantine_window` quarantines the consumer: it
+//!   refuses work, and the Manager rolls the batch back instead of acking it.
+
+use crate::consumer::{
+    Consumer, ConsumerContext, ConsumerError, ERROR_HANDLER_PLUGIN, ErrorPolicy, TriggerRequest,
+};
+use crate::event::ChangeEvent;
+use crate::publisher::{Publish, PublishError};
+use crate::trigger::{MessageFormat, Priority, Route, Trigger};
+use actix::prelude::*;
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Supervision settings.
+#[derive(Debug, Clone)]
+pub struct SupervisionConfig {
+    pub restart_min: Duration,
+    pub restart_max: Duration,
+    pub max_restarts: u32,
+    pub quarantine_window: Duration,
+}
+
+impl From<&crate::config::ConsumersConfig> for SupervisionConfig {
+    fn from(c: &crate::config::ConsumersConfig) -> Self {
+        SupervisionConfig {
+            restart_min: c.restart_min,
+            restart_max: c.restart_max,
+            max_restarts: c.max_restarts,
+            quarantine_window: c.quarantine_window,
+        }
+    }
+}
+
+/// Process these events (indices into `events`), in order.
+#[derive(Message)]
+#[rtype(result = "Result<Processed, ProcessFailure>")]
+pub struct ProcessBatch {
+    pub events: Arc<Vec<ChangeEvent>>,
+    pub indices: Arc<Vec<usize>>,
+}
+
+/// The batch was processed and its triggers handed to the publisher.
+#[derive(Debug)]
+pub struct Processed {
+    pub triggers: usize,
+    pub event_errors: usize,
+    /// Resolves when every trigger is confirmed (or failed).
+    pub confirmed: oneshot::Receiver<Result<(), PublishError>>,
+}
+
+/// The batch could not be processed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProcessFailure {
+    #[error("consumer failed: {error} (restart {restarts}, retry in {retry_in:?})")]
+    Failed {
+        error: String,
+        restarts: u32,
+        retry_in: Duration,
+    },
+    #[error("consumer is restarting (retry in {retry_in:?})")]
+    Restarting { retry_in: Duration },
+    #[error("consumer is quarantined after {restarts} restarts: {last_error}")]
+    Quarantined { restarts: u32, last_error: String },
+}
+
+/// Lift a quarantine (used by `enable`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reinstate;
+
+/// The consumer actor.
+pub struct ConsumerActor {
+    consumer: Box<dyn Consumer>,
+    ctx: ConsumerContext,
+    publisher: Recipient<Publish>,
+    supervision: SupervisionConfig,
+    restarts: u32,
+    recent_restarts: VecDeque<Instant>,
+    quarantined: bool,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+impl ConsumerActor {
+    pub fn new(
+        consumer: Box<dyn Consumer>,
+        publisher: Recipient<Publish>,
+        default_route: Route,
+        default_format: MessageFormat,
+        supervision: SupervisionConfig,
+    ) -> Self {
+        let ctx = ConsumerContext::new(consumer.name(), default_route, default_format);
+        ConsumerActor {
+            consumer,
+            ctx,
+            publisher,
+            supervision,
+            restarts: 0,
+            recent_restarts: VecDeque::new(),
+            quarantined: false,
+            retry_at: None,
+            last_error: String::new(),
+        }
+    }
+
+    /// Start under a supervisor.
+    pub fn start_supervised(self) -> Addr<ConsumerActor> {
+        Supervisor::start(move |_| self)
+    }
+
+    fn backoff(&self) -> Duration {
+        let exp = self
+            .supervision
+            .restart_min
+            .saturating_mul(1u32 << self.restarts.min(16));
+        exp.min(self.supervision.restart_max)
+    }
+}
+
+impl Actor for ConsumerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(64);
+    }
+}
+
+impl Supervised for ConsumerActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        let now = Instant::now();
+        self.restarts += 1;
+        self.recent_restarts.push_back(now);
+        while self
+            .recent_restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.supervision.quarantine_window)
+        {
+            self.recent_restarts.pop_front();
+        }
+        self.ctx.take_triggers();
+        if self.recent_restarts.len() as u32 > self.supervision.max_restarts {
+            self.quarantined = true;
+            tracing::error!(
+                consumer = self.consumer.name(),
+                restarts = self.restarts,
+                error = %self.last_error,
+                "consumer quarantined: its batches are rolled back until it is re-enabled"
+            );
+        } else {
+            tracing::warn!(
+                consumer = self.consumer.name(),
+                restarts = self.restarts,
+                "consumer restarted"
+            );
+        }
+    }
+}
+
+/// Run `consumer` on one event, applying its error policy. Triggers emitted before a failure
+/// are discarded. `Err` means the consumer must stop (fatal error, `stop` policy, or panic).
+pub fn process_event(
+    consumer: &mut dyn Consumer,
+    cctx: &mut ConsumerContext,
+    event: &ChangeEvent,
+) -> Result<usize, String> {
+    cctx.begin_event(event);
+    let mark = cctx.triggers().len();
+    let outcome =
+        std::panic::catch_unwind(AssertUnwindSafe(|| consumer.process_event(event, cctx)));
+    let error = match outcome {
+        Ok(Ok(())) => return Ok(0),
+        Ok(Err(ConsumerError::Event(msg))) => msg,
+        Ok(Err(ConsumerError::Fatal(msg))) => {
+            cctx.truncate(mark);
+            return Err(msg);
+        }
+        Err(panic) => {
+            cctx.truncate(mark);
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            return Err(format!("panic in process_event: {msg}"));
+        }
+    };
+    cctx.truncate(mark);
+    tracing::warn!(
+        consumer = consumer.name(),
+        table = %event.full_table(),
+        position = %event.position,
+        error = %error,
+        "event failed in consumer"
+    );
+    let body = serde_json::json!({
+        "consumer": consumer.name(),
+        "error": error,
+        "event": event.to_json(),
+    });
+    match consumer.error_policy() {
+        ErrorPolicy::ErrorHandler => {
+            cctx.trigger(TriggerRequest {
+                plugin: ERROR_HANDLER_PLUGIN.into(),
+                payload: body,
+                priority: Priority::Normal,
+                ..Default::default()
+            });
+        }
+        ErrorPolicy::DeadLetter { route } => {
+            cctx.trigger(TriggerRequest {
+                plugin: "dead_letter".into(),
+                payload: body,
+                priority: Priority::Normal,
+                route: Some(route),
+                format: Some(MessageFormat::Envelope),
+                ..Default::default()
+            });
+        }
+        ErrorPolicy::Stop => return Err(error),
+    }
+    Ok(1)
+}
+
+/// Run a consumer over events without any actor or broker (used by `test NAME`). Returns the
+/// triggers it would publish, or the error that would stop it.
+pub fn run_standalone(
+    consumer: &mut dyn Consumer,
+    default_route: Route,
+    default_format: MessageFormat,
+    events: &[ChangeEvent],
+) -> Result<Vec<Trigger>, String> {
+    let mut cctx = ConsumerContext::new(consumer.name(), default_route, default_format);
+    for e in events {
+        if consumer.wants(e) {
+            process_event(consumer, &mut cctx, e)?;
+        }
+    }
+    Ok(cctx.take_triggers())
+}
+
+impl Handler<ProcessBatch> for ConsumerActor {
+    type Result = Result<Processed, ProcessFailure>;
+
+    fn handle(&mut self, msg: ProcessBatch, ctx: &mut Context<Self>) -> Self::Result {
+        if self.quarantined {
+            return Err(ProcessFailure::Quarantined {
+                restarts: self.restarts,
+                last_error: self.last_error.clone(),
+            });
+        }
+        if let Some(at) = self.retry_at {
+            let now = Instant::now();
+            if at > now {
+                return Err(ProcessFailure::Restarting { retry_in: at - now });
+            }
+            self.retry_at = None;
+        }
+        let mut event_errors = 0;
+        for &i in msg.indices.iter() {
+            let Some(event) = msg.events.get(i) else {
+                continue;
+            };
+            match process_event(self.consumer.as_mut(), &mut self.ctx, event) {
+                Ok(errors) => event_errors += errors,
+                Err(error) => {
+                    tracing::error!(
+                        consumer = self.consumer.name(),
+                        table = %event.full_table(),
+                        position = %event.position,
+                        error = %error,
+                        "consumer failed; stopping it for a restart"
+                    );
+                    self.ctx.take_triggers();
+                    self.last_error = error.clone();
+                    let retry_in = self.backoff();
+                    self.retry_at = Some(Instant::now() + retry_in);
+                    ctx.stop();
+                    return Err(ProcessFailure::Failed {
+                        error,
+                        restarts: self.restarts + 1,
+                        retry_in,
+                    });
+                }
+            }
+        }
+        let triggers = self.ctx.take_triggers();
+        let count = triggers.len();
+        let (tx, rx) = oneshot::channel();
+        if triggers.is_empty() {
+            let _ = tx.send(Ok(()));
+        } else {
+            // do_send keeps the order in which batches were processed; the number of
+            // outstanding messages is bounded by the Canal in-flight window.
+            self.publisher.do_send(Publish {
+                triggers,
+                reply: tx,
+            });
+        }
+        Ok(Processed {
+            triggers: count,
+            event_errors,
+            confirmed: rx,
+        })
+    }
+}
+
+impl Handler<Reinstate> for ConsumerActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Reinstate, _: &mut Context<Self>) {
+        if self.quarantined {
+            tracing::info!(consumer = self.consumer.name(), "consumer reinstated");
+        }
+        self.quarantined = false;
+        self.recent_restarts.clear();
+        self.retry_at = None;
+    }
+}
