@@ -1,0 +1,231 @@
+//! Byte-level fault injection against the Canal session, using a fake server on loopback.
+//! The real-server behaviour is covered by `canal_real_server.rs`; these cases are ones a real
+//! server will not produce on demand.
+
+use bytes::Bytes;
+use canal_consumer::canal::codec::FrameError;
+use canal_consumer::canal::proto::packet::{Ack, Handshake, Messages, Packet, PacketType};
+use canal_consumer::canal::{CanalError, Session, SessionConfig};
+use prost::Message;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn config(port: u16, max_frame_bytes: usize) -> SessionConfig {
+    SessionConfig {
+        host: "127.0.0.1".into(),
+        port,
+        destination: "example".into(),
+        client_id: "1001".into(),
+        username: "canal".into(),
+        password: "canal".into(),
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(60),
+        max_frame_bytes,
+    }
+}
+
+fn frame(packet: Packet) -> Vec<u8> {
+    let body = packet.encode_to_vec();
+    let mut out = (body.len() as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+fn packet(kind: PacketType, body: Vec<u8>) -> Packet {
+    Packet {
+        version: Some(1),
+        r#type: kind as i32,
+        body: body.into(),
+        ..Default::default()
+    }
+}
+
+fn ok_ack() -> Vec<u8> {
+    frame(Packet {
+        version: Some(1),
+        r#type: PacketType::Ack as i32,
+        ..Default::default()
+    })
+}
+
+fn error_ack(code: i32, msg: &str) -> Vec<u8> {
+    frame(packet(
+        PacketType::Ack,
+        Ack {
+            error_code: Some(code),
+            error_message: msg.into(),
+        }
+        .encode_to_vec(),
+    ))
+}
+
+async fn read_frame(s: &mut TcpStream) -> Option<Packet> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.ok()?;
+    let mut body = vec![0u8; i32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).await.ok()?;
+    Packet::decode(Bytes::from(body)).ok()
+}
+
+/// A fake server: handshake, accept auth (or reply `auth_reply`), accept a subscribe, then
+/// answer the first GET with `get_reply` raw bytes and keep the socket open (or close it).
+async fn fake_server(auth_reply: Vec<u8>, get_reply: Vec<u8>, close_after: bool) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let hs = Handshake {
+            seeds: vec![1, 2, 3, 4, 5, 6, 7, 8].into(),
+            ..Default::default()
+        };
+        s.write_all(&frame(packet(PacketType::Handshake, hs.encode_to_vec())))
+            .await
+            .unwrap();
+        let auth = read_frame(&mut s).await.unwrap();
+        assert_eq!(auth.r#type, PacketType::ClientAuthentication as i32);
+        s.write_all(&auth_reply).await.unwrap();
+        while let Some(p) = read_frame(&mut s).await {
+            match PacketType::try_from(p.r#type).unwrap() {
+                PacketType::Subscription => s.write_all(&ok_ack()).await.unwrap(),
+                PacketType::Get => {
+                    s.write_all(&get_reply).await.unwrap();
+                    if close_after {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    port
+}
+
+async fn get_with(get_reply: Vec<u8>, close_after: bool, max: usize) -> CanalError {
+    let port = fake_server(ok_ack(), get_reply, close_after).await;
+    let mut session = Session::connect(&config(port, max))
+        .await
+        .expect("connects");
+    session.subscribe("").await.expect("subscribes");
+    session
+        .get(100, Duration::from_millis(10))
+        .await
+        .expect_err("the GET must fail")
+}
+
+#[tokio::test]
+async fn a_frame_over_the_cap_is_rejected_without_allocating_it() {
+    // announce 1 GiB; the cap is 1 MiB
+    let reply = (1i32 << 30).to_be_bytes().to_vec();
+    let err = get_with(reply, false, 1 << 20).await;
+    assert!(
+        matches!(
+            err,
+            CanalError::Frame(FrameError::TooLarge {
+                len: 1073741824,
+                max: 1048576
+            })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("exceeds the maximum"), "{err}");
+}
+
+#[tokio::test]
+async fn a_truncated_frame_is_reported() {
+    let mut reply = frame(packet(
+        PacketType::Messages,
+        Messages {
+            batch_id: 3,
+            messages: vec![Bytes::from_static(b"xxxxxxxxxxxx")],
+        }
+        .encode_to_vec(),
+    ));
+    reply.truncate(reply.len() - 5);
+    let err = get_with(reply, true, 1 << 20).await;
+    assert!(
+        matches!(err, CanalError::Frame(FrameError::Truncated { .. })),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn garbage_bytes_are_a_protocol_error() {
+    let body = b"\xff\xff\xff\xff\xff\xff\xff".to_vec();
+    let mut reply = (body.len() as i32).to_be_bytes().to_vec();
+    reply.extend_from_slice(&body);
+    let err = get_with(reply, false, 1 << 20).await;
+    assert!(
+        matches!(err, CanalError::Protobuf { what: "Packet", .. }),
+        "{err}"
+    );
+    // a negative length is garbage too
+    let err = get_with(vec![0x80, 0, 0, 1], false, 1 << 20).await;
+    assert!(
+        matches!(err, CanalError::Frame(FrameError::NegativeLength(_))),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_error_ack_in_place_of_messages_is_a_server_error() {
+    // what Canal sends unsolicited after a bad CLIENTACK, read as the GET's answer
+    let reply = error_ack(400, "batchId:7 is not the firstly:5\n\tat com.alibaba...");
+    let err = get_with(reply, false, 1 << 20).await;
+    match err {
+        CanalError::Server {
+            code,
+            ref message,
+            ref destination,
+            ..
+        } => {
+            assert_eq!(code, 400);
+            assert_eq!(message, "batchId:7 is not the firstly:5");
+            assert_eq!(destination, "example");
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_rejected_login_names_the_destination_and_user() {
+    let port = fake_server(error_ack(400, "auth failed for user:canal"), vec![], false).await;
+    let err = match Session::connect(&config(port, 1 << 20)).await {
+        Err(e) => e,
+        Ok(_) => panic!("login must fail"),
+    };
+    assert!(matches!(err, CanalError::Auth { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("destination 'example'"), "{text}");
+    assert!(text.contains("user 'canal'"), "{text}");
+    assert!(err.is_permanent());
+}
+
+#[tokio::test]
+async fn a_silent_server_hits_the_read_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _keep = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        // never says anything
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(s);
+    });
+    let mut cfg = config(port, 1 << 20);
+    cfg.read_timeout = Duration::from_millis(200);
+    let err = match Session::connect(&cfg).await {
+        Err(e) => e,
+        Ok(_) => panic!("must time out"),
+    };
+    assert!(
+        matches!(
+            err,
+            CanalError::Timeout {
+                during: "waiting for the handshake",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
