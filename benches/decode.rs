@@ -1,1 +1,121 @@
-fn main() {}
+//! Decode throughput: MESSAGES packet bytes -> ChangeEvents, for 10-column rows.
+//!
+//! Run: `cargo bench --bench decode`. Reports rows/s (criterion "elements").
+
+use bytes::Bytes;
+use canal_consumer::canal::decode::decode_entries;
+use canal_consumer::canal::proto::entry::{
+    Column, Entry, EntryType, EventType, Header, RowChange, RowData,
+};
+use canal_consumer::canal::proto::packet::{Messages, Packet, PacketType};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use prost::Message;
+
+const ROWS_PER_ENTRY: usize = 50;
+const ENTRIES: usize = 20;
+
+fn column(index: i32, name: &str, mysql_type: &str, sql_type: i32, value: &str) -> Column {
+    Column {
+        index,
+        sql_type,
+        name: name.into(),
+        is_key: index == 0,
+        updated: true,
+        is_null: Some(false),
+        value: value.into(),
+        mysql_type: mysql_type.into(),
+        ..Default::default()
+    }
+}
+
+fn row(i: usize) -> RowData {
+    let id = i.to_string();
+    RowData {
+        after_columns: vec![
+            column(0, "id", "bigint(20)", -5, &id),
+            column(1, "user_id", "int(11)", 4, "424242"),
+            column(2, "name", "varchar(64)", 12, "张三 Zhang San 🚀"),
+            column(3, "email", "varchar(128)", 12, "zhang.san@example.com"),
+            column(4, "amount", "decimal(12,2)", 3, "1234.50"),
+            column(5, "score", "double", 8, "98.25"),
+            column(6, "status", "enum('new','paid','shipped')", 4, "2"),
+            column(
+                7,
+                "created_at",
+                "datetime(3)",
+                93,
+                "2026-11-23 12:34:56.789",
+            ),
+            column(
+                8,
+                "note",
+                "text",
+                2005,
+                "a moderately long note about this row",
+            ),
+            column(9, "flags", "tinyint(3) unsigned", -6, "7"),
+        ],
+        ..Default::default()
+    }
+}
+
+fn messages_packet() -> Bytes {
+    let mut entries = Vec::new();
+    for e in 0..ENTRIES {
+        let change = RowChange {
+            event_type: Some(EventType::Insert as i32),
+            is_ddl: Some(false),
+            row_datas: (0..ROWS_PER_ENTRY)
+                .map(|r| row(e * ROWS_PER_ENTRY + r))
+                .collect(),
+            ..Default::default()
+        };
+        let entry = Entry {
+            header: Some(Header {
+                logfile_name: "mysql-bin.000001".into(),
+                logfile_offset: 1000 + e as i64 * 4096,
+                schema_name: "bench".into(),
+                table_name: "orders".into(),
+                execute_time: 1_700_000_000_000,
+                event_type: Some(EventType::Insert as i32),
+                ..Default::default()
+            }),
+            entry_type: Some(EntryType::RowData as i32),
+            store_value: change.encode_to_vec().into(),
+        };
+        entries.push(Bytes::from(entry.encode_to_vec()));
+    }
+    let body = Messages {
+        batch_id: 1,
+        messages: entries,
+    }
+    .encode_to_vec();
+    Packet {
+        r#type: PacketType::Messages as i32,
+        body: body.into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into()
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let frame = messages_packet();
+    let rows = (ROWS_PER_ENTRY * ENTRIES) as u64;
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(rows));
+    group.bench_function("messages_to_change_events_10_columns", |b| {
+        b.iter(|| {
+            let packet = Packet::decode(frame.clone()).unwrap();
+            let msgs = Messages::decode(packet.body).unwrap();
+            let mut out = Vec::with_capacity(rows as usize);
+            decode_entries("example", &msgs.messages, &mut out).unwrap();
+            assert_eq!(out.len(), rows as usize);
+            out
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_decode);
+criterion_main!(benches);

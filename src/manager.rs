@@ -85,7 +85,7 @@ pub struct ManagerConfig {
 /// The Manager actor.
 pub struct Manager {
     cfg: ManagerConfig,
-    connection: Option<Addr<CanalConnection>>,
+    connection: Option<ConnectionLink>,
     slots: Vec<Slot>,
     batches: BTreeMap<BatchRef, Track>,
     epoch: u64,
@@ -95,7 +95,25 @@ pub struct Manager {
 /// Give the Manager its connection (the connection is created with the Manager's address).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AttachConnection(pub Addr<CanalConnection>);
+pub struct AttachConnection(pub ConnectionLink);
+
+/// What the Manager sends to the connection.
+#[derive(Clone)]
+pub struct ConnectionLink {
+    pub ack: Recipient<AckBatch>,
+    pub rollback: Recipient<RollbackBatch>,
+    pub filter: Recipient<SetFilter>,
+}
+
+impl From<&Addr<CanalConnection>> for ConnectionLink {
+    fn from(addr: &Addr<CanalConnection>) -> Self {
+        ConnectionLink {
+            ack: addr.clone().recipient(),
+            rollback: addr.clone().recipient(),
+            filter: addr.clone().recipient(),
+        }
+    }
+}
 
 /// Enable or disable a consumer live.
 #[derive(Message)]
@@ -216,7 +234,7 @@ impl Manager {
 
     fn ack(&self, batch: BatchRef) {
         if let Some(conn) = &self.connection {
-            conn.do_send(AckBatch(batch));
+            conn.ack.do_send(AckBatch(batch));
         }
     }
 
@@ -225,7 +243,7 @@ impl Manager {
             return; // already rolled back or from an older epoch
         }
         if let Some(conn) = &self.connection {
-            conn.do_send(RollbackBatch { batch, reason });
+            conn.rollback.do_send(RollbackBatch { batch, reason });
         }
     }
 
@@ -455,7 +473,7 @@ impl Handler<SetEnabled> for Manager {
         }
         let filter = self.filter();
         if let Some(conn) = &self.connection {
-            conn.do_send(SetFilter(filter));
+            conn.filter.do_send(SetFilter(filter));
         }
         self.kick(i, ctx);
         Ok(())

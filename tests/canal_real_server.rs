@@ -1,0 +1,403 @@
+//! The Canal client against the real Canal 1.1.8 server fed by real MariaDB
+//! (start them with `deploy/local/up`).
+
+mod common;
+
+use canal_consumer::canal::connection::{AckBatch, CanalConnection, CanalEvent, Shutdown};
+use canal_consumer::canal::{CanalError, Session};
+use canal_consumer::config::{CanalConfig, Secret};
+use canal_consumer::event::{ChangeEvent, EventType, Value};
+use common::*;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const DB: &str = "cc_it";
+
+fn setup_table(table: &str, ddl: &str) {
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table}; CREATE TABLE {DB}.{table} {ddl}"
+    ));
+}
+
+fn filter(table: &str) -> String {
+    format!("{DB}\\.{table}")
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+#[tokio::test]
+async fn every_common_type_arrives_with_the_value_written() {
+    let _lock = canal_lock().await;
+    let table = "all_types";
+    setup_table(
+        table,
+        "(id INT PRIMARY KEY,
+          ti TINYINT, tiu TINYINT UNSIGNED, si SMALLINT, siu SMALLINT UNSIGNED,
+          mi MEDIUMINT, miu MEDIUMINT UNSIGNED, i INT, iu INT UNSIGNED,
+          bi BIGINT, biu BIGINT UNSIGNED,
+          de DECIMAL(20,6), f FLOAT, d DOUBLE,
+          c CHAR(10), vc VARCHAR(100), t TEXT,
+          bl BLOB, bn BINARY(4), vb VARBINARY(16),
+          dt DATE, dtt DATETIME(6), ts TIMESTAMP(3) NULL, tm TIME(3), y YEAR,
+          e ENUM('small','medium','large'), s SET('a','b','c','d'),
+          j JSON, b BIT(10), n VARCHAR(10) NULL, es VARCHAR(10)
+         ) DEFAULT CHARSET=utf8mb4",
+    );
+    let mut tap = Tap::clean(&filter(table)).await;
+    mysql(&format!(
+        "INSERT INTO {DB}.{table} VALUES (1,
+          -128, 255, -32768, 65535, -8388608, 16777215, -2147483648, 4294967295,
+          -9223372036854775808, 18446744073709551615,
+          '-12345678901234.123456', 1.5, -2.25e-10,
+          '汉字', '中文 emoji 🚀 ok', 'line1\\nline2 \"quoted\" \\'single\\'',
+          X'00FF80FE41', X'00010203', X'DEADBEEF00',
+          '2024-02-29', '2024-02-29 23:59:58.123456', '2024-03-01 12:00:00.500', '123:45:06.789', 2024,
+          'large', 'a,c', '{{\"k\": [1, 2, {{\"x\": null}}], \"s\": \"中\"}}', b'1010101010', NULL, '');
+         UPDATE {DB}.{table} SET vc = 'changed ✓', e = 'small', n = 'now set' WHERE id = 1;
+         DELETE FROM {DB}.{table} WHERE id = 1;"
+    ));
+    let (events, _) = tap
+        .collect(table, true, Duration::from_secs(60), |ev| ev.len() >= 3)
+        .await;
+    assert_eq!(
+        events.iter().map(|e| e.event_type).collect::<Vec<_>>(),
+        [EventType::Insert, EventType::Update, EventType::Delete]
+    );
+    let ins = &events[0];
+    let expect: Vec<(&str, Value)> = vec![
+        ("id", Value::Int(1)),
+        ("ti", Value::Int(-128)),
+        ("tiu", Value::Int(255)),
+        ("si", Value::Int(-32768)),
+        ("siu", Value::Int(65535)),
+        ("mi", Value::Int(-8388608)),
+        ("miu", Value::Int(16777215)),
+        ("i", Value::Int(-2147483648)),
+        ("iu", Value::Int(4294967295)),
+        ("bi", Value::Int(i64::MIN)),
+        ("biu", Value::UInt(u64::MAX)),
+        ("de", text("-12345678901234.123456")),
+        ("f", Value::Float(1.5)),
+        ("d", Value::Float(-2.25e-10)),
+        ("c", text("汉字")),
+        ("vc", text("中文 emoji 🚀 ok")),
+        ("t", text("line1\nline2 \"quoted\" 'single'")),
+        ("bl", Value::Bytes(vec![0x00, 0xff, 0x80, 0xfe, 0x41])),
+        ("bn", Value::Bytes(vec![0, 1, 2, 3])),
+        ("vb", Value::Bytes(vec![0xde, 0xad, 0xbe, 0xef, 0x00])),
+        ("dt", text("2024-02-29")),
+        ("dtt", text("2024-02-29 23:59:58.123456")),
+        ("ts", text("2024-03-01 12:00:00.500")),
+        ("tm", text("123:45:06.789")),
+        ("y", Value::Int(2024)),
+        ("e", text("large")),
+        ("s", text("a,c")),
+        ("b", Value::UInt(0b1010101010)),
+        ("n", Value::Null),
+        ("es", text("")),
+    ];
+    for (col, want) in &expect {
+        assert_eq!(
+            ins.data.get(*col),
+            Some(want),
+            "column {col}: {:?}",
+            ins.data.get(*col)
+        );
+    }
+    // MariaDB stores JSON as LONGTEXT (the text as written); MySQL's JSON type is parsed.
+    let j = ins.data.get("j").expect("json column");
+    let parsed = match j {
+        Value::Text(s) => serde_json::from_str::<serde_json::Value>(s).unwrap(),
+        Value::Json(v) => v.clone(),
+        other => panic!("json column came as {other:?}"),
+    };
+    assert_eq!(
+        parsed,
+        serde_json::json!({"k": [1, 2, {"x": null}], "s": "中"})
+    );
+    assert_eq!(ins.primary_keys, ["id"]);
+    assert!(ins.old.is_none());
+    assert_eq!(ins.database, DB);
+    assert!(ins.position.log_file.contains("bin"), "{}", ins.position);
+    assert!(ins.executed_at > 1_600_000_000_000);
+
+    let upd = &events[1];
+    assert_eq!(upd.data["vc"], text("changed ✓"));
+    assert_eq!(upd.data["e"], text("small"));
+    assert_eq!(upd.data["n"], text("now set"));
+    assert_eq!(
+        upd.data["bl"],
+        Value::Bytes(vec![0x00, 0xff, 0x80, 0xfe, 0x41])
+    );
+    let changed: BTreeSet<&str> = upd.changed.iter().map(String::as_str).collect();
+    assert_eq!(changed, BTreeSet::from(["vc", "e", "n"]));
+    let old = upd.old.as_ref().expect("old values");
+    assert_eq!(old.len(), 3, "{old:?}");
+    assert_eq!(old["vc"], text("中文 emoji 🚀 ok"));
+    assert_eq!(old["e"], text("large"));
+    assert_eq!(old["n"], Value::Null);
+
+    let del = &events[2];
+    assert_eq!(del.data["id"], Value::Int(1));
+    assert_eq!(del.data["vc"], text("changed ✓"));
+    assert!(del.old.is_none());
+    assert!(upd.position.offset > ins.position.offset);
+    assert!(del.position.offset > upd.position.offset);
+}
+
+#[tokio::test]
+async fn a_multi_row_transaction_arrives_whole_and_in_order() {
+    let _lock = canal_lock().await;
+    let table = "txn";
+    setup_table(table, "(id INT PRIMARY KEY, v VARCHAR(20))");
+    let mut tap = Tap::clean(&filter(table)).await;
+    let mut sql = format!("BEGIN; INSERT INTO {DB}.{table} VALUES ");
+    sql += &(1..=200)
+        .map(|i| format!("({i}, 'bulk-{i}')"))
+        .collect::<Vec<_>>()
+        .join(",");
+    sql += ";";
+    for i in 201..=250 {
+        sql += &format!("INSERT INTO {DB}.{table} VALUES ({i}, 'single-{i}');");
+    }
+    sql += &format!("UPDATE {DB}.{table} SET v = 'updated' WHERE id <= 10; COMMIT;");
+    mysql(&sql);
+    let (events, _) = tap
+        .collect(table, true, Duration::from_secs(60), |ev| ev.len() >= 260)
+        .await;
+    assert_eq!(events.len(), 260);
+    let inserted: Vec<i64> = events[..250]
+        .iter()
+        .map(|e| {
+            assert_eq!(e.event_type, EventType::Insert);
+            match e.data["id"] {
+                Value::Int(i) => i,
+                ref v => panic!("{v:?}"),
+            }
+        })
+        .collect();
+    assert_eq!(inserted, (1..=250).collect::<Vec<_>>());
+    assert!(
+        events[250..]
+            .iter()
+            .all(|e| e.event_type == EventType::Update)
+    );
+    // rows of one binlog event share an offset and are numbered within it
+    assert_eq!(events[0].position.offset, events[199].position.offset);
+    assert_eq!(events[199].position.row_index, 199);
+    let positions: BTreeSet<String> = events.iter().map(|e| e.position.to_string()).collect();
+    assert_eq!(positions.len(), 260, "positions are unique");
+}
+
+#[tokio::test]
+async fn ddl_arrives_as_a_ddl_event() {
+    let _lock = canal_lock().await;
+    let table = "ddl_t";
+    setup_table(table, "(id INT PRIMARY KEY)");
+    let mut tap = Tap::clean(&filter(table)).await;
+    mysql(&format!(
+        "ALTER TABLE {DB}.{table} ADD COLUMN extra VARCHAR(8); INSERT INTO {DB}.{table} VALUES (1, 'x')"
+    ));
+    let (events, _) = tap
+        .collect(table, true, Duration::from_secs(60), |ev| {
+            ev.iter().any(|e| e.event_type == EventType::Insert)
+        })
+        .await;
+    let ddl = events
+        .iter()
+        .find(|e| e.event_type == EventType::Alter)
+        .expect("an ALTER event");
+    assert!(ddl.is_ddl);
+    assert!(ddl.data.is_empty());
+    assert!(
+        ddl.sql
+            .as_deref()
+            .unwrap_or("")
+            .to_ascii_uppercase()
+            .contains("ADD COLUMN"),
+        "{:?}",
+        ddl.sql
+    );
+    // the new column is known right after the DDL
+    let ins = events
+        .iter()
+        .find(|e| e.event_type == EventType::Insert)
+        .unwrap();
+    assert_eq!(ins.data["extra"], text("x"));
+}
+
+fn ids(events: &[ChangeEvent]) -> Vec<i64> {
+    events
+        .iter()
+        .filter_map(|e| match e.data.get("id") {
+            Some(Value::Int(i)) => Some(*i),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn unacked_batches_are_redelivered_and_acked_ones_are_not() {
+    let _lock = canal_lock().await;
+    let table = "redeliver";
+    setup_table(table, "(id INT PRIMARY KEY)");
+    let f = filter(table);
+    let mut tap = Tap::clean(&f).await;
+    mysql(&format!("INSERT INTO {DB}.{table} VALUES (1),(2),(3)"));
+    let (first, _) = tap
+        .collect(table, false, Duration::from_secs(60), |ev| ev.len() >= 3)
+        .await;
+    assert_eq!(ids(&first), [1, 2, 3]);
+
+    // explicit rollback in the same session: delivered again
+    tap.session.rollback(0).await.unwrap();
+    let (again, _) = tap
+        .collect(table, false, Duration::from_secs(60), |ev| ev.len() >= 3)
+        .await;
+    assert_eq!(ids(&again), [1, 2, 3]);
+    assert_eq!(again[0].position, first[0].position);
+
+    // the client dies without acking: a new connection gets them again, and acks them
+    drop(tap);
+    let mut tap = Tap::connect(&f).await;
+    let (after_kill, _) = tap
+        .collect(table, true, Duration::from_secs(60), |ev| ev.len() >= 3)
+        .await;
+    assert_eq!(ids(&after_kill), [1, 2, 3]);
+    drop(tap);
+
+    // acked: a new connection does not see them, only what comes next
+    let mut tap = Tap::connect(&f).await;
+    mysql(&format!("INSERT INTO {DB}.{table} VALUES (4)"));
+    let (next, _) = tap
+        .collect(table, true, Duration::from_secs(60), |ev| !ev.is_empty())
+        .await;
+    assert_eq!(ids(&next), [4]);
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_a_clear_error_naming_the_destination() {
+    let _lock = canal_lock().await;
+    let mut cfg = session_config();
+    cfg.password = "definitely-wrong".into();
+    let err = match Session::connect(&cfg).await {
+        Err(e) => e,
+        Ok(_) => panic!("the server must refuse a wrong password"),
+    };
+    assert!(matches!(err, CanalError::Auth { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("destination 'example'"), "{text}");
+    assert!(text.contains("auth failed"), "{text}");
+}
+
+/// Collects events from the connection actor, acking every batch.
+struct Collector {
+    tx: tokio::sync::mpsc::UnboundedSender<ChangeEvent>,
+    conn: Option<actix::Addr<CanalConnection>>,
+}
+
+impl actix::Actor for Collector {
+    type Context = actix::Context<Self>;
+}
+
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+struct Attach(actix::Addr<CanalConnection>);
+
+impl actix::Handler<Attach> for Collector {
+    type Result = ();
+    fn handle(&mut self, msg: Attach, _: &mut Self::Context) {
+        self.conn = Some(msg.0);
+    }
+}
+
+impl actix::Handler<CanalEvent> for Collector {
+    type Result = ();
+    fn handle(&mut self, msg: CanalEvent, _: &mut Self::Context) {
+        if let CanalEvent::Batch(b) = msg {
+            for e in b.events.iter() {
+                let _ = self.tx.send(e.clone());
+            }
+            if let Some(c) = &self.conn {
+                c.do_send(AckBatch(b.batch));
+            }
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn every_row_arrives_across_a_canal_server_restart() {
+    use actix::Actor;
+    let _lock = canal_lock().await;
+    let table = "restart";
+    setup_table(table, "(id INT PRIMARY KEY)");
+    drop(Tap::clean(&filter(table)).await);
+
+    let cfg = CanalConfig {
+        username: CANAL_USER.into(),
+        password: Secret::new(CANAL_PASSWORD),
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let collector = Collector { tx, conn: None }.start();
+    let conn = CanalConnection::new(
+        cfg.connection(filter(table), false),
+        collector.clone().recipient(),
+    )
+    .start();
+    collector.do_send(Attach(conn.clone()));
+
+    let mut seen = BTreeSet::new();
+
+    let insert = |from: i64, to: i64| {
+        let values: Vec<String> = (from..=to).map(|i| format!("({i})")).collect();
+        mysql(&format!(
+            "INSERT INTO {DB}.{table} VALUES {}",
+            values.join(",")
+        ));
+    };
+    for chunk in 0..5 {
+        insert(chunk * 20 + 1, chunk * 20 + 20);
+    }
+    wait_for(table, 100, &mut rx, &mut seen).await;
+
+    script("deploy/local/canal-ctl", &["stop"]);
+    for chunk in 5..10 {
+        insert(chunk * 20 + 1, chunk * 20 + 20); // written while Canal is down
+    }
+    script("deploy/local/canal-ctl", &["start"]);
+    for chunk in 10..15 {
+        insert(chunk * 20 + 1, chunk * 20 + 20);
+    }
+    wait_for(table, 300, &mut rx, &mut seen).await;
+    let status = conn
+        .send(canal_consumer::canal::connection::GetStatus)
+        .await
+        .unwrap();
+    assert!(status.reconnects >= 1, "{status:?}");
+    conn.send(Shutdown { rollback: false }).await.unwrap();
+}
+
+async fn wait_for(
+    table: &str,
+    upto: i64,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<ChangeEvent>,
+    seen: &mut BTreeSet<i64>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !(1..=upto).all(|i| seen.contains(&i)) {
+        let e = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("missing rows up to {upto}: have {}", seen.len()))
+            .expect("collector alive");
+        if e.table == table
+            && let Some(Value::Int(i)) = e.data.get("id")
+        {
+            seen.insert(*i);
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The Manager and consumer actors without Canal or a broker: a fake connection records
+//! acks/rollbacks and a channel sink stands in for the publisher, so failures can be injected
+//! exactly. End-to-end behaviour with the real services is in `pipeline_real.rs`.
+
+use actix::prelude::*;
+use canal_consumer::canal::connection::{
+    AckBatch, Batch, BatchRef, CanalEvent, RollbackBatch, SetFilter,
+};
+use canal_consumer::consumer::actor::{ConsumerActor, SupervisionConfig};
+use canal_consumer::consumer::{Consumer, ConsumerContext, ConsumerError, TableFilter};
+use canal_consumer::event::{ChangeEvent, EventType, Position, Row, Value};
+use canal_consumer::manager::{
+    AttachConnection, ConnectionLink, ConsumerEntry, GetManagerStatus, Manager, ManagerConfig,
+};
+use canal_consumer::publisher::{Publish, PublishError};
+use canal_consumer::trigger::{MessageFormat, Priority, Route, Trigger};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug)]
+enum ConnMsg {
+    Ack(BatchRef),
+    Rollback(BatchRef),
+    Filter(String),
+}
+
+struct FakeConnection(mpsc::UnboundedSender<ConnMsg>);
+impl Actor for FakeConnection {
+    type Context = Context<Self>;
+}
+impl Handler<AckBatch> for FakeConnection {
+    type Result = ();
+    fn handle(&mut self, m: AckBatch, _: &mut Context<Self>) {
+        let _ = self.0.send(ConnMsg::Ack(m.0));
+    }
+}
+impl Handler<RollbackBatch> for FakeConnection {
+    type Result = ();
+    fn handle(&mut self, m: RollbackBatch, _: &mut Context<Self>) {
+        let _ = self.0.send(ConnMsg::Rollback(m.batch));
+    }
+}
+impl Handler<SetFilter> for FakeConnection {
+    type Result = ();
+    fn handle(&mut self, m: SetFilter, _: &mut Context<Self>) {
+        let _ = self.0.send(ConnMsg::Filter(m.0));
+    }
+}
+
+type Held = Arc<Mutex<Vec<tokio::sync::oneshot::Sender<Result<(), PublishError>>>>>;
+
+/// Publisher stand-in: forwards every trigger to a channel; confirms at once unless the
+/// trigger's consumer is in `hold`, in which case the reply is kept until released.
+struct ChannelSink {
+    tx: mpsc::UnboundedSender<Trigger>,
+    hold: Vec<String>,
+    held: Held,
+}
+impl Actor for ChannelSink {
+    type Context = Context<Self>;
+}
+impl Handler<Publish> for ChannelSink {
+    type Result = ();
+    fn handle(&mut self, m: Publish, _: &mut Context<Self>) {
+        let held = m.triggers.iter().any(|t| self.hold.contains(&t.consumer));
+        for t in m.triggers {
+            let _ = self.tx.send(t);
+        }
+        if held {
+            self.held.lock().unwrap().push(m.reply);
+        } else {
+            let _ = m.reply.send(Ok(()));
+        }
+    }
+}
+
+/// Triggers `echo` with the row id; panics on `panic_on` while `panics_left` > 0; fails
+/// fatally every time if `always_fail`.
+struct TestConsumer {
+    name: String,
+    filters: Vec<TableFilter>,
+    panic_on: Option<i64>,
+    panics_left: Arc<AtomicU32>,
+    always_fail: bool,
+}
+
+impl TestConsumer {
+    fn new(name: &str, table: &str) -> Self {
+        TestConsumer {
+            name: name.into(),
+            filters: vec![TableFilter::new("db", table, &[EventType::Insert])],
+            panic_on: None,
+            panics_left: Arc::new(AtomicU32::new(0)),
+            always_fail: false,
+        }
+    }
+}
+
+impl Consumer for TestConsumer {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn filters(&self) -> &[TableFilter] {
+        &self.filters
+    }
+    fn process_event(
+        &mut self,
+        event: &ChangeEvent,
+        ctx: &mut ConsumerContext,
+    ) -> Result<(), ConsumerError> {
+        if self.always_fail {
+            return Err(ConsumerError::Fatal("downstream is gone".into()));
+        }
+        let id = match event.data.get("id") {
+            Some(Value::Int(i)) => *i,
+            _ => return Err(ConsumerError::Event("no id".into())),
+        };
+        ctx.trigger_plugin("echo", serde_json::json!({ "id": id }), Priority::Normal);
+        if Some(id) == self.panic_on && self.panics_left.load(Ordering::SeqCst) > 0 {
+            self.panics_left.fetch_sub(1, Ordering::SeqCst);
+            panic!("boom on row {id}");
+        }
+        Ok(())
+    }
+}
+
+fn event(table: &str, id: i64, offset: u64) -> ChangeEvent {
+    let mut data = Row::new();
+    data.insert("id".into(), Value::Int(id));
+    ChangeEvent {
+        destination: "example".into(),
+        database: "db".into(),
+        table: table.into(),
+        event_type: EventType::Insert,
+        data,
+        old: None,
+        changed: vec!["id".into()],
+        primary_keys: vec!["id".into()],
+        position: Position {
+            log_file: "mysql-bin.000001".into(),
+            offset,
+            row_index: 0,
+            gtid: None,
+        },
+        executed_at: 1_700_000_000_000,
+        is_ddl: false,
+        sql: None,
+    }
+}
+
+fn batch(id: i64, events: Vec<ChangeEvent>) -> CanalEvent {
+    CanalEvent::Batch(Batch {
+        batch: BatchRef { epoch: 1, id },
+        events: Arc::new(events),
+        bytes: 100,
+        entries: 1,
+    })
+}
+
+struct Harness {
+    manager: Addr<Manager>,
+    conn_rx: mpsc::UnboundedReceiver<ConnMsg>,
+    trig_rx: mpsc::UnboundedReceiver<Trigger>,
+    held: Held,
+}
+
+fn supervision(max_restarts: u32) -> SupervisionConfig {
+    SupervisionConfig {
+        restart_min: Duration::from_millis(20),
+        restart_max: Duration::from_millis(200),
+        max_restarts,
+        quarantine_window: Duration::from_secs(60),
+    }
+}
+
+fn harness(consumers: Vec<TestConsumer>, hold: &[&str], max_restarts: u32) -> Harness {
+    let (conn_tx, conn_rx) = mpsc::unbounded_channel();
+    let (trig_tx, trig_rx) = mpsc::unbounded_channel();
+    let held: Held = Arc::default();
+    let sink = ChannelSink {
+        tx: trig_tx,
+        hold: hold.iter().map(|s| s.to_string()).collect(),
+        held: held.clone(),
+    }
+    .start();
+    let entries = consumers
+        .into_iter()
+        .map(|c| {
+            let name = c.name.clone();
+            let filters = c.filters.clone();
+            let addr = ConsumerActor::new(
+                Box::new(c),
+                sink.clone().recipient(),
+                Route::default(),
+                MessageFormat::Envelope,
+                supervision(max_restarts),
+            )
+            .start_supervised();
+            ConsumerEntry {
+                name,
+                filters,
+                enabled: true,
+                addr,
+            }
+        })
+        .collect();
+    let manager = Manager::new(ManagerConfig::default(), entries).start();
+    let conn = FakeConnection(conn_tx).start();
+    manager.do_send(AttachConnection(ConnectionLink {
+        ack: conn.clone().recipient(),
+        rollback: conn.clone().recipient(),
+        filter: conn.recipient(),
+    }));
+    Harness {
+        manager,
+        conn_rx,
+        trig_rx,
+        held,
+    }
+}
+
+async fn next_conn(h: &mut Harness) -> ConnMsg {
+    tokio::time::timeout(Duration::from_secs(10), h.conn_rx.recv())
+        .await
+        .expect("a message to the connection")
+        .expect("open")
+}
+
+async fn next_trigger(h: &mut Harness) -> Trigger {
+    tokio::time::timeout(Duration::from_secs(10), h.trig_rx.recv())
+        .await
+        .expect("a trigger")
+        .expect("open")
+}
+
+fn id_of(t: &Trigger) -> i64 {
+    t.payload["id"].as_i64().unwrap()
+}
+
+#[actix_rt::test]
+async fn a_panicking_consumer_is_restarted_and_the_batch_waits_for_it() {
+    let mut flaky = TestConsumer::new("flaky", "b");
+    flaky.panic_on = Some(2);
+    flaky.panics_left.store(1, Ordering::SeqCst);
+    let mut h = harness(vec![TestConsumer::new("steady", "a"), flaky], &[], 5);
+    h.manager.do_send(batch(
+        1,
+        vec![
+            event("a", 1, 10),
+            event("b", 1, 20),
+            event("b", 2, 30),
+            event("a", 2, 40),
+        ],
+    ));
+    let mut by_consumer: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for _ in 0..4 {
+        let t = next_trigger(&mut h).await;
+        by_consumer
+            .entry(t.consumer.clone())
+            .or_default()
+            .push(id_of(&t));
+    }
+    match next_conn(&mut h).await {
+        ConnMsg::Ack(b) => assert_eq!(b.id, 1),
+        other => panic!("expected the ack, got {other:?}"),
+    }
+    // the failed attempt published nothing; the retry published each row once, in order
+    assert_eq!(by_consumer["steady"], [1, 2]);
+    assert_eq!(by_consumer["flaky"], [1, 2]);
+    let status = h.manager.send(GetManagerStatus).await.unwrap();
+    let flaky = status.consumers.iter().find(|c| c.name == "flaky").unwrap();
+    assert_eq!(flaky.restarts, 1);
+    assert!(
+        flaky
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("boom on row 2")
+    );
+    assert!(h.trig_rx.try_recv().is_err(), "no duplicate triggers");
+}
+
+#[actix_rt::test]
+async fn a_consumer_that_keeps_failing_is_quarantined_and_its_batch_rolled_back() {
+    let mut broken = TestConsumer::new("broken", "b");
+    broken.always_fail = true;
+    let mut h = harness(vec![TestConsumer::new("steady", "a"), broken], &[], 2);
+    h.manager
+        .do_send(batch(1, vec![event("a", 1, 10), event("b", 1, 20)]));
+    assert_eq!(id_of(&next_trigger(&mut h).await), 1); // steady is unaffected
+    match next_conn(&mut h).await {
+        ConnMsg::Rollback(b) => assert_eq!(b.id, 1),
+        other => panic!("expected a rollback, never an ack: {other:?}"),
+    }
+    let status = h.manager.send(GetManagerStatus).await.unwrap();
+    let broken = status
+        .consumers
+        .iter()
+        .find(|c| c.name == "broken")
+        .unwrap();
+    assert_eq!(broken.state, "quarantined");
+    assert_eq!(broken.restarts, 3);
+}
+
+#[actix_rt::test]
+async fn a_stuck_consumer_does_not_stop_the_other_and_holds_the_ack() {
+    // "slow" never gets its confirms until released; "fast" keeps going
+    let mut h = harness(
+        vec![
+            TestConsumer::new("fast", "a"),
+            TestConsumer::new("slow", "b"),
+        ],
+        &["slow"],
+        5,
+    );
+    for id in 1..=3 {
+        h.manager.do_send(batch(
+            id,
+            vec![
+                event("a", id, id as u64 * 10),
+                event("b", id, id as u64 * 10 + 5),
+            ],
+        ));
+    }
+    let mut fast = Vec::new();
+    while fast.len() < 3 {
+        let t = next_trigger(&mut h).await;
+        if t.consumer == "fast" {
+            fast.push(id_of(&t));
+        }
+    }
+    assert_eq!(fast, [1, 2, 3], "fast progressed through every batch");
+    assert!(
+        h.conn_rx.try_recv().is_err(),
+        "no ack while slow is unconfirmed"
+    );
+    // release slow's confirms: the three batches are acked
+    let held: Vec<_> = h.held.lock().unwrap().drain(..).collect();
+    assert_eq!(held.len(), 3);
+    for r in held {
+        let _ = r.send(Ok(()));
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 3 {
+        if let ConnMsg::Ack(b) = next_conn(&mut h).await {
+            acked.push(b.id);
+        }
+    }
+    acked.sort();
+    assert_eq!(acked, [1, 2, 3]);
+}
+
+#[actix_rt::test]
+async fn a_failed_publish_rolls_the_batch_back() {
+    let mut h = harness(vec![TestConsumer::new("c", "a")], &["c"], 5);
+    h.manager.do_send(batch(7, vec![event("a", 1, 10)]));
+    next_trigger(&mut h).await;
+    let reply = h.held.lock().unwrap().pop().unwrap();
+    let _ = reply.send(Err(PublishError::Nacked { id: "x".into() }));
+    match next_conn(&mut h).await {
+        ConnMsg::Rollback(b) => assert_eq!(b.id, 7),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[actix_rt::test]
+async fn triggers_leave_in_binlog_order_per_consumer() {
+    let mut h = harness(
+        vec![TestConsumer::new("a_c", "a"), TestConsumer::new("b_c", "b")],
+        &[],
+        5,
+    );
+    let batches = 60;
+    let per_batch = 100;
+    let mut offset = 0;
+    for b in 1..=batches {
+        let mut events = Vec::new();
+        for i in 0..per_batch {
+            offset += 1;
+            let id = (b - 1) * per_batch + i;
+            events.push(event(if id % 3 == 0 { "b" } else { "a" }, id, offset));
+        }
+        h.manager.do_send(batch(b, events));
+    }
+    let total = (batches * per_batch) as usize;
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for _ in 0..total {
+        let t = next_trigger(&mut h).await;
+        if t.consumer == "a_c" {
+            a.push(id_of(&t))
+        } else {
+            b.push(id_of(&t))
+        }
+    }
+    assert!(a.windows(2).all(|w| w[0] < w[1]), "a_c out of order");
+    assert!(b.windows(2).all(|w| w[0] < w[1]), "b_c out of order");
+    assert_eq!(a.len() + b.len(), total);
+    let mut acks = 0;
+    while acks < batches {
+        if let ConnMsg::Ack(_) = next_conn(&mut h).await {
+            acks += 1;
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn disabling_a_consumer_narrows_the_filter_and_releases_its_batches() {
+    let mut h = harness(
+        vec![TestConsumer::new("a_c", "a"), TestConsumer::new("b_c", "b")],
+        &["b_c"],
+        5,
+    );
+    h.manager.do_send(batch(1, vec![event("b", 1, 10)]));
+    next_trigger(&mut h).await;
+    h.manager
+        .send(canal_consumer::manager::SetEnabled {
+            name: "a_c".into(),
+            enabled: false,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    match next_conn(&mut h).await {
+        ConnMsg::Filter(f) => assert_eq!(f, "db\\.b"),
+        other => panic!("{other:?}"),
+    }
+    let err = h
+        .manager
+        .send(canal_consumer::manager::SetEnabled {
+            name: "nope".into(),
+            enabled: false,
+        })
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.contains("nope"));
+}
