@@ -1,0 +1,155 @@
+# shellcheck shell=bash
+# Shared helpers for deploy/local/{up,down,canal-ctl,rabbit-ctl}. Sourced, not run.
+#
+# Environment:
+#   CANAL_CONSUMER_STATE   runtime state (Canal jars, conf, logs, cursors; Python venv)
+#                          default /var/tmp/canal-consumer
+#   CANAL_LOCAL_PASSWD     if set: Canal requires user "canal" with this password
+#   CANAL_SERVER_VERSION   Canal server modules to fetch from Maven Central (default 1.1.7)
+
+LOCAL_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+STATE="${CANAL_CONSUMER_STATE:-/var/tmp/canal-consumer}"
+LOG_TAG="${LOG_TAG:-local}"
+
+CANAL_PORT=11111
+CANAL_VERSION="${CANAL_SERVER_VERSION:-1.1.7}"
+CANAL_HOME="$STATE/canal"
+CANAL_LIB="$CANAL_HOME/lib-$CANAL_VERSION"
+CANAL_PID="$CANAL_HOME/bin/canal.pid"
+CANAL_MAIN="local.canalconsumer.CanalLocalServer"
+RABBIT_PORT=5672
+MARIADB_PORT=3306
+CELERY_PIN="celery==5.6.3"
+
+log() { printf '[%s] %s\n' "$LOG_TAG" "$*" >&2; }
+die() { printf '[%s] ERROR: %s\n' "$LOG_TAG" "$*" >&2; exit 1; }
+
+need_root() { [ "$(id -u)" -eq 0 ] || die "must run as root (installs packages, starts system services)"; }
+
+port_open() { # host port
+  timeout 1 bash -c ": </dev/tcp/$1/$2" 2>/dev/null
+}
+
+# Listening TCP socket on PORT? (asks the kernel; does not connect, so no log noise in the server)
+port_listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
+port_closed() { ! port_listening "$1"; }
+
+# wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s until it succeeds.
+wait_until() {
+  local secs=$1 what=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  while ! "$@"; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "timed out after ${secs}s waiting for $what"
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+# --- Debian packages -------------------------------------------------------------------------
+
+pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'; }
+
+APT_UPDATED=0
+# apt_install PKG...: installs the ones missing; runs apt-get update first (once per process).
+apt_install() {
+  local missing=() p
+  for p in "$@"; do pkg_installed "$p" || missing+=("$p"); done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  need_root
+  log "installing Debian packages: ${missing[*]}"
+  if [ "$APT_UPDATED" -eq 0 ]; then
+    apt-get update -q >/dev/null || die "apt-get update failed"
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+}
+
+# Packages per component (used by up to install everything in one apt run).
+MARIADB_PKGS=(mariadb-server mariadb-client)
+RABBIT_PKGS=(rabbitmq-server)
+python_pkgs() { command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null || echo python3 python3-venv; }
+java_pkgs() {
+  local need=()
+  command -v java >/dev/null 2>&1 && command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
+  command -v mvn >/dev/null 2>&1 || need+=(maven)
+  echo "${need[@]}"
+}
+
+# install_file SRC DST: copy when different; returns 0 if it changed the file, 1 if not.
+install_file() {
+  if [ -f "$2" ] && cmp -s "$1" "$2"; then return 1; fi
+  mkdir -p "$(dirname "$2")"
+  cp "$1" "$2"
+  return 0
+}
+
+have_service_script() { [ -x "/etc/init.d/$1" ]; }
+
+# --- MariaDB -----------------------------------------------------------------------------------
+
+mariadb_alive() { mysqladmin --no-defaults --protocol=socket --socket=/run/mysqld/mysqld.sock ping >/dev/null 2>&1; }
+
+mariadb_start() {
+  mariadb_alive && return 0
+  need_root
+  install -d -o mysql -g mysql /run/mysqld /var/log/mysql
+  if [ ! -d /var/lib/mysql/mysql ]; then
+    # normally done by the package's postinst; needed if the data directory was wiped
+    log "initialising the MariaDB data directory"
+    mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null 2>&1 || die "mariadb-install-db failed"
+  fi
+  log "starting MariaDB"
+  if have_service_script mariadb; then
+    service mariadb start >/dev/null 2>&1 || true
+  fi
+  if ! mariadb_alive; then
+    # no init script or it gave up: run the server the way the init script does
+    (setsid nohup /usr/bin/mysqld_safe >/dev/null 2>&1 </dev/null &)
+  fi
+  if ! wait_until 90 "MariaDB to answer ping" mariadb_alive; then
+    tail -n 40 /var/log/mysql/error.log >&2 2>/dev/null || true
+    die "MariaDB did not start"
+  fi
+}
+
+mariadb_stop() {
+  mariadb_alive || return 0
+  log "stopping MariaDB"
+  if have_service_script mariadb; then
+    service mariadb stop >/dev/null 2>&1 || true
+  fi
+  if mariadb_alive; then
+    mysqladmin --protocol=socket shutdown >/dev/null 2>&1 || true
+  fi
+  wait_until 60 "MariaDB to stop" bash -c '! pgrep -x mariadbd >/dev/null && ! pgrep -x mysqld >/dev/null' \
+    || die "MariaDB did not stop"
+}
+
+mariadb_sql() { mariadb --protocol=socket -uroot -N -B "$@"; }
+
+# --- Canal -------------------------------------------------------------------------------------
+
+# pid_alive PID: the process exists and is not a zombie (an exited child that an init without
+# reaping, e.g. `sleep` as PID 1 of a namespace, never collects).
+pid_alive() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
+canal_pid() { # prints the pid of our running Canal server, or fails
+  local pid
+  [ -f "$CANAL_PID" ] || return 1
+  pid=$(cat "$CANAL_PID" 2>/dev/null) || return 1
+  [ -n "$pid" ] && pid_alive "$pid" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$CANAL_MAIN" || return 1
+  echo "$pid"
+}
+
+# --- RabbitMQ ----------------------------------------------------------------------------------
+
+rabbit_port_open() { port_listening "$RABBIT_PORT"; }
+rabbit_node_running() { pgrep -u rabbitmq -f 'beam.*rabbit' >/dev/null 2>&1; }
