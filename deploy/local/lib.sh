@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # variables used by the scripts that source this file
 # Shared helpers for deploy/local/{up,down,canal-ctl,rabbit-ctl}. Sourced, not run.
 #
 # Environment:
@@ -25,10 +26,6 @@ log() { printf '[%s] %s\n' "$LOG_TAG" "$*" >&2; }
 die() { printf '[%s] ERROR: %s\n' "$LOG_TAG" "$*" >&2; exit 1; }
 
 need_root() { [ "$(id -u)" -eq 0 ] || die "must run as root (installs packages, starts system services)"; }
-
-port_open() { # host port
-  timeout 1 bash -c ": </dev/tcp/$1/$2" 2>/dev/null
-}
 
 # Listening TCP socket on PORT? (asks the kernel; does not connect, so no log noise in the server)
 port_listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
@@ -139,6 +136,8 @@ pid_alive() {
   state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
   [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
 }
+
+pid_gone() { ! pid_alive "$1"; }
 
 canal_pid() { # prints the pid of our running Canal server, or fails
   local pid
