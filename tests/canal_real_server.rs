@@ -201,9 +201,12 @@ async fn ddl_arrives_as_a_ddl_event() {
         "ALTER TABLE {DB}.{table} ADD COLUMN extra VARCHAR(8); INSERT INTO {DB}.{table} VALUES (1, 'x')"
     ));
     let (events, _) = tap
-        .collect(table, true, Duration::from_secs(60), |ev| {
-            ev.iter().any(|e| e.event_type == EventType::Insert)
-        })
+        .collect_matching(
+            true,
+            Duration::from_secs(60),
+            |e| e.table == table,
+            |ev| ev.iter().any(|e| e.event_type == EventType::Insert),
+        )
         .await;
     let ddl = events
         .iter()

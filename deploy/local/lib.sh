@@ -5,12 +5,14 @@
 # Environment:
 #   CANAL_CONSUMER_STATE   runtime state (Canal jars, conf, logs, cursors; Python venv)
 #                          default /var/tmp/canal-consumer
-#   CANAL_LOCAL_PASSWD     if set: Canal requires user "canal" with this password
+#   CANAL_LOCAL_PASSWD     Canal requires user "canal" with this password (default "canal";
+#                          set it to an empty string to run Canal without client auth)
 #   CANAL_SERVER_VERSION   Canal server modules to fetch from Maven Central (default 1.1.7)
 
 LOCAL_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="${CANAL_CONSUMER_STATE:-/var/tmp/canal-consumer}"
 LOG_TAG="${LOG_TAG:-local}"
+export CANAL_LOCAL_PASSWD="${CANAL_LOCAL_PASSWD-canal}"
 
 CANAL_PORT=11111
 CANAL_VERSION="${CANAL_SERVER_VERSION:-1.1.7}"

@@ -61,7 +61,11 @@ pub fn decode_entries<B: AsRef<[u8]>>(
             source,
         })?;
         match entry_kind(&entry) {
-            Some(EntryType::RowData) => decode_row_entry(destination, index, &entry, out)?,
+            Some(EntryType::RowData) => {
+                if !decode_row_entry(destination, index, &entry, out)? {
+                    stats.skipped += 1;
+                }
+            }
             Some(EntryType::TransactionBegin) | Some(EntryType::TransactionEnd) => {
                 stats.transaction_boundaries += 1
             }
@@ -101,12 +105,13 @@ fn map_event_type(v: i32) -> Option<EventType> {
     })
 }
 
+/// Decodes one ROWDATA entry; returns false when it was skipped (a non-DDL QUERY entry).
 fn decode_row_entry(
     destination: &str,
     index: usize,
     entry: &Entry,
     out: &mut Vec<ChangeEvent>,
-) -> Result<(), DecodeError> {
+) -> Result<bool, DecodeError> {
     let header = entry.header.clone().unwrap_or_default();
     let change =
         RowChange::decode(entry.store_value.as_ref()).map_err(|source| DecodeError::Protobuf {
@@ -139,6 +144,9 @@ fn decode_row_entry(
     };
 
     let is_ddl = change.is_ddl.unwrap_or(false);
+    if event_type == EventType::Query && !is_ddl {
+        return Ok(false);
+    }
     if is_ddl || !event_type.is_row() {
         let database = if header.schema_name.is_empty() {
             change.ddl_schema_name.clone()
@@ -159,7 +167,7 @@ fn decode_row_entry(
             is_ddl,
             sql: (!change.sql.is_empty()).then(|| change.sql.clone()),
         });
-        return Ok(());
+        return Ok(true);
     }
 
     for (row_index, row) in change.row_datas.iter().enumerate() {
@@ -173,7 +181,7 @@ fn decode_row_entry(
             header.execute_time,
         ));
     }
-    Ok(())
+    Ok(true)
 }
 
 fn row_event(
@@ -499,6 +507,41 @@ mod tests {
         assert_eq!(e.old_value("name"), Some(&Value::Text("old".into())));
         assert_eq!(e.primary_keys, vec!["id".to_string()]);
         assert_eq!(e.position.offset, 1234);
+    }
+
+    #[test]
+    fn annotate_rows_query_entries_are_skipped_but_ddl_queries_are_kept() {
+        let annotate = RowChange {
+            event_type: Some(WireEventType::Query as i32),
+            is_ddl: Some(false),
+            sql: "INSERT INTO t VALUES (1)".into(),
+            ..Default::default()
+        };
+        let create_db = RowChange {
+            event_type: Some(WireEventType::Query as i32),
+            is_ddl: Some(true),
+            sql: "CREATE DATABASE x".into(),
+            ..Default::default()
+        };
+        let entries = vec![
+            encode_entry(
+                EntryType::RowData,
+                header(Some(WireEventType::Query)),
+                annotate.encode_to_vec(),
+            ),
+            encode_entry(
+                EntryType::RowData,
+                header(Some(WireEventType::Query)),
+                create_db.encode_to_vec(),
+            ),
+        ];
+        let mut out = Vec::new();
+        let stats = decode_entries("example", &entries, &mut out).unwrap();
+        assert_eq!(stats.skipped, 1);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].is_ddl);
+        assert_eq!(out[0].event_type, EventType::Query);
+        assert_eq!(out[0].sql.as_deref(), Some("CREATE DATABASE x"));
     }
 
     #[test]

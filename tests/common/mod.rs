@@ -107,12 +107,25 @@ impl Tap {
     }
 
     /// Gets batches until `done(events so far)` holds, acking each batch if `ack`.
-    /// Returns the events of `table` (in arrival order) and the batch ids seen.
+    /// Returns the row events of `table` (in arrival order) and the batch ids seen. DDL is
+    /// left out: the test's own CREATE TABLE may still be on its way when the test starts.
     pub async fn collect(
         &mut self,
         table: &str,
         ack: bool,
         timeout: Duration,
+        done: impl Fn(&[ChangeEvent]) -> bool,
+    ) -> (Vec<ChangeEvent>, Vec<i64>) {
+        self.collect_matching(ack, timeout, |e| e.table == table && !e.is_ddl, done)
+            .await
+    }
+
+    /// Like `collect`, keeping the events for which `keep` holds.
+    pub async fn collect_matching(
+        &mut self,
+        ack: bool,
+        timeout: Duration,
+        keep: impl Fn(&ChangeEvent) -> bool,
         done: impl Fn(&[ChangeEvent]) -> bool,
     ) -> (Vec<ChangeEvent>, Vec<i64>) {
         let deadline = Instant::now() + timeout;
@@ -121,7 +134,7 @@ impl Tap {
         while !done(&events) {
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for events of {table}; got {}: {:?}",
+                "timed out waiting for events; got {}: {:?}",
                 events.len(),
                 events
                     .iter()
@@ -140,7 +153,7 @@ impl Tap {
             let mut decoded = Vec::new();
             canal_consumer::canal::decode::decode_entries("example", &b.entries, &mut decoded)
                 .expect("decodes");
-            events.extend(decoded.into_iter().filter(|e| e.table == table));
+            events.extend(decoded.into_iter().filter(|e| keep(e)));
             if ack {
                 self.session.ack(b.batch_id).await.expect("ack");
             }
