@@ -283,7 +283,7 @@ impl CanalConnection {
                 }
                 Err(e) => {
                     if e.is_permanent() && act.cfg.fail_fast && !act.ever_connected {
-                        tracing::error!(error = %e, "canal connection failed permanently");
+                        tracing::debug!(error = %e, "canal connection failed permanently");
                         act.subscriber.do_send(CanalEvent::Fatal {
                             error: e.to_string(),
                         });
