@@ -16,6 +16,7 @@
 //! - [`consumer`]: the [`consumer::Consumer`] trait, filters and the trigger context.
 //! - [`trigger`]: what a consumer emits: [`trigger::Trigger`], priorities, message ids.
 //! - [`publisher`]: where triggers go.
+//! - [`rules`]: consumers defined in TOML (filters, CEL conditions, payload templates).
 
 pub mod canal;
 pub mod cli;
@@ -24,4 +25,5 @@ pub mod consumer;
 pub mod event;
 pub mod manager;
 pub mod publisher;
+pub mod rules;
 pub mod trigger;
