@@ -138,7 +138,19 @@ async fn wait_status(
     }
 }
 
+/// Logs to the test output (`RUST_LOG=canal_consumer=debug` for more).
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "canal_consumer=info".into()),
+        )
+        .try_init();
+}
+
 async fn start_connected(cfg: AmqpConfig) -> Addr<AmqpPublisher> {
+    init_logs();
     let addr = AmqpPublisher::start_checked(cfg)
         .await
         .expect("publisher starts");
@@ -860,5 +872,104 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
                "payload": {"operation": "send_welcome", "user_id": 4}})
     );
     drop(_worker);
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn window_bounds_unconfirmed_and_order_follows_arrival() {
+    let _shared = BROKER.read().await;
+    let queue = unique("window");
+    let mut cfg = config(&queue, DeclareMode::Declare, None);
+    cfg.max_unconfirmed = 4;
+    let addr = start_connected(cfg).await;
+
+    // watch the window while 50 Publishes of 20 triggers are sent without waiting in between
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    let watch_addr = addr.clone();
+    let watcher = actix_rt::spawn(async move {
+        let mut max = 0;
+        while stop_rx.try_recv().is_err() {
+            max = max.max(status(&watch_addr).await.unconfirmed);
+            tokio::task::yield_now().await;
+        }
+        max
+    });
+    let mut replies = Vec::new();
+    let mut expected = Vec::new();
+    for p in 0..50u64 {
+        let batch: Vec<Trigger> = (0..20)
+            .map(|i| {
+                trigger(
+                    p * 20 + i,
+                    &queue,
+                    Priority::Normal,
+                    MessageFormat::Envelope,
+                )
+            })
+            .collect();
+        expected.extend(batch.iter().map(|t| t.id.clone()));
+        let (reply, rx) = oneshot::channel();
+        addr.do_send(Publish {
+            triggers: batch,
+            reply,
+        });
+        replies.push(rx);
+    }
+    for rx in replies {
+        tokio::time::timeout(Duration::from_secs(60), rx)
+            .await
+            .expect("answered")
+            .expect("reply")
+            .expect("published");
+    }
+    let _ = stop_tx.send(());
+    let max = watcher.await.unwrap();
+    assert!(max <= 4, "at most max_unconfirmed in flight, saw {max}");
+    let st = status(&addr).await;
+    assert_eq!((st.published, st.confirmed), (1000, 1000));
+
+    let (conn, ch) = raw().await;
+    let ids: Vec<String> = drain(&ch, &queue)
+        .await
+        .iter()
+        .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ids, expected,
+        "messages leave in the order Publishes arrive"
+    );
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
+    let _shared = BROKER.read().await;
+    let queue = unique("noexchange");
+    let addr = start_connected(config(&queue, DeclareMode::Declare, None)).await;
+    let mut t = trigger(1, &queue, Priority::Normal, MessageFormat::Envelope);
+    t.route.exchange = "no_such_exchange_for_canal_consumer".into();
+    let err = publish(&addr, vec![t]).await.expect_err("must fail");
+    assert!(
+        err.to_string()
+            .contains("no_such_exchange_for_canal_consumer"),
+        "the error names the exchange: {err}"
+    );
+    // the broker closed the channel; the publisher reconnects and goes on
+    wait_status(&addr, "reconnected", Duration::from_secs(20), |s| {
+        s.state == PublisherState::Connected && s.connects >= 2
+    })
+    .await;
+    publish(
+        &addr,
+        vec![trigger(
+            2,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await
+    .expect("publishing works after the channel error");
     delete_queue(&queue).await;
 }

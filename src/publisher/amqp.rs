@@ -406,7 +406,7 @@ impl Handler<SessionEnded> for AmqpPublisher {
         set_state(&self.status, PublisherState::Disconnected);
         lock(&self.status).last_error = Some(msg.reason.clone());
         self.backoff = self.cfg.reconnect_min;
-        warn!(reason = %msg.reason, retry_in = ?self.backoff, "lost the broker connection");
+        warn!(reason = %msg.reason, retry_in = ?self.backoff, "broker session ended; reconnecting");
         let delay = self.backoff;
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
     }
