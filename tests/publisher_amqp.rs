@@ -16,6 +16,7 @@ use canal_consumer::config::{AmqpConfig, DeclareMode, QueueConfig, Secret};
 use canal_consumer::event::{EventType, Position};
 use canal_consumer::publisher::{
     AmqpPublisher, GetPublisherStatus, Publish, PublishError, PublisherState, PublisherStatus,
+    Shutdown,
 };
 use canal_consumer::trigger::{CeleryMapping, MessageFormat, Priority, Route, SourceRef, Trigger};
 use lapin::{
@@ -971,5 +972,49 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     )
     .await
     .expect("publishing works after the channel error");
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn shutdown_drains_what_was_accepted() {
+    let _shared = BROKER.read().await;
+    let queue = unique("shutdown");
+    let mut cfg = config(&queue, DeclareMode::Declare, None);
+    cfg.max_unconfirmed = 8;
+    let addr = start_connected(cfg).await;
+    let batch: Vec<Trigger> = (0..500)
+        .map(|n| trigger(n, &queue, Priority::Normal, MessageFormat::Envelope))
+        .collect();
+    let (reply, rx) = oneshot::channel();
+    addr.do_send(Publish {
+        triggers: batch,
+        reply,
+    });
+    addr.send(Shutdown {
+        deadline: Duration::from_secs(30),
+    })
+    .await
+    .expect("publisher alive")
+    .expect("drained in time");
+    rx.await
+        .expect("answered")
+        .expect("the accepted batch was published and confirmed");
+    let st = status(&addr).await;
+    assert_eq!(st.state, PublisherState::Disconnected);
+    assert_eq!((st.confirmed, st.unconfirmed), (500, 0));
+    let res = publish(
+        &addr,
+        vec![trigger(
+            501,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await;
+    assert!(matches!(res, Err(PublishError::Unavailable(_))), "{res:?}");
+    let (conn, ch) = raw().await;
+    assert_eq!(drain(&ch, &queue).await.len(), 500);
+    let _ = conn.close(200, "bye".into()).await;
     delete_queue(&queue).await;
 }

@@ -4,7 +4,8 @@
 //! ([`super::topology`]), one confirm-mode publishing channel, and the translation of each
 //! trigger into a message ([`super::envelope`] or [`super::celery`]). Start it with
 //! `AmqpPublisher::new(cfg).start()` (or [`AmqpPublisher::start_checked`], which fails on a
-//! queue mismatch), send it [`Publish`] and [`GetPublisherStatus`].
+//! queue mismatch), send it [`Publish`] and [`GetPublisherStatus`], and [`Shutdown`] to drain
+//! (publish what was accepted, await its confirms, close) on the way out.
 //!
 //! How it works: a connection is served by one *session* task that publishes the messages of
 //! each `Publish` in arrival order on its single channel (never concurrently), keeps at most
@@ -160,6 +161,16 @@ struct Job {
     reply: oneshot::Sender<Result<(), PublishError>>,
 }
 
+/// Stop publishing: refuse new `Publish`es, let the current session publish what it already
+/// accepted and await its confirms, close the connection, and stay disconnected. Answers when
+/// the session has ended, or with `Err` if that takes longer than `deadline` (the session then
+/// keeps going in the background until its confirms time out).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Result<(), PublishError>")]
+pub struct Shutdown {
+    pub deadline: Duration,
+}
+
 /// The session of the current connection ended (sent by the session task).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -177,6 +188,9 @@ pub struct AmqpPublisher {
     backoff: Duration,
     ready: Option<oneshot::Sender<Result<(), PublishError>>>,
     origin: String,
+    /// Resolves when the current session task has ended.
+    session_done: Option<oneshot::Receiver<()>>,
+    shutting_down: bool,
 }
 
 impl AmqpPublisher {
@@ -207,6 +221,8 @@ impl AmqpPublisher {
             generation: 0,
             ready: None,
             origin: celery::origin(),
+            session_done: None,
+            shutting_down: false,
         }
     }
 
@@ -225,6 +241,9 @@ impl AmqpPublisher {
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
         set_state(&self.status, PublisherState::Connecting);
         info!(broker = %redact_url(self.cfg.url.expose()), "connecting to the broker");
         let cfg = self.cfg.clone();
@@ -235,6 +254,10 @@ impl AmqpPublisher {
     }
 
     fn on_connected(&mut self, opened: Opened, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            actix::spawn(async move { close_quietly(&opened.conn).await });
+            return;
+        }
         self.generation += 1;
         let generation = self.generation;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -256,8 +279,11 @@ impl AmqpPublisher {
         }
         let session = Session::new(opened, rx, self.cfg.clone(), self.status.clone());
         let me = ctx.address().downgrade();
+        let (done_tx, done_rx) = oneshot::channel();
+        self.session_done = Some(done_rx);
         actix::spawn(async move {
             let reason = session.run().await;
+            let _ = done_tx.send(());
             if let Some(addr) = me.upgrade() {
                 addr.do_send(SessionEnded { generation, reason });
             }
@@ -265,6 +291,9 @@ impl AmqpPublisher {
     }
 
     fn on_connect_failed(&mut self, e: PublishError, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
         set_state(&self.status, PublisherState::Disconnected);
         lock(&self.status).last_error = Some(e.to_string());
         let topology = matches!(e, PublishError::Topology(_));
@@ -347,6 +376,12 @@ impl Handler<Publish> for AmqpPublisher {
             let _ = reply.send(Ok(()));
             return;
         }
+        if self.shutting_down {
+            let _ = reply.send(Err(PublishError::Unavailable(
+                "the publisher is shutting down".into(),
+            )));
+            return;
+        }
         let (state, blocked_reason, last_error) = {
             let st = lock(&self.status);
             (st.state, st.blocked_reason.clone(), st.last_error.clone())
@@ -395,11 +430,41 @@ impl Handler<GetPublisherStatus> for AmqpPublisher {
     }
 }
 
+impl Handler<Shutdown> for AmqpPublisher {
+    type Result = ResponseFuture<Result<(), PublishError>>;
+
+    fn handle(&mut self, msg: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        self.shutting_down = true;
+        // dropping the sender tells the session to finish what it accepted and close
+        self.session = None;
+        let done = self.session_done.take();
+        let status = self.status.clone();
+        info!(deadline = ?msg.deadline, "publisher shutting down");
+        Box::pin(async move {
+            let res = match done {
+                None => Ok(()),
+                Some(done) => match tokio::time::timeout(msg.deadline, done).await {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(PublishError::Unavailable(format!(
+                        "shutdown deadline {:?} passed with {} messages unconfirmed",
+                        msg.deadline,
+                        lock(&status).unconfirmed
+                    ))),
+                },
+            };
+            set_state(&status, PublisherState::Disconnected);
+            lock(&status).last_error = Some("shut down".into());
+            info!("publisher shut down");
+            res
+        })
+    }
+}
+
 impl Handler<SessionEnded> for AmqpPublisher {
     type Result = ();
 
     fn handle(&mut self, msg: SessionEnded, ctx: &mut Context<Self>) {
-        if msg.generation != self.generation {
+        if msg.generation != self.generation || self.shutting_down {
             return;
         }
         self.session = None;
@@ -554,6 +619,7 @@ impl Session {
     /// Serve the connection until it fails or the actor goes away; answer every job.
     async fn run(mut self) -> String {
         let reason = self.drive().await;
+        set_state(&self.status, PublisherState::Disconnected);
         self.fail_all(&reason);
         close_quietly(&self.conn).await;
         reason

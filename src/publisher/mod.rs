@@ -11,7 +11,7 @@ pub mod celery;
 pub mod envelope;
 pub mod topology;
 
-pub use amqp::{AmqpPublisher, GetPublisherStatus, PublisherState, PublisherStatus};
+pub use amqp::{AmqpPublisher, GetPublisherStatus, PublisherState, PublisherStatus, Shutdown};
 
 use crate::trigger::Trigger;
 use actix::prelude::*;
