@@ -6,6 +6,13 @@
 //! is safely delivered (AMQP: confirmed by the broker), or with an error; triggers must leave in
 //! the order `Publish` messages arrive.
 
+pub mod amqp;
+pub mod celery;
+pub mod envelope;
+pub mod topology;
+
+pub use amqp::{AmqpPublisher, GetPublisherStatus, PublisherState, PublisherStatus, Shutdown};
+
 use crate::trigger::Trigger;
 use actix::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -36,6 +43,10 @@ pub enum PublishError {
     Encode { id: String, reason: String },
     #[error("publisher unavailable: {0}")]
     Unavailable(String),
+    /// The broker's queue does not match `[amqp.queue]` (or is missing); the text says which
+    /// argument differs and what to set. Retrying does not help.
+    #[error("queue topology mismatch: {0}")]
+    Topology(String),
 }
 
 /// Publish these triggers, in order; answer on `reply` when all are confirmed.

@@ -1,0 +1,183 @@
+//! The default wire format: a documented, versioned JSON envelope (see `docs/envelope.md`).
+//!
+//! This module owns the envelope's shape and its version number. It only encodes (and, for
+//! tests and Rust workers, decodes); it never talks to the broker. Encoding fails only if the
+//! payload cannot be serialised, which surfaces as [`PublishError::Encode`] before anything is
+//! published.
+//!
+//! Compatibility rule: adding a field keeps `version: 1`; renaming, removing or changing the
+//! meaning of a field bumps [`ENVELOPE_VERSION`].
+
+use super::PublishError;
+use crate::trigger::Trigger;
+use serde::{Deserialize, Serialize};
+
+/// The envelope version this build writes.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// AMQP `type` property of envelope messages, so consumers can tell formats apart.
+pub const ENVELOPE_TYPE: &str = "canal_consumer.trigger.v1";
+
+/// One plugin trigger as it travels to the workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Always [`ENVELOPE_VERSION`] for messages written by this build.
+    pub version: u32,
+    /// Deterministic trigger id (also the AMQP `message_id`); equal ids are duplicates.
+    pub id: String,
+    /// The plugin to run, e.g. `email_service`.
+    pub plugin: String,
+    /// The plugin's arguments, as the consumer built them.
+    pub payload: serde_json::Value,
+    /// `high`, `normal` or `low` (the AMQP priority property carries the mapped number).
+    pub priority: String,
+    /// The consumer that fired.
+    pub consumer: String,
+    /// The config rule that fired, or null for code-defined consumers.
+    pub rule: Option<String>,
+    /// The row change that caused the trigger.
+    pub source: EnvelopeSource,
+    /// When this message was encoded, RFC 3339 UTC with milliseconds.
+    pub published_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvelopeSource {
+    /// Canal destination (instance) name.
+    pub destination: String,
+    pub database: String,
+    pub table: String,
+    /// `INSERT`, `UPDATE`, `DELETE`, or a DDL kind.
+    pub event_type: String,
+    pub position: EnvelopePosition,
+    /// When MySQL executed the change, milliseconds since the Unix epoch.
+    pub executed_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvelopePosition {
+    pub log_file: String,
+    pub offset: u64,
+    pub row_index: u32,
+    /// GTID set at this event, or null when the server does not track GTIDs.
+    pub gtid: Option<String>,
+}
+
+impl Envelope {
+    /// The envelope for `trigger`, stamped with `published_at`.
+    pub fn from_trigger(trigger: &Trigger, published_at: chrono::DateTime<chrono::Utc>) -> Self {
+        let s = &trigger.source;
+        Envelope {
+            version: ENVELOPE_VERSION,
+            id: trigger.id.clone(),
+            plugin: trigger.plugin.clone(),
+            payload: trigger.payload.clone(),
+            priority: trigger.priority.as_str().to_string(),
+            consumer: trigger.consumer.clone(),
+            rule: trigger.rule.clone(),
+            source: EnvelopeSource {
+                destination: s.destination.clone(),
+                database: s.database.clone(),
+                table: s.table.clone(),
+                event_type: event_type_name(s.event_type),
+                position: EnvelopePosition {
+                    log_file: s.position.log_file.clone(),
+                    offset: s.position.offset,
+                    row_index: s.position.row_index,
+                    gtid: s.position.gtid.clone(),
+                },
+                executed_at: s.executed_at,
+            },
+            published_at: published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }
+    }
+}
+
+/// The JSON body of the envelope for `trigger`.
+pub fn encode(
+    trigger: &Trigger,
+    published_at: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<u8>, PublishError> {
+    serde_json::to_vec(&Envelope::from_trigger(trigger, published_at)).map_err(|e| {
+        PublishError::Encode {
+            id: trigger.id.clone(),
+            reason: e.to_string(),
+        }
+    })
+}
+
+/// The event type as the envelope spells it (the serde name, e.g. `INSERT`).
+pub(crate) fn event_type_name(t: crate::event::EventType) -> String {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => format!("{t:?}").to_ascii_uppercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventType, Position};
+    use crate::trigger::{MessageFormat, Priority, Route, SourceRef};
+
+    pub(crate) fn trigger() -> Trigger {
+        Trigger {
+            id: "0b6f6f7e-0000-5000-8000-000000000001".into(),
+            plugin: "email_service".into(),
+            payload: serde_json::json!({"operation": "send_welcome", "user_id": 7}),
+            priority: Priority::High,
+            consumer: "example_consumer".into(),
+            rule: Some("welcome".into()),
+            source: SourceRef {
+                destination: "example".into(),
+                database: "test_db".into(),
+                table: "users".into(),
+                event_type: EventType::Insert,
+                position: Position {
+                    log_file: "mysql-bin.000003".into(),
+                    offset: 4242,
+                    row_index: 1,
+                    gtid: None,
+                },
+                executed_at: 1_700_000_000_123,
+            },
+            route: Route::default(),
+            format: MessageFormat::Envelope,
+        }
+    }
+
+    #[test]
+    fn envelope_has_the_documented_shape() {
+        let at = chrono::DateTime::from_timestamp_millis(1_700_000_001_456).unwrap();
+        let body = encode(&trigger(), at).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "version": 1,
+                "id": "0b6f6f7e-0000-5000-8000-000000000001",
+                "plugin": "email_service",
+                "payload": {"operation": "send_welcome", "user_id": 7},
+                "priority": "high",
+                "consumer": "example_consumer",
+                "rule": "welcome",
+                "source": {
+                    "destination": "example",
+                    "database": "test_db",
+                    "table": "users",
+                    "event_type": "INSERT",
+                    "position": {
+                        "log_file": "mysql-bin.000003",
+                        "offset": 4242,
+                        "row_index": 1,
+                        "gtid": null
+                    },
+                    "executed_at": 1_700_000_000_123i64
+                },
+                "published_at": "2023-11-14T22:13:21.456Z"
+            })
+        );
+        let back: Envelope = serde_json::from_slice(&body).unwrap();
+        assert_eq!(back.version, ENVELOPE_VERSION);
+    }
+}

@@ -1,0 +1,285 @@
+//! Queue topology checked or declared at connect time.
+//!
+//! This module owns the worker queue's declaration as configured by `[amqp.queue]`:
+//! `declare` creates it (durable, non-exclusive, non-auto-delete, `x-max-priority` and
+//! `x-queue-type` when set) exactly as Celery workers would, `passive` only checks it exists,
+//! `none` does nothing (a missing queue then shows as returned messages). All of it runs on a
+//! separate short-lived channel, because a failed declare closes its channel.
+//!
+//! How it fails: a queue that exists with other arguments (RabbitMQ 406 PRECONDITION_FAILED), a
+//! missing queue in passive mode (404) or a refused declare (403) becomes
+//! [`PublishError::Topology`] whose text names the differing argument, the config key, and the
+//! value to set; those will not fix themselves by retrying. Broker or network errors during the
+//! declare are [`PublishError::Unavailable`], worth retrying.
+
+use super::PublishError;
+use crate::config::{DeclareMode, QueueConfig};
+use lapin::{
+    Connection, ErrorKind,
+    options::QueueDeclareOptions,
+    protocol::{AMQPErrorKind, AMQPSoftError},
+    types::{AMQPValue, FieldTable, LongString},
+};
+
+/// The `x-` arguments this service declares the queue with.
+pub fn declare_arguments(q: &QueueConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    if let Some(p) = q.max_priority {
+        // a signed 32-bit int, as Celery (py-amqp) sends it
+        args.insert("x-max-priority".into(), AMQPValue::LongInt(i32::from(p)));
+    }
+    if is_non_classic(&q.queue_type) {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(q.queue_type.as_bytes())),
+        );
+    }
+    args
+}
+
+fn is_non_classic(queue_type: &str) -> bool {
+    !queue_type.is_empty() && !queue_type.eq_ignore_ascii_case("classic")
+}
+
+/// Declare or check the queue per `q.declare`, on a channel of its own.
+pub async fn ensure_queue(conn: &Connection, q: &QueueConfig) -> Result<(), PublishError> {
+    let passive = match q.declare {
+        DeclareMode::None => return Ok(()),
+        DeclareMode::Passive => true,
+        DeclareMode::Declare => false,
+    };
+    let channel = conn.create_channel().await.map_err(|e| {
+        PublishError::Unavailable(format!("cannot open a channel to declare queues: {e}"))
+    })?;
+    let options = QueueDeclareOptions {
+        passive,
+        durable: q.durable,
+        exclusive: false,
+        auto_delete: false,
+        nowait: false,
+    };
+    let args = if passive {
+        FieldTable::default()
+    } else {
+        declare_arguments(q)
+    };
+    let res = channel
+        .queue_declare(q.name.as_str().into(), options, args)
+        .await;
+    // after a 406/404 the broker has closed the channel already; nothing to do then
+    if channel.status().connected() {
+        let _ = channel.close(200, "topology checked".into()).await;
+    }
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) => Err(explain_error(q, passive, &e)),
+    }
+}
+
+fn explain_error(q: &QueueConfig, passive: bool, e: &lapin::Error) -> PublishError {
+    if let ErrorKind::ProtocolError(amqp) = e.kind() {
+        let text = amqp.get_message().to_string();
+        match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => {
+                return PublishError::Topology(explain_precondition_failed(q, &text));
+            }
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) if passive => {
+                return PublishError::Topology(format!(
+                    "queue '{}' does not exist, and amqp.queue.declare = \"passive\" requires it; \
+                     start the workers once so they declare it, or set \
+                     amqp.queue.declare = \"declare\" (broker said: {text})",
+                    q.name
+                ));
+            }
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                return PublishError::Topology(format!(
+                    "not allowed to declare queue '{}'; grant the user configure permission on \
+                     it, or set amqp.queue.declare = \"passive\" (broker said: {text})",
+                    q.name
+                ));
+            }
+            _ => {}
+        }
+    }
+    PublishError::Unavailable(format!("declaring queue '{}' failed: {e}", q.name))
+}
+
+/// What RabbitMQ's "inequivalent arg" text says: the argument, what we sent, what the queue has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inequivalent {
+    pub arg: String,
+    /// `None` when we did not send the argument.
+    pub received: Option<String>,
+    /// `None` when the existing queue does not have it.
+    pub current: Option<String>,
+}
+
+/// Parse `inequivalent arg 'ARG' for queue 'Q' in vhost 'V': received X but current is Y`.
+pub fn parse_inequivalent(text: &str) -> Option<Inequivalent> {
+    let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
+    let arg = &rest[..rest.find('\'')?];
+    let after = &rest[rest.find(": received ")? + ": received ".len()..];
+    let split = after.find(" but current is ")?;
+    let value = |part: &str| -> Option<String> {
+        let part = part.trim();
+        if part == "none" {
+            return None;
+        }
+        // "the value '10' of type 'signedint'" or "'true'"
+        let start = part.find('\'')? + 1;
+        let len = part[start..].find('\'')?;
+        Some(part[start..start + len].to_string())
+    };
+    Some(Inequivalent {
+        arg: arg.to_string(),
+        received: value(&after[..split]),
+        current: value(&after[split + " but current is ".len()..]),
+    })
+}
+
+/// A 406 on queue.declare, explained: which argument differs and what to set.
+pub fn explain_precondition_failed(q: &QueueConfig, text: &str) -> String {
+    let name = &q.name;
+    let Some(d) = parse_inequivalent(text) else {
+        return format!(
+            "queue '{name}' exists with different properties than amqp.queue declares; make \
+             amqp.queue match it, or set amqp.queue.declare = \"passive\" (broker said: {text})"
+        );
+    };
+    let current = d.current.clone();
+    let advice = match d.arg.as_str() {
+        "x-max-priority" => match (current, q.max_priority) {
+            (Some(c), None) => format!(
+                "queue '{name}' exists with x-max-priority={c} but amqp.queue.max_priority is \
+                 unset; set amqp.queue.max_priority = {c} to match the workers (Celery \
+                 task_queue_max_priority)"
+            ),
+            (None, Some(ours)) => format!(
+                "queue '{name}' exists without x-max-priority but amqp.queue.max_priority = \
+                 {ours}; unset amqp.queue.max_priority to use the queue as it is (or delete the \
+                 queue so it is declared with priorities, and set Celery \
+                 task_queue_max_priority = {ours} on the workers)"
+            ),
+            (Some(c), Some(ours)) => format!(
+                "queue '{name}' exists with x-max-priority={c} but amqp.queue.max_priority = \
+                 {ours}; set amqp.queue.max_priority = {c} to match the workers (Celery \
+                 task_queue_max_priority)"
+            ),
+            (None, None) => format!("queue '{name}' differs in x-max-priority"),
+        },
+        "x-queue-type" => {
+            let c = current.unwrap_or_else(|| "classic".into());
+            format!(
+                "queue '{name}' exists with x-queue-type={c} but amqp.queue.queue_type = \"{}\"; \
+                 set amqp.queue.queue_type = \"{c}\" to match the workers (Celery \
+                 task_default_queue_type / task_create_missing_queue_type)",
+                q.queue_type
+            )
+        }
+        "durable" => {
+            let c = current.unwrap_or_else(|| "?".into());
+            format!(
+                "queue '{name}' exists with durable={c} but amqp.queue.durable = {}; set \
+                 amqp.queue.durable = {c}",
+                q.durable
+            )
+        }
+        "exclusive" | "auto_delete" => format!(
+            "queue '{name}' exists with {}={}, which this service never declares; delete the \
+             queue, or set amqp.queue.declare = \"passive\" to use it as it is",
+            d.arg,
+            current.unwrap_or_else(|| "?".into())
+        ),
+        other => {
+            let c = current.map_or_else(|| "no value".to_string(), |c| format!("'{c}'"));
+            let r = d
+                .received
+                .clone()
+                .map_or_else(|| "no value".to_string(), |r| format!("'{r}'"));
+            format!(
+                "queue '{name}' exists with {other} = {c} but this service declares {r}; set \
+                 amqp.queue.declare = \"passive\" to use the queue as it is, or put {other} in \
+                 a policy instead of a queue argument"
+            )
+        }
+    };
+    format!("{advice} (broker said: {text})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(max: Option<u8>) -> QueueConfig {
+        QueueConfig {
+            name: "plugin_tasks".into(),
+            max_priority: max,
+            ..QueueConfig::default()
+        }
+    }
+
+    #[test]
+    fn parses_rabbitmq_texts() {
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue \
+                 'plugin_tasks' in vhost '/': received none but current is the value '10' of \
+                 type 'signedint'";
+        assert_eq!(
+            parse_inequivalent(t),
+            Some(Inequivalent {
+                arg: "x-max-priority".into(),
+                received: None,
+                current: Some("10".into())
+            })
+        );
+        let t = "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': \
+                 received 'false' but current is 'true'";
+        assert_eq!(
+            parse_inequivalent(t),
+            Some(Inequivalent {
+                arg: "durable".into(),
+                received: Some("false".into()),
+                current: Some("true".into())
+            })
+        );
+        assert_eq!(parse_inequivalent("something else"), None);
+    }
+
+    #[test]
+    fn explains_the_priority_mismatch() {
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue \
+                 'plugin_tasks' in vhost '/': received none but current is the value '10' of \
+                 type 'signedint'";
+        let msg = explain_precondition_failed(&q(None), t);
+        assert!(msg.starts_with(
+            "queue 'plugin_tasks' exists with x-max-priority=10 but amqp.queue.max_priority is \
+             unset; set amqp.queue.max_priority = 10 to match the workers (Celery \
+             task_queue_max_priority)"
+        ));
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue \
+                 'plugin_tasks' in vhost '/': received the value '5' of type 'signedint' but \
+                 current is none";
+        let msg = explain_precondition_failed(&q(Some(5)), t);
+        assert!(msg.contains("exists without x-max-priority but amqp.queue.max_priority = 5"));
+    }
+
+    #[test]
+    fn arguments_follow_the_config() {
+        let a = declare_arguments(&q(Some(10)));
+        assert_eq!(
+            a.inner().get("x-max-priority"),
+            Some(&AMQPValue::LongInt(10))
+        );
+        assert!(!a.inner().contains_key("x-queue-type"));
+        let quorum = QueueConfig {
+            queue_type: "quorum".into(),
+            max_priority: None,
+            ..QueueConfig::default()
+        };
+        let a = declare_arguments(&quorum);
+        assert_eq!(
+            a.inner().get("x-queue-type"),
+            Some(&AMQPValue::LongString("quorum".into()))
+        );
+        assert!(!a.inner().contains_key("x-max-priority"));
+    }
+}

@@ -1,0 +1,1020 @@
+//! The AMQP publisher against a real RabbitMQ (127.0.0.1:5672, guest/guest; start it with
+//! `deploy/local/up` or `deploy/local/rabbit-ctl start`; `AMQP_URL` overrides the address).
+//!
+//! What these prove: messages arrive with our ids, headers, priority and body in both formats;
+//! an unroutable message fails its `Publish` (never Ok) and is counted; a queue that exists with
+//! other arguments fails the start with a message naming the argument; a high-priority trigger
+//! overtakes a backlog; a broker outage fails pending publishes, never loses an Ok'd one, and
+//! publishing resumes after it; a memory alarm shows as `blocked` and publishes fail instead of
+//! succeeding; a real Celery worker runs our Celery-format messages with our task ids.
+//!
+//! Every test uses its own queue. Tests that stop the broker or raise an alarm take the
+//! [`BROKER`] lock exclusively; the others take it shared. Waits poll with a deadline.
+
+use actix::prelude::*;
+use canal_consumer::config::{AmqpConfig, DeclareMode, QueueConfig, Secret};
+use canal_consumer::event::{EventType, Position};
+use canal_consumer::publisher::{
+    AmqpPublisher, GetPublisherStatus, Publish, PublishError, PublisherState, PublisherStatus,
+    Shutdown,
+};
+use canal_consumer::trigger::{CeleryMapping, MessageFormat, Priority, Route, SourceRef, Trigger};
+use lapin::{
+    Channel, Connection, ConnectionProperties,
+    options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions},
+    types::{AMQPValue, FieldTable},
+};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{RwLock, oneshot};
+
+/// Shared by ordinary tests, exclusive for tests that disturb the broker.
+static BROKER: RwLock<()> = RwLock::const_new(());
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "test_{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn config(queue: &str, declare: DeclareMode, max_priority: Option<u8>) -> AmqpConfig {
+    AmqpConfig {
+        url: Secret::new(amqp_url()),
+        max_unconfirmed: 64,
+        confirm_timeout: Duration::from_secs(5),
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(1),
+        queue: QueueConfig {
+            name: queue.to_string(),
+            declare,
+            durable: true,
+            max_priority,
+            queue_type: "classic".into(),
+        },
+        ..AmqpConfig::default()
+    }
+}
+
+fn trigger(n: u64, queue: &str, priority: Priority, format: MessageFormat) -> Trigger {
+    Trigger {
+        id: format!("{queue}-{n}"),
+        plugin: "email_service".into(),
+        payload: json!({"operation": "send_welcome", "user_id": n}),
+        priority,
+        consumer: "example_consumer".into(),
+        rule: Some("welcome".into()),
+        source: SourceRef {
+            destination: "example".into(),
+            database: "test_db".into(),
+            table: "users".into(),
+            event_type: EventType::Insert,
+            position: Position {
+                log_file: "mysql-bin.000001".into(),
+                offset: 1000 + n,
+                row_index: 0,
+                gtid: None,
+            },
+            executed_at: 1_700_000_000_000,
+        },
+        route: Route {
+            exchange: String::new(),
+            routing_key: queue.to_string(),
+        },
+        format,
+    }
+}
+
+fn celery(task: &str, mapping: CeleryMapping) -> MessageFormat {
+    MessageFormat::Celery {
+        task: task.into(),
+        mapping,
+    }
+}
+
+/// Publish and wait for the answer (bounded, so a hang fails the test instead of stalling).
+async fn publish(addr: &Addr<AmqpPublisher>, triggers: Vec<Trigger>) -> Result<(), PublishError> {
+    let (reply, rx) = oneshot::channel();
+    addr.send(Publish { triggers, reply })
+        .await
+        .expect("publisher alive");
+    tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .expect("a Publish must always be answered")
+        .expect("reply sender dropped without an answer")
+}
+
+async fn status(addr: &Addr<AmqpPublisher>) -> PublisherStatus {
+    addr.send(GetPublisherStatus)
+        .await
+        .expect("publisher alive")
+}
+
+async fn wait_status(
+    addr: &Addr<AmqpPublisher>,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&PublisherStatus) -> bool,
+) -> PublisherStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        let st = status(addr).await;
+        if pred(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; status: {st:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Logs to the test output (`RUST_LOG=canal_consumer=debug` for more).
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "canal_consumer=info".into()),
+        )
+        .try_init();
+}
+
+async fn start_connected(cfg: AmqpConfig) -> Addr<AmqpPublisher> {
+    init_logs();
+    let addr = AmqpPublisher::start_checked(cfg)
+        .await
+        .expect("publisher starts");
+    wait_status(&addr, "connected", Duration::from_secs(20), |s| {
+        s.state == PublisherState::Connected
+    })
+    .await;
+    addr
+}
+
+/// A plain lapin connection for the test's own reads and setup.
+async fn raw() -> (Connection, Channel) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "RabbitMQ is not reachable ({e}); start it with deploy/local/up or \
+                 deploy/local/rabbit-ctl start"
+            )
+        });
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+async fn declare_raw(ch: &Channel, queue: &str, max_priority: Option<i32>) {
+    let mut args = FieldTable::default();
+    if let Some(p) = max_priority {
+        args.insert("x-max-priority".into(), AMQPValue::LongInt(p));
+    }
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare test queue");
+}
+
+async fn delete_queue(queue: &str) {
+    let (conn, ch) = raw().await;
+    let _ = ch
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Take every message now in `queue` (no ack needed).
+async fn drain(ch: &Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic_get")
+    {
+        out.push(m);
+    }
+    out
+}
+
+fn header_str(m: &lapin::message::Delivery, k: &str) -> Option<String> {
+    match m.properties.headers().as_ref()?.inner().get(k)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is installed with the broker");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[actix_rt::test]
+async fn messages_arrive_with_ids_headers_priority_and_body() {
+    let _shared = BROKER.read().await;
+    let queue = unique("formats");
+    let addr = start_connected(config(&queue, DeclareMode::Declare, Some(10))).await;
+
+    let triggers = vec![
+        trigger(1, &queue, Priority::High, MessageFormat::Envelope),
+        trigger(
+            2,
+            &queue,
+            Priority::Normal,
+            celery("plugins.run", CeleryMapping::Kwargs),
+        ),
+        trigger(
+            3,
+            &queue,
+            Priority::Low,
+            celery("plugins.run", CeleryMapping::Args),
+        ),
+    ];
+    publish(&addr, triggers.clone()).await.expect("published");
+    let st = status(&addr).await;
+    assert_eq!((st.published, st.confirmed, st.unconfirmed), (3, 3, 0));
+
+    let (conn, ch) = raw().await;
+    let mut got = drain(&ch, &queue).await;
+    assert_eq!(got.len(), 3);
+    // the queue delivers by priority: high (9), normal (5), low (1)
+    got.sort_by_key(|m| std::cmp::Reverse(m.properties.priority().unwrap_or(0)));
+    for (m, t) in got.iter().zip(&triggers) {
+        let p = &m.properties;
+        assert_eq!(p.message_id().as_ref().unwrap().as_str(), t.id);
+        assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), t.id);
+        assert_eq!(*p.delivery_mode(), Some(2));
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
+        assert_eq!(p.content_encoding().as_ref().unwrap().as_str(), "utf-8");
+        assert!(p.timestamp().is_some());
+    }
+    let prio: Vec<_> = got.iter().map(|m| *m.properties.priority()).collect();
+    assert_eq!(prio, vec![Some(9), Some(5), Some(1)]);
+
+    // envelope
+    let env: Value = serde_json::from_slice(&got[0].data).unwrap();
+    assert_eq!(env["version"], 1);
+    assert_eq!(env["id"], triggers[0].id);
+    assert_eq!(env["plugin"], "email_service");
+    assert_eq!(
+        env["payload"],
+        json!({"operation": "send_welcome", "user_id": 1})
+    );
+    assert_eq!(env["priority"], "high");
+    assert_eq!(env["source"]["table"], "users");
+    assert_eq!(env["source"]["event_type"], "INSERT");
+    assert_eq!(env["source"]["position"]["offset"], 1001);
+    assert_eq!(
+        got[0].properties.kind().as_ref().unwrap().as_str(),
+        "canal_consumer.trigger.v1"
+    );
+
+    // celery, kwargs mapping
+    let c = &got[1];
+    assert_eq!(header_str(c, "task").as_deref(), Some("plugins.run"));
+    assert_eq!(
+        header_str(c, "id").as_deref(),
+        Some(triggers[1].id.as_str())
+    );
+    assert_eq!(
+        header_str(c, "root_id").as_deref(),
+        Some(triggers[1].id.as_str())
+    );
+    assert_eq!(header_str(c, "lang").as_deref(), Some("py"));
+    assert_eq!(
+        header_str(c, "canal_consumer_position").as_deref(),
+        Some("mysql-bin.000001:1002:0")
+    );
+    let body: Value = serde_json::from_slice(&c.data).unwrap();
+    assert_eq!(
+        body,
+        json!([[], {"operation": "send_welcome", "user_id": 2},
+               {"callbacks": null, "errbacks": null, "chain": null, "chord": null}])
+    );
+    // celery, args mapping
+    let body: Value = serde_json::from_slice(&got[2].data).unwrap();
+    assert_eq!(
+        body[0],
+        json!(["email_service", {"operation": "send_welcome", "user_id": 3}])
+    );
+    assert_eq!(body[1], json!({}));
+
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn unroutable_messages_fail_their_publish_and_are_counted() {
+    let _shared = BROKER.read().await;
+    let missing = unique("missing");
+    // declare = none: nothing creates the queue, so the default exchange cannot route
+    let addr = start_connected(config(&missing, DeclareMode::None, None)).await;
+    let t = trigger(1, &missing, Priority::Normal, MessageFormat::Envelope);
+    match publish(&addr, vec![t.clone()]).await {
+        Err(PublishError::Returned {
+            id, routing_key, ..
+        }) => {
+            assert_eq!(id, t.id);
+            assert_eq!(routing_key, missing);
+        }
+        other => panic!("expected Returned, got {other:?}"),
+    }
+    let st = status(&addr).await;
+    assert_eq!(st.returned, 1, "{st:#?}");
+    assert_eq!(st.confirmed, 0);
+
+    // one unroutable message in the middle of a big batch to a real queue: the batch fails,
+    // naming exactly that message, and the others are confirmed
+    let real = unique("real");
+    let (conn, ch) = raw().await;
+    declare_raw(&ch, &real, None).await;
+    let mut batch: Vec<Trigger> = (0..300)
+        .map(|n| trigger(n, &real, Priority::Normal, MessageFormat::Envelope))
+        .collect();
+    batch[137].route.routing_key = missing.clone();
+    let bad_id = batch[137].id.clone();
+    match publish(&addr, batch).await {
+        Err(PublishError::Returned { id, .. }) => assert_eq!(id, bad_id),
+        other => panic!("expected Returned, got {other:?}"),
+    }
+    let st = wait_status(&addr, "all settled", Duration::from_secs(10), |s| {
+        s.unconfirmed == 0 && s.published == s.confirmed + s.returned
+    })
+    .await;
+    assert_eq!(st.returned, 2, "{st:#?}");
+    // the publisher stops publishing a batch after its first failure, so not all 299 need
+    // arrive, but every confirmed one did
+    let arrived = drain(&ch, &real).await.len();
+    assert!(arrived >= 137, "arrived {arrived}");
+    assert_eq!(arrived as u64, st.confirmed, "{st:#?}");
+
+    // the channel still works afterwards
+    publish(
+        &addr,
+        vec![trigger(9, &real, Priority::Normal, MessageFormat::Envelope)],
+    )
+    .await
+    .expect("routable publish after a return");
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&real).await;
+}
+
+#[actix_rt::test]
+async fn queue_argument_mismatch_names_the_argument() {
+    let _shared = BROKER.read().await;
+    let queue = unique("mismatch");
+    let (conn, ch) = raw().await;
+    declare_raw(&ch, &queue, Some(10)).await;
+
+    let err = AmqpPublisher::start_checked(config(&queue, DeclareMode::Declare, None))
+        .await
+        .expect_err("a mismatch fails the start");
+    let PublishError::Topology(text) = &err else {
+        panic!("expected Topology, got {err:?}");
+    };
+    assert!(
+        text.contains(&format!(
+            "queue '{queue}' exists with x-max-priority=10 but amqp.queue.max_priority is unset; \
+             set amqp.queue.max_priority = 10"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("task_queue_max_priority"), "{text}");
+
+    let err = AmqpPublisher::start_checked(config(&queue, DeclareMode::Declare, Some(5)))
+        .await
+        .expect_err("a different value fails too");
+    assert!(
+        err.to_string()
+            .contains("x-max-priority=10 but amqp.queue.max_priority = 5"),
+        "{err}"
+    );
+
+    // passive: a missing queue is named; an existing one is accepted whatever its arguments
+    let missing = unique("absent");
+    let err = AmqpPublisher::start_checked(config(&missing, DeclareMode::Passive, None))
+        .await
+        .expect_err("passive on a missing queue fails");
+    assert!(
+        err.to_string()
+            .contains(&format!("queue '{missing}' does not exist")),
+        "{err}"
+    );
+    let addr = start_connected(config(&queue, DeclareMode::Passive, None)).await;
+    publish(
+        &addr,
+        vec![trigger(1, &queue, Priority::High, MessageFormat::Envelope)],
+    )
+    .await
+    .expect("passive mode publishes");
+
+    // matching arguments are accepted
+    let addr2 = start_connected(config(&queue, DeclareMode::Declare, Some(10))).await;
+    publish(
+        &addr2,
+        vec![trigger(2, &queue, Priority::High, MessageFormat::Envelope)],
+    )
+    .await
+    .expect("matching declaration publishes");
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn high_priority_overtakes_a_backlog() {
+    let _shared = BROKER.read().await;
+    let queue = unique("priority");
+    let addr = start_connected(config(&queue, DeclareMode::Declare, Some(10))).await;
+    let backlog: Vec<Trigger> = (0..200)
+        .map(|n| trigger(n, &queue, Priority::Normal, MessageFormat::Envelope))
+        .collect();
+    publish(&addr, backlog).await.expect("backlog published");
+    let urgent = trigger(1000, &queue, Priority::High, MessageFormat::Envelope);
+    publish(&addr, vec![urgent.clone()])
+        .await
+        .expect("urgent published");
+    let low = trigger(2000, &queue, Priority::Low, MessageFormat::Envelope);
+    publish(&addr, vec![low.clone()])
+        .await
+        .expect("low published");
+
+    let (conn, ch) = raw().await;
+    let got = drain(&ch, &queue).await;
+    assert_eq!(got.len(), 202);
+    let ids: Vec<String> = got
+        .iter()
+        .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(ids[0], urgent.id, "the high-priority message comes first");
+    assert_eq!(ids[201], low.id, "the low-priority message comes last");
+    // the normal ones keep their order
+    let normal: Vec<&String> = ids[1..201].iter().collect();
+    let expected: Vec<String> = (0..200).map(|n| format!("{queue}-{n}")).collect();
+    assert!(normal.iter().zip(&expected).all(|(a, b)| *a == b));
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}
+
+/// Restores the memory watermark even if the test fails.
+struct WatermarkGuard;
+
+impl Drop for WatermarkGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4"])
+            .output();
+    }
+}
+
+/// Starts the broker app again even if the test fails.
+struct AppGuard;
+
+impl Drop for AppGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+    }
+}
+
+async fn ctl(args: &'static [&'static str]) -> String {
+    tokio::task::spawn_blocking(move || rabbitmqctl(args))
+        .await
+        .expect("rabbitmqctl task")
+}
+
+#[actix_rt::test]
+async fn broker_outage_fails_pending_publishes_and_publishing_resumes() {
+    let _exclusive = BROKER.write().await;
+    let queue = unique("outage");
+    let addr = start_connected(config(&queue, DeclareMode::Declare, Some(10))).await;
+
+    // publish continuously, one Publish of 20 triggers at a time, recording every answer
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    let pub_addr = addr.clone();
+    let q = queue.clone();
+    let publisher = actix_rt::spawn(async move {
+        let mut results: Vec<(Vec<String>, Result<(), PublishError>, Duration)> = Vec::new();
+        let mut n = 0u64;
+        while stop_rx.try_recv().is_err() {
+            let batch: Vec<Trigger> = (0..20)
+                .map(|i| trigger(n * 20 + i, &q, Priority::Normal, MessageFormat::Envelope))
+                .collect();
+            n += 1;
+            let ids = batch.iter().map(|t| t.id.clone()).collect();
+            let started = Instant::now();
+            let res = publish(&pub_addr, batch).await;
+            let failed = res.is_err();
+            results.push((ids, res, started.elapsed()));
+            if failed {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        results
+    });
+
+    wait_status(&addr, "some confirms", Duration::from_secs(10), |s| {
+        s.confirmed >= 200
+    })
+    .await;
+    let _app = AppGuard;
+    ctl(&["stop_app"]).await;
+    let st = wait_status(&addr, "disconnected", Duration::from_secs(30), |s| {
+        matches!(
+            s.state,
+            PublisherState::Disconnected | PublisherState::Connecting
+        )
+    })
+    .await;
+    assert!(st.last_error.is_some());
+
+    // while the broker is away, a Publish is answered at once, with an error
+    let started = Instant::now();
+    let res = publish(
+        &addr,
+        vec![trigger(
+            999_999,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await;
+    assert!(matches!(res, Err(PublishError::Unavailable(_))), "{res:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    ctl(&["start_app"]).await;
+    wait_status(&addr, "reconnected", Duration::from_secs(60), |s| {
+        s.state == PublisherState::Connected && s.connects >= 2
+    })
+    .await;
+    // publishing works again
+    let before = status(&addr).await.confirmed;
+    wait_status(
+        &addr,
+        "confirms after the restart",
+        Duration::from_secs(20),
+        |s| s.confirmed >= before + 100,
+    )
+    .await;
+    let _ = stop_tx.send(());
+    let results = publisher.await.expect("publishing task");
+
+    let failures: Vec<&PublishError> = results.iter().filter_map(|r| r.1.as_ref().err()).collect();
+    assert!(!failures.is_empty(), "the outage failed some publishes");
+    assert!(
+        failures.iter().all(|e| matches!(
+            e,
+            PublishError::ConnectionLost { .. }
+                | PublishError::Unavailable(_)
+                | PublishError::ConfirmTimeout { .. }
+        )),
+        "{failures:?}"
+    );
+    assert!(
+        results.iter().all(|r| r.2 < Duration::from_secs(15)),
+        "no Publish waited long"
+    );
+    // nothing answered Ok is missing: durable queue, persistent messages, confirms
+    let ok_ids: HashSet<String> = results
+        .iter()
+        .filter(|r| r.1.is_ok())
+        .flat_map(|r| r.0.iter().cloned())
+        .collect();
+    let (conn, ch) = raw().await;
+    let stored: HashSet<String> = drain(&ch, &queue)
+        .await
+        .iter()
+        .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    let missing: Vec<&String> = ok_ids.difference(&stored).collect();
+    assert!(
+        missing.is_empty(),
+        "{} confirmed messages are missing, e.g. {:?}",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn memory_alarm_shows_blocked_and_publishes_fail() {
+    let _exclusive = BROKER.write().await;
+    let queue = unique("alarm");
+    let mut cfg = config(&queue, DeclareMode::Declare, Some(10));
+    cfg.confirm_timeout = Duration::from_secs(3);
+    let addr = start_connected(cfg).await;
+    publish(
+        &addr,
+        vec![trigger(
+            0,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await
+    .expect("published before the alarm");
+
+    let _restore = WatermarkGuard;
+    ctl(&["set_vm_memory_high_watermark", "0.000001"]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctl(&["eval", "rabbit_alarm:get_alarms()."])
+        .await
+        .contains("memory")
+    {
+        assert!(Instant::now() < deadline, "the memory alarm did not go off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // every publish during the alarm fails (time out or refused); the status says blocked
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 1;
+    let mut outcomes = Vec::new();
+    loop {
+        let res = publish(
+            &addr,
+            vec![trigger(
+                n,
+                &queue,
+                Priority::Normal,
+                MessageFormat::Envelope,
+            )],
+        )
+        .await;
+        n += 1;
+        assert!(res.is_err(), "a publish succeeded during a memory alarm");
+        outcomes.push(res.unwrap_err());
+        let st = status(&addr).await;
+        if st.state == PublisherState::Blocked {
+            assert!(st.blocked_reason.is_some());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never blocked: {st:#?}");
+    }
+    let res = publish(
+        &addr,
+        vec![trigger(
+            n,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await;
+    assert!(
+        matches!(res, Err(PublishError::Unavailable(ref m)) if m.contains("blocks publishing")),
+        "{res:?}"
+    );
+    assert!(
+        outcomes.iter().all(|e| matches!(
+            e,
+            PublishError::ConfirmTimeout { .. }
+                | PublishError::Unavailable(_)
+                | PublishError::ConnectionLost { .. }
+        )),
+        "{outcomes:?}"
+    );
+
+    ctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+    wait_status(&addr, "unblocked", Duration::from_secs(30), |s| {
+        s.state == PublisherState::Connected
+    })
+    .await;
+    publish(
+        &addr,
+        vec![trigger(
+            n + 1,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await
+    .expect("publishing works after the alarm");
+    delete_queue(&queue).await;
+}
+
+/// Kills the worker we started (by its own handle) when the test ends.
+struct Worker(std::process::Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[actix_rt::test]
+async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
+    let celery_bin = std::env::var("CELERY_BIN")
+        .unwrap_or_else(|_| "/var/tmp/canal-consumer/venv/bin/celery".into());
+    assert!(
+        std::path::Path::new(&celery_bin).exists(),
+        "{celery_bin} is missing; deploy/local/up creates the Celery venv"
+    );
+    let _shared = BROKER.read().await;
+    let queue = unique("celery");
+    let addr = start_connected(config(&queue, DeclareMode::Declare, Some(10))).await;
+
+    let mut triggers = vec![
+        trigger(
+            1,
+            &queue,
+            Priority::High,
+            celery("plugins.run", CeleryMapping::Kwargs),
+        ),
+        trigger(
+            2,
+            &queue,
+            Priority::Normal,
+            celery("plugins.run", CeleryMapping::Kwargs),
+        ),
+        trigger(
+            3,
+            &queue,
+            Priority::Low,
+            celery("plugins.run", CeleryMapping::Args),
+        ),
+        trigger(
+            4,
+            &queue,
+            Priority::Normal,
+            celery("plugins.run", CeleryMapping::Payload),
+        ),
+    ];
+    triggers[1].payload = json!(42); // not an object: becomes kwargs {"payload": 42}
+    publish(&addr, triggers.clone()).await.expect("published");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tasks.jsonl");
+    let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
+    let workers_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers");
+    let broker = amqp_url().replace("/%2f", "//");
+    let _worker = Worker(
+        Command::new(&celery_bin)
+            .args([
+                "-A",
+                "publisher_check",
+                "worker",
+                "-Q",
+                &queue,
+                "-c",
+                "1",
+                "--pool",
+                "solo",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "INFO",
+            ])
+            .current_dir(&workers_dir)
+            .env("TASKS_OUT", &out)
+            .env("CELERY_BROKER_URL", &broker)
+            .env("TASK_QUEUE_MAX_PRIORITY", "10")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the celery worker"),
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let lines: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        if lines.len() >= triggers.len() {
+            break lines;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+            panic!(
+                "the worker ran {} of {} tasks; its log:\n{log}",
+                lines.len(),
+                triggers.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // give a duplicate a moment to show up, then compare exactly
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<Value> = if text.lines().count() == lines.len() {
+        lines
+    } else {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    assert_eq!(
+        lines.len(),
+        triggers.len(),
+        "each task ran exactly once: {lines:#?}"
+    );
+
+    let find = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["id"] == id)
+            .unwrap_or_else(|| panic!("task {id} did not run: {lines:#?}"))
+    };
+    let l = find(&triggers[0].id);
+    assert_eq!(l["task"], "plugins.run");
+    assert_eq!(l["root_id"], triggers[0].id);
+    assert_eq!(l["args"], json!([]));
+    assert_eq!(
+        l["kwargs"],
+        json!({"operation": "send_welcome", "user_id": 1})
+    );
+    assert_eq!(l["priority"], 9);
+    let l = find(&triggers[1].id);
+    assert_eq!(l["kwargs"], json!({"payload": 42}));
+    let l = find(&triggers[2].id);
+    assert_eq!(
+        l["args"],
+        json!(["email_service", {"operation": "send_welcome", "user_id": 3}])
+    );
+    assert_eq!(l["kwargs"], json!({}));
+    let l = find(&triggers[3].id);
+    assert_eq!(l["args"], json!([]));
+    assert_eq!(
+        l["kwargs"],
+        json!({"plugin": "email_service",
+               "payload": {"operation": "send_welcome", "user_id": 4}})
+    );
+    drop(_worker);
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn window_bounds_unconfirmed_and_order_follows_arrival() {
+    let _shared = BROKER.read().await;
+    let queue = unique("window");
+    let mut cfg = config(&queue, DeclareMode::Declare, None);
+    cfg.max_unconfirmed = 4;
+    let addr = start_connected(cfg).await;
+
+    // watch the window while 50 Publishes of 20 triggers are sent without waiting in between
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    let watch_addr = addr.clone();
+    let watcher = actix_rt::spawn(async move {
+        let mut max = 0;
+        while stop_rx.try_recv().is_err() {
+            max = max.max(status(&watch_addr).await.unconfirmed);
+            tokio::task::yield_now().await;
+        }
+        max
+    });
+    let mut replies = Vec::new();
+    let mut expected = Vec::new();
+    for p in 0..50u64 {
+        let batch: Vec<Trigger> = (0..20)
+            .map(|i| {
+                trigger(
+                    p * 20 + i,
+                    &queue,
+                    Priority::Normal,
+                    MessageFormat::Envelope,
+                )
+            })
+            .collect();
+        expected.extend(batch.iter().map(|t| t.id.clone()));
+        let (reply, rx) = oneshot::channel();
+        addr.do_send(Publish {
+            triggers: batch,
+            reply,
+        });
+        replies.push(rx);
+    }
+    for rx in replies {
+        tokio::time::timeout(Duration::from_secs(60), rx)
+            .await
+            .expect("answered")
+            .expect("reply")
+            .expect("published");
+    }
+    let _ = stop_tx.send(());
+    let max = watcher.await.unwrap();
+    assert!(max <= 4, "at most max_unconfirmed in flight, saw {max}");
+    let st = status(&addr).await;
+    assert_eq!((st.published, st.confirmed), (1000, 1000));
+
+    let (conn, ch) = raw().await;
+    let ids: Vec<String> = drain(&ch, &queue)
+        .await
+        .iter()
+        .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ids, expected,
+        "messages leave in the order Publishes arrive"
+    );
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
+    let _shared = BROKER.read().await;
+    let queue = unique("noexchange");
+    let addr = start_connected(config(&queue, DeclareMode::Declare, None)).await;
+    let mut t = trigger(1, &queue, Priority::Normal, MessageFormat::Envelope);
+    t.route.exchange = "no_such_exchange_for_canal_consumer".into();
+    let err = publish(&addr, vec![t]).await.expect_err("must fail");
+    assert!(
+        err.to_string()
+            .contains("no_such_exchange_for_canal_consumer"),
+        "the error names the exchange: {err}"
+    );
+    // the broker closed the channel; the publisher reconnects and goes on
+    wait_status(&addr, "reconnected", Duration::from_secs(20), |s| {
+        s.state == PublisherState::Connected && s.connects >= 2
+    })
+    .await;
+    publish(
+        &addr,
+        vec![trigger(
+            2,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await
+    .expect("publishing works after the channel error");
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn shutdown_drains_what_was_accepted() {
+    let _shared = BROKER.read().await;
+    let queue = unique("shutdown");
+    let mut cfg = config(&queue, DeclareMode::Declare, None);
+    cfg.max_unconfirmed = 8;
+    let addr = start_connected(cfg).await;
+    let batch: Vec<Trigger> = (0..500)
+        .map(|n| trigger(n, &queue, Priority::Normal, MessageFormat::Envelope))
+        .collect();
+    let (reply, rx) = oneshot::channel();
+    addr.do_send(Publish {
+        triggers: batch,
+        reply,
+    });
+    addr.send(Shutdown {
+        deadline: Duration::from_secs(30),
+    })
+    .await
+    .expect("publisher alive")
+    .expect("drained in time");
+    rx.await
+        .expect("answered")
+        .expect("the accepted batch was published and confirmed");
+    let st = status(&addr).await;
+    assert_eq!(st.state, PublisherState::Disconnected);
+    assert_eq!((st.confirmed, st.unconfirmed), (500, 0));
+    let res = publish(
+        &addr,
+        vec![trigger(
+            501,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await;
+    assert!(matches!(res, Err(PublishError::Unavailable(_))), "{res:?}");
+    let (conn, ch) = raw().await;
+    assert_eq!(drain(&ch, &queue).await.len(), 500);
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}
