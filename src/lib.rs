@@ -16,10 +16,17 @@
 //! - [`consumer`]: the [`consumer::Consumer`] trait, filters and the trigger context.
 //! - [`trigger`]: what a consumer emits: [`trigger::Trigger`], priorities, message ids.
 //! - [`publisher`]: where triggers go.
+//!
+//! Operating it: [`config`] (layered loading, validation), [`logging`], [`metrics`] (the shared
+//! Prometheus registry), [`state`] (persisted enable/disable), [`admin`] (the admin HTTP
+//! endpoint and its command-line client).
 
 pub mod canal;
 pub mod config;
 pub mod consumer;
 pub mod event;
+pub mod logging;
+pub mod metrics;
 pub mod publisher;
+pub mod state;
 pub mod trigger;
