@@ -120,7 +120,7 @@ pub fn string_or_scalar<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Er
     d.deserialize_any(V)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub canal: CanalConfig,
@@ -129,19 +129,6 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            canal: CanalConfig::default(),
-            amqp: AmqpConfig::default(),
-            consumers: ConsumersConfig::default(),
-            admin: AdminConfig::default(),
-            log: LogConfig::default(),
-            shutdown: ShutdownConfig::default(),
-        }
-    }
 }
 
 /// `[canal]`: the Canal server and the fetch loop.
@@ -609,10 +596,10 @@ impl Sources {
         if let Some((_, var)) = self.env.iter().find(|(k, _)| hit(k)) {
             return Origin::Env(var.clone());
         }
-        if let Some((path, keys)) = &self.file {
-            if keys.iter().any(hit) {
-                return Origin::File(path.clone());
-            }
+        if let Some((path, keys)) = &self.file
+            && keys.iter().any(hit)
+        {
+            return Origin::File(path.clone());
         }
         Origin::Defaults
     }
@@ -638,10 +625,10 @@ fn flatten(prefix: &str, dict: &Dict, out: &mut BTreeMap<String, Value>) {
 /// Keys whose value is a string (taken verbatim from the environment).
 fn string_keys() -> BTreeSet<String> {
     let mut all = BTreeMap::new();
-    if let Ok(map) = Serialized::defaults(Config::default()).data() {
-        if let Some(d) = map.get(&Profile::Default) {
-            flatten("", d, &mut all);
-        }
+    if let Ok(map) = Serialized::defaults(Config::default()).data()
+        && let Some(d) = map.get(&Profile::Default)
+    {
+        flatten("", d, &mut all);
     }
     let mut keys: BTreeSet<String> = all
         .into_iter()

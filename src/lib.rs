@@ -21,6 +21,7 @@
 //! Prometheus registry), [`state`] (persisted enable/disable), [`admin`] (the admin HTTP
 //! endpoint and its command-line client).
 
+pub mod admin;
 pub mod canal;
 pub mod config;
 pub mod consumer;
