@@ -1339,14 +1339,46 @@ mod tests {
         let example = root.join("config/canal-consumer.toml");
         let c = load_from(Some(&example), nowhere(), env(&[]), CliOverrides::default()).unwrap();
         assert_eq!(c, Config::default());
-        // The compose deployment's file, with the compose environment.
+        // The compose deployment: its config file with its env file.
         let compose = root.join("deploy/canal-consumer.compose.toml");
+        let env_file = std::fs::read_to_string(root.join("deploy/compose.env")).unwrap();
+        let vars: Vec<(String, String)> = env_file
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .map(|l| {
+                let (k, v) = l.split_once('=').expect("KEY=VALUE");
+                (k.trim().to_string(), v.trim().to_string())
+            })
+            .collect();
+        assert!(vars.iter().any(|(k, _)| k == "CANAL_HOST"));
+        let c = load_from(Some(&compose), nowhere(), vars, CliOverrides::default()).unwrap();
+        assert_eq!(c.canal.host, "canal-server");
+        assert_eq!(c.admin.bind, "0.0.0.0:9090");
+        assert!(c.amqp.url.expose().contains("@rabbitmq:5672"));
+        // The Kubernetes ConfigMap's embedded file, with the Secret's variables.
+        let cm = std::fs::read_to_string(root.join("deploy/k8s/configmap.yaml")).unwrap();
+        let start = cm.find("canal-consumer.toml: |").expect("config key") + 1;
+        let toml_text: String = cm[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(&dir, "k8s.toml", &toml_text);
         let vars = env(&[
-            ("CANAL_HOST", "canal-server"),
-            ("CANAL_PORT", "11111"),
+            (
+                "CANAL_CONSUMER__AMQP__URL",
+                "amqp://canal:x@rabbitmq:5672/%2f",
+            ),
+            ("CANAL_CONSUMER__CANAL__USERNAME", ""),
             ("CANAL_DESTINATION", "example"),
-            ("CANAL_BATCH_SIZE", "100"),
         ]);
-        load_from(Some(&compose), nowhere(), vars, CliOverrides::default()).unwrap();
+        let c = load_from(Some(&file), nowhere(), vars, CliOverrides::default()).unwrap();
+        assert_eq!(c.canal.host, "canal-server");
+        assert_eq!(
+            c.consumers.state_file,
+            Path::new("/var/lib/canal-consumer/consumers.json")
+        );
     }
 }
