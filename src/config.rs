@@ -771,7 +771,7 @@ pub fn load_from(
             .data()
             .map_err(|e| ConfigError::FileSyntax {
                 path: path.clone(),
-                message: e.kind.to_string().trim().replace('\n', " "),
+                message: toml_message(&e.kind.to_string()),
             })?
             .remove(&Profile::Default)
             .unwrap_or_default();
@@ -796,6 +796,22 @@ pub fn load_from(
     let config: Config = figment.extract().map_err(|e| figment_error(e, &sources))?;
     config.validate().map_err(|e| attribute(e, &sources))?;
     Ok(config)
+}
+
+/// A TOML parser message without its source excerpt (which could show a secret): keeps the
+/// position and the explanation, drops the `N | text` and caret lines.
+fn toml_message(raw: &str) -> String {
+    raw.lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l
+                    .trim_start_matches(|c: char| c.is_ascii_digit())
+                    .trim_start()
+                    .starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Turn figment's errors into ours, naming the real origin of each key.
@@ -1263,6 +1279,12 @@ mod tests {
         let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
         assert!(matches!(err, ConfigError::FileSyntax { .. }), "{err}");
         assert!(err.to_string().contains("s.toml"), "{err}");
+        // The parser's excerpt of the bad line is not repeated: it could hold a secret.
+        let file = write(&dir, "p.toml", "[canal]\npassword = \"hunter2\n");
+        let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("p.toml") && text.contains("line 2"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
     }
 
     #[test]
