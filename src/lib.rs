@@ -17,13 +17,22 @@
 //! - [`trigger`]: what a consumer emits: [`trigger::Trigger`], priorities, message ids.
 //! - [`publisher`]: where triggers go.
 //! - [`rules`]: consumers defined in TOML (filters, CEL conditions, payload templates).
+//! - [`manager`]: the Manager actor (routing, batch tracking, acks).
+//!
+//! Operating it: [`config`] (layered loading, validation), [`logging`], [`metrics`] (the shared
+//! Prometheus registry), [`state`] (persisted enable/disable), [`admin`] (the admin HTTP
+//! endpoint and its command-line client).
 
+pub mod admin;
 pub mod canal;
 pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod event;
+pub mod logging;
 pub mod manager;
+pub mod metrics;
 pub mod publisher;
 pub mod rules;
+pub mod state;
 pub mod trigger;

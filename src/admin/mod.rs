@@ -1,0 +1,173 @@
+//! The admin endpoint: how operators and the command line see and steer the running service.
+//!
+//! - [`server`]: the actix-web HTTP server (`/health`, `/ready`, `/status`, `/metrics`,
+//!   `/consumers`, `POST /consumers/{name}/enable|disable`), bound to `admin.bind`.
+//! - [`client`]: the other side, used by `canal-consumer status|list|enable|disable`: a tiny
+//!   HTTP/1.1 client and the human rendering of the status.
+//!
+//! The server knows nothing about actors. It asks a [`Control`] (implemented by whoever owns
+//! the pipeline, the Manager) for a [`ServiceStatus`] and to enable or disable a consumer, so it
+//! can be tested with a fake. How it fails: an address that cannot be bound is an
+//! [`AdminError::Bind`] at start; at run time a request that cannot be served is an HTTP error
+//! status with a one-line reason, never a crash.
+
+pub mod client;
+pub mod server;
+
+use crate::canal::connection::ConnectionStatus;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+pub use server::{AdminServer, serve};
+
+/// What the admin endpoint needs from the running service.
+///
+/// Both methods return `'static` futures so implementations can hand them to actors (clone an
+/// `Addr` into the future). The admin server persists enable/disable to the state file itself
+/// after [`Control::set_enabled`] succeeds; implementations only apply the change live.
+pub trait Control: Send + Sync + 'static {
+    /// A snapshot of the whole service.
+    fn status(&self) -> BoxFuture<'static, ServiceStatus>;
+    /// Enable or disable one consumer, live. [`AdminError::UnknownConsumer`] when there is no
+    /// consumer by that name.
+    fn set_enabled(&self, name: &str, enabled: bool) -> BoxFuture<'static, Result<(), AdminError>>;
+}
+
+/// Everything `GET /status` reports.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ServiceStatus {
+    /// The crate version.
+    pub version: String,
+    pub uptime_seconds: u64,
+    /// The Canal connection.
+    pub canal: ConnectionStatus,
+    /// The publisher's status, as it reports it (at least a `state` string).
+    pub broker: serde_json::Value,
+    /// The publisher has a usable channel to the broker.
+    pub broker_connected: bool,
+    /// A graceful shutdown is under way.
+    pub shutting_down: bool,
+    /// Canal batches fetched and not yet acked.
+    pub batches_in_flight: usize,
+    pub consumers: Vec<ConsumerStatus>,
+}
+
+impl ServiceStatus {
+    /// An empty status for this build (version filled in).
+    pub fn new() -> Self {
+        ServiceStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            broker: serde_json::json!({ "state": "unknown" }),
+            ..Default::default()
+        }
+    }
+
+    /// Ready to do work: Canal session connected, broker channel up, not shutting down. The
+    /// error is the reason, for `/ready`'s 503 body.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut reasons = Vec::new();
+        if self.shutting_down {
+            reasons.push("shutting down".to_string());
+        }
+        if self.canal.state != "connected" {
+            let state = if self.canal.state.is_empty() {
+                "not started"
+            } else {
+                self.canal.state
+            };
+            match &self.canal.last_error {
+                Some(e) => reasons.push(format!("canal is {state}: {e}")),
+                None => reasons.push(format!("canal is {state}")),
+            }
+        }
+        if !self.broker_connected {
+            let state = self
+                .broker
+                .get("state")
+                .and_then(|s| s.as_str())
+                .unwrap_or("down");
+            reasons.push(format!("broker channel is not up ({state})"));
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons.join("; "))
+        }
+    }
+}
+
+/// One consumer in `GET /status` and `GET /consumers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerStatus {
+    pub name: String,
+    pub enabled: bool,
+    pub state: ConsumerState,
+    pub events: u64,
+    pub triggers: u64,
+    pub errors: u64,
+    pub restarts: u64,
+    /// Seconds between now and the source time of the newest event it handled.
+    #[serde(default)]
+    pub lag_seconds: Option<f64>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// Where a consumer's supervisor has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsumerState {
+    Running,
+    /// Failed; waiting out its backoff before the next start.
+    Restarting,
+    /// Failed too often; left stopped until enabled again.
+    Quarantined,
+    Disabled,
+}
+
+impl ConsumerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerState::Running => "running",
+            ConsumerState::Restarting => "restarting",
+            ConsumerState::Quarantined => "quarantined",
+            ConsumerState::Disabled => "disabled",
+        }
+    }
+}
+
+/// Errors of the admin endpoint.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AdminError {
+    #[error("no consumer named `{0}`")]
+    UnknownConsumer(String),
+    /// The service cannot do it now (e.g. shutting down).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("admin endpoint: cannot listen on {addr}: {message}")]
+    Bind { addr: String, message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_canal_and_broker() {
+        let mut s = ServiceStatus::new();
+        let why = s.readiness().unwrap_err();
+        assert!(why.contains("canal is not started"), "{why}");
+        assert!(why.contains("broker"), "{why}");
+        s.canal.state = "connected";
+        s.broker_connected = true;
+        assert_eq!(s.readiness(), Ok(()));
+        s.canal.state = "reconnecting";
+        s.canal.last_error = Some("connection refused".into());
+        assert_eq!(
+            s.readiness(),
+            Err("canal is reconnecting: connection refused".into())
+        );
+    }
+}
