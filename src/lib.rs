@@ -34,5 +34,6 @@ pub mod manager;
 pub mod metrics;
 pub mod publisher;
 pub mod rules;
+pub mod service;
 pub mod state;
 pub mod trigger;

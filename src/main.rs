@@ -1,55 +1,87 @@
-//! The `canal-consumer` binary: parses the command line and dispatches to `cli`.
+//! The `canal-consumer` binary: parses the command line and dispatches.
+//!
+//! Every command reads the same layered configuration (defaults < `--config` file or
+//! `config/canal-consumer.toml` < environment < flags); see `config`.
 
-use canal_consumer::cli;
-use canal_consumer::config::{CanalConfig, Secret};
+use canal_consumer::admin::client;
+use canal_consumer::config::{self, CliOverrides, Config};
+use canal_consumer::event::ChangeEvent;
+use canal_consumer::{cli, logging, rules, service, state::StateFile};
 use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
     name = "canal-consumer",
     version,
-    about = "MySQL row changes from Canal to plugin tasks on RabbitMQ"
+    about = "MySQL row changes from Alibaba Canal, routed to consumers, turned into plugin tasks on RabbitMQ",
+    long_about = None
 )]
 struct Cli {
+    /// Config file (default: config/canal-consumer.toml when it exists)
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(clap::Args, Clone)]
-struct CanalArgs {
-    /// Canal server host
-    #[arg(long, env = "CANAL_HOST", default_value = "127.0.0.1")]
-    host: String,
-    /// Canal server port
-    #[arg(long, env = "CANAL_PORT", default_value_t = 11111)]
-    port: u16,
-    /// Canal destination (instance)
-    #[arg(long, env = "CANAL_DESTINATION", default_value = "example")]
-    destination: String,
-    /// Canal GET size
-    #[arg(long, env = "CANAL_BATCH_SIZE", default_value_t = 100)]
-    batch_size: i32,
-    /// Canal user
-    #[arg(long, env = "CANAL_USERNAME", default_value = "")]
-    username: String,
-    /// Canal password (plain text; scrambled on the wire)
-    #[arg(
-        long,
-        env = "CANAL_PASSWORD",
-        default_value = "",
-        hide_env_values = true
-    )]
-    password: String,
+#[derive(clap::Args, Clone, Default)]
+struct CanalFlags {
+    /// Canal server host (env CANAL_HOST)
+    #[arg(long)]
+    host: Option<String>,
+    /// Canal server port (env CANAL_PORT)
+    #[arg(long)]
+    port: Option<u16>,
+    /// Canal destination (env CANAL_DESTINATION)
+    #[arg(long)]
+    destination: Option<String>,
+    /// Canal GET size (env CANAL_BATCH_SIZE)
+    #[arg(long)]
+    batch_size: Option<i32>,
+    /// Canal client id
+    #[arg(long)]
+    client_id: Option<String>,
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct ServiceFlags {
+    /// Directory of consumer definitions
+    #[arg(long, value_name = "DIR")]
+    consumers_dir: Option<PathBuf>,
+    /// Where enable/disable state is kept
+    #[arg(long, value_name = "FILE")]
+    state_file: Option<PathBuf>,
+    /// Admin endpoint address (host:port)
+    #[arg(long, value_name = "ADDR")]
+    admin_bind: Option<String>,
+    /// Log filter, e.g. info or info,canal_consumer=debug
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log format: text or json
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Also write logs to this file (e.g. logs/app.log)
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the service: stream from Canal, run consumers, publish plugin tasks
+    Start {
+        #[command(flatten)]
+        canal: CanalFlags,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
     /// Print change events as JSON lines (rolls back on exit unless --ack)
     Tail {
         #[command(flatten)]
-        canal: CanalArgs,
-        /// Canal subscription filter (comma-separated regexes on schema.table)
+        canal: CanalFlags,
+        /// Canal subscription filter (comma-separated regexes on schema.table); empty keeps
+        /// the current subscription
         #[arg(long, default_value = "")]
         filter: String,
         /// Stop after N events
@@ -59,42 +91,242 @@ enum Command {
         #[arg(long)]
         ack: bool,
     },
+    /// List the consumers: filters, rules, plugins, enabled state
+    List {
+        /// JSON output
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
+    /// Show the running service's status (fit for `watch -n 5`)
+    Status {
+        /// JSON output
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
+    /// Enable a consumer (live if the service runs; persisted)
+    Enable {
+        name: String,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
+    /// Disable a consumer (live if the service runs; persisted)
+    Disable {
+        name: String,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
+    /// Run one consumer on sample events and print the messages it would publish (no
+    /// Canal server or broker needed)
+    Test {
+        name: String,
+        /// Events as JSON: one object, an array, or JSON lines (e.g. saved from `tail`);
+        /// default: events built from the consumer's filters
+        #[arg(long, value_name = "FILE")]
+        event: Option<PathBuf>,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
+    /// Validate the configuration and consumer definitions, print the effective config
+    CheckConfig {
+        /// Config file to check (default: --config or config/canal-consumer.toml)
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let code = match cli.command {
+fn overrides(canal: &CanalFlags, service: &ServiceFlags) -> CliOverrides {
+    CliOverrides {
+        host: canal.host.clone(),
+        port: canal.port,
+        destination: canal.destination.clone(),
+        batch_size: canal.batch_size,
+        client_id: canal.client_id.clone(),
+        consumers_dir: service.consumers_dir.clone(),
+        state_file: service.state_file.clone(),
+        admin_bind: service.admin_bind.clone(),
+        log_level: service.log_level.clone(),
+        log_format: service.log_format.clone(),
+        log_file: service.log_file.clone(),
+    }
+}
+
+fn load(file: Option<&Path>, o: CliOverrides) -> Result<Config, i32> {
+    config::load(file, o).map_err(|e| {
+        eprintln!("error: {e}");
+        2
+    })
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(f)
+}
+
+fn print_or_exit(r: Result<String, client::ClientError>) -> i32 {
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn read_events(path: &Path) -> Result<Vec<ChangeEvent>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        return serde_json::from_str(trimmed).map_err(|e| format!("{}: {e}", path.display()));
+    }
+    // one object, or JSON lines
+    let mut out = Vec::new();
+    for (i, item) in serde_json::Deserializer::from_str(trimmed)
+        .into_iter::<ChangeEvent>()
+        .enumerate()
+    {
+        out.push(item.map_err(|e| format!("{}: event {}: {e}", path.display(), i + 1))?);
+    }
+    Ok(out)
+}
+
+fn run(cli: Cli) -> Result<i32, i32> {
+    let file = cli.config.as_deref();
+    let is_enable = matches!(cli.command, Command::Enable { .. });
+    Ok(match cli.command {
+        Command::Start { canal, service } => {
+            let cfg = load(file, overrides(&canal, &service))?;
+            let _guard = logging::init(&cfg.log).map_err(|e| {
+                eprintln!("error: {e}");
+                2
+            })?;
+            service::run(cfg)
+        }
         Command::Tail {
             canal,
             filter,
             limit,
             ack,
         } => {
-            init_stderr_logging();
-            let cfg = CanalConfig {
-                host: canal.host,
-                port: canal.port,
-                destination: canal.destination,
-                batch_size: canal.batch_size,
-                username: canal.username,
-                password: Secret::new(canal.password),
-                ..Default::default()
-            };
+            let cfg = load(file, overrides(&canal, &ServiceFlags::default()))?;
+            let mut log = cfg.log.clone();
+            if std::env::var_os("RUST_LOG").is_none() {
+                log.level = "warn".into();
+            }
+            let _guard = logging::init(&log).map_err(|e| {
+                eprintln!("error: {e}");
+                2
+            })?;
             cli::tail::run(cli::tail::TailOptions {
-                connection: cfg.connection(filter, true),
+                connection: cfg.canal.connection(filter, true),
                 limit,
                 ack,
             })
         }
-    };
-    ExitCode::from(code.clamp(0, 255) as u8)
+        Command::List { json, service } => {
+            let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
+            match block_on(client::list(&cfg.admin.bind, json)) {
+                Err(client::ClientError::NotRunning { addr }) => {
+                    // not running: show the definitions
+                    let specs = service::load_consumers(&cfg).map_err(|e| {
+                        eprintln!("error: {e}");
+                        2
+                    })?;
+                    let desc: Vec<_> = specs.iter().map(rules::describe).collect();
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&desc).unwrap_or_default()
+                        );
+                    } else {
+                        eprintln!(
+                            "(canal-consumer is not running at {addr}; showing the configuration)"
+                        );
+                        print!("{}", rules::describe_table(&desc));
+                    }
+                    0
+                }
+                other => print_or_exit(other),
+            }
+        }
+        Command::Status { json, service } => {
+            let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
+            print_or_exit(block_on(client::status(&cfg.admin.bind, json)))
+        }
+        Command::Enable { name, service } | Command::Disable { name, service } => {
+            let enabled = is_enable;
+            let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
+            let specs = service::load_consumers(&cfg).map_err(|e| {
+                eprintln!("error: {e}");
+                2
+            })?;
+            if !specs.iter().any(|s| s.name == name) {
+                eprintln!("error: no consumer named `{name}` (see `canal-consumer list`)");
+                return Err(1);
+            }
+            let state = StateFile::new(&cfg.consumers.state_file);
+            print_or_exit(block_on(client::set_enabled(
+                &cfg.admin.bind,
+                &state,
+                &name,
+                enabled,
+            )))
+        }
+        Command::Test {
+            name,
+            event,
+            service,
+        } => {
+            let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
+            let specs = service::load_consumers(&cfg).map_err(|e| {
+                eprintln!("error: {e}");
+                2
+            })?;
+            let Some(spec) = specs.into_iter().find(|s| s.name == name) else {
+                eprintln!("error: no consumer named `{name}` (see `canal-consumer list`)");
+                return Err(1);
+            };
+            let events = match &event {
+                Some(path) => read_events(path).map_err(|e| {
+                    eprintln!("error: {e}");
+                    2
+                })?,
+                None => rules::sample_events(&spec),
+            };
+            let route = service::default_route(&cfg);
+            cli::test::run(spec, &events, route)
+        }
+        Command::CheckConfig { file: f, service } => {
+            let path = f.as_deref().or(file);
+            let cfg = load(path, overrides(&CanalFlags::default(), &service))?;
+            let specs = service::load_consumers(&cfg).map_err(|e| {
+                eprintln!("error: {e}");
+                2
+            })?;
+            print!("{}", cfg.to_redacted_toml());
+            println!(
+                "# ok: {} consumers in {} ({} enabled)",
+                specs.len(),
+                cfg.consumers.dir.display(),
+                specs.iter().filter(|s| s.enabled).count()
+            );
+            0
+        }
+    })
 }
 
-fn init_stderr_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .init();
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = run(cli).unwrap_or_else(|c| c);
+    ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -3,3 +3,4 @@
 //! dispatches.
 
 pub mod tail;
+pub mod test;
