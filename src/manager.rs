@@ -89,7 +89,6 @@ pub struct Manager {
     slots: Vec<Slot>,
     batches: BTreeMap<BatchRef, Track>,
     epoch: u64,
-    on_change: Option<Box<dyn Fn(&str, bool) + 'static>>,
 }
 
 /// Give the Manager its connection (the connection is created with the Manager's address).
@@ -167,14 +166,7 @@ impl Manager {
             slots,
             batches: BTreeMap::new(),
             epoch: 0,
-            on_change: None,
         }
-    }
-
-    /// Called after a consumer is enabled or disabled (e.g. to persist the state).
-    pub fn on_enabled_change(mut self, f: impl Fn(&str, bool) + 'static) -> Self {
-        self.on_change = Some(Box::new(f));
-        self
     }
 
     /// The Canal subscription filter for the enabled consumers.
@@ -468,9 +460,6 @@ impl Handler<SetEnabled> for Manager {
             }
         }
         tracing::info!(consumer = %msg.name, enabled = msg.enabled, "consumer state changed");
-        if let Some(f) = &self.on_change {
-            f(&msg.name, msg.enabled);
-        }
         let filter = self.filter();
         if let Some(conn) = &self.connection {
             conn.filter.do_send(SetFilter(filter));

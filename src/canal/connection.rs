@@ -173,6 +173,9 @@ struct InFlight {
     last: Option<(Position, i64)>,
 }
 
+/// An operation on the lent session; it hands the session back with its result.
+type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, CanalError>)>>>;
+
 /// What an operation on the session did.
 enum Op {
     Fetched { epoch: u64, raw: RawBatch },
@@ -357,7 +360,7 @@ impl CanalConnection {
         let Some(mut session) = self.session.take() else {
             return;
         };
-        let op: std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, CanalError>)>>>;
+        let op: SessionOp;
         if self.need_rollback {
             self.need_rollback = false;
             op = Box::pin(async move {
@@ -618,10 +621,9 @@ impl Handler<Shutdown> for CanalConnection {
             async move {
                 if let Some(mut s) = session
                     && msg.rollback
+                    && let Err(e) = s.rollback(0).await
                 {
-                    if let Err(e) = s.rollback(0).await {
-                        tracing::warn!(error = %e, "rollback on shutdown failed");
-                    }
+                    tracing::warn!(error = %e, "rollback on shutdown failed");
                 }
             }
             .into_actor(self)

@@ -235,9 +235,7 @@ fn row_event(
 
 /// The base name of a declared MySQL type: `bigint(20) unsigned` -> `bigint`.
 fn base_type(mysql_type: &str) -> &str {
-    let end = mysql_type
-        .find(|c: char| c == '(' || c == ' ')
-        .unwrap_or(mysql_type.len());
+    let end = mysql_type.find(['(', ' ']).unwrap_or(mysql_type.len());
     &mysql_type[..end]
 }
 

@@ -87,10 +87,11 @@ impl Handler<CanalEvent> for Printer {
                     self.printed += 1;
                 }
                 let _ = out.flush();
-                if self.ack && complete {
-                    if let Some(c) = &self.connection {
-                        c.do_send(AckBatch(batch.batch));
-                    }
+                if self.ack
+                    && complete
+                    && let Some(c) = &self.connection
+                {
+                    c.do_send(AckBatch(batch.batch));
                 }
                 if self.limit.is_some_and(|l| self.printed >= l) {
                     self.finish(ctx);
