@@ -6,6 +6,8 @@
 //! [`canal_lock`] first. Tests write to their own tables and ignore the rest of the stream.
 #![allow(dead_code)]
 
+pub mod service;
+
 use canal_consumer::canal::{Session, SessionConfig};
 use canal_consumer::event::ChangeEvent;
 use std::process::Command;

@@ -1,0 +1,284 @@
+//! Runs the real `canal-consumer` binary against the local services, with a config of the
+//! test's own (its own queue, admin port, state file and consumer definitions), and reads what
+//! it publishes from RabbitMQ.
+#![allow(dead_code)]
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeleteOptions, QueuePurgeOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct ServiceProc {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub admin: String,
+    pub queue: String,
+}
+
+/// Writes a config for the service into `dir` and returns its path.
+pub fn write_config(dir: &Path, queue: &str, admin: &str, extra: &str) -> PathBuf {
+    let consumers = dir.join("consumers");
+    std::fs::create_dir_all(&consumers).unwrap();
+    let text = format!(
+        r#"
+[canal]
+username = "canal"
+password = "canal"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+
+[amqp]
+url = "{AMQP_URL}"
+confirm_timeout = "5s"
+reconnect_min = "200ms"
+reconnect_max = "2s"
+
+[amqp.queue]
+name = "{queue}"
+max_priority = 10
+
+[consumers]
+dir = "{consumers}"
+state_file = "{state}"
+restart_min = "50ms"
+
+[admin]
+bind = "{admin}"
+
+[log]
+level = "info,canal_consumer=debug"
+file = "{log}"
+
+[shutdown]
+deadline = "20s"
+{extra}
+"#,
+        consumers = consumers.display(),
+        state = dir.join("state/consumers.json").display(),
+        log = dir.join("app.log").display(),
+    );
+    let path = dir.join("canal-consumer.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl ServiceProc {
+    /// Prepares a directory with a config and the given consumer files (name, TOML).
+    pub fn prepare(name: &str, queue: &str, consumers: &[(&str, &str)], extra: &str) -> ServiceProc {
+        let dir = std::env::temp_dir().join(format!("cc-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let config = write_config(&dir, queue, &admin, extra);
+        for (file, text) in consumers {
+            std::fs::write(dir.join("consumers").join(file), text).unwrap();
+        }
+        ServiceProc {
+            child: None,
+            dir,
+            config,
+            admin,
+            queue: queue.to_string(),
+        }
+    }
+
+    /// Starts the binary and waits until `/ready` answers 200.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none());
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stderr.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+            .arg("start")
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawn canal-consumer");
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(60)).await;
+    }
+
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) =
+                canal_consumer::admin::client::request(&self.admin, "GET", "/ready").await
+                && r.status == 200
+            {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("canal-consumer exited early ({status}):\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "canal-consumer not ready in time:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    pub async fn status(&self) -> Value {
+        canal_consumer::admin::client::fetch_status(&self.admin)
+            .await
+            .expect("status")
+    }
+
+    pub async fn post(&self, path: &str) -> u16 {
+        canal_consumer::admin::client::request(&self.admin, "POST", path)
+            .await
+            .expect("admin request")
+            .status
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = canal_consumer::admin::client::request(&self.admin, "GET", path)
+            .await
+            .expect("admin request");
+        (r.status, r.body)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        let mut c = self.child.take().expect("running");
+        let started = Instant::now();
+        unsafe_kill(c.id(), "TERM");
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                let _ = c.kill();
+                panic!("canal-consumer did not exit within {timeout:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServiceProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A lapin connection for reading what the service published.
+pub async fn amqp() -> (Connection, Channel) {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable (deploy/local/up)");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+pub async fn delete_queue(queue: &str) {
+    let (conn, ch) = amqp().await;
+    let _ = ch
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+pub async fn purge_queue(queue: &str) {
+    let (conn, ch) = amqp().await;
+    let _ = ch.queue_purge(queue.into(), QueuePurgeOptions::default()).await;
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// A message as the tests look at it.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub message_id: String,
+    pub priority: Option<u8>,
+    pub body: Value,
+}
+
+/// Consumes `queue` until `done(messages so far)` holds, or panics after `timeout`.
+pub async fn consume_until(
+    queue: &str,
+    timeout: Duration,
+    done: impl Fn(&[Got]) -> bool,
+) -> Vec<Got> {
+    let (conn, ch) = amqp().await;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "test-reader".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    while !done(&got) {
+        let next = tokio::time::timeout_at(deadline, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out on {queue} with {} messages", got.len()));
+        let d = next.expect("consumer open").expect("delivery");
+        got.push(Got {
+            message_id: d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            priority: *d.properties.priority(),
+            body: serde_json::from_slice(&d.data).unwrap_or(Value::Null),
+        });
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    got
+}
