@@ -231,3 +231,21 @@ async fn client_says_plainly_when_the_service_is_not_running() {
         Some(&false)
     );
 }
+
+#[actix_rt::test]
+async fn an_address_in_use_or_malformed_is_a_bind_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let state = || AdminState {
+        control: Fake::new(),
+        metrics: Metrics::new(),
+        state_file: None,
+    };
+    let err = canal_consumer::admin::serve(&addr, state()).err().unwrap();
+    assert!(matches!(err, AdminError::Bind { .. }), "{err}");
+    assert!(err.to_string().contains(&addr), "{err}");
+    let err = canal_consumer::admin::serve("localhost", state())
+        .err()
+        .unwrap();
+    assert!(matches!(err, AdminError::Bind { .. }), "{err}");
+}

@@ -54,8 +54,10 @@ pub fn configure(state: AdminState) -> impl FnOnce(&mut web::ServiceConfig) {
     }
 }
 
-/// Bind the admin server to `bind` (`ip:port`). Signals are left to the caller (the service's
-/// own graceful shutdown stops this server through the handle).
+/// Bind the admin server to `bind` (`ip:port`). Call it inside the service's runtime (the actix
+/// System); the returned server does nothing until spawned. Signals are left to the caller: the
+/// service's own graceful shutdown stops this server through the handle, last, so `/ready`
+/// reports the shutdown while it drains.
 pub fn serve(bind: &str, state: AdminState) -> Result<AdminServer, AdminError> {
     let berr = |e: &dyn std::fmt::Display| AdminError::Bind {
         addr: bind.to_string(),
