@@ -895,7 +895,10 @@ fn attribute(err: ConfigError, sources: &Sources) -> ConfigError {
 /// `canal-consumer check-config` prints.
 pub fn check(file: Option<&Path>) -> Result<String, ConfigError> {
     let config = load(file, CliOverrides::default())?;
-    Ok(config.to_redacted_toml())
+    Ok(format!(
+        "# canal-consumer effective configuration (file < environment < flags; secrets redacted)\n{}",
+        config.to_redacted_toml()
+    ))
 }
 
 impl Config {

@@ -7,6 +7,10 @@
 //! fixed ones. Label cardinality is bounded: after [`MAX_CONSUMER_SERIES`] names, further
 //! names share one `consumer="_other"` series.
 //!
+//! Actors may update the series directly; the admin endpoint also refreshes them from the
+//! status snapshots at every scrape (`admin::server::observe`), so the counters are right even
+//! where an actor does not touch the registry.
+//!
 //! [`Metrics::render`] writes the Prometheus text exposition format (version 0.0.4) with
 //! `# HELP` and `# TYPE` lines, label values escaped. Nothing here fails.
 
@@ -44,6 +48,11 @@ impl Counter {
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+    /// Catch up with a count kept elsewhere (an actor's status): never goes backwards, so it
+    /// can be mixed with [`Counter::inc`] without double counting.
+    pub fn observe(&self, total: u64) {
+        self.0.fetch_max(total, Ordering::Relaxed);
     }
 }
 

@@ -67,7 +67,6 @@ async fn routes_answer_as_documented() {
     let fake = Fake::new();
     let metrics = Metrics::new();
     metrics.canal_batches_total.add(5);
-    metrics.consumer("example_consumer").events_total.add(4);
     let state_file = StateFile::new(dir.path().join("state/consumers.json"));
     let app = test::init_service(App::new().configure(configure(AdminState {
         control: fake.clone(),
@@ -108,12 +107,33 @@ async fn routes_answer_as_documented() {
     assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
     let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
-    let batches = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == "canal_batches_total")
-        .unwrap();
-    assert_eq!(batches.value, prometheus_parse::Value::Counter(5.0));
+    let sample = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .value
+            .clone()
+    };
+    // Counted by an actor directly.
+    assert_eq!(
+        sample("canal_batches_total"),
+        prometheus_parse::Value::Counter(5.0)
+    );
+    // Taken from the status snapshot at scrape time.
+    assert_eq!(
+        sample("consumer_events_total"),
+        prometheus_parse::Value::Counter(4.0)
+    );
+    assert_eq!(
+        sample("consumer_triggers_total"),
+        prometheus_parse::Value::Counter(3.0)
+    );
+    assert_eq!(
+        sample("consumer_enabled"),
+        prometheus_parse::Value::Gauge(1.0)
+    );
 
     let post = |path: &str| test::TestRequest::post().uri(path).to_request();
     let resp = test::call_service(&app, post("/consumers/nobody/enable")).await;
@@ -210,4 +230,22 @@ async fn client_says_plainly_when_the_service_is_not_running() {
         state_file.load().unwrap().get("teacher_consumer"),
         Some(&false)
     );
+}
+
+#[actix_rt::test]
+async fn an_address_in_use_or_malformed_is_a_bind_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let state = || AdminState {
+        control: Fake::new(),
+        metrics: Metrics::new(),
+        state_file: None,
+    };
+    let err = canal_consumer::admin::serve(&addr, state()).err().unwrap();
+    assert!(matches!(err, AdminError::Bind { .. }), "{err}");
+    assert!(err.to_string().contains(&addr), "{err}");
+    let err = canal_consumer::admin::serve("localhost", state())
+        .err()
+        .unwrap();
+    assert!(matches!(err, AdminError::Bind { .. }), "{err}");
 }

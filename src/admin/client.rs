@@ -394,32 +394,47 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
         let _ = writeln!(out, "        last error: {e}");
     }
     let broker = &v["broker"];
-    let mut extra = Vec::new();
-    if let Value::Object(map) = broker {
-        for (k, val) in map {
-            if k == "state" {
-                continue;
-            }
-            match val {
-                Value::Number(x) => extra.push(format!("{k} {x}")),
-                Value::Bool(b) => extra.push(format!("{k} {b}")),
-                Value::String(t) => extra.push(format!("{k} {t}")),
-                _ => {}
-            }
-        }
-    }
+    let state = broker.get("state").and_then(Value::as_str).unwrap_or(
+        if v["broker_connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "down"
+        },
+    );
     let _ = writeln!(
         out,
-        "broker  {:<12} {}",
-        broker.get("state").and_then(Value::as_str).unwrap_or(
-            if v["broker_connected"].as_bool() == Some(true) {
-                "connected"
-            } else {
-                "down"
-            }
-        ),
-        extra.join("  ")
+        "broker  {state:<12} {}  queue {}",
+        s(broker, "broker"),
+        s(broker, "queue")
     );
+    // The publisher's counters, those it reports, in a fixed order.
+    let mut counts = Vec::new();
+    if let Some(u) = broker.get("unconfirmed").and_then(Value::as_u64) {
+        match broker.get("max_unconfirmed").and_then(Value::as_u64) {
+            Some(max) => counts.push(format!("unconfirmed {u}/{max}")),
+            None => counts.push(format!("unconfirmed {u}")),
+        }
+    }
+    for key in [
+        "published",
+        "confirmed",
+        "returned",
+        "nacked",
+        "timeouts",
+        "lost",
+    ] {
+        if let Some(x) = broker.get(key).and_then(Value::as_u64) {
+            counts.push(format!("{key} {x}"));
+        }
+    }
+    if !counts.is_empty() {
+        let _ = writeln!(out, "        {}", counts.join("  "));
+    }
+    for key in ["blocked_reason", "last_error"] {
+        if let Some(e) = broker.get(key).and_then(Value::as_str) {
+            let _ = writeln!(out, "        {}: {e}", key.replace('_', " "));
+        }
+    }
     out.push('\n');
     out.push_str(&consumer_table(&v["consumers"], true));
     out
@@ -544,7 +559,9 @@ mod tests {
                 "last_position": {"log_file": "mysql-bin.000003", "offset": 4567, "row_index": 2},
                 "last_executed_at": 1_000_000, "acked_position": null
             },
-            "broker": {"state": "connected", "unconfirmed": 3},
+            "broker": {"state": "connected", "broker": "amqp://u:***@rabbit:5672/%2f",
+                       "queue": "plugin_tasks", "unconfirmed": 3, "max_unconfirmed": 512,
+                       "confirmed": 40, "last_error": null},
             "broker_connected": true,
             "shutting_down": false,
             "batches_in_flight": 2,
@@ -567,7 +584,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("in flight 2 batches (2.0 KiB)"), "{text}");
-        assert!(text.contains("unconfirmed 3"), "{text}");
+        assert!(
+            text.contains("broker  connected    amqp://u:***@rabbit:5672/%2f  queue plugin_tasks"),
+            "{text}"
+        );
+        assert!(text.contains("unconfirmed 3/512  confirmed 40\n"), "{text}");
         let row = text
             .lines()
             .find(|l| l.starts_with("example_consumer"))

@@ -2,6 +2,8 @@
 //!
 //! - [`server`]: the actix-web HTTP server (`/health`, `/ready`, `/status`, `/metrics`,
 //!   `/consumers`, `POST /consumers/{name}/enable|disable`), bound to `admin.bind`.
+//! - [`actors`]: [`ActorControl`], the [`Control`] of the running service over the actors'
+//!   messages.
 //! - [`client`]: the other side, used by `canal-consumer status|list|enable|disable`: a tiny
 //!   HTTP/1.1 client and the human rendering of the status.
 //!
@@ -11,6 +13,7 @@
 //! [`AdminError::Bind`] at start; at run time a request that cannot be served is an HTTP error
 //! status with a one-line reason, never a crash.
 
+pub mod actors;
 pub mod client;
 pub mod server;
 
@@ -18,7 +21,8 @@ use crate::canal::connection::ConnectionStatus;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-pub use server::{AdminServer, serve};
+pub use actors::ActorControl;
+pub use server::{AdminServer, AdminState, serve};
 
 /// What the admin endpoint needs from the running service.
 ///

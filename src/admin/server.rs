@@ -6,7 +6,7 @@
 //! | `GET /ready` | 200 `ready` when Canal is connected and the broker channel is up, else 503 with the reason (readiness) |
 //! | `GET /status` | 200, [`ServiceStatus`] as JSON |
 //! | `GET /consumers` | 200, the consumers of the status as a JSON array |
-//! | `GET /metrics` | 200, Prometheus text format 0.0.4 |
+//! | `GET /metrics` | 200, Prometheus text format 0.0.4 (refreshed from a status snapshot first) |
 //! | `POST /consumers/{name}/enable`, `/disable` | 200 `{"consumer", "enabled", "persisted"}`; 404 for an unknown name |
 //!
 //! Errors are JSON `{"error": "..."}` with 404 (unknown consumer), 503 (unavailable) or 500.
@@ -14,7 +14,7 @@
 //! file when one is given; a failed save is a 500 saying the change is live but not saved.
 
 use super::{AdminError, Control, ServiceStatus};
-use crate::metrics::{CONTENT_TYPE, MetricsHandle};
+use crate::metrics::{CONTENT_TYPE, Metrics, MetricsHandle};
 use crate::state::StateFile;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::http::StatusCode;
@@ -54,8 +54,10 @@ pub fn configure(state: AdminState) -> impl FnOnce(&mut web::ServiceConfig) {
     }
 }
 
-/// Bind the admin server to `bind` (`ip:port`). Signals are left to the caller (the service's
-/// own graceful shutdown stops this server through the handle).
+/// Bind the admin server to `bind` (`ip:port`). Call it inside the service's runtime (the actix
+/// System); the returned server does nothing until spawned. Signals are left to the caller: the
+/// service's own graceful shutdown stops this server through the handle, last, so `/ready`
+/// reports the shutdown while it drains.
 pub fn serve(bind: &str, state: AdminState) -> Result<AdminServer, AdminError> {
     let berr = |e: &dyn std::fmt::Display| AdminError::Bind {
         addr: bind.to_string(),
@@ -115,7 +117,62 @@ async fn consumers(state: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok().json(state.control.status().await.consumers)
 }
 
+/// Bring the registry up to date with a status snapshot: counters catch up with the actors'
+/// totals (never backwards), gauges take the snapshot's values.
+pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
+    let c = &s.canal;
+    m.canal_batches_total.observe(c.batches_received);
+    m.canal_events_total.observe(c.events_received);
+    m.canal_rollbacks_total.observe(c.rollbacks);
+    m.canal_reconnects_total.observe(c.reconnects);
+    m.canal_inflight_batches
+        .set(s.batches_in_flight.max(c.inflight_batches) as i64);
+    if let Some(t) = c.last_executed_at {
+        m.canal_lag_seconds.set((now_ms - t).max(0) as f64 / 1000.0);
+    }
+    let b = &s.broker;
+    let num = |k: &str| b.get(k).and_then(serde_json::Value::as_u64);
+    let pairs = [
+        ("published", &m.publisher_published_total),
+        ("confirmed", &m.publisher_confirmed_total),
+        ("returned", &m.publisher_returned_total),
+        ("nacked", &m.publisher_nacked_total),
+        ("timeouts", &m.publisher_timeouts_total),
+    ];
+    for (key, counter) in pairs {
+        if let Some(v) = num(key) {
+            counter.observe(v);
+        }
+    }
+    if let Some(v) = num("unconfirmed") {
+        m.publisher_unconfirmed.set(v as i64);
+    }
+    if let Some(state) = b.get("state").and_then(serde_json::Value::as_str) {
+        m.publisher_blocked.set_bool(state == "blocked");
+    }
+    for cs in &s.consumers {
+        let cm = m.consumer(&cs.name);
+        cm.events_total.observe(cs.events);
+        cm.triggers_total.observe(cs.triggers);
+        cm.errors_total.observe(cs.errors);
+        cm.restarts_total.observe(cs.restarts);
+        cm.enabled.set_bool(cs.enabled);
+        if let Some(lag) = cs.lag_seconds {
+            cm.lag_seconds.set(lag);
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    let snapshot = state.control.status().await;
+    observe(&state.metrics, &snapshot, now_ms());
     HttpResponse::Ok()
         .content_type(CONTENT_TYPE)
         .body(state.metrics.render())
