@@ -39,10 +39,6 @@ impl Counter {
     pub fn inc(&self) {
         self.add(1);
     }
-    /// Mirror a total kept elsewhere (an actor's own counter); never moves backwards.
-    pub fn set_total(&self, v: u64) {
-        self.0.fetch_max(v, std::sync::atomic::Ordering::Relaxed);
-    }
     pub fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }

@@ -4,27 +4,24 @@
 //! Start order: consumer definitions (a bad one stops start-up), the AMQP publisher (a queue
 //! that does not match the workers' declaration stops start-up), one supervised actor per
 //! consumer, the Manager, the Canal connection (subscribed to exactly what enabled consumers
-//! want), the admin endpoint, and a once-a-second sync of actor counters into `/metrics`.
+//! want), and the admin endpoint (whose `/metrics` reads the actors' counters on each scrape).
 //!
 //! Shutdown on SIGTERM/SIGINT: stop fetching, let every batch in flight finish (its triggers
 //! confirmed, then acked in order), close the publisher, exit 0. If that takes longer than
 //! `shutdown.deadline`, or a second signal arrives, exit at once with code 1: whatever was not
 //! confirmed was not acked, and Canal redelivers it to the next run.
 
-use crate::admin::{self, AdminError, ConsumerState, ConsumerStatus, Control, ServiceStatus};
+use crate::admin::{self, AdminError, actors::ActorControl};
 use crate::canal::connection::{self as conn, CanalConnection};
 use crate::config::Config;
 use crate::consumer::actor::{ConsumerActor, SupervisionConfig};
-use crate::manager::{
-    AttachConnection, ConsumerEntry, GetManagerStatus, Manager, ManagerConfig, SetEnabled,
-};
-use crate::metrics::{Metrics, MetricsHandle};
-use crate::publisher::amqp::{self as amqp, AmqpPublisher, GetPublisherStatus, PublisherState};
+use crate::manager::{AttachConnection, ConsumerEntry, Manager, ManagerConfig};
+use crate::metrics::Metrics;
+use crate::publisher::amqp::{self as amqp, AmqpPublisher};
 use crate::rules::{self, ConfigConsumer};
 use crate::state::StateFile;
 use crate::trigger::{MessageFormat, Route};
 use actix::prelude::*;
-use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -47,137 +44,6 @@ pub fn default_route(cfg: &Config) -> Route {
     Route {
         exchange: String::new(),
         routing_key: cfg.amqp.queue.name.clone(),
-    }
-}
-
-/// Handles the admin endpoint uses.
-#[derive(Clone)]
-struct ServiceControl {
-    manager: Addr<Manager>,
-    connection: Addr<CanalConnection>,
-    publisher: Addr<AmqpPublisher>,
-    started: Instant,
-    shutting_down: Arc<AtomicBool>,
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-impl ServiceControl {
-    async fn snapshot(&self) -> ServiceStatus {
-        let canal = self
-            .connection
-            .send(conn::GetStatus)
-            .await
-            .unwrap_or_default();
-        let manager = self
-            .manager
-            .send(GetManagerStatus)
-            .await
-            .unwrap_or_default();
-        let broker = self.publisher.send(GetPublisherStatus).await.ok();
-        let now = now_ms();
-        let mut status = ServiceStatus::new();
-        status.uptime_seconds = self.started.elapsed().as_secs();
-        status.broker_connected = broker
-            .as_ref()
-            .is_some_and(|b| b.state == PublisherState::Connected);
-        status.broker = broker
-            .map(|b| serde_json::to_value(b).unwrap_or_default())
-            .unwrap_or_else(|| serde_json::json!({"state": "stopped"}));
-        status.batches_in_flight = canal.inflight_batches;
-        status.canal = canal;
-        status.shutting_down = self.shutting_down.load(Ordering::SeqCst);
-        status.consumers = manager
-            .consumers
-            .into_iter()
-            .map(|c| ConsumerStatus {
-                state: match c.state {
-                    "disabled" => ConsumerState::Disabled,
-                    "quarantined" => ConsumerState::Quarantined,
-                    "retrying" => ConsumerState::Restarting,
-                    _ => ConsumerState::Running,
-                },
-                lag_seconds: c
-                    .confirmed_executed_at
-                    .map(|at| ((now - at).max(0) as f64) / 1000.0),
-                name: c.name,
-                enabled: c.enabled,
-                events: c.events,
-                triggers: c.triggers,
-                errors: c.errors,
-                restarts: u64::from(c.restarts),
-                last_error: c.last_error,
-            })
-            .collect();
-        status
-    }
-}
-
-impl Control for ServiceControl {
-    fn status(&self) -> BoxFuture<'static, ServiceStatus> {
-        let me = self.clone();
-        Box::pin(async move { me.snapshot().await })
-    }
-
-    fn set_enabled(&self, name: &str, enabled: bool) -> BoxFuture<'static, Result<(), AdminError>> {
-        let manager = self.manager.clone();
-        let name = name.to_string();
-        Box::pin(async move {
-            match manager
-                .send(SetEnabled {
-                    name: name.clone(),
-                    enabled,
-                })
-                .await
-            {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(AdminError::UnknownConsumer(name)),
-                Err(e) => Err(AdminError::Unavailable(e.to_string())),
-            }
-        })
-    }
-}
-
-/// Copy the actors' counters into the metrics registry.
-fn sync_metrics(metrics: &Metrics, s: &ServiceStatus) {
-    let c = &s.canal;
-    metrics.canal_batches_total.set_total(c.batches_received);
-    metrics.canal_events_total.set_total(c.events_received);
-    metrics.canal_rollbacks_total.set_total(c.rollbacks);
-    metrics.canal_reconnects_total.set_total(c.reconnects);
-    metrics
-        .canal_inflight_batches
-        .set(c.inflight_batches as i64);
-    let lag = match (c.inflight_batches, c.last_executed_at) {
-        (n, Some(at)) if n > 0 => ((now_ms() - at).max(0) as f64) / 1000.0,
-        _ => 0.0,
-    };
-    metrics.canal_lag_seconds.set(lag);
-    if let Ok(b) = serde_json::from_value::<amqp::PublisherStatus>(s.broker.clone()) {
-        metrics.publisher_published_total.set_total(b.published);
-        metrics.publisher_confirmed_total.set_total(b.confirmed);
-        metrics.publisher_returned_total.set_total(b.returned);
-        metrics.publisher_nacked_total.set_total(b.nacked);
-        metrics.publisher_timeouts_total.set_total(b.timeouts);
-        metrics.publisher_unconfirmed.set(b.unconfirmed as i64);
-        metrics
-            .publisher_blocked
-            .set_bool(b.state == PublisherState::Blocked);
-    }
-    for cs in &s.consumers {
-        let m = metrics.consumer(&cs.name);
-        m.events_total.set_total(cs.events);
-        m.triggers_total.set_total(cs.triggers);
-        m.errors_total.set_total(cs.errors);
-        m.restarts_total.set_total(cs.restarts);
-        m.enabled.set_bool(cs.enabled);
-        m.lag_seconds.set(if c.inflight_batches > 0 {
-            cs.lag_seconds.unwrap_or(0.0)
-        } else {
-            0.0
-        });
     }
 }
 
@@ -275,10 +141,11 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
     manager.do_send(AttachConnection((&connection).into()));
 
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let control = ServiceControl {
-        manager: manager.clone(),
-        connection: connection.clone(),
-        publisher: publisher.clone(),
+    let control = ActorControl {
+        connection: connection.clone().recipient(),
+        manager: manager.clone().recipient(),
+        set_enabled: manager.clone().recipient(),
+        publisher: Some(publisher.clone().recipient()),
         started: Instant::now(),
         shutting_down: shutting_down.clone(),
     };
@@ -286,7 +153,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         let server = admin::serve(
             &cfg.admin.bind,
             admin::server::AdminState {
-                control: Arc::new(control.clone()),
+                control: Arc::new(control),
                 metrics: metrics.clone(),
                 state_file: Some(StateFile::new(&cfg.consumers.state_file)),
             },
@@ -302,23 +169,16 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         None
     };
 
-    actix::spawn(metrics_loop(control.clone(), metrics.clone()));
     actix::spawn(shutdown_on_signal(
-        control,
+        Pipeline {
+            connection,
+            publisher,
+        },
         admin_handle,
         cfg.shutdown.deadline,
         shutting_down,
     ));
     Ok(())
-}
-
-async fn metrics_loop(control: ServiceControl, metrics: MetricsHandle) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        let status = control.snapshot().await;
-        sync_metrics(&metrics, &status);
-    }
 }
 
 async fn signal() -> &'static str {
@@ -331,8 +191,14 @@ async fn signal() -> &'static str {
     }
 }
 
+/// What the shutdown path stops.
+struct Pipeline {
+    connection: Addr<CanalConnection>,
+    publisher: Addr<AmqpPublisher>,
+}
+
 async fn shutdown_on_signal(
-    control: ServiceControl,
+    control: Pipeline,
     admin: Option<actix_web::dev::ServerHandle>,
     deadline: Duration,
     shutting_down: Arc<AtomicBool>,
