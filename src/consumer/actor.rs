@@ -172,19 +172,20 @@ impl Supervised for ConsumerActor {
     }
 }
 
-/// Run `consumer` on one event, applying its error policy. Triggers emitted before a failure
-/// are discarded. `Err` means the consumer must stop (fatal error, `stop` policy, or panic).
+/// Run `consumer` on one event, applying its error policy (a handled failure is counted with
+/// [`ConsumerContext::record_error`]). Triggers emitted before a failure are discarded. `Err`
+/// means the consumer must stop (fatal error, `stop` policy, or panic).
 pub fn process_event(
     consumer: &mut dyn Consumer,
     cctx: &mut ConsumerContext,
     event: &ChangeEvent,
-) -> Result<usize, String> {
+) -> Result<(), String> {
     cctx.begin_event(event);
     let mark = cctx.triggers().len();
     let outcome =
         std::panic::catch_unwind(AssertUnwindSafe(|| consumer.process_event(event, cctx)));
     let error = match outcome {
-        Ok(Ok(())) => return Ok(0),
+        Ok(Ok(())) => return Ok(()),
         Ok(Err(ConsumerError::Event(msg))) => msg,
         Ok(Err(ConsumerError::Fatal(msg))) => {
             cctx.truncate(mark);
@@ -234,7 +235,8 @@ pub fn process_event(
         }
         ErrorPolicy::Stop => return Err(error),
     }
-    Ok(1)
+    cctx.record_error();
+    Ok(())
 }
 
 /// Run a consumer over events without any actor or broker (used by `test NAME`). Returns the
@@ -271,13 +273,13 @@ impl Handler<ProcessBatch> for ConsumerActor {
             }
             self.retry_at = None;
         }
-        let mut event_errors = 0;
+        self.ctx.take_errors();
         for &i in msg.indices.iter() {
             let Some(event) = msg.events.get(i) else {
                 continue;
             };
             match process_event(self.consumer.as_mut(), &mut self.ctx, event) {
-                Ok(errors) => event_errors += errors,
+                Ok(()) => {}
                 Err(error) => {
                     tracing::error!(
                         consumer = self.consumer.name(),
@@ -299,6 +301,7 @@ impl Handler<ProcessBatch> for ConsumerActor {
                 }
             }
         }
+        let event_errors = self.ctx.take_errors();
         let triggers = self.ctx.take_triggers();
         let count = triggers.len();
         let (tx, rx) = oneshot::channel();

@@ -107,6 +107,7 @@ pub struct ConsumerContext {
     source: Option<SourceRef>,
     seq: HashMap<(Option<String>, String), u32>,
     triggers: Vec<Trigger>,
+    errors: usize,
 }
 
 impl ConsumerContext {
@@ -118,6 +119,7 @@ impl ConsumerContext {
             source: None,
             seq: HashMap::new(),
             triggers: Vec::new(),
+            errors: 0,
         }
     }
 
@@ -180,6 +182,17 @@ impl ConsumerContext {
     /// Drop the triggers of the current event (used when it fails).
     pub fn truncate(&mut self, len: usize) {
         self.triggers.truncate(len);
+    }
+
+    /// Count an event that failed and was handled by an error policy (it shows in the
+    /// consumer's `errors` in status and metrics).
+    pub fn record_error(&mut self) {
+        self.errors += 1;
+    }
+
+    /// Take the count of handled failures since the last call.
+    pub fn take_errors(&mut self) -> usize {
+        std::mem::take(&mut self.errors)
     }
 
     /// Take every trigger collected so far.

@@ -75,6 +75,9 @@ impl ConfigConsumer {
         ctx: &mut ConsumerContext,
     ) -> Result<(), ConsumerError> {
         let error = format!("rule `{}`: {error}", rule.name);
+        if rule.on_error != OnError::Stop {
+            ctx.record_error();
+        }
         tracing::warn!(
             consumer = %self.spec.name,
             rule = %rule.name,

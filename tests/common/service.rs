@@ -80,7 +80,12 @@ deadline = "20s"
 
 impl ServiceProc {
     /// Prepares a directory with a config and the given consumer files (name, TOML).
-    pub fn prepare(name: &str, queue: &str, consumers: &[(&str, &str)], extra: &str) -> ServiceProc {
+    pub fn prepare(
+        name: &str,
+        queue: &str,
+        consumers: &[(&str, &str)],
+        extra: &str,
+    ) -> ServiceProc {
         let dir = std::env::temp_dir().join(format!("cc-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -230,7 +235,9 @@ pub async fn delete_queue(queue: &str) {
 
 pub async fn purge_queue(queue: &str) {
     let (conn, ch) = amqp().await;
-    let _ = ch.queue_purge(queue.into(), QueuePurgeOptions::default()).await;
+    let _ = ch
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await;
     let _ = conn.close(200, "bye".into()).await;
 }
 
