@@ -1018,3 +1018,54 @@ async fn shutdown_drains_what_was_accepted() {
     let _ = conn.close(200, "bye".into()).await;
     delete_queue(&queue).await;
 }
+
+#[actix_rt::test]
+async fn returns_are_matched_to_their_publish_under_load() {
+    let _shared = BROKER.read().await;
+    let queue = unique("returns");
+    let missing = unique("nowhere");
+    let mut cfg = config(&queue, DeclareMode::Declare, None);
+    cfg.max_unconfirmed = 512;
+    let addr = start_connected(cfg).await;
+
+    // 60 Publishes of 50 triggers sent back to back, so broker multi-acks span several of
+    // them; every 7th Publish has one unroutable trigger at a varying position
+    let mut pending = Vec::new();
+    for p in 0..60u64 {
+        let mut batch: Vec<Trigger> = (0..50)
+            .map(|i| {
+                trigger(
+                    p * 50 + i,
+                    &queue,
+                    Priority::Normal,
+                    MessageFormat::Envelope,
+                )
+            })
+            .collect();
+        let bad = (p % 7 == 3).then(|| {
+            let i = (p as usize * 13) % 50;
+            batch[i].route.routing_key = missing.clone();
+            batch[i].id.clone()
+        });
+        let (reply, rx) = oneshot::channel();
+        addr.do_send(Publish {
+            triggers: batch,
+            reply,
+        });
+        pending.push((bad, rx));
+    }
+    for (p, (bad, rx)) in pending.into_iter().enumerate() {
+        let res = tokio::time::timeout(Duration::from_secs(60), rx)
+            .await
+            .expect("answered")
+            .expect("reply");
+        match (bad, res) {
+            (None, Ok(())) => {}
+            (Some(bad), Err(PublishError::Returned { id, .. })) => {
+                assert_eq!(id, bad, "publish {p}")
+            }
+            (bad, res) => panic!("publish {p}: unroutable {bad:?} but got {res:?}"),
+        }
+    }
+    delete_queue(&queue).await;
+}

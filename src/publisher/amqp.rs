@@ -840,6 +840,20 @@ impl Session {
             Err(e) => return Err(format!("publishing channel failed: {e}")),
         };
         if let Some(ret) = returned {
+            let carrier = self
+                .inflight
+                .front()
+                .and_then(|f| seq.checked_sub(f.seq))
+                .and_then(|i| self.inflight.get(i as usize))
+                .map(|f| f.id.as_str());
+            let returned_id = ret.delivery.properties.message_id().as_ref();
+            if carrier != returned_id.map(|s| s.as_str()) {
+                debug!(
+                    carrier = ?carrier,
+                    returned = ?returned_id,
+                    "a returned message arrived on another message's confirm"
+                );
+            }
             self.on_returned(ret);
         }
         let Some(first) = self.inflight.front().map(|f| f.seq) else {
