@@ -1069,3 +1069,53 @@ async fn returns_are_matched_to_their_publish_under_load() {
     }
     delete_queue(&queue).await;
 }
+
+#[actix_rt::test]
+async fn a_deleted_queue_is_declared_again() {
+    let _shared = BROKER.read().await;
+    let queue = unique("redeclare");
+    let addr = start_connected(config(&queue, DeclareMode::Declare, Some(10))).await;
+    publish(
+        &addr,
+        vec![trigger(
+            1,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await
+    .expect("published");
+    delete_queue(&queue).await;
+    // the first publish after the deletion comes back unroutable and fails ...
+    let res = publish(
+        &addr,
+        vec![trigger(
+            2,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await;
+    assert!(matches!(res, Err(PublishError::Returned { .. })), "{res:?}");
+    // ... and the publisher declares the queue again (same arguments), so a retry succeeds
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match publish(
+            &addr,
+            vec![trigger(3, &queue, Priority::High, MessageFormat::Envelope)],
+        )
+        .await
+        {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "retry never succeeded: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // with the configured arguments: a declaration with x-max-priority 10 is accepted
+    let (conn, ch) = raw().await;
+    declare_raw(&ch, &queue, Some(10)).await;
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}

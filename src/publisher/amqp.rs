@@ -26,11 +26,15 @@
 //! - while disconnected, or while the broker blocks the connection (memory or disk alarm),
 //!   a `Publish` gets [`PublishError::Unavailable`] at once; upstream rolls back and retries.
 //!
+//! In `declare` mode, a message for the configured queue that comes back unroutable means the
+//! queue was deleted while we were connected: the session declares it again, so the upstream's
+//! retry succeeds.
+//!
 //! lapin's own auto-recovery is not used: it never republishes, and the upstream must roll
 //! back anyway. The URL's password never reaches logs or status ([`redact_url`]).
 
 use super::{Publish, PublishError, celery, envelope, topology};
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, DeclareMode};
 use crate::trigger::{MessageFormat, Trigger};
 use actix::prelude::*;
 use futures::{FutureExt, Stream, StreamExt, future::LocalBoxFuture, stream::FuturesUnordered};
@@ -586,6 +590,10 @@ struct Session {
     inflight: VecDeque<InFlight>,
     next_seq: u64,
     confirms: FuturesUnordered<ConfirmFuture>,
+    /// A message for the configured queue came back unroutable: the queue was deleted under
+    /// us. In `declare` mode it is declared again (at most once a second).
+    redeclare: bool,
+    last_redeclare: Option<Instant>,
 }
 
 impl Session {
@@ -609,6 +617,8 @@ impl Session {
             inflight: VecDeque::new(),
             next_seq: 0,
             confirms: FuturesUnordered::new(),
+            redeclare: false,
+            last_redeclare: None,
         }
     }
 
@@ -637,6 +647,13 @@ impl Session {
                 if let Err(reason) = self.publish_one(job, msg).await {
                     return reason;
                 }
+            }
+            if self.redeclare
+                && self
+                    .last_redeclare
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+            {
+                self.redeclare_queue().await;
             }
             if jobs_closed && self.sending.is_none() && self.inflight.is_empty() {
                 return "publisher stopped".into();
@@ -697,6 +714,22 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// Declare the configured queue again after it vanished (see `redeclare`).
+    async fn redeclare_queue(&mut self) {
+        self.redeclare = false;
+        self.last_redeclare = Some(Instant::now());
+        let limit = self.cfg.confirm_timeout;
+        match tokio::time::timeout(limit, topology::ensure_queue(&self.conn, &self.cfg.queue)).await
+        {
+            Ok(Ok(())) => warn!(
+                queue = %self.cfg.queue.name,
+                "the worker queue was missing (messages came back unroutable); declared it again"
+            ),
+            Ok(Err(e)) => error!(error = %e, "cannot declare the worker queue again"),
+            Err(_) => error!(timeout = ?limit, "declaring the worker queue again timed out"),
         }
     }
 
@@ -928,6 +961,12 @@ impl Session {
                         reason,
                     }) => {
                         st.returned += 1;
+                        if exchange.is_empty()
+                            && routing_key == self.cfg.queue.name
+                            && self.cfg.queue.declare == DeclareMode::Declare
+                        {
+                            self.redeclare = true;
+                        }
                         warn!(id = %f.id, exchange = %exchange, routing_key = %routing_key,
                               reason = %reason, "the broker returned an unroutable message");
                         Some(PublishError::Returned {

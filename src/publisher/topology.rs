@@ -1,4 +1,5 @@
-//! Queue topology checked or declared at connect time.
+//! Queue topology checked or declared at connect time (and again by the publisher when the
+//! configured queue vanishes while connected).
 //!
 //! This module owns the worker queue's declaration as configured by `[amqp.queue]`:
 //! `declare` creates it (durable, non-exclusive, non-auto-delete, `x-max-priority` and
