@@ -948,6 +948,13 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     let _shared = BROKER.read().await;
     let queue = unique("noexchange");
     let addr = start_connected(config(&queue, DeclareMode::Declare, None)).await;
+    // a routing key AMQP cannot carry is refused before anything is sent
+    let mut long = trigger(0, &queue, Priority::Normal, MessageFormat::Envelope);
+    long.route.routing_key = "k".repeat(300);
+    let res = publish(&addr, vec![long]).await;
+    assert!(matches!(res, Err(PublishError::Encode { .. })), "{res:?}");
+    assert_eq!(status(&addr).await.connects, 1);
+
     let mut t = trigger(1, &queue, Priority::Normal, MessageFormat::Envelope);
     t.route.exchange = "no_such_exchange_for_canal_consumer".into();
     let err = publish(&addr, vec![t]).await.expect_err("must fail");

@@ -25,6 +25,12 @@
 //!   reconnects with exponential backoff (`reconnect_min` … `reconnect_max`);
 //! - while disconnected, or while the broker blocks the connection (memory or disk alarm),
 //!   a `Publish` gets [`PublishError::Unavailable`] at once; upstream rolls back and retries.
+//!   Messages already in flight when the block starts time out after `confirm_timeout`; the
+//!   state shows `blocked` with the broker's reason, and logs say so.
+//!
+//! A `Publish` is answered at its first failure; its remaining triggers are then not published
+//! (the upstream republishes the whole batch anyway). Publishes that reached the session are
+//! answered in arrival order; refusals (unavailable, unencodable) are answered at once.
 //!
 //! In `declare` mode, a message for the configured queue that comes back unroutable means the
 //! queue was deleted while we were connected: the session declares it again, so the upstream's
@@ -318,6 +324,19 @@ impl AmqpPublisher {
     }
 
     fn prepare(&self, t: &Trigger) -> Result<Prepared, PublishError> {
+        // AMQP short strings hold at most 255 bytes; a longer one would kill the channel
+        for (what, value) in [
+            ("id", &t.id),
+            ("exchange", &t.route.exchange),
+            ("routing key", &t.route.routing_key),
+        ] {
+            if value.len() > 255 {
+                return Err(PublishError::Encode {
+                    id: t.id.chars().take(64).collect(),
+                    reason: format!("the {what} is longer than AMQP's 255-byte limit"),
+                });
+            }
+        }
         let now = chrono::Utc::now();
         let (body, headers, kind) = match &t.format {
             MessageFormat::Envelope => {
@@ -703,7 +722,7 @@ impl Session {
                 }
                 _ = health.tick() => {
                     if let Some(reason) = self.broken() {
-                        return reason;
+                        return self.explain(reason);
                     }
                     let blocked = self.conn.status().blocked();
                     let shown = lock(&self.status).state == PublisherState::Blocked;
@@ -731,6 +750,22 @@ impl Session {
             Ok(Err(e)) => error!(error = %e, "cannot declare the worker queue again"),
             Err(_) => error!(timeout = ?limit, "declaring the worker queue again timed out"),
         }
+    }
+
+    /// Add the broker's own words to `reason` if an error event or a failed confirm is
+    /// already waiting (the status flips before those are delivered).
+    fn explain(&mut self, reason: String) -> String {
+        while let Some(Some(ev)) = self.events.next().now_or_never() {
+            if let Event::Error(e) = ev {
+                return format!("{reason}: {e}");
+            }
+        }
+        while let Some(Some((_, res))) = self.confirms.next().now_or_never() {
+            if let Err(e) = res {
+                return format!("{reason}: {e}");
+            }
+        }
+        reason
     }
 
     /// Why the connection or channel is unusable, if it is.
