@@ -1126,3 +1126,50 @@ async fn a_deleted_queue_is_declared_again() {
     let _ = conn.close(200, "bye".into()).await;
     delete_queue(&queue).await;
 }
+
+#[actix_rt::test]
+async fn quorum_queues_are_declared_with_their_type() {
+    let _shared = BROKER.read().await;
+    let queue = unique("quorum");
+    let mut cfg = config(&queue, DeclareMode::Declare, None);
+    cfg.queue.queue_type = "quorum".into();
+    let addr = start_connected(cfg.clone()).await;
+    publish(
+        &addr,
+        vec![trigger(
+            1,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await
+    .expect("published to a quorum queue");
+    // a classic declaration of the same queue is refused, naming x-queue-type
+    let mut classic = cfg.clone();
+    classic.queue.queue_type = "classic".into();
+    let err = AmqpPublisher::start_checked(classic)
+        .await
+        .expect_err("classic vs quorum");
+    eprintln!("classic vs quorum: {err}");
+    assert!(err.to_string().contains("x-queue-type"), "{err}");
+    // priorities on a quorum queue: whatever the broker says, the error is a clear start failure
+    let mut prio = cfg.clone();
+    prio.queue.name = unique("quorum_prio");
+    prio.queue.max_priority = Some(10);
+    match AmqpPublisher::start_checked(prio.clone()).await {
+        Ok(_) => {
+            eprintln!("this broker accepts x-max-priority on quorum queues");
+            delete_queue(&prio.queue.name).await;
+        }
+        Err(e) => {
+            eprintln!("quorum + x-max-priority: {e}");
+            assert!(
+                e.to_string()
+                    .contains("cannot be declared with x-max-priority as a quorum queue"),
+                "{e}"
+            );
+        }
+    }
+    delete_queue(&queue).await;
+}
