@@ -38,10 +38,27 @@ fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// A queue name of its own for each test: `cc_pub_<what>_<pid>_<n>`. A broker policy (set
+/// once per run) expires such queues after 10 idle minutes, so failed runs leave no litter;
+/// policies, unlike queue arguments, do not take part in the declaration equivalence check.
 fn unique(prefix: &str) -> String {
+    static POLICY: std::sync::Once = std::sync::Once::new();
+    POLICY.call_once(|| {
+        let _ = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "set_policy",
+                "--apply-to",
+                "queues",
+                "canal-consumer-publisher-tests",
+                "^cc_pub_",
+                r#"{"expires":600000}"#,
+            ])
+            .output();
+    });
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
-        "test_{prefix}_{}_{}",
+        "cc_pub_{prefix}_{}_{}",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     )
