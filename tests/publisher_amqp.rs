@@ -38,10 +38,27 @@ fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// A queue name of its own for each test: `cc_pub_<what>_<pid>_<n>`. A broker policy (set
+/// once per run) expires such queues after 10 idle minutes, so failed runs leave no litter;
+/// policies, unlike queue arguments, do not take part in the declaration equivalence check.
 fn unique(prefix: &str) -> String {
+    static POLICY: std::sync::Once = std::sync::Once::new();
+    POLICY.call_once(|| {
+        let _ = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "set_policy",
+                "--apply-to",
+                "queues",
+                "canal-consumer-publisher-tests",
+                "^cc_pub_",
+                r#"{"expires":600000}"#,
+            ])
+            .output();
+    });
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
-        "test_{prefix}_{}_{}",
+        "cc_pub_{prefix}_{}_{}",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     )
@@ -948,6 +965,13 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     let _shared = BROKER.read().await;
     let queue = unique("noexchange");
     let addr = start_connected(config(&queue, DeclareMode::Declare, None)).await;
+    // a routing key AMQP cannot carry is refused before anything is sent
+    let mut long = trigger(0, &queue, Priority::Normal, MessageFormat::Envelope);
+    long.route.routing_key = "k".repeat(300);
+    let res = publish(&addr, vec![long]).await;
+    assert!(matches!(res, Err(PublishError::Encode { .. })), "{res:?}");
+    assert_eq!(status(&addr).await.connects, 1);
+
     let mut t = trigger(1, &queue, Priority::Normal, MessageFormat::Envelope);
     t.route.exchange = "no_such_exchange_for_canal_consumer".into();
     let err = publish(&addr, vec![t]).await.expect_err("must fail");
@@ -1016,5 +1040,153 @@ async fn shutdown_drains_what_was_accepted() {
     let (conn, ch) = raw().await;
     assert_eq!(drain(&ch, &queue).await.len(), 500);
     let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn returns_are_matched_to_their_publish_under_load() {
+    let _shared = BROKER.read().await;
+    let queue = unique("returns");
+    let missing = unique("nowhere");
+    let mut cfg = config(&queue, DeclareMode::Declare, None);
+    cfg.max_unconfirmed = 512;
+    let addr = start_connected(cfg).await;
+
+    // 60 Publishes of 50 triggers sent back to back, so broker multi-acks span several of
+    // them; every 7th Publish has one unroutable trigger at a varying position
+    let mut pending = Vec::new();
+    for p in 0..60u64 {
+        let mut batch: Vec<Trigger> = (0..50)
+            .map(|i| {
+                trigger(
+                    p * 50 + i,
+                    &queue,
+                    Priority::Normal,
+                    MessageFormat::Envelope,
+                )
+            })
+            .collect();
+        let bad = (p % 7 == 3).then(|| {
+            let i = (p as usize * 13) % 50;
+            batch[i].route.routing_key = missing.clone();
+            batch[i].id.clone()
+        });
+        let (reply, rx) = oneshot::channel();
+        addr.do_send(Publish {
+            triggers: batch,
+            reply,
+        });
+        pending.push((bad, rx));
+    }
+    for (p, (bad, rx)) in pending.into_iter().enumerate() {
+        let res = tokio::time::timeout(Duration::from_secs(60), rx)
+            .await
+            .expect("answered")
+            .expect("reply");
+        match (bad, res) {
+            (None, Ok(())) => {}
+            (Some(bad), Err(PublishError::Returned { id, .. })) => {
+                assert_eq!(id, bad, "publish {p}")
+            }
+            (bad, res) => panic!("publish {p}: unroutable {bad:?} but got {res:?}"),
+        }
+    }
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn a_deleted_queue_is_declared_again() {
+    let _shared = BROKER.read().await;
+    let queue = unique("redeclare");
+    let addr = start_connected(config(&queue, DeclareMode::Declare, Some(10))).await;
+    publish(
+        &addr,
+        vec![trigger(
+            1,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await
+    .expect("published");
+    delete_queue(&queue).await;
+    // the first publish after the deletion comes back unroutable and fails ...
+    let res = publish(
+        &addr,
+        vec![trigger(
+            2,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await;
+    assert!(matches!(res, Err(PublishError::Returned { .. })), "{res:?}");
+    // ... and the publisher declares the queue again (same arguments), so a retry succeeds
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match publish(
+            &addr,
+            vec![trigger(3, &queue, Priority::High, MessageFormat::Envelope)],
+        )
+        .await
+        {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "retry never succeeded: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // with the configured arguments: a declaration with x-max-priority 10 is accepted
+    let (conn, ch) = raw().await;
+    declare_raw(&ch, &queue, Some(10)).await;
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queue(&queue).await;
+}
+
+#[actix_rt::test]
+async fn quorum_queues_are_declared_with_their_type() {
+    let _shared = BROKER.read().await;
+    let queue = unique("quorum");
+    let mut cfg = config(&queue, DeclareMode::Declare, None);
+    cfg.queue.queue_type = "quorum".into();
+    let addr = start_connected(cfg.clone()).await;
+    publish(
+        &addr,
+        vec![trigger(
+            1,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await
+    .expect("published to a quorum queue");
+    // a classic declaration of the same queue is refused, naming x-queue-type
+    let mut classic = cfg.clone();
+    classic.queue.queue_type = "classic".into();
+    let err = AmqpPublisher::start_checked(classic)
+        .await
+        .expect_err("classic vs quorum");
+    eprintln!("classic vs quorum: {err}");
+    assert!(err.to_string().contains("x-queue-type"), "{err}");
+    // priorities on a quorum queue: whatever the broker says, the error is a clear start failure
+    let mut prio = cfg.clone();
+    prio.queue.name = unique("quorum_prio");
+    prio.queue.max_priority = Some(10);
+    match AmqpPublisher::start_checked(prio.clone()).await {
+        Ok(_) => {
+            eprintln!("this broker accepts x-max-priority on quorum queues");
+            delete_queue(&prio.queue.name).await;
+        }
+        Err(e) => {
+            eprintln!("quorum + x-max-priority: {e}");
+            assert!(
+                e.to_string()
+                    .contains("cannot be declared with x-max-priority as a quorum queue"),
+                "{e}"
+            );
+        }
+    }
     delete_queue(&queue).await;
 }

@@ -25,12 +25,22 @@
 //!   reconnects with exponential backoff (`reconnect_min` … `reconnect_max`);
 //! - while disconnected, or while the broker blocks the connection (memory or disk alarm),
 //!   a `Publish` gets [`PublishError::Unavailable`] at once; upstream rolls back and retries.
+//!   Messages already in flight when the block starts time out after `confirm_timeout`; the
+//!   state shows `blocked` with the broker's reason, and logs say so.
+//!
+//! A `Publish` is answered at its first failure; its remaining triggers are then not published
+//! (the upstream republishes the whole batch anyway). Publishes that reached the session are
+//! answered in arrival order; refusals (unavailable, unencodable) are answered at once.
+//!
+//! In `declare` mode, a message for the configured queue that comes back unroutable means the
+//! queue was deleted while we were connected: the session declares it again, so the upstream's
+//! retry succeeds.
 //!
 //! lapin's own auto-recovery is not used: it never republishes, and the upstream must roll
 //! back anyway. The URL's password never reaches logs or status ([`redact_url`]).
 
 use super::{Publish, PublishError, celery, envelope, topology};
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, DeclareMode};
 use crate::trigger::{MessageFormat, Trigger};
 use actix::prelude::*;
 use futures::{FutureExt, Stream, StreamExt, future::LocalBoxFuture, stream::FuturesUnordered};
@@ -314,6 +324,19 @@ impl AmqpPublisher {
     }
 
     fn prepare(&self, t: &Trigger) -> Result<Prepared, PublishError> {
+        // AMQP short strings hold at most 255 bytes; a longer one would kill the channel
+        for (what, value) in [
+            ("id", &t.id),
+            ("exchange", &t.route.exchange),
+            ("routing key", &t.route.routing_key),
+        ] {
+            if value.len() > 255 {
+                return Err(PublishError::Encode {
+                    id: t.id.chars().take(64).collect(),
+                    reason: format!("the {what} is longer than AMQP's 255-byte limit"),
+                });
+            }
+        }
         let now = chrono::Utc::now();
         let (body, headers, kind) = match &t.format {
             MessageFormat::Envelope => {
@@ -586,6 +609,10 @@ struct Session {
     inflight: VecDeque<InFlight>,
     next_seq: u64,
     confirms: FuturesUnordered<ConfirmFuture>,
+    /// A message for the configured queue came back unroutable: the queue was deleted under
+    /// us. In `declare` mode it is declared again (at most once a second).
+    redeclare: bool,
+    last_redeclare: Option<Instant>,
 }
 
 impl Session {
@@ -609,6 +636,8 @@ impl Session {
             inflight: VecDeque::new(),
             next_seq: 0,
             confirms: FuturesUnordered::new(),
+            redeclare: false,
+            last_redeclare: None,
         }
     }
 
@@ -637,6 +666,13 @@ impl Session {
                 if let Err(reason) = self.publish_one(job, msg).await {
                     return reason;
                 }
+            }
+            if self.redeclare
+                && self
+                    .last_redeclare
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+            {
+                self.redeclare_queue().await;
             }
             if jobs_closed && self.sending.is_none() && self.inflight.is_empty() {
                 return "publisher stopped".into();
@@ -686,7 +722,7 @@ impl Session {
                 }
                 _ = health.tick() => {
                     if let Some(reason) = self.broken() {
-                        return reason;
+                        return self.explain(reason);
                     }
                     let blocked = self.conn.status().blocked();
                     let shown = lock(&self.status).state == PublisherState::Blocked;
@@ -698,6 +734,38 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Declare the configured queue again after it vanished (see `redeclare`).
+    async fn redeclare_queue(&mut self) {
+        self.redeclare = false;
+        self.last_redeclare = Some(Instant::now());
+        let limit = self.cfg.confirm_timeout;
+        match tokio::time::timeout(limit, topology::ensure_queue(&self.conn, &self.cfg.queue)).await
+        {
+            Ok(Ok(())) => warn!(
+                queue = %self.cfg.queue.name,
+                "the worker queue was missing (messages came back unroutable); declared it again"
+            ),
+            Ok(Err(e)) => error!(error = %e, "cannot declare the worker queue again"),
+            Err(_) => error!(timeout = ?limit, "declaring the worker queue again timed out"),
+        }
+    }
+
+    /// Add the broker's own words to `reason` if an error event or a failed confirm is
+    /// already waiting (the status flips before those are delivered).
+    fn explain(&mut self, reason: String) -> String {
+        while let Some(Some(ev)) = self.events.next().now_or_never() {
+            if let Event::Error(e) = ev {
+                return format!("{reason}: {e}");
+            }
+        }
+        while let Some(Some((_, res))) = self.confirms.next().now_or_never() {
+            if let Err(e) = res {
+                return format!("{reason}: {e}");
+            }
+        }
+        reason
     }
 
     /// Why the connection or channel is unusable, if it is.
@@ -840,6 +908,20 @@ impl Session {
             Err(e) => return Err(format!("publishing channel failed: {e}")),
         };
         if let Some(ret) = returned {
+            let carrier = self
+                .inflight
+                .front()
+                .and_then(|f| seq.checked_sub(f.seq))
+                .and_then(|i| self.inflight.get(i as usize))
+                .map(|f| f.id.as_str());
+            let returned_id = ret.delivery.properties.message_id().as_ref();
+            if carrier != returned_id.map(|s| s.as_str()) {
+                debug!(
+                    carrier = ?carrier,
+                    returned = ?returned_id,
+                    "a returned message arrived on another message's confirm"
+                );
+            }
             self.on_returned(ret);
         }
         let Some(first) = self.inflight.front().map(|f| f.seq) else {
@@ -914,6 +996,12 @@ impl Session {
                         reason,
                     }) => {
                         st.returned += 1;
+                        if exchange.is_empty()
+                            && routing_key == self.cfg.queue.name
+                            && self.cfg.queue.declare == DeclareMode::Declare
+                        {
+                            self.redeclare = true;
+                        }
                         warn!(id = %f.id, exchange = %exchange, routing_key = %routing_key,
                               reason = %reason, "the broker returned an unroutable message");
                         Some(PublishError::Returned {

@@ -1,4 +1,5 @@
-//! Queue topology checked or declared at connect time.
+//! Queue topology checked or declared at connect time (and again by the publisher when the
+//! configured queue vanishes while connected).
 //!
 //! This module owns the worker queue's declaration as configured by `[amqp.queue]`:
 //! `declare` creates it (durable, non-exclusive, non-auto-delete, `x-max-priority` and
@@ -137,9 +138,36 @@ pub fn parse_inequivalent(text: &str) -> Option<Inequivalent> {
     })
 }
 
+/// The argument in `invalid arg 'ARG' for queue 'Q' in vhost 'V' of queue type T` (an
+/// argument the queue type does not support, e.g. `x-max-priority` on quorum queues).
+pub fn parse_invalid_arg(text: &str) -> Option<String> {
+    let rest = &text[text.find("invalid arg '")? + "invalid arg '".len()..];
+    if text.contains("inequivalent arg '") {
+        return None;
+    }
+    Some(rest[..rest.find('\'')?].to_string())
+}
+
 /// A 406 on queue.declare, explained: which argument differs and what to set.
 pub fn explain_precondition_failed(q: &QueueConfig, text: &str) -> String {
     let name = &q.name;
+    if let Some(arg) = parse_invalid_arg(text) {
+        let key = match arg.as_str() {
+            "x-max-priority" => "unset amqp.queue.max_priority",
+            "x-queue-type" => "fix amqp.queue.queue_type",
+            _ => "remove that argument",
+        };
+        return format!(
+            "queue '{name}' cannot be declared with {arg} as a {} queue; {key}, or set \
+             amqp.queue.queue_type = \"classic\" (the workers must declare it the same way) \
+             (broker said: {text})",
+            if q.queue_type.is_empty() {
+                "classic"
+            } else {
+                q.queue_type.as_str()
+            }
+        );
+    }
     let Some(d) = parse_inequivalent(text) else {
         return format!(
             "queue '{name}' exists with different properties than amqp.queue declares; make \
@@ -260,6 +288,27 @@ mod tests {
                  current is none";
         let msg = explain_precondition_failed(&q(Some(5)), t);
         assert!(msg.contains("exists without x-max-priority but amqp.queue.max_priority = 5"));
+    }
+
+    #[test]
+    fn explains_an_argument_the_queue_type_refuses() {
+        let t = "PRECONDITION_FAILED - invalid arg 'x-max-priority' for queue 'q' in vhost '/' \
+                 of queue type rabbit_quorum_queue";
+        let quorum = QueueConfig {
+            name: "q".into(),
+            queue_type: "quorum".into(),
+            max_priority: Some(10),
+            ..QueueConfig::default()
+        };
+        let msg = explain_precondition_failed(&quorum, t);
+        assert!(
+            msg.starts_with(
+                "queue 'q' cannot be declared with x-max-priority as a quorum queue; unset \
+                 amqp.queue.max_priority"
+            ),
+            "{msg}"
+        );
+        assert_eq!(parse_invalid_arg("inequivalent arg 'x' for"), None);
     }
 
     #[test]
