@@ -35,7 +35,11 @@ fn mysql(sql: &str) {
         .args(["-h127.0.0.1", "-utest", "-ptest", "--batch", "-e", sql])
         .output()
         .expect("mysql client");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn row(i: u64) -> String {
@@ -78,7 +82,9 @@ async fn drain_canal() {
         idle_timeout: Duration::from_secs(600),
         max_frame_bytes: 64 << 20,
     };
-    let mut s = Session::connect(&cfg).await.expect("canal (deploy/local/up)");
+    let mut s = Session::connect(&cfg)
+        .await
+        .expect("canal (deploy/local/up)");
     s.subscribe("cc_bench\\.rows").await.unwrap();
     s.rollback(0).await.unwrap();
     loop {
@@ -173,7 +179,9 @@ async fn main() {
         .await
         .expect("rabbitmq");
     let ch = conn.create_channel().await.unwrap();
-    let _ = ch.queue_delete(QUEUE.into(), QueueDeleteOptions::default()).await;
+    let _ = ch
+        .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
+        .await;
 
     let dir = std::env::temp_dir().join("cc-bench-pipeline");
     let _ = std::fs::remove_dir_all(&dir);
@@ -193,7 +201,11 @@ async fn main() {
         .unwrap_or(0)
         != 200
     {
-        assert!(Instant::now() < ready_by, "service not ready; see {}", dir.display());
+        assert!(
+            Instant::now() < ready_by,
+            "service not ready; see {}",
+            dir.display()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -230,7 +242,12 @@ async fn main() {
             .stdin(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(sql.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(sql.as_bytes())
+            .unwrap();
         child.wait().unwrap();
         inserted_at.get_or_insert(t0.elapsed());
     }
@@ -247,7 +264,10 @@ async fn main() {
         if confirmed >= rows {
             break t0.elapsed();
         }
-        assert!(Instant::now() < confirmed_by, "only {confirmed} of {rows} confirmed");
+        assert!(
+            Instant::now() < confirmed_by,
+            "only {confirmed} of {rows} confirmed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let throughput = rows as f64 / elapsed.as_secs_f64();
@@ -257,11 +277,9 @@ async fn main() {
         inserted_at.unwrap().as_secs_f64()
     );
     // empty the queue before measuring latency
-    loop {
-        match tokio::time::timeout(Duration::from_millis(500), sink.next()).await {
-            Ok(Some(Ok(_))) => drained += 1,
-            _ => break,
-        }
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_millis(500), sink.next()).await
+    {
+        drained += 1;
     }
     let _ = drained;
 
@@ -334,5 +352,7 @@ async fn main() {
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-pipeline.json");
     let _ = std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap());
-    let _ = ch.queue_delete(QUEUE.into(), QueueDeleteOptions::default()).await;
+    let _ = ch
+        .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
+        .await;
 }
