@@ -235,29 +235,42 @@ fn run(cli: Cli) -> Result<i32, i32> {
         }
         Command::List { json, service } => {
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
-            match block_on(client::list(&cfg.admin.bind, json)) {
-                Err(client::ClientError::NotRunning { addr }) => {
-                    // not running: show the definitions
-                    let specs = service::load_consumers(&cfg).map_err(|e| {
-                        eprintln!("error: {e}");
-                        2
-                    })?;
-                    let desc: Vec<_> = specs.iter().map(rules::describe).collect();
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&desc).unwrap_or_default()
-                        );
-                    } else {
-                        eprintln!(
-                            "(canal-consumer is not running at {addr}; showing the configuration)"
-                        );
-                        print!("{}", rules::describe_table(&desc));
+            let mut specs = service::load_consumers(&cfg).map_err(|e| {
+                eprintln!("error: {e}");
+                2
+            })?;
+            // the running service knows the live enabled state; otherwise the state file does
+            let addr = client::connect_addr(&cfg.admin.bind);
+            let live = match block_on(client::request(&addr, "GET", "/consumers")) {
+                Ok(r) if r.status == 200 => serde_json::from_str::<serde_json::Value>(&r.body).ok(),
+                _ => None,
+            };
+            if let Some(serde_json::Value::Array(items)) = &live {
+                for spec in &mut specs {
+                    if let Some(enabled) = items
+                        .iter()
+                        .find(|c| c["name"] == spec.name.as_str())
+                        .and_then(|c| c["enabled"].as_bool())
+                    {
+                        spec.enabled = enabled;
                     }
-                    0
                 }
-                other => print_or_exit(other),
             }
+            let desc: Vec<_> = specs.iter().map(rules::describe).collect();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&desc).unwrap_or_default()
+                );
+            } else {
+                print!("{}", rules::describe_table(&desc));
+                if live.is_none() {
+                    eprintln!(
+                        "(canal-consumer is not running at {addr}; enabled state from the state file)"
+                    );
+                }
+            }
+            0
         }
         Command::Status { json, service } => {
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;

@@ -138,7 +138,14 @@ pub fn assemble(
         consumers: manager
             .consumers
             .iter()
-            .map(|c| consumer_status(c, now_ms))
+            .map(|c| {
+                let mut st = consumer_status(c, now_ms);
+                // nothing queued or unconfirmed anywhere: the consumer is caught up
+                if manager.batches_in_flight == 0 && c.queued_parts == 0 {
+                    st.lag_seconds = st.lag_seconds.map(|_| 0.0);
+                }
+                st
+            })
             .collect(),
     }
 }

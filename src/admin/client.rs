@@ -361,10 +361,15 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
         s(v, "version"),
         short_duration(n(v, "uptime_seconds") as f64)
     );
-    let lag = canal["last_executed_at"]
-        .as_i64()
-        .map(|t| short_duration(((now_ms - t).max(0)) as f64 / 1000.0))
-        .unwrap_or_else(|| "-".into());
+    // Nothing in flight: caught up with everything Canal has served.
+    let lag = if canal["inflight_batches"].as_u64() == Some(0) {
+        "0s".to_string()
+    } else {
+        canal["last_executed_at"]
+            .as_i64()
+            .map(|t| short_duration(((now_ms - t).max(0)) as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
     let _ = writeln!(
         out,
         "canal   {:<12} {}  destination {}  lag {lag}",
