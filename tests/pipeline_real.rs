@@ -602,3 +602,76 @@ async fn enable_and_disable_apply_live_and_survive_a_restart() {
     );
     svc.terminate(Duration::from_secs(30));
 }
+
+#[tokio::test]
+async fn the_service_starts_with_the_compose_config_against_the_local_services() {
+    let _lock = canal_lock().await;
+    let root = repo_root();
+    let dir = std::env::temp_dir().join(format!("cc-compose-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_canal-consumer"));
+    cmd.arg("start")
+        .arg("--config")
+        .arg(root.join("deploy/canal-consumer.compose.toml"));
+    // the compose environment, as docker compose's env_file would pass it
+    let env_text = std::fs::read_to_string(root.join("deploy/compose.env")).unwrap();
+    for line in env_text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line.split_once('=').expect("KEY=VALUE");
+        cmd.env(k, v);
+    }
+    // only what differs outside the containers: host names, paths, and the local accounts
+    cmd.env("CANAL_HOST", "127.0.0.1")
+        .env("CANAL_CONSUMER__AMQP__URL", AMQP_URL)
+        .env("CANAL_CONSUMER__CANAL__USERNAME", CANAL_USER)
+        .env("CANAL_CONSUMER__CANAL__PASSWORD", CANAL_PASSWORD)
+        .env_remove("RUST_LOG")
+        .arg("--consumers-dir")
+        .arg(root.join("config/consumers"))
+        .arg("--state-file")
+        .arg(dir.join("state.json"))
+        .arg("--log-file")
+        .arg(dir.join("app.log"))
+        .arg("--admin-bind")
+        .arg(&admin)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = canal_consumer::admin::client::request(&admin, "GET", "/ready").await
+            && r.status == 200
+        {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "exited ({status}): {}",
+                std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+            );
+        }
+        assert!(std::time::Instant::now() < deadline, "not ready in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = canal_consumer::admin::client::fetch_status(&admin)
+        .await
+        .unwrap();
+    assert_eq!(status["canal"]["state"], "connected");
+    assert_eq!(status["broker"]["queue"], "plugin_tasks");
+    // the compose config asks for JSON logs
+    let line = std::fs::read_to_string(dir.join("stderr.log"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(serde_json::from_str::<Value>(&line).is_ok(), "{line}");
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    assert!(child.wait().unwrap().success());
+}
