@@ -1,11 +1,10 @@
 //! `canal-consumer test NAME`: run one consumer on sample events and print the messages it
 //! would publish, exactly as the publisher would encode them. No Canal server, no broker.
 
-use crate::consumer::actor::process_event;
-use crate::consumer::{Consumer, ConsumerContext};
+use crate::consumer::Consumer;
 use crate::event::ChangeEvent;
 use crate::publisher::{celery, envelope};
-use crate::rules::{ConfigConsumer, ConsumerSpec};
+use crate::rules::{ConfigConsumer, ConsumerSpec, run_on_events_routed};
 use crate::trigger::{MessageFormat, Route, Trigger};
 use serde_json::{Value, json};
 
@@ -51,20 +50,8 @@ pub fn describe_message(t: &Trigger) -> Value {
 /// Run and print. Returns the exit code: 0, or 1 when the consumer would stop.
 pub fn run(spec: ConsumerSpec, events: &[ChangeEvent], route: Route) -> i32 {
     let mut consumer = ConfigConsumer::new(spec);
-    let mut ctx = ConsumerContext::new(consumer.name(), route, MessageFormat::Envelope);
-    let mut matched = 0;
-    let mut stopped = None;
-    for (i, e) in events.iter().enumerate() {
-        if !consumer.wants(e) {
-            continue;
-        }
-        matched += 1;
-        if let Err(err) = process_event(&mut consumer, &mut ctx, e) {
-            stopped = Some((i, err));
-            break;
-        }
-    }
-    let messages: Vec<Value> = ctx.triggers().iter().map(describe_message).collect();
+    let run = run_on_events_routed(&mut consumer, events, route);
+    let messages: Vec<Value> = run.triggers.iter().map(describe_message).collect();
     println!(
         "{}",
         serde_json::to_string_pretty(&messages).expect("json values serialize")
@@ -73,10 +60,10 @@ pub fn run(spec: ConsumerSpec, events: &[ChangeEvent], route: Route) -> i32 {
         "{}: {} events, {} matched its filters, {} messages",
         consumer.name(),
         events.len(),
-        matched,
+        run.matched,
         messages.len()
     );
-    match stopped {
+    match run.stopped {
         Some((i, err)) => {
             eprintln!("the consumer would stop at event {}: {err}", i + 1);
             1

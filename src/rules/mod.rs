@@ -142,7 +142,16 @@ pub struct TestRun {
 /// error policy), without a broker. Triggers use the default route and format unless the
 /// consumer sets its own.
 pub fn run_on_events(consumer: &mut dyn Consumer, events: &[ChangeEvent]) -> TestRun {
-    let mut ctx = ConsumerContext::new(consumer.name(), Route::default(), MessageFormat::default());
+    run_on_events_routed(consumer, events, Route::default())
+}
+
+/// [`run_on_events`] with the service's default route (its configured queue).
+pub fn run_on_events_routed(
+    consumer: &mut dyn Consumer,
+    events: &[ChangeEvent],
+    route: Route,
+) -> TestRun {
+    let mut ctx = ConsumerContext::new(consumer.name(), route, MessageFormat::default());
     let mut matched = 0;
     let mut stopped = None;
     for (i, e) in events.iter().enumerate() {
