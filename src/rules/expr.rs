@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
 /// The variables a rule expression can read.
-pub const VARIABLES: [&str; 10] = [
+pub const VARIABLES: [&str; 11] = [
     "data",
     "old",
     "changed",
@@ -28,6 +28,7 @@ pub const VARIABLES: [&str; 10] = [
     "executed_at",
     "primary_keys",
     "destination",
+    "sql",
 ];
 
 /// Our helper functions (see the module docs of `rules`).
@@ -354,6 +355,13 @@ pub fn bind_event(scope: &mut Context<'_, '_>, event: &ChangeEvent) {
     scope.add_variable_as_val(
         "event_type",
         Box::new(CelString::from(event.event_type.as_str())),
+    );
+    scope.add_variable_as_val(
+        "sql",
+        match &event.sql {
+            Some(q) => Box::new(CelString::from(q.clone())),
+            None => Box::new(CelNull),
+        },
     );
     scope.add_variable_as_val("executed_at", Box::new(CelInt::from(event.executed_at)));
     let mut pos: HashMap<CelMapKey<'static>, Box<dyn Val>> = HashMap::with_capacity(4);

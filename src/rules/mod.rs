@@ -25,7 +25,8 @@
 //! `data` (the row: after image, before image for DELETE), `old` (UPDATE: the before values of
 //! the changed columns only; `{}` otherwise), `changed` (names of changed columns),
 //! `primary_keys`, `database`, `table`, `destination`, `event_type` (`"INSERT"`...),
-//! `position` (`{log_file, offset, row_index, gtid}`), `executed_at` (ms since the epoch).
+//! `position` (`{log_file, offset, row_index, gtid}`), `executed_at` (ms since the epoch),
+//! `sql` (the statement of DDL/query events, else `null`).
 //! Column values map to CEL as: NULL → `null`, signed/unsigned integers → `int`/`uint`,
 //! floats → `double`, text (and DECIMAL, dates, times, ENUM, SET) → `string`, binary →
 //! `bytes`, JSON → maps/lists.

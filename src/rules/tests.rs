@@ -335,6 +335,7 @@ fn null_and_json_columns_in_conditions() {
     assert!(fires("data.deleted_at == null", &e));
     assert!(fires("data.attrs.vip && 'b' in data.attrs.tags", &e));
     assert!(fires("data.blob == b'\\x00\\x01'", &e));
+    assert!(fires("sql == null", &e));
 }
 
 // ---------------------------------------------------------------------------------------------
