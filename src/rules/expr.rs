@@ -7,13 +7,17 @@
 
 use crate::event::{ChangeEvent, Row, Value as ColValue};
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
+use cel::common::types::{
+    CelBytes, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
+};
+use cel::common::value::Val;
 use cel::objects::Key;
 use cel::{Context, Env, ExecutionError, FunctionContext, Program, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
 /// The variables a rule expression can read.
-pub const VARIABLES: [&str; 10] = [
+pub const VARIABLES: [&str; 11] = [
     "data",
     "old",
     "changed",
@@ -24,6 +28,7 @@ pub const VARIABLES: [&str; 10] = [
     "executed_at",
     "primary_keys",
     "destination",
+    "sql",
 ];
 
 /// Our helper functions (see the module docs of `rules`).
@@ -236,16 +241,22 @@ pub fn root_context() -> Context<'static, 'static> {
 
 /// `changed("col")`: true iff the event is an UPDATE and Canal flagged `col` as updated.
 fn helper_changed(ftx: &FunctionContext, column: Arc<String>) -> Result<bool, ExecutionError> {
-    if variable(ftx, "event_type")? != Value::String(Arc::new("UPDATE".into())) {
+    let is_update = ftx.ptx.get_variable("event_type").is_some_and(|v| {
+        v.downcast_ref::<CelString>()
+            .is_some_and(|s| s.inner() == "UPDATE")
+    });
+    if !is_update {
         return Ok(false);
     }
-    let changed = variable(ftx, "changed")?;
-    Ok(match changed {
-        Value::List(items) => items
-            .iter()
-            .any(|c| matches!(c, Value::String(s) if **s == *column)),
-        _ => false,
-    })
+    let Some(changed) = ftx.ptx.get_variable("changed") else {
+        return Ok(false);
+    };
+    Ok(changed.downcast_ref::<CelList>().is_some_and(|l| {
+        l.inner().iter().any(|c| {
+            c.downcast_ref::<CelString>()
+                .is_some_and(|s| s.inner() == column.as_str())
+        })
+    }))
 }
 
 /// `transition("col", from, to)`: true iff the event is an UPDATE that changed `col` from
@@ -260,41 +271,51 @@ fn helper_transition(
     if !helper_changed(ftx, column.clone())? {
         return Ok(false);
     }
-    let key = Key::String(column);
-    let before = match variable(ftx, "old")? {
-        Value::Map(m) => m.map.get(&key).cloned(),
-        _ => None,
-    };
-    let after = match variable(ftx, "data")? {
-        Value::Map(m) => m.map.get(&key).cloned(),
-        _ => None,
-    };
+    let before = column_of(ftx, "old", &column)?;
+    let after = column_of(ftx, "data", &column)?;
     Ok(
         matches!((before, after), (Some(b), Some(a)) if loosely_eq(&b, &from) && loosely_eq(&a, &to)),
     )
 }
 
+/// One column of the `data` or `old` variable, as a `Value` (only that column is converted).
+fn column_of(
+    ftx: &FunctionContext,
+    variable: &str,
+    column: &str,
+) -> Result<Option<Value>, ExecutionError> {
+    let Some(map) = ftx.ptx.get_variable(variable) else {
+        return Ok(None);
+    };
+    let Some(map) = map.downcast_ref::<CelMap>() else {
+        return Ok(None);
+    };
+    match map.inner().get(&CelMapKey::from(column)) {
+        Some(v) => Value::try_from(v.as_ref()).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// `primary_key()`: the primary-key columns of the row and their values, as a map (`{}` if the
 /// table has none). A key column missing from `data` is an error.
 fn helper_primary_key(ftx: &FunctionContext) -> Result<Value, ExecutionError> {
-    let keys = match variable(ftx, "primary_keys")? {
-        Value::List(items) => items,
-        _ => return Ok(Value::from(HashMap::<Key, Value>::new())),
-    };
-    let data = match variable(ftx, "data")? {
-        Value::Map(m) => m.map,
-        _ => return Err(ftx.error("data is not a map")),
+    let keys: Vec<String> = match ftx.ptx.get_variable("primary_keys") {
+        Some(v) => v
+            .downcast_ref::<CelList>()
+            .map(|l| {
+                l.inner()
+                    .iter()
+                    .filter_map(|k| k.downcast_ref::<CelString>().map(|s| s.inner().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => Vec::new(),
     };
     let mut out: HashMap<Key, Value> = HashMap::with_capacity(keys.len());
-    for k in keys.iter() {
-        if let Value::String(name) = k {
-            let key = Key::String(name.clone());
-            let v = data
-                .get(&key)
-                .cloned()
-                .ok_or_else(|| ftx.error(format!("primary-key column `{name}` is not in data")))?;
-            out.insert(key, v);
-        }
+    for name in keys {
+        let v = column_of(ftx, "data", &name)?
+            .ok_or_else(|| ftx.error(format!("primary-key column `{name}` is not in data")))?;
+        out.insert(Key::String(Arc::new(name)), v);
     }
     Ok(Value::from(out))
 }
@@ -312,98 +333,89 @@ fn loosely_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
-fn variable(ftx: &FunctionContext, name: &str) -> Result<Value, ExecutionError> {
-    let v = ftx
-        .ptx
-        .get_variable(name)
-        .ok_or_else(|| ExecutionError::undeclared_reference(name))?;
-    Value::try_from(v.as_ref())
-}
-
-/// Adds the event's variables to `scope`.
+/// Adds the event's variables to `scope`. Values are built directly as CEL's own value types
+/// (no intermediate `Value`), since this runs once per event and consumer.
 pub fn bind_event(scope: &mut Context<'_, '_>, event: &ChangeEvent) {
-    scope.add_variable_from_value("data", row_value(&event.data));
-    scope.add_variable_from_value(
+    scope.add_variable_as_val("data", Box::new(row_val(&event.data)));
+    scope.add_variable_as_val(
         "old",
-        event
-            .old
-            .as_ref()
-            .map(row_value)
-            .unwrap_or_else(|| Value::from(HashMap::<Key, Value>::new())),
+        Box::new(event.old.as_ref().map(row_val).unwrap_or_default()),
     );
-    scope.add_variable_from_value(
-        "changed",
-        Value::List(Arc::new(
-            event
-                .changed
-                .iter()
-                .map(|c| Value::String(Arc::new(c.clone())))
-                .collect(),
+    scope.add_variable_as_val("changed", Box::new(string_list(&event.changed)));
+    scope.add_variable_as_val("primary_keys", Box::new(string_list(&event.primary_keys)));
+    scope.add_variable_as_val(
+        "database",
+        Box::new(CelString::from(event.database.clone())),
+    );
+    scope.add_variable_as_val("table", Box::new(CelString::from(event.table.clone())));
+    scope.add_variable_as_val(
+        "destination",
+        Box::new(CelString::from(event.destination.clone())),
+    );
+    scope.add_variable_as_val(
+        "event_type",
+        Box::new(CelString::from(event.event_type.as_str())),
+    );
+    scope.add_variable_as_val(
+        "sql",
+        match &event.sql {
+            Some(q) => Box::new(CelString::from(q.clone())),
+            None => Box::new(CelNull),
+        },
+    );
+    scope.add_variable_as_val("executed_at", Box::new(CelInt::from(event.executed_at)));
+    let mut pos: HashMap<CelMapKey<'static>, Box<dyn Val>> = HashMap::with_capacity(4);
+    pos.insert(
+        CelMapKey::from("log_file"),
+        Box::new(CelString::from(event.position.log_file.clone())),
+    );
+    pos.insert(
+        CelMapKey::from("offset"),
+        Box::new(CelInt::from(
+            i64::try_from(event.position.offset).unwrap_or(i64::MAX),
         )),
     );
-    scope.add_variable_from_value(
-        "primary_keys",
-        Value::List(Arc::new(
-            event
-                .primary_keys
-                .iter()
-                .map(|c| Value::String(Arc::new(c.clone())))
-                .collect(),
-        )),
-    );
-    scope.add_variable_from_value("database", event.database.clone());
-    scope.add_variable_from_value("table", event.table.clone());
-    scope.add_variable_from_value("destination", event.destination.clone());
-    scope.add_variable_from_value("event_type", event.event_type.as_str());
-    scope.add_variable_from_value("executed_at", Value::Int(event.executed_at));
-    let mut pos: HashMap<Key, Value> = HashMap::with_capacity(4);
     pos.insert(
-        key("log_file"),
-        Value::String(Arc::new(event.position.log_file.clone())),
+        CelMapKey::from("row_index"),
+        Box::new(CelInt::from(i64::from(event.position.row_index))),
     );
     pos.insert(
-        key("offset"),
-        Value::Int(i64::try_from(event.position.offset).unwrap_or(i64::MAX)),
+        CelMapKey::from("gtid"),
+        match &event.position.gtid {
+            Some(g) => Box::new(CelString::from(g.clone())),
+            None => Box::new(CelNull),
+        },
     );
-    pos.insert(
-        key("row_index"),
-        Value::Int(i64::from(event.position.row_index)),
-    );
-    pos.insert(
-        key("gtid"),
-        event
-            .position
-            .gtid
-            .as_ref()
-            .map(|g| Value::String(Arc::new(g.clone())))
-            .unwrap_or(Value::Null),
-    );
-    scope.add_variable_from_value("position", Value::from(pos));
+    scope.add_variable_as_val("position", Box::new(CelMap::from(pos)));
 }
 
-fn key(s: &str) -> Key {
-    Key::String(Arc::new(s.to_string()))
-}
-
-fn row_value(row: &Row) -> Value {
-    let map: HashMap<Key, Value> = row
+fn string_list(items: &[String]) -> CelList<'static> {
+    let items: Vec<Box<dyn Val>> = items
         .iter()
-        .map(|(k, v)| (Key::String(Arc::new(k.clone())), column_value(v)))
+        .map(|c| Box::new(CelString::from(c.clone())) as Box<dyn Val>)
         .collect();
-    Value::from(map)
+    CelList::from(items)
 }
 
-/// One column value as a CEL value: NULL is `null`, integers `int`/`uint`, floats `double`,
-/// text `string`, binary `bytes`, and JSON documents maps and lists.
-pub fn column_value(v: &ColValue) -> Value {
+fn row_val(row: &Row) -> CelMap<'static> {
+    let map: HashMap<CelMapKey<'static>, Box<dyn Val>> = row
+        .iter()
+        .map(|(k, v)| (CelMapKey::from(k.clone()), column_val(v)))
+        .collect();
+    CelMap::from(map)
+}
+
+fn column_val(v: &ColValue) -> Box<dyn Val> {
     match v {
-        ColValue::Null => Value::Null,
-        ColValue::Int(i) => Value::Int(*i),
-        ColValue::UInt(u) => Value::UInt(*u),
-        ColValue::Float(f) => Value::Float(*f),
-        ColValue::Text(s) => Value::String(Arc::new(s.clone())),
-        ColValue::Bytes(b) => Value::Bytes(Arc::new(b.clone())),
-        ColValue::Json(j) => json_value(j),
+        ColValue::Null => Box::new(CelNull),
+        ColValue::Int(i) => Box::new(CelInt::from(*i)),
+        ColValue::UInt(u) => Box::new(CelUInt::from(*u)),
+        ColValue::Float(f) => Box::new(CelDouble::from(*f)),
+        ColValue::Text(s) => Box::new(CelString::from(s.clone())),
+        ColValue::Bytes(b) => Box::new(CelBytes::from(b.clone())),
+        ColValue::Json(j) => {
+            Box::<dyn Val>::try_from(json_value(j)).unwrap_or_else(|_| Box::new(CelNull))
+        }
     }
 }
 

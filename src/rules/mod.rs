@@ -12,8 +12,9 @@
 //! - Anything wrong in a file is a [`RulesError`] at load time, naming the file and the key
 //!   path (`config/consumers/x.toml: consumers.x.rules[1].when.condition: ...`): TOML syntax,
 //!   unknown keys, missing plugin, unknown priority, event type or policy, bad regex, CEL
-//!   syntax errors, unknown variables or functions, malformed `${...}` templates, and a
-//!   consumer name defined twice (across files). The service must not start with one.
+//!   syntax errors, unknown variables or functions, malformed `${...}` templates, a rule whose
+//!   `when` no filter of its consumer can satisfy, and a consumer name defined twice (across
+//!   files). The service must not start with one.
 //! - What can only fail on a given row (a column the row lacks, a type error, a condition that
 //!   is not a bool) fails that rule for that event, and the rule's `on_error` policy applies:
 //!   `error_handler` triggers the `error_handler` plugin with
@@ -25,7 +26,8 @@
 //! `data` (the row: after image, before image for DELETE), `old` (UPDATE: the before values of
 //! the changed columns only; `{}` otherwise), `changed` (names of changed columns),
 //! `primary_keys`, `database`, `table`, `destination`, `event_type` (`"INSERT"`...),
-//! `position` (`{log_file, offset, row_index, gtid}`), `executed_at` (ms since the epoch).
+//! `position` (`{log_file, offset, row_index, gtid}`), `executed_at` (ms since the epoch),
+//! `sql` (the statement of DDL/query events, else `null`).
 //! Column values map to CEL as: NULL → `null`, signed/unsigned integers → `int`/`uint`,
 //! floats → `double`, text (and DECIMAL, dates, times, ENUM, SET) → `string`, binary →
 //! `bytes`, JSON → maps/lists.

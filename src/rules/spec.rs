@@ -322,6 +322,14 @@ fn validate_consumer(
                 ),
             },
         };
+        if !can_fire(&when, &filters) {
+            return Err(err(
+                when_at,
+                "this rule can never fire: no filter of the consumer lets its database, table \
+                 and event types through"
+                    .into(),
+            ));
+        }
         let payload = match r.payload {
             None => Template::Literal(serde_json::json!({})),
             Some(v) => {
@@ -354,6 +362,22 @@ fn validate_consumer(
             .map(Route::from)
             .unwrap_or_else(default_dead_letter_route),
         rules,
+    })
+}
+
+/// Whether some filter accepts events the rule's static guard accepts (exact names only; a
+/// pattern on either side is given the benefit of the doubt).
+fn can_fire(when: &When, filters: &[TableFilter]) -> bool {
+    let name_ok = |rule: &Option<NameMatch>, filter: &NameMatch| match (rule, filter) {
+        (Some(NameMatch::Exact(r)), f) => f.matches(r),
+        _ => true,
+    };
+    filters.iter().any(|f| {
+        name_ok(&when.database, &f.database)
+            && name_ok(&when.table, &f.table)
+            && (when.events.is_empty()
+                || f.event_types.is_empty()
+                || !when.events.is_disjoint(&f.event_types))
     })
 }
 

@@ -215,6 +215,40 @@ fn duplicate_rule_names_and_missing_filters() {
 }
 
 #[test]
+fn rules_that_can_never_fire_are_rejected() {
+    let text = r#"
+[consumers.c]
+[[consumers.c.filters]]
+database = "db"
+table = "users"
+events = ["INSERT", "UPDATE"]
+[[consumers.c.filters]]
+database = "db"
+table = "orders"
+events = "INSERT"
+[[consumers.c.rules]]
+name = "r"
+plugin = "p"
+when = { table = "orders", events = "DELETE" }
+"#;
+    expect_err(text, "consumers.c.rules[0].when", "can never fire");
+    expect_err(
+        &text.replace(
+            "table = \"orders\", events = \"DELETE\"",
+            "table = \"user\"",
+        ),
+        "consumers.c.rules[0].when",
+        "can never fire",
+    );
+    parse(&text.replace("events = \"DELETE\"", "events = [\"DELETE\", \"INSERT\"]")).unwrap();
+    parse(&text.replace(
+        "table = \"orders\", events = \"DELETE\"",
+        "table = \"USERS\"",
+    ))
+    .unwrap();
+}
+
+#[test]
 fn toml_syntax_errors_name_file_and_line() {
     let e = parse("[consumers.c]\nenabled = \n")
         .unwrap_err()
@@ -335,6 +369,7 @@ fn null_and_json_columns_in_conditions() {
     assert!(fires("data.deleted_at == null", &e));
     assert!(fires("data.attrs.vip && 'b' in data.attrs.tags", &e));
     assert!(fires("data.blob == b'\\x00\\x01'", &e));
+    assert!(fires("sql == null", &e));
 }
 
 // ---------------------------------------------------------------------------------------------
