@@ -1,3 +1,6 @@
+//! Tests of the rules layer: schema validation errors (file and key path), CEL conditions and
+//! helpers, payload templates, error policies, and the exact triggers of the shipped consumers.
+
 use super::*;
 use crate::event::{ChangeEvent, EventType, Position, Row, Value};
 use crate::trigger::{Priority, message_id};
