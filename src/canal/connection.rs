@@ -182,6 +182,7 @@ enum Op {
     Acked { ids: Vec<i64> },
     Subscribed,
     RolledBack,
+    Closed,
 }
 
 /// The Canal connection actor. See the module docs.
@@ -203,6 +204,8 @@ pub struct CanalConnection {
     ever_connected: bool,
     draining: bool,
     drain_waiters: Vec<oneshot::Sender<()>>,
+    /// A requested shutdown (rollback first?) and who waits for it.
+    shutdown: Option<(bool, oneshot::Sender<()>)>,
     status: ConnectionStatus,
 }
 
@@ -231,6 +234,7 @@ impl CanalConnection {
             ever_connected: false,
             draining: false,
             drain_waiters: Vec::new(),
+            shutdown: None,
             status,
         }
     }
@@ -322,6 +326,11 @@ impl CanalConnection {
         if self.state == State::Stopped {
             return;
         }
+        if self.shutdown.is_some() {
+            tracing::warn!(error = %e, "canal session failed during shutdown");
+            self.finish_shutdown(ctx);
+            return;
+        }
         self.schedule_reconnect(e, ctx);
     }
 
@@ -389,6 +398,15 @@ impl CanalConnection {
                 }
                 (session, r.map(|_| Op::Acked { ids }))
             });
+        } else if let Some((rollback, _)) = &self.shutdown {
+            // every acked batch has been written; close (rolling back the rest if asked)
+            let rollback = *rollback;
+            op = Box::pin(async move {
+                if rollback && let Err(e) = session.rollback(0).await {
+                    tracing::warn!(error = %e, "rollback on shutdown failed");
+                }
+                (session, Ok(Op::Closed))
+            });
         } else if self.need_subscribe {
             self.need_subscribe = false;
             let filter = self.cfg.filter.clone();
@@ -429,6 +447,10 @@ impl CanalConnection {
                 return;
             }
             match res {
+                Ok(Op::Closed) => {
+                    drop(session);
+                    act.finish_shutdown(ctx);
+                }
                 Ok(op) => {
                     act.session = Some(session);
                     act.completed(op);
@@ -459,6 +481,7 @@ impl CanalConnection {
                 tracing::info!(filter = %self.cfg.filter, "canal subscription updated")
             }
             Op::RolledBack => tracing::info!(epoch = self.epoch, "canal batches rolled back"),
+            Op::Closed => {}
         }
     }
 
@@ -532,6 +555,24 @@ impl CanalConnection {
         let delay = self.backoff(self.consecutive_rollbacks);
         self.consecutive_rollbacks = self.consecutive_rollbacks.saturating_add(1);
         self.paused_until = Some(Instant::now() + delay);
+    }
+
+    /// Stop for good: drop the session, release waiters, answer the shutdown request.
+    fn finish_shutdown(&mut self, ctx: &mut Context<Self>) {
+        self.state = State::Stopped;
+        self.session = None;
+        if !self.inflight.is_empty() {
+            tracing::info!(
+                batches = self.inflight.len(),
+                "canal connection closed with unacked batches; canal redelivers them"
+            );
+        }
+        self.inflight.clear();
+        self.notify_drained();
+        if let Some((_, reply)) = self.shutdown.take() {
+            let _ = reply.send(());
+        }
+        ctx.stop();
     }
 
     fn snapshot(&self) -> ConnectionStatus {
@@ -610,34 +651,24 @@ impl Handler<Drain> for CanalConnection {
 }
 
 impl Handler<Shutdown> for CanalConnection {
-    type Result = ResponseActFuture<Self, ()>;
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, msg: Shutdown, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
         self.draining = true;
-        let session = if self.busy { None } else { self.session.take() };
-        self.state = State::Stopped;
-        let pending = self.inflight.len();
-        Box::pin(
-            async move {
-                if let Some(mut s) = session
-                    && msg.rollback
-                    && let Err(e) = s.rollback(0).await
-                {
-                    tracing::warn!(error = %e, "rollback on shutdown failed");
-                }
-            }
-            .into_actor(self)
-            .map(move |_, act, ctx| {
-                if pending > 0 {
-                    tracing::info!(
-                        batches = pending,
-                        "canal connection closed with unacked batches"
-                    );
-                }
-                act.notify_drained();
-                ctx.stop();
-            }),
-        )
+        let (tx, rx) = oneshot::channel();
+        if let Some((_, earlier)) = self.shutdown.replace((msg.rollback, tx)) {
+            let _ = earlier.send(());
+        }
+        if self.state == State::Connected {
+            // runs after the operation in progress and after writing every acked batch
+            self.drive(ctx);
+        } else {
+            // no session: nothing to flush or roll back
+            self.finish_shutdown(ctx);
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
     }
 }
 

@@ -1,0 +1,171 @@
+//! The command line as a user meets it, without any service running: bad configuration stops
+//! `start` and `check-config` with the file and key named, `status` says plainly that nothing
+//! runs, and `test`/`list` work from the definitions alone.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .env_remove("CANAL_HOST")
+        .env_remove("CANAL_PORT")
+        .output()
+        .expect("runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("cc-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("consumers")).unwrap();
+    dir
+}
+
+#[test]
+fn start_refuses_a_bad_consumer_definition_naming_file_and_key() {
+    let dir = scratch("badrule");
+    let file = dir.join("consumers/broken.toml");
+    std::fs::write(
+        &file,
+        "[consumers.broken]\n[[consumers.broken.filters]]\ndatabase = \"d\"\ntable_pattern = \"(unclosed\"\n",
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "start",
+            "--consumers-dir",
+            dir.join("consumers").to_str().unwrap(),
+            "--admin-bind",
+            "127.0.0.1:0",
+        ],
+        repo(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains(file.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("consumers.broken.filters[0].table_pattern"),
+        "{err}"
+    );
+}
+
+#[test]
+fn two_consumers_with_one_name_stop_the_start() {
+    let dir = scratch("dup");
+    let body = |n: &str| {
+        format!(
+            "[consumers.{n}]\n[[consumers.{n}.filters]]\ndatabase = \"d\"\ntable = \"t\"\n[[consumers.{n}.rules]]\nname = \"r\"\nplugin = \"p\"\n"
+        )
+    };
+    std::fs::write(dir.join("consumers/a.toml"), body("same")).unwrap();
+    std::fs::write(dir.join("consumers/b.toml"), body("same")).unwrap();
+    let out = run(
+        &[
+            "check-config",
+            "--consumers-dir",
+            dir.join("consumers").to_str().unwrap(),
+        ],
+        repo(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("same"), "{err}");
+    assert!(err.contains("b.toml") || err.contains("a.toml"), "{err}");
+}
+
+#[test]
+fn a_bad_config_key_names_the_file_and_the_key() {
+    let dir = scratch("badkey");
+    let cfg = dir.join("cc.toml");
+    std::fs::write(&cfg, "[amqp]\nconfirm_timout = \"5s\"\n").unwrap();
+    let out = run(&["check-config", cfg.to_str().unwrap()], repo());
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains(cfg.to_str().unwrap()), "{err}");
+    assert!(err.contains("amqp.confirm_timout"), "{err}");
+}
+
+#[test]
+fn status_says_plainly_that_the_service_is_not_running() {
+    let out = run(&["status", "--admin-bind", "127.0.0.1:1"], repo());
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out.stderr).contains("canal-consumer is not running"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn test_and_list_work_from_the_definitions_alone() {
+    let dir = scratch("offline");
+    let state = dir.join("state.json");
+    let out = run(
+        &[
+            "test",
+            "example_consumer",
+            "--state-file",
+            state.to_str().unwrap(),
+        ],
+        repo(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let messages: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plugins: Vec<&str> = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["plugin"].as_str().unwrap())
+        .collect();
+    assert_eq!(plugins, ["email_service", "order_processor"]);
+    assert_eq!(messages[1]["body"]["priority"], "high");
+
+    // disable while stopped: saved for the next start, and list shows it
+    let out = run(
+        &[
+            "disable",
+            "teacher_consumer",
+            "--state-file",
+            state.to_str().unwrap(),
+            "--admin-bind",
+            "127.0.0.1:1",
+        ],
+        repo(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(
+        &[
+            "list",
+            "--json",
+            "--state-file",
+            state.to_str().unwrap(),
+            "--admin-bind",
+            "127.0.0.1:1",
+        ],
+        repo(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let teacher = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "teacher_consumer")
+        .unwrap();
+    assert_eq!(teacher["enabled"], false, "{teacher:#}");
+    let out = run(
+        &["enable", "nobody", "--state-file", state.to_str().unwrap()],
+        repo(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+}
