@@ -131,29 +131,20 @@ fn test_and_list_work_from_the_definitions_alone() {
     assert_eq!(messages[1]["body"]["priority"], "high");
 
     // disable while stopped: saved for the next start, and list shows it
-    let out = run(
-        &[
-            "disable",
-            "teacher_consumer",
+    // no admin endpoint listens on port 1: the service counts as stopped
+    let offline = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend([
             "--state-file",
             state.to_str().unwrap(),
             "--admin-bind",
             "127.0.0.1:1",
-        ],
-        repo(),
-    );
+        ]);
+        run(&all, repo())
+    };
+    let out = offline(&["disable", "teacher_consumer"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = run(
-        &[
-            "list",
-            "--json",
-            "--state-file",
-            state.to_str().unwrap(),
-            "--admin-bind",
-            "127.0.0.1:1",
-        ],
-        repo(),
-    );
+    let out = offline(&["list", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let teacher = list
@@ -163,9 +154,6 @@ fn test_and_list_work_from_the_definitions_alone() {
         .find(|c| c["name"] == "teacher_consumer")
         .unwrap();
     assert_eq!(teacher["enabled"], false, "{teacher:#}");
-    let out = run(
-        &["enable", "nobody", "--state-file", state.to_str().unwrap()],
-        repo(),
-    );
+    let out = offline(&["enable", "nobody"]);
     assert_eq!(out.status.code(), Some(1));
 }
