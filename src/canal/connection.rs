@@ -199,6 +199,8 @@ pub struct CanalConnection {
     need_subscribe: bool,
     need_rollback: bool,
     paused_until: Option<Instant>,
+    /// A timer to resume fetching after `paused_until` is set.
+    resume_scheduled: bool,
     consecutive_rollbacks: u32,
     attempt: u32,
     ever_connected: bool,
@@ -229,6 +231,7 @@ impl CanalConnection {
             need_subscribe: false,
             need_rollback: false,
             paused_until: None,
+            resume_scheduled: false,
             consecutive_rollbacks: 0,
             attempt: 0,
             ever_connected: false,
@@ -377,11 +380,12 @@ impl CanalConnection {
                 (session, r)
             });
         } else if self.inflight.front().is_some_and(|b| b.acked) {
+            // Popped before the write: if it fails, the session is dropped and the epoch
+            // abandoned, so Canal redelivers these batches anyway.
             let mut ids = Vec::new();
             while self.inflight.front().is_some_and(|b| b.acked) {
-                ids.push(self.inflight.front().map(|b| b.id).unwrap_or_default());
-                // popped after the write succeeds
                 let b = self.inflight.pop_front().expect("front exists");
+                ids.push(b.id);
                 self.inflight_bytes -= b.bytes;
                 if let Some((pos, at)) = b.last {
                     self.status.acked_position = Some(pos);
@@ -428,14 +432,15 @@ impl CanalConnection {
             self.session = Some(session);
             if let Some(until) = self.paused_until {
                 let now = Instant::now();
-                if until > now {
-                    ctx.run_later(until - now, |act, ctx| {
-                        act.paused_until = None;
-                        act.drive(ctx)
-                    });
-                } else {
+                if until <= now {
                     self.paused_until = None;
                     self.drive(ctx);
+                } else if !self.resume_scheduled {
+                    self.resume_scheduled = true;
+                    ctx.run_later(until - now, |act, ctx| {
+                        act.resume_scheduled = false;
+                        act.drive(ctx)
+                    });
                 }
             }
             return;
