@@ -562,12 +562,18 @@ async fn broker_outage_fails_pending_publishes_and_publishing_resumes() {
     .await;
     let _app = AppGuard;
     ctl(&["stop_app"]).await;
-    let st = wait_status(&addr, "disconnected", Duration::from_secs(30), |s| {
-        matches!(
-            s.state,
-            PublisherState::Disconnected | PublisherState::Connecting
-        )
-    })
+    // the state and the error are recorded one after the other: wait for both
+    let st = wait_status(
+        &addr,
+        "disconnected with an error",
+        Duration::from_secs(30),
+        |s| {
+            matches!(
+                s.state,
+                PublisherState::Disconnected | PublisherState::Connecting
+            ) && s.last_error.is_some()
+        },
+    )
     .await;
     assert!(st.last_error.is_some());
 

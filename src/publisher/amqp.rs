@@ -648,6 +648,8 @@ impl Session {
     /// Serve the connection until it fails or the actor goes away; answer every job.
     async fn run(mut self) -> String {
         let reason = self.drive().await;
+        // the reason first: whoever sees `disconnected` also sees why
+        lock(&self.status).last_error = Some(reason.clone());
         set_state(&self.status, PublisherState::Disconnected);
         self.fail_all(&reason);
         close_quietly(&self.conn).await;
