@@ -73,7 +73,8 @@ impl std::fmt::Debug for Secret {
 }
 
 /// `scheme://user:pass@host/...` with the password replaced by `***`. Anything before the last
-/// `@` is treated as credentials, so an odd URL is over-redacted rather than leaked.
+/// `@` is treated as credentials, so an odd URL is over-redacted rather than leaked; a user
+/// without a password is shown as it is.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "***".into();
@@ -81,8 +82,10 @@ pub fn redact_url(url: &str) -> String {
     match rest.rfind('@') {
         None => url.to_string(),
         Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{}", &rest[at + 1..])
         }
     }
 }
@@ -1355,6 +1358,13 @@ mod tests {
         assert_eq!(redact_url("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
         assert_eq!(redact_url("amqp://h:5672/v"), "amqp://h:5672/v");
         assert_eq!(redact_url("garbage"), "***");
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("amqps://u:p@ss@host/"), "amqps://u:***@host/");
+        assert_eq!(redact_url("amqp://host:5672"), "amqp://host:5672");
+        assert_eq!(redact_url("amqp://user@host"), "amqp://user@host");
     }
 
     #[test]

@@ -40,7 +40,7 @@
 //! back anyway. The URL's password never reaches logs or status ([`redact_url`]).
 
 use super::{Publish, PublishError, celery, envelope, topology};
-use crate::config::{AmqpConfig, DeclareMode};
+use crate::config::{AmqpConfig, DeclareMode, redact_url};
 use crate::trigger::{MessageFormat, Trigger};
 use actix::prelude::*;
 use futures::{FutureExt, Stream, StreamExt, future::LocalBoxFuture, stream::FuturesUnordered};
@@ -137,23 +137,6 @@ fn set_state(s: &SharedStatus, state: PublisherState) {
 
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// `amqp://user:secret@host/vhost` → `amqp://user:***@host/vhost`.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return "***".to_string();
-    };
-    let rest = &url[scheme_end..];
-    match rest.rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{}{user}{hidden}@{}", &url[..scheme_end], &rest[at + 1..])
-        }
-        None => url.to_string(),
-    }
 }
 
 /// One message ready to go.
@@ -1088,22 +1071,5 @@ impl Session {
         let mut st = lock(&self.status);
         st.lost += lost as u64;
         st.unconfirmed = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_lose_their_password() {
-        assert_eq!(
-            redact_url("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact_url("amqps://u:p@ss@host/"), "amqps://u:***@host/");
-        assert_eq!(redact_url("amqp://host:5672"), "amqp://host:5672");
-        assert_eq!(redact_url("amqp://user@host"), "amqp://user@host");
-        assert_eq!(redact_url("garbage"), "***");
     }
 }
