@@ -14,12 +14,10 @@
 //! - More than `max_restarts` restarts within `quarantine_window` quarantines the consumer: it
 //!   refuses work, and the Manager rolls the batch back instead of acking it.
 
-use crate::consumer::{
-    Consumer, ConsumerContext, ConsumerError, ERROR_HANDLER_PLUGIN, ErrorPolicy, TriggerRequest,
-};
+use crate::consumer::{Consumer, ConsumerContext, ConsumerError, Failure};
 use crate::event::ChangeEvent;
 use crate::publisher::{Publish, PublishError};
-use crate::trigger::{MessageFormat, Priority, Route, Trigger};
+use crate::trigger::{MessageFormat, Route};
 use actix::prelude::*;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -209,51 +207,19 @@ pub fn process_event(
         error = %error,
         "event failed in consumer"
     );
-    let body = serde_json::json!({
-        "consumer": consumer.name(),
-        "error": error,
-        "event": event.to_json(),
-    });
-    match consumer.error_policy() {
-        ErrorPolicy::ErrorHandler => {
-            cctx.trigger(TriggerRequest {
-                plugin: ERROR_HANDLER_PLUGIN.into(),
-                payload: body,
-                priority: Priority::Normal,
-                ..Default::default()
-            });
-        }
-        ErrorPolicy::DeadLetter { route } => {
-            cctx.trigger(TriggerRequest {
-                plugin: "dead_letter".into(),
-                payload: body,
-                priority: Priority::Normal,
-                route: Some(route),
-                format: Some(MessageFormat::Envelope),
-                ..Default::default()
-            });
-        }
-        ErrorPolicy::Stop => return Err(error),
+    let failure = Failure {
+        consumer: consumer.name(),
+        rule: None,
+        event,
+        error: &error,
+        route: None,
+        format: None,
+    };
+    if cctx.handle_failure(&consumer.error_policy(), failure) {
+        Ok(())
+    } else {
+        Err(error)
     }
-    cctx.record_error();
-    Ok(())
-}
-
-/// Run a consumer over events without any actor or broker (used by `test NAME`). Returns the
-/// triggers it would publish, or the error that would stop it.
-pub fn run_standalone(
-    consumer: &mut dyn Consumer,
-    default_route: Route,
-    default_format: MessageFormat,
-    events: &[ChangeEvent],
-) -> Result<Vec<Trigger>, String> {
-    let mut cctx = ConsumerContext::new(consumer.name(), default_route, default_format);
-    for e in events {
-        if consumer.wants(e) {
-            process_event(consumer, &mut cctx, e)?;
-        }
-    }
-    Ok(cctx.take_triggers())
 }
 
 impl Handler<ProcessBatch> for ConsumerActor {

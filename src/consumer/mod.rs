@@ -48,7 +48,8 @@ pub enum ErrorPolicy {
     Stop,
 }
 
-fn default_dead_letter_route() -> Route {
+/// Where `dead_letter` sends failed events when no route is configured.
+pub fn default_dead_letter_route() -> Route {
     Route {
         exchange: String::new(),
         routing_key: "plugin_tasks.dead_letter".into(),
@@ -57,6 +58,23 @@ fn default_dead_letter_route() -> Route {
 
 /// The plugin triggered by the `error_handler` policy.
 pub const ERROR_HANDLER_PLUGIN: &str = "error_handler";
+
+/// The plugin name of dead-letter messages.
+pub const DEAD_LETTER_PLUGIN: &str = "dead_letter";
+
+/// An event that failed, as an error policy reports it.
+#[derive(Debug, Clone)]
+pub struct Failure<'a> {
+    pub consumer: &'a str,
+    /// The config rule that failed, if any (in the message body and its id).
+    pub rule: Option<&'a str>,
+    pub event: &'a ChangeEvent,
+    pub error: &'a str,
+    /// Route of an `error_handler` message; `None` keeps the context's default.
+    pub route: Option<Route>,
+    /// Format of an `error_handler` message; `None` keeps the context's default.
+    pub format: Option<MessageFormat>,
+}
 
 /// A consumer: filters plus `process_event`.
 pub trait Consumer: Send + 'static {
@@ -188,6 +206,39 @@ impl ConsumerContext {
     /// consumer's `errors` in status and metrics).
     pub fn record_error(&mut self) {
         self.errors += 1;
+    }
+
+    /// Apply `policy` to a failure: trigger `error_handler`, or a dead-letter message (always
+    /// in the envelope format), with `{consumer, rule (if any), error, event}` as payload, and
+    /// count it. Returns false for `stop`: the caller must fail the event.
+    #[must_use]
+    pub fn handle_failure(&mut self, policy: &ErrorPolicy, failure: Failure<'_>) -> bool {
+        let (plugin, route, format) = match policy {
+            ErrorPolicy::Stop => return false,
+            ErrorPolicy::ErrorHandler => (ERROR_HANDLER_PLUGIN, failure.route, failure.format),
+            ErrorPolicy::DeadLetter { route } => (
+                DEAD_LETTER_PLUGIN,
+                Some(route.clone()),
+                Some(MessageFormat::Envelope),
+            ),
+        };
+        let mut body = serde_json::Map::new();
+        body.insert("consumer".into(), failure.consumer.into());
+        if let Some(rule) = failure.rule {
+            body.insert("rule".into(), rule.into());
+        }
+        body.insert("error".into(), failure.error.into());
+        body.insert("event".into(), failure.event.to_json());
+        self.trigger(TriggerRequest {
+            plugin: plugin.into(),
+            payload: body.into(),
+            priority: Priority::Normal,
+            rule: failure.rule.map(str::to_string),
+            route,
+            format,
+        });
+        self.record_error();
+        true
     }
 
     /// Take the count of handled failures since the last call.

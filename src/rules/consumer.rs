@@ -3,15 +3,12 @@
 use super::expr;
 use super::spec::{ConsumerSpec, OnError, RuleSpec};
 use crate::consumer::{
-    Consumer, ConsumerContext, ConsumerError, ERROR_HANDLER_PLUGIN, ErrorPolicy, TableFilter,
-    TriggerRequest,
+    Consumer, ConsumerContext, ConsumerError, ErrorPolicy, Failure, TableFilter, TriggerRequest,
 };
 use crate::event::ChangeEvent;
-use crate::trigger::{MessageFormat, Priority};
 use cel::Context;
 
-/// The plugin name of dead-letter messages (the same as the consumer actor's).
-pub const DEAD_LETTER_PLUGIN: &str = "dead_letter";
+pub use crate::consumer::DEAD_LETTER_PLUGIN;
 
 /// A consumer defined in a TOML file.
 ///
@@ -75,9 +72,6 @@ impl ConfigConsumer {
         ctx: &mut ConsumerContext,
     ) -> Result<(), ConsumerError> {
         let error = format!("rule `{}`: {error}", rule.name);
-        if rule.on_error != OnError::Stop {
-            ctx.record_error();
-        }
         tracing::warn!(
             consumer = %self.spec.name,
             rule = %rule.name,
@@ -87,39 +81,32 @@ impl ConfigConsumer {
             error = %error,
             "rule failed on event"
         );
-        let body = serde_json::json!({
-            "consumer": self.spec.name,
-            "rule": rule.name,
-            "error": error,
-            "event": event.to_json(),
-        });
-        match rule.on_error {
-            OnError::ErrorHandler => {
-                ctx.trigger(TriggerRequest {
-                    plugin: ERROR_HANDLER_PLUGIN.into(),
-                    payload: body,
-                    priority: Priority::Normal,
-                    rule: Some(rule.name.clone()),
-                    route: rule.route.clone().or_else(|| self.spec.route.clone()),
-                    format: rule.format.clone().or_else(|| self.spec.format.clone()),
-                });
-                Ok(())
-            }
-            OnError::DeadLetter => {
-                ctx.trigger(TriggerRequest {
-                    plugin: DEAD_LETTER_PLUGIN.into(),
-                    payload: body,
-                    priority: Priority::Normal,
-                    rule: Some(rule.name.clone()),
-                    route: Some(self.spec.dead_letter_route.clone()),
-                    format: Some(MessageFormat::Envelope),
-                });
-                Ok(())
-            }
-            OnError::Stop => Err(ConsumerError::Fatal(format!(
+        let failure = Failure {
+            consumer: &self.spec.name,
+            rule: Some(&rule.name),
+            event,
+            error: &error,
+            route: rule.route.clone().or_else(|| self.spec.route.clone()),
+            format: rule.format.clone().or_else(|| self.spec.format.clone()),
+        };
+        if ctx.handle_failure(&self.policy(rule.on_error), failure) {
+            Ok(())
+        } else {
+            Err(ConsumerError::Fatal(format!(
                 "consumer `{}` {error} (policy stop)",
                 self.spec.name
-            ))),
+            )))
+        }
+    }
+
+    /// An `on_error` setting as the policy it names (dead letters go to this consumer's route).
+    fn policy(&self, on_error: OnError) -> ErrorPolicy {
+        match on_error {
+            OnError::ErrorHandler => ErrorPolicy::ErrorHandler,
+            OnError::DeadLetter => ErrorPolicy::DeadLetter {
+                route: self.spec.dead_letter_route.clone(),
+            },
+            OnError::Stop => ErrorPolicy::Stop,
         }
     }
 }
@@ -134,13 +121,7 @@ impl Consumer for ConfigConsumer {
     }
 
     fn error_policy(&self) -> ErrorPolicy {
-        match self.spec.on_error {
-            OnError::ErrorHandler => ErrorPolicy::ErrorHandler,
-            OnError::DeadLetter => ErrorPolicy::DeadLetter {
-                route: self.spec.dead_letter_route.clone(),
-            },
-            OnError::Stop => ErrorPolicy::Stop,
-        }
+        self.policy(self.spec.on_error)
     }
 
     fn process_event(

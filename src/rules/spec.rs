@@ -381,13 +381,8 @@ fn can_fire(when: &When, filters: &[TableFilter]) -> bool {
     })
 }
 
-/// The dead-letter route when a consumer names none (the same as the consumer actor's).
-pub fn default_dead_letter_route() -> Route {
-    Route {
-        exchange: String::new(),
-        routing_key: "plugin_tasks.dead_letter".into(),
-    }
-}
+/// The dead-letter route when a consumer names none.
+pub use crate::consumer::default_dead_letter_route;
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
