@@ -155,11 +155,14 @@ fn overrides(canal: &CanalFlags, service: &ServiceFlags) -> CliOverrides {
     }
 }
 
+/// Print an error that stops the command (bad configuration or input) and give exit code 2.
+fn usage_error(e: impl std::fmt::Display) -> i32 {
+    eprintln!("error: {e}");
+    2
+}
+
 fn load(file: Option<&Path>, o: CliOverrides) -> Result<Config, i32> {
-    config::load(file, o).map_err(|e| {
-        eprintln!("error: {e}");
-        2
-    })
+    config::load(file, o).map_err(usage_error)
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -206,10 +209,7 @@ fn run(cli: Cli) -> Result<i32, i32> {
     Ok(match cli.command {
         Command::Start { canal, service } => {
             let cfg = load(file, overrides(&canal, &service))?;
-            let _guard = logging::init(&cfg.log).map_err(|e| {
-                eprintln!("error: {e}");
-                2
-            })?;
+            let _guard = logging::init(&cfg.log).map_err(usage_error)?;
             service::run(cfg)
         }
         Command::Tail {
@@ -223,10 +223,7 @@ fn run(cli: Cli) -> Result<i32, i32> {
             if std::env::var_os("RUST_LOG").is_none() {
                 log.level = "warn".into();
             }
-            let _guard = logging::init(&log).map_err(|e| {
-                eprintln!("error: {e}");
-                2
-            })?;
+            let _guard = logging::init(&log).map_err(usage_error)?;
             cli::tail::run(cli::tail::TailOptions {
                 connection: cfg.canal.connection(filter, true),
                 limit,
@@ -235,10 +232,7 @@ fn run(cli: Cli) -> Result<i32, i32> {
         }
         Command::List { json, service } => {
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
-            let mut specs = service::load_consumers(&cfg).map_err(|e| {
-                eprintln!("error: {e}");
-                2
-            })?;
+            let mut specs = service::load_consumers(&cfg).map_err(usage_error)?;
             // the running service knows the live enabled state; otherwise the state file does
             let addr = client::connect_addr(&cfg.admin.bind);
             let live = match block_on(client::request(&addr, "GET", "/consumers")) {
@@ -279,10 +273,7 @@ fn run(cli: Cli) -> Result<i32, i32> {
         Command::Enable { name, service } | Command::Disable { name, service } => {
             let enabled = is_enable;
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
-            let specs = service::load_consumers(&cfg).map_err(|e| {
-                eprintln!("error: {e}");
-                2
-            })?;
+            let specs = service::load_consumers(&cfg).map_err(usage_error)?;
             if !specs.iter().any(|s| s.name == name) {
                 eprintln!("error: no consumer named `{name}` (see `canal-consumer list`)");
                 return Err(1);
@@ -301,19 +292,13 @@ fn run(cli: Cli) -> Result<i32, i32> {
             service,
         } => {
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
-            let specs = service::load_consumers(&cfg).map_err(|e| {
-                eprintln!("error: {e}");
-                2
-            })?;
+            let specs = service::load_consumers(&cfg).map_err(usage_error)?;
             let Some(spec) = specs.into_iter().find(|s| s.name == name) else {
                 eprintln!("error: no consumer named `{name}` (see `canal-consumer list`)");
                 return Err(1);
             };
             let events = match &event {
-                Some(path) => read_events(path).map_err(|e| {
-                    eprintln!("error: {e}");
-                    2
-                })?,
+                Some(path) => read_events(path).map_err(usage_error)?,
                 None => rules::sample_events(&spec),
             };
             let route = service::default_route(&cfg);
@@ -322,10 +307,7 @@ fn run(cli: Cli) -> Result<i32, i32> {
         Command::CheckConfig { file: f, service } => {
             let path = f.as_deref().or(file);
             let cfg = load(path, overrides(&CanalFlags::default(), &service))?;
-            let specs = service::load_consumers(&cfg).map_err(|e| {
-                eprintln!("error: {e}");
-                2
-            })?;
+            let specs = service::load_consumers(&cfg).map_err(usage_error)?;
             print!("{}", cfg.to_redacted_toml());
             println!(
                 "# ok: {} consumers in {} ({} enabled)",

@@ -7,6 +7,7 @@
 //! within [`ASK_TIMEOUT`] shows as an unknown/stopped part of the status (never an error of
 //! `/status`), and a `SetEnabled` that cannot be delivered is [`AdminError::Unavailable`].
 
+use super::now_ms;
 use super::{AdminError, ConsumerState, ConsumerStatus, Control, ServiceStatus};
 use crate::canal::connection::{ConnectionStatus, GetStatus};
 use crate::manager::{ConsumerStats, GetManagerStatus, ManagerStatus, SetEnabled};
@@ -74,13 +75,6 @@ impl Control for ActorControl {
             }
         })
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The Manager's word for a consumer's state, as a [`ConsumerState`].

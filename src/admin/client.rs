@@ -10,6 +10,7 @@
 //! applies at the next start. Other failures (timeouts, HTTP errors, an unreadable answer) are
 //! the other [`ClientError`] variants. Every error maps to a non-zero exit code.
 
+use super::now_ms;
 use crate::state::{StateError, StateFile};
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -280,13 +281,6 @@ fn percent_encode(s: &str) -> String {
         }
     }
     out
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn s<'a>(v: &'a Value, key: &str) -> &'a str {

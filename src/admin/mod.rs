@@ -24,6 +24,14 @@ use serde::{Deserialize, Serialize};
 pub use actors::ActorControl;
 pub use server::{AdminServer, AdminState, serve};
 
+/// Wall-clock milliseconds since the Unix epoch (what `executed_at` is measured in).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// What the admin endpoint needs from the running service.
 ///
 /// Both methods return `'static` futures so implementations can hand them to actors (clone an

@@ -13,6 +13,7 @@
 //! Enable/disable is applied live through [`Control::set_enabled`], then saved to the state
 //! file when one is given; a failed save is a 500 saying the change is live but not saved.
 
+use super::now_ms;
 use super::{AdminError, Control, ServiceStatus};
 use crate::metrics::{CONTENT_TYPE, Metrics, MetricsHandle};
 use crate::state::StateFile;
@@ -161,13 +162,6 @@ pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
             cm.lag_seconds.set(lag);
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
