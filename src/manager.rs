@@ -51,7 +51,8 @@ struct Part {
 pub struct ConsumerStats {
     pub name: String,
     pub enabled: bool,
-    /// running, retrying, quarantined or disabled
+    /// running, retrying, quarantined or disabled (the last two derived when a snapshot is
+    /// taken, from the slot)
     pub state: &'static str,
     pub events: u64,
     pub triggers: u64,
@@ -151,7 +152,6 @@ impl Manager {
             .map(|entry| Slot {
                 stats: ConsumerStats {
                     name: entry.name.clone(),
-                    enabled: entry.enabled,
                     ..Default::default()
                 },
                 entry,
@@ -323,7 +323,6 @@ impl Manager {
                 restarts,
                 last_error,
             } => {
-                slot.stats.state = "quarantined";
                 slot.stats.restarts = *restarts;
                 slot.stats.last_error = Some(last_error.clone());
                 slot.quarantined = true;
@@ -440,7 +439,6 @@ impl Handler<SetEnabled> for Manager {
         };
         let slot = &mut self.slots[i];
         slot.entry.enabled = msg.enabled;
-        slot.stats.enabled = msg.enabled;
         if msg.enabled {
             slot.quarantined = false;
             slot.stats.state = "running";
@@ -448,7 +446,6 @@ impl Handler<SetEnabled> for Manager {
         } else {
             // Its queued parts no longer hold their batches back.
             let parts: Vec<BatchRef> = slot.queue.drain(..).map(|p| p.batch).collect();
-            slot.stats.state = "disabled";
             for b in parts {
                 if let Some(t) = self.batches.get_mut(&b) {
                     t.pending -= 1;
@@ -478,6 +475,7 @@ impl Handler<GetManagerStatus> for Manager {
             .iter()
             .map(|s| {
                 let mut st = s.stats.clone();
+                st.enabled = s.entry.enabled;
                 st.queued_parts = s.queue.len();
                 st.state = if !s.entry.enabled {
                     "disabled"
