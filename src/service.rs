@@ -129,7 +129,8 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
             extra_filter: cfg.canal.filter.clone(),
         },
         entries,
-    );
+    )
+    .with_publisher(publisher.clone().recipient());
     let filter = manager.filter();
     let manager = manager.start();
     tracing::info!(filter = %filter, "canal subscription filter");
@@ -215,14 +216,28 @@ async fn shutdown_on_signal(
             .publisher
             .send(amqp::Shutdown { deadline: left })
             .await;
-        let _ = control
+        control
             .connection
             .send(conn::Shutdown { rollback: false })
-            .await;
+            .await
+            .unwrap_or_default()
     };
     let code = tokio::select! {
-        _ = graceful => {
-            tracing::info!(took = ?started.elapsed(), "shutdown complete: every fetched batch was confirmed and acked");
+        report = graceful => {
+            if report.unacked == 0 {
+                tracing::info!(
+                    took = ?started.elapsed(),
+                    acked_batches = report.acked,
+                    "shutdown complete: every fetched batch was confirmed and acked"
+                );
+            } else {
+                tracing::warn!(
+                    took = ?started.elapsed(),
+                    acked_batches = report.acked,
+                    unacked_batches = report.unacked,
+                    "shutdown complete, but some fetched batches were not acked (a failure or rollback abandoned them); canal redelivers them to the next run"
+                );
+            }
             0
         }
         _ = tokio::time::sleep(deadline) => {

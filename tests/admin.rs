@@ -14,7 +14,7 @@ struct Fake(Mutex<ServiceStatus>);
 impl Fake {
     fn new() -> Arc<Self> {
         let mut s = ServiceStatus::new();
-        s.canal.state = "connecting";
+        s.canal.state = canal_consumer::canal::connection::ConnectionState::Connecting;
         s.canal.destination = "example".into();
         s.consumers = vec![ConsumerStatus {
             name: "example_consumer".into(),
@@ -31,7 +31,7 @@ impl Fake {
     }
     fn connect(&self) {
         let mut s = self.0.lock().unwrap();
-        s.canal.state = "connected";
+        s.canal.state = canal_consumer::canal::connection::ConnectionState::Connected;
         s.broker_connected = true;
         s.broker = serde_json::json!({"state": "connected"});
     }

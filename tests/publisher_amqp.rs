@@ -121,9 +121,13 @@ fn celery(task: &str, mapping: CeleryMapping) -> MessageFormat {
 /// Publish and wait for the answer (bounded, so a hang fails the test instead of stalling).
 async fn publish(addr: &Addr<AmqpPublisher>, triggers: Vec<Trigger>) -> Result<(), PublishError> {
     let (reply, rx) = oneshot::channel();
-    addr.send(Publish { triggers, reply })
-        .await
-        .expect("publisher alive");
+    addr.send(Publish {
+        triggers,
+        epoch: 1,
+        reply,
+    })
+    .await
+    .expect("publisher alive");
     tokio::time::timeout(Duration::from_secs(60), rx)
         .await
         .expect("a Publish must always be answered")
@@ -934,6 +938,7 @@ async fn window_bounds_unconfirmed_and_order_follows_arrival() {
         expected.extend(batch.iter().map(|t| t.id.clone()));
         let (reply, rx) = oneshot::channel();
         addr.do_send(Publish {
+            epoch: 1,
             triggers: batch,
             reply,
         });
@@ -1017,6 +1022,7 @@ async fn shutdown_drains_what_was_accepted() {
         .collect();
     let (reply, rx) = oneshot::channel();
     addr.do_send(Publish {
+        epoch: 1,
         triggers: batch,
         reply,
     });
@@ -1079,6 +1085,7 @@ async fn returns_are_matched_to_their_publish_under_load() {
         });
         let (reply, rx) = oneshot::channel();
         addr.do_send(Publish {
+            epoch: 1,
             triggers: batch,
             reply,
         });

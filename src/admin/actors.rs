@@ -8,9 +8,9 @@
 //! `/status`), and a `SetEnabled` that cannot be delivered is [`AdminError::Unavailable`].
 
 use super::now_ms;
-use super::{AdminError, ConsumerState, ConsumerStatus, Control, ServiceStatus};
-use crate::canal::connection::{ConnectionStatus, GetStatus};
-use crate::manager::{ConsumerStats, GetManagerStatus, ManagerStatus, SetEnabled};
+use super::{AdminError, ConsumerStatus, Control, ServiceStatus};
+use crate::canal::connection::{ConnectionState, ConnectionStatus, GetStatus};
+use crate::manager::{ConsumerStats, GetManagerStatus, ManagerStatus, SetEnabled, SetEnabledError};
 use crate::publisher::{GetPublisherStatus, PublisherState, PublisherStatus};
 use actix::Recipient;
 use futures::future::BoxFuture;
@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 
 /// How long a status request waits for each actor.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long `enable`/`disable` may take: Canal must accept the new subscription first.
+pub const SET_ENABLED_TIMEOUT: Duration =
+    Duration::from_secs(crate::manager::FILTER_APPLY_TIMEOUT.as_secs() + 2);
 
 /// The live service's [`Control`]. Clone the `Arc` of `shutting_down` into the shutdown path
 /// and set it when a graceful shutdown starts (`/ready` then answers 503).
@@ -45,7 +49,7 @@ impl Control for ActorControl {
             let mgr = manager.send(GetManagerStatus).timeout(ASK_TIMEOUT);
             let (canal, mgr) = futures::join!(canal, mgr);
             let canal = canal.unwrap_or_else(|e| ConnectionStatus {
-                state: "unknown",
+                state: ConnectionState::Stopped,
                 last_error: Some(format!("connection actor did not answer: {e}")),
                 ..Default::default()
             });
@@ -65,26 +69,17 @@ impl Control for ActorControl {
         });
         let name = name.to_string();
         Box::pin(async move {
-            match req.timeout(ASK_TIMEOUT).await {
+            match req.timeout(SET_ENABLED_TIMEOUT).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) if e.starts_with("no consumer named") => {
+                Ok(Err(SetEnabledError::UnknownConsumer(_))) => {
                     Err(AdminError::UnknownConsumer(name))
                 }
-                Ok(Err(e)) => Err(AdminError::Internal(e)),
+                Ok(Err(e @ SetEnabledError::NotInForce { .. })) => {
+                    Err(AdminError::Unavailable(e.to_string()))
+                }
                 Err(e) => Err(AdminError::Unavailable(format!("manager: {e}"))),
             }
         })
-    }
-}
-
-/// The Manager's word for a consumer's state, as a [`ConsumerState`].
-pub fn consumer_state(state: &str, enabled: bool) -> ConsumerState {
-    match state {
-        "restarting" | "retrying" => ConsumerState::Restarting,
-        "quarantined" => ConsumerState::Quarantined,
-        "disabled" => ConsumerState::Disabled,
-        _ if !enabled => ConsumerState::Disabled,
-        _ => ConsumerState::Running,
     }
 }
 
@@ -93,7 +88,7 @@ pub fn consumer_status(s: &ConsumerStats, now_ms: i64) -> ConsumerStatus {
     ConsumerStatus {
         name: s.name.clone(),
         enabled: s.enabled,
-        state: consumer_state(s.state, s.enabled),
+        state: s.state,
         events: s.events,
         triggers: s.triggers,
         errors: s.errors,
@@ -147,11 +142,12 @@ pub fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::ConsumerState;
 
     #[test]
     fn assembles_from_snapshots() {
         let canal = ConnectionStatus {
-            state: "connected",
+            state: ConnectionState::Connected,
             ..Default::default()
         };
         let manager = ManagerStatus {
@@ -159,7 +155,7 @@ mod tests {
             consumers: vec![ConsumerStats {
                 name: "example_consumer".into(),
                 enabled: true,
-                state: "retrying",
+                state: ConsumerState::Restarting,
                 events: 5,
                 restarts: 1,
                 confirmed_executed_at: Some(1_000),
@@ -177,10 +173,5 @@ mod tests {
         assert_eq!(c.restarts, 1);
         assert_eq!(c.lag_seconds, Some(2.5));
         assert!(s.readiness().unwrap_err().contains("broker"));
-        assert_eq!(consumer_state("running", false), ConsumerState::Disabled);
-        assert_eq!(
-            consumer_state("quarantined", true),
-            ConsumerState::Quarantined
-        );
     }
 }

@@ -17,7 +17,7 @@ pub mod actors;
 pub mod client;
 pub mod server;
 
-use crate::canal::connection::ConnectionStatus;
+use crate::canal::connection::{ConnectionState, ConnectionStatus};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
@@ -81,12 +81,8 @@ impl ServiceStatus {
         if self.shutting_down {
             reasons.push("shutting down".to_string());
         }
-        if self.canal.state != "connected" {
-            let state = if self.canal.state.is_empty() {
-                "not started"
-            } else {
-                self.canal.state
-            };
+        if self.canal.state != ConnectionState::Connected {
+            let state = self.canal.state;
             match &self.canal.last_error {
                 Some(e) => reasons.push(format!("canal is {state}: {e}")),
                 None => reasons.push(format!("canal is {state}")),
@@ -125,28 +121,7 @@ pub struct ConsumerStatus {
     pub last_error: Option<String>,
 }
 
-/// Where a consumer's supervisor has it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConsumerState {
-    Running,
-    /// Failed; waiting out its backoff before the next start.
-    Restarting,
-    /// Failed too often; left stopped until enabled again.
-    Quarantined,
-    Disabled,
-}
-
-impl ConsumerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConsumerState::Running => "running",
-            ConsumerState::Restarting => "restarting",
-            ConsumerState::Quarantined => "quarantined",
-            ConsumerState::Disabled => "disabled",
-        }
-    }
-}
+pub use crate::manager::ConsumerState;
 
 /// Errors of the admin endpoint.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -170,12 +145,12 @@ mod tests {
     fn readiness_needs_canal_and_broker() {
         let mut s = ServiceStatus::new();
         let why = s.readiness().unwrap_err();
-        assert!(why.contains("canal is not started"), "{why}");
+        assert!(why.contains("canal is connecting"), "{why}");
         assert!(why.contains("broker"), "{why}");
-        s.canal.state = "connected";
+        s.canal.state = ConnectionState::Connected;
         s.broker_connected = true;
         assert_eq!(s.readiness(), Ok(()));
-        s.canal.state = "reconnecting";
+        s.canal.state = ConnectionState::Reconnecting;
         s.canal.last_error = Some("connection refused".into());
         assert_eq!(
             s.readiness(),

@@ -5,15 +5,27 @@
 //! [`RollbackBatch`]. Acks are sent to Canal strictly in the order batches were fetched: a
 //! batch acked early waits until every earlier one is acked too.
 //!
+//! The bookkeeping lives in [`BatchWindow`] (sans-IO): which batches are in flight, which are
+//! finished, which acks may be written, whether another GET may be issued. This actor only turns
+//! messages and session I/O into calls on it.
+//!
 //! Back-pressure: no GET is issued while `max_inflight_batches` batches or
-//! `max_inflight_bytes` bytes of frames are unacked, so whatever stalls downstream (a slow
-//! consumer, a blocked broker) stops the fetching, and memory stays bounded.
+//! `max_inflight_bytes` bytes of frames are unacked — counting batches of abandoned epochs that
+//! the subscriber still works on until it sends [`ReleaseBatch`] — so whatever stalls downstream
+//! (a slow consumer, a blocked broker) stops the fetching, and memory stays bounded.
 //!
 //! Epochs: every reconnect and every rollback starts a new epoch. Canal forgets (or re-issues)
-//! the batch ids of the old one, so acks for an old epoch are ignored and the subscriber is told
-//! with [`CanalEvent::Reset`]; the rows are redelivered under new batch ids. This is what makes
-//! the pipeline at-least-once: nothing is acked unless it was confirmed, and anything not acked
-//! comes back.
+//! the batch ids of the old one, so acks for an old epoch are never written and the subscriber
+//! is told with [`CanalEvent::Reset`]; the rows are redelivered under new batch ids. This is what
+//! makes the pipeline at-least-once: nothing is acked unless it was confirmed, and anything not
+//! acked comes back.
+//!
+//! Filters: [`SetFilter`] answers only once Canal has applied the new subscription, so a
+//! consumer that was just enabled sees every row committed after its `enable` returned.
+//!
+//! A second client: Canal numbers the batches of one client identity consecutively; a jump
+//! within a session means another process fetches as the same client. The connection then stops
+//! fetching, rolls back, shows `conflict` with the evidence, and retries after `reconnect_max`.
 //!
 //! Failures: any session error drops the session; the actor reconnects with exponential backoff,
 //! re-subscribes with the current filter and rolls back everything. The actor never blocks its
@@ -24,10 +36,11 @@
 use crate::canal::CanalError;
 use crate::canal::decode::decode_entries;
 use crate::canal::session::{RawBatch, Session, SessionConfig};
+pub use crate::canal::window::BatchRef;
+use crate::canal::window::{AckOutcome, BatchWindow};
 use crate::event::{ChangeEvent, Position};
 use actix::prelude::*;
-use serde::Serialize;
-use std::collections::VecDeque;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -50,19 +63,6 @@ pub struct ConnectionConfig {
     /// Give up (instead of retrying) when the very first connect fails with a permanent error
     /// such as a wrong password.
     pub fail_fast: bool,
-}
-
-/// Identifies a batch: Canal's batch id within a connection epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct BatchRef {
-    pub epoch: u64,
-    pub id: i64,
-}
-
-impl std::fmt::Display for BatchRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.epoch, self.id)
-    }
 }
 
 /// A decoded batch.
@@ -100,10 +100,20 @@ pub struct RollbackBatch {
     pub reason: String,
 }
 
-/// Replace the subscription filter (applied live with a re-subscribe).
-#[derive(Debug, Clone, Message)]
+/// The subscriber holds nothing of this abandoned batch any more (its epoch ended before it
+/// could be acked); it stops counting against the in-flight bounds.
+#[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
-pub struct SetFilter(pub String);
+pub struct ReleaseBatch(pub BatchRef);
+
+/// Replace the subscription filter (applied live with a re-subscribe). `applied`, if given, is
+/// answered once Canal has accepted a subscription with this filter (or a newer one).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetFilter {
+    pub filter: String,
+    pub applied: Option<oneshot::Sender<()>>,
+}
 
 /// Stop fetching; resolves once every batch in flight has been acked or abandoned.
 #[derive(Debug, Message)]
@@ -111,10 +121,20 @@ pub struct SetFilter(pub String);
 pub struct Drain;
 
 /// Close the session and stop the actor, optionally rolling back what is outstanding first.
+/// Answers with what was left unacked.
 #[derive(Debug, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "ShutdownReport")]
 pub struct Shutdown {
     pub rollback: bool,
+}
+
+/// What a connection left behind when it stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Batches acked to Canal since start.
+    pub acked: u64,
+    /// Batches fetched and not acked at the end (Canal redelivers them to the next run).
+    pub unacked: usize,
 }
 
 /// Ask for a [`ConnectionStatus`].
@@ -122,21 +142,60 @@ pub struct Shutdown {
 #[rtype(result = "ConnectionStatus")]
 pub struct GetStatus;
 
+/// The connection's state as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionState {
+    #[default]
+    Connecting,
+    Connected,
+    /// Waiting to reconnect after a failure.
+    Reconnecting,
+    /// Another process fetches as the same Canal client; not fetching until it is gone.
+    Conflict,
+    Stopped,
+}
+
+impl ConnectionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Connected => "connected",
+            ConnectionState::Reconnecting => "reconnecting",
+            ConnectionState::Conflict => "conflict",
+            ConnectionState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A snapshot of the connection.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ConnectionStatus {
-    pub state: &'static str,
+    pub state: ConnectionState,
     pub server: String,
     pub destination: String,
     pub filter: String,
     pub epoch: u64,
     pub inflight_batches: usize,
     pub inflight_bytes: usize,
+    /// Batches of abandoned epochs still being finished downstream (they count against the
+    /// in-flight bounds).
+    #[serde(default)]
+    pub abandoned_batches: usize,
     pub batches_received: u64,
     pub events_received: u64,
     pub batches_acked: u64,
     pub rollbacks: u64,
     pub reconnects: u64,
+    /// Times another process was seen fetching as this Canal client.
+    #[serde(default)]
+    pub conflicts: u64,
     pub last_error: Option<String>,
     /// Position of the newest event fetched.
     pub last_position: Option<Position>,
@@ -147,32 +206,6 @@ pub struct ConnectionStatus {
     pub acked_executed_at: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Connecting,
-    Connected,
-    Backoff,
-    Stopped,
-}
-
-impl State {
-    fn as_str(self) -> &'static str {
-        match self {
-            State::Connecting => "connecting",
-            State::Connected => "connected",
-            State::Backoff => "reconnecting",
-            State::Stopped => "stopped",
-        }
-    }
-}
-
-struct InFlight {
-    id: i64,
-    bytes: usize,
-    acked: bool,
-    last: Option<(Position, i64)>,
-}
-
 /// An operation on the lent session; it hands the session back with its result.
 type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, CanalError>)>>>;
 
@@ -180,7 +213,7 @@ type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, Cana
 enum Op {
     Fetched { epoch: u64, raw: RawBatch },
     Acked { ids: Vec<i64> },
-    Subscribed,
+    Subscribed { filter: String },
     RolledBack,
     Closed,
 }
@@ -189,14 +222,14 @@ enum Op {
 pub struct CanalConnection {
     cfg: ConnectionConfig,
     subscriber: Recipient<CanalEvent>,
-    state: State,
+    state: ConnectionState,
     session: Option<Session>,
     /// The session is lent to an operation.
     busy: bool,
-    epoch: u64,
-    inflight: VecDeque<InFlight>,
-    inflight_bytes: usize,
+    window: BatchWindow,
     need_subscribe: bool,
+    /// Who waits for the current filter to be in force.
+    filter_waiters: Vec<oneshot::Sender<()>>,
     need_rollback: bool,
     paused_until: Option<Instant>,
     /// A timer to resume fetching after `paused_until` is set.
@@ -207,7 +240,7 @@ pub struct CanalConnection {
     draining: bool,
     drain_waiters: Vec<oneshot::Sender<()>>,
     /// A requested shutdown (rollback first?) and who waits for it.
-    shutdown: Option<(bool, oneshot::Sender<()>)>,
+    shutdown: Option<(bool, oneshot::Sender<ShutdownReport>)>,
     status: ConnectionStatus,
 }
 
@@ -220,15 +253,13 @@ impl CanalConnection {
             ..Default::default()
         };
         CanalConnection {
-            cfg,
             subscriber,
-            state: State::Connecting,
+            state: ConnectionState::Connecting,
             session: None,
             busy: false,
-            epoch: 0,
-            inflight: VecDeque::new(),
-            inflight_bytes: 0,
+            window: BatchWindow::new(cfg.max_inflight_batches, cfg.max_inflight_bytes),
             need_subscribe: false,
+            filter_waiters: Vec::new(),
             need_rollback: false,
             paused_until: None,
             resume_scheduled: false,
@@ -239,6 +270,7 @@ impl CanalConnection {
             drain_waiters: Vec::new(),
             shutdown: None,
             status,
+            cfg,
         }
     }
 
@@ -255,10 +287,10 @@ impl CanalConnection {
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
-        if self.state == State::Stopped {
+        if self.state == ConnectionState::Stopped {
             return;
         }
-        self.state = State::Connecting;
+        self.state = ConnectionState::Connecting;
         self.busy = true;
         let cfg = self.cfg.session.clone();
         let filter = self.cfg.filter.clone();
@@ -268,27 +300,28 @@ impl CanalConnection {
             // Batches of an earlier connection are still outstanding on the server; roll
             // them back so they are redelivered and later acks line up.
             session.rollback(0).await?;
-            Ok::<_, CanalError>(session)
+            Ok::<_, CanalError>((session, filter))
         };
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
             act.busy = false;
-            if act.state == State::Stopped {
+            if act.state == ConnectionState::Stopped {
                 return;
             }
             match res {
-                Ok(session) => {
-                    act.epoch += 1;
+                Ok((session, filter)) => {
+                    act.begin_epoch("new canal session", true);
                     act.session = Some(session);
-                    act.state = State::Connected;
+                    act.state = ConnectionState::Connected;
                     act.attempt = 0;
                     act.ever_connected = true;
                     act.status.last_error = None;
                     tracing::info!(
                         server = %act.cfg.session.addr(),
                         destination = %act.cfg.session.destination,
-                        epoch = act.epoch,
+                        epoch = act.window.epoch(),
                         "canal session established"
                     );
+                    act.filter_applied(&filter);
                     act.drive(ctx);
                 }
                 Err(e) => {
@@ -297,7 +330,7 @@ impl CanalConnection {
                         act.subscriber.do_send(CanalEvent::Fatal {
                             error: e.to_string(),
                         });
-                        act.state = State::Stopped;
+                        act.state = ConnectionState::Stopped;
                         ctx.stop();
                         return;
                     }
@@ -305,6 +338,15 @@ impl CanalConnection {
                 }
             }
         }));
+    }
+
+    /// A subscription with `filter` is in force: answer who waited for it.
+    fn filter_applied(&mut self, filter: &str) {
+        if filter == self.cfg.filter {
+            for w in self.filter_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
     }
 
     fn schedule_reconnect(&mut self, e: CanalError, ctx: &mut Context<Self>) {
@@ -317,7 +359,7 @@ impl CanalConnection {
         } else {
             tracing::warn!(error = %e, retry_in = ?delay, "canal connection failed");
         }
-        self.state = State::Backoff;
+        self.state = ConnectionState::Reconnecting;
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
     }
 
@@ -325,8 +367,8 @@ impl CanalConnection {
     fn fail(&mut self, e: CanalError, ctx: &mut Context<Self>) {
         self.session = None;
         let reason = e.to_string();
-        self.abandon_inflight(&reason);
-        if self.state == State::Stopped {
+        self.begin_epoch(&reason, true);
+        if self.state == ConnectionState::Stopped {
             return;
         }
         if self.shutdown.is_some() {
@@ -337,27 +379,26 @@ impl CanalConnection {
         self.schedule_reconnect(e, ctx);
     }
 
-    /// Start a new epoch: the subscriber forgets older batches and acks for them are ignored.
-    fn abandon_inflight(&mut self, reason: &str) {
-        self.epoch += 1;
-        if !self.inflight.is_empty() {
+    /// Start a new epoch: the subscriber forgets older batches and acks for them are not
+    /// written.
+    fn begin_epoch(&mut self, reason: &str, new_session: bool) {
+        let (epoch, abandoned) = self.window.begin_epoch(new_session);
+        if abandoned > 0 {
             tracing::warn!(
-                batches = self.inflight.len(),
+                batches = abandoned,
                 reason,
                 "abandoning unacked canal batches; they will be redelivered"
             );
         }
-        self.inflight.clear();
-        self.inflight_bytes = 0;
         self.subscriber.do_send(CanalEvent::Reset {
-            epoch: self.epoch,
+            epoch,
             reason: reason.to_string(),
         });
         self.notify_drained();
     }
 
     fn notify_drained(&mut self) {
-        if self.inflight.is_empty() {
+        if self.window.current_is_empty() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -366,32 +407,30 @@ impl CanalConnection {
 
     /// Run the next operation on the session, if it is free.
     fn drive(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || self.state != State::Connected {
+        if self.busy || self.state != ConnectionState::Connected {
             return;
         }
         let Some(mut session) = self.session.take() else {
             return;
         };
         let op: SessionOp;
+        let ackable = if self.need_rollback {
+            Default::default()
+        } else {
+            self.window.take_ackable()
+        };
         if self.need_rollback {
             self.need_rollback = false;
             op = Box::pin(async move {
                 let r = session.rollback(0).await.map(|_| Op::RolledBack);
                 (session, r)
             });
-        } else if self.inflight.front().is_some_and(|b| b.acked) {
-            // Popped before the write: if it fails, the session is dropped and the epoch
-            // abandoned, so Canal redelivers these batches anyway.
-            let mut ids = Vec::new();
-            while self.inflight.front().is_some_and(|b| b.acked) {
-                let b = self.inflight.pop_front().expect("front exists");
-                ids.push(b.id);
-                self.inflight_bytes -= b.bytes;
-                if let Some((pos, at)) = b.last {
-                    self.status.acked_position = Some(pos);
-                    self.status.acked_executed_at = Some(at);
-                }
+        } else if !ackable.ids.is_empty() {
+            if let Some((pos, at)) = ackable.last {
+                self.status.acked_position = Some(pos);
+                self.status.acked_executed_at = Some(at);
             }
+            let ids = ackable.ids;
             op = Box::pin(async move {
                 let mut r = Ok(());
                 for id in &ids {
@@ -415,11 +454,14 @@ impl CanalConnection {
             self.need_subscribe = false;
             let filter = self.cfg.filter.clone();
             op = Box::pin(async move {
-                let r = session.subscribe(&filter).await.map(|_| Op::Subscribed);
+                let r = session
+                    .subscribe(&filter)
+                    .await
+                    .map(|_| Op::Subscribed { filter });
                 (session, r)
             });
         } else if self.may_fetch() {
-            let epoch = self.epoch;
+            let epoch = self.window.epoch();
             let (size, wait) = (self.cfg.fetch_size, self.cfg.fetch_wait);
             op = Box::pin(async move {
                 let r = session
@@ -448,7 +490,7 @@ impl CanalConnection {
         self.busy = true;
         ctx.spawn(op.into_actor(self).map(|(session, res), act, ctx| {
             act.busy = false;
-            if act.state == State::Stopped {
+            if act.state == ConnectionState::Stopped {
                 return;
             }
             match res {
@@ -458,7 +500,7 @@ impl CanalConnection {
                 }
                 Ok(op) => {
                     act.session = Some(session);
-                    act.completed(op);
+                    act.completed(op, ctx);
                     act.drive(ctx);
                 }
                 Err(e) => act.fail(e, ctx),
@@ -469,43 +511,42 @@ impl CanalConnection {
     fn may_fetch(&self) -> bool {
         !self.draining
             && self.paused_until.is_none_or(|t| t <= Instant::now())
-            && self.inflight.len() < self.cfg.max_inflight_batches.max(1)
-            && self.inflight_bytes < self.cfg.max_inflight_bytes.max(1)
+            && self.window.may_fetch()
     }
 
-    fn completed(&mut self, op: Op) {
+    fn completed(&mut self, op: Op, ctx: &mut Context<Self>) {
         match op {
-            Op::Fetched { epoch, raw } => self.on_fetched(epoch, raw),
+            Op::Fetched { epoch, raw } => self.on_fetched(epoch, raw, ctx),
             Op::Acked { ids } => {
                 self.status.batches_acked += ids.len() as u64;
                 self.consecutive_rollbacks = 0;
                 tracing::debug!(?ids, "canal batches acked");
                 self.notify_drained();
             }
-            Op::Subscribed => {
-                tracing::info!(filter = %self.cfg.filter, "canal subscription updated")
+            Op::Subscribed { filter } => {
+                tracing::info!(filter = %filter, "canal subscription updated");
+                self.filter_applied(&filter);
             }
-            Op::RolledBack => tracing::info!(epoch = self.epoch, "canal batches rolled back"),
+            Op::RolledBack => {
+                tracing::info!(epoch = self.window.epoch(), "canal batches rolled back")
+            }
             Op::Closed => {}
         }
     }
 
-    fn on_fetched(&mut self, epoch: u64, raw: RawBatch) {
+    fn on_fetched(&mut self, epoch: u64, raw: RawBatch, ctx: &mut Context<Self>) {
         if raw.is_empty() {
             return;
         }
-        if epoch != self.epoch {
+        if epoch != self.window.epoch() {
             // Fetched before a rollback was requested: the pending rollback drops it.
+            self.window.observe_id(raw.batch_id);
             tracing::debug!(
                 batch_id = raw.batch_id,
                 "discarding batch fetched before rollback"
             );
             return;
         }
-        let batch = BatchRef {
-            epoch,
-            id: raw.batch_id,
-        };
         let mut events = Vec::new();
         if let Err(source) =
             decode_entries(&self.cfg.session.destination, &raw.entries, &mut events)
@@ -515,6 +556,7 @@ impl CanalConnection {
                 batch_id: raw.batch_id,
                 source,
             };
+            self.window.observe_id(raw.batch_id);
             tracing::error!(error = %e, "undecodable canal batch; rolling back");
             self.status.last_error = Some(e.to_string());
             self.request_rollback(&e.to_string());
@@ -527,24 +569,24 @@ impl CanalConnection {
             self.status.last_position = Some(pos.clone());
             self.status.last_executed_at = Some(*at);
         }
+        let deliver = !events.is_empty();
+        let fetched = self
+            .window
+            .fetched(raw.batch_id, raw.frame_bytes, last, deliver);
+        if let Some((expected, got)) = fetched.gap {
+            self.on_conflict(expected, got, ctx);
+            return;
+        }
         tracing::debug!(
-            batch = %batch,
+            batch = %fetched.batch,
             entries = raw.entries.len(),
             events = events.len(),
             bytes = raw.frame_bytes,
             "canal batch fetched"
         );
-        self.inflight.push_back(InFlight {
-            id: raw.batch_id,
-            bytes: raw.frame_bytes,
-            // nothing to deliver (only transaction boundaries): ready to ack in order
-            acked: events.is_empty(),
-            last,
-        });
-        self.inflight_bytes += raw.frame_bytes;
-        if !events.is_empty() {
+        if deliver {
             self.subscriber.do_send(CanalEvent::Batch(Batch {
-                batch,
+                batch: fetched.batch,
                 events: Arc::new(events),
                 bytes: raw.frame_bytes,
                 entries: raw.entries.len(),
@@ -552,10 +594,42 @@ impl CanalConnection {
         }
     }
 
+    /// Another process fetched batches as our Canal client: stop, roll back, show it, and try
+    /// again after `reconnect_max`.
+    fn on_conflict(&mut self, expected: i64, got: i64, ctx: &mut Context<Self>) {
+        let e = CanalError::Conflict {
+            destination: self.cfg.session.destination.clone(),
+            client_id: self.cfg.session.client_id.clone(),
+            expected,
+            got,
+        };
+        tracing::error!(error = %e, retry_in = ?self.cfg.reconnect_max, "second client detected");
+        self.status.conflicts += 1;
+        self.status.last_error = Some(e.to_string());
+        self.session = None;
+        self.begin_epoch(&e.to_string(), true);
+        self.state = ConnectionState::Conflict;
+        let delay = self.backoff_from(self.cfg.reconnect_max);
+        ctx.run_later(delay, |act, ctx| {
+            if act.state == ConnectionState::Conflict {
+                act.connect(ctx);
+            }
+        });
+    }
+
+    /// `base` plus up to 20% jitter.
+    fn backoff_from(&self, base: Duration) -> Duration {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        base + base.mul_f64((nanos % 200) as f64 / 1000.0)
+    }
+
     fn request_rollback(&mut self, reason: &str) {
         self.status.rollbacks += 1;
         self.need_rollback = true;
-        self.abandon_inflight(reason);
+        self.begin_epoch(reason, false);
         // Back off before redelivery so a persistent failure does not spin.
         let delay = self.backoff(self.consecutive_rollbacks);
         self.consecutive_rollbacks = self.consecutive_rollbacks.saturating_add(1);
@@ -564,28 +638,33 @@ impl CanalConnection {
 
     /// Stop for good: drop the session, release waiters, answer the shutdown request.
     fn finish_shutdown(&mut self, ctx: &mut Context<Self>) {
-        self.state = State::Stopped;
+        self.state = ConnectionState::Stopped;
         self.session = None;
-        if !self.inflight.is_empty() {
+        let unacked = self.window.inflight_batches();
+        if unacked > 0 {
             tracing::info!(
-                batches = self.inflight.len(),
+                batches = unacked,
                 "canal connection closed with unacked batches; canal redelivers them"
             );
         }
-        self.inflight.clear();
+        self.window.begin_epoch(true);
         self.notify_drained();
         if let Some((_, reply)) = self.shutdown.take() {
-            let _ = reply.send(());
+            let _ = reply.send(ShutdownReport {
+                acked: self.status.batches_acked,
+                unacked,
+            });
         }
         ctx.stop();
     }
 
     fn snapshot(&self) -> ConnectionStatus {
         let mut s = self.status.clone();
-        s.state = self.state.as_str();
-        s.epoch = self.epoch;
-        s.inflight_batches = self.inflight.len();
-        s.inflight_bytes = self.inflight_bytes;
+        s.state = self.state;
+        s.epoch = self.window.epoch();
+        s.inflight_batches = self.window.inflight_batches();
+        s.inflight_bytes = self.window.inflight_bytes();
+        s.abandoned_batches = self.window.abandoned_batches();
         s.filter = self.cfg.filter.clone();
         s
     }
@@ -604,13 +683,27 @@ impl Handler<AckBatch> for CanalConnection {
     type Result = ();
 
     fn handle(&mut self, msg: AckBatch, ctx: &mut Context<Self>) {
-        if msg.0.epoch != self.epoch {
-            tracing::debug!(batch = %msg.0, "ignoring ack for an abandoned batch");
-            return;
+        match self.window.ack(msg.0) {
+            AckOutcome::Recorded => {}
+            AckOutcome::Abandoned => {
+                tracing::debug!(batch = %msg.0, "ack for an abandoned batch only releases it")
+            }
+            AckOutcome::Unknown => tracing::warn!(batch = %msg.0, "ack for an unknown batch"),
         }
-        match self.inflight.iter_mut().find(|b| b.id == msg.0.id) {
-            Some(b) => b.acked = true,
-            None => tracing::warn!(batch = %msg.0, "ack for an unknown batch"),
+        self.drive(ctx);
+    }
+}
+
+impl Handler<ReleaseBatch> for CanalConnection {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReleaseBatch, ctx: &mut Context<Self>) {
+        if msg.0.epoch == self.window.epoch() {
+            // a batch of the current epoch can only be given up through a rollback
+            tracing::warn!(batch = %msg.0, "release of a live batch; rolling back");
+            self.request_rollback("a batch was released before it was acked");
+        } else {
+            self.window.release(msg.0);
         }
         self.drive(ctx);
     }
@@ -620,7 +713,7 @@ impl Handler<RollbackBatch> for CanalConnection {
     type Result = ();
 
     fn handle(&mut self, msg: RollbackBatch, ctx: &mut Context<Self>) {
-        if msg.batch.epoch != self.epoch {
+        if msg.batch.epoch != self.window.epoch() {
             return;
         }
         tracing::warn!(batch = %msg.batch, reason = %msg.reason, "rolling back canal batches");
@@ -633,10 +726,17 @@ impl Handler<SetFilter> for CanalConnection {
     type Result = ();
 
     fn handle(&mut self, msg: SetFilter, ctx: &mut Context<Self>) {
-        if msg.0 != self.cfg.filter {
-            self.cfg.filter = msg.0;
-            self.need_subscribe = self.state == State::Connected || self.busy;
+        if let Some(w) = msg.applied {
+            self.filter_waiters.push(w);
+        }
+        if msg.filter != self.cfg.filter {
+            self.cfg.filter = msg.filter;
+            self.need_subscribe = self.state == ConnectionState::Connected || self.busy;
             self.drive(ctx);
+        } else if self.state == ConnectionState::Connected && !self.need_subscribe {
+            // already in force (no subscribe pending for it)
+            let f = self.cfg.filter.clone();
+            self.filter_applied(&f);
         }
     }
 }
@@ -656,24 +756,22 @@ impl Handler<Drain> for CanalConnection {
 }
 
 impl Handler<Shutdown> for CanalConnection {
-    type Result = ResponseFuture<()>;
+    type Result = ResponseFuture<ShutdownReport>;
 
     fn handle(&mut self, msg: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
         self.draining = true;
         let (tx, rx) = oneshot::channel();
         if let Some((_, earlier)) = self.shutdown.replace((msg.rollback, tx)) {
-            let _ = earlier.send(());
+            let _ = earlier.send(ShutdownReport::default());
         }
-        if self.state == State::Connected {
+        if self.state == ConnectionState::Connected {
             // runs after the operation in progress and after writing every acked batch
             self.drive(ctx);
         } else {
             // no session: nothing to flush or roll back
             self.finish_shutdown(ctx);
         }
-        Box::pin(async move {
-            let _ = rx.await;
-        })
+        Box::pin(async move { rx.await.unwrap_or_default() })
     }
 }
 

@@ -19,6 +19,7 @@ pub mod connection;
 pub mod decode;
 pub mod proto;
 pub mod session;
+pub mod window;
 
 pub use connection::{Batch, BatchRef, CanalConnection, ConnectionConfig};
 pub use session::{Session, SessionConfig};
@@ -60,6 +61,15 @@ pub enum CanalError {
         user: String,
         code: i32,
         message: String,
+    },
+    #[error(
+        "another process is fetching from destination '{destination}' as client id {client_id}: canal's batch ids jumped from {expected} to {got}; stop the other instance (check `canal-consumer status` on other hosts) or give one of them another canal.client_id"
+    )]
+    Conflict {
+        destination: String,
+        client_id: String,
+        expected: i64,
+        got: i64,
     },
     #[error("canal server error {code} on destination '{destination}' while {during}: {message}")]
     Server {

@@ -14,6 +14,7 @@
 //! - More than `max_restarts` restarts within `quarantine_window` quarantines the consumer: it
 //!   refuses work, and the Manager rolls the batch back instead of acking it.
 
+use crate::canal::connection::BatchRef;
 use crate::consumer::{Consumer, ConsumerContext, ConsumerError, Failure};
 use crate::event::ChangeEvent;
 use crate::publisher::{Publish, PublishError};
@@ -49,6 +50,8 @@ impl From<&crate::config::ConsumersConfig> for SupervisionConfig {
 #[derive(Message)]
 #[rtype(result = "Result<Processed, ProcessFailure>")]
 pub struct ProcessBatch {
+    /// The Canal batch (and epoch) the events come from.
+    pub batch: BatchRef,
     pub events: Arc<Vec<ChangeEvent>>,
     pub indices: Arc<Vec<usize>>,
 }
@@ -278,6 +281,7 @@ impl Handler<ProcessBatch> for ConsumerActor {
             // outstanding messages is bounded by the Canal in-flight window.
             self.publisher.do_send(Publish {
                 triggers,
+                epoch: msg.batch.epoch,
                 reply: tx,
             });
         }

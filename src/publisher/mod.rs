@@ -9,7 +9,9 @@
 pub mod amqp;
 pub mod celery;
 pub mod envelope;
+mod session;
 pub mod topology;
+pub mod window;
 
 pub use amqp::{AmqpPublisher, GetPublisherStatus, PublisherState, PublisherStatus, Shutdown};
 
@@ -47,15 +49,47 @@ pub enum PublishError {
     /// argument differs and what to set. Retrying does not help.
     #[error("queue topology mismatch: {0}")]
     Topology(String),
+    /// The job belonged to a Canal epoch that was abandoned (a rollback or reconnect began a
+    /// newer one); what it had not published yet was dropped, and Canal redelivers the rows.
+    #[error("publish cancelled: canal epoch {epoch} was abandoned")]
+    Cancelled { epoch: u64 },
+}
+
+impl PublishError {
+    /// True when retrying the same publish later may succeed (the broker or the link was the
+    /// problem); false when the message itself cannot be delivered as configured (unroutable,
+    /// unencodable, wrong topology), so retrying alone never helps.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PublishError::Nacked { .. }
+            | PublishError::ConfirmTimeout { .. }
+            | PublishError::ConnectionLost { .. }
+            | PublishError::Unavailable(_)
+            | PublishError::Cancelled { .. } => true,
+            PublishError::Returned { .. }
+            | PublishError::Encode { .. }
+            | PublishError::Topology(_) => false,
+        }
+    }
 }
 
 /// Publish these triggers, in order; answer on `reply` when all are confirmed.
+///
+/// `epoch` is the Canal epoch of the batch the triggers come from: a publisher cancels the
+/// unpublished work of older epochs once it sees a newer one (see [`window`]).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Publish {
     pub triggers: Vec<Trigger>,
+    pub epoch: u64,
     pub reply: oneshot::Sender<Result<(), PublishError>>,
 }
+
+/// Cancel what is not yet published of Canal epochs below this one (the Manager sends it when
+/// an epoch ends; a `Publish` of a newer epoch has the same effect).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct CancelBefore(pub u64);
 
 /// A sink that records every trigger and confirms at once (tests, `test NAME`).
 #[derive(Debug, Default, Clone)]
@@ -65,6 +99,12 @@ pub struct RecordingSink {
 
 impl Actor for RecordingSink {
     type Context = Context<Self>;
+}
+
+impl Handler<CancelBefore> for RecordingSink {
+    type Result = ();
+
+    fn handle(&mut self, _: CancelBefore, _: &mut Context<Self>) {}
 }
 
 impl Handler<Publish> for RecordingSink {

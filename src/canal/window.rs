@@ -1,0 +1,280 @@
+//! The Canal connection's batch window as a plain state machine (no I/O, no actix).
+//!
+//! [`BatchWindow`] knows which batches were fetched and not yet acked, in fetch order, which of
+//! them the subscriber has finished, and which *abandoned* batches (of an epoch that ended with
+//! a rollback or a lost session) still hold work downstream. It decides:
+//! - whether another GET may be issued: batches and frame bytes in flight, abandoned ones
+//!   included until the subscriber releases them, stay within `max_batches` / `max_bytes`;
+//! - which acks may be written: only the finished prefix, so acks reach Canal in batch order;
+//! - what an ack or release means: one for an abandoned epoch is never written to Canal.
+//!
+//! It also watches Canal's batch ids: the server numbers the batches of one client identity
+//! consecutively, so within a session a jump means another process fetched batches as the same
+//! client (a second instance). [`Fetched::gap`] reports it.
+
+use crate::event::Position;
+use std::collections::{BTreeMap, VecDeque};
+
+/// Identifies a batch: Canal's batch id within a connection epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct BatchRef {
+    pub epoch: u64,
+    pub id: i64,
+}
+
+impl std::fmt::Display for BatchRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.epoch, self.id)
+    }
+}
+
+#[derive(Debug)]
+struct InFlight {
+    id: i64,
+    bytes: usize,
+    /// The subscriber finished it (or it had nothing to deliver).
+    done: bool,
+    /// It was handed to the subscriber, which must release it if it is abandoned.
+    delivered: bool,
+    last: Option<(Position, i64)>,
+}
+
+/// A fetched batch as the window recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetched {
+    pub batch: BatchRef,
+    /// `(expected, got)` when Canal's batch id skipped numbers: someone else fetched them.
+    pub gap: Option<(i64, i64)>,
+}
+
+/// What an ack from the subscriber meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Recorded; it is written once every earlier batch is done too.
+    Recorded,
+    /// The batch's epoch was abandoned: it only releases the batch.
+    Abandoned,
+    /// No such batch in flight.
+    Unknown,
+}
+
+/// Acks ready to write, in order, and the newest position they cover.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ackable {
+    pub ids: Vec<i64>,
+    pub last: Option<(Position, i64)>,
+}
+
+/// The batch window. See the module docs.
+#[derive(Debug)]
+pub struct BatchWindow {
+    max_batches: usize,
+    max_bytes: usize,
+    epoch: u64,
+    inflight: VecDeque<InFlight>,
+    inflight_bytes: usize,
+    abandoned: BTreeMap<BatchRef, usize>,
+    abandoned_bytes: usize,
+    /// The last batch id fetched in this session.
+    last_id: Option<i64>,
+}
+
+impl BatchWindow {
+    pub fn new(max_batches: usize, max_bytes: usize) -> Self {
+        BatchWindow {
+            max_batches: max_batches.max(1),
+            max_bytes: max_bytes.max(1),
+            epoch: 0,
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            abandoned: BTreeMap::new(),
+            abandoned_bytes: 0,
+            last_id: None,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Batches fetched in this epoch and not yet acked.
+    pub fn inflight_batches(&self) -> usize {
+        self.inflight.len()
+    }
+
+    pub fn inflight_bytes(&self) -> usize {
+        self.inflight_bytes
+    }
+
+    /// Batches of abandoned epochs the subscriber still works on.
+    pub fn abandoned_batches(&self) -> usize {
+        self.abandoned.len()
+    }
+
+    pub fn abandoned_bytes(&self) -> usize {
+        self.abandoned_bytes
+    }
+
+    /// True if nothing is in flight (abandoned work included).
+    pub fn is_empty(&self) -> bool {
+        self.inflight.is_empty() && self.abandoned.is_empty()
+    }
+
+    /// True if nothing of the current epoch is in flight.
+    pub fn current_is_empty(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
+    /// May another GET be issued?
+    pub fn may_fetch(&self) -> bool {
+        self.inflight.len() + self.abandoned.len() < self.max_batches
+            && self.inflight_bytes + self.abandoned_bytes < self.max_bytes
+    }
+
+    /// End the current epoch (rollback or lost session): everything in flight is abandoned and
+    /// will be redelivered by Canal. Returns the new epoch and how many batches were abandoned.
+    /// `new_session` also forgets the batch-id sequence (a new session may restart it).
+    pub fn begin_epoch(&mut self, new_session: bool) -> (u64, usize) {
+        let abandoned = self.inflight.len();
+        for b in self.inflight.drain(..) {
+            if b.delivered && !b.done {
+                let key = BatchRef {
+                    epoch: self.epoch,
+                    id: b.id,
+                };
+                self.abandoned.insert(key, b.bytes);
+                self.abandoned_bytes += b.bytes;
+            }
+        }
+        self.inflight_bytes = 0;
+        self.epoch += 1;
+        if new_session {
+            self.last_id = None;
+        }
+        (self.epoch, abandoned)
+    }
+
+    /// Record a fetched, non-empty batch. `deliver` is false when it has nothing for the
+    /// subscriber (only transaction boundaries): it is then done at once.
+    pub fn fetched(
+        &mut self,
+        id: i64,
+        bytes: usize,
+        last: Option<(Position, i64)>,
+        deliver: bool,
+    ) -> Fetched {
+        let gap = self.observe_id(id);
+        self.inflight.push_back(InFlight {
+            id,
+            bytes,
+            done: !deliver,
+            delivered: deliver,
+            last,
+        });
+        self.inflight_bytes += bytes;
+        Fetched {
+            batch: BatchRef {
+                epoch: self.epoch,
+                id,
+            },
+            gap,
+        }
+    }
+
+    /// Note a batch id Canal handed out in this session (also one whose batch is discarded);
+    /// returns `(expected, got)` if ids were skipped.
+    pub fn observe_id(&mut self, id: i64) -> Option<(i64, i64)> {
+        let gap = match self.last_id {
+            Some(prev) if id != prev + 1 => Some((prev + 1, id)),
+            _ => None,
+        };
+        self.last_id = Some(id);
+        gap
+    }
+
+    /// The subscriber finished `batch`: every trigger of it is confirmed.
+    pub fn ack(&mut self, batch: BatchRef) -> AckOutcome {
+        if batch.epoch != self.epoch {
+            self.release(batch);
+            return AckOutcome::Abandoned;
+        }
+        match self.inflight.iter_mut().find(|b| b.id == batch.id) {
+            Some(b) => {
+                b.done = true;
+                AckOutcome::Recorded
+            }
+            None => AckOutcome::Unknown,
+        }
+    }
+
+    /// The subscriber holds nothing of the abandoned `batch` any more.
+    pub fn release(&mut self, batch: BatchRef) -> bool {
+        match self.abandoned.remove(&batch) {
+            Some(bytes) => {
+                self.abandoned_bytes -= bytes;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Pop the finished prefix: these acks may be written now, in this order. (Popped before
+    /// the write: if the write fails the session is dropped and the epoch abandoned, so Canal
+    /// redelivers them anyway.)
+    pub fn take_ackable(&mut self) -> Ackable {
+        let mut out = Ackable::default();
+        while self.inflight.front().is_some_and(|b| b.done) {
+            let Some(b) = self.inflight.pop_front() else {
+                break;
+            };
+            self.inflight_bytes -= b.bytes;
+            out.ids.push(b.id);
+            if b.last.is_some() {
+                out.last = b.last;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_leave_in_fetch_order() {
+        let mut w = BatchWindow::new(8, 1 << 20);
+        let a = w.fetched(1, 10, None, true).batch;
+        let b = w.fetched(2, 10, None, true).batch;
+        assert_eq!(w.ack(b), AckOutcome::Recorded);
+        assert!(w.take_ackable().ids.is_empty());
+        assert_eq!(w.ack(a), AckOutcome::Recorded);
+        assert_eq!(w.take_ackable().ids, vec![1, 2]);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn abandoned_batches_count_against_the_bounds_until_released() {
+        let mut w = BatchWindow::new(2, 1 << 20);
+        let a = w.fetched(1, 10, None, true).batch;
+        w.fetched(2, 10, None, false);
+        assert!(!w.may_fetch());
+        let (epoch, n) = w.begin_epoch(false);
+        assert_eq!((epoch, n), (1, 2));
+        // batch 2 had nothing downstream; batch 1 still has work there
+        assert_eq!(w.abandoned_batches(), 1);
+        w.fetched(3, 10, None, true);
+        assert!(!w.may_fetch());
+        assert_eq!(w.ack(a), AckOutcome::Abandoned);
+        assert!(w.may_fetch());
+    }
+
+    #[test]
+    fn a_jump_in_batch_ids_is_reported() {
+        let mut w = BatchWindow::new(8, 1 << 20);
+        assert_eq!(w.fetched(5, 1, None, true).gap, None);
+        assert_eq!(w.fetched(7, 1, None, true).gap, Some((6, 7)));
+        w.begin_epoch(true);
+        assert_eq!(w.fetched(1, 1, None, true).gap, None);
+    }
+}

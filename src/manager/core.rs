@@ -1,0 +1,387 @@
+//! The Manager's bookkeeping as a plain state machine (no I/O, no actix).
+//!
+//! [`Router`] owns, per consumer *slot*, the queue of parts (the events of one batch that the
+//! consumer's filters match) and, per batch, the set of slots whose part is not finished. It
+//! turns inputs (a routed batch, a part processed or failed by its consumer, a publish confirmed
+//! or failed, an epoch reset, enable/disable) into [`Command`]s for the actor shell: hand a part
+//! to a consumer, retry later, ack, roll back, release, cancel stale publishes.
+//!
+//! Rules:
+//! - each consumer has at most one part in its actor at a time, taken in batch order, so its
+//!   triggers leave in binlog order;
+//! - a batch is acked only when every slot's part of it is processed *and* confirmed; a failed
+//!   part rolls the batch back (the connection then starts a new epoch);
+//! - a batch is *released* (it holds nothing downstream any more) when it was abandoned — its
+//!   epoch ended or it failed — and its last part finished; the connection counts abandoned
+//!   batches against its in-flight bounds until then, so abandoned work cannot pile up;
+//! - pending parts are tracked as a *set* of slots per batch, so finishing a part twice (a
+//!   disable racing with its completion) can never ack a batch early;
+//! - disabling a consumer drops its queued parts (their batches no longer wait for it) but the
+//!   part inside its actor finishes normally, so its triggers are confirmed before any ack.
+
+use crate::canal::connection::BatchRef;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+/// Index of a consumer in the Manager.
+pub type SlotId = usize;
+
+/// What a consumer is doing, as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsumerState {
+    /// Enabled and processing (or idle).
+    #[default]
+    Running,
+    /// Its last part failed; it is restarted and retries that part after a backoff.
+    Restarting,
+    /// It failed too often; its batches are rolled back until it is enabled again.
+    Quarantined,
+    /// Disabled by the operator: its events are not routed to it.
+    Disabled,
+}
+
+impl ConsumerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerState::Running => "running",
+            ConsumerState::Restarting => "restarting",
+            ConsumerState::Quarantined => "quarantined",
+            ConsumerState::Disabled => "disabled",
+        }
+    }
+}
+
+impl std::fmt::Display for ConsumerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a consumer answered a part.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Processed {
+    /// Its triggers were handed to the publisher; a [`Router::confirmed`] follows.
+    Published,
+    /// It failed (error or panic) and is being restarted: retry the same part after `retry_in`.
+    Failed { retry_in: Duration },
+    /// It is quarantined: the part cannot be processed.
+    Quarantined,
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command<P> {
+    /// Hand this part to the slot's consumer; answer with [`Router::processed`].
+    Process {
+        slot: SlotId,
+        batch: BatchRef,
+        part: P,
+    },
+    /// Call [`Router::retry`] for this slot after `delay`.
+    RetryAfter { slot: SlotId, delay: Duration },
+    /// Every trigger of this batch is confirmed: ack it (the connection acks in order).
+    Ack(BatchRef),
+    /// Roll back: the batch cannot be completed.
+    Rollback { batch: BatchRef, reason: String },
+    /// An abandoned batch holds no work downstream any more.
+    Release(BatchRef),
+    /// Publishes of epochs below this one are stale: cancel what is unpublished.
+    CancelBefore(u64),
+}
+
+#[derive(Debug)]
+struct Slot<P> {
+    enabled: bool,
+    quarantined: bool,
+    retrying: bool,
+    queue: VecDeque<(BatchRef, P)>,
+    /// The queue's front is inside the consumer actor.
+    in_consumer: bool,
+    /// A `RetryAfter` is outstanding.
+    waiting_retry: bool,
+}
+
+#[derive(Debug, Default)]
+struct Track {
+    pending: BTreeSet<SlotId>,
+    /// A part of it failed or was dropped: it can only be released, never acked.
+    failed: bool,
+    rolled_back: bool,
+}
+
+/// The Manager's core. See the module docs.
+#[derive(Debug)]
+pub struct Router<P> {
+    slots: Vec<Slot<P>>,
+    batches: BTreeMap<BatchRef, Track>,
+    epoch: u64,
+    out: Vec<Command<P>>,
+}
+
+impl<P: Clone> Router<P> {
+    /// A router for consumers with these enabled flags.
+    pub fn new(enabled: impl IntoIterator<Item = bool>) -> Self {
+        Router {
+            slots: enabled
+                .into_iter()
+                .map(|enabled| Slot {
+                    enabled,
+                    quarantined: false,
+                    retrying: false,
+                    queue: VecDeque::new(),
+                    in_consumer: false,
+                    waiting_retry: false,
+                })
+                .collect(),
+            batches: BTreeMap::new(),
+            epoch: 0,
+            out: Vec::new(),
+        }
+    }
+
+    pub fn is_enabled(&self, slot: SlotId) -> bool {
+        self.slots.get(slot).is_some_and(|s| s.enabled)
+    }
+
+    pub fn state(&self, slot: SlotId) -> ConsumerState {
+        let s = &self.slots[slot];
+        if !s.enabled {
+            ConsumerState::Disabled
+        } else if s.quarantined {
+            ConsumerState::Quarantined
+        } else if s.retrying {
+            ConsumerState::Restarting
+        } else {
+            ConsumerState::Running
+        }
+    }
+
+    /// Parts waiting for (or inside) this slot's consumer.
+    pub fn queued(&self, slot: SlotId) -> usize {
+        self.slots[slot].queue.len()
+    }
+
+    /// Batches of the current epoch not yet acked or rolled back.
+    pub fn batches_in_flight(&self) -> usize {
+        self.batches
+            .keys()
+            .filter(|b| b.epoch == self.epoch)
+            .count()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Commands decided since the last call, in order.
+    pub fn take_commands(&mut self) -> Vec<Command<P>> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// A new batch: `parts` are the slots whose filters match some of its events, with their
+    /// part. Parts for disabled slots are ignored.
+    pub fn route(&mut self, batch: BatchRef, parts: Vec<(SlotId, P)>) {
+        if batch.epoch < self.epoch {
+            // fetched before an epoch we already know ended: nothing of it runs
+            self.out.push(Command::Release(batch));
+            return;
+        }
+        if batch.epoch > self.epoch {
+            self.reset(batch.epoch);
+        }
+        let mut track = Track::default();
+        let mut touched = Vec::new();
+        for (slot, part) in parts {
+            let Some(s) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            if !s.enabled || !track.pending.insert(slot) {
+                continue;
+            }
+            s.queue.push_back((batch, part));
+            touched.push(slot);
+        }
+        if track.pending.is_empty() {
+            self.out.push(Command::Ack(batch));
+            return;
+        }
+        self.batches.insert(batch, track);
+        for slot in touched {
+            self.dispatch(slot);
+        }
+    }
+
+    fn dispatch(&mut self, slot: SlotId) {
+        let s = &mut self.slots[slot];
+        if s.in_consumer || s.waiting_retry {
+            return;
+        }
+        if let Some((batch, part)) = s.queue.front() {
+            s.in_consumer = true;
+            self.out.push(Command::Process {
+                slot,
+                batch: *batch,
+                part: part.clone(),
+            });
+        }
+    }
+
+    /// The slot's consumer answered the part of `batch`.
+    pub fn processed(&mut self, slot: SlotId, batch: BatchRef, outcome: Processed) {
+        let s = &mut self.slots[slot];
+        let is_front = s.in_consumer && s.queue.front().is_some_and(|(b, _)| *b == batch);
+        if !is_front {
+            return;
+        }
+        s.in_consumer = false;
+        match outcome {
+            Processed::Published => {
+                // its publish is confirmed or cancelled later; `confirmed` follows either way
+                s.queue.pop_front();
+                s.retrying = false;
+                self.dispatch(slot);
+            }
+            Processed::Failed { retry_in } => {
+                s.retrying = true;
+                if batch.epoch < self.epoch || !s.enabled {
+                    // abandoned or disabled while it was inside the consumer: do not retry it
+                    s.queue.pop_front();
+                    let ok = batch.epoch == self.epoch;
+                    self.part_finished(slot, batch, ok);
+                    self.dispatch(slot);
+                    return;
+                }
+                s.waiting_retry = true;
+                self.out.push(Command::RetryAfter {
+                    slot,
+                    delay: retry_in,
+                });
+            }
+            Processed::Quarantined => {
+                s.quarantined = true;
+                let dropped: Vec<BatchRef> = s.queue.drain(..).map(|(b, _)| b).collect();
+                self.fail(batch, format!("consumer slot {slot} is quarantined"));
+                for b in dropped {
+                    self.part_finished(slot, b, false);
+                }
+            }
+        }
+    }
+
+    /// The retry timer of `slot` fired.
+    pub fn retry(&mut self, slot: SlotId) {
+        self.slots[slot].waiting_retry = false;
+        self.dispatch(slot);
+    }
+
+    /// The publish of the slot's part of `batch` is settled.
+    pub fn confirmed(&mut self, slot: SlotId, batch: BatchRef, result: Result<(), String>) {
+        match result {
+            Ok(()) => self.part_finished(slot, batch, true),
+            Err(reason) => {
+                // the rollback goes out before the batch can be released
+                self.fail(batch, reason);
+                self.part_finished(slot, batch, false);
+            }
+        }
+    }
+
+    /// Roll `batch` back (once), if it belongs to the current epoch.
+    fn fail(&mut self, batch: BatchRef, reason: String) {
+        if batch.epoch == self.epoch {
+            let first = match self.batches.get_mut(&batch) {
+                Some(t) => {
+                    t.failed = true;
+                    !std::mem::replace(&mut t.rolled_back, true)
+                }
+                None => false,
+            };
+            if first {
+                self.out.push(Command::Rollback { batch, reason });
+            }
+        }
+    }
+
+    /// The slot no longer holds `batch` back. `ok` is false when its part was dropped or
+    /// failed, which makes the batch impossible to ack.
+    fn part_finished(&mut self, slot: SlotId, batch: BatchRef, ok: bool) {
+        let Some(track) = self.batches.get_mut(&batch) else {
+            return;
+        };
+        if !track.pending.remove(&slot) {
+            return;
+        }
+        if !ok && batch.epoch == self.epoch && self.slots[slot].enabled {
+            // a live batch lost a part: it can only be rolled back
+            track.failed = true;
+            if !std::mem::replace(&mut track.rolled_back, true) {
+                self.out.push(Command::Rollback {
+                    batch,
+                    reason: format!("the part of consumer slot {slot} could not be processed"),
+                });
+            }
+        }
+        if track.pending.is_empty() {
+            let t = self.batches.remove(&batch).unwrap_or_default();
+            if batch.epoch == self.epoch && !t.failed {
+                self.out.push(Command::Ack(batch));
+            } else {
+                self.out.push(Command::Release(batch));
+            }
+        }
+    }
+
+    /// Every batch of an epoch before `epoch` was abandoned by the connection.
+    pub fn reset(&mut self, epoch: u64) {
+        if epoch <= self.epoch {
+            return;
+        }
+        self.epoch = epoch;
+        self.out.push(Command::CancelBefore(epoch));
+        for slot in 0..self.slots.len() {
+            let s = &mut self.slots[slot];
+            let keep_front = s.in_consumer;
+            let mut dropped = Vec::new();
+            let mut kept = VecDeque::new();
+            for (i, (b, p)) in s.queue.drain(..).enumerate() {
+                if b.epoch < epoch && !(i == 0 && keep_front) {
+                    dropped.push(b);
+                } else {
+                    kept.push_back((b, p));
+                }
+            }
+            s.queue = kept;
+            if !s.in_consumer {
+                s.waiting_retry = false;
+            }
+            for b in dropped {
+                self.part_finished(slot, b, false);
+            }
+        }
+    }
+
+    /// Enable or disable a slot. Disabling drops its queued parts (their batches no longer
+    /// wait for it); the part inside its actor finishes normally. Enabling lifts a quarantine.
+    pub fn set_enabled(&mut self, slot: SlotId, enabled: bool) {
+        let s = &mut self.slots[slot];
+        s.enabled = enabled;
+        if enabled {
+            s.quarantined = false;
+            s.retrying = false;
+            self.dispatch(slot);
+            return;
+        }
+        let keep_front = s.in_consumer;
+        let skip = usize::from(keep_front);
+        let dropped: Vec<BatchRef> = s.queue.drain(skip..).map(|(b, _)| b).collect();
+        if !keep_front {
+            s.waiting_retry = false;
+        }
+        for b in dropped {
+            // a disabled consumer's part holds nothing back: finishing it is not a failure
+            self.part_finished(slot, b, true);
+        }
+    }
+}

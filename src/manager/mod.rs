@@ -1,0 +1,480 @@
+//! The Manager actor: routes Canal batches to consumers and decides when a batch is acked.
+//!
+//! For each batch from the `CanalConnection` it picks, per enabled consumer, the events that
+//! consumer's filters match, and hands that part to the pure [`core::Router`], which decides
+//! everything else: each consumer gets one part at a time, in batch order, so its triggers leave
+//! in binlog order; a batch is acked once every consumer part of it is processed *and* confirmed
+//! by the publisher; the connection then acks batches to Canal strictly in order. This actor only
+//! carries the router's commands out (messages to consumer actors, the connection and the
+//! publisher) and feeds the answers back in.
+//!
+//! Failures:
+//! - a consumer that fails a part is restarted by its supervisor; the router retries that same
+//!   part after the consumer's backoff. Other consumers keep going (up to the Canal in-flight
+//!   window), so one slow or failing consumer does not stop the rest;
+//! - a quarantined consumer, or a publish that fails (nack, return, timeout, lost broker),
+//!   rolls the batch back: Canal redelivers it and every consumer sees it again (duplicates
+//!   carry the same message ids);
+//! - when the connection starts a new epoch (reconnect or rollback) the router drops queued
+//!   parts of older epochs, the publisher cancels their unpublished messages, and each abandoned
+//!   batch is *released* to the connection once nothing of it is running any more.
+//!
+//! The Canal subscription filter is the union of the enabled consumers' filters. `enable` and
+//! `disable` answer only once Canal has accepted the new subscription.
+
+pub mod core;
+
+use crate::canal::connection::{
+    AckBatch, Batch, BatchRef, CanalConnection, CanalEvent, ReleaseBatch, RollbackBatch, SetFilter,
+};
+use crate::consumer::TableFilter;
+use crate::consumer::actor::{ConsumerActor, ProcessBatch, ProcessFailure, Reinstate};
+use crate::consumer::filter::canal_filter;
+use crate::event::ChangeEvent;
+use crate::publisher::{CancelBefore, PublishError};
+use actix::prelude::*;
+pub use core::ConsumerState;
+use core::{Command, Processed, Router};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long `enable`/`disable` wait for Canal to accept the new subscription.
+pub const FILTER_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A consumer as the Manager knows it.
+pub struct ConsumerEntry {
+    pub name: String,
+    pub filters: Vec<TableFilter>,
+    pub enabled: bool,
+    pub addr: Addr<ConsumerActor>,
+}
+
+/// The events of one batch a consumer must process.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub events: Arc<Vec<ChangeEvent>>,
+    pub indices: Arc<Vec<usize>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConsumerStats {
+    pub name: String,
+    pub enabled: bool,
+    pub state: ConsumerState,
+    pub events: u64,
+    pub triggers: u64,
+    pub errors: u64,
+    pub restarts: u32,
+    pub queued_parts: usize,
+    pub last_error: Option<String>,
+    /// Source execution time of the newest event whose triggers were confirmed (ms).
+    pub confirmed_executed_at: Option<i64>,
+}
+
+/// Manager settings.
+#[derive(Debug, Clone, Default)]
+pub struct ManagerConfig {
+    /// Extra Canal filter ORed into the consumers' one.
+    pub extra_filter: String,
+}
+
+/// Give the Manager its connection (the connection is created with the Manager's address).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachConnection(pub ConnectionLink);
+
+/// What the Manager sends to the connection.
+#[derive(Clone)]
+pub struct ConnectionLink {
+    pub ack: Recipient<AckBatch>,
+    pub rollback: Recipient<RollbackBatch>,
+    pub release: Recipient<ReleaseBatch>,
+    pub filter: Recipient<SetFilter>,
+}
+
+impl From<&Addr<CanalConnection>> for ConnectionLink {
+    fn from(addr: &Addr<CanalConnection>) -> Self {
+        ConnectionLink {
+            ack: addr.clone().recipient(),
+            rollback: addr.clone().recipient(),
+            release: addr.clone().recipient(),
+            filter: addr.clone().recipient(),
+        }
+    }
+}
+
+/// Enable or disable a consumer live. Answers once Canal applies the new subscription.
+#[derive(Message)]
+#[rtype(result = "Result<(), SetEnabledError>")]
+pub struct SetEnabled {
+    pub name: String,
+    pub enabled: bool,
+}
+
+/// Why `enable`/`disable` did not (yet) take effect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetEnabledError {
+    #[error("no consumer named '{0}'")]
+    UnknownConsumer(String),
+    /// The change is recorded and routing follows it, but Canal has not accepted the new
+    /// subscription yet (it is applied when the connection is back).
+    #[error(
+        "consumer '{name}' is {state} in the service, but canal has not applied the new subscription within {timeout:?} (not connected?); it applies when the connection is back"
+    )]
+    NotInForce {
+        name: String,
+        state: &'static str,
+        timeout: Duration,
+    },
+}
+
+/// Ask for a status snapshot.
+#[derive(Message)]
+#[rtype(result = "ManagerStatus")]
+pub struct GetManagerStatus;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ManagerStatus {
+    pub batches_in_flight: usize,
+    pub consumers: Vec<ConsumerStats>,
+    pub filter: String,
+}
+
+/// A part's publish settled (internal).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct PartDone {
+    slot: usize,
+    batch: BatchRef,
+    result: Result<(), PublishError>,
+    executed_at: Option<i64>,
+}
+
+struct Slot {
+    name: String,
+    filters: Vec<TableFilter>,
+    addr: Addr<ConsumerActor>,
+    stats: ConsumerStats,
+}
+
+/// The Manager actor.
+pub struct Manager {
+    cfg: ManagerConfig,
+    connection: Option<ConnectionLink>,
+    publisher: Option<Recipient<CancelBefore>>,
+    slots: Vec<Slot>,
+    router: Router<Part>,
+}
+
+impl Manager {
+    pub fn new(cfg: ManagerConfig, consumers: Vec<ConsumerEntry>) -> Self {
+        let router = Router::new(consumers.iter().map(|c| c.enabled));
+        let slots = consumers
+            .into_iter()
+            .map(|c| Slot {
+                stats: ConsumerStats {
+                    name: c.name.clone(),
+                    ..Default::default()
+                },
+                name: c.name,
+                filters: c.filters,
+                addr: c.addr,
+            })
+            .collect();
+        Manager {
+            cfg,
+            connection: None,
+            publisher: None,
+            slots,
+            router,
+        }
+    }
+
+    /// Let the Manager cancel stale publishes at once when an epoch ends (without it the
+    /// publisher cancels them when it sees the first publish of the new epoch).
+    pub fn with_publisher(mut self, publisher: Recipient<CancelBefore>) -> Self {
+        self.publisher = Some(publisher);
+        self
+    }
+
+    /// The Canal subscription filter for the enabled consumers.
+    pub fn filter(&self) -> String {
+        let mut parts = vec![canal_filter(
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| self.router.is_enabled(*i))
+                .flat_map(|(_, s)| s.filters.iter()),
+        )];
+        if !self.cfg.extra_filter.is_empty() {
+            parts.push(self.cfg.extra_filter.clone());
+        }
+        parts.retain(|p| !p.is_empty());
+        parts.join(",")
+    }
+
+    fn route(&mut self, batch: Batch, ctx: &mut Context<Self>) {
+        let mut parts = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if !self.router.is_enabled(i) {
+                continue;
+            }
+            let indices: Vec<usize> = batch
+                .events
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| slot.filters.iter().any(|f| f.matches(e)))
+                .map(|(i, _)| i)
+                .collect();
+            if indices.is_empty() {
+                continue;
+            }
+            slot.stats.events += indices.len() as u64;
+            parts.push((
+                i,
+                Part {
+                    events: batch.events.clone(),
+                    indices: Arc::new(indices),
+                },
+            ));
+        }
+        self.router.route(batch.batch, parts);
+        self.run(ctx);
+    }
+
+    /// Carry out what the router decided.
+    fn run(&mut self, ctx: &mut Context<Self>) {
+        for cmd in self.router.take_commands() {
+            match cmd {
+                Command::Process { slot, batch, part } => self.process(slot, batch, part, ctx),
+                Command::RetryAfter { slot, delay } => {
+                    ctx.run_later(delay, move |act, ctx| {
+                        act.router.retry(slot);
+                        act.run(ctx);
+                    });
+                }
+                Command::Ack(b) => {
+                    if let Some(c) = &self.connection {
+                        c.ack.do_send(AckBatch(b));
+                    }
+                }
+                Command::Rollback { batch, reason } => {
+                    if let Some(c) = &self.connection {
+                        c.rollback.do_send(RollbackBatch { batch, reason });
+                    }
+                }
+                Command::Release(b) => {
+                    if let Some(c) = &self.connection {
+                        c.release.do_send(ReleaseBatch(b));
+                    }
+                }
+                Command::CancelBefore(epoch) => {
+                    if let Some(p) = &self.publisher {
+                        p.do_send(CancelBefore(epoch));
+                    }
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, i: usize, batch: BatchRef, part: Part, ctx: &mut Context<Self>) {
+        let last_at = part
+            .indices
+            .last()
+            .and_then(|&j| part.events.get(j))
+            .map(|e| e.executed_at);
+        let msg = ProcessBatch {
+            batch,
+            events: part.events,
+            indices: part.indices,
+        };
+        let fut = self.slots[i].addr.send(msg);
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let outcome = match res {
+                Ok(Ok(processed)) => {
+                    let stats = &mut act.slots[i].stats;
+                    stats.triggers += processed.triggers as u64;
+                    stats.errors += processed.event_errors as u64;
+                    let me = ctx.address();
+                    actix::spawn(async move {
+                        let result = match processed.confirmed.await {
+                            Ok(r) => r,
+                            Err(_) => Err(PublishError::Unavailable(
+                                "the publisher dropped the confirmation".into(),
+                            )),
+                        };
+                        me.do_send(PartDone {
+                            slot: i,
+                            batch,
+                            result,
+                            executed_at: last_at,
+                        });
+                    });
+                    Processed::Published
+                }
+                Ok(Err(failure)) => act.part_failed(i, failure),
+                Err(mailbox) => {
+                    // the actor stopped while handling it (restart in progress)
+                    tracing::debug!(error = %mailbox, "consumer mailbox error");
+                    Processed::Failed {
+                        retry_in: Duration::from_millis(50),
+                    }
+                }
+            };
+            act.router.processed(i, batch, outcome);
+            act.run(ctx);
+        }));
+    }
+
+    fn part_failed(&mut self, i: usize, failure: ProcessFailure) -> Processed {
+        let stats = &mut self.slots[i].stats;
+        match failure {
+            ProcessFailure::Failed {
+                error,
+                restarts,
+                retry_in,
+            } => {
+                stats.errors += 1;
+                stats.restarts = restarts;
+                stats.last_error = Some(error);
+                Processed::Failed { retry_in }
+            }
+            ProcessFailure::Restarting { retry_in } => Processed::Failed { retry_in },
+            ProcessFailure::Quarantined {
+                restarts,
+                last_error,
+            } => {
+                stats.restarts = restarts;
+                stats.last_error = Some(last_error);
+                Processed::Quarantined
+            }
+        }
+    }
+}
+
+impl Actor for Manager {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Handler<AttachConnection> for Manager {
+    type Result = ();
+
+    fn handle(&mut self, msg: AttachConnection, _: &mut Context<Self>) {
+        self.connection = Some(msg.0);
+    }
+}
+
+impl Handler<CanalEvent> for Manager {
+    type Result = ();
+
+    fn handle(&mut self, msg: CanalEvent, ctx: &mut Context<Self>) {
+        match msg {
+            CanalEvent::Batch(batch) => self.route(batch, ctx),
+            CanalEvent::Reset { epoch, reason } => {
+                tracing::info!(epoch, reason = %reason, "batch tracking reset");
+                self.router.reset(epoch);
+                self.run(ctx);
+            }
+            CanalEvent::Fatal { error } => {
+                tracing::error!(error = %error, "canal connection gave up; stopping");
+                System::current().stop_with_code(2);
+            }
+        }
+    }
+}
+
+impl Handler<PartDone> for Manager {
+    type Result = ();
+
+    fn handle(&mut self, msg: PartDone, ctx: &mut Context<Self>) {
+        let result = match msg.result {
+            Ok(()) => {
+                if let Some(at) = msg.executed_at {
+                    self.slots[msg.slot].stats.confirmed_executed_at = Some(at);
+                }
+                Ok(())
+            }
+            Err(PublishError::Cancelled { .. }) => Err("cancelled: its epoch ended".to_string()),
+            Err(e) => {
+                let slot = &mut self.slots[msg.slot];
+                slot.stats.last_error = Some(e.to_string());
+                tracing::warn!(
+                    consumer = %slot.name,
+                    batch = %msg.batch,
+                    error = %e,
+                    transient = e.is_transient(),
+                    "publish failed; rolling back the batch"
+                );
+                Err(e.to_string())
+            }
+        };
+        self.router.confirmed(msg.slot, msg.batch, result);
+        self.run(ctx);
+    }
+}
+
+impl Handler<SetEnabled> for Manager {
+    type Result = ResponseFuture<Result<(), SetEnabledError>>;
+
+    fn handle(&mut self, msg: SetEnabled, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(i) = self.slots.iter().position(|s| s.name == msg.name) else {
+            return Box::pin(async move { Err(SetEnabledError::UnknownConsumer(msg.name)) });
+        };
+        self.router.set_enabled(i, msg.enabled);
+        if msg.enabled {
+            self.slots[i].addr.do_send(Reinstate);
+        }
+        tracing::info!(consumer = %msg.name, enabled = msg.enabled, "consumer state changed");
+        self.run(ctx);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match &self.connection {
+            Some(conn) => conn.filter.do_send(SetFilter {
+                filter: self.filter(),
+                applied: Some(tx),
+            }),
+            None => {
+                let _ = tx.send(());
+            }
+        }
+        let state = if msg.enabled { "enabled" } else { "disabled" };
+        Box::pin(async move {
+            match tokio::time::timeout(FILTER_APPLY_TIMEOUT, rx).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(SetEnabledError::NotInForce {
+                    name: msg.name,
+                    state,
+                    timeout: FILTER_APPLY_TIMEOUT,
+                }),
+            }
+        })
+    }
+}
+
+impl Handler<GetManagerStatus> for Manager {
+    type Result = MessageResult<GetManagerStatus>;
+
+    fn handle(&mut self, _: GetManagerStatus, _: &mut Context<Self>) -> Self::Result {
+        let consumers = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut st = s.stats.clone();
+                st.enabled = self.router.is_enabled(i);
+                st.queued_parts = self.router.queued(i);
+                st.state = self.router.state(i);
+                st
+            })
+            .collect();
+        MessageResult(ManagerStatus {
+            batches_in_flight: self.router.batches_in_flight(),
+            consumers,
+            filter: self.filter(),
+        })
+    }
+}

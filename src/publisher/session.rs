@@ -1,0 +1,525 @@
+//! One broker connection's publishing session: the I/O shell around [`ConfirmWindow`].
+//!
+//! The session owns the lapin connection and its single confirm-mode channel. It takes jobs from
+//! the publisher actor, asks the window what to publish next, writes it (tagging each publish
+//! with a unique `canal_consumer_publish` header so a return can be pinned on the exact copy),
+//! feeds confirms, returns and timeouts back into the window, and sends each job's answer when
+//! the window decides it. Every decision lives in the window; this file only does I/O.
+//!
+//! How it fails: when the channel or connection dies, the window fails every job
+//! ([`PublishError::ConnectionLost`]), queued jobs are refused, and `run` returns the reason;
+//! the actor then reconnects with backoff.
+
+use super::window::{ConfirmWindow, JobNo, Outgoing};
+use super::{PublishError, topology};
+use crate::config::{AmqpConfig, DeclareMode, redact_url};
+use futures::{FutureExt, Stream, StreamExt, future::LocalBoxFuture, stream::FuturesUnordered};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event,
+    message::BasicReturnMessage,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, LongString},
+};
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::amqp::{PublisherState, PublisherStatus};
+
+/// The header that identifies one publish on the wire (`<generation>.<seq>`).
+pub(super) const PUBLISH_TAG_HEADER: &str = "canal_consumer_publish";
+
+pub(super) type SharedStatus = Arc<Mutex<PublisherStatus>>;
+
+pub(super) fn lock(s: &SharedStatus) -> std::sync::MutexGuard<'_, PublisherStatus> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(super) fn set_state(s: &SharedStatus, state: PublisherState) {
+    let mut st = lock(s);
+    if st.state != state {
+        st.state = state;
+        st.state_since = now_rfc3339();
+    }
+    if state != PublisherState::Blocked {
+        st.blocked_reason = None;
+    }
+}
+
+pub(super) fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// One message ready to go.
+pub(super) struct Prepared {
+    pub id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+impl Outgoing for Prepared {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// One `Publish`, handed to the session.
+pub(super) struct Job {
+    pub epoch: u64,
+    pub messages: Vec<Prepared>,
+    pub reply: oneshot::Sender<Result<(), PublishError>>,
+}
+
+/// What the actor sends the session.
+pub(super) enum ToSession {
+    Job(Job),
+    CancelBefore(u64),
+}
+
+/// A connection with its publishing channel, ready for a session.
+pub(super) struct Opened {
+    pub conn: Connection,
+    channel: Channel,
+}
+
+/// Connect, check the topology, open the confirm-mode channel.
+pub(super) async fn open(cfg: Arc<AmqpConfig>) -> Result<Opened, PublishError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(LongString::from("canal-consumer publisher"));
+    let limit = cfg.confirm_timeout.max(Duration::from_secs(5));
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        PublishError::Unavailable(format!("{what} {}: {e}", redact_url(cfg.url.expose())))
+    };
+    let conn = match tokio::time::timeout(limit, Connection::connect(cfg.url.expose(), props)).await
+    {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(unavailable("cannot connect to", &e)),
+        Err(_) => {
+            return Err(unavailable(
+                "cannot connect to",
+                &format!("no answer within {limit:?}"),
+            ));
+        }
+    };
+    let setup = async {
+        topology::ensure_queue(&conn, &cfg.queue).await?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| unavailable("cannot open a channel on", &e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| unavailable("cannot enable publisher confirms on", &e))?;
+        Ok(channel)
+    };
+    match tokio::time::timeout(limit, setup).await {
+        Ok(Ok(channel)) => Ok(Opened { conn, channel }),
+        Ok(Err(e)) => {
+            close_quietly(&conn).await;
+            Err(e)
+        }
+        Err(_) => {
+            close_quietly(&conn).await;
+            Err(unavailable(
+                "cannot set up the channel on",
+                &format!("no answer within {limit:?}"),
+            ))
+        }
+    }
+}
+
+pub(super) async fn close_quietly(conn: &Connection) {
+    if conn.status().connected() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.close(200, "canal-consumer publisher closing".into()),
+        )
+        .await;
+    }
+}
+
+type ConfirmFuture = LocalBoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
+
+/// Everything about one connection. See the module docs.
+pub(super) struct Session {
+    conn: Connection,
+    channel: Channel,
+    events: Pin<Box<dyn Stream<Item = Event> + Send>>,
+    jobs: mpsc::UnboundedReceiver<ToSession>,
+    cfg: Arc<AmqpConfig>,
+    status: SharedStatus,
+    generation: u64,
+    window: ConfirmWindow<Prepared>,
+    replies: HashMap<JobNo, oneshot::Sender<Result<(), PublishError>>>,
+    confirms: FuturesUnordered<ConfirmFuture>,
+    /// A message for the configured queue came back unroutable: the queue was deleted under
+    /// us. In `declare` mode it is declared again (at most once a second).
+    redeclare: bool,
+    last_redeclare: Option<Instant>,
+}
+
+impl Session {
+    pub(super) fn new(
+        opened: Opened,
+        jobs: mpsc::UnboundedReceiver<ToSession>,
+        cfg: Arc<AmqpConfig>,
+        status: SharedStatus,
+        generation: u64,
+    ) -> Self {
+        let events = Box::pin(opened.conn.events_listener());
+        Session {
+            conn: opened.conn,
+            channel: opened.channel,
+            events,
+            jobs,
+            window: ConfirmWindow::new(cfg.max_unconfirmed, cfg.confirm_timeout),
+            cfg,
+            status,
+            generation,
+            replies: HashMap::new(),
+            confirms: FuturesUnordered::new(),
+            redeclare: false,
+            last_redeclare: None,
+        }
+    }
+
+    /// Serve the connection until it fails or the actor goes away; answer every job.
+    pub(super) async fn run(mut self) -> String {
+        let reason = self.drive().await;
+        // the reason first: whoever sees `disconnected` also sees why
+        lock(&self.status).last_error = Some(reason.clone());
+        set_state(&self.status, PublisherState::Disconnected);
+        self.fail_all(&reason);
+        close_quietly(&self.conn).await;
+        reason
+    }
+
+    async fn drive(&mut self) -> String {
+        let mut health = tokio::time::interval(Duration::from_secs(1));
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut jobs_closed = false;
+        loop {
+            while let Some((seq, msg)) = self.window.poll_publish(Instant::now().into_std()) {
+                if let Err(reason) = self.publish_one(seq, msg).await {
+                    return reason;
+                }
+            }
+            self.flush();
+            if self.redeclare
+                && self
+                    .last_redeclare
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+            {
+                self.redeclare_queue().await;
+            }
+            if jobs_closed && self.window.is_idle() {
+                return "publisher stopped".into();
+            }
+            // accept more work only while the backlog is within one window
+            let room = self.window.queued() < self.cfg.max_unconfirmed.max(1);
+            let deadline = self.window.next_deadline().map(Instant::from_std);
+            tokio::select! {
+                ev = self.events.next() => match ev {
+                    Some(Event::ConnectionBlocked(reason)) => self.on_blocked(reason),
+                    Some(Event::ConnectionUnblocked) => self.on_unblocked(),
+                    Some(Event::Error(e)) => {
+                        if let Some(reason) = self.broken() {
+                            return format!("{reason}: {e}");
+                        }
+                        debug!(error = %e, "connection event error on another channel");
+                    }
+                    Some(_) => {}
+                    None => return "connection closed".into(),
+                },
+                Some((seq, res)) = self.confirms.next(), if !self.confirms.is_empty() => {
+                    if let Err(reason) = self.on_confirm(seq, res) {
+                        return reason;
+                    }
+                    // Barrier: lapin resolves all tags of one multi-ack under its
+                    // acknowledgements lock, and `wait_for_confirms` takes that lock on its
+                    // first poll; once it returns, every confirm of that ack is resolved, so
+                    // a returned message riding on a later tag is seen before we settle.
+                    let _ = self.channel.wait_for_confirms().now_or_never();
+                    while let Some(Some((seq, res))) = self.confirms.next().now_or_never() {
+                        if let Err(reason) = self.on_confirm(seq, res) {
+                            return reason;
+                        }
+                    }
+                    self.window.settle(Instant::now().into_std());
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
+                    if deadline.is_some() => self.window.settle(Instant::now().into_std()),
+                job = self.jobs.recv(), if !jobs_closed && room => {
+                    match job {
+                        Some(ToSession::Job(job)) => {
+                            let no = self.window.submit(job.epoch, job.messages);
+                            self.replies.insert(no, job.reply);
+                        }
+                        Some(ToSession::CancelBefore(epoch)) => self.window.cancel_before(epoch),
+                        None => jobs_closed = true,
+                    }
+                }
+                _ = health.tick() => {
+                    if let Some(reason) = self.broken() {
+                        return self.explain(reason);
+                    }
+                    let blocked = self.conn.status().blocked();
+                    let shown = lock(&self.status).state == PublisherState::Blocked;
+                    if blocked && !shown {
+                        self.on_blocked("reported by connection status".into());
+                    } else if !blocked && shown {
+                        self.on_unblocked();
+                    }
+                    self.abandon_gone_callers();
+                }
+            }
+        }
+    }
+
+    /// Send the answers the window decided, log failures, and copy its counters into status.
+    fn flush(&mut self) {
+        for f in self.window.take_failures() {
+            match &f.error {
+                PublishError::Returned {
+                    id,
+                    exchange,
+                    routing_key,
+                    reason,
+                } => {
+                    warn!(id = %id, exchange = %exchange, routing_key = %routing_key,
+                          reason = %reason, "the broker returned an unroutable message");
+                    if exchange.is_empty()
+                        && *routing_key == self.cfg.queue.name
+                        && self.cfg.queue.declare == DeclareMode::Declare
+                    {
+                        self.redeclare = true;
+                    }
+                }
+                e => warn!(error = %e, "publish failed"),
+            }
+        }
+        for (no, result) in self.window.take_replies() {
+            if let Some(reply) = self.replies.remove(&no) {
+                let _ = reply.send(result);
+            }
+        }
+        let stats = self.window.stats().clone();
+        let oldest = self.window.oldest_unconfirmed_at();
+        let mut st = lock(&self.status);
+        st.published = stats.published;
+        st.confirmed = stats.confirmed;
+        st.returned = stats.returned;
+        st.nacked = stats.nacked;
+        st.timeouts = stats.timeouts;
+        st.lost = stats.lost;
+        st.late_confirms = stats.late_confirms;
+        st.cancelled = stats.cancelled;
+        st.unconfirmed = self.window.unconfirmed();
+        st.oldest_unconfirmed_ms = oldest.map(|t| t.elapsed().as_millis() as u64);
+    }
+
+    /// Jobs whose caller went away publish nothing more.
+    fn abandon_gone_callers(&mut self) {
+        let gone: Vec<JobNo> = self
+            .replies
+            .iter()
+            .filter(|(_, r)| r.is_closed())
+            .map(|(no, _)| *no)
+            .collect();
+        for no in gone {
+            self.replies.remove(&no);
+            self.window.abandon(no);
+        }
+    }
+
+    /// Declare the configured queue again after it vanished (see `redeclare`).
+    async fn redeclare_queue(&mut self) {
+        self.redeclare = false;
+        self.last_redeclare = Some(Instant::now());
+        let limit = self.cfg.confirm_timeout;
+        match tokio::time::timeout(limit, topology::ensure_queue(&self.conn, &self.cfg.queue)).await
+        {
+            Ok(Ok(())) => warn!(
+                queue = %self.cfg.queue.name,
+                "the worker queue was missing (messages came back unroutable); declared it again"
+            ),
+            Ok(Err(e)) => error!(error = %e, "cannot declare the worker queue again"),
+            Err(_) => error!(timeout = ?limit, "declaring the worker queue again timed out"),
+        }
+    }
+
+    /// Add the broker's own words to `reason` if an error event or a failed confirm is
+    /// already waiting (the status flips before those are delivered).
+    fn explain(&mut self, reason: String) -> String {
+        while let Some(Some(ev)) = self.events.next().now_or_never() {
+            if let Event::Error(e) = ev {
+                return format!("{reason}: {e}");
+            }
+        }
+        while let Some(Some((_, res))) = self.confirms.next().now_or_never() {
+            if let Err(e) = res {
+                return format!("{reason}: {e}");
+            }
+        }
+        reason
+    }
+
+    /// Why the connection or channel is unusable, if it is.
+    fn broken(&self) -> Option<String> {
+        let conn = self.conn.status();
+        if !conn.connected() {
+            let what = if conn.errored() {
+                "failed"
+            } else if conn.closing() {
+                "closing"
+            } else {
+                "closed"
+            };
+            Some(format!("broker connection {what}"))
+        } else if !self.channel.status().connected() {
+            Some("publishing channel closed".into())
+        } else {
+            None
+        }
+    }
+
+    fn on_blocked(&mut self, reason: String) {
+        warn!(reason = %reason, unconfirmed = self.window.unconfirmed(), "the broker blocked publishing");
+        set_state(&self.status, PublisherState::Blocked);
+        lock(&self.status).blocked_reason = Some(reason);
+    }
+
+    fn on_unblocked(&mut self) {
+        info!("the broker unblocked publishing");
+        set_state(&self.status, PublisherState::Connected);
+    }
+
+    async fn publish_one(&mut self, seq: u64, msg: Prepared) -> Result<(), String> {
+        let timeout = self.cfg.confirm_timeout;
+        let mut headers = msg.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            PUBLISH_TAG_HEADER.into(),
+            AMQPValue::LongString(LongString::from(format!("{}.{seq}", self.generation))),
+        );
+        let properties = msg.properties.with_headers(headers);
+        let publish = self.channel.basic_publish(
+            msg.exchange.as_str().into(),
+            msg.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &msg.body,
+            properties,
+        );
+        let confirm = match tokio::time::timeout(timeout, publish).await {
+            Ok(Ok(confirm)) => confirm,
+            Ok(Err(e)) => return Err(format!("publish failed: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "publishing stalled for {timeout:?} (broker blocked or unreachable)"
+                ));
+            }
+        };
+        self.confirms
+            .push(async move { (seq, confirm.await) }.boxed_local());
+        lock(&self.status).unconfirmed = self.window.unconfirmed();
+        Ok(())
+    }
+
+    /// Feed one confirm (and the return lapin attached to it) into the window. `Err` means the
+    /// channel is gone.
+    fn on_confirm(&mut self, seq: u64, res: lapin::Result<Confirmation>) -> Result<(), String> {
+        let (ack, returned) = match res {
+            Ok(Confirmation::Ack(ret)) => (true, ret),
+            Ok(Confirmation::Nack(ret)) => (false, ret),
+            Ok(Confirmation::NotRequested) => {
+                return Err("the publishing channel is not in confirm mode".into());
+            }
+            Err(e) => return Err(format!("publishing channel failed: {e}")),
+        };
+        // lapin may hand a return over on another publish's confirm; the tag names the
+        // publish it belongs to, and a return always precedes that publish's own ack
+        if let Some(ret) = returned {
+            self.on_returned(&ret);
+        }
+        self.window.on_confirm(seq, ack, false);
+        Ok(())
+    }
+
+    fn on_returned(&mut self, ret: &BasicReturnMessage) {
+        let tag = ret
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(PUBLISH_TAG_HEADER).cloned());
+        let seq = match tag {
+            Some(AMQPValue::LongString(s)) => parse_tag(&s.to_string(), self.generation),
+            _ => None,
+        };
+        let exchange = ret.delivery.exchange.to_string();
+        let routing_key = ret.delivery.routing_key.to_string();
+        let reason = format!("{} {}", ret.reply_code, ret.reply_text);
+        let known =
+            seq.is_some_and(|seq| self.window.on_return(seq, &exchange, &routing_key, &reason));
+        if !known {
+            let id = ret
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            error!(
+                id = %id,
+                "the broker returned a message that is no longer in flight (timed out before)"
+            );
+        }
+    }
+
+    /// The session ends: every open and queued job gets an error.
+    fn fail_all(&mut self, reason: &str) {
+        let lost = self.window.unconfirmed();
+        if lost > 0 || !self.replies.is_empty() {
+            warn!(reason = %reason, unconfirmed = lost, "failing unconfirmed publishes");
+        }
+        self.window.connection_lost(reason);
+        self.confirms = FuturesUnordered::new();
+        self.jobs.close();
+        while let Ok(msg) = self.jobs.try_recv() {
+            let ToSession::Job(job) = msg else { continue };
+            let _ = job.reply.send(Err(PublishError::Unavailable(format!(
+                "the broker connection ended before publishing: {reason}"
+            ))));
+        }
+        self.flush();
+        lock(&self.status).unconfirmed = 0;
+    }
+}
+
+/// `"<generation>.<seq>"` -> `seq`, if it belongs to this session's generation.
+fn parse_tag(tag: &str, generation: u64) -> Option<u64> {
+    let (g, s) = tag.split_once('.')?;
+    (g.parse::<u64>().ok()? == generation).then_some(())?;
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_tag;
+
+    #[test]
+    fn publish_tags_belong_to_their_generation() {
+        assert_eq!(parse_tag("3.17", 3), Some(17));
+        assert_eq!(parse_tag("2.17", 3), None);
+        assert_eq!(parse_tag("garbage", 3), None);
+    }
+}

@@ -1,0 +1,545 @@
+//! The publisher's confirm window as a plain state machine (no I/O, no actix, no lapin).
+//!
+//! [`ConfirmWindow`] decides what is published next, what a confirm, a return, a nack, a
+//! timeout or a lost connection means, and when a job (one `Publish`) is answered. The AMQP
+//! session ([`super::amqp`]) turns channel events into calls on it and its answers into replies;
+//! the delivery simulation (`tests/delivery_sim.rs`) drives it the same way with a fake broker.
+//!
+//! Rules it enforces:
+//! - messages are published in job arrival order, at most `max_unconfirmed` unconfirmed;
+//! - a job is answered `Ok` only when every one of its messages was acked and none was returned;
+//!   it is answered at its first failure (return, nack, timeout, lost connection);
+//! - every job belongs to a Canal *epoch* (a connection or rollback generation). A job of a newer
+//!   epoch, or [`ConfirmWindow::cancel_before`], cancels every unpublished message of older
+//!   epochs: that work was abandoned upstream and will be redelivered, so publishing it would
+//!   only add duplicates and let stale rows overtake their redelivered predecessors;
+//! - a failure settles the whole epoch: once a message of epoch `e` failed, nothing else of epoch
+//!   `e` (or older) is published, so a worker never sees row r4 before the redelivered r3;
+//! - returns are matched to the exact publish (its sequence number, carried on the wire in a
+//!   header), never by message id: the same id is legitimately in flight twice when a batch is
+//!   redelivered while its first copy still awaits its confirm.
+//!
+//! Time is an input (`now`), so the window is deterministic under test.
+
+use super::PublishError;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Identifies one `Publish` within a window.
+pub type JobNo = u64;
+
+/// What the window needs to know about a message.
+pub trait Outgoing {
+    /// The message's deterministic id (for error messages).
+    fn id(&self) -> &str;
+}
+
+/// How a published message ended, as the broker said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Acked,
+    Nacked,
+    Returned {
+        exchange: String,
+        routing_key: String,
+        reason: String,
+    },
+}
+
+/// A published message awaiting its confirm.
+#[derive(Debug)]
+struct Unconfirmed {
+    seq: u64,
+    job: JobNo,
+    id: String,
+    deadline: Instant,
+    published_at: Instant,
+    outcome: Option<Outcome>,
+}
+
+#[derive(Debug)]
+struct JobState<M> {
+    no: JobNo,
+    epoch: u64,
+    /// Not yet published, in order.
+    pending: VecDeque<M>,
+    /// Published and not yet settled.
+    unsettled: usize,
+    /// Answered already (with an error, or cancelled).
+    answered: bool,
+}
+
+/// Counters the window keeps (the session copies them into its status).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WindowStats {
+    pub published: u64,
+    pub confirmed: u64,
+    pub returned: u64,
+    pub nacked: u64,
+    pub timeouts: u64,
+    pub lost: u64,
+    pub late_confirms: u64,
+    /// Unpublished messages dropped because their epoch was abandoned or failed.
+    pub cancelled: u64,
+}
+
+/// A settled failure, for the session's log line.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub job: JobNo,
+    pub error: PublishError,
+}
+
+/// The confirm window. See the module docs.
+#[derive(Debug)]
+pub struct ConfirmWindow<M> {
+    max_unconfirmed: usize,
+    confirm_timeout: Duration,
+    /// Jobs of epochs below this are cancelled.
+    floor: u64,
+    jobs: VecDeque<JobState<M>>,
+    inflight: VecDeque<Unconfirmed>,
+    next_job: JobNo,
+    next_seq: u64,
+    replies: Vec<(JobNo, Result<(), PublishError>)>,
+    failures: Vec<Settled>,
+    stats: WindowStats,
+}
+
+impl<M: Outgoing> ConfirmWindow<M> {
+    pub fn new(max_unconfirmed: usize, confirm_timeout: Duration) -> Self {
+        ConfirmWindow {
+            max_unconfirmed: max_unconfirmed.max(1),
+            confirm_timeout,
+            floor: 0,
+            jobs: VecDeque::new(),
+            inflight: VecDeque::new(),
+            next_job: 0,
+            next_seq: 0,
+            replies: Vec::new(),
+            failures: Vec::new(),
+            stats: WindowStats::default(),
+        }
+    }
+
+    /// Queue a job of `epoch`. A job of an epoch below the floor is answered `Cancelled` at
+    /// once; a job of a newer epoch raises the floor (cancelling older unpublished work).
+    pub fn submit(&mut self, epoch: u64, messages: Vec<M>) -> JobNo {
+        let no = self.next_job;
+        self.next_job += 1;
+        if epoch < self.floor {
+            self.stats.cancelled += messages.len() as u64;
+            self.replies
+                .push((no, Err(PublishError::Cancelled { epoch })));
+            return no;
+        }
+        if epoch > self.floor {
+            self.cancel_before(epoch);
+        }
+        if messages.is_empty() {
+            self.replies.push((no, Ok(())));
+            return no;
+        }
+        self.jobs.push_back(JobState {
+            no,
+            epoch,
+            pending: messages.into(),
+            unsettled: 0,
+            answered: false,
+        });
+        no
+    }
+
+    /// Cancel every unpublished message of epochs below `epoch` and answer their jobs
+    /// `Cancelled`. Messages already published still await their confirms (they count against
+    /// the window) but no longer hold an answer back.
+    pub fn cancel_before(&mut self, epoch: u64) {
+        if epoch <= self.floor {
+            return;
+        }
+        self.floor = epoch;
+        self.cancel_where(|e| e < epoch);
+    }
+
+    fn cancel_where(&mut self, old: impl Fn(u64) -> bool) {
+        for job in self.jobs.iter_mut().filter(|j| old(j.epoch)) {
+            self.stats.cancelled += job.pending.len() as u64;
+            job.pending.clear();
+            if !job.answered {
+                job.answered = true;
+                self.replies
+                    .push((job.no, Err(PublishError::Cancelled { epoch: job.epoch })));
+            }
+        }
+        self.drop_finished();
+    }
+
+    /// The caller of `job` went away: publish nothing more of it.
+    pub fn abandon(&mut self, job: JobNo) {
+        if let Some(j) = self.jobs.iter_mut().find(|j| j.no == job) {
+            self.stats.cancelled += j.pending.len() as u64;
+            j.pending.clear();
+            j.answered = true;
+        }
+        self.drop_finished();
+    }
+
+    /// True while the window has room for another publish.
+    pub fn has_room(&self) -> bool {
+        self.inflight.len() < self.max_unconfirmed
+    }
+
+    /// The next message to publish, if the window has room. The caller must publish it (or
+    /// report [`Self::connection_lost`]); its confirm is then expected under `seq`.
+    pub fn poll_publish(&mut self, now: Instant) -> Option<(u64, M)> {
+        if !self.has_room() {
+            return None;
+        }
+        let job = self.jobs.iter_mut().find(|j| !j.pending.is_empty())?;
+        let msg = job.pending.pop_front()?;
+        job.unsettled += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight.push_back(Unconfirmed {
+            seq,
+            job: job.no,
+            id: msg.id().to_string(),
+            deadline: now + self.confirm_timeout,
+            published_at: now,
+            outcome: None,
+        });
+        self.stats.published += 1;
+        Some((seq, msg))
+    }
+
+    fn find(&mut self, seq: u64) -> Option<&mut Unconfirmed> {
+        let first = self.inflight.front()?.seq;
+        self.inflight.get_mut(seq.checked_sub(first)? as usize)
+    }
+
+    /// The broker acked (`ack`) or nacked the publish `seq` (and, with `multiple`, every
+    /// earlier one). Call [`Self::settle`] afterwards.
+    pub fn on_confirm(&mut self, seq: u64, ack: bool, multiple: bool) {
+        let outcome = if ack { Outcome::Acked } else { Outcome::Nacked };
+        if multiple {
+            let mut any = false;
+            for f in self.inflight.iter_mut().filter(|f| f.seq <= seq) {
+                any = true;
+                if f.outcome.is_none() {
+                    f.outcome = Some(outcome.clone());
+                }
+            }
+            if !any {
+                self.stats.late_confirms += 1;
+            }
+            return;
+        }
+        match self.find(seq) {
+            // a return recorded for this publish wins over its ack
+            Some(f) if f.outcome.is_none() => f.outcome = Some(outcome),
+            Some(_) => {}
+            None => self.stats.late_confirms += 1,
+        }
+    }
+
+    /// The broker returned the publish `seq` as unroutable (a return always precedes the
+    /// publish's own ack). Returns false if that publish is no longer in flight.
+    pub fn on_return(&mut self, seq: u64, exchange: &str, routing_key: &str, reason: &str) -> bool {
+        match self.find(seq) {
+            Some(f) => {
+                f.outcome = Some(Outcome::Returned {
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    reason: reason.to_string(),
+                });
+                true
+            }
+            None => {
+                self.stats.returned += 1;
+                false
+            }
+        }
+    }
+
+    /// Settle from the front of the window: decided publishes, and those past their deadline.
+    /// Publishes settle in publish order, so answers keep arrival order.
+    pub fn settle(&mut self, now: Instant) {
+        while let Some(front) = self.inflight.front() {
+            if front.outcome.is_none() && front.deadline > now {
+                break;
+            }
+            let Some(f) = self.inflight.pop_front() else {
+                break;
+            };
+            let err = match f.outcome {
+                Some(Outcome::Acked) => {
+                    self.stats.confirmed += 1;
+                    None
+                }
+                Some(Outcome::Returned {
+                    exchange,
+                    routing_key,
+                    reason,
+                }) => {
+                    self.stats.returned += 1;
+                    Some(PublishError::Returned {
+                        id: f.id,
+                        exchange,
+                        routing_key,
+                        reason,
+                    })
+                }
+                Some(Outcome::Nacked) => {
+                    self.stats.nacked += 1;
+                    Some(PublishError::Nacked { id: f.id })
+                }
+                None => {
+                    self.stats.timeouts += 1;
+                    Some(PublishError::ConfirmTimeout {
+                        id: f.id,
+                        timeout: self.confirm_timeout,
+                    })
+                }
+            };
+            self.settle_one(f.job, err);
+        }
+        self.drop_finished();
+    }
+
+    fn settle_one(&mut self, job: JobNo, err: Option<PublishError>) {
+        let Some(j) = self.jobs.iter_mut().find(|j| j.no == job) else {
+            return;
+        };
+        j.unsettled = j.unsettled.saturating_sub(1);
+        let Some(e) = err else { return };
+        let epoch = j.epoch;
+        if !j.answered {
+            j.answered = true;
+            self.failures.push(Settled {
+                job,
+                error: e.clone(),
+            });
+            self.replies.push((job, Err(e)));
+        }
+        // The whole epoch rolls back: nothing more of it (or older) may be published.
+        self.cancel_where(|e| e <= epoch);
+    }
+
+    /// Answer `Ok` to finished jobs at the front, and forget answered ones with nothing in
+    /// flight.
+    fn drop_finished(&mut self) {
+        while let Some(front) = self.jobs.front() {
+            if !front.pending.is_empty() || front.unsettled > 0 {
+                break;
+            }
+            let Some(job) = self.jobs.pop_front() else {
+                break;
+            };
+            if !job.answered {
+                self.replies.push((job.no, Ok(())));
+            }
+        }
+    }
+
+    /// The channel or connection is gone: every unsettled publish is lost and every job is
+    /// answered with `ConnectionLost`.
+    pub fn connection_lost(&mut self, reason: &str) {
+        self.stats.lost += self.inflight.len() as u64;
+        for job in self.jobs.drain(..) {
+            if !job.answered {
+                let unconfirmed = self.inflight.iter().filter(|f| f.job == job.no).count();
+                self.replies.push((
+                    job.no,
+                    Err(PublishError::ConnectionLost {
+                        unconfirmed,
+                        reason: reason.to_string(),
+                    }),
+                ));
+            }
+        }
+        self.inflight.clear();
+    }
+
+    /// Answers decided since the last call, in the order they were decided.
+    pub fn take_replies(&mut self) -> Vec<(JobNo, Result<(), PublishError>)> {
+        std::mem::take(&mut self.replies)
+    }
+
+    /// Failures settled since the last call (for logging).
+    pub fn take_failures(&mut self) -> Vec<Settled> {
+        std::mem::take(&mut self.failures)
+    }
+
+    /// When the oldest undecided publish times out.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.inflight
+            .front()
+            .filter(|f| f.outcome.is_none())
+            .map(|f| f.deadline)
+    }
+
+    /// When the oldest unconfirmed publish was written (for "no confirm for N s").
+    pub fn oldest_unconfirmed_at(&self) -> Option<Instant> {
+        self.inflight.front().map(|f| f.published_at)
+    }
+
+    pub fn unconfirmed(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Messages accepted and not yet published.
+    pub fn queued(&self) -> usize {
+        self.jobs.iter().map(|j| j.pending.len()).sum()
+    }
+
+    /// Nothing queued, nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.jobs.is_empty() && self.inflight.is_empty()
+    }
+
+    pub fn stats(&self) -> &WindowStats {
+        &self.stats
+    }
+
+    /// The lowest epoch still published.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct M(&'static str);
+    impl Outgoing for M {
+        fn id(&self) -> &str {
+            self.0
+        }
+    }
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn publish_all(w: &mut ConfirmWindow<M>, now: Instant) -> Vec<(u64, M)> {
+        std::iter::from_fn(|| w.poll_publish(now)).collect()
+    }
+
+    #[test]
+    fn a_job_is_answered_only_when_every_message_is_acked() {
+        let now = t0();
+        let mut w = ConfirmWindow::new(8, Duration::from_secs(5));
+        let job = w.submit(1, vec![M("a"), M("b")]);
+        let sent = publish_all(&mut w, now);
+        assert_eq!(sent.len(), 2);
+        w.on_confirm(sent[0].0, true, false);
+        w.settle(now);
+        assert!(w.take_replies().is_empty());
+        w.on_confirm(sent[1].0, true, false);
+        w.settle(now);
+        assert_eq!(
+            w.take_replies(),
+            vec![(job, Ok(()))].into_iter().collect::<Vec<_>>()
+        );
+    }
+
+    impl PartialEq for PublishError {
+        fn eq(&self, other: &Self) -> bool {
+            self.to_string() == other.to_string()
+        }
+    }
+
+    #[test]
+    fn the_window_bounds_unconfirmed_publishes() {
+        let now = t0();
+        let mut w = ConfirmWindow::new(2, Duration::from_secs(5));
+        w.submit(1, vec![M("a"), M("b"), M("c")]);
+        assert_eq!(publish_all(&mut w, now).len(), 2);
+        w.on_confirm(0, true, true);
+        w.on_confirm(1, true, true);
+        w.settle(now);
+        assert_eq!(publish_all(&mut w, now).len(), 1);
+    }
+
+    #[test]
+    fn a_return_fails_the_exact_copy_even_when_its_id_is_in_flight_twice() {
+        let now = t0();
+        let mut w = ConfirmWindow::new(8, Duration::from_secs(5));
+        let old = w.submit(1, vec![M("same")]);
+        let (old_seq, _) = w.poll_publish(now).unwrap();
+        let new = w.submit(2, vec![M("same")]);
+        let (new_seq, _) = w.poll_publish(now).unwrap();
+        assert_ne!(old_seq, new_seq);
+        // the old job was cancelled by the newer epoch (its copy is still in flight)
+        assert!(matches!(
+            w.take_replies().as_slice(),
+            [(j, Err(PublishError::Cancelled { .. }))] if *j == old
+        ));
+        w.on_confirm(old_seq, true, false);
+        assert!(w.on_return(new_seq, "", "q", "312 NO_ROUTE"));
+        w.on_confirm(new_seq, true, false);
+        w.settle(now);
+        let replies = w.take_replies();
+        assert!(
+            matches!(replies.as_slice(), [(j, Err(PublishError::Returned { .. }))] if *j == new),
+            "{replies:?}"
+        );
+    }
+
+    #[test]
+    fn a_failure_stops_every_later_publish_of_its_epoch() {
+        let now = t0();
+        let mut w = ConfirmWindow::new(1, Duration::from_secs(5));
+        let a = w.submit(3, vec![M("r3")]);
+        let b = w.submit(3, vec![M("r4")]);
+        let (s, _) = w.poll_publish(now).unwrap();
+        w.on_confirm(s, false, false);
+        w.settle(now);
+        assert!(
+            w.poll_publish(now).is_none(),
+            "r4 must not leave after r3 failed"
+        );
+        let replies = w.take_replies();
+        assert!(matches!(replies[0], (j, Err(PublishError::Nacked { .. })) if j == a));
+        assert!(matches!(replies[1], (j, Err(PublishError::Cancelled { .. })) if j == b));
+    }
+
+    #[test]
+    fn timeouts_settle_in_order_and_late_confirms_are_counted() {
+        let now = t0();
+        let mut w = ConfirmWindow::new(4, Duration::from_secs(1));
+        let job = w.submit(1, vec![M("a")]);
+        let (s, _) = w.poll_publish(now).unwrap();
+        assert_eq!(w.next_deadline(), Some(now + Duration::from_secs(1)));
+        w.settle(now + Duration::from_secs(2));
+        assert!(matches!(
+            w.take_replies().as_slice(),
+            [(j, Err(PublishError::ConfirmTimeout { .. }))] if *j == job
+        ));
+        w.on_confirm(s, true, false);
+        assert_eq!(w.stats().late_confirms, 1);
+        assert_eq!(w.stats().timeouts, 1);
+    }
+
+    #[test]
+    fn stale_epochs_are_refused_and_connection_loss_fails_everything() {
+        let now = t0();
+        let mut w = ConfirmWindow::new(4, Duration::from_secs(1));
+        w.cancel_before(5);
+        let stale = w.submit(4, vec![M("x")]);
+        assert!(matches!(
+            w.take_replies().as_slice(),
+            [(j, Err(PublishError::Cancelled { epoch: 4 }))] if *j == stale
+        ));
+        let live = w.submit(5, vec![M("y"), M("z")]);
+        w.poll_publish(now).unwrap();
+        w.connection_lost("gone");
+        assert!(matches!(
+            w.take_replies().as_slice(),
+            [(j, Err(PublishError::ConnectionLost { unconfirmed: 1, .. }))] if *j == live
+        ));
+        assert!(w.is_idle());
+    }
+}
