@@ -84,6 +84,7 @@ fn event(i: usize) -> ChangeEvent {
             log_file: "mysql-bin.000001".into(),
             offset: 4 + i as u64 * 100,
             row_index: 0,
+            server_id: 1,
             gtid: None,
         },
         executed_at: 1_700_000_000_000,

@@ -216,6 +216,9 @@ pub struct Position {
     pub offset: u64,
     /// Index of the row inside the binlog row event (0-based).
     pub row_index: u32,
+    /// The MySQL `server_id` that wrote the binlog event (0 if Canal did not say).
+    #[serde(default)]
+    pub server_id: u64,
     /// The server's GTID set at this event, when the Canal server tracks GTIDs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gtid: Option<String>,

@@ -4,9 +4,9 @@
 //! call plus everything the publisher needs to turn it into an AMQP message: who asked, for
 //! which change, where to route it, in which format, and its deterministic id.
 //!
-//! Ids are UUIDv5 over the binlog position (log file, offset, row index), the consumer, the rule
-//! and the plugin (see [`message_id`]), so a redelivered change produces byte-identical ids and
-//! workers can drop duplicates.
+//! Ids are UUIDv5 over the source (destination, server id), the binlog position (log file,
+//! offset, row index, event time), the consumer, the rule and the plugin (see [`message_id`]), so
+//! a redelivered change produces byte-identical ids and workers can drop duplicates.
 
 use crate::event::{ChangeEvent, EventType, Position};
 use serde::{Deserialize, Serialize};
@@ -142,23 +142,39 @@ const ID_NAMESPACE: Uuid = Uuid::from_bytes([
     0x5b, 0x0e, 0x8a, 0x43, 0x1f, 0x2c, 0x4e, 0x11, 0x9a, 0x6d, 0x2f, 0x7c, 0x0b, 0x91, 0xd3, 0x58,
 ]);
 
-/// The deterministic id of a trigger.
+/// The deterministic id of a trigger (scheme `v2`).
 ///
-/// UUIDv5 of `log_file \0 offset \0 row_index \0 consumer \0 rule \0 plugin \0 seq`, where
-/// `seq` counts the triggers one consumer fired for the same plugin and rule on one row (so two
-/// calls from code-defined consumers stay distinct, and the first one has `seq = 0`).
+/// UUIDv5 (namespace [`ID_NAMESPACE`]) of the NUL-joined fields
+/// `v2, destination, server_id, log_file, offset, row_index, executed_at, consumer, rule, plugin,
+/// seq`, where `seq` counts the triggers one consumer fired for the same plugin and rule on one
+/// row (so two calls from code-defined consumers stay distinct; the first has `seq = 0`) and a
+/// missing rule is the empty string.
+///
+/// Why these fields: file and offset alone repeat across Canal destinations, after a MySQL
+/// failover to another server, and after `RESET MASTER`; the destination and the server id
+/// tell sources apart, and the binlog event's own timestamp (`executed_at`) tells a reused
+/// file+offset apart. All of them are properties of the binlog event, so a redelivered change
+/// gets the same id. The GTID is not part of it: Canal's header carries the server's GTID *set*
+/// (not the event's GTID), and only while Canal runs in GTID mode, so it would differ between a
+/// first delivery and a redelivery after a Canal restart. The scheme is pinned by golden values
+/// computed independently (Python's `uuid.uuid5`) in the tests below: changing it changes every
+/// id and breaks duplicate detection across versions.
 pub fn message_id(
-    position: &Position,
+    source: &SourceRef,
     consumer: &str,
     rule: Option<&str>,
     plugin: &str,
     seq: u32,
 ) -> String {
+    let p = &source.position;
     let key = format!(
-        "{}\0{}\0{}\0{}\0{}\0{}\0{}",
-        position.log_file,
-        position.offset,
-        position.row_index,
+        "v2\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}",
+        source.destination,
+        p.server_id,
+        p.log_file,
+        p.offset,
+        p.row_index,
+        source.executed_at,
         consumer,
         rule.unwrap_or(""),
         plugin,
@@ -171,34 +187,74 @@ pub fn message_id(
 mod tests {
     use super::*;
 
-    fn pos() -> Position {
-        Position {
-            log_file: "mysql-bin.000001".into(),
-            offset: 4242,
-            row_index: 3,
-            gtid: None,
+    fn src(destination: &str, server_id: u64, executed_at: i64) -> SourceRef {
+        SourceRef {
+            destination: destination.into(),
+            database: "db".into(),
+            table: "t".into(),
+            event_type: EventType::Insert,
+            position: Position {
+                log_file: "mysql-bin.000001".into(),
+                offset: 4242,
+                row_index: 3,
+                server_id,
+                gtid: None,
+            },
+            executed_at,
         }
     }
 
+    /// Golden values from an independent implementation (Python 3 `uuid.uuid5` over the
+    /// documented key); they pin the scheme across versions.
     #[test]
-    fn ids_are_deterministic_and_distinguish_every_component() {
-        let base = message_id(&pos(), "c", Some("r"), "p", 0);
-        assert_eq!(base, message_id(&pos(), "c", Some("r"), "p", 0));
-        let mut other = pos();
-        other.row_index = 4;
+    fn ids_match_the_golden_values() {
+        let base = src("example", 1, 1_700_000_000_000);
+        assert_eq!(
+            message_id(&base, "c", Some("r"), "p", 0),
+            "205333ad-d1f4-53d1-9f41-54b12fd93db8"
+        );
+        assert_eq!(
+            message_id(&base, "example_consumer", None, "email_service", 0),
+            "63167f45-8313-52ef-a285-fe89fc4e8fe1"
+        );
+        assert_eq!(
+            message_id(&src("other", 1, 1_700_000_000_000), "c", Some("r"), "p", 0),
+            "c247c193-7f36-545a-b223-9caa81b759e4"
+        );
+        assert_eq!(
+            message_id(&src("example", 2, 1_700_000_000_000), "c", Some("r"), "p", 0),
+            "27d44d1b-8800-542d-a55f-58763741c651"
+        );
+        assert_eq!(
+            message_id(&src("example", 1, 1_700_000_001_000), "c", Some("r"), "p", 1),
+            "9c4377f2-efa2-599c-90a3-5c73f60690d0"
+        );
+    }
+
+    #[test]
+    fn ids_distinguish_every_component_but_not_the_gtid() {
+        let base_src = src("example", 1, 1_700_000_000_000);
+        let base = message_id(&base_src, "c", Some("r"), "p", 0);
+        let mut other = base_src.clone();
+        other.position.row_index = 4;
+        let mut offset = base_src.clone();
+        offset.position.offset += 1;
+        let mut file = base_src.clone();
+        file.position.log_file = "mysql-bin.000002".into();
         let variants = [
             message_id(&other, "c", Some("r"), "p", 0),
-            message_id(&pos(), "c2", Some("r"), "p", 0),
-            message_id(&pos(), "c", None, "p", 0),
-            message_id(&pos(), "c", Some("r"), "p2", 0),
-            message_id(&pos(), "c", Some("r"), "p", 1),
+            message_id(&offset, "c", Some("r"), "p", 0),
+            message_id(&file, "c", Some("r"), "p", 0),
+            message_id(&base_src, "c2", Some("r"), "p", 0),
+            message_id(&base_src, "c", None, "p", 0),
+            message_id(&base_src, "c", Some("r"), "p2", 0),
+            message_id(&base_src, "c", Some("r"), "p", 1),
         ];
         for v in variants {
             assert_ne!(v, base);
         }
-        // the gtid is informational and does not change the id
-        let mut with_gtid = pos();
-        with_gtid.gtid = Some("0-1-5".into());
+        let mut with_gtid = base_src.clone();
+        with_gtid.position.gtid = Some("0-1-5".into());
         assert_eq!(message_id(&with_gtid, "c", Some("r"), "p", 0), base);
     }
 }

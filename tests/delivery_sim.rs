@@ -23,11 +23,11 @@
 //! More seeds: `SIM_SEEDS=1000000 cargo test --release --test delivery_sim` (see README).
 
 use canal_consumer::canal::window::{BatchRef, BatchWindow};
-use canal_consumer::event::Position;
+use canal_consumer::event::{EventType, Position};
 use canal_consumer::manager::core::{Command, Processed, Router};
 use canal_consumer::publisher::PublishError;
 use canal_consumer::publisher::window::{ConfirmWindow, JobNo, Outgoing};
-use canal_consumer::trigger::message_id;
+use canal_consumer::trigger::{SourceRef, message_id};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -136,13 +136,21 @@ fn name(c: usize) -> String {
 }
 
 fn row_id(row: usize, consumer: usize) -> String {
-    let pos = Position {
-        log_file: "mysql-bin.000001".into(),
-        offset: 4 + 100 * row as u64,
-        row_index: 0,
-        gtid: None,
+    let source = SourceRef {
+        destination: "example".into(),
+        database: "db".into(),
+        table: "t".into(),
+        event_type: EventType::Insert,
+        position: Position {
+            log_file: "mysql-bin.000001".into(),
+            offset: 4 + 100 * row as u64,
+            row_index: 0,
+            server_id: 1,
+            gtid: None,
+        },
+        executed_at: 1_700_000_000_000,
     };
-    message_id(&pos, &name(consumer), Some("r"), "p", 0)
+    message_id(&source, &name(consumer), Some("r"), "p", 0)
 }
 
 struct Sim {

@@ -152,6 +152,7 @@ fn event(table: &str, id: i64, offset: u64) -> ChangeEvent {
             log_file: "mysql-bin.000001".into(),
             offset,
             row_index: 0,
+            server_id: 1,
             gtid: None,
         },
         executed_at: 1_700_000_000_000,

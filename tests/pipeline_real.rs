@@ -4,8 +4,8 @@
 
 mod common;
 
-use canal_consumer::event::Position;
-use canal_consumer::trigger::message_id;
+use canal_consumer::event::{EventType, Position};
+use canal_consumer::trigger::{SourceRef, message_id};
 use common::service::*;
 use common::*;
 use serde_json::{Value, json};
@@ -32,7 +32,7 @@ events = ["INSERT"]
 [[consumers.{name}.rules]]
 name = "row"
 plugin = "row_task"
-payload = {{ id = "${{data.id}}", log_file = "${{position.log_file}}", offset = "${{position.offset}}", row_index = "${{position.row_index}}" }}
+payload = {{ id = "${{data.id}}", destination = "${{destination}}", server_id = "${{position.server_id}}", executed_at = "${{executed_at}}", log_file = "${{position.log_file}}", offset = "${{position.offset}}", row_index = "${{position.row_index}}" }}
 "#
     )
 }
@@ -69,16 +69,27 @@ fn all_rows(upto: i64) -> impl Fn(&[Got]) -> bool {
     }
 }
 
+/// The source a rule's payload describes (the test consumers render every id field).
+fn source_of(p: &Value) -> SourceRef {
+    SourceRef {
+        destination: p["destination"].as_str().unwrap().to_string(),
+        database: String::new(),
+        table: String::new(),
+        event_type: EventType::Insert,
+        position: Position {
+            log_file: p["log_file"].as_str().unwrap().to_string(),
+            offset: p["offset"].as_u64().unwrap(),
+            row_index: p["row_index"].as_u64().unwrap() as u32,
+            server_id: p["server_id"].as_u64().unwrap(),
+            gtid: None,
+        },
+        executed_at: p["executed_at"].as_i64().unwrap(),
+    }
+}
+
 /// The id the service must give row `id`'s trigger (envelope carries the position).
 fn expected_id(g: &Got, consumer: &str) -> String {
-    let p = &g.body["payload"];
-    let pos = Position {
-        log_file: p["log_file"].as_str().unwrap().to_string(),
-        offset: p["offset"].as_u64().unwrap(),
-        row_index: p["row_index"].as_u64().unwrap() as u32,
-        gtid: None,
-    };
-    message_id(&pos, consumer, Some("row"), "row_task", 0)
+    message_id(&source_of(&g.body["payload"]), consumer, Some("row"), "row_task", 0)
 }
 
 async fn wait_status(svc: &ServiceProc, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
@@ -298,15 +309,9 @@ async fn a_real_celery_worker_runs_every_rows_task_with_our_deterministic_id() {
     let _ = worker.wait();
     for run in &runs {
         let k = &run["kwargs"];
-        let pos = Position {
-            log_file: k["log_file"].as_str().unwrap().into(),
-            offset: k["offset"].as_u64().unwrap(),
-            row_index: k["row_index"].as_u64().unwrap() as u32,
-            gtid: None,
-        };
         assert_eq!(
             run["task_id"].as_str().unwrap(),
-            message_id(&pos, "celery_rows", Some("row"), "row_task", 0),
+            message_id(&source_of(k), "celery_rows", Some("row"), "row_task", 0),
             "{run}"
         );
     }

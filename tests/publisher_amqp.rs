@@ -99,6 +99,7 @@ fn trigger(n: u64, queue: &str, priority: Priority, format: MessageFormat) -> Tr
                 log_file: "mysql-bin.000001".into(),
                 offset: 1000 + n,
                 row_index: 0,
+                server_id: 1,
                 gtid: None,
             },
             executed_at: 1_700_000_000_000,

@@ -140,6 +140,7 @@ fn decode_row_entry(
         log_file: header.logfile_name.clone(),
         offset: header.logfile_offset.max(0) as u64,
         row_index,
+        server_id: header.server_id.max(0) as u64,
         gtid: gtid.clone(),
     };
 

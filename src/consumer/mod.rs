@@ -171,7 +171,7 @@ impl ConsumerContext {
         let key = (req.rule.clone(), req.plugin.clone());
         let seq = self.seq.entry(key).or_insert(0);
         let id = message_id(
-            &source.position,
+            &source,
             &self.consumer,
             req.rule.as_deref(),
             &req.plugin,

@@ -152,6 +152,7 @@ mod tests {
                     log_file: "mysql-bin.000001".into(),
                     offset: 99,
                     row_index: 0,
+                    server_id: 1,
                     gtid: None,
                 },
                 executed_at: 0,

@@ -59,6 +59,9 @@ pub struct EnvelopePosition {
     pub log_file: String,
     pub offset: u64,
     pub row_index: u32,
+    /// The MySQL server id that wrote the event.
+    #[serde(default)]
+    pub server_id: u64,
     /// GTID set at this event, or null when the server does not track GTIDs.
     pub gtid: Option<String>,
 }
@@ -84,6 +87,7 @@ impl Envelope {
                     log_file: s.position.log_file.clone(),
                     offset: s.position.offset,
                     row_index: s.position.row_index,
+                    server_id: s.position.server_id,
                     gtid: s.position.gtid.clone(),
                 },
                 executed_at: s.executed_at,
@@ -137,6 +141,7 @@ mod tests {
                     log_file: "mysql-bin.000003".into(),
                     offset: 4242,
                     row_index: 1,
+                    server_id: 1,
                     gtid: None,
                 },
                 executed_at: 1_700_000_000_123,
@@ -170,6 +175,7 @@ mod tests {
                         "log_file": "mysql-bin.000003",
                         "offset": 4242,
                         "row_index": 1,
+                        "server_id": 1,
                         "gtid": null
                     },
                     "executed_at": 1_700_000_000_123i64

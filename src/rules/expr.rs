@@ -380,6 +380,12 @@ pub fn bind_event(scope: &mut Context<'_, '_>, event: &ChangeEvent) {
         Box::new(CelInt::from(i64::from(event.position.row_index))),
     );
     pos.insert(
+        CelMapKey::from("server_id"),
+        Box::new(CelInt::from(
+            i64::try_from(event.position.server_id).unwrap_or(i64::MAX),
+        )),
+    );
+    pos.insert(
         CelMapKey::from("gtid"),
         match &event.position.gtid {
             Some(g) => Box::new(CelString::from(g.clone())),

@@ -26,7 +26,7 @@
 //! `data` (the row: after image, before image for DELETE), `old` (UPDATE: the before values of
 //! the changed columns only; `{}` otherwise), `changed` (names of changed columns),
 //! `primary_keys`, `database`, `table`, `destination`, `event_type` (`"INSERT"`...),
-//! `position` (`{log_file, offset, row_index, gtid}`), `executed_at` (ms since the epoch),
+//! `position` (`{log_file, offset, row_index, server_id, gtid}`), `executed_at` (ms since the epoch),
 //! `sql` (the statement of DDL/query events, else `null`).
 //! Column values map to CEL as: NULL → `null`, signed/unsigned integers → `int`/`uint`,
 //! floats → `double`, text (and DECIMAL, dates, times, ENUM, SET) → `string`, binary →
@@ -239,6 +239,7 @@ pub fn sample_events(spec: &ConsumerSpec) -> Vec<ChangeEvent> {
                     log_file: "mysql-bin.000001".into(),
                     offset: 4 + 100 * n,
                     row_index: 0,
+                    server_id: 1,
                     gtid: None,
                 },
                 executed_at: 1_700_000_000_000,

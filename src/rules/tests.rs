@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::event::{ChangeEvent, EventType, Position, Row, Value};
-use crate::trigger::{Priority, message_id};
+use crate::trigger::{Priority, SourceRef, message_id};
 use serde_json::json;
 use std::path::Path;
 
@@ -69,6 +69,7 @@ fn event(db: &str, table: &str, t: EventType, data: Row, old: Option<Row>) -> Ch
             log_file: "mysql-bin.000007".into(),
             offset: 1234,
             row_index: 2,
+            server_id: 1,
             gtid: None,
         },
         executed_at: 1_700_000_000_123,
@@ -498,7 +499,7 @@ fn error_handler_policy_triggers_error_handler_and_other_rules_still_fire() {
     assert!(msg.contains("payload.x") && msg.contains("nope"), "{msg}");
     assert_eq!(
         t.id,
-        message_id(&e.position, "c", Some("bad"), "error_handler", 0)
+        message_id(&SourceRef::from(&e), "c", Some("bad"), "error_handler", 0)
     );
     assert_eq!(out.triggers[1].plugin, "q");
     assert_eq!(out.triggers[1].payload, json!({"id": 5}));
@@ -785,7 +786,7 @@ fn trigger_ids_are_deterministic() {
     assert_eq!(
         a.triggers[0].id,
         message_id(
-            &e.position,
+            &SourceRef::from(&e),
             "example_consumer",
             Some("welcome_new_user"),
             "email_service",
