@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod event;
+pub mod instance;
 pub mod logging;
 pub mod manager;
 pub mod metrics;

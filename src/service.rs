@@ -73,6 +73,26 @@ pub fn run(cfg: Config) -> i32 {
             return 2;
         }
     };
+    // one instance per Canal client identity on this host, held until the process exits
+    let state_dir = cfg
+        .consumers
+        .state_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let _lock = match crate::instance::InstanceLock::acquire(
+        &state_dir,
+        &format!("{}:{}", cfg.canal.host, cfg.canal.port),
+        &cfg.canal.destination,
+        &cfg.canal.client_id,
+    ) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
     let sys = System::new();
     let started = sys.block_on(start(cfg, specs));
     match started {

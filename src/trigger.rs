@@ -222,11 +222,23 @@ mod tests {
             "c247c193-7f36-545a-b223-9caa81b759e4"
         );
         assert_eq!(
-            message_id(&src("example", 2, 1_700_000_000_000), "c", Some("r"), "p", 0),
+            message_id(
+                &src("example", 2, 1_700_000_000_000),
+                "c",
+                Some("r"),
+                "p",
+                0
+            ),
             "27d44d1b-8800-542d-a55f-58763741c651"
         );
         assert_eq!(
-            message_id(&src("example", 1, 1_700_000_001_000), "c", Some("r"), "p", 1),
+            message_id(
+                &src("example", 1, 1_700_000_001_000),
+                "c",
+                Some("r"),
+                "p",
+                1
+            ),
             "9c4377f2-efa2-599c-90a3-5c73f60690d0"
         );
     }

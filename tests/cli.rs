@@ -157,3 +157,72 @@ fn test_and_list_work_from_the_definitions_alone() {
     let out = offline(&["enable", "nobody"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Kills the child when dropped, pass or fail.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Defect: two `start`s with the same configuration both ran, stole each other's batches and
+/// duplicated rows. The second one on a host is now refused, naming the first one's pid.
+#[test]
+fn a_second_instance_for_the_same_canal_client_is_refused() {
+    let dir = scratch("second");
+    let state = dir.join("state/consumers.json");
+    let args = |admin: &str| {
+        vec![
+            "start".to_string(),
+            "--consumers-dir".into(),
+            repo().join("config/consumers").to_str().unwrap().into(),
+            "--state-file".into(),
+            state.to_str().unwrap().into(),
+            "--admin-bind".into(),
+            admin.into(),
+            // nothing listens there: the instance keeps retrying and stays up
+            "--port".into(),
+            "1".into(),
+        ]
+    };
+    let spawn = |admin: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_canal-consumer"));
+        cmd.args(args(admin))
+            .current_dir(repo())
+            .env(
+                "CANAL_CONSUMER__AMQP__URL",
+                "amqp://guest:guest@127.0.0.1:1/%2f",
+            )
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let first = Child(
+        spawn("127.0.0.1:0")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("first starts"),
+    );
+    let lock =
+        canal_consumer::instance::lock_path(&dir.join("state"), "127.0.0.1:1", "example", "1001");
+    let pid = first.0.id().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != pid {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first instance never took its lock"
+        );
+        std::thread::yield_now();
+    }
+    let out = spawn("127.0.0.1:0").output().expect("second runs");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    assert!(
+        err.contains("destination 'example' as client 1001"),
+        "{err}"
+    );
+}

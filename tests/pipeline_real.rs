@@ -89,7 +89,13 @@ fn source_of(p: &Value) -> SourceRef {
 
 /// The id the service must give row `id`'s trigger (envelope carries the position).
 fn expected_id(g: &Got, consumer: &str) -> String {
-    message_id(&source_of(&g.body["payload"]), consumer, Some("row"), "row_task", 0)
+    message_id(
+        &source_of(&g.body["payload"]),
+        consumer,
+        Some("row"),
+        "row_task",
+        0,
+    )
 }
 
 async fn wait_status(svc: &ServiceProc, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
