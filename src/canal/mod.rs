@@ -17,6 +17,7 @@ pub mod auth;
 pub mod codec;
 pub mod connection;
 pub mod decode;
+pub mod fuzz;
 pub mod proto;
 pub mod session;
 pub mod window;

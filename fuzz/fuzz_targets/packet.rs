@@ -1,0 +1,5 @@
+#![no_main]
+//! libFuzzer target: see `canal_consumer::canal::fuzz::packet`.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| canal_consumer::canal::fuzz::packet(data));
