@@ -109,9 +109,10 @@ pub fn assemble(
     shutting_down: bool,
     now_ms: i64,
 ) -> ServiceStatus {
+    // connected *and* carrying messages: a stalled link is not ready
     let broker_connected = publisher
         .as_ref()
-        .is_some_and(|p| p.state == PublisherState::Connected);
+        .is_some_and(|p| p.state == PublisherState::Connected && p.stalled_since.is_none());
     let broker = match &publisher {
         Some(p) => serde_json::to_value(p).unwrap_or_default(),
         None => serde_json::json!({ "state": "none" }),

@@ -89,12 +89,16 @@ impl ServiceStatus {
             }
         }
         if !self.broker_connected {
+            let why =
+                serde_json::from_value::<crate::publisher::PublisherStatus>(self.broker.clone())
+                    .ok()
+                    .and_then(|p| p.unavailable());
             let state = self
                 .broker
                 .get("state")
                 .and_then(|s| s.as_str())
                 .unwrap_or("down");
-            reasons.push(format!("broker channel is not up ({state})"));
+            reasons.push(why.unwrap_or_else(|| format!("broker channel is not up ({state})")));
         }
         if reasons.is_empty() {
             Ok(())
@@ -150,6 +154,20 @@ mod tests {
         s.canal.state = ConnectionState::Connected;
         s.broker_connected = true;
         assert_eq!(s.readiness(), Ok(()));
+        // a link that carries nothing is not ready, and says since when
+        s.broker = serde_json::json!({
+            "state": "connected", "broker": "amqp://x", "queue": "q", "blocked_reason": null,
+            "unconfirmed": 3, "max_unconfirmed": 8, "published": 3, "confirmed": 0,
+            "returned": 0, "nacked": 0, "timeouts": 0, "lost": 0, "late_confirms": 0,
+            "oldest_unconfirmed_ms": 61_000, "stalled_since": "2026-11-29T08:00:00.000Z",
+            "connects": 1, "last_error": null, "state_since": "2026-11-29T07:00:00.000Z"
+        });
+        s.broker_connected = false;
+        assert_eq!(
+            s.readiness(),
+            Err("broker stalled since 2026-11-29T08:00:00.000Z: no confirm for 61 s".into())
+        );
+        s.broker_connected = true;
         s.canal.state = ConnectionState::Reconnecting;
         s.canal.last_error = Some("connection refused".into());
         assert_eq!(

@@ -107,11 +107,40 @@ pub struct PublisherStatus {
     /// nothing is unconfirmed. A link that carries nothing shows here first.
     #[serde(default)]
     pub oldest_unconfirmed_ms: Option<u64>,
+    /// Set while the oldest unconfirmed message has waited longer than
+    /// [`stall_after`]`(confirm_timeout)` (RFC 3339 time the wait began): the link carries
+    /// nothing (frozen network, blocked broker). Not ready while set.
+    #[serde(default)]
+    pub stalled_since: Option<String>,
     /// Successful connections since start.
     pub connects: u64,
     pub last_error: Option<String>,
     /// When `state` last changed (RFC 3339).
     pub state_since: String,
+}
+
+/// How long the oldest unconfirmed message may wait before the publisher reports a stall:
+/// half the confirm timeout, at most 5 s (a healthy broker confirms in milliseconds).
+pub fn stall_after(confirm_timeout: Duration) -> Duration {
+    (confirm_timeout / 2).min(Duration::from_secs(5))
+}
+
+impl PublisherStatus {
+    /// Why the publisher cannot carry messages now, if it cannot.
+    pub fn unavailable(&self) -> Option<String> {
+        if self.state != PublisherState::Connected {
+            return Some(match &self.blocked_reason {
+                Some(r) => format!("broker {} ({r})", self.state),
+                None => format!("broker channel is not up ({})", self.state),
+            });
+        }
+        self.stalled_since.as_ref().map(|since| {
+            format!(
+                "broker stalled since {since}: no confirm for {} s",
+                self.oldest_unconfirmed_ms.unwrap_or(0) / 1000
+            )
+        })
+    }
 }
 
 /// Ask the publisher for a [`PublisherStatus`].
@@ -169,6 +198,7 @@ impl AmqpPublisher {
             late_confirms: 0,
             cancelled: 0,
             oldest_unconfirmed_ms: None,
+            stalled_since: None,
             connects: 0,
             last_error: None,
             state_since: now_rfc3339(),

@@ -89,15 +89,28 @@ pub(super) struct Opened {
 }
 
 /// Connect, check the topology, open the confirm-mode channel.
+/// The broker URL with a heartbeat, so a link that carries nothing is noticed: `heartbeat=10`
+/// is added unless the URL sets one (lapin reads it from the query).
+pub(super) fn with_heartbeat(url: &str) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_string();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={DEFAULT_HEARTBEAT_SECS}")
+}
+
+/// Seconds between AMQP heartbeats unless the URL says otherwise.
+pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
+
 pub(super) async fn open(cfg: Arc<AmqpConfig>) -> Result<Opened, PublishError> {
+    let url = with_heartbeat(cfg.url.expose());
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from("canal-consumer publisher"));
     let limit = cfg.confirm_timeout.max(Duration::from_secs(5));
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
         PublishError::Unavailable(format!("{what} {}: {e}", redact_url(cfg.url.expose())))
     };
-    let conn = match tokio::time::timeout(limit, Connection::connect(cfg.url.expose(), props)).await
-    {
+    let conn = match tokio::time::timeout(limit, Connection::connect(&url, props)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return Err(unavailable("cannot connect to", &e)),
         Err(_) => {
@@ -278,6 +291,8 @@ impl Session {
                         self.on_unblocked();
                     }
                     self.abandon_gone_callers();
+                    // keep `stalled_since` fresh while nothing else happens
+                    self.flush();
                 }
             }
         }
@@ -323,6 +338,11 @@ impl Session {
         st.cancelled = stats.cancelled;
         st.unconfirmed = self.window.unconfirmed();
         st.oldest_unconfirmed_ms = oldest.map(|t| t.elapsed().as_millis() as u64);
+        let stall = super::amqp::stall_after(self.cfg.confirm_timeout);
+        st.stalled_since = oldest.filter(|t| t.elapsed() >= stall).map(|t| {
+            let ago = chrono::Duration::from_std(t.elapsed()).unwrap_or_default();
+            (chrono::Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
     }
 
     /// Jobs whose caller went away publish nothing more.
@@ -515,6 +535,23 @@ fn parse_tag(tag: &str, generation: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::parse_tag;
+
+    #[test]
+    fn urls_get_a_heartbeat_unless_they_set_one() {
+        use super::with_heartbeat;
+        assert_eq!(
+            with_heartbeat("amqp://h:5672/%2f"),
+            "amqp://h:5672/%2f?heartbeat=10"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?frame_max=8192"),
+            "amqp://h/%2f?frame_max=8192&heartbeat=10"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?heartbeat=3"),
+            "amqp://h/%2f?heartbeat=3"
+        );
+    }
 
     #[test]
     fn publish_tags_belong_to_their_generation() {
