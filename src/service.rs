@@ -18,6 +18,7 @@ use crate::consumer::actor::{ConsumerActor, SupervisionConfig};
 use crate::manager::{AttachConnection, ConsumerEntry, Manager, ManagerConfig};
 use crate::metrics::Metrics;
 use crate::publisher::amqp::{self as amqp, AmqpPublisher};
+use crate::publisher::topology::{self, RouteUse};
 use crate::rules::{self, ConfigConsumer};
 use crate::state::StateFile;
 use crate::trigger::{MessageFormat, Route};
@@ -110,8 +111,74 @@ pub fn run(cfg: Config) -> i32 {
     }
 }
 
+/// Every route a consumer definition publishes to, except the worker queue and its dead-letter
+/// queue (the publisher declares those).
+pub fn route_uses(cfg: &Config, specs: &[rules::ConsumerSpec]) -> Vec<RouteUse> {
+    let main = default_route(cfg);
+    let dlq = crate::consumer::dead_letter_route(&main);
+    let mut uses = Vec::new();
+    for spec in specs {
+        let default = spec.route.clone().unwrap_or_else(|| main.clone());
+        let file = spec.source.display();
+        for rule in &spec.rules {
+            let route = rule.route.clone().unwrap_or_else(|| default.clone());
+            uses.push((
+                format!("consumer {}, rule {} ({file})", spec.name, rule.name),
+                route,
+            ));
+            if rule.on_error == rules::OnError::DeadLetter {
+                uses.push((
+                    format!(
+                        "consumer {}, rule {} dead letters ({file})",
+                        spec.name, rule.name
+                    ),
+                    spec.dead_letter_route.clone(),
+                ));
+            }
+        }
+    }
+    uses.into_iter()
+        .filter(|(_, r)| *r != main && *r != dlq)
+        .map(|(who, r)| RouteUse {
+            who,
+            exchange: r.exchange,
+            routing_key: r.routing_key,
+        })
+        .collect()
+}
+
+/// Refuse to start when a rule routes to an exchange or queue the broker does not have. An
+/// unreachable broker only skips the check (the publisher retries; unroutable messages are
+/// parked at run time).
+async fn check_routes(cfg: &Config, specs: &[rules::ConsumerSpec]) -> Result<(), StartError> {
+    let uses = route_uses(cfg, specs);
+    if uses.is_empty() {
+        return Ok(());
+    }
+    let url = cfg.amqp.url.expose().to_string();
+    let connect = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(conn)) => {
+            let res = topology::check_routes(&conn, &uses).await;
+            let _ = conn.close(200, "routes checked".into()).await;
+            res.map_err(StartError::Publisher)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot check the rules' routes now (broker unreachable); unroutable triggers will be parked");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(
+                "cannot check the rules' routes now (broker does not answer); unroutable triggers will be parked"
+            );
+            Ok(())
+        }
+    }
+}
+
 async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), StartError> {
     let metrics = Metrics::new();
+    check_routes(&cfg, &specs).await?;
     tracing::info!(
         consumers = specs.len(),
         enabled = specs.iter().filter(|s| s.enabled).count(),
@@ -127,6 +194,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
             let name = spec.name.clone();
             let filters = spec.filters.clone();
             let enabled = spec.enabled;
+            let poison = spec.poison;
             let addr = ConsumerActor::new(
                 Box::new(ConfigConsumer::new(spec)),
                 publisher.clone().recipient(),
@@ -140,6 +208,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
                 name,
                 filters,
                 enabled,
+                poison,
                 addr,
             }
         })

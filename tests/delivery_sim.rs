@@ -24,7 +24,9 @@
 
 use canal_consumer::canal::window::{BatchRef, BatchWindow};
 use canal_consumer::event::{EventType, Position};
-use canal_consumer::manager::core::{Command, Processed, Router};
+use canal_consumer::manager::core::{
+    Command, Mode, OnPoison, PartError, PoisonPolicy, Processed, Router,
+};
 use canal_consumer::publisher::PublishError;
 use canal_consumer::publisher::window::{ConfirmWindow, JobNo, Outgoing};
 use canal_consumer::trigger::{SourceRef, message_id};
@@ -124,11 +126,17 @@ impl Outgoing for Msg {
 struct Consumer {
     /// Bit i set: wants table i.
     tables: u8,
+    policy: PoisonPolicy,
     /// Never disabled, enabled or quarantined in this run: the strong checks apply to it.
     stable: bool,
-    inbox: Option<(BatchRef, SimPart)>,
+    inbox: Option<(BatchRef, SimPart, Mode)>,
     /// The next answer is a quarantine (a poison fault), for non-stable consumers.
     poisoned: bool,
+}
+
+/// The id of the dead letter that parks `row` of `consumer`.
+fn parked_id(row: usize, consumer: usize) -> String {
+    format!("dead-letter:{}", row_id(row, consumer))
 }
 
 fn name(c: usize) -> String {
@@ -190,6 +198,15 @@ impl Sim {
         let consumers: Vec<Consumer> = (0..CONSUMERS)
             .map(|c| Consumer {
                 tables: [0b011, 0b110, 0b101][c],
+                // both poison policies are exercised
+                policy: PoisonPolicy {
+                    on_poison: if c == 1 {
+                        OnPoison::Stall
+                    } else {
+                        OnPoison::Park
+                    },
+                    attempts: 2,
+                },
                 // consumer 2 is the one the operator toggles
                 stable: c != 2,
                 inbox: None,
@@ -210,7 +227,19 @@ impl Sim {
             connected: true,
             draining: false,
             window: BatchWindow::new(MAX_BATCHES, MAX_BYTES),
-            router: Router::new(std::iter::repeat_n(true, CONSUMERS)),
+            router: Router::with_policies((0..CONSUMERS).map(|c| {
+                (
+                    true,
+                    PoisonPolicy {
+                        on_poison: if c == 1 {
+                            OnPoison::Stall
+                        } else {
+                            OnPoison::Park
+                        },
+                        attempts: 2,
+                    },
+                )
+            })),
             publisher: ConfirmWindow::new(MAX_UNCONFIRMED, CONFIRM_TIMEOUT),
             consumers,
             batch_rows: HashMap::new(),
@@ -249,12 +278,17 @@ impl Sim {
             }
             for cmd in cmds {
                 match cmd {
-                    Command::Process { slot, batch, part } => {
+                    Command::Process {
+                        slot,
+                        batch,
+                        part,
+                        mode,
+                    } => {
                         assert!(
                             self.consumers[slot].inbox.is_none(),
                             "two parts in consumer {slot} at once"
                         );
-                        self.consumers[slot].inbox = Some((batch, part));
+                        self.consumers[slot].inbox = Some((batch, part, mode));
                     }
                     Command::RetryAfter { slot, .. } => self.retries.push(slot),
                     Command::Ack(b) => {
@@ -281,13 +315,21 @@ impl Sim {
         self.publisher.take_failures();
         for (job, res) in self.publisher.take_replies() {
             let (slot, batch, epoch) = self.jobs.remove(&job).expect("known job");
+            // a transient failure settles its whole epoch; an unroutable message does not
             if let Err(e) = &res
+                && e.is_transient()
                 && !matches!(e, PublishError::Cancelled { .. })
             {
                 self.failed_epoch = Some(self.failed_epoch.map_or(epoch, |f| f.max(epoch)));
             }
-            self.router
-                .confirmed(slot, batch, res.map_err(|e| e.to_string()));
+            let res = res.map_err(|e| match e {
+                PublishError::Unroutable { returned } => PartError::Unroutable {
+                    ids: returned.into_iter().map(|r| r.id).collect(),
+                    reason: "unroutable".into(),
+                },
+                e => PartError::Transient(e.to_string()),
+            });
+            self.router.confirmed(slot, batch, res);
         }
     }
 
@@ -339,7 +381,8 @@ impl Sim {
             for r in 0..end {
                 if consumer.tables & (1 << self.server.rows[r]) != 0 {
                     assert!(
-                        self.accepted.contains(&row_id(r, c)),
+                        self.accepted.contains(&row_id(r, c))
+                            || self.accepted.contains(&parked_id(r, c)),
                         "(a) batch acked up to row {end} but row {r} of consumer {c} was never accepted by the broker"
                     );
                 }
@@ -348,32 +391,53 @@ impl Sim {
     }
 
     fn consumer_step(&mut self, c: usize) {
-        let Some((batch, part)) = self.consumers[c].inbox.take() else {
+        let Some((batch, part, mode)) = self.consumers[c].inbox.take() else {
             return;
         };
-        let outcome = if self.consumers[c].poisoned {
-            self.consumers[c].poisoned = false;
-            Processed::Quarantined
-        } else if self.faults && self.rng.chance(150) {
-            Processed::Failed {
-                retry_in: Duration::from_millis(10),
-            }
-        } else {
-            let msgs: Vec<Msg> = part
-                .rows
-                .iter()
-                .map(|&row| Msg {
-                    id: row_id(row, c),
-                    consumer: c,
-                    row,
-                    epoch: batch.epoch,
-                })
-                .collect();
-            let job = self.publisher.submit(batch.epoch, msgs);
-            self.jobs.insert(job, (c, batch, batch.epoch));
-            Processed::Published
+        let msg = |row: usize, id: String| Msg {
+            id,
+            consumer: c,
+            row,
+            epoch: batch.epoch,
         };
-        self.log(format!("consumer {c} {batch}: {outcome:?}"));
+        let fails = |rng: &mut Rng, faults: bool| faults && rng.chance(150);
+        let outcome = match &mode {
+            Mode::Normal if self.consumers[c].poisoned => {
+                self.consumers[c].poisoned = false;
+                Processed::Quarantined
+            }
+            Mode::Normal if fails(&mut self.rng, self.faults) => Processed::Failed {
+                retry_in: Duration::from_millis(10),
+                error: "boom".into(),
+            },
+            mode => {
+                let mut msgs = Vec::new();
+                for &row in &part.rows {
+                    let parks = match mode {
+                        Mode::Normal => false,
+                        // each event may fail again; a failing one is parked
+                        Mode::ParkFailures { .. } => fails(&mut self.rng, self.faults),
+                        Mode::ParkAll { .. } => true,
+                        Mode::ParkIds { ids, .. } => {
+                            if ids.contains(&row_id(row, c)) {
+                                msgs.push(msg(row, parked_id(row, c)));
+                            }
+                            continue;
+                        }
+                    };
+                    let id = if parks {
+                        parked_id(row, c)
+                    } else {
+                        row_id(row, c)
+                    };
+                    msgs.push(msg(row, id));
+                }
+                let job = self.publisher.submit(batch.epoch, msgs);
+                self.jobs.insert(job, (c, batch, batch.epoch));
+                Processed::Published
+            }
+        };
+        self.log(format!("consumer {c} {batch} {mode:?}: {outcome:?}"));
         self.router.processed(c, batch, outcome);
         self.flush_publisher();
         self.run_commands();
@@ -390,7 +454,9 @@ impl Sim {
                     msg.epoch
                 );
             }
-            if let Some((e, r)) = self.last_write[msg.consumer] {
+            // dead letters are out of band: parked rows leave the order by definition
+            let parked = msg.id == parked_id(msg.row, msg.consumer);
+            if let Some((e, r)) = self.last_write[msg.consumer].filter(|_| !parked) {
                 assert!(
                     msg.epoch >= e,
                     "(c) consumer {}: epoch {} written after epoch {e}",
@@ -407,8 +473,17 @@ impl Sim {
                 }
             }
             // (d) every copy carries the id of the original
-            assert_eq!(msg.id, row_id(msg.row, msg.consumer), "(d)");
-            self.last_write[msg.consumer] = Some((msg.epoch, msg.row));
+            assert!(
+                msg.id == row_id(msg.row, msg.consumer)
+                    || msg.id == parked_id(msg.row, msg.consumer),
+                "(d) row {} of consumer {} carries id {}",
+                msg.row,
+                msg.consumer,
+                msg.id
+            );
+            if !parked {
+                self.last_write[msg.consumer] = Some((msg.epoch, msg.row));
+            }
             self.log(format!(
                 "publish #{seq} c{} row {} epoch {}",
                 msg.consumer, msg.row, msg.epoch
@@ -463,9 +538,11 @@ impl Sim {
             self.settle();
         } else if roll < 940 {
             // unroutable: the return comes first, then the ack of the same publish
-            self.log(format!("broker return #{any}"));
+            let transient = self.rng.chance(500);
+            self.log(format!("broker return #{any} (transient: {transient})"));
             self.returned.insert(any);
-            self.publisher.on_return(any, "", "q", "312 NO_ROUTE");
+            self.publisher
+                .on_return(any, "", "q", "312 NO_ROUTE", transient);
             self.broker_ack(any, false);
         } else if roll < 970 {
             self.log("confirm timeout".into());

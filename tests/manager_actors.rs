@@ -11,6 +11,7 @@ use canal_consumer::consumer::{Consumer, ConsumerContext, ConsumerError, TableFi
 use canal_consumer::event::{ChangeEvent, EventType, Position, Row, Value};
 use canal_consumer::manager::{
     AttachConnection, ConnectionLink, ConsumerEntry, GetManagerStatus, Manager, ManagerConfig,
+    OnPoison, PoisonPolicy,
 };
 use canal_consumer::publisher::{Publish, PublishError};
 use canal_consumer::trigger::{MessageFormat, Priority, Route, Trigger};
@@ -94,6 +95,7 @@ struct TestConsumer {
     panic_on: Option<i64>,
     panics_left: Arc<AtomicU32>,
     always_fail: bool,
+    poison: PoisonPolicy,
 }
 
 impl TestConsumer {
@@ -104,6 +106,11 @@ impl TestConsumer {
             panic_on: None,
             panics_left: Arc::new(AtomicU32::new(0)),
             always_fail: false,
+            // the older tests here describe the stall policy; parking has its own test
+            poison: PoisonPolicy {
+                on_poison: OnPoison::Stall,
+                attempts: 3,
+            },
         }
     }
 }
@@ -201,6 +208,7 @@ fn harness(consumers: Vec<TestConsumer>, hold: &[&str], max_restarts: u32) -> Ha
         .map(|c| {
             let name = c.name.clone();
             let filters = c.filters.clone();
+            let poison = c.poison;
             let addr = ConsumerActor::new(
                 Box::new(c),
                 sink.clone().recipient(),
@@ -212,6 +220,7 @@ fn harness(consumers: Vec<TestConsumer>, hold: &[&str], max_restarts: u32) -> Ha
             ConsumerEntry {
                 name,
                 filters,
+                poison,
                 enabled: true,
                 addr,
             }
@@ -479,4 +488,54 @@ async fn disabling_a_consumer_mid_publish_neither_acks_early_nor_loses_its_part(
         err,
         canal_consumer::manager::SetEnabledError::UnknownConsumer("nope".into())
     );
+}
+
+/// A consumer that fails on its row (panics, fatal errors) under the default `park` policy:
+/// after `attempts` failures the row becomes a dead letter with the error and the event, the
+/// batch is acked, and the healthy consumer's trigger is published exactly once.
+#[actix_rt::test]
+async fn a_poison_row_is_parked_and_the_batch_proceeds_without_duplicates() {
+    let mut broken = TestConsumer::new("a_c", "a");
+    broken.always_fail = true;
+    broken.poison = PoisonPolicy {
+        on_poison: OnPoison::Park,
+        attempts: 2,
+    };
+    let mut h = harness(vec![broken, TestConsumer::new("b_c", "b")], &[], 50);
+    h.manager
+        .do_send(batch(1, vec![event("a", 1, 10), event("b", 2, 11)]));
+    loop {
+        match next_conn(&mut h).await {
+            ConnMsg::Ack(b) => {
+                assert_eq!(b.id, 1);
+                break;
+            }
+            ConnMsg::Rollback(b) => panic!("batch {b} rolled back: the poison row must be parked"),
+            _ => {}
+        }
+    }
+    // everything published before the ack was confirmed, so it is all in the channel now
+    let mut got = Vec::new();
+    while let Ok(t) = h.trig_rx.try_recv() {
+        got.push(t);
+    }
+    let healthy: Vec<_> = got.iter().filter(|t| t.consumer == "b_c").collect();
+    assert_eq!(healthy.len(), 1, "{got:#?}");
+    let parked: Vec<_> = got.iter().filter(|t| t.consumer == "a_c").collect();
+    assert_eq!(parked.len(), 1, "{got:#?}");
+    let dl = parked[0];
+    assert_eq!(dl.plugin, "dead_letter");
+    assert_eq!(dl.route.routing_key, "plugin_tasks.dead_letter");
+    assert!(
+        dl.payload["error"]
+            .as_str()
+            .unwrap()
+            .contains("downstream is gone"),
+        "{}",
+        dl.payload
+    );
+    assert_eq!(dl.payload["event"]["data"]["id"], 1);
+    let st = h.manager.send(GetManagerStatus).await.unwrap();
+    let a = st.consumers.iter().find(|c| c.name == "a_c").unwrap();
+    assert_eq!(a.parked, 1);
 }

@@ -17,7 +17,9 @@
 use crate::canal::connection::BatchRef;
 use crate::consumer::{Consumer, ConsumerContext, ConsumerError, Failure};
 use crate::event::ChangeEvent;
+use crate::manager::core::Mode;
 use crate::publisher::{Publish, PublishError};
+use crate::trigger::Trigger;
 use crate::trigger::{MessageFormat, Route};
 use actix::prelude::*;
 use std::collections::VecDeque;
@@ -52,6 +54,8 @@ impl From<&crate::config::ConsumersConfig> for SupervisionConfig {
 pub struct ProcessBatch {
     /// The Canal batch (and epoch) the events come from.
     pub batch: BatchRef,
+    /// Normal processing, or one of the park modes.
+    pub mode: Mode,
     pub events: Arc<Vec<ChangeEvent>>,
     pub indices: Arc<Vec<usize>>,
 }
@@ -61,6 +65,8 @@ pub struct ProcessBatch {
 pub struct Processed {
     pub triggers: usize,
     pub event_errors: usize,
+    /// Events (or refused triggers) turned into dead letters.
+    pub parked: usize,
     /// Resolves when every trigger is confirmed (or failed).
     pub confirmed: oneshot::Receiver<Result<(), PublishError>>,
 }
@@ -225,10 +231,116 @@ pub fn process_event(
     }
 }
 
+fn failure<'a>(consumer: &'a str, event: &'a ChangeEvent, error: &'a str) -> Failure<'a> {
+    Failure {
+        consumer,
+        rule: None,
+        event,
+        error,
+        route: None,
+        format: None,
+    }
+}
+
+impl ConsumerActor {
+    /// Run a part in a park mode (see [`Mode`]): never fails, never stops the actor; what
+    /// cannot be processed or routed becomes a dead letter. Returns how many were parked.
+    fn process_parking(&mut self, msg: &ProcessBatch) -> usize {
+        let mut parked = 0;
+        let name = self.consumer.name().to_string();
+        for &i in msg.indices.iter() {
+            let Some(event) = msg.events.get(i) else {
+                continue;
+            };
+            let failure = |error| failure(&name, event, error);
+            match &msg.mode {
+                Mode::Normal => {}
+                Mode::ParkAll { reason } => {
+                    self.ctx.begin_event(event);
+                    self.ctx.park(failure(reason), None);
+                    parked += 1;
+                }
+                Mode::ParkFailures { reason } => {
+                    let mark = self.ctx.triggers().len();
+                    if let Err(error) = process_event(self.consumer.as_mut(), &mut self.ctx, event)
+                    {
+                        self.ctx.truncate(mark);
+                        self.ctx.begin_event(event);
+                        let why = format!("{error} ({reason})");
+                        self.ctx.park(failure(&why), None);
+                        parked += 1;
+                    }
+                }
+                Mode::ParkIds { ids, reason } => {
+                    let mark = self.ctx.triggers().len();
+                    let result = process_event(self.consumer.as_mut(), &mut self.ctx, event);
+                    let produced: Vec<Trigger> = self.ctx.triggers()[mark..].to_vec();
+                    self.ctx.truncate(mark);
+                    self.ctx.begin_event(event);
+                    if let Err(error) = result {
+                        self.ctx.park(failure(&error), None);
+                        parked += 1;
+                        continue;
+                    }
+                    // the others were confirmed already: only the refused ones go out again
+                    for t in produced.iter().filter(|t| ids.contains(&t.id)) {
+                        let f = Failure {
+                            rule: t.rule.as_deref(),
+                            ..failure(reason)
+                        };
+                        self.ctx.park(f, Some(t));
+                        parked += 1;
+                    }
+                }
+            }
+        }
+        if parked > 0 {
+            tracing::warn!(
+                consumer = %name,
+                parked,
+                batch = %msg.batch,
+                "events parked in the dead-letter queue"
+            );
+        }
+        parked
+    }
+
+    /// Hand the collected triggers to the publisher; the receiver resolves on their confirms.
+    fn publish(&mut self, epoch: u64, parked: usize) -> Processed {
+        let event_errors = self.ctx.take_errors();
+        let triggers = self.ctx.take_triggers();
+        let count = triggers.len();
+        let (tx, rx) = oneshot::channel();
+        if triggers.is_empty() {
+            let _ = tx.send(Ok(()));
+        } else {
+            // do_send keeps the order in which batches were processed; the number of
+            // outstanding messages is bounded by the Canal in-flight window.
+            self.publisher.do_send(Publish {
+                triggers,
+                epoch,
+                reply: tx,
+            });
+        }
+        Processed {
+            triggers: count,
+            event_errors,
+            parked,
+            confirmed: rx,
+        }
+    }
+}
+
 impl Handler<ProcessBatch> for ConsumerActor {
     type Result = Result<Processed, ProcessFailure>;
 
     fn handle(&mut self, msg: ProcessBatch, ctx: &mut Context<Self>) -> Self::Result {
+        self.ctx.take_errors();
+        if msg.mode.is_park() {
+            // parking never waits for a backoff and works while quarantined
+            let parked = self.process_parking(&msg);
+            return Ok(self.publish(msg.batch.epoch, parked));
+        }
         if self.quarantined {
             return Err(ProcessFailure::Quarantined {
                 restarts: self.restarts,
@@ -242,7 +354,6 @@ impl Handler<ProcessBatch> for ConsumerActor {
             }
             self.retry_at = None;
         }
-        self.ctx.take_errors();
         for &i in msg.indices.iter() {
             let Some(event) = msg.events.get(i) else {
                 continue;
@@ -270,26 +381,7 @@ impl Handler<ProcessBatch> for ConsumerActor {
                 }
             }
         }
-        let event_errors = self.ctx.take_errors();
-        let triggers = self.ctx.take_triggers();
-        let count = triggers.len();
-        let (tx, rx) = oneshot::channel();
-        if triggers.is_empty() {
-            let _ = tx.send(Ok(()));
-        } else {
-            // do_send keeps the order in which batches were processed; the number of
-            // outstanding messages is bounded by the Canal in-flight window.
-            self.publisher.do_send(Publish {
-                triggers,
-                epoch: msg.batch.epoch,
-                reply: tx,
-            });
-        }
-        Ok(Processed {
-            triggers: count,
-            event_errors,
-            confirmed: rx,
-        })
+        Ok(self.publish(msg.batch.epoch, 0))
     }
 }
 

@@ -56,6 +56,20 @@ pub fn default_dead_letter_route() -> Route {
     }
 }
 
+/// The dead-letter queue that goes with a worker queue: `<queue>.dead_letter`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dead_letter")
+}
+
+/// Where parked events go: the dead-letter queue of `default_route`'s queue, on the default
+/// exchange.
+pub fn dead_letter_route(default_route: &Route) -> Route {
+    Route {
+        exchange: String::new(),
+        routing_key: dead_letter_queue(&default_route.routing_key),
+    }
+}
+
 /// The plugin triggered by the `error_handler` policy.
 pub const ERROR_HANDLER_PLUGIN: &str = "error_handler";
 
@@ -239,6 +253,46 @@ impl ConsumerContext {
         });
         self.record_error();
         true
+    }
+
+    /// Park a failure in the dead-letter queue (`<default queue>.dead_letter`, declared by the
+    /// publisher): a message with `{consumer, rule (if any), error, event}` and, when a trigger
+    /// could not be routed, `original_id` and `original` (its plugin, payload, priority and
+    /// route). `canal-consumer dlq replay` runs the event through the consumer again, which
+    /// publishes with the original ids.
+    pub fn park(&mut self, failure: Failure<'_>, original: Option<&Trigger>) {
+        let mut body = serde_json::Map::new();
+        body.insert("consumer".into(), failure.consumer.into());
+        if let Some(rule) = failure.rule {
+            body.insert("rule".into(), rule.into());
+        }
+        body.insert("error".into(), failure.error.into());
+        if let Some(t) = original {
+            body.insert("original_id".into(), t.id.clone().into());
+            body.insert(
+                "original".into(),
+                serde_json::json!({
+                    "plugin": t.plugin,
+                    "payload": t.payload,
+                    "priority": t.priority,
+                    "exchange": t.route.exchange,
+                    "routing_key": t.route.routing_key,
+                }),
+            );
+        }
+        body.insert("event".into(), failure.event.to_json());
+        let plugin = match original {
+            Some(t) => format!("{DEAD_LETTER_PLUGIN}:{}", t.plugin),
+            None => DEAD_LETTER_PLUGIN.to_string(),
+        };
+        self.trigger(TriggerRequest {
+            plugin,
+            payload: body.into(),
+            priority: Priority::Normal,
+            rule: failure.rule.map(str::to_string),
+            route: Some(dead_letter_route(&self.default_route)),
+            format: Some(MessageFormat::Envelope),
+        });
     }
 
     /// Take the count of handled failures since the last call.

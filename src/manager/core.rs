@@ -17,7 +17,14 @@
 //! - pending parts are tracked as a *set* of slots per batch, so finishing a part twice (a
 //!   disable racing with its completion) can never ack a batch early;
 //! - disabling a consumer drops its queued parts (their batches no longer wait for it) but the
-//!   part inside its actor finishes normally, so its triggers are confirmed before any ack.
+//!   part inside its actor finishes normally, so its triggers are confirmed before any ack;
+//! - poison (`on_poison = "park"`, the default): a part that fails in its consumer `attempts`
+//!   times is run once more in *park* mode (events that fail become dead letters, the rest
+//!   triggers normally); triggers the broker cannot route are re-run as dead letters; a
+//!   quarantined consumer dead-letters its parts unprocessed. The batch then proceeds for
+//!   everyone: no rollback, so the healthy consumers see no duplicates. With
+//!   `on_poison = "stall"` failures are retried forever and unroutable triggers or a quarantine
+//!   roll the batch back (nothing is acked until an operator acts).
 
 use crate::canal::connection::BatchRef;
 use serde::{Deserialize, Serialize};
@@ -59,15 +66,82 @@ impl std::fmt::Display for ConsumerState {
     }
 }
 
+/// What a consumer does with failures it cannot get past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPoison {
+    /// Park the failing events (or unroutable triggers) in the dead-letter queue and go on.
+    #[default]
+    Park,
+    /// Retry forever / roll back; nothing of the batch is acked until it succeeds.
+    Stall,
+}
+
+/// A consumer's poison policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoisonPolicy {
+    pub on_poison: OnPoison,
+    /// Failures of the same part before it is parked (at least 1).
+    pub attempts: u32,
+}
+
+impl Default for PoisonPolicy {
+    fn default() -> Self {
+        PoisonPolicy {
+            on_poison: OnPoison::Park,
+            attempts: 3,
+        }
+    }
+}
+
+/// How a part is to be run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Run it; a failing event fails the part.
+    #[default]
+    Normal,
+    /// Run it; events that fail become dead letters (with `reason` if they fail no more).
+    ParkFailures { reason: String },
+    /// Run it again but publish only dead letters for these trigger ids (the broker could not
+    /// route them); its other triggers were confirmed already.
+    ParkIds { ids: Vec<String>, reason: String },
+    /// Do not run it: every event becomes a dead letter (the consumer is quarantined).
+    ParkAll { reason: String },
+}
+
+impl Mode {
+    pub fn is_park(&self) -> bool {
+        !matches!(self, Mode::Normal)
+    }
+}
+
 /// How a consumer answered a part.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Processed {
     /// Its triggers were handed to the publisher; a [`Router::confirmed`] follows.
     Published,
     /// It failed (error or panic) and is being restarted: retry the same part after `retry_in`.
-    Failed { retry_in: Duration },
+    Failed { retry_in: Duration, error: String },
     /// It is quarantined: the part cannot be processed.
     Quarantined,
+}
+
+/// Why a part's publish failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartError {
+    /// The broker or the link failed (nack, timeout, lost connection): roll back and retry.
+    Transient(String),
+    /// The broker could not route these triggers (a rule's exchange or queue does not exist).
+    Unroutable { ids: Vec<String>, reason: String },
+}
+
+impl PartError {
+    fn reason(&self) -> &str {
+        match self {
+            PartError::Transient(r) => r,
+            PartError::Unroutable { reason, .. } => reason,
+        }
+    }
 }
 
 /// What the shell must do.
@@ -78,6 +152,7 @@ pub enum Command<P> {
         slot: SlotId,
         batch: BatchRef,
         part: P,
+        mode: Mode,
     },
     /// Call [`Router::retry`] for this slot after `delay`.
     RetryAfter { slot: SlotId, delay: Duration },
@@ -92,15 +167,29 @@ pub enum Command<P> {
 }
 
 #[derive(Debug)]
+struct Item<P> {
+    batch: BatchRef,
+    part: P,
+    mode: Mode,
+    /// Failures of this part in its consumer so far.
+    failures: u32,
+}
+
+#[derive(Debug)]
 struct Slot<P> {
     enabled: bool,
     quarantined: bool,
     retrying: bool,
-    queue: VecDeque<(BatchRef, P)>,
+    policy: PoisonPolicy,
+    queue: VecDeque<Item<P>>,
+    /// Parts handed to the publisher, kept until confirmed (a park run may need them).
+    awaiting: BTreeMap<BatchRef, (P, Mode)>,
     /// The queue's front is inside the consumer actor.
     in_consumer: bool,
     /// A `RetryAfter` is outstanding.
     waiting_retry: bool,
+    /// Parts parked so far.
+    parked: u64,
 }
 
 #[derive(Debug, Default)]
@@ -121,18 +210,29 @@ pub struct Router<P> {
 }
 
 impl<P: Clone> Router<P> {
-    /// A router for consumers with these enabled flags.
+    /// A router for consumers with these enabled flags and the default poison policy.
     pub fn new(enabled: impl IntoIterator<Item = bool>) -> Self {
+        Self::with_policies(enabled.into_iter().map(|e| (e, PoisonPolicy::default())))
+    }
+
+    /// A router for consumers with these enabled flags and poison policies.
+    pub fn with_policies(slots: impl IntoIterator<Item = (bool, PoisonPolicy)>) -> Self {
         Router {
-            slots: enabled
+            slots: slots
                 .into_iter()
-                .map(|enabled| Slot {
+                .map(|(enabled, policy)| Slot {
                     enabled,
                     quarantined: false,
                     retrying: false,
+                    policy: PoisonPolicy {
+                        attempts: policy.attempts.max(1),
+                        ..policy
+                    },
                     queue: VecDeque::new(),
+                    awaiting: BTreeMap::new(),
                     in_consumer: false,
                     waiting_retry: false,
+                    parked: 0,
                 })
                 .collect(),
             batches: BTreeMap::new(),
@@ -161,6 +261,11 @@ impl<P: Clone> Router<P> {
     /// Parts waiting for (or inside) this slot's consumer.
     pub fn queued(&self, slot: SlotId) -> usize {
         self.slots[slot].queue.len()
+    }
+
+    /// Parts of this slot parked in the dead-letter queue so far.
+    pub fn parked(&self, slot: SlotId) -> u64 {
+        self.slots[slot].parked
     }
 
     /// Batches of the current epoch not yet acked or rolled back.
@@ -200,7 +305,12 @@ impl<P: Clone> Router<P> {
             if !s.enabled || !track.pending.insert(slot) {
                 continue;
             }
-            s.queue.push_back((batch, part));
+            s.queue.push_back(Item {
+                batch,
+                part,
+                mode: Mode::Normal,
+                failures: 0,
+            });
             touched.push(slot);
         }
         if track.pending.is_empty() {
@@ -218,12 +328,20 @@ impl<P: Clone> Router<P> {
         if s.in_consumer || s.waiting_retry {
             return;
         }
-        if let Some((batch, part)) = s.queue.front() {
+        let parks = s.policy.on_poison == OnPoison::Park;
+        let quarantined = s.quarantined;
+        if let Some(item) = s.queue.front_mut() {
+            if quarantined && parks && item.mode == Mode::Normal {
+                item.mode = Mode::ParkAll {
+                    reason: "the consumer is quarantined".into(),
+                };
+            }
             s.in_consumer = true;
             self.out.push(Command::Process {
                 slot,
-                batch: *batch,
-                part: part.clone(),
+                batch: item.batch,
+                part: item.part.clone(),
+                mode: item.mode.clone(),
             });
         }
     }
@@ -231,7 +349,7 @@ impl<P: Clone> Router<P> {
     /// The slot's consumer answered the part of `batch`.
     pub fn processed(&mut self, slot: SlotId, batch: BatchRef, outcome: Processed) {
         let s = &mut self.slots[slot];
-        let is_front = s.in_consumer && s.queue.front().is_some_and(|(b, _)| *b == batch);
+        let is_front = s.in_consumer && s.queue.front().is_some_and(|i| i.batch == batch);
         if !is_front {
             return;
         }
@@ -239,11 +357,19 @@ impl<P: Clone> Router<P> {
         match outcome {
             Processed::Published => {
                 // its publish is confirmed or cancelled later; `confirmed` follows either way
-                s.queue.pop_front();
-                s.retrying = false;
+                let Some(item) = s.queue.pop_front() else {
+                    return;
+                };
+                if item.mode.is_park() {
+                    s.parked += 1;
+                }
+                if !matches!(item.mode, Mode::ParkAll { .. }) {
+                    s.retrying = false;
+                }
+                s.awaiting.insert(batch, (item.part, item.mode));
                 self.dispatch(slot);
             }
-            Processed::Failed { retry_in } => {
+            Processed::Failed { retry_in, error } => {
                 s.retrying = true;
                 if batch.epoch < self.epoch || !s.enabled {
                     // abandoned or disabled while it was inside the consumer: do not retry it
@@ -253,6 +379,16 @@ impl<P: Clone> Router<P> {
                     self.dispatch(slot);
                     return;
                 }
+                let parks = s.policy.on_poison == OnPoison::Park;
+                let attempts = s.policy.attempts;
+                if let Some(item) = s.queue.front_mut() {
+                    item.failures += 1;
+                    if parks && item.mode == Mode::Normal && item.failures >= attempts {
+                        item.mode = Mode::ParkFailures {
+                            reason: format!("failed {} times: {error}", item.failures),
+                        };
+                    }
+                }
                 s.waiting_retry = true;
                 self.out.push(Command::RetryAfter {
                     slot,
@@ -261,7 +397,12 @@ impl<P: Clone> Router<P> {
             }
             Processed::Quarantined => {
                 s.quarantined = true;
-                let dropped: Vec<BatchRef> = s.queue.drain(..).map(|(b, _)| b).collect();
+                if s.policy.on_poison == OnPoison::Park {
+                    // dead-letter it (and what follows) instead of rolling the world back
+                    self.dispatch(slot);
+                    return;
+                }
+                let dropped: Vec<BatchRef> = s.queue.drain(..).map(|i| i.batch).collect();
                 self.fail(batch, format!("consumer slot {slot} is quarantined"));
                 for b in dropped {
                     self.part_finished(slot, b, false);
@@ -277,15 +418,36 @@ impl<P: Clone> Router<P> {
     }
 
     /// The publish of the slot's part of `batch` is settled.
-    pub fn confirmed(&mut self, slot: SlotId, batch: BatchRef, result: Result<(), String>) {
-        match result {
-            Ok(()) => self.part_finished(slot, batch, true),
-            Err(reason) => {
-                // the rollback goes out before the batch can be released
-                self.fail(batch, reason);
-                self.part_finished(slot, batch, false);
-            }
+    pub fn confirmed(&mut self, slot: SlotId, batch: BatchRef, result: Result<(), PartError>) {
+        let awaited = self.slots[slot].awaiting.remove(&batch);
+        let err = match result {
+            Ok(()) => return self.part_finished(slot, batch, true),
+            Err(e) => e,
+        };
+        let s = &mut self.slots[slot];
+        let live = batch.epoch == self.epoch && s.enabled && self.batches.contains_key(&batch);
+        if let (PartError::Unroutable { ids, reason }, Some((part, mode)), true, OnPoison::Park) =
+            (&err, awaited, live, s.policy.on_poison)
+            && !matches!(mode, Mode::ParkIds { .. })
+        {
+            // run it again, dead-lettering exactly the triggers the broker refused
+            let item = Item {
+                batch,
+                part,
+                mode: Mode::ParkIds {
+                    ids: ids.clone(),
+                    reason: reason.clone(),
+                },
+                failures: 0,
+            };
+            let at = usize::from(s.in_consumer).min(s.queue.len());
+            s.queue.insert(at, item);
+            self.dispatch(slot);
+            return;
         }
+        // the rollback goes out before the batch can be released
+        self.fail(batch, err.reason().to_string());
+        self.part_finished(slot, batch, false);
     }
 
     /// Roll `batch` back (once), if it belongs to the current epoch.
@@ -345,11 +507,11 @@ impl<P: Clone> Router<P> {
             let keep_front = s.in_consumer;
             let mut dropped = Vec::new();
             let mut kept = VecDeque::new();
-            for (i, (b, p)) in s.queue.drain(..).enumerate() {
-                if b.epoch < epoch && !(i == 0 && keep_front) {
-                    dropped.push(b);
+            for (i, item) in s.queue.drain(..).enumerate() {
+                if item.batch.epoch < epoch && !(i == 0 && keep_front) {
+                    dropped.push(item.batch);
                 } else {
-                    kept.push_back((b, p));
+                    kept.push_back(item);
                 }
             }
             s.queue = kept;
@@ -375,7 +537,7 @@ impl<P: Clone> Router<P> {
         }
         let keep_front = s.in_consumer;
         let skip = usize::from(keep_front);
-        let dropped: Vec<BatchRef> = s.queue.drain(skip..).map(|(b, _)| b).collect();
+        let dropped: Vec<BatchRef> = s.queue.drain(skip..).map(|i| i.batch).collect();
         if !keep_front {
             s.waiting_retry = false;
         }

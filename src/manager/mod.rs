@@ -34,7 +34,8 @@ use crate::event::ChangeEvent;
 use crate::publisher::{CancelBefore, PublishError};
 use actix::prelude::*;
 pub use core::ConsumerState;
-use core::{Command, Processed, Router};
+use core::{Command, Mode, PartError, Processed, Router};
+pub use core::{OnPoison, PoisonPolicy};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,7 @@ pub struct ConsumerEntry {
     pub name: String,
     pub filters: Vec<TableFilter>,
     pub enabled: bool,
+    pub poison: PoisonPolicy,
     pub addr: Addr<ConsumerActor>,
 }
 
@@ -66,6 +68,9 @@ pub struct ConsumerStats {
     pub triggers: u64,
     pub errors: u64,
     pub restarts: u32,
+    /// Events (or refused triggers) parked in the dead-letter queue.
+    #[serde(default)]
+    pub parked: u64,
     pub queued_parts: usize,
     pub last_error: Option<String>,
     /// Source execution time of the newest event whose triggers were confirmed (ms).
@@ -169,7 +174,7 @@ pub struct Manager {
 
 impl Manager {
     pub fn new(cfg: ManagerConfig, consumers: Vec<ConsumerEntry>) -> Self {
-        let router = Router::new(consumers.iter().map(|c| c.enabled));
+        let router = Router::with_policies(consumers.iter().map(|c| (c.enabled, c.poison)));
         let slots = consumers
             .into_iter()
             .map(|c| Slot {
@@ -247,7 +252,12 @@ impl Manager {
     fn run(&mut self, ctx: &mut Context<Self>) {
         for cmd in self.router.take_commands() {
             match cmd {
-                Command::Process { slot, batch, part } => self.process(slot, batch, part, ctx),
+                Command::Process {
+                    slot,
+                    batch,
+                    part,
+                    mode,
+                } => self.process(slot, batch, part, mode, ctx),
                 Command::RetryAfter { slot, delay } => {
                     ctx.run_later(delay, move |act, ctx| {
                         act.router.retry(slot);
@@ -278,7 +288,14 @@ impl Manager {
         }
     }
 
-    fn process(&mut self, i: usize, batch: BatchRef, part: Part, ctx: &mut Context<Self>) {
+    fn process(
+        &mut self,
+        i: usize,
+        batch: BatchRef,
+        part: Part,
+        mode: Mode,
+        ctx: &mut Context<Self>,
+    ) {
         let last_at = part
             .indices
             .last()
@@ -286,6 +303,7 @@ impl Manager {
             .map(|e| e.executed_at);
         let msg = ProcessBatch {
             batch,
+            mode,
             events: part.events,
             indices: part.indices,
         };
@@ -296,6 +314,7 @@ impl Manager {
                     let stats = &mut act.slots[i].stats;
                     stats.triggers += processed.triggers as u64;
                     stats.errors += processed.event_errors as u64;
+                    stats.parked += processed.parked as u64;
                     let me = ctx.address();
                     actix::spawn(async move {
                         let result = match processed.confirmed.await {
@@ -319,6 +338,7 @@ impl Manager {
                     tracing::debug!(error = %mailbox, "consumer mailbox error");
                     Processed::Failed {
                         retry_in: Duration::from_millis(50),
+                        error: format!("consumer mailbox: {mailbox}"),
                     }
                 }
             };
@@ -337,10 +357,16 @@ impl Manager {
             } => {
                 stats.errors += 1;
                 stats.restarts = restarts;
-                stats.last_error = Some(error);
-                Processed::Failed { retry_in }
+                stats.last_error = Some(error.clone());
+                Processed::Failed { retry_in, error }
             }
-            ProcessFailure::Restarting { retry_in } => Processed::Failed { retry_in },
+            ProcessFailure::Restarting { retry_in } => Processed::Failed {
+                retry_in,
+                error: stats
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "restarting".into()),
+            },
             ProcessFailure::Quarantined {
                 restarts,
                 last_error,
@@ -399,7 +425,27 @@ impl Handler<PartDone> for Manager {
                 }
                 Ok(())
             }
-            Err(PublishError::Cancelled { .. }) => Err("cancelled: its epoch ended".to_string()),
+            Err(PublishError::Cancelled { .. }) => Err(PartError::Transient(
+                "cancelled: its epoch ended".to_string(),
+            )),
+            Err(PublishError::Unroutable { returned }) => {
+                let slot = &mut self.slots[msg.slot];
+                let reason = PublishError::Unroutable {
+                    returned: returned.clone(),
+                }
+                .to_string();
+                slot.stats.last_error = Some(reason.clone());
+                tracing::warn!(
+                    consumer = %slot.name,
+                    batch = %msg.batch,
+                    error = %reason,
+                    "the broker could not route some triggers"
+                );
+                Err(PartError::Unroutable {
+                    ids: returned.into_iter().map(|r| r.id).collect(),
+                    reason,
+                })
+            }
             Err(e) => {
                 let slot = &mut self.slots[msg.slot];
                 slot.stats.last_error = Some(e.to_string());
@@ -410,7 +456,7 @@ impl Handler<PartDone> for Manager {
                     transient = e.is_transient(),
                     "publish failed; rolling back the batch"
                 );
-                Err(e.to_string())
+                Err(PartError::Transient(e.to_string()))
             }
         };
         self.router.confirmed(msg.slot, msg.batch, result);

@@ -49,6 +49,15 @@ pub enum PublishError {
     /// argument differs and what to set. Retrying does not help.
     #[error("queue topology mismatch: {0}")]
     Topology(String),
+    /// Some messages of the job could not be routed as configured (their exchange or queue
+    /// does not exist); the others were confirmed. Retrying alone does not help: they are
+    /// parked (or the batch stalls, with `on_poison = "stall"`).
+    #[error("{} message(s) unroutable, first {}: exchange '{}', routing key '{}': {}", returned.len(),
+        returned.first().map(|r| r.id.as_str()).unwrap_or("-"),
+        returned.first().map(|r| r.exchange.as_str()).unwrap_or("-"),
+        returned.first().map(|r| r.routing_key.as_str()).unwrap_or("-"),
+        returned.first().map(|r| r.reason.as_str()).unwrap_or("-"))]
+    Unroutable { returned: Vec<Returned> },
     /// The job belonged to a Canal epoch that was abandoned (a rollback or reconnect began a
     /// newer one); what it had not published yet was dropped, and Canal redelivers the rows.
     #[error("publish cancelled: canal epoch {epoch} was abandoned")]
@@ -57,20 +66,30 @@ pub enum PublishError {
 
 impl PublishError {
     /// True when retrying the same publish later may succeed (the broker or the link was the
-    /// problem); false when the message itself cannot be delivered as configured (unroutable,
+    /// problem, or our own queue was deleted and is declared again: `Returned`); false when the message itself cannot be delivered as configured (unroutable,
     /// unencodable, wrong topology), so retrying alone never helps.
     pub fn is_transient(&self) -> bool {
         match self {
             PublishError::Nacked { .. }
+            | PublishError::Returned { .. }
             | PublishError::ConfirmTimeout { .. }
             | PublishError::ConnectionLost { .. }
             | PublishError::Unavailable(_)
             | PublishError::Cancelled { .. } => true,
-            PublishError::Returned { .. }
+            PublishError::Unroutable { .. }
             | PublishError::Encode { .. }
             | PublishError::Topology(_) => false,
         }
     }
+}
+
+/// One message the broker returned as unroutable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Returned {
+    pub id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub reason: String,
 }
 
 /// Publish these triggers, in order; answer on `reply` when all are confirmed.

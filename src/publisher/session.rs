@@ -122,6 +122,7 @@ pub(super) async fn open(cfg: Arc<AmqpConfig>) -> Result<Opened, PublishError> {
     };
     let setup = async {
         topology::ensure_queue(&conn, &cfg.queue).await?;
+        topology::ensure_dead_letter_queue(&conn, &cfg.queue).await?;
         let channel = conn
             .create_channel()
             .await
@@ -488,8 +489,14 @@ impl Session {
         let exchange = ret.delivery.exchange.to_string();
         let routing_key = ret.delivery.routing_key.to_string();
         let reason = format!("{} {}", ret.reply_code, ret.reply_text);
-        let known =
-            seq.is_some_and(|seq| self.window.on_return(seq, &exchange, &routing_key, &reason));
+        // our own queue vanished (declare mode re-declares it): a retry will succeed
+        let transient = exchange.is_empty()
+            && routing_key == self.cfg.queue.name
+            && self.cfg.queue.declare == DeclareMode::Declare;
+        let known = seq.is_some_and(|seq| {
+            self.window
+                .on_return(seq, &exchange, &routing_key, &reason, transient)
+        });
         if !known {
             let id = ret
                 .delivery

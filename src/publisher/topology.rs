@@ -77,6 +77,86 @@ pub async fn ensure_queue(conn: &Connection, q: &QueueConfig) -> Result<(), Publ
     }
 }
 
+/// Declare (or, in `passive` mode, check) the dead-letter queue `<queue>.dead_letter` that
+/// parked events go to: durable, no arguments.
+pub async fn ensure_dead_letter_queue(
+    conn: &Connection,
+    q: &QueueConfig,
+) -> Result<(), PublishError> {
+    let dlq = QueueConfig {
+        name: crate::consumer::dead_letter_queue(&q.name),
+        declare: q.declare,
+        durable: true,
+        max_priority: None,
+        ..QueueConfig::default()
+    };
+    ensure_queue(conn, &dlq).await
+}
+
+/// Where one rule (or consumer default) routes, for [`check_routes`].
+#[derive(Debug, Clone)]
+pub struct RouteUse {
+    /// e.g. `consumer example_consumer, rule welcome (config/consumers/example.toml)`.
+    pub who: String,
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// Check that every exchange a rule publishes to exists, and every queue it names on the
+/// default exchange exists, with passive declares (each on its own channel: a 404 closes it).
+/// Refused with [`PublishError::Topology`] naming the rule and what is missing.
+pub async fn check_routes(conn: &Connection, uses: &[RouteUse]) -> Result<(), PublishError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for u in uses {
+        if !seen.insert((u.exchange.clone(), u.routing_key.clone())) {
+            continue;
+        }
+        let channel = conn.create_channel().await.map_err(|e| {
+            PublishError::Unavailable(format!("cannot open a channel to check routes: {e}"))
+        })?;
+        let res = if u.exchange.is_empty() {
+            channel
+                .queue_declare(
+                    u.routing_key.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|_| ())
+        } else {
+            channel
+                .exchange_declare(
+                    u.exchange.as_str().into(),
+                    lapin::ExchangeKind::Direct,
+                    lapin::options::ExchangeDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+        };
+        if channel.status().connected() {
+            let _ = channel.close(200, "route checked".into()).await;
+        }
+        if let Err(e) = res {
+            let what = if u.exchange.is_empty() {
+                format!("queue '{}' (default exchange)", u.routing_key)
+            } else {
+                format!("exchange '{}'", u.exchange)
+            };
+            return Err(PublishError::Topology(format!(
+                "{} routes to {what}, which the broker does not have ({e}); declare it, or fix the route",
+                u.who
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn explain_error(q: &QueueConfig, passive: bool, e: &lapin::Error) -> PublishError {
     if let ErrorKind::ProtocolError(amqp) = e.kind() {
         let text = amqp.get_message().to_string();

@@ -43,6 +43,10 @@ enum Outcome {
         exchange: String,
         routing_key: String,
         reason: String,
+        /// The route itself is fine and may come back (our own queue was deleted and is
+        /// being declared again): fail like a nack. Otherwise the message is unroutable as
+        /// configured and its job reports it with [`PublishError::Unroutable`].
+        transient: bool,
     },
 }
 
@@ -67,6 +71,8 @@ struct JobState<M> {
     unsettled: usize,
     /// Answered already (with an error, or cancelled).
     answered: bool,
+    /// Messages the broker returned as unroutable (definite): reported when the job ends.
+    unroutable: Vec<super::Returned>,
 }
 
 /// Counters the window keeps (the session copies them into its status).
@@ -146,6 +152,7 @@ impl<M: Outgoing> ConfirmWindow<M> {
             pending: messages.into(),
             unsettled: 0,
             answered: false,
+            unroutable: Vec::new(),
         });
         no
     }
@@ -243,14 +250,23 @@ impl<M: Outgoing> ConfirmWindow<M> {
     }
 
     /// The broker returned the publish `seq` as unroutable (a return always precedes the
-    /// publish's own ack). Returns false if that publish is no longer in flight.
-    pub fn on_return(&mut self, seq: u64, exchange: &str, routing_key: &str, reason: &str) -> bool {
+    /// publish's own ack). `transient`: see [`Outcome::Returned`]. Returns false if that
+    /// publish is no longer in flight.
+    pub fn on_return(
+        &mut self,
+        seq: u64,
+        exchange: &str,
+        routing_key: &str,
+        reason: &str,
+        transient: bool,
+    ) -> bool {
         match self.find(seq) {
             Some(f) => {
                 f.outcome = Some(Outcome::Returned {
                     exchange: exchange.to_string(),
                     routing_key: routing_key.to_string(),
                     reason: reason.to_string(),
+                    transient,
                 });
                 true
             }
@@ -280,8 +296,21 @@ impl<M: Outgoing> ConfirmWindow<M> {
                     exchange,
                     routing_key,
                     reason,
+                    transient,
                 }) => {
                     self.stats.returned += 1;
+                    if !transient {
+                        self.unroutable(
+                            f.job,
+                            super::Returned {
+                                id: f.id,
+                                exchange,
+                                routing_key,
+                                reason,
+                            },
+                        );
+                        continue;
+                    }
                     Some(PublishError::Returned {
                         id: f.id,
                         exchange,
@@ -304,6 +333,25 @@ impl<M: Outgoing> ConfirmWindow<M> {
             self.settle_one(f.job, err);
         }
         self.drop_finished();
+    }
+
+    /// A definite return: the job goes on (its other messages are fine) and reports it at the
+    /// end; nothing else is cancelled, so other consumers are not disturbed.
+    fn unroutable(&mut self, job: JobNo, returned: super::Returned) {
+        let Some(j) = self.jobs.iter_mut().find(|j| j.no == job) else {
+            return;
+        };
+        j.unsettled = j.unsettled.saturating_sub(1);
+        self.failures.push(Settled {
+            job,
+            error: PublishError::Returned {
+                id: returned.id.clone(),
+                exchange: returned.exchange.clone(),
+                routing_key: returned.routing_key.clone(),
+                reason: returned.reason.clone(),
+            },
+        });
+        j.unroutable.push(returned);
     }
 
     fn settle_one(&mut self, job: JobNo, err: Option<PublishError>) {
@@ -336,7 +384,14 @@ impl<M: Outgoing> ConfirmWindow<M> {
                 break;
             };
             if !job.answered {
-                self.replies.push((job.no, Ok(())));
+                let result = if job.unroutable.is_empty() {
+                    Ok(())
+                } else {
+                    Err(PublishError::Unroutable {
+                        returned: job.unroutable,
+                    })
+                };
+                self.replies.push((job.no, result));
             }
         }
     }
@@ -478,7 +533,7 @@ mod tests {
             [(j, Err(PublishError::Cancelled { .. }))] if *j == old
         ));
         w.on_confirm(old_seq, true, false);
-        assert!(w.on_return(new_seq, "", "q", "312 NO_ROUTE"));
+        assert!(w.on_return(new_seq, "", "q", "312 NO_ROUTE", true));
         w.on_confirm(new_seq, true, false);
         w.settle(now);
         let replies = w.take_replies();
@@ -486,6 +541,32 @@ mod tests {
             matches!(replies.as_slice(), [(j, Err(PublishError::Returned { .. }))] if *j == new),
             "{replies:?}"
         );
+    }
+
+    #[test]
+    fn an_unroutable_message_is_reported_at_the_end_of_its_job_and_disturbs_nothing_else() {
+        let now = t0();
+        let mut w = ConfirmWindow::new(8, Duration::from_secs(5));
+        let a = w.submit(1, vec![M("a1"), M("a2")]);
+        let b = w.submit(1, vec![M("b1")]);
+        let sent = publish_all(&mut w, now);
+        assert_eq!(sent.len(), 3);
+        assert!(w.on_return(sent[0].0, "nope", "k", "312 NO_ROUTE", false));
+        for (seq, _) in &sent {
+            w.on_confirm(*seq, true, false);
+        }
+        w.settle(now);
+        let replies = w.take_replies();
+        assert_eq!(replies.len(), 2, "{replies:?}");
+        match &replies[0] {
+            (j, Err(PublishError::Unroutable { returned })) if *j == a => {
+                assert_eq!(returned.len(), 1);
+                assert_eq!(returned[0].id, "a1");
+                assert_eq!(returned[0].exchange, "nope");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(replies[1], (j, Ok(())) if j == b));
     }
 
     #[test]

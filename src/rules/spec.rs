@@ -38,6 +38,13 @@ struct RawConsumer {
     on_error: Option<OnError>,
     #[serde(default)]
     dead_letter_route: Option<RawRoute>,
+    /// `park` (default) or `stall`: what happens to a part that keeps failing or that the
+    /// broker cannot route.
+    #[serde(default)]
+    on_poison: Option<crate::manager::OnPoison>,
+    /// Failures of the same part before it is parked (default 3, at least 1).
+    #[serde(default)]
+    poison_attempts: Option<u32>,
     #[serde(default)]
     filters: Vec<RawFilter>,
     #[serde(default)]
@@ -151,6 +158,8 @@ pub struct ConsumerSpec {
     pub on_error: OnError,
     /// Where `dead_letter` sends failed rows.
     pub dead_letter_route: Route,
+    /// What happens to parts that keep failing or cannot be routed.
+    pub poison: crate::manager::PoisonPolicy,
     pub rules: Vec<RuleSpec>,
 }
 
@@ -361,6 +370,13 @@ fn validate_consumer(
             .dead_letter_route
             .map(Route::from)
             .unwrap_or_else(default_dead_letter_route),
+        poison: crate::manager::PoisonPolicy {
+            on_poison: c.on_poison.unwrap_or_default(),
+            attempts: c
+                .poison_attempts
+                .unwrap_or(crate::manager::PoisonPolicy::default().attempts)
+                .max(1),
+        },
         rules,
     })
 }
