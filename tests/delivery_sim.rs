@@ -126,7 +126,6 @@ impl Outgoing for Msg {
 struct Consumer {
     /// Bit i set: wants table i.
     tables: u8,
-    policy: PoisonPolicy,
     /// Never disabled, enabled or quarantined in this run: the strong checks apply to it.
     stable: bool,
     inbox: Option<(BatchRef, SimPart, Mode)>,
@@ -227,6 +226,7 @@ impl Sim {
             connected: true,
             draining: false,
             window: BatchWindow::new(MAX_BATCHES, MAX_BYTES),
+            // both poison policies are exercised: consumer 1 stalls, the others park
             router: Router::with_policies((0..CONSUMERS).map(|c| {
                 (
                     true,
