@@ -197,15 +197,6 @@ impl Sim {
         let consumers: Vec<Consumer> = (0..CONSUMERS)
             .map(|c| Consumer {
                 tables: [0b011, 0b110, 0b101][c],
-                // both poison policies are exercised
-                policy: PoisonPolicy {
-                    on_poison: if c == 1 {
-                        OnPoison::Stall
-                    } else {
-                        OnPoison::Park
-                    },
-                    attempts: 2,
-                },
                 // consumer 2 is the one the operator toggles
                 stable: c != 2,
                 inbox: None,
