@@ -130,6 +130,13 @@ enum Command {
         #[command(flatten)]
         service: ServiceFlags,
     },
+    /// The dead-letter queue: parked events (list, show, replay, purge)
+    Dlq {
+        #[command(subcommand)]
+        action: DlqCmd,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
     /// Validate the configuration and consumer definitions, print the effective config
     CheckConfig {
         /// Config file to check (default: --config or config/canal-consumer.toml)
@@ -137,6 +144,26 @@ enum Command {
         #[command(flatten)]
         service: ServiceFlags,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// One line per parked message (the queue is not changed)
+    List,
+    /// One parked message in full
+    Show { id: String },
+    /// Run parked events through their consumer's current definition and publish the result
+    /// (original ids); a message leaves the queue once its replay is confirmed
+    Replay {
+        /// Only this consumer's parked events
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Only this message
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Delete every parked message
+    Purge,
 }
 
 fn overrides(canal: &CanalFlags, service: &ServiceFlags) -> CliOverrides {
@@ -303,6 +330,17 @@ fn run(cli: Cli) -> Result<i32, i32> {
             };
             let route = service::default_route(&cfg);
             cli::test::run(spec, &events, route)
+        }
+        Command::Dlq { action, service } => {
+            let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
+            let specs = service::load_consumers(&cfg).map_err(usage_error)?;
+            let action = match action {
+                DlqCmd::List => cli::dlq::Action::List,
+                DlqCmd::Show { id } => cli::dlq::Action::Show(id),
+                DlqCmd::Replay { consumer, id } => cli::dlq::Action::Replay { consumer, id },
+                DlqCmd::Purge => cli::dlq::Action::Purge,
+            };
+            cli::dlq::run(cfg, specs, action)
         }
         Command::CheckConfig { file: f, service } => {
             let path = f.as_deref().or(file);

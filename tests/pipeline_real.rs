@@ -684,3 +684,150 @@ async fn the_service_starts_with_the_compose_config_against_the_local_services()
         .status();
     assert!(child.wait().unwrap().success());
 }
+
+/// Issue 10: a rule that fails on one row (here its condition cannot read the row) under the
+/// default `park` policy parks exactly that row in the dead-letter queue, while every other
+/// row reaches both consumers with no duplicate; once the rule is fixed, `dlq replay` delivers
+/// the parked row's trigger with the id it would have had.
+#[tokio::test]
+async fn a_poison_row_is_parked_alone_and_replayed_with_its_original_id() {
+    let _lock = canal_lock().await;
+    let table = "poison_rows";
+    int_table(table);
+    drop(Tap::clean(&format!("{DB}\\.{table}")).await);
+    let queue = "cc_e2e_poison";
+    let dlq = "cc_e2e_poison.dead_letter";
+    delete_queue(queue).await;
+    delete_queue(dlq).await;
+    let poisoned = |condition: &str| {
+        format!(
+            r#"
+[consumers.poisoned]
+on_error = "stop"
+poison_attempts = 2
+[[consumers.poisoned.filters]]
+database = "{DB}"
+table = "{table}"
+events = ["INSERT"]
+
+[[consumers.poisoned.rules]]
+name = "row"
+plugin = "row_task"
+when = {{ condition = '{condition}' }}
+payload = {{ id = "${{data.id}}", destination = "${{destination}}", server_id = "${{position.server_id}}", executed_at = "${{executed_at}}", log_file = "${{position.log_file}}", offset = "${{position.offset}}", row_index = "${{position.row_index}}" }}
+"#
+        )
+    };
+    let broken = r#"int(data.note) >= 0"#;
+    let mut svc = ServiceProc::prepare(
+        "poison",
+        queue,
+        &[
+            ("healthy.toml", &row_consumer("healthy", table, "")),
+            ("poisoned.toml", &poisoned(broken)),
+        ],
+        "",
+    );
+    svc.start().await;
+    let values: Vec<String> = (1..=1000)
+        .map(|i| format!("({i}, '{}')", if i == 500 { "x" } else { "1" }))
+        .collect();
+    mysql(&format!(
+        "INSERT INTO {DB}.{table} VALUES {}",
+        values.join(",")
+    ));
+    // every batch acked and the poison row parked: whatever was published is in the queues now
+    let s = wait_status(&svc, "the poison row parked and everything acked", |s| {
+        consumer(s, "poisoned")["parked"].as_u64() == Some(1)
+            && consumer(s, "healthy")["events"].as_u64() == Some(1000)
+            && s["batches_in_flight"].as_u64() == Some(0)
+    })
+    .await;
+    assert_eq!(s["canal"]["rollbacks"].as_u64(), Some(0), "{s:#}");
+    // confirmed means enqueued: the counts are exact, duplicates included
+    assert_eq!(message_count(queue).await, 1999);
+    assert_eq!(message_count(dlq).await, 1);
+    let got = consume_until(queue, Duration::from_secs(60), |g| g.len() >= 1999).await;
+    let by = |c: &str| -> Vec<&Got> {
+        got.iter()
+            .filter(|g| g.body["consumer"].as_str() == Some(c))
+            .collect()
+    };
+    let healthy: BTreeSet<String> = by("healthy").iter().map(|g| g.message_id.clone()).collect();
+    assert_eq!(by("healthy").len(), 1000, "every healthy row exactly once");
+    assert_eq!(healthy.len(), 1000);
+    let rows: BTreeSet<i64> = by("poisoned")
+        .iter()
+        .map(|g| g.body["payload"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(by("poisoned").len(), 999);
+    assert!(!rows.contains(&500) && rows.len() == 999);
+    svc.terminate(Duration::from_secs(30));
+    // the dead letter, read with the CLI (which leaves the queue as it is)
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+            .args(args)
+            .arg("--config")
+            .arg(&svc.config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let list = cli(&["dlq", "list"]);
+    assert!(list.contains(": 1 parked"), "{list}");
+    let line = list
+        .lines()
+        .find(|l| l.contains("poisoned"))
+        .expect("a line");
+    let id = line.split_whitespace().next().unwrap();
+    let shown: Value = serde_json::from_str(&cli(&["dlq", "show", id])).unwrap();
+    let p = &shown["payload"];
+    assert_eq!(p["consumer"], "poisoned");
+    assert_eq!(p["event"]["data"]["id"], 500);
+    assert!(
+        p["error"].as_str().unwrap().contains("failed 2 times"),
+        "{p}"
+    );
+    assert_eq!(
+        message_count(dlq).await,
+        1,
+        "list and show leave it in place"
+    );
+    // fix the rule, replay
+    std::fs::write(
+        svc.dir.join("consumers/poisoned.toml"),
+        poisoned(r#"data.note == "x" || int(data.note) >= 0"#),
+    )
+    .unwrap();
+    let text = cli(&["dlq", "replay", "--consumer", "poisoned"]);
+    assert!(text.contains("1 replayed, 0 kept"), "{text}");
+    let replayed = consume_until(queue, Duration::from_secs(30), |g| !g.is_empty()).await;
+    assert_eq!(replayed.len(), 1);
+    let g = &replayed[0];
+    assert_eq!(g.body["payload"]["id"], 500);
+    assert_eq!(g.message_id, expected_id(g, "poisoned"));
+    assert!(cli(&["dlq", "list"]).contains(": 0 parked"));
+}
+
+async fn message_count(queue: &str) -> u32 {
+    let (conn, ch) = amqp().await;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("queue {queue}: {e}"));
+    let _ = conn.close(200, "bye".into()).await;
+    q.message_count()
+}

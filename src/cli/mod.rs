@@ -1,6 +1,7 @@
 //! The command line: `start`, `tail`, `list`, `status`, `enable`, `disable`, `test`,
-//! `check-config`. Each subcommand lives in its own function; `main.rs` only parses and
+//! `dlq`, `check-config`. Each subcommand lives in its own function; `main.rs` only parses and
 //! dispatches.
 
+pub mod dlq;
 pub mod tail;
 pub mod test;
