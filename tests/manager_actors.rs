@@ -95,6 +95,8 @@ struct TestConsumer {
     panic_on: Option<i64>,
     panics_left: Arc<AtomicU32>,
     always_fail: bool,
+    /// Every event fails with an event error (handled by the error_handler policy).
+    bad_rows: bool,
     poison: PoisonPolicy,
 }
 
@@ -106,6 +108,7 @@ impl TestConsumer {
             panic_on: None,
             panics_left: Arc::new(AtomicU32::new(0)),
             always_fail: false,
+            bad_rows: false,
             // the older tests here describe the stall policy; parking has its own test
             poison: PoisonPolicy {
                 on_poison: OnPoison::Stall,
@@ -129,6 +132,9 @@ impl Consumer for TestConsumer {
     ) -> Result<(), ConsumerError> {
         if self.always_fail {
             return Err(ConsumerError::Fatal("downstream is gone".into()));
+        }
+        if self.bad_rows {
+            return Err(ConsumerError::Event("this row cannot be rendered".into()));
         }
         let id = match event.data.get("id") {
             Some(Value::Int(i)) => *i,
@@ -538,4 +544,27 @@ async fn a_poison_row_is_parked_and_the_batch_proceeds_without_duplicates() {
     let st = h.manager.send(GetManagerStatus).await.unwrap();
     let a = st.consumers.iter().find(|c| c.name == "a_c").unwrap();
     assert_eq!(a.parked, 1);
+}
+
+/// Issue 10: a consumer whose every row fails under the `error_handler` policy was counted
+/// (`errors`) but showed no last error; the reason now reaches `status`.
+#[actix_rt::test]
+async fn errors_handled_by_a_policy_show_their_reason_in_status() {
+    let mut bad = TestConsumer::new("a_c", "a");
+    bad.bad_rows = true;
+    let mut h = harness(vec![bad], &[], 5);
+    h.manager
+        .do_send(batch(1, vec![event("a", 1, 10), event("a", 2, 11)]));
+    loop {
+        if let ConnMsg::Ack(_) = next_conn(&mut h).await {
+            break;
+        }
+    }
+    let st = h.manager.send(GetManagerStatus).await.unwrap();
+    let a = &st.consumers[0];
+    assert_eq!(a.errors, 2);
+    assert_eq!(a.last_error.as_deref(), Some("this row cannot be rendered"));
+    // each failure went to the error_handler plugin
+    let t = next_trigger(&mut h).await;
+    assert_eq!(t.plugin, "error_handler");
 }

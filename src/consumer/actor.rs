@@ -65,6 +65,8 @@ pub struct ProcessBatch {
 pub struct Processed {
     pub triggers: usize,
     pub event_errors: usize,
+    /// The newest of those errors.
+    pub last_error: Option<String>,
     /// Events (or refused triggers) turned into dead letters.
     pub parked: usize,
     /// Resolves when every trigger is confirmed (or failed).
@@ -308,6 +310,7 @@ impl ConsumerActor {
     /// Hand the collected triggers to the publisher; the receiver resolves on their confirms.
     fn publish(&mut self, epoch: u64, parked: usize) -> Processed {
         let event_errors = self.ctx.take_errors();
+        let last_error = self.ctx.take_last_error();
         let triggers = self.ctx.take_triggers();
         let count = triggers.len();
         let (tx, rx) = oneshot::channel();
@@ -325,6 +328,7 @@ impl ConsumerActor {
         Processed {
             triggers: count,
             event_errors,
+            last_error,
             parked,
             confirmed: rx,
         }

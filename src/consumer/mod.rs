@@ -140,6 +140,8 @@ pub struct ConsumerContext {
     seq: HashMap<(Option<String>, String), u32>,
     triggers: Vec<Trigger>,
     errors: usize,
+    /// The newest failure an error policy handled (for `status`).
+    last_error: Option<String>,
 }
 
 impl ConsumerContext {
@@ -152,6 +154,7 @@ impl ConsumerContext {
             seq: HashMap::new(),
             triggers: Vec::new(),
             errors: 0,
+            last_error: None,
         }
     }
 
@@ -243,6 +246,10 @@ impl ConsumerContext {
         }
         body.insert("error".into(), failure.error.into());
         body.insert("event".into(), failure.event.to_json());
+        self.last_error = Some(match failure.rule {
+            Some(rule) => format!("rule {rule}: {}", failure.error),
+            None => failure.error.to_string(),
+        });
         self.trigger(TriggerRequest {
             plugin: plugin.into(),
             payload: body.into(),
@@ -293,6 +300,11 @@ impl ConsumerContext {
             route: Some(dead_letter_route(&self.default_route)),
             format: Some(MessageFormat::Envelope),
         });
+    }
+
+    /// Take the newest failure handled by an error policy since the last call.
+    pub fn take_last_error(&mut self) -> Option<String> {
+        self.last_error.take()
     }
 
     /// Take the count of handled failures since the last call.

@@ -314,6 +314,9 @@ impl Manager {
                     let stats = &mut act.slots[i].stats;
                     stats.triggers += processed.triggers as u64;
                     stats.errors += processed.event_errors as u64;
+                    if processed.last_error.is_some() {
+                        stats.last_error = processed.last_error;
+                    }
                     stats.parked += processed.parked as u64;
                     let me = ctx.address();
                     actix::spawn(async move {
