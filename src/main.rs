@@ -130,6 +130,14 @@ enum Command {
         #[command(flatten)]
         service: ServiceFlags,
     },
+    /// Pass what the Canal stream is stalled at (a frame over canal.max_frame_bytes, an entry
+    /// that cannot be decoded), acking it without delivering its rows; TOKEN is what `status`
+    /// shows (`frame:<bytes>` or `batch:<id>`)
+    Skip {
+        token: String,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
     /// The dead-letter queue: parked events (list, show, replay, purge)
     Dlq {
         #[command(subcommand)]
@@ -330,6 +338,10 @@ fn run(cli: Cli) -> Result<i32, i32> {
             };
             let route = service::default_route(&cfg);
             cli::test::run(spec, &events, route)
+        }
+        Command::Skip { token, service } => {
+            let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
+            print_or_exit(block_on(client::skip(&cfg.admin.bind, &token)))
         }
         Command::Dlq { action, service } => {
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;

@@ -235,6 +235,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         connection: connection.clone().recipient(),
         manager: manager.clone().recipient(),
         set_enabled: manager.clone().recipient(),
+        skip: connection.clone().recipient(),
         publisher: Some(publisher.clone().recipient()),
         started: Instant::now(),
         shutting_down: shutting_down.clone(),

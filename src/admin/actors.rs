@@ -9,7 +9,7 @@
 
 use super::now_ms;
 use super::{AdminError, ConsumerStatus, Control, ServiceStatus};
-use crate::canal::connection::{ConnectionState, ConnectionStatus, GetStatus};
+use crate::canal::connection::{ConnectionState, ConnectionStatus, GetStatus, SkipStalled};
 use crate::manager::{ConsumerStats, GetManagerStatus, ManagerStatus, SetEnabled, SetEnabledError};
 use crate::publisher::{GetPublisherStatus, PublisherState, PublisherStatus};
 use actix::Recipient;
@@ -31,6 +31,7 @@ pub struct ActorControl {
     pub connection: Recipient<GetStatus>,
     pub manager: Recipient<GetManagerStatus>,
     pub set_enabled: Recipient<SetEnabled>,
+    pub skip: Recipient<SkipStalled>,
     /// `None` when the service runs without a broker (not in production).
     pub publisher: Option<Recipient<GetPublisherStatus>>,
     pub started: Instant,
@@ -59,6 +60,17 @@ impl Control for ActorControl {
                 None => None,
             };
             assemble(canal, mgr, publisher, uptime, shutting_down, now_ms())
+        })
+    }
+
+    fn skip(&self, token: &str) -> BoxFuture<'static, Result<String, AdminError>> {
+        let req = self.skip.send(SkipStalled(token.to_string()));
+        Box::pin(async move {
+            match req.timeout(ASK_TIMEOUT).await {
+                Ok(Ok(done)) => Ok(done),
+                Ok(Err(why)) => Err(AdminError::Conflict(why)),
+                Err(e) => Err(AdminError::Unavailable(format!("canal connection: {e}"))),
+            }
         })
     }
 

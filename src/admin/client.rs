@@ -271,6 +271,21 @@ pub async fn set_enabled(
     }
 }
 
+/// `canal-consumer skip TOKEN`: pass what the running service's Canal stream is stalled at.
+pub async fn skip(bind: &str, token: &str) -> Result<String, ClientError> {
+    let addr = connect_addr(bind);
+    let path = format!("/canal/skip/{}", percent_encode(token));
+    let r = request(&addr, "POST", &path).await?;
+    if r.status == 200 {
+        let v: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+        return Ok(format!("{}\n", s(&v, "result")));
+    }
+    Err(ClientError::Http {
+        status: r.status,
+        body: r.body.trim().to_string(),
+    })
+}
+
 fn percent_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {

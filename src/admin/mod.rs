@@ -43,6 +43,12 @@ pub trait Control: Send + Sync + 'static {
     /// Enable or disable one consumer, live. [`AdminError::UnknownConsumer`] when there is no
     /// consumer by that name.
     fn set_enabled(&self, name: &str, enabled: bool) -> BoxFuture<'static, Result<(), AdminError>>;
+    /// Pass what the Canal stream is stalled at (`token` as `status` shows it); answers with
+    /// what was skipped.
+    fn skip(&self, token: &str) -> BoxFuture<'static, Result<String, AdminError>> {
+        let _ = token;
+        Box::pin(async { Err(AdminError::Unavailable("skip is not supported here".into())) })
+    }
 }
 
 /// Everything `GET /status` reports.
@@ -135,6 +141,9 @@ pub enum AdminError {
     /// The service cannot do it now (e.g. shutting down).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The request does not match the service's state (e.g. skipping what is not stalled).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Internal(String),
     #[error("admin endpoint: cannot listen on {addr}: {message}")]

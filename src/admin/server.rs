@@ -51,7 +51,8 @@ pub fn configure(state: AdminState) -> impl FnOnce(&mut web::ServiceConfig) {
             .route("/consumers", web::get().to(consumers))
             .route("/metrics", web::get().to(metrics))
             .route("/consumers/{name}/enable", web::post().to(enable))
-            .route("/consumers/{name}/disable", web::post().to(disable));
+            .route("/consumers/{name}/disable", web::post().to(disable))
+            .route("/canal/skip/{token}", web::post().to(skip));
     }
 }
 
@@ -89,6 +90,7 @@ fn admin_error(e: &AdminError) -> HttpResponse {
     let status = match e {
         AdminError::UnknownConsumer(_) => StatusCode::NOT_FOUND,
         AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        AdminError::Conflict(_) => StatusCode::CONFLICT,
         AdminError::Internal(_) | AdminError::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())
@@ -170,6 +172,18 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type(CONTENT_TYPE)
         .body(state.metrics.render())
+}
+
+/// Pass what the Canal stream is stalled at; the token must be the one `/status` shows.
+async fn skip(state: web::Data<AdminState>, token: web::Path<String>) -> HttpResponse {
+    let token = token.into_inner();
+    match state.control.skip(&token).await {
+        Ok(done) => {
+            tracing::warn!(token = %token.escape_debug(), "skip requested through the admin endpoint");
+            HttpResponse::Ok().json(serde_json::json!({ "skipped": token, "result": done }))
+        }
+        Err(e) => admin_error(&e),
+    }
 }
 
 async fn enable(state: web::Data<AdminState>, name: web::Path<String>) -> HttpResponse {

@@ -35,7 +35,7 @@
 
 use crate::canal::CanalError;
 use crate::canal::decode::decode_entries;
-use crate::canal::session::{RawBatch, Session, SessionConfig};
+use crate::canal::session::{Fetch, RawBatch, Session, SessionConfig, SkippedFrame};
 pub use crate::canal::window::BatchRef;
 use crate::canal::window::{AckOutcome, BatchWindow};
 use crate::event::{ChangeEvent, Position};
@@ -142,6 +142,26 @@ pub struct ShutdownReport {
 #[rtype(result = "ConnectionStatus")]
 pub struct GetStatus;
 
+/// Why the connection stopped fetching, and how to go on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StallInfo {
+    /// What `canal-consumer skip` must be given to pass it (`frame:<bytes>` or `batch:<id>`).
+    pub token: String,
+    pub reason: String,
+    /// The newest position acked before the stall: the stalled rows come after it.
+    pub after: Option<Position>,
+    /// What the operator can do.
+    pub how: String,
+    /// When it began (RFC 3339).
+    pub since: String,
+}
+
+/// Pass what the connection is stalled at, acking it without delivering it. `token` must be
+/// the one `status` shows. Answers with what was skipped, or why nothing was.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<String, String>")]
+pub struct SkipStalled(pub String);
+
 /// The connection's state as `status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -153,6 +173,9 @@ pub enum ConnectionState {
     Reconnecting,
     /// Another process fetches as the same Canal client; not fetching until it is gone.
     Conflict,
+    /// Stopped at something it must not pass on its own (a frame over the cap, an entry that
+    /// cannot be decoded); see [`ConnectionStatus::stall`] for what and how to proceed.
+    Stalled,
     Stopped,
 }
 
@@ -163,6 +186,7 @@ impl ConnectionState {
             ConnectionState::Connected => "connected",
             ConnectionState::Reconnecting => "reconnecting",
             ConnectionState::Conflict => "conflict",
+            ConnectionState::Stalled => "stalled",
             ConnectionState::Stopped => "stopped",
         }
     }
@@ -196,6 +220,12 @@ pub struct ConnectionStatus {
     /// Times another process was seen fetching as this Canal client.
     #[serde(default)]
     pub conflicts: u64,
+    /// Set while `state` is `stalled`.
+    #[serde(default)]
+    pub stall: Option<StallInfo>,
+    /// What was skipped with `canal-consumer skip` (newest last, at most 20).
+    #[serde(default)]
+    pub skipped: Vec<String>,
     pub last_error: Option<String>,
     /// Position of the newest event fetched.
     pub last_position: Option<Position>,
@@ -212,6 +242,7 @@ type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, Cana
 /// What an operation on the session did.
 enum Op {
     Fetched { epoch: u64, raw: RawBatch },
+    Skipped { epoch: u64, skipped: SkippedFrame },
     Acked { ids: Vec<i64> },
     Subscribed { filter: String },
     RolledBack,
@@ -230,6 +261,10 @@ pub struct CanalConnection {
     need_subscribe: bool,
     /// Who waits for the current filter to be in force.
     filter_waiters: Vec<oneshot::Sender<()>>,
+    /// The batch held back by an undecodable entry, while stalled on it.
+    held: Option<BatchRef>,
+    /// Skip the next frame over the cap if it announces this many bytes.
+    skip_oversized: Option<usize>,
     need_rollback: bool,
     paused_until: Option<Instant>,
     /// A timer to resume fetching after `paused_until` is set.
@@ -260,6 +295,8 @@ impl CanalConnection {
             window: BatchWindow::new(cfg.max_inflight_batches, cfg.max_inflight_bytes),
             need_subscribe: false,
             filter_waiters: Vec::new(),
+            held: None,
+            skip_oversized: None,
             need_rollback: false,
             paused_until: None,
             resume_scheduled: false,
@@ -312,7 +349,8 @@ impl CanalConnection {
                     act.begin_epoch("new canal session", true);
                     act.session = Some(session);
                     act.state = ConnectionState::Connected;
-                    act.attempt = 0;
+                    // the backoff is reset by a GET that is answered, not by a connect: a server that fails every GET at the same position (out of
+                    // memory, say) is retried ever more slowly instead of several times a second
                     act.ever_connected = true;
                     act.status.last_error = None;
                     tracing::info!(
@@ -368,7 +406,22 @@ impl CanalConnection {
         self.session = None;
         let reason = e.to_string();
         self.begin_epoch(&reason, true);
+        self.held = None;
+        // a skip that did not happen is not retried blindly: the next fetch stalls again
+        self.skip_oversized = None;
         if self.state == ConnectionState::Stopped {
+            return;
+        }
+        if let CanalError::Frame(crate::canal::codec::FrameError::TooLarge { len, max }) = &e {
+            // retrying cannot help: Canal sends the same frame again
+            let (len, max) = (*len, *max);
+            self.stall(
+                format!("frame:{len}"),
+                format!("the next batch is a {len}-byte frame, over canal.max_frame_bytes ({max})"),
+                format!(
+                    "raise canal.max_frame_bytes above {len} and restart, or run `canal-consumer skip frame:{len}` to ack it without delivering its rows"
+                ),
+            );
             return;
         }
         if self.shutdown.is_some() {
@@ -407,7 +460,11 @@ impl CanalConnection {
 
     /// Run the next operation on the session, if it is free.
     fn drive(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || self.state != ConnectionState::Connected {
+        let live = matches!(
+            self.state,
+            ConnectionState::Connected | ConnectionState::Stalled
+        );
+        if self.busy || !live || self.session.is_none() {
             return;
         }
         let Some(mut session) = self.session.take() else {
@@ -460,6 +517,19 @@ impl CanalConnection {
                     .map(|_| Op::Subscribed { filter });
                 (session, r)
             });
+        } else if self.may_fetch()
+            && let Some(len) = self.skip_oversized
+        {
+            let epoch = self.window.epoch();
+            let (size, wait) = (self.cfg.fetch_size, self.cfg.fetch_wait);
+            op = Box::pin(async move {
+                let (session, r) = session.get_skipping_oversized(size, wait, len).await;
+                let r = r.map(|f| match f {
+                    Fetch::Batch(raw) => Op::Fetched { epoch, raw },
+                    Fetch::Skipped(skipped) => Op::Skipped { epoch, skipped },
+                });
+                (session, r)
+            });
         } else if self.may_fetch() {
             let epoch = self.window.epoch();
             let (size, wait) = (self.cfg.fetch_size, self.cfg.fetch_wait);
@@ -509,17 +579,43 @@ impl CanalConnection {
     }
 
     fn may_fetch(&self) -> bool {
-        !self.draining
+        self.state == ConnectionState::Connected
+            && !self.draining
             && self.paused_until.is_none_or(|t| t <= Instant::now())
             && self.window.may_fetch()
     }
 
     fn completed(&mut self, op: Op, ctx: &mut Context<Self>) {
         match op {
-            Op::Fetched { epoch, raw } => self.on_fetched(epoch, raw, ctx),
+            Op::Fetched { epoch, raw } => {
+                // a GET answered: the server works at this position
+                self.attempt = 0;
+                self.on_fetched(epoch, raw, ctx)
+            }
+            Op::Skipped { epoch, skipped } => {
+                self.skip_oversized = None;
+                if epoch == self.window.epoch() {
+                    let b = self.window.fetched(skipped.batch_id, 0, None, false);
+                    if let Some((expected, got)) = b.gap {
+                        self.on_conflict(expected, got, ctx);
+                        return;
+                    }
+                }
+                self.record_skip(format!(
+                    "frame of {} bytes (canal batch {}) after {}",
+                    skipped.frame_bytes,
+                    skipped.batch_id,
+                    self.status
+                        .acked_position
+                        .as_ref()
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "the start".into())
+                ));
+            }
             Op::Acked { ids } => {
                 self.status.batches_acked += ids.len() as u64;
                 self.consecutive_rollbacks = 0;
+                self.attempt = 0;
                 tracing::debug!(?ids, "canal batches acked");
                 self.notify_drained();
             }
@@ -556,10 +652,18 @@ impl CanalConnection {
                 batch_id: raw.batch_id,
                 source,
             };
-            self.window.observe_id(raw.batch_id);
-            tracing::error!(error = %e, "undecodable canal batch; rolling back");
-            self.status.last_error = Some(e.to_string());
-            self.request_rollback(&e.to_string());
+            // retrying cannot help either: hold it (no later batch is acked past it) and stall
+            let batch = self.window.hold(raw.batch_id, raw.frame_bytes);
+            self.held = Some(batch);
+            self.stall(
+                format!("batch:{}", raw.batch_id),
+                e.to_string(),
+                format!(
+                    "run `canal-consumer skip batch:{}` to ack it without delivering its {} entries",
+                    raw.batch_id,
+                    raw.entries.len()
+                ),
+            );
             return;
         }
         self.status.batches_received += 1;
@@ -592,6 +696,31 @@ impl CanalConnection {
                 entries: raw.entries.len(),
             }));
         }
+    }
+
+    /// Stop fetching until an operator acts; say so everywhere.
+    fn stall(&mut self, token: String, reason: String, how: String) {
+        tracing::error!(reason = %reason, how = %how, "canal stream stalled");
+        self.status.last_error = Some(format!("{reason}; {how}"));
+        self.status.stall = Some(StallInfo {
+            token,
+            reason,
+            after: self.status.acked_position.clone(),
+            how,
+            since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+        self.state = ConnectionState::Stalled;
+    }
+
+    fn record_skip(&mut self, what: String) {
+        tracing::warn!(skipped = %what, "skipped at the operator's request; its rows were not delivered");
+        self.status.skipped.push(what);
+        let n = self.status.skipped.len();
+        if n > 20 {
+            self.status.skipped.drain(..n - 20);
+        }
+        self.status.stall = None;
+        self.status.last_error = None;
     }
 
     /// Another process fetched batches as our Canal client: stop, roll back, show it, and try
@@ -772,6 +901,51 @@ impl Handler<Shutdown> for CanalConnection {
             self.finish_shutdown(ctx);
         }
         Box::pin(async move { rx.await.unwrap_or_default() })
+    }
+}
+
+impl Handler<SkipStalled> for CanalConnection {
+    type Result = Result<String, String>;
+
+    fn handle(&mut self, msg: SkipStalled, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(stall) = self.status.stall.clone() else {
+            return Err("the canal stream is not stalled; nothing to skip".into());
+        };
+        if msg.0 != stall.token {
+            return Err(format!(
+                "the stream is stalled at {}, not {}; nothing was skipped",
+                stall.token, msg.0
+            ));
+        }
+        if let Some(batch) = self.held.take() {
+            self.window.ack(batch);
+            self.record_skip(format!(
+                "canal batch {} ({}) after {}",
+                batch.id,
+                stall.reason,
+                stall
+                    .after
+                    .as_ref()
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "the start".into())
+            ));
+            self.state = ConnectionState::Connected;
+            self.drive(ctx);
+            return Ok(format!("skipped {}", stall.token));
+        }
+        // an oversized frame: reconnect and read past it on the next fetch
+        let len = stall
+            .token
+            .strip_prefix("frame:")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("cannot skip {}", stall.token))?;
+        self.skip_oversized = Some(len);
+        self.status.stall = None;
+        self.connect(ctx);
+        Ok(format!(
+            "skipping {}: the next fetch reads past it (see `canal-consumer status`)",
+            stall.token
+        ))
     }
 }
 

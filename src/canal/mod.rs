@@ -64,6 +64,14 @@ pub enum CanalError {
         message: String,
     },
     #[error(
+        "the oversized frame to skip announced {expected} bytes, but the next one announces {got}; nothing was skipped (check `canal-consumer status` and skip what it shows)"
+    )]
+    SkipMismatch { expected: usize, got: usize },
+    #[error(
+        "cannot find the batch id at the start of the oversized frame; it cannot be skipped (raise canal.max_frame_bytes instead)"
+    )]
+    SkipNoBatchId,
+    #[error(
         "another process is fetching from destination '{destination}' as client id {client_id}: canal's batch ids jumped from {expected} to {got}; stop the other instance (check `canal-consumer status` on other hosts) or give one of them another canal.client_id"
     )]
     Conflict {

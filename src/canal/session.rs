@@ -74,6 +74,120 @@ pub struct RawBatch {
     pub frame_bytes: usize,
 }
 
+/// What [`Session::get_skipping_oversized`] got.
+#[derive(Debug)]
+pub enum Fetch {
+    Batch(RawBatch),
+    Skipped(SkippedFrame),
+}
+
+/// An over-cap frame that was read past without being buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkippedFrame {
+    pub batch_id: i64,
+    pub frame_bytes: usize,
+}
+
+/// Read a frame header; if it announces more than `cap`, read past the frame (it must announce
+/// exactly `expected`), keeping only its head. `Ok(None)`: the frame is within the cap and
+/// still unread (header included) in `buf`.
+async fn skip_frame(
+    io: &mut TcpStream,
+    buf: &mut bytes::BytesMut,
+    cap: usize,
+    expected: usize,
+) -> Result<Option<SkippedFrame>, CanalError> {
+    use bytes::Buf as _;
+    use tokio::io::AsyncReadExt as _;
+    const HEAD: usize = 256;
+    let addr = io.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let closed = || CanalError::Closed {
+        addr: addr.clone(),
+        during: "skipping an oversized frame",
+    };
+    while buf.len() < 4 {
+        if io.read_buf(buf).await.map_err(io_error)? == 0 {
+            return Err(closed());
+        }
+    }
+    let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let len = usize::try_from(len)
+        .map_err(|_| CanalError::Frame(crate::canal::codec::FrameError::NegativeLength(len)))?;
+    if len <= cap {
+        return Ok(None);
+    }
+    if len != expected {
+        return Err(CanalError::SkipMismatch { expected, got: len });
+    }
+    let head_len = HEAD.min(len);
+    while buf.len() < 4 + head_len {
+        if io.read_buf(buf).await.map_err(io_error)? == 0 {
+            return Err(closed());
+        }
+    }
+    let batch_id = batch_id_from_head(&buf[4..4 + head_len]).ok_or(CanalError::SkipNoBatchId)?;
+    // drop what is buffered of this frame, then read and discard the rest
+    let buffered = (buf.len() - 4).min(len);
+    buf.advance(4 + buffered);
+    let mut remaining = len - buffered;
+    let mut scratch = vec![0u8; 64 * 1024];
+    while remaining > 0 {
+        let want = remaining.min(scratch.len());
+        let n = io.read(&mut scratch[..want]).await.map_err(io_error)?;
+        if n == 0 {
+            return Err(closed());
+        }
+        remaining -= n;
+    }
+    Ok(Some(SkippedFrame {
+        batch_id,
+        frame_bytes: len,
+    }))
+}
+
+fn io_error(e: std::io::Error) -> CanalError {
+    CanalError::Frame(crate::canal::codec::FrameError::Io(e))
+}
+
+/// The batch id from the first bytes of a MESSAGES packet: `Packet.body` (field 5) holds
+/// `Messages`, whose `batch_id` (field 1) comes first. Canal, like every protobuf writer, writes
+/// fields in number order, so it is within the first few bytes.
+pub fn batch_id_from_head(head: &[u8]) -> Option<i64> {
+    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*i)?;
+            *i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut i = 0;
+    // Packet: skip to field 5 (length-delimited)
+    loop {
+        let key = varint(head, &mut i)?;
+        match (key >> 3, key & 7) {
+            (5, 2) => {
+                varint(head, &mut i)?; // body length
+                break;
+            }
+            (_, 0) => {
+                varint(head, &mut i)?;
+            }
+            _ => return None,
+        }
+    }
+    // Messages: field 1 varint first
+    let key = varint(head, &mut i)?;
+    if key != (1 << 3) {
+        return None;
+    }
+    varint(head, &mut i).map(|v| v as i64)
+}
+
 impl RawBatch {
     pub fn is_empty(&self) -> bool {
         self.batch_id == -1
@@ -85,6 +199,8 @@ pub struct Session {
     framed: Framed<TcpStream, FrameCodec>,
     cfg: SessionConfig,
     addr: String,
+    /// The server-side wait of the last GET (its answer may take that long).
+    last_wait: Duration,
 }
 
 impl Session {
@@ -107,6 +223,7 @@ impl Session {
             framed: Framed::new(stream, FrameCodec::new(cfg.max_frame_bytes)),
             cfg: cfg.clone(),
             addr,
+            last_wait: Duration::ZERO,
         };
         let handshake = session
             .read_packet("waiting for the handshake", cfg.read_timeout)
@@ -185,8 +302,17 @@ impl Session {
             auto_ack: Some(false),
         };
         self.write(PacketType::Get, get.encode_to_vec()).await?;
+        self.last_wait = wait;
+        self.read_messages().await
+    }
+
+    /// Read the MESSAGES answer to a GET.
+    async fn read_messages(&mut self) -> Result<RawBatch, CanalError> {
         let packet = self
-            .read_packet("waiting for MESSAGES", wait + self.cfg.read_timeout)
+            .read_packet(
+                "waiting for MESSAGES",
+                self.last_wait + self.cfg.read_timeout,
+            )
             .await?;
         match PacketType::try_from(packet.r#type) {
             Ok(PacketType::Messages) => {
@@ -212,6 +338,67 @@ impl Session {
                 got: packet_type_name(packet.r#type),
             }),
         }
+    }
+
+    /// Fetch like [`Session::get`], except that a MESSAGES frame over the size cap that
+    /// announces exactly `oversized_len` bytes is *skipped*: only its head is read (to learn
+    /// the batch id, which Canal writes first), the rest is read and discarded without being
+    /// buffered. The caller must ack the returned batch id to move past it. A frame within the
+    /// cap is returned as usual; an over-cap frame of another size is an error (what was
+    /// approved for skipping is not what arrived).
+    pub async fn get_skipping_oversized(
+        self,
+        fetch_size: i32,
+        wait: Duration,
+        oversized_len: usize,
+    ) -> (Session, Result<Fetch, CanalError>) {
+        let mut session = self;
+        let wait_ms = wait.as_millis().min(i64::MAX as u128) as i64;
+        let get = Get {
+            destination: session.cfg.destination.clone(),
+            client_id: session.cfg.client_id.clone(),
+            fetch_size: fetch_size.max(1),
+            timeout: Some(if wait_ms == 0 { -1 } else { wait_ms }),
+            unit: Some(UNIT_MILLIS),
+            auto_ack: Some(false),
+        };
+        if let Err(e) = session.write(PacketType::Get, get.encode_to_vec()).await {
+            return (session, Err(e));
+        }
+        let Session {
+            framed,
+            cfg,
+            addr,
+            last_wait: _,
+        } = session;
+        let cap = framed.codec().max_frame_bytes();
+        let mut parts = framed.into_parts();
+        let limit = wait + cfg.read_timeout;
+        let res = tokio::time::timeout(
+            limit,
+            skip_frame(&mut parts.io, &mut parts.read_buf, cap, oversized_len),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(CanalError::Timeout {
+                addr: addr.clone(),
+                during: "skipping an oversized frame",
+                after: limit,
+            })
+        });
+        let mut session = Session {
+            framed: Framed::from_parts(parts),
+            cfg,
+            addr,
+            last_wait: wait,
+        };
+        let res = match res {
+            Ok(Some(skipped)) => Ok(Fetch::Skipped(skipped)),
+            // within the cap: an ordinary frame, read through the codec as usual
+            Ok(None) => session.read_messages().await.map(Fetch::Batch),
+            Err(e) => Err(e),
+        };
+        (session, res)
     }
 
     /// Acknowledges one batch. Canal requires acks one by one in the order batches were got.
@@ -336,4 +523,28 @@ pub(crate) fn packet_type_name(t: i32) -> String {
     PacketType::try_from(t)
         .map(|p| p.as_str_name().to_string())
         .unwrap_or_else(|_| format!("unknown type {t}"))
+}
+
+#[cfg(test)]
+mod skip_tests {
+    use super::*;
+    use crate::canal::proto::packet::Packet;
+
+    #[test]
+    fn the_batch_id_is_read_from_the_head_of_a_messages_packet() {
+        let msgs = Messages {
+            batch_id: 123_456_789,
+            messages: vec![Bytes::from(vec![7u8; 10_000])],
+        };
+        let packet = Packet {
+            version: Some(1),
+            r#type: PacketType::Messages as i32,
+            body: msgs.encode_to_vec().into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(batch_id_from_head(&packet[..64]), Some(123_456_789));
+        assert_eq!(batch_id_from_head(&packet[..3]), None);
+        assert_eq!(batch_id_from_head(b"garbage that is not a packet"), None);
+    }
 }

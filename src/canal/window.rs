@@ -181,6 +181,24 @@ impl BatchWindow {
         }
     }
 
+    /// Record a fetched batch that must not be acked until the operator decides (it could not
+    /// be decoded): it holds every later ack back until [`Self::ack`] is called for it.
+    pub fn hold(&mut self, id: i64, bytes: usize) -> BatchRef {
+        self.observe_id(id);
+        self.inflight.push_back(InFlight {
+            id,
+            bytes,
+            done: false,
+            delivered: false,
+            last: None,
+        });
+        self.inflight_bytes += bytes;
+        BatchRef {
+            epoch: self.epoch,
+            id,
+        }
+    }
+
     /// Note a batch id Canal handed out in this session (also one whose batch is discarded);
     /// returns `(expected, got)` if ids were skipped.
     pub fn observe_id(&mut self, id: i64) -> Option<(i64, i64)> {

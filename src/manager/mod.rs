@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long `enable`/`disable` wait for Canal to accept the new subscription.
-pub const FILTER_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const FILTER_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A consumer as the Manager knows it.
 pub struct ConsumerEntry {
