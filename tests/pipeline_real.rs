@@ -831,3 +831,101 @@ async fn message_count(queue: &str) -> u32 {
     let _ = conn.close(200, "bye".into()).await;
     q.message_count()
 }
+
+/// Issue 10: a frame over `canal.max_frame_bytes` used to be retried forever (79 reconnects in
+/// 20 s). Now the stream stalls once, says what and how in status and readiness, and
+/// `canal-consumer skip frame:<bytes>` reads past it; rows written after it arrive.
+#[tokio::test]
+async fn an_oversized_frame_stalls_once_and_skip_passes_it() {
+    let _lock = canal_lock().await;
+    let table = "big_rows";
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table}; \
+         CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, note MEDIUMTEXT)"
+    ));
+    drop(Tap::clean(&format!("{DB}\\.{table}")).await);
+    let queue = "cc_e2e_big";
+    delete_queue(queue).await;
+    let mut svc = ServiceProc::prepare(
+        "oversized",
+        queue,
+        &[("c.toml", &row_consumer("big", table, ""))],
+        "",
+    );
+    let text = std::fs::read_to_string(&svc.config).unwrap();
+    std::fs::write(
+        &svc.config,
+        text.replace("[canal]\n", "[canal]\nmax_frame_bytes = 65536\n"),
+    )
+    .unwrap();
+    svc.start().await;
+    mysql(&format!(
+        "INSERT INTO {DB}.{table} VALUES (1, 'a'); INSERT INTO {DB}.{table} VALUES (2, 'b')"
+    ));
+    let got = consume_until(queue, Duration::from_secs(60), all_rows(2)).await;
+    assert_eq!(got.len(), 2);
+    // ~200 KB in one row: its batch is a frame far over the 64 KiB cap
+    mysql(&format!(
+        "INSERT INTO {DB}.{table} VALUES (3, REPEAT('x', 200000))"
+    ));
+    let s = wait_status(&svc, "the stream stalled", |s| {
+        s["canal"]["state"] == "stalled"
+    })
+    .await;
+    let stall = &s["canal"]["stall"];
+    let token = stall["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("frame:"), "{s:#}");
+    let size: usize = token["frame:".len()..].parse().unwrap();
+    assert!(size > 200_000, "{token}");
+    assert!(
+        stall["how"]
+            .as_str()
+            .unwrap()
+            .contains("canal.max_frame_bytes"),
+        "{stall}"
+    );
+    let (code, body) = svc.get("/ready").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("stalled"), "{body}");
+    let reconnects = s["canal"]["reconnects"].as_u64().unwrap();
+    // a skip naming something else changes nothing
+    let cli = |token: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+            .args(["skip", token, "--config"])
+            .arg(&svc.config)
+            .output()
+            .unwrap()
+    };
+    let wrong = cli("frame:1");
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains(&token),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    let s = svc.status().await;
+    assert_eq!(s["canal"]["state"], "stalled");
+    assert_eq!(s["canal"]["reconnects"].as_u64().unwrap(), reconnects);
+    let ok = cli(&token);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let s = wait_status(&svc, "the frame skipped", |s| {
+        s["canal"]["state"] == "connected" && !s["canal"]["skipped"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let skipped = s["canal"]["skipped"][0].as_str().unwrap();
+    assert!(
+        skipped.contains(&format!("frame of {size} bytes")),
+        "{skipped}"
+    );
+    mysql(&format!("INSERT INTO {DB}.{table} VALUES (4, 'd')"));
+    let got = consume_until(queue, Duration::from_secs(60), |g| !g.is_empty()).await;
+    assert_eq!(
+        got[0].body["payload"]["id"], 4,
+        "row 3 was skipped, row 4 arrives"
+    );
+    svc.terminate(Duration::from_secs(30));
+}
