@@ -321,11 +321,6 @@ impl Session {
                 e => warn!(error = %e, "publish failed"),
             }
         }
-        for (no, result) in self.window.take_replies() {
-            if let Some(reply) = self.replies.remove(&no) {
-                let _ = reply.send(result);
-            }
-        }
         let stats = self.window.stats().clone();
         let oldest = self.window.oldest_unconfirmed_at();
         let mut st = lock(&self.status);
@@ -344,6 +339,13 @@ impl Session {
             let ago = chrono::Duration::from_std(t.elapsed()).unwrap_or_default();
             (chrono::Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
         });
+        drop(st);
+        // answers after the counters, so whoever is answered sees them
+        for (no, result) in self.window.take_replies() {
+            if let Some(reply) = self.replies.remove(&no) {
+                let _ = reply.send(result);
+            }
+        }
     }
 
     /// Jobs whose caller went away publish nothing more.
