@@ -155,8 +155,8 @@ async fn act(
             if !all.is_empty() {
                 let _ = writeln!(
                     out,
-                    "{:<36}  {:<20}  {:<16}  {:<28}  {}  ERROR",
-                    "ID", "CONSUMER", "RULE", "TABLE", "POSITION"
+                    "{:<36}  {:<20}  {:<16}  {:<28}  POSITION  ERROR",
+                    "ID", "CONSUMER", "RULE", "TABLE"
                 );
             }
             for p in &all {
