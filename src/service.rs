@@ -196,7 +196,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
             let enabled = spec.enabled;
             let poison = spec.poison;
             let addr = ConsumerActor::new(
-                Box::new(ConfigConsumer::new(spec)),
+                Box::new(move || Box::new(ConfigConsumer::new(spec.clone()))),
                 publisher.clone().recipient(),
                 route.clone(),
                 MessageFormat::Envelope,

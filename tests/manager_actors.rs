@@ -89,12 +89,15 @@ impl Handler<Publish> for ChannelSink {
 
 /// Triggers `echo` with the row id; panics on `panic_on` while `panics_left` > 0; fails
 /// fatally every time if `always_fail`.
+#[derive(Clone)]
 struct TestConsumer {
     name: String,
     filters: Vec<TableFilter>,
     panic_on: Option<i64>,
     panics_left: Arc<AtomicU32>,
     always_fail: bool,
+    /// How many instances the supervisor built (shared by the clones).
+    built: Arc<AtomicU32>,
     /// Every event fails with an event error (handled by the error_handler policy).
     bad_rows: bool,
     poison: PoisonPolicy,
@@ -108,6 +111,7 @@ impl TestConsumer {
             panic_on: None,
             panics_left: Arc::new(AtomicU32::new(0)),
             always_fail: false,
+            built: Arc::new(AtomicU32::new(0)),
             bad_rows: false,
             // the older tests here describe the stall policy; parking has its own test
             poison: PoisonPolicy {
@@ -216,7 +220,10 @@ fn harness(consumers: Vec<TestConsumer>, hold: &[&str], max_restarts: u32) -> Ha
             let filters = c.filters.clone();
             let poison = c.poison;
             let addr = ConsumerActor::new(
-                Box::new(c),
+                Box::new(move || {
+                    c.built.fetch_add(1, Ordering::SeqCst);
+                    Box::new(c.clone())
+                }),
                 sink.clone().recipient(),
                 Route::default(),
                 MessageFormat::Envelope,
@@ -271,6 +278,7 @@ async fn a_panicking_consumer_is_restarted_and_the_batch_waits_for_it() {
     let mut flaky = TestConsumer::new("flaky", "b");
     flaky.panic_on = Some(2);
     flaky.panics_left.store(1, Ordering::SeqCst);
+    let built = flaky.built.clone();
     let mut h = harness(vec![TestConsumer::new("steady", "a"), flaky], &[], 5);
     h.manager.do_send(batch(
         1,
@@ -296,6 +304,8 @@ async fn a_panicking_consumer_is_restarted_and_the_batch_waits_for_it() {
     // the failed attempt published nothing; the retry published each row once, in order
     assert_eq!(by_consumer["steady"], [1, 2]);
     assert_eq!(by_consumer["flaky"], [1, 2]);
+    // the restart ran on a new instance from the factory, not the one that panicked
+    assert_eq!(built.load(Ordering::SeqCst), 2);
     let status = h.manager.send(GetManagerStatus).await.unwrap();
     let flaky = status.consumers.iter().find(|c| c.name == "flaky").unwrap();
     assert_eq!(flaky.restarts, 1);

@@ -11,8 +11,9 @@
 //!   batch (nothing of it is published) and stops the actor. Its supervisor restarts it; the
 //!   Manager retries the same batch after a backoff that grows with each restart. A panic is
 //!   caught here, so it stops only this consumer.
+//! - Every restart builds the consumer anew from its [`ConsumerFactory`].
 //! - More than `max_restarts` restarts within `quarantine_window` quarantines the consumer: it
-//!   refuses work, and the Manager rolls the batch back instead of acking it.
+//!   refuses normal work (the Manager parks its rows, or rolls back with `on_poison = "stall"`).
 
 use crate::canal::connection::BatchRef;
 use crate::consumer::{Consumer, ConsumerContext, ConsumerError, Failure};
@@ -93,8 +94,24 @@ pub enum ProcessFailure {
 #[rtype(result = "()")]
 pub struct Reinstate;
 
+/// Builds a fresh consumer: the supervisor calls it on every restart, so state a panic may
+/// have left half-updated never survives into the next attempt.
+pub type ConsumerFactory = Box<dyn Fn() -> Box<dyn Consumer> + Send>;
+
+/// Where the supervisor has the consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SupervisorState {
+    Running,
+    /// Failed; waiting out its backoff before the next attempt.
+    Restarting,
+    /// Failed too often within the window; refuses work until re-enabled.
+    Quarantined,
+}
+
 /// The consumer actor.
 pub struct ConsumerActor {
+    factory: ConsumerFactory,
     consumer: Box<dyn Consumer>,
     ctx: ConsumerContext,
     publisher: Recipient<Publish>,
@@ -108,14 +125,16 @@ pub struct ConsumerActor {
 
 impl ConsumerActor {
     pub fn new(
-        consumer: Box<dyn Consumer>,
+        factory: ConsumerFactory,
         publisher: Recipient<Publish>,
         default_route: Route,
         default_format: MessageFormat,
         supervision: SupervisionConfig,
     ) -> Self {
+        let consumer = factory();
         let ctx = ConsumerContext::new(consumer.name(), default_route, default_format);
         ConsumerActor {
+            factory,
             consumer,
             ctx,
             publisher,
@@ -131,6 +150,17 @@ impl ConsumerActor {
     /// Start under a supervisor.
     pub fn start_supervised(self) -> Addr<ConsumerActor> {
         Supervisor::start(move |_| self)
+    }
+
+    /// Where the supervisor has it now.
+    pub fn supervisor_state(&self) -> SupervisorState {
+        if self.quarantined {
+            SupervisorState::Quarantined
+        } else if self.retry_at.is_some_and(|t| t > Instant::now()) {
+            SupervisorState::Restarting
+        } else {
+            SupervisorState::Running
+        }
     }
 
     fn backoff(&self) -> Duration {
@@ -163,6 +193,8 @@ impl Supervised for ConsumerActor {
             self.recent_restarts.pop_front();
         }
         self.ctx.take_triggers();
+        // a new instance: nothing a failed `process_event` left behind carries over
+        self.consumer = (self.factory)();
         if self.recent_restarts.len() as u32 > self.supervision.max_restarts {
             self.quarantined = true;
             tracing::error!(
