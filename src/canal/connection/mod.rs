@@ -35,206 +35,18 @@
 
 use crate::canal::CanalError;
 use crate::canal::decode::decode_entries;
-use crate::canal::session::{Fetch, RawBatch, Session, SessionConfig, SkippedFrame};
-pub use crate::canal::window::BatchRef;
+use crate::canal::session::{Fetch, RawBatch, Session, SkippedFrame};
 use crate::canal::window::{AckOutcome, BatchWindow};
-use crate::event::{ChangeEvent, Position};
+
 use actix::prelude::*;
-use serde::{Deserialize, Serialize};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// Settings of the connection actor.
-#[derive(Debug, Clone)]
-pub struct ConnectionConfig {
-    pub session: SessionConfig,
-    /// Canal subscription filter (comma-separated regexes on `schema.table`); empty keeps the
-    /// server's configured filter.
-    pub filter: String,
-    /// GET size in Canal's unit (KiB in the default MEMSIZE mode, entries in ITEMSIZE mode).
-    pub fetch_size: i32,
-    /// How long the server may wait for data before answering a GET with "nothing".
-    pub fetch_wait: Duration,
-    pub max_inflight_batches: usize,
-    pub max_inflight_bytes: usize,
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    /// Give up (instead of retrying) when the very first connect fails with a permanent error
-    /// such as a wrong password.
-    pub fail_fast: bool,
-}
-
-/// A decoded batch.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    pub batch: BatchRef,
-    pub events: Arc<Vec<ChangeEvent>>,
-    /// Size of the MESSAGES frame.
-    pub bytes: usize,
-    pub entries: usize,
-}
-
-/// What the connection tells its subscriber.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub enum CanalEvent {
-    /// A batch to process; answer with [`AckBatch`] or [`RollbackBatch`].
-    Batch(Batch),
-    /// Every batch of an epoch before `epoch` was abandoned and will be redelivered.
-    Reset { epoch: u64, reason: String },
-    /// The connection gave up (only with `fail_fast`, on a permanent error at first connect).
-    Fatal { error: String },
-}
-
-/// The subscriber finished a batch: everything derived from it is safely delivered.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct AckBatch(pub BatchRef);
-
-/// The subscriber failed a batch: roll back everything outstanding so Canal redelivers it.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct RollbackBatch {
-    pub batch: BatchRef,
-    pub reason: String,
-}
-
-/// The subscriber holds nothing of this abandoned batch any more (its epoch ended before it
-/// could be acked); it stops counting against the in-flight bounds.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct ReleaseBatch(pub BatchRef);
-
-/// Replace the subscription filter (applied live with a re-subscribe). `applied`, if given, is
-/// answered once Canal has accepted a subscription with this filter (or a newer one).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct SetFilter {
-    pub filter: String,
-    pub applied: Option<oneshot::Sender<()>>,
-}
-
-/// Stop fetching; resolves once every batch in flight has been acked or abandoned.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Drain;
-
-/// Close the session and stop the actor, optionally rolling back what is outstanding first.
-/// Answers with what was left unacked.
-#[derive(Debug, Message)]
-#[rtype(result = "ShutdownReport")]
-pub struct Shutdown {
-    pub rollback: bool,
-}
-
-/// What a connection left behind when it stopped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ShutdownReport {
-    /// Batches acked to Canal since start.
-    pub acked: u64,
-    /// Batches fetched and not acked at the end (Canal redelivers them to the next run).
-    pub unacked: usize,
-}
-
-/// Ask for a [`ConnectionStatus`].
-#[derive(Debug, Message)]
-#[rtype(result = "ConnectionStatus")]
-pub struct GetStatus;
-
-/// Why the connection stopped fetching, and how to go on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StallInfo {
-    /// What `canal-consumer skip` must be given to pass it (`frame:<bytes>` or `batch:<id>`).
-    pub token: String,
-    pub reason: String,
-    /// The newest position acked before the stall: the stalled rows come after it.
-    pub after: Option<Position>,
-    /// What the operator can do.
-    pub how: String,
-    /// When it began (RFC 3339).
-    pub since: String,
-}
-
-/// Pass what the connection is stalled at, acking it without delivering it. `token` must be
-/// the one `status` shows. Answers with what was skipped, or why nothing was.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<String, String>")]
-pub struct SkipStalled(pub String);
-
-/// The connection's state as `status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConnectionState {
-    #[default]
-    Connecting,
-    Connected,
-    /// Waiting to reconnect after a failure.
-    Reconnecting,
-    /// Another process fetches as the same Canal client; not fetching until it is gone.
-    Conflict,
-    /// Stopped at something it must not pass on its own (a frame over the cap, an entry that
-    /// cannot be decoded); see [`ConnectionStatus::stall`] for what and how to proceed.
-    Stalled,
-    Stopped,
-}
-
-impl ConnectionState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectionState::Connecting => "connecting",
-            ConnectionState::Connected => "connected",
-            ConnectionState::Reconnecting => "reconnecting",
-            ConnectionState::Conflict => "conflict",
-            ConnectionState::Stalled => "stalled",
-            ConnectionState::Stopped => "stopped",
-        }
-    }
-}
-
-impl std::fmt::Display for ConnectionState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A snapshot of the connection.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct ConnectionStatus {
-    pub state: ConnectionState,
-    pub server: String,
-    pub destination: String,
-    pub filter: String,
-    pub epoch: u64,
-    pub inflight_batches: usize,
-    pub inflight_bytes: usize,
-    /// Batches of abandoned epochs still being finished downstream (they count against the
-    /// in-flight bounds).
-    #[serde(default)]
-    pub abandoned_batches: usize,
-    pub batches_received: u64,
-    pub events_received: u64,
-    pub batches_acked: u64,
-    pub rollbacks: u64,
-    pub reconnects: u64,
-    /// Times another process was seen fetching as this Canal client.
-    #[serde(default)]
-    pub conflicts: u64,
-    /// Set while `state` is `stalled`.
-    #[serde(default)]
-    pub stall: Option<StallInfo>,
-    /// What was skipped with `canal-consumer skip` (newest last, at most 20).
-    #[serde(default)]
-    pub skipped: Vec<String>,
-    pub last_error: Option<String>,
-    /// Position of the newest event fetched.
-    pub last_position: Option<Position>,
-    /// When the newest fetched event was executed on the source (ms since the epoch).
-    pub last_executed_at: Option<i64>,
-    /// Position of the newest event whose batch was acked.
-    pub acked_position: Option<Position>,
-    pub acked_executed_at: Option<i64>,
-}
+mod api;
+mod stall;
+pub use api::*;
 
 /// An operation on the lent session; it hands the session back with its result.
 type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, CanalError>)>>>;
@@ -698,63 +510,6 @@ impl CanalConnection {
         }
     }
 
-    /// Stop fetching until an operator acts; say so everywhere.
-    fn stall(&mut self, token: String, reason: String, how: String) {
-        tracing::error!(reason = %reason, how = %how, "canal stream stalled");
-        self.status.last_error = Some(format!("{reason}; {how}"));
-        self.status.stall = Some(StallInfo {
-            token,
-            reason,
-            after: self.status.acked_position.clone(),
-            how,
-            since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        });
-        self.state = ConnectionState::Stalled;
-    }
-
-    fn record_skip(&mut self, what: String) {
-        tracing::warn!(skipped = %what, "skipped at the operator's request; its rows were not delivered");
-        self.status.skipped.push(what);
-        let n = self.status.skipped.len();
-        if n > 20 {
-            self.status.skipped.drain(..n - 20);
-        }
-        self.status.stall = None;
-        self.status.last_error = None;
-    }
-
-    /// Another process fetched batches as our Canal client: stop, roll back, show it, and try
-    /// again after `reconnect_max`.
-    fn on_conflict(&mut self, expected: i64, got: i64, ctx: &mut Context<Self>) {
-        let e = CanalError::Conflict {
-            destination: self.cfg.session.destination.clone(),
-            client_id: self.cfg.session.client_id.clone(),
-            expected,
-            got,
-        };
-        tracing::error!(error = %e, retry_in = ?self.cfg.reconnect_max, "second client detected");
-        self.status.conflicts += 1;
-        self.status.last_error = Some(e.to_string());
-        self.session = None;
-        self.begin_epoch(&e.to_string(), true);
-        self.state = ConnectionState::Conflict;
-        let delay = self.backoff_from(self.cfg.reconnect_max);
-        ctx.run_later(delay, |act, ctx| {
-            if act.state == ConnectionState::Conflict {
-                act.connect(ctx);
-            }
-        });
-    }
-
-    /// `base` plus up to 20% jitter.
-    fn backoff_from(&self, base: Duration) -> Duration {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        base + base.mul_f64((nanos % 200) as f64 / 1000.0)
-    }
-
     fn request_rollback(&mut self, reason: &str) {
         self.status.rollbacks += 1;
         self.need_rollback = true;
@@ -901,51 +656,6 @@ impl Handler<Shutdown> for CanalConnection {
             self.finish_shutdown(ctx);
         }
         Box::pin(async move { rx.await.unwrap_or_default() })
-    }
-}
-
-impl Handler<SkipStalled> for CanalConnection {
-    type Result = Result<String, String>;
-
-    fn handle(&mut self, msg: SkipStalled, ctx: &mut Context<Self>) -> Self::Result {
-        let Some(stall) = self.status.stall.clone() else {
-            return Err("the canal stream is not stalled; nothing to skip".into());
-        };
-        if msg.0 != stall.token {
-            return Err(format!(
-                "the stream is stalled at {}, not {}; nothing was skipped",
-                stall.token, msg.0
-            ));
-        }
-        if let Some(batch) = self.held.take() {
-            self.window.ack(batch);
-            self.record_skip(format!(
-                "canal batch {} ({}) after {}",
-                batch.id,
-                stall.reason,
-                stall
-                    .after
-                    .as_ref()
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "the start".into())
-            ));
-            self.state = ConnectionState::Connected;
-            self.drive(ctx);
-            return Ok(format!("skipped {}", stall.token));
-        }
-        // an oversized frame: reconnect and read past it on the next fetch
-        let len = stall
-            .token
-            .strip_prefix("frame:")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| format!("cannot skip {}", stall.token))?;
-        self.skip_oversized = Some(len);
-        self.status.stall = None;
-        self.connect(ctx);
-        Ok(format!(
-            "skipping {}: the next fetch reads past it (see `canal-consumer status`)",
-            stall.token
-        ))
     }
 }
 
