@@ -296,6 +296,12 @@ async fn shutdown_on_signal(
 ) {
     let first = signal().await;
     shutting_down.store(true, Ordering::SeqCst);
+    let abandoned_before = control
+        .connection
+        .send(conn::GetStatus)
+        .await
+        .map(|s| s.abandoned_total)
+        .unwrap_or_default();
     tracing::info!(signal = first, deadline = ?deadline, "shutdown requested: finishing batches in flight");
     let started = Instant::now();
     let graceful = async {
@@ -314,7 +320,8 @@ async fn shutdown_on_signal(
     };
     let code = tokio::select! {
         report = graceful => {
-            if report.unacked == 0 {
+            let abandoned = report.abandoned_total.saturating_sub(abandoned_before);
+            if report.unacked == 0 && abandoned == 0 {
                 tracing::info!(
                     took = ?started.elapsed(),
                     acked_batches = report.acked,
@@ -325,6 +332,7 @@ async fn shutdown_on_signal(
                     took = ?started.elapsed(),
                     acked_batches = report.acked,
                     unacked_batches = report.unacked,
+                    abandoned_batches = abandoned,
                     "shutdown complete, but some fetched batches were not acked (a failure or rollback abandoned them); canal redelivers them to the next run"
                 );
             }

@@ -520,6 +520,12 @@ async fn sigterm_mid_stream_exits_in_time_and_loses_nothing() {
     let (status, took) = svc.terminate(Duration::from_secs(25));
     assert!(status.success(), "graceful exit: {status}\n{}", svc.logs());
     assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert!(
+        svc.logs()
+            .contains("every fetched batch was confirmed and acked"),
+        "{}",
+        svc.logs()
+    );
     writer.join().unwrap();
     // the rest comes after a restart; nothing that was acked is missing
     svc.start().await;
@@ -927,5 +933,54 @@ async fn an_oversized_frame_stalls_once_and_skip_passes_it() {
         got[0].body["payload"]["id"], 4,
         "row 3 was skipped, row 4 arrives"
     );
+    svc.terminate(Duration::from_secs(30));
+}
+
+/// Issue 8, defect 8: the shutdown log said "every fetched batch was confirmed and acked" even
+/// when batches had been abandoned. With the broker gone, the rows fetched cannot be confirmed:
+/// they are rolled back, and a SIGTERM then reports them as not acked.
+#[tokio::test]
+async fn shutdown_says_what_was_not_acked() {
+    let _lock = canal_lock().await;
+    let table = "unacked_rows";
+    int_table(table);
+    drop(Tap::clean(&format!("{DB}\\.{table}")).await);
+    let queue = "cc_e2e_unacked";
+    delete_queue(queue).await;
+    let mut svc = ServiceProc::prepare(
+        "unacked",
+        queue,
+        &[("c.toml", &row_consumer("unacked", table, ""))],
+        "",
+    );
+    svc.start().await;
+    insert_range(table, 1, 2);
+    consume_until(queue, Duration::from_secs(60), all_rows(2)).await;
+    script("deploy/local/rabbit-ctl", &["stop"]);
+    insert_range(table, 3, 5);
+    let outcome = async {
+        wait_status(&svc, "a rollback while the broker is down", |s| {
+            s["canal"]["abandoned_total"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+        svc.terminate(Duration::from_secs(25))
+    }
+    .await;
+    script("deploy/local/rabbit-ctl", &["start"]);
+    let (status, _) = outcome;
+    let logs = svc.logs();
+    assert!(status.success(), "{status}\n{logs}");
+    assert!(
+        logs.contains("some fetched batches were not acked"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("every fetched batch was confirmed and acked"),
+        "{logs}"
+    );
+    // and they are redelivered to the next run
+    svc.start().await;
+    let got = consume_until(queue, Duration::from_secs(120), all_rows(5)).await;
+    assert_eq!(ids_by_row(&got).len(), 5);
     svc.terminate(Duration::from_secs(30));
 }

@@ -102,6 +102,9 @@ pub struct ShutdownReport {
     pub acked: u64,
     /// Batches fetched and not acked at the end (Canal redelivers them to the next run).
     pub unacked: usize,
+    /// Batches abandoned (rolled back or lost with a session) since start: Canal redelivers
+    /// them too. Compare with [`ConnectionStatus::abandoned_total`] taken earlier.
+    pub abandoned_total: u64,
 }
 
 /// Ask for a [`ConnectionStatus`].
@@ -179,6 +182,9 @@ pub struct ConnectionStatus {
     /// in-flight bounds).
     #[serde(default)]
     pub abandoned_batches: usize,
+    /// Batches abandoned (rolled back or lost with a session) since start.
+    #[serde(default)]
+    pub abandoned_total: u64,
     pub batches_received: u64,
     pub events_received: u64,
     pub batches_acked: u64,

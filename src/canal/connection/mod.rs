@@ -248,6 +248,7 @@ impl CanalConnection {
     /// written.
     fn begin_epoch(&mut self, reason: &str, new_session: bool) {
         let (epoch, abandoned) = self.window.begin_epoch(new_session);
+        self.status.abandoned_total += abandoned as u64;
         if abandoned > 0 {
             tracing::warn!(
                 batches = abandoned,
@@ -537,6 +538,7 @@ impl CanalConnection {
             let _ = reply.send(ShutdownReport {
                 acked: self.status.batches_acked,
                 unacked,
+                abandoned_total: self.status.abandoned_total,
             });
         }
         ctx.stop();
