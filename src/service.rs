@@ -298,7 +298,7 @@ async fn shutdown_on_signal(
     shutting_down.store(true, Ordering::SeqCst);
     let abandoned_before = control
         .connection
-        .send(conn::GetStatus)
+        .send(conn::GetConnectionStatus)
         .await
         .map(|s| s.abandoned_total)
         .unwrap_or_default();
@@ -310,7 +310,7 @@ async fn shutdown_on_signal(
         let left = deadline.saturating_sub(started.elapsed());
         let _ = control
             .publisher
-            .send(amqp::Shutdown { deadline: left })
+            .send(amqp::StopPublishing { deadline: left })
             .await;
         control
             .connection
@@ -339,7 +339,7 @@ async fn shutdown_on_signal(
             0
         }
         _ = tokio::time::sleep(deadline) => {
-            let st = control.connection.send(conn::GetStatus).await.unwrap_or_default();
+            let st = control.connection.send(conn::GetConnectionStatus).await.unwrap_or_default();
             tracing::warn!(
                 unacked_batches = st.inflight_batches,
                 "shutdown deadline reached; exiting without acking unconfirmed batches (canal redelivers them)"

@@ -378,7 +378,7 @@ async fn every_row_arrives_across_a_canal_server_restart() {
     }
     wait_for(table, 300, &mut rx, &mut seen).await;
     let status = conn
-        .send(canal_consumer::canal::connection::GetStatus)
+        .send(canal_consumer::canal::connection::GetConnectionStatus)
         .await
         .unwrap();
     assert!(status.reconnects >= 1, "{status:?}");

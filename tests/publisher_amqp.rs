@@ -16,7 +16,7 @@ use canal_consumer::config::{AmqpConfig, DeclareMode, QueueConfig, Secret};
 use canal_consumer::event::{EventType, Position};
 use canal_consumer::publisher::{
     AmqpPublisher, GetPublisherStatus, Publish, PublishError, PublisherState, PublisherStatus,
-    Shutdown,
+    StopPublishing,
 };
 use canal_consumer::trigger::{CeleryMapping, MessageFormat, Priority, Route, SourceRef, Trigger};
 use lapin::{
@@ -1027,7 +1027,7 @@ async fn shutdown_drains_what_was_accepted() {
         triggers: batch,
         reply,
     });
-    addr.send(Shutdown {
+    addr.send(StopPublishing {
         deadline: Duration::from_secs(30),
     })
     .await

@@ -1,6 +1,6 @@
 //! [`ActorControl`]: the [`Control`] of the running service, over the actors' own messages.
 //!
-//! It asks the CanalConnection ([`GetStatus`]), the Manager ([`GetManagerStatus`]) and the
+//! It asks the CanalConnection ([`GetConnectionStatus`]), the Manager ([`GetManagerStatus`]) and the
 //! publisher ([`GetPublisherStatus`]) for snapshots and assembles a [`ServiceStatus`]; enabling
 //! and disabling is the Manager's [`SetEnabled`]. Nothing here holds state of its own besides
 //! the start time and the shutdown flag. How it fails: an actor that is gone or does not answer
@@ -9,7 +9,9 @@
 
 use super::now_ms;
 use super::{AdminError, ConsumerStatus, Control, ServiceStatus};
-use crate::canal::connection::{ConnectionState, ConnectionStatus, GetStatus, SkipStalled};
+use crate::canal::connection::{
+    ConnectionState, ConnectionStatus, GetConnectionStatus, SkipStalled,
+};
 use crate::manager::{ConsumerStats, GetManagerStatus, ManagerStatus, SetEnabled, SetEnabledError};
 use crate::publisher::{GetPublisherStatus, PublisherState, PublisherStatus};
 use actix::Recipient;
@@ -28,7 +30,7 @@ pub const SET_ENABLED_TIMEOUT: Duration =
 /// The live service's [`Control`]. Clone the `Arc` of `shutting_down` into the shutdown path
 /// and set it when a graceful shutdown starts (`/ready` then answers 503).
 pub struct ActorControl {
-    pub connection: Recipient<GetStatus>,
+    pub connection: Recipient<GetConnectionStatus>,
     pub manager: Recipient<GetManagerStatus>,
     pub set_enabled: Recipient<SetEnabled>,
     pub skip: Recipient<SkipStalled>,
@@ -46,7 +48,7 @@ impl Control for ActorControl {
         let uptime = self.started.elapsed();
         let shutting_down = self.shutting_down.load(Ordering::Relaxed);
         Box::pin(async move {
-            let canal = connection.send(GetStatus).timeout(ASK_TIMEOUT);
+            let canal = connection.send(GetConnectionStatus).timeout(ASK_TIMEOUT);
             let mgr = manager.send(GetManagerStatus).timeout(ASK_TIMEOUT);
             let (canal, mgr) = futures::join!(canal, mgr);
             let canal = canal.unwrap_or_else(|e| ConnectionStatus {

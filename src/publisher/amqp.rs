@@ -4,7 +4,7 @@
 //! ([`super::topology`]), one confirm-mode publishing channel, and the translation of each
 //! trigger into a message ([`super::envelope`] or [`super::celery`]). Start it with
 //! `AmqpPublisher::new(cfg).start()` (or [`AmqpPublisher::start_checked`], which fails on a
-//! queue mismatch), send it [`Publish`] and [`GetPublisherStatus`], and [`Shutdown`] to drain
+//! queue mismatch), send it [`Publish`] and [`GetPublisherStatus`], and [`StopPublishing`] to drain
 //! (publish what was accepted, await its confirms, close) on the way out.
 //!
 //! How it works: a connection is served by one *session* task ([`super::session`]), an I/O
@@ -154,7 +154,7 @@ pub struct GetPublisherStatus;
 /// keeps going in the background until its confirms time out).
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "Result<(), PublishError>")]
-pub struct Shutdown {
+pub struct StopPublishing {
     pub deadline: Duration,
 }
 
@@ -463,10 +463,10 @@ impl Handler<GetPublisherStatus> for AmqpPublisher {
     }
 }
 
-impl Handler<Shutdown> for AmqpPublisher {
+impl Handler<StopPublishing> for AmqpPublisher {
     type Result = ResponseFuture<Result<(), PublishError>>;
 
-    fn handle(&mut self, msg: Shutdown, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: StopPublishing, _: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
         // dropping the sender tells the session to finish what it accepted and close
         self.session = None;

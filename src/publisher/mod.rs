@@ -13,7 +13,9 @@ mod session;
 pub mod topology;
 pub mod window;
 
-pub use amqp::{AmqpPublisher, GetPublisherStatus, PublisherState, PublisherStatus, Shutdown};
+pub use amqp::{
+    AmqpPublisher, GetPublisherStatus, PublisherState, PublisherStatus, StopPublishing,
+};
 
 use crate::trigger::Trigger;
 use actix::prelude::*;

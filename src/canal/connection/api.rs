@@ -110,7 +110,7 @@ pub struct ShutdownReport {
 /// Ask for a [`ConnectionStatus`].
 #[derive(Debug, Message)]
 #[rtype(result = "ConnectionStatus")]
-pub struct GetStatus;
+pub struct GetConnectionStatus;
 
 /// Why the connection stopped fetching, and how to go on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -661,10 +661,10 @@ impl Handler<Shutdown> for CanalConnection {
     }
 }
 
-impl Handler<GetStatus> for CanalConnection {
-    type Result = MessageResult<GetStatus>;
+impl Handler<GetConnectionStatus> for CanalConnection {
+    type Result = MessageResult<GetConnectionStatus>;
 
-    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: GetConnectionStatus, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.snapshot())
     }
 }
