@@ -72,13 +72,7 @@ async fn fetch_all(channel: &Channel, queue: &str) -> Result<Vec<Parked>, String
             .await
             .map_err(|e| format!("cannot read {queue}: {e}"))?;
         let Some(msg) = got else { break };
-        let id = msg
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
+        let id = crate::publisher::message_id_of(&msg.delivery.properties);
         let body = serde_json::from_slice(&msg.delivery.data).unwrap_or(serde_json::Value::Null);
         out.push(Parked {
             tag: msg.delivery.delivery_tag,

@@ -106,6 +106,15 @@ pub struct Publish {
     pub reply: oneshot::Sender<Result<(), PublishError>>,
 }
 
+/// The AMQP `message_id` of a message we published (our trigger id), or "" if it has none.
+pub fn message_id_of(properties: &lapin::BasicProperties) -> String {
+    properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
 /// Cancel what is not yet published of Canal epochs below this one (the Manager sends it when
 /// an epoch ends; a `Publish` of a newer epoch has the same effect).
 #[derive(Debug, Clone, Copy, Message)]

@@ -500,13 +500,7 @@ impl Session {
                 .on_return(seq, &exchange, &routing_key, &reason, transient)
         });
         if !known {
-            let id = ret
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
+            let id = super::message_id_of(&ret.delivery.properties);
             error!(
                 id = %id,
                 "the broker returned a message that is no longer in flight (timed out before)"
