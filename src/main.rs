@@ -135,6 +135,8 @@ enum Command {
         /// Config file to check (default: --config or config/canal-consumer.toml)
         file: Option<PathBuf>,
         #[command(flatten)]
+        canal: CanalFlags,
+        #[command(flatten)]
         service: ServiceFlags,
     },
 }
@@ -304,9 +306,13 @@ fn run(cli: Cli) -> Result<i32, i32> {
             let route = service::default_route(&cfg);
             cli::test::run(spec, &events, route)
         }
-        Command::CheckConfig { file: f, service } => {
+        Command::CheckConfig {
+            file: f,
+            canal,
+            service,
+        } => {
             let path = f.as_deref().or(file);
-            let cfg = load(path, overrides(&CanalFlags::default(), &service))?;
+            let cfg = load(path, overrides(&canal, &service))?;
             let specs = service::load_consumers(&cfg).map_err(usage_error)?;
             print!("{}", cfg.to_redacted_toml());
             println!(

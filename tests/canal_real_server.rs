@@ -1,5 +1,7 @@
 //! The Canal client against the real Canal server fed by real MariaDB (start them with
 //! `deploy/local/up`; the `CC_TEST_*` variables in `tests/common` point elsewhere).
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! The command line as a user meets it, without any service running: bad configuration stops
 //! `start` and `check-config` with the file and key named, `status` says plainly that nothing
 //! runs, and `test`/`list` work from the definitions alone.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::process::{Command, Output};

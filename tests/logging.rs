@@ -1,4 +1,6 @@
 //! Logging setup end to end: a real global subscriber, so it runs in its own test binary.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 use canal_consumer::config::LogConfig;
 use canal_consumer::logging::{LoggingError, init};

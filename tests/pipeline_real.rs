@@ -1,6 +1,8 @@
 //! The whole service, end to end: the real `canal-consumer` binary reading the real Canal
 //! server fed by real MariaDB, publishing to real RabbitMQ (and, in one test, executed by a real
 //! Celery worker). Start the services with `deploy/local/up`.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -12,6 +12,8 @@
 //!
 //! Every test uses its own queue. Tests that stop the broker or raise an alarm take the
 //! [`BROKER`] lock exclusively; the others take it shared. Waits poll with a deadline.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
