@@ -345,7 +345,7 @@ async fn every_row_arrives_across_a_canal_server_restart() {
 
     let cfg = CanalConfig {
         host: canal_host(),
-        port: canal_port(),
+        port: std::num::NonZeroU16::new(canal_port()).expect("a port"),
         destination: destination(),
         username: canal_user(),
         password: Secret::new(canal_password()),

@@ -4,8 +4,11 @@
 // Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn run(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
@@ -158,4 +161,102 @@ fn test_and_list_work_from_the_definitions_alone() {
     assert_eq!(teacher["enabled"], false, "{teacher:#}");
     let out = offline(&["enable", "nobody"]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+/// `start` with `config`, which must be refused at load: exit 2 within 30 s (a `start` that
+/// got past loading would run on and be killed, failing the test).
+fn start_refused(config: &Path) -> String {
+    let out = common::proc::output_within(
+        "canal-consumer start",
+        Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+            .args(["start", "--config", config.to_str().unwrap()])
+            .args(["--admin-bind", "127.0.0.1:0"])
+            .current_dir(repo())
+            .env_remove("RUST_LOG")
+            .env_remove("CANAL_HOST")
+            .env_remove("CANAL_PORT"),
+        Duration::from_secs(30),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
+}
+
+#[test]
+fn an_amqp_url_with_an_invalid_port_stops_the_start_naming_the_key() {
+    let dir = scratch("amqpport");
+    let cfg = dir.join("cc.toml");
+    std::fs::write(
+        &cfg,
+        "[amqp]\nurl = \"amqp://bob:s3cret@127.0.0.1:99999/%2f\"\n",
+    )
+    .unwrap();
+    let err = start_refused(&cfg);
+    assert!(
+        err.starts_with(&format!(
+            "error: config file {}: key `amqp.url`: `amqp://bob:***@127.0.0.1:99999/%2f` is not \
+             a valid AMQP URL: invalid port number",
+            cfg.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+}
+
+#[test]
+fn a_condition_that_is_not_a_boolean_stops_the_start() {
+    let dir = scratch("celliteral");
+    let file = dir.join("consumers/lit.toml");
+    std::fs::write(
+        &file,
+        "[consumers.lit]\n[[consumers.lit.filters]]\ndatabase = \"d\"\ntable = \"t\"\n\
+         [[consumers.lit.rules]]\nname = \"r\"\nplugin = \"p\"\nwhen = { condition = '\"yes\"' }\n",
+    )
+    .unwrap();
+    let cfg = dir.join("cc.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[consumers]\ndir = \"{}\"\nstate_file = \"{}\"\n",
+            dir.join("consumers").display(),
+            dir.join("state.json").display()
+        ),
+    )
+    .unwrap();
+    let err = start_refused(&cfg);
+    assert!(err.contains(file.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains(
+            "consumers.lit.rules[0].when.condition: condition `\"yes\"` is always a string \
+             (yes), not a boolean"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_log_file_that_is_a_directory_or_unwritable_stops_the_start_naming_key_and_path() {
+    let dir = scratch("logfile");
+    let plain = dir.join("plain.txt");
+    std::fs::write(&plain, "x").unwrap();
+    for (path, why) in [
+        (dir.clone(), "is a directory".to_string()),
+        (
+            plain.join("app.log"),
+            format!("{} is not a directory", plain.display()),
+        ),
+    ] {
+        let cfg = dir.join("cc.toml");
+        std::fs::write(&cfg, format!("[log]\nfile = \"{}\"\n", path.display())).unwrap();
+        let err = start_refused(&cfg);
+        assert!(
+            err.starts_with(&format!(
+                "error: config file {}: key `log.file`: {}",
+                cfg.display(),
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(err.contains(&why), "{err}");
+    }
 }

@@ -18,7 +18,7 @@
 mod common;
 
 use actix::prelude::*;
-use canal_consumer::config::{AmqpConfig, DeclareMode, QueueConfig, Secret};
+use canal_consumer::config::{AmqpConfig, DeclareMode, QueueConfig, QueueType, Secret};
 use canal_consumer::event::{EventType, Position};
 use canal_consumer::publisher::{
     AmqpPublisher, GetPublisherStatus, Publish, PublishError, PublisherState, PublisherStatus,
@@ -34,6 +34,7 @@ use lapin::{
 };
 use serde_json::{Value, json};
 use std::collections::HashSet;
+use std::num::NonZeroUsize;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -77,7 +78,7 @@ fn unique(prefix: &str) -> String {
 fn config(queue: &str, declare: DeclareMode, max_priority: Option<u8>) -> AmqpConfig {
     AmqpConfig {
         url: Secret::new(amqp_url()),
-        max_unconfirmed: 64,
+        max_unconfirmed: NonZeroUsize::new(64).unwrap(),
         confirm_timeout: Duration::from_secs(5),
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
@@ -86,7 +87,7 @@ fn config(queue: &str, declare: DeclareMode, max_priority: Option<u8>) -> AmqpCo
             declare,
             durable: true,
             max_priority,
-            queue_type: "classic".into(),
+            queue_type: QueueType::Classic,
         },
         ..AmqpConfig::default()
     }
@@ -919,7 +920,7 @@ async fn window_bounds_unconfirmed_and_order_follows_arrival() {
     let _shared = BROKER.read().await;
     let queue = unique("window");
     let mut cfg = config(&queue, DeclareMode::Declare, None);
-    cfg.max_unconfirmed = 4;
+    cfg.max_unconfirmed = NonZeroUsize::new(4).unwrap();
     let addr = start_connected(cfg).await;
 
     // watch the window while 50 Publishes of 20 triggers are sent without waiting in between
@@ -1034,7 +1035,7 @@ async fn shutdown_drains_what_was_accepted() {
     let _shared = BROKER.read().await;
     let queue = unique("shutdown");
     let mut cfg = config(&queue, DeclareMode::Declare, None);
-    cfg.max_unconfirmed = 8;
+    cfg.max_unconfirmed = NonZeroUsize::new(8).unwrap();
     let addr = start_connected(cfg).await;
     let batch: Vec<Trigger> = (0..500)
         .map(|n| trigger(n, &queue, Priority::Normal, MessageFormat::Envelope))
@@ -1079,7 +1080,7 @@ async fn returns_are_matched_to_their_publish_under_load() {
     let queue = unique("returns");
     let missing = unique("nowhere");
     let mut cfg = config(&queue, DeclareMode::Declare, None);
-    cfg.max_unconfirmed = 512;
+    cfg.max_unconfirmed = NonZeroUsize::new(512).unwrap();
     let addr = start_connected(cfg).await;
 
     // 60 Publishes of 50 triggers sent back to back, so broker multi-acks span several of
@@ -1179,7 +1180,7 @@ async fn quorum_queues_are_declared_with_their_type() {
     let _shared = BROKER.read().await;
     let queue = unique("quorum");
     let mut cfg = config(&queue, DeclareMode::Declare, None);
-    cfg.queue.queue_type = "quorum".into();
+    cfg.queue.queue_type = QueueType::Quorum;
     let addr = start_connected(cfg.clone()).await;
     publish(
         &addr,
@@ -1194,7 +1195,7 @@ async fn quorum_queues_are_declared_with_their_type() {
     .expect("published to a quorum queue");
     // a classic declaration of the same queue is refused, naming x-queue-type
     let mut classic = cfg.clone();
-    classic.queue.queue_type = "classic".into();
+    classic.queue.queue_type = QueueType::Classic;
     let err = AmqpPublisher::start_checked(classic)
         .await
         .expect_err("classic vs quorum");

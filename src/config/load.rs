@@ -278,7 +278,7 @@ fn figment_error(err: figment::Error, sources: &Sources) -> ConfigError {
                     let message = if SECRET_KEYS.iter().any(|s| key == *s) {
                         "invalid value (not shown: it is a secret)".to_string()
                     } else {
-                        kind.to_string()
+                        plain_message(kind.to_string())
                     };
                     let origin = if let Some(path) = e
                         .metadata
@@ -303,6 +303,15 @@ fn figment_error(err: figment::Error, sources: &Sources) -> ConfigError {
         key: String::new(),
         message: "unknown configuration error".into(),
     })
+}
+
+/// Serde's words for the non-zero integer types, said the way the rest of the checks say it.
+fn plain_message(message: String) -> String {
+    if message.contains("expected a nonzero") {
+        "must be greater than 0".into()
+    } else {
+        message
+    }
 }
 
 /// Fill in the origin of validation errors.

@@ -16,8 +16,11 @@
 //!
 //! How it fails: every problem is a [`ConfigError`] that names where the value came from (the
 //! config file's path, the environment variable by its real name, the command-line flag) and
-//! the key. [`Config::validate`] adds the semantic checks (ports, sizes, addresses) that types
-//! cannot express. Secrets ([`Secret`]) never print: not in `Debug`, not in
+//! the key. Types refuse what they can at extraction: non-zero integers for ports, sizes and
+//! counts, enums for fixed choices (`amqp.queue.queue_type`, `amqp.queue.declare`,
+//! `log.format`). [`Config::validate`] adds the checks types cannot express: the AMQP URL
+//! (scheme, port), addresses, durations, priorities, the log filter, and a `log.file` that is
+//! a directory or cannot be written. Secrets ([`Secret`]) never print: not in `Debug`, not in
 //! [`Config::to_redacted_toml`], not in error messages.
 
 //!

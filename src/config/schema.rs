@@ -4,8 +4,17 @@
 
 use super::secret::{Secret, string_or_scalar};
 use serde::{Deserialize, Serialize};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// A non-zero literal for defaults (zero is a compile error).
+const fn nz(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(v) => v,
+        None => panic!("zero"),
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -23,7 +32,7 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct CanalConfig {
     pub host: String,
-    pub port: u16,
+    pub port: NonZeroU16,
     pub destination: String,
     #[serde(deserialize_with = "string_or_scalar")]
     pub client_id: String,
@@ -43,9 +52,9 @@ pub struct CanalConfig {
     pub read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    pub max_frame_bytes: usize,
-    pub max_inflight_batches: usize,
-    pub max_inflight_bytes: usize,
+    pub max_frame_bytes: NonZeroUsize,
+    pub max_inflight_batches: NonZeroUsize,
+    pub max_inflight_bytes: NonZeroUsize,
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
@@ -56,7 +65,7 @@ impl Default for CanalConfig {
     fn default() -> Self {
         CanalConfig {
             host: "127.0.0.1".into(),
-            port: 11111,
+            port: NonZeroU16::new(11111).expect("non-zero"),
             destination: "example".into(),
             client_id: "1001".into(),
             username: String::new(),
@@ -67,9 +76,9 @@ impl Default for CanalConfig {
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
-            max_frame_bytes: crate::canal::codec::DEFAULT_MAX_FRAME_BYTES,
-            max_inflight_batches: 8,
-            max_inflight_bytes: 64 * 1024 * 1024,
+            max_frame_bytes: nz(crate::canal::codec::DEFAULT_MAX_FRAME_BYTES),
+            max_inflight_batches: nz(8),
+            max_inflight_bytes: nz(64 * 1024 * 1024),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
         }
@@ -82,7 +91,7 @@ impl CanalConfig {
         crate::canal::ConnectionConfig {
             session: crate::canal::SessionConfig {
                 host: self.host.clone(),
-                port: self.port,
+                port: self.port.get(),
                 destination: self.destination.clone(),
                 client_id: self.client_id.clone(),
                 username: self.username.clone(),
@@ -90,13 +99,13 @@ impl CanalConfig {
                 connect_timeout: self.connect_timeout,
                 read_timeout: self.read_timeout,
                 idle_timeout: self.idle_timeout,
-                max_frame_bytes: self.max_frame_bytes,
+                max_frame_bytes: self.max_frame_bytes.get(),
             },
             filter,
             fetch_size: self.batch_size,
             fetch_wait: self.fetch_wait,
-            max_inflight_batches: self.max_inflight_batches,
-            max_inflight_bytes: self.max_inflight_bytes,
+            max_inflight_batches: self.max_inflight_batches.get(),
+            max_inflight_bytes: self.max_inflight_bytes.get(),
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
             fail_fast,
@@ -111,7 +120,7 @@ pub struct AmqpConfig {
     /// `amqp://user:pass@host:port/vhost`; the password part is redacted when shown.
     pub url: Secret,
     /// Most messages published but not yet confirmed.
-    pub max_unconfirmed: usize,
+    pub max_unconfirmed: NonZeroUsize,
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -128,7 +137,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            max_unconfirmed: 512,
+            max_unconfirmed: nz(512),
             confirm_timeout: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
@@ -150,7 +159,7 @@ pub struct QueueConfig {
     /// `x-max-priority`; must equal the workers' (Celery: `task_queue_max_priority`).
     pub max_priority: Option<u8>,
     /// `classic` or `quorum`.
-    pub queue_type: String,
+    pub queue_type: QueueType,
 }
 
 impl Default for QueueConfig {
@@ -160,8 +169,32 @@ impl Default for QueueConfig {
             declare: DeclareMode::Declare,
             durable: true,
             max_priority: Some(10),
-            queue_type: "classic".into(),
+            queue_type: QueueType::Classic,
         }
+    }
+}
+
+/// `amqp.queue.queue_type`: the RabbitMQ queue type (`x-queue-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    /// The `x-queue-type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -214,7 +247,7 @@ pub struct ConsumersConfig {
     #[serde(with = "humantime_serde")]
     pub restart_max: Duration,
     /// Restarts within `quarantine_window` after which a consumer is quarantined.
-    pub max_restarts: u32,
+    pub max_restarts: NonZeroU32,
     #[serde(with = "humantime_serde")]
     pub quarantine_window: Duration,
 }
@@ -226,7 +259,7 @@ impl Default for ConsumersConfig {
             state_file: PathBuf::from("state/consumers.json"),
             restart_min: Duration::from_millis(100),
             restart_max: Duration::from_secs(30),
-            max_restarts: 5,
+            max_restarts: NonZeroU32::new(5).expect("non-zero"),
             quarantine_window: Duration::from_secs(300),
         }
     }
@@ -255,7 +288,7 @@ impl Default for AdminConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
-    pub format: String,
+    pub format: LogFormat,
     /// tracing filter, e.g. `info,canal_consumer=debug`; `RUST_LOG` wins when set.
     pub level: String,
     /// Also write to this file (e.g. `logs/app.log`).
@@ -265,11 +298,19 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            format: "text".into(),
+            format: LogFormat::Text,
             level: "info".into(),
             file: None,
         }
     }
+}
+
+/// `log.format`: human-readable lines or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `[shutdown]`.

@@ -52,10 +52,10 @@ fn layers_stack_defaults_file_env_cli() {
     // File over defaults; a numeric client_id is read as its text.
     let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
     assert_eq!(c.canal.host, "file-host");
-    assert_eq!(c.canal.port, 2000);
+    assert_eq!(c.canal.port.get(), 2000);
     assert_eq!(c.canal.client_id, "42");
     assert_eq!(c.amqp.confirm_timeout, Duration::from_secs(3));
-    assert_eq!(c.amqp.max_unconfirmed, 512);
+    assert_eq!(c.amqp.max_unconfirmed.get(), 512);
     // Env over file: reference names and the prefixed form (which wins over them).
     let vars = env(&[
         ("CANAL_HOST", "env-host"),
@@ -78,7 +78,7 @@ fn layers_stack_defaults_file_env_cli() {
     )
     .unwrap();
     assert_eq!(c.canal.host, "env-host");
-    assert_eq!(c.canal.port, 3000);
+    assert_eq!(c.canal.port.get(), 3000);
     assert_eq!(c.canal.destination, "prefixed-dest");
     assert_eq!(c.canal.batch_size, 50);
     assert_eq!(c.amqp.confirm_timeout, Duration::from_secs(10));
@@ -101,7 +101,7 @@ fn layers_stack_defaults_file_env_cli() {
     };
     let c = load_from(Some(&file), nowhere(), vars, cli).unwrap();
     assert_eq!(c.canal.host, "cli-host");
-    assert_eq!(c.canal.port, 4000);
+    assert_eq!(c.canal.port.get(), 4000);
     assert_eq!(c.canal.batch_size, 9);
     assert_eq!(c.canal.destination, "prefixed-dest");
     assert_eq!(c.admin.bind, "0.0.0.0:9191");
@@ -238,39 +238,167 @@ fn toml_syntax_error_names_the_file() {
 }
 
 #[test]
-fn validation_errors_name_origin_and_key() {
+fn zero_where_zero_is_invalid_names_origin_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(&dir, "v.toml", "[canal]\nmax_inflight_batches = 0\n");
-    let vars = env(&[("CANAL_BATCH_SIZE", "0")]);
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "config file {}: key `canal.max_inflight_batches`: must be greater than 0",
+            file.display()
+        )
+    );
     let cli = CliOverrides {
         canal: CanalFlags {
             port: Some(0),
             ..Default::default()
         },
+        ..Default::default()
+    };
+    let err = load_from(None, nowhere(), env(&[]), cli).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "command-line flag --port: key `canal.port`: must be greater than 0"
+    );
+    let vars = env(&[("CANAL_CONSUMER__CONSUMERS__MAX_RESTARTS", "0")]);
+    let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "environment variable CANAL_CONSUMER__CONSUMERS__MAX_RESTARTS: key \
+         `consumers.max_restarts`: must be greater than 0"
+    );
+}
+
+#[test]
+fn fixed_choices_are_enums_and_name_the_choices() {
+    let vars = env(&[("CANAL_CONSUMER__AMQP__QUEUE__QUEUE_TYPE", "stream")]);
+    let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            "environment variable CANAL_CONSUMER__AMQP__QUEUE__QUEUE_TYPE: key \
+             `amqp.queue.queue_type`: "
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("`classic`") && text.contains("`quorum`"),
+        "{text}"
+    );
+    let cli = CliOverrides {
+        service: ServiceFlags {
+            log_format: Some("xml".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = load_from(None, nowhere(), env(&[]), cli).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("command-line flag --log-format: key `log.format`: "),
+        "{text}"
+    );
+    assert!(text.contains("`text`") && text.contains("`json`"), "{text}");
+    let c = load_from(
+        None,
+        nowhere(),
+        env(&[("CANAL_CONSUMER__LOG__FORMAT", "json")]),
+        CliOverrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.log.format, LogFormat::Json);
+}
+
+#[test]
+fn validation_errors_name_origin_and_key() {
+    let vars = env(&[("CANAL_BATCH_SIZE", "0")]);
+    let cli = CliOverrides {
         service: ServiceFlags {
             admin_bind: Some("nowhere".into()),
             ..Default::default()
         },
+        ..Default::default()
     };
-    let err = load_from(Some(&file), nowhere(), vars, cli).unwrap_err();
+    let err = load_from(None, nowhere(), vars, cli).unwrap_err();
     let text = err.to_string();
-    assert_eq!(err.problems().len(), 4, "{text}");
-    assert!(
-        text.contains("command-line flag --port: key `canal.port`"),
-        "{text}"
-    );
+    assert_eq!(err.problems().len(), 2, "{text}");
     assert!(
         text.contains("environment variable CANAL_BATCH_SIZE: key `canal.batch_size`"),
-        "{text}"
-    );
-    assert!(
-        text.contains("v.toml: key `canal.max_inflight_batches`"),
         "{text}"
     );
     assert!(
         text.contains("command-line flag --admin-bind: key `admin.bind`"),
         "{text}"
     );
+}
+
+#[test]
+fn an_amqp_url_with_a_bad_port_is_refused_with_the_password_hidden() {
+    for (url, why) in [
+        ("amqp://bob:s3cret@rabbit:99999/%2f", "invalid port number"),
+        ("amqp://bob:s3cret@rabbit:56x2/%2f", "invalid port number"),
+        ("amqp://bob:s3cret@rabbit:0/%2f", "port 0"),
+        (
+            "http://bob:s3cret@rabbit/",
+            "must start with amqp:// or amqps://",
+        ),
+    ] {
+        let vars = env(&[("CANAL_CONSUMER__AMQP__URL", url)]);
+        let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("environment variable CANAL_CONSUMER__AMQP__URL: key `amqp.url`: "),
+            "{text}"
+        );
+        assert!(text.contains(why), "{url}: {text}");
+        assert!(text.contains("bob:***@rabbit"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+    let ok = env(&[("CANAL_CONSUMER__AMQP__URL", "amqps://u:p@h:5671/v")]);
+    assert!(load_from(None, nowhere(), ok, CliOverrides::default()).is_ok());
+}
+
+#[test]
+fn a_log_file_that_cannot_be_written_is_refused_naming_key_and_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_file = write(&dir, "plain.txt", "x");
+    for (path, why) in [
+        (dir.path().to_path_buf(), "is a directory".to_string()),
+        (
+            a_file.join("app.log"),
+            format!("{} is not a directory", a_file.display()),
+        ),
+    ] {
+        let cli = CliOverrides {
+            service: ServiceFlags {
+                log_file: Some(path.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = load_from(None, nowhere(), env(&[]), cli).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "command-line flag --log-file: key `log.file`: {}",
+                path.display()
+            )),
+            "{text}"
+        );
+        assert!(text.contains(&why), "{text}");
+    }
+    // a new file in a new directory is fine (the logger creates both)
+    let fresh = dir.path().join("logs/new/app.log");
+    let cli = CliOverrides {
+        service: ServiceFlags {
+            log_file: Some(fresh.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert!(load_from(None, nowhere(), env(&[]), cli).is_ok());
+    assert!(!fresh.exists(), "loading creates nothing");
 }
 
 #[test]

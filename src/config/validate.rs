@@ -3,6 +3,8 @@
 
 use super::error::{ConfigError, Origin};
 use super::schema::Config;
+use super::secret::Secret;
+use std::path::Path;
 
 impl Config {
     /// Semantic checks that types cannot express. Errors name the key; [`load`] adds where the
@@ -20,9 +22,6 @@ impl Config {
         if c.host.trim().is_empty() {
             bad("canal.host", "must not be empty".into());
         }
-        if c.port == 0 {
-            bad("canal.port", "must be between 1 and 65535".into());
-        }
         if c.destination.trim().is_empty() {
             bad("canal.destination", "must not be empty".into());
         }
@@ -34,16 +33,6 @@ impl Config {
                 "canal.batch_size",
                 format!("must be greater than 0, got {}", c.batch_size),
             );
-        }
-        for (key, v) in [
-            ("canal.max_frame_bytes", c.max_frame_bytes),
-            ("canal.max_inflight_batches", c.max_inflight_batches),
-            ("canal.max_inflight_bytes", c.max_inflight_bytes),
-            ("amqp.max_unconfirmed", self.amqp.max_unconfirmed),
-        ] {
-            if v == 0 {
-                bad(key, "must be greater than 0".into());
-            }
         }
         for (key, d) in [
             ("canal.connect_timeout", c.connect_timeout),
@@ -85,22 +74,12 @@ impl Config {
                 );
             }
         }
-        let url = self.amqp.url.expose();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            bad(
-                "amqp.url",
-                "must start with amqp:// or amqps:// (value not shown)".into(),
-            );
+        if let Err(m) = check_amqp_url(&self.amqp.url) {
+            bad("amqp.url", m);
         }
         let q = &self.amqp.queue;
         if q.name.trim().is_empty() {
             bad("amqp.queue.name", "must not be empty".into());
-        }
-        if !matches!(q.queue_type.as_str(), "classic" | "quorum") {
-            bad(
-                "amqp.queue.queue_type",
-                format!("must be `classic` or `quorum`, got `{}`", q.queue_type),
-            );
         }
         if let Some(max) = q.max_priority {
             let p = &self.amqp.priorities;
@@ -123,21 +102,95 @@ impl Config {
                 ),
             );
         }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            bad(
-                "log.format",
-                format!("must be `text` or `json`, got `{}`", self.log.format),
-            );
+        if let Some(path) = &self.log.file
+            && let Err(m) = check_log_file(path)
+        {
+            bad("log.file", m);
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             bad("log.level", format!("not a valid filter: {e}"));
         }
-        if self.consumers.max_restarts == 0 {
-            bad("consumers.max_restarts", "must be greater than 0".into());
-        }
         match ConfigError::from_list(errs) {
             None => Ok(()),
             Some(e) => Err(e),
+        }
+    }
+}
+
+/// `amqp.url` must be an AMQP URL the client can use: scheme `amqp`/`amqps`, a host, a port
+/// in 1..=65535 when one is given. Messages show the URL with its password redacted.
+fn check_amqp_url(url: &Secret) -> Result<(), String> {
+    let raw = url.expose();
+    let shown = url.redacted();
+    if !(raw.starts_with("amqp://") || raw.starts_with("amqps://")) {
+        return Err(format!("`{shown}` must start with amqp:// or amqps://"));
+    }
+    let parsed = raw.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+        // the parser may quote its input: never let the password through
+        let e = e.replace(raw, &shown);
+        let e = match password(raw) {
+            Some(p) if !p.is_empty() => e.replace(p, "***"),
+            _ => e,
+        };
+        format!("`{shown}` is not a valid AMQP URL: {e}")
+    })?;
+    if parsed.authority.port == 0 {
+        return Err(format!("`{shown}`: port 0 is not a port to connect to"));
+    }
+    if parsed.authority.host.is_empty() {
+        return Err(format!("`{shown}` names no host"));
+    }
+    Ok(())
+}
+
+/// The password part of `scheme://user:password@host...`, if any.
+fn password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let userinfo = &rest[..rest.rfind('@')?];
+    Some(userinfo.split_once(':')?.1)
+}
+
+/// `log.file` must be a file the service can append to: not a directory, and either an
+/// existing file that opens for appending, or a path whose nearest existing ancestor is a
+/// directory (the logger creates the missing directories and the file at start).
+fn check_log_file(path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    if path.as_os_str().is_empty() {
+        return Err("must not be empty (leave the key out for no log file)".into());
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(format!("{shown} is a directory, not a file")),
+        Ok(_) => std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(|e| format!("{shown} cannot be opened for appending: {e}")),
+        Err(_) => {
+            let mut dir = path.parent();
+            while let Some(parent) = dir {
+                let last = parent.as_os_str().is_empty();
+                let d = if last { Path::new(".") } else { parent };
+                match std::fs::metadata(d) {
+                    Ok(m) if m.is_dir() => {
+                        if m.permissions().readonly() {
+                            return Err(format!(
+                                "{shown} cannot be created: {} is read-only",
+                                d.display()
+                            ));
+                        }
+                        return Ok(());
+                    }
+                    Ok(_) => {
+                        return Err(format!(
+                            "{shown} cannot be created: {} is not a directory",
+                            d.display()
+                        ));
+                    }
+                    Err(_) if last => break,
+                    Err(_) => dir = parent.parent(),
+                }
+            }
+            Ok(())
         }
     }
 }

@@ -39,7 +39,7 @@ impl From<&crate::config::ConsumersConfig> for SupervisionConfig {
         SupervisionConfig {
             restart_min: c.restart_min,
             restart_max: c.restart_max,
-            max_restarts: c.max_restarts,
+            max_restarts: c.max_restarts.get(),
             quarantine_window: c.quarantine_window,
         }
     }

@@ -194,7 +194,7 @@ impl AmqpPublisher {
             queue: cfg.queue.name.clone(),
             blocked_reason: None,
             unconfirmed: 0,
-            max_unconfirmed: cfg.max_unconfirmed.max(1),
+            max_unconfirmed: cfg.max_unconfirmed.get(),
             published: 0,
             confirmed: 0,
             returned: 0,
@@ -625,7 +625,7 @@ impl Session {
     }
 
     fn window(&self) -> usize {
-        self.cfg.max_unconfirmed.max(1)
+        self.cfg.max_unconfirmed.get()
     }
 
     /// Serve the connection until it fails or the actor goes away; answer every job.
