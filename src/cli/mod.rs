@@ -1,6 +1,7 @@
-//! The command line: `start`, `tail`, `list`, `status`, `enable`, `disable`, `test`,
-//! `check-config`. Each subcommand lives in its own function; `main.rs` only parses and
-//! dispatches.
+//! The parts of the command line that need more than a few lines: `tail` ([`tail`]) and
+//! `test` ([`test`]). The other subcommands (`start`, `list`, `status`, `enable`, `disable`,
+//! `check-config`) are short and live in `main.rs`'s `run`, next to the clap definitions; the
+//! flags they share are declared once in `config::cli`.
 
 pub mod tail;
 pub mod test;
