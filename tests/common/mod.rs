@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod proc;
+pub mod promql;
 pub mod service;
 
 use canal_consumer::canal::{Session, SessionConfig};
