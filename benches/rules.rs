@@ -8,6 +8,9 @@
 //! comparisons) or an event-type guard, every payload interpolates three fields (two typed, one
 //! text). With M = 8, 5 rules of each consumer fire on the sample UPDATE, so 4×8 emits 20
 //! triggers per event (ids, payload rendering and all).
+// A benchmark stops at the first failed setup step; unwrap is that stop (lint policy:
+// Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 use canal_consumer::consumer::{Consumer, ConsumerContext};
 use canal_consumer::event::{ChangeEvent, EventType, Position, Row, Value};

@@ -21,9 +21,10 @@
 //!
 //! Operating it: [`config`] (layered loading, validation), [`logging`], [`metrics`] (the shared
 //! Prometheus registry), [`state`] (persisted enable/disable), [`admin`] (the admin HTTP
-//! endpoint and its command-line client).
+//! endpoint and its command-line client), [`backoff`] (the one exponential-backoff policy).
 
 pub mod admin;
+pub mod backoff;
 pub mod canal;
 pub mod cli;
 pub mod config;

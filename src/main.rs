@@ -4,7 +4,7 @@
 //! `config/canal-consumer.toml` < environment < flags); see `config`.
 
 use canal_consumer::admin::client;
-use canal_consumer::config::{self, CliOverrides, Config};
+use canal_consumer::config::{self, CanalFlags, CliOverrides, Config, ServiceFlags};
 use canal_consumer::event::ChangeEvent;
 use canal_consumer::{cli, logging, rules, service, state::StateFile};
 use clap::{Parser, Subcommand};
@@ -24,47 +24,6 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(clap::Args, Clone, Default)]
-struct CanalFlags {
-    /// Canal server host (env CANAL_HOST)
-    #[arg(long)]
-    host: Option<String>,
-    /// Canal server port (env CANAL_PORT)
-    #[arg(long)]
-    port: Option<u16>,
-    /// Canal destination (env CANAL_DESTINATION)
-    #[arg(long)]
-    destination: Option<String>,
-    /// Canal GET size (env CANAL_BATCH_SIZE)
-    #[arg(long)]
-    batch_size: Option<i32>,
-    /// Canal client id
-    #[arg(long)]
-    client_id: Option<String>,
-}
-
-#[derive(clap::Args, Clone, Default)]
-struct ServiceFlags {
-    /// Directory of consumer definitions
-    #[arg(long, value_name = "DIR")]
-    consumers_dir: Option<PathBuf>,
-    /// Where enable/disable state is kept
-    #[arg(long, value_name = "FILE")]
-    state_file: Option<PathBuf>,
-    /// Admin endpoint address (host:port)
-    #[arg(long, value_name = "ADDR")]
-    admin_bind: Option<String>,
-    /// Log filter, e.g. info or info,canal_consumer=debug
-    #[arg(long)]
-    log_level: Option<String>,
-    /// Log format: text or json
-    #[arg(long)]
-    log_format: Option<String>,
-    /// Also write logs to this file (e.g. logs/app.log)
-    #[arg(long, value_name = "FILE")]
-    log_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -150,6 +109,8 @@ enum Command {
         /// Config file to check (default: --config or config/canal-consumer.toml)
         file: Option<PathBuf>,
         #[command(flatten)]
+        canal: CanalFlags,
+        #[command(flatten)]
         service: ServiceFlags,
     },
 }
@@ -176,17 +137,8 @@ enum DlqCmd {
 
 fn overrides(canal: &CanalFlags, service: &ServiceFlags) -> CliOverrides {
     CliOverrides {
-        host: canal.host.clone(),
-        port: canal.port,
-        destination: canal.destination.clone(),
-        batch_size: canal.batch_size,
-        client_id: canal.client_id.clone(),
-        consumers_dir: service.consumers_dir.clone(),
-        state_file: service.state_file.clone(),
-        admin_bind: service.admin_bind.clone(),
-        log_level: service.log_level.clone(),
-        log_format: service.log_format.clone(),
-        log_file: service.log_file.clone(),
+        canal: canal.clone(),
+        service: service.clone(),
     }
 }
 
@@ -354,9 +306,13 @@ fn run(cli: Cli) -> Result<i32, i32> {
             };
             cli::dlq::run(cfg, specs, action)
         }
-        Command::CheckConfig { file: f, service } => {
+        Command::CheckConfig {
+            file: f,
+            canal,
+            service,
+        } => {
             let path = f.as_deref().or(file);
-            let cfg = load(path, overrides(&CanalFlags::default(), &service))?;
+            let cfg = load(path, overrides(&canal, &service))?;
             let specs = service::load_consumers(&cfg).map_err(usage_error)?;
             print!("{}", cfg.to_redacted_toml());
             println!(

@@ -1,26 +1,37 @@
 //! The service's metrics: one registry shared by every actor, rendered for Prometheus.
 //!
-//! [`Metrics`] is created once and handed around as a [`MetricsHandle`] (`Arc<Metrics>`).
-//! Updating is a relaxed atomic operation, so actors update freely on their hot paths; nothing
-//! here locks except the first lookup of a consumer's series. Process-wide series are plain
-//! fields; per-consumer series live in a map keyed by consumer name, the only label besides
-//! fixed ones. Label cardinality is bounded: after [`MAX_CONSUMER_SERIES`] names, further
-//! names share one `consumer="_other"` series.
+//! [`Metrics`] is created once and handed around as a [`MetricsHandle`] (`Arc<Metrics>`). The
+//! series are `prometheus-client` counters and gauges (relaxed atomics) registered in one
+//! [`Registry`]; [`Metrics::render`] is that crate's Prometheus text encoder (format 0.0.4,
+//! `# HELP` and `# TYPE` lines, label values escaped). Process-wide series are plain fields;
+//! per-consumer series are families with the label `consumer`, the only label. Label
+//! cardinality is bounded: after [`MAX_CONSUMER_SERIES`] names, further names share one
+//! `consumer="_other"` series.
 //!
-//! Actors may update the series directly; the admin endpoint also refreshes them from the
-//! status snapshots at every scrape (`admin::server::observe`), so the counters are right even
-//! where an actor does not touch the registry.
+//! Who updates them: the actors keep their own counts in their status snapshots, and the
+//! admin endpoint copies a fresh snapshot into the registry at every scrape
+//! (`admin::server::observe`): counters catch up with the actors' totals
+//! ([`Counter::observe`], never backwards), gauges take the snapshot's values. Nothing updates
+//! the registry between scrapes. Nothing here fails.
 //!
-//! [`Metrics::render`] writes the Prometheus text exposition format (version 0.0.4) with
-//! `# HELP` and `# TYPE` lines, label values escaped. Nothing here fails.
+//! The exported names (what `deploy/grafana` and `deploy/prometheus` query):
+//! `canal_{batches,events,rollbacks,reconnects}_total`, `canal_inflight_batches`,
+//! `canal_lag_seconds`, `publisher_{published,confirmed,returned,nacked,timeouts}_total`,
+//! `publisher_unconfirmed`, `publisher_blocked`, and per consumer
+//! `consumer_{events,triggers,errors,restarts}_total`, `consumer_lag_seconds`,
+//! `consumer_enabled`.
 
 use dashmap::DashMap;
-use std::fmt::Write as _;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge as PromGauge;
+use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-/// The content type of [`Metrics::render`]'s output.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of [`Metrics::render`]'s output (Prometheus text format 0.0.4).
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Most distinct consumer names given their own series.
 pub const MAX_CONSUMER_SERIES: usize = 1000;
@@ -31,40 +42,40 @@ pub const OVERFLOW_CONSUMER: &str = "_other";
 /// The shared handle.
 pub type MetricsHandle = Arc<Metrics>;
 
-/// A monotonically increasing count.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+/// A monotonically increasing count (a registered `prometheus-client` counter).
+#[derive(Debug, Clone, Default)]
+pub struct Counter(PromCounter<u64, AtomicU64>);
 
 impl Counter {
     pub fn inc(&self) {
         self.add(1);
     }
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.inc_by(n);
     }
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
     /// Catch up with a count kept elsewhere (an actor's status): never goes backwards, so it
     /// can be mixed with [`Counter::inc`] without double counting.
     pub fn observe(&self, total: u64) {
-        self.0.fetch_max(total, Ordering::Relaxed);
+        self.0.inner().fetch_max(total, Ordering::Relaxed);
     }
 }
 
 /// A value that goes up and down.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicI64);
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(PromGauge<i64, AtomicI64>);
 
 impl Gauge {
     pub fn set(&self, v: i64) {
-        self.0.store(v, Ordering::Relaxed);
+        self.0.set(v);
     }
     pub fn set_bool(&self, v: bool) {
         self.set(v as i64);
     }
     pub fn add(&self, n: i64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.inc_by(n);
     }
     pub fn inc(&self) {
         self.add(1);
@@ -73,25 +84,25 @@ impl Gauge {
         self.add(-1);
     }
     pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
 /// A floating-point gauge (seconds of lag).
-#[derive(Debug, Default)]
-pub struct FloatGauge(AtomicU64);
+#[derive(Debug, Clone, Default)]
+pub struct FloatGauge(PromGauge<f64, AtomicU64>);
 
 impl FloatGauge {
     pub fn set(&self, v: f64) {
-        self.0.store(v.to_bits(), Ordering::Relaxed);
+        self.0.set(v);
     }
     pub fn get(&self) -> f64 {
-        f64::from_bits(self.0.load(Ordering::Relaxed))
+        self.0.get()
     }
 }
 
-/// One consumer's series (label `consumer`).
-#[derive(Debug, Default)]
+/// One consumer's series (label `consumer`): handles into the registry's families.
+#[derive(Debug, Clone, Default)]
 pub struct ConsumerMetrics {
     /// Events routed to the consumer.
     pub events_total: Counter,
@@ -107,8 +118,24 @@ pub struct ConsumerMetrics {
     pub enabled: Gauge,
 }
 
-/// Every metric of the service.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabel {
+    consumer: String,
+}
+
+/// The per-consumer families, registered once.
 #[derive(Debug, Default)]
+struct ConsumerFamilies {
+    events_total: Family<ConsumerLabel, PromCounter<u64, AtomicU64>>,
+    triggers_total: Family<ConsumerLabel, PromCounter<u64, AtomicU64>>,
+    errors_total: Family<ConsumerLabel, PromCounter<u64, AtomicU64>>,
+    restarts_total: Family<ConsumerLabel, PromCounter<u64, AtomicU64>>,
+    lag_seconds: Family<ConsumerLabel, PromGauge<f64, AtomicU64>>,
+    enabled: Family<ConsumerLabel, PromGauge<i64, AtomicI64>>,
+}
+
+/// Every metric of the service.
+#[derive(Debug)]
 pub struct Metrics {
     pub canal_batches_total: Counter,
     pub canal_events_total: Counter,
@@ -123,54 +150,43 @@ pub struct Metrics {
     pub publisher_timeouts_total: Counter,
     pub publisher_unconfirmed: Gauge,
     pub publisher_blocked: Gauge,
+    families: ConsumerFamilies,
     consumers: DashMap<String, Arc<ConsumerMetrics>>,
+    registry: Registry,
 }
 
-enum Kind {
-    Counter,
-    Gauge,
+/// `prometheus-client` adds `_total` to counter names and a full stop to help texts.
+fn counter_name(name: &str) -> &str {
+    name.strip_suffix("_total").unwrap_or(name)
 }
 
-impl Kind {
-    fn as_str(&self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-        }
+fn help(text: &str) -> &str {
+    text.strip_suffix('.').unwrap_or(text)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Metrics {
+            canal_batches_total: Counter::default(),
+            canal_events_total: Counter::default(),
+            canal_rollbacks_total: Counter::default(),
+            canal_reconnects_total: Counter::default(),
+            canal_inflight_batches: Gauge::default(),
+            canal_lag_seconds: FloatGauge::default(),
+            publisher_published_total: Counter::default(),
+            publisher_confirmed_total: Counter::default(),
+            publisher_returned_total: Counter::default(),
+            publisher_nacked_total: Counter::default(),
+            publisher_timeouts_total: Counter::default(),
+            publisher_unconfirmed: Gauge::default(),
+            publisher_blocked: Gauge::default(),
+            families: ConsumerFamilies::default(),
+            consumers: DashMap::new(),
+            registry: Registry::default(),
+        };
+        m.register();
+        m
     }
-}
-
-/// Escape a label value: backslash, double quote and newline.
-pub fn escape_label_value(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        }
-    } else {
-        v.to_string()
-    }
-}
-
-fn header(out: &mut String, name: &str, help: &str, kind: Kind) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {}", kind.as_str());
 }
 
 impl Metrics {
@@ -178,27 +194,8 @@ impl Metrics {
         Arc::new(Metrics::default())
     }
 
-    /// The series of one consumer, created on first use.
-    pub fn consumer(&self, name: &str) -> Arc<ConsumerMetrics> {
-        if let Some(m) = self.consumers.get(name) {
-            return m.clone();
-        }
-        let key = if self.consumers.len() >= MAX_CONSUMER_SERIES {
-            OVERFLOW_CONSUMER
-        } else {
-            name
-        };
-        self.consumers.entry(key.to_string()).or_default().clone()
-    }
-
-    /// Drop a consumer's series (it was removed from the configuration).
-    pub fn remove_consumer(&self, name: &str) {
-        self.consumers.remove(name);
-    }
-
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
+    fn register(&mut self) {
+        let r = &mut self.registry;
         let counters: [(&str, &str, &Counter); 9] = [
             (
                 "canal_batches_total",
@@ -246,9 +243,8 @@ impl Metrics {
                 &self.publisher_timeouts_total,
             ),
         ];
-        for (name, help, c) in counters {
-            header(&mut out, name, help, Kind::Counter);
-            let _ = writeln!(out, "{name} {}", c.get());
+        for (name, text, c) in counters {
+            r.register(counter_name(name), help(text), c.0.clone());
         }
         let gauges: [(&str, &str, &Gauge); 3] = [
             (
@@ -267,78 +263,99 @@ impl Metrics {
                 &self.publisher_blocked,
             ),
         ];
-        for (name, help, g) in gauges {
-            header(&mut out, name, help, Kind::Gauge);
-            let _ = writeln!(out, "{name} {}", g.get());
+        for (name, text, g) in gauges {
+            r.register(name, help(text), g.0.clone());
         }
-        header(
-            &mut out,
+        r.register(
             "canal_lag_seconds",
-            "Seconds between now and the source time of the newest fetched event.",
-            Kind::Gauge,
+            help("Seconds between now and the source time of the newest fetched event."),
+            self.canal_lag_seconds.0.clone(),
         );
-        let _ = writeln!(
-            out,
-            "canal_lag_seconds {}",
-            number(self.canal_lag_seconds.get())
+        let f = &self.families;
+        r.register(
+            counter_name("consumer_events_total"),
+            help("Events routed to the consumer."),
+            f.events_total.clone(),
         );
-
-        let mut consumers: Vec<(String, Arc<ConsumerMetrics>)> = self
-            .consumers
-            .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
-        consumers.sort_by(|a, b| a.0.cmp(&b.0));
-        type Pick = fn(&ConsumerMetrics) -> String;
-        let per_consumer: [(&str, &str, Kind, Pick); 6] = [
-            (
-                "consumer_events_total",
-                "Events routed to the consumer.",
-                Kind::Counter,
-                |m| m.events_total.get().to_string(),
-            ),
-            (
-                "consumer_triggers_total",
-                "Plugin triggers emitted by the consumer.",
-                Kind::Counter,
-                |m| m.triggers_total.get().to_string(),
-            ),
-            (
-                "consumer_errors_total",
-                "Events the consumer failed to handle.",
-                Kind::Counter,
-                |m| m.errors_total.get().to_string(),
-            ),
-            (
-                "consumer_restarts_total",
-                "Supervisor restarts of the consumer.",
-                Kind::Counter,
-                |m| m.restarts_total.get().to_string(),
-            ),
-            (
-                "consumer_lag_seconds",
+        r.register(
+            counter_name("consumer_triggers_total"),
+            help("Plugin triggers emitted by the consumer."),
+            f.triggers_total.clone(),
+        );
+        r.register(
+            counter_name("consumer_errors_total"),
+            help("Events the consumer failed to handle."),
+            f.errors_total.clone(),
+        );
+        r.register(
+            counter_name("consumer_restarts_total"),
+            help("Supervisor restarts of the consumer."),
+            f.restarts_total.clone(),
+        );
+        r.register(
+            "consumer_lag_seconds",
+            help(
                 "Seconds between now and the source time of the newest event the consumer handled.",
-                Kind::Gauge,
-                |m| number(m.lag_seconds.get()),
             ),
-            (
-                "consumer_enabled",
-                "1 when the consumer is enabled, 0 when disabled.",
-                Kind::Gauge,
-                |m| m.enabled.get().to_string(),
-            ),
-        ];
-        for (name, help, kind, pick) in per_consumer {
-            header(&mut out, name, help, kind);
-            for (consumer, m) in &consumers {
-                let _ = writeln!(
-                    out,
-                    "{name}{{consumer=\"{}\"}} {}",
-                    escape_label_value(consumer),
-                    pick(m)
-                );
-            }
+            f.lag_seconds.clone(),
+        );
+        r.register(
+            "consumer_enabled",
+            help("1 when the consumer is enabled, 0 when disabled."),
+            f.enabled.clone(),
+        );
+    }
+
+    /// The series of one consumer, created on first use.
+    pub fn consumer(&self, name: &str) -> Arc<ConsumerMetrics> {
+        if let Some(m) = self.consumers.get(name) {
+            return m.clone();
         }
+        let key = if self.consumers.len() >= MAX_CONSUMER_SERIES {
+            OVERFLOW_CONSUMER
+        } else {
+            name
+        };
+        self.consumers
+            .entry(key.to_string())
+            .or_insert_with(|| {
+                let label = ConsumerLabel {
+                    consumer: key.to_string(),
+                };
+                let f = &self.families;
+                Arc::new(ConsumerMetrics {
+                    events_total: Counter(f.events_total.get_or_create_owned(&label)),
+                    triggers_total: Counter(f.triggers_total.get_or_create_owned(&label)),
+                    errors_total: Counter(f.errors_total.get_or_create_owned(&label)),
+                    restarts_total: Counter(f.restarts_total.get_or_create_owned(&label)),
+                    lag_seconds: FloatGauge(f.lag_seconds.get_or_create_owned(&label)),
+                    enabled: Gauge(f.enabled.get_or_create_owned(&label)),
+                })
+            })
+            .clone()
+    }
+
+    /// Drop a consumer's series (it was removed from the configuration).
+    pub fn remove_consumer(&self, name: &str) {
+        if self.consumers.remove(name).is_some() {
+            let label = ConsumerLabel {
+                consumer: name.to_string(),
+            };
+            let f = &self.families;
+            f.events_total.remove(&label);
+            f.triggers_total.remove(&label);
+            f.errors_total.remove(&label);
+            f.restarts_total.remove(&label);
+            f.lag_seconds.remove(&label);
+            f.enabled.remove(&label);
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail; the encoder's only error is the writer's.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -440,7 +457,6 @@ mod tests {
 
     #[test]
     fn label_values_are_escaped_and_cardinality_bounded() {
-        assert_eq!(escape_label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         let m = Metrics::new();
         m.consumer("we\"ird").events_total.inc();
         assert!(
@@ -456,9 +472,38 @@ mod tests {
 
     #[test]
     fn special_floats_render_as_prometheus_expects() {
-        assert_eq!(number(f64::INFINITY), "+Inf");
-        assert_eq!(number(f64::NEG_INFINITY), "-Inf");
-        assert_eq!(number(f64::NAN), "NaN");
-        assert_eq!(number(2.0), "2");
+        let m = Metrics::new();
+        m.canal_lag_seconds.set(f64::INFINITY);
+        assert!(m.render().contains("\ncanal_lag_seconds +Inf\n"));
+        m.canal_lag_seconds.set(f64::NAN);
+        assert!(m.render().contains("\ncanal_lag_seconds NaN\n"));
+        m.canal_lag_seconds.set(2.0);
+        let s = parse(&m.render());
+        assert_eq!(value(&s, "canal_lag_seconds", None), Value::Gauge(2.0));
+    }
+
+    #[test]
+    fn a_removed_consumer_leaves_the_exposition() {
+        let m = Metrics::new();
+        m.consumer("gone").events_total.inc();
+        m.consumer("kept").events_total.inc();
+        m.remove_consumer("gone");
+        let text = m.render();
+        assert!(!text.contains("consumer=\"gone\""), "{text}");
+        assert!(
+            text.contains("consumer_events_total{consumer=\"kept\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn observe_never_goes_backwards() {
+        let c = Counter::default();
+        c.observe(10);
+        c.observe(4);
+        assert_eq!(c.get(), 10);
+        c.inc();
+        c.observe(11);
+        assert_eq!(c.get(), 11);
     }
 }

@@ -1,5 +1,7 @@
 //! The admin endpoint against a fake `Control`: routes through actix-web's test service, and
 //! the command-line client against a real bound port.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 use canal_consumer::admin::client::{self, ClientError};
 use canal_consumer::admin::server::{AdminState, configure};

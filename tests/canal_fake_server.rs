@@ -1,6 +1,8 @@
 //! Byte-level fault injection against the Canal session, using a fake server on loopback.
 //! The real-server behaviour is covered by `canal_real_server.rs`; these cases are ones a real
 //! server will not produce on demand.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
 use canal_consumer::canal::codec::FrameError;

@@ -1,5 +1,7 @@
-//! The Canal client against the real Canal 1.1.8 server fed by real MariaDB
-//! (start them with `deploy/local/up`).
+//! The Canal client against the real Canal server fed by real MariaDB (start them with
+//! `deploy/local/up`; the `CC_TEST_*` variables in `tests/common` point elsewhere).
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -291,7 +293,10 @@ async fn a_wrong_password_is_a_clear_error_naming_the_destination() {
     };
     assert!(matches!(err, CanalError::Auth { .. }), "{err}");
     let text = err.to_string();
-    assert!(text.contains("destination 'example'"), "{text}");
+    assert!(
+        text.contains(&format!("destination '{}'", destination())),
+        "{text}"
+    );
     assert!(text.contains("auth failed"), "{text}");
 }
 
@@ -339,8 +344,11 @@ async fn every_row_arrives_across_a_canal_server_restart() {
     drop(Tap::clean(&filter(table)).await);
 
     let cfg = CanalConfig {
-        username: CANAL_USER.into(),
-        password: Secret::new(CANAL_PASSWORD),
+        host: canal_host(),
+        port: std::num::NonZeroU16::new(canal_port()).expect("a port"),
+        destination: destination(),
+        username: canal_user(),
+        password: Secret::new(canal_password()),
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
         ..Default::default()
@@ -405,16 +413,21 @@ async fn wait_for(
     }
 }
 
-/// Runs `canal-consumer tail` against the local Canal server.
+/// Runs `canal-consumer tail` against the Canal server (killed if it runs over 2 minutes).
 fn tail(filter: &str, extra: &[&str]) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
-        .args(["tail", "--filter", filter, "--limit", "2"])
-        .args(extra)
-        .current_dir(repo_root())
-        .env("CANAL_CONSUMER__CANAL__USERNAME", CANAL_USER)
-        .env("CANAL_CONSUMER__CANAL__PASSWORD", CANAL_PASSWORD)
-        .output()
-        .expect("tail runs");
+    let out = common::proc::output_within(
+        "canal-consumer tail",
+        std::process::Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+            .args(["tail", "--filter", filter, "--limit", "2"])
+            .args(extra)
+            .current_dir(repo_root())
+            .env("CANAL_HOST", canal_host())
+            .env("CANAL_PORT", canal_port().to_string())
+            .env("CANAL_DESTINATION", destination())
+            .env("CANAL_CONSUMER__CANAL__USERNAME", canal_user())
+            .env("CANAL_CONSUMER__CANAL__PASSWORD", canal_password()),
+        Duration::from_secs(120),
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -1,9 +1,14 @@
 //! The command line as a user meets it, without any service running: bad configuration stops
 //! `start` and `check-config` with the file and key named, `status` says plainly that nothing
 //! runs, and `test`/`list` work from the definitions alone.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn run(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
@@ -158,15 +163,6 @@ fn test_and_list_work_from_the_definitions_alone() {
     assert_eq!(out.status.code(), Some(1));
 }
 
-/// Kills the child when dropped, pass or fail.
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Defect: two `start`s with the same configuration both ran, stole each other's batches and
 /// duplicated rows. The second one on a host is now refused, naming the first one's pid.
 #[test]
@@ -200,15 +196,13 @@ fn a_second_instance_for_the_same_canal_client_is_refused() {
             .stderr(std::process::Stdio::piped());
         cmd
     };
-    let first = Child(
-        spawn("127.0.0.1:0")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("first starts"),
+    let first = common::proc::ChildGuard::spawn(
+        "canal-consumer start (first instance)",
+        spawn("127.0.0.1:0").stderr(std::process::Stdio::null()),
     );
     let lock =
         canal_consumer::instance::lock_path(&dir.join("state"), "127.0.0.1:1", "example", "1001");
-    let pid = first.0.id().to_string();
+    let pid = first.id().to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::fs::read_to_string(&lock).unwrap_or_default().trim() != pid {
         assert!(
@@ -217,7 +211,11 @@ fn a_second_instance_for_the_same_canal_client_is_refused() {
         );
         std::thread::yield_now();
     }
-    let out = spawn("127.0.0.1:0").output().expect("second runs");
+    let out = common::proc::output_within(
+        "canal-consumer start (second instance)",
+        &mut spawn("127.0.0.1:0"),
+        std::time::Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains(&format!("pid {pid}")), "{err}");
@@ -225,4 +223,101 @@ fn a_second_instance_for_the_same_canal_client_is_refused() {
         err.contains("destination 'example' as client 1001"),
         "{err}"
     );
+}
+/// `start` with `config`, which must be refused at load: exit 2 within 30 s (a `start` that
+/// got past loading would run on and be killed, failing the test).
+fn start_refused(config: &Path) -> String {
+    let out = common::proc::output_within(
+        "canal-consumer start",
+        Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+            .args(["start", "--config", config.to_str().unwrap()])
+            .args(["--admin-bind", "127.0.0.1:0"])
+            .current_dir(repo())
+            .env_remove("RUST_LOG")
+            .env_remove("CANAL_HOST")
+            .env_remove("CANAL_PORT"),
+        Duration::from_secs(30),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
+}
+
+#[test]
+fn an_amqp_url_with_an_invalid_port_stops_the_start_naming_the_key() {
+    let dir = scratch("amqpport");
+    let cfg = dir.join("cc.toml");
+    std::fs::write(
+        &cfg,
+        "[amqp]\nurl = \"amqp://bob:s3cret@127.0.0.1:99999/%2f\"\n",
+    )
+    .unwrap();
+    let err = start_refused(&cfg);
+    assert!(
+        err.starts_with(&format!(
+            "error: config file {}: key `amqp.url`: `amqp://bob:***@127.0.0.1:99999/%2f` is not \
+             a valid AMQP URL: invalid port number",
+            cfg.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+}
+
+#[test]
+fn a_condition_that_is_not_a_boolean_stops_the_start() {
+    let dir = scratch("celliteral");
+    let file = dir.join("consumers/lit.toml");
+    std::fs::write(
+        &file,
+        "[consumers.lit]\n[[consumers.lit.filters]]\ndatabase = \"d\"\ntable = \"t\"\n\
+         [[consumers.lit.rules]]\nname = \"r\"\nplugin = \"p\"\nwhen = { condition = '\"yes\"' }\n",
+    )
+    .unwrap();
+    let cfg = dir.join("cc.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[consumers]\ndir = \"{}\"\nstate_file = \"{}\"\n",
+            dir.join("consumers").display(),
+            dir.join("state.json").display()
+        ),
+    )
+    .unwrap();
+    let err = start_refused(&cfg);
+    assert!(err.contains(file.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains(
+            "consumers.lit.rules[0].when.condition: condition `\"yes\"` is always a string \
+             (yes), not a boolean"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_log_file_that_is_a_directory_or_unwritable_stops_the_start_naming_key_and_path() {
+    let dir = scratch("logfile");
+    let plain = dir.join("plain.txt");
+    std::fs::write(&plain, "x").unwrap();
+    for (path, why) in [
+        (dir.clone(), "is a directory".to_string()),
+        (
+            plain.join("app.log"),
+            format!("{} is not a directory", plain.display()),
+        ),
+    ] {
+        let cfg = dir.join("cc.toml");
+        std::fs::write(&cfg, format!("[log]\nfile = \"{}\"\n", path.display())).unwrap();
+        let err = start_refused(&cfg);
+        assert!(
+            err.starts_with(&format!(
+                "error: config file {}: key `log.file`: {}",
+                cfg.display(),
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(err.contains(&why), "{err}");
+    }
 }

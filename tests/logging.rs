@@ -1,6 +1,8 @@
 //! Logging setup end to end: a real global subscriber, so it runs in its own test binary.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
-use canal_consumer::config::LogConfig;
+use canal_consumer::config::{LogConfig, LogFormat};
 use canal_consumer::logging::{LoggingError, init};
 
 #[test]
@@ -8,7 +10,7 @@ fn writes_to_the_file_and_refuses_a_second_init() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("logs/app.log");
     let cfg = LogConfig {
-        format: "json".into(),
+        format: LogFormat::Json,
         level: "info".into(),
         file: Some(path.clone()),
     };

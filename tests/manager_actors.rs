@@ -1,6 +1,8 @@
 //! The Manager and consumer actors without Canal or a broker: a fake connection records
 //! acks/rollbacks and a channel sink stands in for the publisher, so failures can be injected
 //! exactly. End-to-end behaviour with the real services is in `pipeline_real.rs`.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 use actix::prelude::*;
 use canal_consumer::canal::connection::{

@@ -1,5 +1,7 @@
 //! The AMQP publisher against a real RabbitMQ (127.0.0.1:5672, guest/guest; start it with
-//! `deploy/local/up` or `deploy/local/rabbit-ctl start`; `AMQP_URL` overrides the address).
+//! `deploy/local/up` or `deploy/local/rabbit-ctl start`; `CC_TEST_AMQP_URL` overrides the
+//! address, `CC_TEST_RABBIT_NODE` the node `rabbitmqctl` drives, `CC_TEST_QUEUE_PREFIX` is put
+//! before every queue name).
 //!
 //! What these prove: messages arrive with our ids, headers, priority and body in both formats;
 //! an unroutable message fails its `Publish` (never Ok) and is counted; a queue that exists with
@@ -10,15 +12,21 @@
 //!
 //! Every test uses its own queue. Tests that stop the broker or raise an alarm take the
 //! [`BROKER`] lock exclusively; the others take it shared. Waits poll with a deadline.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
+
+mod common;
 
 use actix::prelude::*;
-use canal_consumer::config::{AmqpConfig, DeclareMode, QueueConfig, Secret};
+use canal_consumer::config::{AmqpConfig, DeclareMode, QueueConfig, QueueType, Secret};
 use canal_consumer::event::{EventType, Position};
 use canal_consumer::publisher::{
     AmqpPublisher, GetPublisherStatus, Publish, PublishError, PublisherState, PublisherStatus,
     StopPublishing,
 };
 use canal_consumer::trigger::{CeleryMapping, MessageFormat, Priority, Route, SourceRef, Trigger};
+use common::proc::ChildGuard;
+use common::rabbitmqctl_cmd;
 use lapin::{
     Channel, Connection, ConnectionProperties,
     options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions},
@@ -26,6 +34,7 @@ use lapin::{
 };
 use serde_json::{Value, json};
 use std::collections::HashSet;
+use std::num::NonZeroUsize;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -35,30 +44,32 @@ use tokio::sync::{RwLock, oneshot};
 static BROKER: RwLock<()> = RwLock::const_new(());
 
 fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    common::amqp_url()
 }
 
-/// A queue name of its own for each test: `cc_pub_<what>_<pid>_<n>`. A broker policy (set
-/// once per run) expires such queues after 10 idle minutes, so failed runs leave no litter;
-/// policies, unlike queue arguments, do not take part in the declaration equivalence check.
+/// A queue name of its own for each test: `[CC_TEST_QUEUE_PREFIX]cc_pub_<what>_<pid>_<n>`. A
+/// broker policy (set once per run) expires such queues after 10 idle minutes, so failed runs
+/// leave no litter; policies, unlike queue arguments, do not take part in the declaration
+/// equivalence check.
 fn unique(prefix: &str) -> String {
     static POLICY: std::sync::Once = std::sync::Once::new();
+    let base = common::queue("cc_pub_");
     POLICY.call_once(|| {
-        let _ = Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_cmd()
             .args([
                 "-q",
                 "set_policy",
                 "--apply-to",
                 "queues",
                 "canal-consumer-publisher-tests",
-                "^cc_pub_",
+                &format!("^{}", regex::escape(&base)),
                 r#"{"expires":600000}"#,
             ])
             .output();
     });
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
-        "cc_pub_{prefix}_{}_{}",
+        "{base}{prefix}_{}_{}",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     )
@@ -67,7 +78,7 @@ fn unique(prefix: &str) -> String {
 fn config(queue: &str, declare: DeclareMode, max_priority: Option<u8>) -> AmqpConfig {
     AmqpConfig {
         url: Secret::new(amqp_url()),
-        max_unconfirmed: 64,
+        max_unconfirmed: NonZeroUsize::new(64).unwrap(),
         confirm_timeout: Duration::from_secs(5),
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
@@ -76,7 +87,7 @@ fn config(queue: &str, declare: DeclareMode, max_priority: Option<u8>) -> AmqpCo
             declare,
             durable: true,
             max_priority,
-            queue_type: "classic".into(),
+            queue_type: QueueType::Classic,
         },
         ..AmqpConfig::default()
     }
@@ -244,7 +255,7 @@ fn header_str(m: &lapin::message::Delivery, k: &str) -> Option<String> {
 }
 
 fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
+    let out = rabbitmqctl_cmd()
         .args(args)
         .output()
         .expect("rabbitmqctl is installed with the broker");
@@ -282,10 +293,10 @@ async fn messages_arrive_with_ids_headers_priority_and_body() {
     assert_eq!((st.published, st.confirmed, st.unconfirmed), (3, 3, 0));
 
     let (conn, ch) = raw().await;
-    let mut got = drain(&ch, &queue).await;
+    let got = drain(&ch, &queue).await;
     assert_eq!(got.len(), 3);
-    // the queue delivers by priority: high (9), normal (5), low (1)
-    got.sort_by_key(|m| std::cmp::Reverse(m.properties.priority().unwrap_or(0)));
+    // published high, normal, low; the priority queue hands them out high (9), normal (5),
+    // low (1) -- checked as delivered, not sorted into that order
     for (m, t) in got.iter().zip(&triggers) {
         let p = &m.properties;
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), t.id);
@@ -510,7 +521,7 @@ struct WatermarkGuard;
 
 impl Drop for WatermarkGuard {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_cmd()
             .args(["set_vm_memory_high_watermark", "0.4"])
             .output();
     }
@@ -521,7 +532,7 @@ struct AppGuard;
 
 impl Drop for AppGuard {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+        let _ = rabbitmqctl_cmd().arg("start_app").output();
     }
 }
 
@@ -750,20 +761,9 @@ async fn memory_alarm_shows_blocked_and_publishes_fail() {
     delete_queue(&queue).await;
 }
 
-/// Kills the worker we started (by its own handle) when the test ends.
-struct Worker(std::process::Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[actix_rt::test]
 async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
-    let celery_bin = std::env::var("CELERY_BIN")
-        .unwrap_or_else(|_| "/var/tmp/canal-consumer/venv/bin/celery".into());
+    let celery_bin = common::celery_bin();
     assert!(
         std::path::Path::new(&celery_bin).exists(),
         "{celery_bin} is missing; deploy/local/up creates the Celery venv"
@@ -806,7 +806,8 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
     let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
     let workers_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers");
     let broker = amqp_url().replace("/%2f", "//");
-    let _worker = Worker(
+    let mut worker = ChildGuard::spawn(
+        "celery worker",
         Command::new(&celery_bin)
             .args([
                 "-A",
@@ -829,20 +830,19 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
             .env("CELERY_BROKER_URL", &broker)
             .env("TASK_QUEUE_MAX_PRIORITY", "10")
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start the celery worker"),
+            .stderr(log),
     );
 
     let deadline = Instant::now() + Duration::from_secs(90);
-    let lines: Vec<Value> = loop {
+    loop {
+        // a line being written may be incomplete: count the complete ones
         let text = std::fs::read_to_string(&out).unwrap_or_default();
         let lines: Vec<Value> = text
             .lines()
-            .map(|l| serde_json::from_str(l).expect("json line"))
+            .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
         if lines.len() >= triggers.len() {
-            break lines;
+            break;
         }
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
@@ -853,22 +853,39 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    // give a duplicate a moment to show up, then compare exactly
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // No waiting for a duplicate that might come: the publisher sent exactly one message per
+    // trigger, and once the worker is dead (killed and reaped) its output file is final and
+    // any message it had taken but not run is back in the queue. So: an empty queue plus one
+    // line per trigger means each task ran exactly once.
+    let st = status(&addr).await;
+    assert_eq!((st.published, st.confirmed), (4, 4), "{st:#?}");
+    worker.kill();
     let text = std::fs::read_to_string(&out).unwrap();
-    let lines: Vec<Value> = if text.lines().count() == lines.len() {
-        lines
-    } else {
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
     assert_eq!(
         lines.len(),
         triggers.len(),
         "each task ran exactly once: {lines:#?}"
     );
+    let (conn, ch) = raw().await;
+    let left = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the worker queue exists")
+        .message_count();
+    assert_eq!(left, 0, "nothing left to run twice");
+    let _ = conn.close(200, "bye".into()).await;
 
     let find = |id: &str| {
         lines
@@ -900,7 +917,6 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
         json!({"plugin": "email_service",
                "payload": {"operation": "send_welcome", "user_id": 4}})
     );
-    drop(_worker);
     delete_queue(&queue).await;
 }
 
@@ -909,7 +925,7 @@ async fn window_bounds_unconfirmed_and_order_follows_arrival() {
     let _shared = BROKER.read().await;
     let queue = unique("window");
     let mut cfg = config(&queue, DeclareMode::Declare, None);
-    cfg.max_unconfirmed = 4;
+    cfg.max_unconfirmed = NonZeroUsize::new(4).unwrap();
     let addr = start_connected(cfg).await;
 
     // watch the window while 50 Publishes of 20 triggers are sent without waiting in between
@@ -984,14 +1000,23 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     assert!(matches!(res, Err(PublishError::Encode { .. })), "{res:?}");
     assert_eq!(status(&addr).await.connects, 1);
 
+    let exchange = "no_such_exchange_for_canal_consumer";
     let mut t = trigger(1, &queue, Priority::Normal, MessageFormat::Envelope);
-    t.route.exchange = "no_such_exchange_for_canal_consumer".into();
+    t.route.exchange = exchange.into();
     let err = publish(&addr, vec![t]).await.expect_err("must fail");
-    assert!(
-        err.to_string()
-            .contains("no_such_exchange_for_canal_consumer"),
-        "the error names the exchange: {err}"
-    );
+    // The broker answers by closing the channel (404 NOT_FOUND "no exchange '...'"). Which the
+    // publisher sees first is a race: the failed publish carrying the broker's words (naming
+    // the exchange), or its health check finding the channel closed before that error is
+    // delivered. Either way the Publish fails as a lost session, never Ok and never Returned.
+    match &err {
+        PublishError::ConnectionLost { reason, .. } => {
+            assert!(
+                reason.contains(exchange) || reason.contains("publishing channel closed"),
+                "the error names the exchange or the closed channel: {err}"
+            );
+        }
+        other => panic!("expected ConnectionLost, got {other:?}"),
+    }
     // the broker closed the channel; the publisher reconnects and goes on
     wait_status(&addr, "reconnected", Duration::from_secs(20), |s| {
         s.state == PublisherState::Connected && s.connects >= 2
@@ -1016,7 +1041,7 @@ async fn shutdown_drains_what_was_accepted() {
     let _shared = BROKER.read().await;
     let queue = unique("shutdown");
     let mut cfg = config(&queue, DeclareMode::Declare, None);
-    cfg.max_unconfirmed = 8;
+    cfg.max_unconfirmed = NonZeroUsize::new(8).unwrap();
     let addr = start_connected(cfg).await;
     let batch: Vec<Trigger> = (0..500)
         .map(|n| trigger(n, &queue, Priority::Normal, MessageFormat::Envelope))
@@ -1062,7 +1087,7 @@ async fn returns_are_matched_to_their_publish_under_load() {
     let queue = unique("returns");
     let missing = unique("nowhere");
     let mut cfg = config(&queue, DeclareMode::Declare, None);
-    cfg.max_unconfirmed = 512;
+    cfg.max_unconfirmed = NonZeroUsize::new(512).unwrap();
     let addr = start_connected(cfg).await;
 
     // 60 Publishes of 50 triggers sent back to back, so broker multi-acks span several of
@@ -1164,7 +1189,7 @@ async fn quorum_queues_are_declared_with_their_type() {
     let _shared = BROKER.read().await;
     let queue = unique("quorum");
     let mut cfg = config(&queue, DeclareMode::Declare, None);
-    cfg.queue.queue_type = "quorum".into();
+    cfg.queue.queue_type = QueueType::Quorum;
     let addr = start_connected(cfg.clone()).await;
     publish(
         &addr,
@@ -1179,7 +1204,7 @@ async fn quorum_queues_are_declared_with_their_type() {
     .expect("published to a quorum queue");
     // a classic declaration of the same queue is refused, naming x-queue-type
     let mut classic = cfg.clone();
-    classic.queue.queue_type = "classic".into();
+    classic.queue.queue_type = QueueType::Classic;
     let err = AmqpPublisher::start_checked(classic)
         .await
         .expect_err("classic vs quorum");

@@ -21,7 +21,12 @@ CANAL_LIB="$CANAL_HOME/lib-$CANAL_VERSION"
 CANAL_PID="$CANAL_HOME/bin/canal.pid"
 CANAL_MAIN="local.canalconsumer.CanalLocalServer"
 RABBIT_PORT=5672
+# Our broker is the Debian package's node: this name and this pid file. Any other RabbitMQ node
+# on the machine (another name, other ports) is left alone by every script here.
+RABBIT_NODE="rabbit@$(hostname -s)"
+RABBIT_PID_FILE=/var/run/rabbitmq/pid
 MARIADB_PORT=3306
+MARIADB_PID_FILE=/run/mysqld/mysqld.pid
 CELERY_PIN="celery==5.6.3"
 
 log() { printf '[%s] %s\n' "$LOG_TAG" "$*" >&2; }
@@ -114,17 +119,31 @@ mariadb_start() {
   fi
 }
 
+# The pid of the server answering on our socket, from the pid file it writes (pid-file in the
+# Debian configuration), or fails.
+mariadb_pid() {
+  local pid
+  pid=$(cat "$MARIADB_PID_FILE" 2>/dev/null) || return 1
+  [ -n "$pid" ] && pid_alive "$pid" || return 1
+  echo "$pid"
+}
+
 mariadb_stop() {
   mariadb_alive || return 0
-  log "stopping MariaDB"
+  local pid
+  pid=$(mariadb_pid) || pid=""
+  log "stopping MariaDB${pid:+ (pid $pid)}"
   if have_service_script mariadb; then
     service mariadb stop >/dev/null 2>&1 || true
   fi
   if mariadb_alive; then
-    mysqladmin --protocol=socket shutdown >/dev/null 2>&1 || true
+    mysqladmin --no-defaults --protocol=socket --socket=/run/mysqld/mysqld.sock shutdown >/dev/null 2>&1 || true
   fi
-  wait_until 60 "MariaDB to stop" bash -c '! pgrep -x mariadbd >/dev/null && ! pgrep -x mysqld >/dev/null' \
+  wait_until 60 "MariaDB to stop answering" bash -c "! mysqladmin --no-defaults --protocol=socket --socket=/run/mysqld/mysqld.sock ping >/dev/null 2>&1" \
     || die "MariaDB did not stop"
+  if [ -n "$pid" ]; then
+    wait_until 60 "MariaDB (pid $pid) to exit" pid_gone "$pid" || die "MariaDB (pid $pid) did not exit"
+  fi
 }
 
 mariadb_sql() { mariadb --protocol=socket -uroot -N -B "$@"; }
@@ -153,4 +172,27 @@ canal_pid() { # prints the pid of our running Canal server, or fails
 # --- RabbitMQ ----------------------------------------------------------------------------------
 
 rabbit_port_open() { port_listening "$RABBIT_PORT"; }
-rabbit_node_running() { pgrep -u rabbitmq -f 'beam.*rabbit' >/dev/null 2>&1; }
+
+# rabbitmqctl for our node only (-n), whatever else runs on the machine.
+rabbitctl() { rabbitmqctl -n "$RABBIT_NODE" "$@"; }
+
+# The pid of our broker's Erlang VM, from its pid file, or fails. A pid file left behind by a
+# crashed node names a pid that is gone (or reused by something that is not an Erlang VM).
+rabbit_pid() {
+  local pid
+  pid=$(cat "$RABBIT_PID_FILE" 2>/dev/null) || return 1
+  [ -n "$pid" ] && pid_alive "$pid" || return 1
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = beam.smp ] || return 1
+  echo "$pid"
+}
+
+# The pid our node reports for itself (when the pid file is missing), or fails.
+rabbit_node_pid() {
+  local out
+  out=$(timeout 15 rabbitmqctl -n "$RABBIT_NODE" -q eval 'os:getpid().' 2>/dev/null) || return 1
+  out=${out//\"/}
+  [[ "$out" =~ ^[0-9]+$ ]] || return 1
+  echo "$out"
+}
+
+rabbit_node_running() { rabbit_pid >/dev/null || rabbit_node_pid >/dev/null; }

@@ -1,6 +1,7 @@
-//! The command line: `start`, `tail`, `list`, `status`, `enable`, `disable`, `test`,
-//! `dlq`, `check-config`. Each subcommand lives in its own function; `main.rs` only parses and
-//! dispatches.
+//! The parts of the command line that need more than a few lines: `tail` ([`tail`]), `test`
+//! ([`test`]) and `dlq` ([`dlq`]). The other subcommands (`start`, `list`, `status`, `enable`, `disable`,
+//! `skip`, `check-config`) are short and live in `main.rs`'s `run`, next to the clap definitions; the
+//! flags they share are declared once in `config::cli`.
 
 pub mod dlq;
 pub mod tail;

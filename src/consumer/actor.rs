@@ -15,6 +15,7 @@
 //! - More than `max_restarts` restarts within `quarantine_window` quarantines the consumer: it
 //!   refuses normal work (the Manager parks its rows, or rolls back with `on_poison = "stall"`).
 
+use crate::backoff::Backoff;
 use crate::canal::connection::BatchRef;
 use crate::consumer::{Consumer, ConsumerContext, ConsumerError, Failure};
 use crate::event::ChangeEvent;
@@ -43,7 +44,7 @@ impl From<&crate::config::ConsumersConfig> for SupervisionConfig {
         SupervisionConfig {
             restart_min: c.restart_min,
             restart_max: c.restart_max,
-            max_restarts: c.max_restarts,
+            max_restarts: c.max_restarts.get(),
             quarantine_window: c.quarantine_window,
         }
     }
@@ -164,11 +165,7 @@ impl ConsumerActor {
     }
 
     fn backoff(&self) -> Duration {
-        let exp = self
-            .supervision
-            .restart_min
-            .saturating_mul(1u32 << self.restarts.min(16));
-        exp.min(self.supervision.restart_max)
+        Backoff::new(self.supervision.restart_min, self.supervision.restart_max).base(self.restarts)
     }
 }
 

@@ -39,6 +39,7 @@ use super::session::{
     self, Job, Prepared, Session, SharedStatus, ToSession, lock, now_rfc3339, set_state,
 };
 use super::{CancelBefore, Publish, PublishError, celery, envelope};
+use crate::backoff::Backoff;
 use crate::config::{AmqpConfig, redact_url};
 use crate::trigger::{MessageFormat, Trigger};
 use actix::prelude::*;
@@ -172,7 +173,8 @@ pub struct AmqpPublisher {
     status: SharedStatus,
     session: Option<mpsc::UnboundedSender<ToSession>>,
     generation: u64,
-    backoff: Duration,
+    /// Failed connection attempts in a row (for the reconnect backoff).
+    attempt: u32,
     ready: Option<oneshot::Sender<Result<(), PublishError>>>,
     origin: String,
     /// Resolves when the current session task has ended.
@@ -188,7 +190,7 @@ impl AmqpPublisher {
             queue: cfg.queue.name.clone(),
             blocked_reason: None,
             unconfirmed: 0,
-            max_unconfirmed: cfg.max_unconfirmed.max(1),
+            max_unconfirmed: cfg.max_unconfirmed.get(),
             published: 0,
             confirmed: 0,
             returned: 0,
@@ -204,7 +206,7 @@ impl AmqpPublisher {
             state_since: now_rfc3339(),
         };
         AmqpPublisher {
-            backoff: cfg.reconnect_min,
+            attempt: 0,
             cfg: Arc::new(cfg),
             status: Arc::new(Mutex::new(status)),
             session: None,
@@ -256,7 +258,7 @@ impl AmqpPublisher {
         let generation = self.generation;
         let (tx, rx) = mpsc::unbounded_channel();
         self.session = Some(tx);
-        self.backoff = self.cfg.reconnect_min;
+        self.attempt = 0;
         {
             let mut st = lock(&self.status);
             st.connects += 1;
@@ -307,8 +309,9 @@ impl AmqpPublisher {
                 return;
             }
         }
-        let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(self.cfg.reconnect_max.max(self.cfg.reconnect_min));
+        let delay =
+            Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max).delay(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
         warn!(error = %e, retry_in = ?delay, "cannot connect to the broker; retrying");
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
     }
@@ -503,9 +506,9 @@ impl Handler<SessionEnded> for AmqpPublisher {
         self.session = None;
         set_state(&self.status, PublisherState::Disconnected);
         lock(&self.status).last_error = Some(msg.reason.clone());
-        self.backoff = self.cfg.reconnect_min;
-        warn!(reason = %msg.reason, retry_in = ?self.backoff, "broker session ended; reconnecting");
-        let delay = self.backoff;
+        self.attempt = 0;
+        let delay = self.cfg.reconnect_min;
+        warn!(reason = %msg.reason, retry_in = ?delay, "broker session ended; reconnecting");
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
     }
 }

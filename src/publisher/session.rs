@@ -193,7 +193,7 @@ impl Session {
             channel: opened.channel,
             events,
             jobs,
-            window: ConfirmWindow::new(cfg.max_unconfirmed, cfg.confirm_timeout),
+            window: ConfirmWindow::new(cfg.max_unconfirmed.get(), cfg.confirm_timeout),
             cfg,
             status,
             generation,
@@ -237,7 +237,7 @@ impl Session {
                 return "publisher stopped".into();
             }
             // accept more work only while the backlog is within one window
-            let room = self.window.queued() < self.cfg.max_unconfirmed.max(1);
+            let room = self.window.queued() < self.cfg.max_unconfirmed.get();
             let deadline = self.window.next_deadline().map(Instant::from_std);
             tokio::select! {
                 ev = self.events.next() => match ev {

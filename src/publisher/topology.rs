@@ -14,7 +14,7 @@
 //! declare are [`PublishError::Unavailable`], worth retrying.
 
 use super::PublishError;
-use crate::config::{DeclareMode, QueueConfig};
+use crate::config::{DeclareMode, QueueConfig, QueueType};
 use lapin::{
     Connection, ErrorKind,
     options::QueueDeclareOptions,
@@ -29,17 +29,13 @@ pub fn declare_arguments(q: &QueueConfig) -> FieldTable {
         // a signed 32-bit int, as Celery (py-amqp) sends it
         args.insert("x-max-priority".into(), AMQPValue::LongInt(i32::from(p)));
     }
-    if is_non_classic(&q.queue_type) {
+    if q.queue_type != QueueType::Classic {
         args.insert(
             "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from(q.queue_type.as_bytes())),
+            AMQPValue::LongString(LongString::from(q.queue_type.as_str().as_bytes())),
         );
     }
     args
-}
-
-fn is_non_classic(queue_type: &str) -> bool {
-    !queue_type.is_empty() && !queue_type.eq_ignore_ascii_case("classic")
 }
 
 /// Declare or check the queue per `q.declare`, on a channel of its own.
@@ -241,11 +237,7 @@ pub fn explain_precondition_failed(q: &QueueConfig, text: &str) -> String {
             "queue '{name}' cannot be declared with {arg} as a {} queue; {key}, or set \
              amqp.queue.queue_type = \"classic\" (the workers must declare it the same way) \
              (broker said: {text})",
-            if q.queue_type.is_empty() {
-                "classic"
-            } else {
-                q.queue_type.as_str()
-            }
+            q.queue_type
         );
     }
     let Some(d) = parse_inequivalent(text) else {
@@ -376,7 +368,7 @@ mod tests {
                  of queue type rabbit_quorum_queue";
         let quorum = QueueConfig {
             name: "q".into(),
-            queue_type: "quorum".into(),
+            queue_type: QueueType::Quorum,
             max_priority: Some(10),
             ..QueueConfig::default()
         };
@@ -400,7 +392,7 @@ mod tests {
         );
         assert!(!a.inner().contains_key("x-queue-type"));
         let quorum = QueueConfig {
-            queue_type: "quorum".into(),
+            queue_type: QueueType::Quorum,
             max_priority: None,
             ..QueueConfig::default()
         };

@@ -95,6 +95,37 @@ impl Expression {
         })
     }
 
+    /// Compiles a rule condition: like [`Expression::compile`], and refuses a condition whose
+    /// value is known at load and is not a boolean (a literal such as `1` or `"yes"`, or a
+    /// constant expression such as `1 + 2`), or that fails whatever the row.
+    pub fn compile_condition(source: &str) -> Result<Expression, String> {
+        let e = Expression::compile(source)?;
+        let mut refs = Refs::default();
+        refs.walk(e.program.expression(), &mut Vec::new());
+        let constant = refs.free_vars.is_empty()
+            && !refs.functions.iter().any(|f| HELPERS.contains(&f.as_str()));
+        if constant {
+            match e.program.execute(&root_context()) {
+                Ok(Value::Bool(_)) => {}
+                Ok(v) => {
+                    return Err(format!(
+                        "condition `{source}` is always {} ({}), not a boolean: a condition \
+                         must be true or false for each row",
+                        type_name(&v),
+                        to_text(&v).unwrap_or_else(|_| "?".into())
+                    ));
+                }
+                Err(err) => {
+                    return Err(format!(
+                        "condition `{source}` fails for every row: {}",
+                        describe_error(&err)
+                    ));
+                }
+            }
+        }
+        Ok(e)
+    }
+
     pub fn eval(&self, scope: &Context<'_, '_>) -> Result<Value, String> {
         self.program
             .execute(scope)
@@ -106,6 +137,23 @@ impl Expression {
         let mut refs = Refs::default();
         refs.walk(self.program.expression(), &mut Vec::new());
         refs.columns
+    }
+}
+
+/// A CEL value's type, as CEL's `type()` names it.
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::List(_) => "a list",
+        Value::Map(_) => "a map",
+        Value::Function(_, _) => "a function",
+        Value::Int(_) => "an int",
+        Value::UInt(_) => "a uint",
+        Value::Float(_) => "a double",
+        Value::String(_) => "a string",
+        Value::Bytes(_) => "bytes",
+        Value::Bool(_) => "a bool",
+        Value::Null => "null",
+        _ => "a value of another type",
     }
 }
 

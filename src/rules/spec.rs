@@ -326,7 +326,7 @@ fn validate_consumer(
             condition: match r.when.condition {
                 None => None,
                 Some(src) => Some(
-                    Expression::compile(&src)
+                    Expression::compile_condition(&src)
                         .map_err(|m| err(format!("{when_at}.condition"), m))?,
                 ),
             },

@@ -86,6 +86,39 @@ fn run(c: &mut ConfigConsumer, events: &[ChangeEvent]) -> TestRun {
 // bad configs: every one names the file and the key
 
 #[test]
+fn a_condition_known_at_load_not_to_be_a_boolean_is_refused() {
+    let key = "consumers.c.rules[0].when.condition";
+    for (cond, needle) in [
+        ("1", "is always an int (1), not a boolean"),
+        ("'yes'", "is always a string (yes), not a boolean"),
+        ("1 + 2", "is always an int (3), not a boolean"),
+        ("[true]", "is always a list"),
+        ("1 / 0", "fails for every row"),
+    ] {
+        expect_err(
+            &with_rule(&format!(
+                "name = \"r\"\nplugin = \"p\"\nwhen = {{ condition = \"{cond}\" }}"
+            )),
+            key,
+            needle,
+        );
+    }
+    // booleans, and anything that reads the row or uses a helper, are for the row to decide
+    for cond in [
+        "true",
+        "1 < 2",
+        "data.id == 1",
+        "changed('id')",
+        "has(data.id)",
+    ] {
+        let text = with_rule(&format!(
+            "name = \"r\"\nplugin = \"p\"\nwhen = {{ condition = \"{cond}\" }}"
+        ));
+        parse(&text).unwrap_or_else(|e| panic!("{cond}: {e}"));
+    }
+}
+
+#[test]
 fn cel_syntax_error_names_condition_key() {
     expect_err(
         &with_rule("name = \"r\"\nplugin = \"p\"\nwhen = { condition = \"data.id ==\" }"),

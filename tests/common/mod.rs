@@ -1,11 +1,16 @@
-//! Shared helpers for tests against the real local services (`deploy/local/up`):
-//! MariaDB on 127.0.0.1:3306, the Canal server on 127.0.0.1:11111 (destination `example`),
-//! RabbitMQ on 127.0.0.1:5672.
+//! Shared helpers for tests against the real servers. By default they are the local stack of
+//! `deploy/local/up` (MariaDB on 127.0.0.1:3306, the Canal server on 127.0.0.1:11111 with
+//! destination `example`, RabbitMQ on 127.0.0.1:5672); the `CC_TEST_*` environment variables
+//! below point the tests at any other stack (deploy/local/README.md lists them).
 //!
 //! Canal serves one client per destination, so every test that talks to it takes
 //! [`canal_lock`] first. Tests write to their own tables and ignore the rest of the stream.
+//! Every process a test starts is held by a [`proc::ChildGuard`], which kills it when the test
+//! ends, pass or fail.
 #![allow(dead_code)]
 
+pub mod proc;
+pub mod promql;
 pub mod service;
 
 use canal_consumer::canal::{Session, SessionConfig};
@@ -13,8 +18,86 @@ use canal_consumer::event::ChangeEvent;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-pub const CANAL_USER: &str = "canal";
-pub const CANAL_PASSWORD: &str = "canal";
+/// `key` from the environment, or `default`.
+pub fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn env_port(key: &str, default: u16) -> u16 {
+    let v = env_or(key, &default.to_string());
+    v.parse()
+        .unwrap_or_else(|_| panic!("{key}={v:?} is not a port number"))
+}
+
+/// Canal server host (`CC_TEST_CANAL_HOST`, default 127.0.0.1).
+pub fn canal_host() -> String {
+    env_or("CC_TEST_CANAL_HOST", "127.0.0.1")
+}
+/// Canal server port (`CC_TEST_CANAL_PORT`, default 11111).
+pub fn canal_port() -> u16 {
+    env_port("CC_TEST_CANAL_PORT", 11111)
+}
+/// Canal destination (`CC_TEST_CANAL_DESTINATION`, default `example`).
+pub fn destination() -> String {
+    env_or("CC_TEST_CANAL_DESTINATION", "example")
+}
+/// Canal client user (`CC_TEST_CANAL_USER`, default `canal`).
+pub fn canal_user() -> String {
+    env_or("CC_TEST_CANAL_USER", "canal")
+}
+/// Canal client password (`CC_TEST_CANAL_PASSWORD`, default `canal`).
+pub fn canal_password() -> String {
+    env_or("CC_TEST_CANAL_PASSWORD", "canal")
+}
+/// MariaDB/MySQL host the tests write to (`CC_TEST_MYSQL_HOST`, default 127.0.0.1).
+pub fn mysql_host() -> String {
+    env_or("CC_TEST_MYSQL_HOST", "127.0.0.1")
+}
+/// Its port (`CC_TEST_MYSQL_PORT`, default 3306).
+pub fn mysql_port() -> u16 {
+    env_port("CC_TEST_MYSQL_PORT", 3306)
+}
+/// A user with ALL on the test databases (`CC_TEST_MYSQL_USER`, default `test`).
+pub fn mysql_user() -> String {
+    env_or("CC_TEST_MYSQL_USER", "test")
+}
+/// Its password (`CC_TEST_MYSQL_PASSWORD`, default `test`).
+pub fn mysql_password() -> String {
+    env_or("CC_TEST_MYSQL_PASSWORD", "test")
+}
+/// The broker (`CC_TEST_AMQP_URL`, or the older `AMQP_URL`, default guest@127.0.0.1:5672).
+pub fn amqp_url() -> String {
+    std::env::var("CC_TEST_AMQP_URL")
+        .or_else(|_| std::env::var("AMQP_URL"))
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+/// A test queue's name: `CC_TEST_QUEUE_PREFIX` (default empty) + `name`, so runs against a
+/// shared broker can keep their queues apart.
+pub fn queue(name: &str) -> String {
+    format!("{}{name}", env_or("CC_TEST_QUEUE_PREFIX", ""))
+}
+/// `rabbitmqctl` aimed at the test broker's node: `-n $CC_TEST_RABBIT_NODE` when set, else
+/// rabbitmqctl's default (the local node, `rabbit@<short host name>`). Only the tests that
+/// disturb the broker (stop it, raise an alarm) need it, so they need the broker's host.
+pub fn rabbitmqctl_cmd() -> Command {
+    let mut cmd = Command::new("rabbitmqctl");
+    if let Ok(node) = std::env::var("CC_TEST_RABBIT_NODE")
+        && !node.is_empty()
+    {
+        cmd.arg("-n").arg(node);
+    }
+    cmd
+}
+
+/// The Celery executable (`CELERY_BIN`, default the venv `deploy/local/up` creates).
+pub fn celery_bin() -> String {
+    env_or("CELERY_BIN", "/var/tmp/canal-consumer/venv/bin/celery")
+}
 
 /// Serialises the tests of one test binary that use the Canal destination.
 pub async fn canal_lock() -> tokio::sync::MutexGuard<'static, ()> {
@@ -30,10 +113,10 @@ pub fn repo_root() -> std::path::PathBuf {
 pub fn mysql(sql: &str) -> String {
     let out = Command::new("mysql")
         .args([
-            "-h127.0.0.1",
-            "-P3306",
-            "-utest",
-            "-ptest",
+            &format!("-h{}", mysql_host()),
+            &format!("-P{}", mysql_port()),
+            &format!("-u{}", mysql_user()),
+            &format!("-p{}", mysql_password()),
             "--batch",
             "--skip-column-names",
             "--default-character-set=utf8mb4",
@@ -52,12 +135,12 @@ pub fn mysql(sql: &str) -> String {
 
 pub fn session_config() -> SessionConfig {
     SessionConfig {
-        host: "127.0.0.1".into(),
-        port: 11111,
-        destination: "example".into(),
+        host: canal_host(),
+        port: canal_port(),
+        destination: destination(),
         client_id: "1001".into(),
-        username: CANAL_USER.into(),
-        password: CANAL_PASSWORD.into(),
+        username: canal_user(),
+        password: canal_password(),
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(600),
@@ -153,7 +236,7 @@ impl Tap {
             }
             ids.push(b.batch_id);
             let mut decoded = Vec::new();
-            canal_consumer::canal::decode::decode_entries("example", &b.entries, &mut decoded)
+            canal_consumer::canal::decode::decode_entries(&destination(), &b.entries, &mut decoded)
                 .expect("decodes");
             events.extend(decoded.into_iter().filter(|e| keep(e)));
             if ack {
@@ -164,11 +247,17 @@ impl Tap {
     }
 }
 
-/// Runs a project script (e.g. `deploy/local/canal-ctl stop`).
+/// Runs a project script (e.g. `deploy/local/canal-ctl stop`), killing it after 5 minutes.
+/// These scripts drive the local stack only.
 pub fn script(path: &str, args: &[&str]) {
-    let status = Command::new(repo_root().join(path))
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("{path}: {e}"));
-    assert!(status.success(), "{path} {args:?} failed");
+    let out = proc::output_within(
+        path,
+        Command::new(repo_root().join(path)).args(args),
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.status.success(),
+        "{path} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,7 +1,11 @@
-//! Runs the real `canal-consumer` binary against the local services, with a config of the
-//! test's own (its own queue, admin port, state file and consumer definitions), and reads what
-//! it publishes from RabbitMQ.
+//! Runs the real `canal-consumer` binary against the real servers (see the `CC_TEST_*`
+//! settings in `common`), with a config of the test's own (its own queue, admin port, state
+//! file and consumer definitions), and reads what it publishes from RabbitMQ. The service
+//! process is held by a [`ChildGuard`]: it dies with the test, pass or fail.
 #![allow(dead_code)]
+
+use super::proc::ChildGuard;
+use super::{amqp_url, canal_host, canal_password, canal_port, canal_user, destination};
 
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeleteOptions, QueuePurgeOptions};
@@ -9,10 +13,8 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
@@ -24,7 +26,7 @@ pub fn free_port() -> u16 {
 }
 
 pub struct ServiceProc {
-    pub child: Option<Child>,
+    pub child: Option<ChildGuard>,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub admin: String,
@@ -38,13 +40,16 @@ pub fn write_config(dir: &Path, queue: &str, admin: &str, extra: &str) -> PathBu
     let text = format!(
         r#"
 [canal]
-username = "canal"
-password = "canal"
+host = "{canal_host}"
+port = {canal_port}
+destination = "{destination}"
+username = "{canal_user}"
+password = "{canal_password}"
 reconnect_min = "100ms"
 reconnect_max = "1s"
 
 [amqp]
-url = "{AMQP_URL}"
+url = "{amqp_url}"
 confirm_timeout = "5s"
 reconnect_min = "200ms"
 reconnect_max = "2s"
@@ -69,6 +74,12 @@ file = "{log}"
 deadline = "20s"
 {extra}
 "#,
+        canal_host = canal_host(),
+        canal_port = canal_port(),
+        destination = destination(),
+        canal_user = canal_user(),
+        canal_password = canal_password(),
+        amqp_url = amqp_url(),
         consumers = consumers.display(),
         state = dir.join("state/consumers.json").display(),
         log = dir.join("app.log").display(),
@@ -111,15 +122,16 @@ impl ServiceProc {
             .append(true)
             .open(self.dir.join("stderr.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
-            .arg("start")
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .expect("spawn canal-consumer");
+        let child = ChildGuard::spawn(
+            "canal-consumer start",
+            Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+                .arg("start")
+                .arg("--config")
+                .arg(&self.config)
+                .env_remove("RUST_LOG")
+                .stdout(Stdio::null())
+                .stderr(out),
+        );
         self.child = Some(child);
         self.wait_ready(Duration::from_secs(60)).await;
     }
@@ -134,7 +146,7 @@ impl ServiceProc {
                 return;
             }
             if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
+                && let Some(status) = c.try_wait()
             {
                 panic!("canal-consumer exited early ({status}):\n{}", self.logs());
             }
@@ -180,45 +192,28 @@ impl ServiceProc {
     /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill();
         }
     }
 
-    /// SIGTERM, then wait for the exit.
+    /// SIGTERM, then wait for the exit (SIGKILL and panic after `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
         let mut c = self.child.take().expect("running");
         let started = Instant::now();
-        unsafe_kill(c.id(), "TERM");
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            if started.elapsed() > timeout {
-                let _ = c.kill();
+        c.signal("TERM");
+        match c.wait_timeout(timeout) {
+            Some(status) => (status, started.elapsed()),
+            None => {
+                c.kill();
                 panic!("canal-consumer did not exit within {timeout:?} after SIGTERM");
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-impl Drop for ServiceProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn unsafe_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
 }
 
 /// A lapin connection for reading what the service published.
 pub async fn amqp() -> (Connection, Channel) {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("RabbitMQ reachable (deploy/local/up)");
     let ch = conn.create_channel().await.expect("channel");
@@ -231,6 +226,24 @@ pub async fn delete_queue(queue: &str) {
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await;
     let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Messages ready in `queue` now (a passive declare; the queue must exist).
+pub async fn queue_depth(queue: &str) -> u32 {
+    let (conn, ch) = amqp().await;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
+    let _ = conn.close(200, "bye".into()).await;
+    q.message_count()
 }
 
 pub async fn purge_queue(queue: &str) {

@@ -33,6 +33,7 @@
 //!
 //! [`ChangeEvent`]: crate::event::ChangeEvent
 
+use crate::backoff::Backoff;
 use crate::canal::CanalError;
 use crate::canal::decode::decode_entries;
 use crate::canal::session::{Fetch, RawBatch, Session, SkippedFrame};
@@ -123,16 +124,15 @@ impl CanalConnection {
         }
     }
 
+    /// Delay before reconnect (or redelivery) number `attempt`: up to 20% jitter so restarts
+    /// of several instances do not synchronise.
     fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.cfg.reconnect_min.max(Duration::from_millis(1));
-        let exp = base.saturating_mul(1u32 << attempt.min(16));
-        let capped = exp.min(self.cfg.reconnect_max.max(base));
-        // up to 20% jitter so restarts of several instances do not synchronise
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        capped + capped.mul_f64((nanos % 200) as f64 / 1000.0)
+        Backoff::new(
+            self.cfg.reconnect_min.max(Duration::from_millis(1)),
+            self.cfg.reconnect_max,
+        )
+        .with_jitter(0.2)
+        .delay(attempt)
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {

@@ -53,13 +53,9 @@ impl CanalConnection {
         });
     }
 
-    /// `base` plus up to 20% jitter.
+    /// `base`, shortened by up to 20% so two conflicting instances do not retry in lockstep.
     fn backoff_from(&self, base: Duration) -> Duration {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        base + base.mul_f64((nanos % 200) as f64 / 1000.0)
+        Backoff::new(base, base).with_jitter(0.2).delay(0)
     }
 }
 

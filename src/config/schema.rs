@@ -1,0 +1,331 @@
+//! The configuration's shape: one [`Config`] with a section per pipeline stage, each with its
+//! defaults. Types carry what they can (enums for fixed choices, non-zero integers where zero
+//! is meaningless); [`super::validate`] checks the rest.
+
+use super::secret::{Secret, string_or_scalar};
+use serde::{Deserialize, Serialize};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A non-zero literal for defaults (zero is a compile error).
+const fn nz(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(v) => v,
+        None => panic!("zero"),
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub canal: CanalConfig,
+    pub amqp: AmqpConfig,
+    pub consumers: ConsumersConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[canal]`: the Canal server and the fetch loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CanalConfig {
+    pub host: String,
+    pub port: NonZeroU16,
+    pub destination: String,
+    #[serde(deserialize_with = "string_or_scalar")]
+    pub client_id: String,
+    #[serde(deserialize_with = "string_or_scalar")]
+    pub username: String,
+    pub password: Secret,
+    /// Canal GET size (KiB in Canal's default MEMSIZE batch mode, entries in ITEMSIZE mode).
+    pub batch_size: i32,
+    /// Extra Canal subscription filter ORed into the one built from consumer filters. Leave
+    /// empty: the service subscribes to exactly what enabled consumers want.
+    pub filter: String,
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub max_frame_bytes: NonZeroUsize,
+    pub max_inflight_batches: NonZeroUsize,
+    pub max_inflight_bytes: NonZeroUsize,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for CanalConfig {
+    fn default() -> Self {
+        CanalConfig {
+            host: "127.0.0.1".into(),
+            port: NonZeroU16::new(11111).expect("non-zero"),
+            destination: "example".into(),
+            client_id: "1001".into(),
+            username: String::new(),
+            password: Secret::default(),
+            batch_size: 100,
+            filter: String::new(),
+            fetch_wait: Duration::from_millis(100),
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(3600),
+            max_frame_bytes: nz(crate::canal::codec::DEFAULT_MAX_FRAME_BYTES),
+            max_inflight_batches: nz(8),
+            max_inflight_bytes: nz(64 * 1024 * 1024),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl CanalConfig {
+    /// The connection actor settings for this section and a subscription filter.
+    pub fn connection(&self, filter: String, fail_fast: bool) -> crate::canal::ConnectionConfig {
+        crate::canal::ConnectionConfig {
+            session: crate::canal::SessionConfig {
+                host: self.host.clone(),
+                port: self.port.get(),
+                destination: self.destination.clone(),
+                client_id: self.client_id.clone(),
+                username: self.username.clone(),
+                password: self.password.expose().to_string(),
+                connect_timeout: self.connect_timeout,
+                read_timeout: self.read_timeout,
+                idle_timeout: self.idle_timeout,
+                max_frame_bytes: self.max_frame_bytes.get(),
+            },
+            filter,
+            fetch_size: self.batch_size,
+            fetch_wait: self.fetch_wait,
+            max_inflight_batches: self.max_inflight_batches.get(),
+            max_inflight_bytes: self.max_inflight_bytes.get(),
+            reconnect_min: self.reconnect_min,
+            reconnect_max: self.reconnect_max,
+            fail_fast,
+        }
+    }
+}
+
+/// `[amqp]`: the broker and the publisher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:port/vhost`; the password part is redacted when shown.
+    pub url: Secret,
+    /// Most messages published but not yet confirmed.
+    pub max_unconfirmed: NonZeroUsize,
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// The default queue, on the default exchange.
+    pub queue: QueueConfig,
+    /// AMQP priority for each task priority.
+    pub priorities: PriorityMap,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            max_unconfirmed: nz(512),
+            confirm_timeout: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+            queue: QueueConfig::default(),
+            priorities: PriorityMap::default(),
+        }
+    }
+}
+
+/// The worker queue, declared to match what the workers declare.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    pub name: String,
+    /// `declare` (create if missing, fail if it differs), `passive` (must exist and match), or
+    /// `none` (rely on mandatory returns).
+    pub declare: DeclareMode,
+    pub durable: bool,
+    /// `x-max-priority`; must equal the workers' (Celery: `task_queue_max_priority`).
+    pub max_priority: Option<u8>,
+    /// `classic` or `quorum`.
+    pub queue_type: QueueType,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            name: "plugin_tasks".into(),
+            declare: DeclareMode::Declare,
+            durable: true,
+            max_priority: Some(10),
+            queue_type: QueueType::Classic,
+        }
+    }
+}
+
+/// `amqp.queue.queue_type`: the RabbitMQ queue type (`x-queue-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    /// The `x-queue-type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeclareMode {
+    Declare,
+    Passive,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PriorityMap {
+    pub high: u8,
+    pub normal: u8,
+    pub low: u8,
+}
+
+impl Default for PriorityMap {
+    fn default() -> Self {
+        PriorityMap {
+            high: 9,
+            normal: 5,
+            low: 1,
+        }
+    }
+}
+
+impl PriorityMap {
+    pub fn get(&self, p: crate::trigger::Priority) -> u8 {
+        match p {
+            crate::trigger::Priority::High => self.high,
+            crate::trigger::Priority::Normal => self.normal,
+            crate::trigger::Priority::Low => self.low,
+        }
+    }
+}
+
+/// `[consumers]`: where consumer definitions live and how failing ones are supervised.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumersConfig {
+    /// Directory of consumer TOML files.
+    pub dir: PathBuf,
+    /// Enabled/disabled overrides written by `enable`/`disable`.
+    pub state_file: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub restart_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub restart_max: Duration,
+    /// Restarts within `quarantine_window` after which a consumer is quarantined.
+    pub max_restarts: NonZeroU32,
+    #[serde(with = "humantime_serde")]
+    pub quarantine_window: Duration,
+}
+
+impl Default for ConsumersConfig {
+    fn default() -> Self {
+        ConsumersConfig {
+            dir: PathBuf::from("config/consumers"),
+            state_file: PathBuf::from("state/consumers.json"),
+            restart_min: Duration::from_millis(100),
+            restart_max: Duration::from_secs(30),
+            max_restarts: NonZeroU32::new(5).expect("non-zero"),
+            quarantine_window: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[admin]`: the admin HTTP endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// `host:port`; loopback by default.
+    pub bind: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            bind: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// tracing filter, e.g. `info,canal_consumer=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+    /// Also write to this file (e.g. `logs/app.log`).
+    pub file: Option<PathBuf>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+            file: None,
+        }
+    }
+}
+
+/// `log.format`: human-readable lines or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long a graceful shutdown may take before it is forced (nothing unconfirmed is acked).
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            deadline: Duration::from_secs(30),
+        }
+    }
+}

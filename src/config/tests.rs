@@ -1,0 +1,499 @@
+//! Tests of loading, layering, errors and redaction.
+
+use super::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[test]
+fn secrets_do_not_print() {
+    let mut c = Config::default();
+    c.canal.password = Secret::new("hunter2");
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("hunter2"));
+    assert!(!shown.contains("guest:guest"));
+}
+
+#[test]
+fn defaults_round_trip_through_toml() {
+    let c = Config::default();
+    let text = toml::to_string(&c).unwrap();
+    let back: Config = toml::from_str(&text).unwrap();
+    assert_eq!(back, c);
+}
+
+fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn nowhere() -> &'static Path {
+    Path::new("/nonexistent/canal-consumer.toml")
+}
+
+#[test]
+fn layers_stack_defaults_file_env_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "c.toml",
+        "[canal]\nhost = \"file-host\"\nport = 2000\ndestination = \"file-dest\"\n\
+         batch_size = 7\nclient_id = 42\n[amqp]\nconfirm_timeout = \"3s\"\n",
+    );
+    // Defaults only.
+    let c = load_from(None, nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c, Config::default());
+    // File over defaults; a numeric client_id is read as its text.
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.host, "file-host");
+    assert_eq!(c.canal.port.get(), 2000);
+    assert_eq!(c.canal.client_id, "42");
+    assert_eq!(c.amqp.confirm_timeout, Duration::from_secs(3));
+    assert_eq!(c.amqp.max_unconfirmed.get(), 512);
+    // Env over file: reference names and the prefixed form (which wins over them).
+    let vars = env(&[
+        ("CANAL_HOST", "env-host"),
+        ("CANAL_PORT", "3000"),
+        ("CANAL_DESTINATION", "env-dest"),
+        ("CANAL_BATCH_SIZE", "50"),
+        ("CANAL_CONSUMER__CANAL__DESTINATION", "prefixed-dest"),
+        ("CANAL_CONSUMER__AMQP__CONFIRM_TIMEOUT", "10s"),
+        ("CANAL_CONSUMER__AMQP__QUEUE__NAME", "other_tasks"),
+        ("CANAL_CONSUMER__LOG__FILE", "logs/app.log"),
+        ("CANAL_CONSUMER__ADMIN__ENABLED", "false"),
+        ("CANAL_UNRELATED", "x"),
+        ("CANAL_CONSUMER__CANAL__USERNAME", ""),
+    ]);
+    let c = load_from(
+        Some(&file),
+        nowhere(),
+        vars.clone(),
+        CliOverrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.canal.host, "env-host");
+    assert_eq!(c.canal.port.get(), 3000);
+    assert_eq!(c.canal.destination, "prefixed-dest");
+    assert_eq!(c.canal.batch_size, 50);
+    assert_eq!(c.amqp.confirm_timeout, Duration::from_secs(10));
+    assert_eq!(c.amqp.queue.name, "other_tasks");
+    assert_eq!(c.log.file, Some(PathBuf::from("logs/app.log")));
+    assert!(!c.admin.enabled);
+    assert_eq!(c.canal.username, "");
+    // CLI over env.
+    let cli = CliOverrides {
+        canal: CanalFlags {
+            host: Some("cli-host".into()),
+            port: Some(4000),
+            batch_size: Some(9),
+            ..Default::default()
+        },
+        service: ServiceFlags {
+            admin_bind: Some("0.0.0.0:9191".into()),
+            ..Default::default()
+        },
+    };
+    let c = load_from(Some(&file), nowhere(), vars, cli).unwrap();
+    assert_eq!(c.canal.host, "cli-host");
+    assert_eq!(c.canal.port.get(), 4000);
+    assert_eq!(c.canal.batch_size, 9);
+    assert_eq!(c.canal.destination, "prefixed-dest");
+    assert_eq!(c.admin.bind, "0.0.0.0:9191");
+}
+
+#[test]
+fn default_file_is_used_when_present_and_explicit_missing_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "d.toml", "[canal]\ndestination = \"from-default\"\n");
+    let c = load_from(None, &file, env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.destination, "from-default");
+    let missing = dir.path().join("missing.toml");
+    let err = load_from(Some(&missing), &file, env(&[]), CliOverrides::default()).unwrap_err();
+    assert!(matches!(err, ConfigError::FileMissing { .. }), "{err}");
+    assert!(err.to_string().contains("missing.toml"), "{err}");
+}
+
+#[test]
+fn numeric_env_values_fill_string_fields() {
+    let vars = env(&[
+        ("CANAL_CONSUMER__CANAL__PASSWORD", "12345"),
+        ("CANAL_CONSUMER__CANAL__CLIENT_ID", "1002"),
+        ("CANAL_CONSUMER__CANAL__USERNAME", "true"),
+        ("CANAL_CONSUMER__AMQP__QUEUE__NAME", "[odd]"),
+    ]);
+    let c = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.password.expose(), "12345");
+    assert_eq!(c.canal.client_id, "1002");
+    assert_eq!(c.canal.username, "true");
+    assert_eq!(c.amqp.queue.name, "[odd]");
+}
+
+#[test]
+fn numeric_secret_in_file_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "c.toml", "[canal]\npassword = 98765\n");
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.password.expose(), "98765");
+}
+
+#[test]
+fn unknown_key_in_file_names_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "bad.toml", "[amqp]\nmax_unconfirmd = 5\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("bad.toml"), "{text}");
+    assert!(text.contains("amqp.max_unconfirmd"), "{text}");
+    assert!(text.contains("unknown key"), "{text}");
+    let file = write(&dir, "bad2.toml", "[amqq]\nx = 1\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    assert!(err.to_string().contains("bad2.toml"), "{err}");
+    assert!(err.to_string().contains("`amqq`"), "{err}");
+}
+
+#[test]
+fn unknown_key_in_env_names_the_real_variable() {
+    let vars = env(&[("CANAL_CONSUMER__AMQP__MAX_UNCONFIRMD", "5")]);
+    let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("environment variable CANAL_CONSUMER__AMQP__MAX_UNCONFIRMD"),
+        "{text}"
+    );
+    assert!(text.contains("amqp.max_unconfirmd"), "{text}");
+}
+
+#[test]
+fn wrong_type_names_origin_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "t.toml", "[amqp]\nmax_unconfirmed = \"lots\"\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("config file") && text.contains("t.toml"),
+        "{text}"
+    );
+    assert!(text.contains("amqp.max_unconfirmed"), "{text}");
+
+    let vars = env(&[("CANAL_CONSUMER__AMQP__MAX_UNCONFIRMED", "lots")]);
+    let err = load_from(Some(&file), nowhere(), vars, CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("environment variable CANAL_CONSUMER__AMQP__MAX_UNCONFIRMED"),
+        "{text}"
+    );
+    assert!(!text.contains("AMQP.MAX_UNCONFIRMED\""), "{text}");
+    assert!(text.contains("`amqp.max_unconfirmed`"), "{text}");
+
+    let vars = env(&[("CANAL_PORT", "eleven")]);
+    let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("environment variable CANAL_PORT"), "{text}");
+    assert!(text.contains("canal.port"), "{text}");
+}
+
+#[test]
+fn bad_duration_names_origin_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "d.toml", "[shutdown]\ndeadline = \"5 fortnights\"\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("d.toml") && text.contains("shutdown.deadline"),
+        "{text}"
+    );
+    let file = write(&dir, "e.toml", "[shutdown]\ndeadline = 30\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    assert!(err.to_string().contains("shutdown.deadline"), "{err}");
+
+    let vars = env(&[("CANAL_CONSUMER__AMQP__CONFIRM_TIMEOUT", "soon")]);
+    let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("CANAL_CONSUMER__AMQP__CONFIRM_TIMEOUT")
+            && text.contains("amqp.confirm_timeout"),
+        "{text}"
+    );
+}
+
+#[test]
+fn toml_syntax_error_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "s.toml", "[canal\nhost = 1\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    assert!(matches!(err, ConfigError::FileSyntax { .. }), "{err}");
+    assert!(err.to_string().contains("s.toml"), "{err}");
+    // The parser's excerpt of the bad line is not repeated: it could hold a secret.
+    let file = write(&dir, "p.toml", "[canal]\npassword = \"hunter2\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("p.toml") && text.contains("line 2"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[test]
+fn zero_where_zero_is_invalid_names_origin_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "v.toml", "[canal]\nmax_inflight_batches = 0\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "config file {}: key `canal.max_inflight_batches`: must be greater than 0",
+            file.display()
+        )
+    );
+    let cli = CliOverrides {
+        canal: CanalFlags {
+            port: Some(0),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = load_from(None, nowhere(), env(&[]), cli).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "command-line flag --port: key `canal.port`: must be greater than 0"
+    );
+    let vars = env(&[("CANAL_CONSUMER__CONSUMERS__MAX_RESTARTS", "0")]);
+    let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "environment variable CANAL_CONSUMER__CONSUMERS__MAX_RESTARTS: key \
+         `consumers.max_restarts`: must be greater than 0"
+    );
+}
+
+#[test]
+fn fixed_choices_are_enums_and_name_the_choices() {
+    let vars = env(&[("CANAL_CONSUMER__AMQP__QUEUE__QUEUE_TYPE", "stream")]);
+    let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            "environment variable CANAL_CONSUMER__AMQP__QUEUE__QUEUE_TYPE: key \
+             `amqp.queue.queue_type`: "
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("`classic`") && text.contains("`quorum`"),
+        "{text}"
+    );
+    let cli = CliOverrides {
+        service: ServiceFlags {
+            log_format: Some("xml".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = load_from(None, nowhere(), env(&[]), cli).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("command-line flag --log-format: key `log.format`: "),
+        "{text}"
+    );
+    assert!(text.contains("`text`") && text.contains("`json`"), "{text}");
+    let c = load_from(
+        None,
+        nowhere(),
+        env(&[("CANAL_CONSUMER__LOG__FORMAT", "json")]),
+        CliOverrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.log.format, LogFormat::Json);
+}
+
+#[test]
+fn validation_errors_name_origin_and_key() {
+    let vars = env(&[("CANAL_BATCH_SIZE", "0")]);
+    let cli = CliOverrides {
+        service: ServiceFlags {
+            admin_bind: Some("nowhere".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = load_from(None, nowhere(), vars, cli).unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.problems().len(), 2, "{text}");
+    assert!(
+        text.contains("environment variable CANAL_BATCH_SIZE: key `canal.batch_size`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("command-line flag --admin-bind: key `admin.bind`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_amqp_url_with_a_bad_port_is_refused_with_the_password_hidden() {
+    for (url, why) in [
+        ("amqp://bob:s3cret@rabbit:99999/%2f", "invalid port number"),
+        ("amqp://bob:s3cret@rabbit:56x2/%2f", "invalid port number"),
+        ("amqp://bob:s3cret@rabbit:0/%2f", "port 0"),
+        (
+            "http://bob:s3cret@rabbit/",
+            "must start with amqp:// or amqps://",
+        ),
+    ] {
+        let vars = env(&[("CANAL_CONSUMER__AMQP__URL", url)]);
+        let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("environment variable CANAL_CONSUMER__AMQP__URL: key `amqp.url`: "),
+            "{text}"
+        );
+        assert!(text.contains(why), "{url}: {text}");
+        assert!(text.contains("bob:***@rabbit"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+    let ok = env(&[("CANAL_CONSUMER__AMQP__URL", "amqps://u:p@h:5671/v")]);
+    assert!(load_from(None, nowhere(), ok, CliOverrides::default()).is_ok());
+}
+
+#[test]
+fn a_log_file_that_cannot_be_written_is_refused_naming_key_and_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_file = write(&dir, "plain.txt", "x");
+    for (path, why) in [
+        (dir.path().to_path_buf(), "is a directory".to_string()),
+        (
+            a_file.join("app.log"),
+            format!("{} is not a directory", a_file.display()),
+        ),
+    ] {
+        let cli = CliOverrides {
+            service: ServiceFlags {
+                log_file: Some(path.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = load_from(None, nowhere(), env(&[]), cli).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "command-line flag --log-file: key `log.file`: {}",
+                path.display()
+            )),
+            "{text}"
+        );
+        assert!(text.contains(&why), "{text}");
+    }
+    // a new file in a new directory is fine (the logger creates both)
+    let fresh = dir.path().join("logs/new/app.log");
+    let cli = CliOverrides {
+        service: ServiceFlags {
+            log_file: Some(fresh.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert!(load_from(None, nowhere(), env(&[]), cli).is_ok());
+    assert!(!fresh.exists(), "loading creates nothing");
+}
+
+#[test]
+fn secrets_stay_out_of_errors_and_rendering() {
+    let vars = env(&[
+        (
+            "CANAL_CONSUMER__AMQP__URL",
+            "amqp://bob:s3cret@rabbit:5672/%2f",
+        ),
+        ("CANAL_CONSUMER__CANAL__PASSWORD", "hunter2"),
+    ]);
+    let c = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap();
+    let shown = c.to_redacted_toml();
+    assert!(
+        !shown.contains("s3cret") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+    assert!(shown.contains("amqp://bob:***@rabbit:5672/%2f"), "{shown}");
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("s3cret") && !dbg.contains("hunter2"), "{dbg}");
+    // The rendering is itself a valid config once the secrets are put back.
+    let back: Config = toml::from_str(&shown).unwrap();
+    assert_eq!(back.canal.host, c.canal.host);
+
+    let vars = env(&[("CANAL_CONSUMER__AMQP__URL", "http://bob:s3cret@x/")]);
+    let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    assert!(err.to_string().contains("amqp.url"), "{err}");
+}
+
+#[test]
+fn redact_url_shapes() {
+    assert_eq!(redact_url("amqp://u:p@h:1/v"), "amqp://u:***@h:1/v");
+    assert_eq!(redact_url("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+    assert_eq!(redact_url("amqp://h:5672/v"), "amqp://h:5672/v");
+    assert_eq!(redact_url("garbage"), "***");
+    assert_eq!(
+        redact_url("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
+        "amqp://guest:***@127.0.0.1:5672/%2f"
+    );
+    assert_eq!(redact_url("amqps://u:p@ss@host/"), "amqps://u:***@host/");
+    assert_eq!(redact_url("amqp://host:5672"), "amqp://host:5672");
+    assert_eq!(redact_url("amqp://user@host"), "amqp://user@host");
+}
+
+#[test]
+fn shipped_config_files_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The documented example holds exactly the defaults, except the credentials of the
+    // local Canal server that deploy/local/up starts.
+    let example = root.join("config/canal-consumer.toml");
+    let c = load_from(Some(&example), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    let mut expected = Config::default();
+    expected.canal.username = "canal".into();
+    expected.canal.password = Secret::new("canal");
+    assert_eq!(c, expected);
+    // The compose deployment: its config file with its env file.
+    let compose = root.join("deploy/canal-consumer.compose.toml");
+    let env_file = std::fs::read_to_string(root.join("deploy/compose.env")).unwrap();
+    let vars: Vec<(String, String)> = env_file
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("KEY=VALUE");
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    assert!(vars.iter().any(|(k, _)| k == "CANAL_HOST"));
+    let c = load_from(Some(&compose), nowhere(), vars, CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.host, "canal-server");
+    assert_eq!(c.admin.bind, "0.0.0.0:9090");
+    assert!(c.amqp.url.expose().contains("@rabbitmq:5672"));
+    // The Kubernetes ConfigMap's embedded file, with the Secret's variables.
+    let cm = std::fs::read_to_string(root.join("deploy/k8s/configmap.yaml")).unwrap();
+    let start = cm.find("canal-consumer.toml: |").expect("config key") + 1;
+    let toml_text: String = cm[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "k8s.toml", &toml_text);
+    let vars = env(&[
+        (
+            "CANAL_CONSUMER__AMQP__URL",
+            "amqp://canal:x@rabbitmq:5672/%2f",
+        ),
+        ("CANAL_CONSUMER__CANAL__USERNAME", ""),
+        ("CANAL_DESTINATION", "example"),
+    ]);
+    let c = load_from(Some(&file), nowhere(), vars, CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.host, "canal-server");
+    assert_eq!(
+        c.consumers.state_file,
+        Path::new("/var/lib/canal-consumer/consumers.json")
+    );
+}

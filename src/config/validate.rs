@@ -1,0 +1,196 @@
+//! The checks types cannot express. Each error names the key; [`super::load`] adds where the
+//! value came from.
+
+use super::error::{ConfigError, Origin};
+use super::schema::Config;
+use super::secret::Secret;
+use std::path::Path;
+
+impl Config {
+    /// Semantic checks that types cannot express. Errors name the key; [`load`] adds where the
+    /// value came from.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            errs.push(ConfigError::Invalid {
+                origin: Origin::Unknown,
+                key: key.to_string(),
+                message,
+            })
+        };
+        let c = &self.canal;
+        if c.host.trim().is_empty() {
+            bad("canal.host", "must not be empty".into());
+        }
+        if c.destination.trim().is_empty() {
+            bad("canal.destination", "must not be empty".into());
+        }
+        if c.client_id.trim().is_empty() {
+            bad("canal.client_id", "must not be empty".into());
+        }
+        if c.batch_size <= 0 {
+            bad(
+                "canal.batch_size",
+                format!("must be greater than 0, got {}", c.batch_size),
+            );
+        }
+        for (key, d) in [
+            ("canal.connect_timeout", c.connect_timeout),
+            ("canal.read_timeout", c.read_timeout),
+            ("amqp.confirm_timeout", self.amqp.confirm_timeout),
+            ("shutdown.deadline", self.shutdown.deadline),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be longer than 0s".into());
+            }
+        }
+        for (min_key, min, max_key, max) in [
+            (
+                "canal.reconnect_min",
+                c.reconnect_min,
+                "canal.reconnect_max",
+                c.reconnect_max,
+            ),
+            (
+                "amqp.reconnect_min",
+                self.amqp.reconnect_min,
+                "amqp.reconnect_max",
+                self.amqp.reconnect_max,
+            ),
+            (
+                "consumers.restart_min",
+                self.consumers.restart_min,
+                "consumers.restart_max",
+                self.consumers.restart_max,
+            ),
+        ] {
+            if min > max {
+                bad(
+                    max_key,
+                    format!(
+                        "must not be shorter than {min_key} ({})",
+                        humantime::format_duration(min)
+                    ),
+                );
+            }
+        }
+        if let Err(m) = check_amqp_url(&self.amqp.url) {
+            bad("amqp.url", m);
+        }
+        let q = &self.amqp.queue;
+        if q.name.trim().is_empty() {
+            bad("amqp.queue.name", "must not be empty".into());
+        }
+        if let Some(max) = q.max_priority {
+            let p = &self.amqp.priorities;
+            for (key, v) in [
+                ("amqp.priorities.high", p.high),
+                ("amqp.priorities.normal", p.normal),
+                ("amqp.priorities.low", p.low),
+            ] {
+                if v > max {
+                    bad(key, format!("{v} is above amqp.queue.max_priority ({max})"));
+                }
+            }
+        }
+        if self.admin.bind.parse::<std::net::SocketAddr>().is_err() {
+            bad(
+                "admin.bind",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:9090",
+                    self.admin.bind
+                ),
+            );
+        }
+        if let Some(path) = &self.log.file
+            && let Err(m) = check_log_file(path)
+        {
+            bad("log.file", m);
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            bad("log.level", format!("not a valid filter: {e}"));
+        }
+        match ConfigError::from_list(errs) {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+/// `amqp.url` must be an AMQP URL the client can use: scheme `amqp`/`amqps`, a host, a port
+/// in 1..=65535 when one is given. Messages show the URL with its password redacted.
+fn check_amqp_url(url: &Secret) -> Result<(), String> {
+    let raw = url.expose();
+    let shown = url.redacted();
+    if !(raw.starts_with("amqp://") || raw.starts_with("amqps://")) {
+        return Err(format!("`{shown}` must start with amqp:// or amqps://"));
+    }
+    let parsed = raw.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+        // the parser may quote its input: never let the password through
+        let e = e.replace(raw, &shown);
+        let e = match password(raw) {
+            Some(p) if !p.is_empty() => e.replace(p, "***"),
+            _ => e,
+        };
+        format!("`{shown}` is not a valid AMQP URL: {e}")
+    })?;
+    if parsed.authority.port == 0 {
+        return Err(format!("`{shown}`: port 0 is not a port to connect to"));
+    }
+    if parsed.authority.host.is_empty() {
+        return Err(format!("`{shown}` names no host"));
+    }
+    Ok(())
+}
+
+/// The password part of `scheme://user:password@host...`, if any.
+fn password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let userinfo = &rest[..rest.rfind('@')?];
+    Some(userinfo.split_once(':')?.1)
+}
+
+/// `log.file` must be a file the service can append to: not a directory, and either an
+/// existing file that opens for appending, or a path whose nearest existing ancestor is a
+/// directory (the logger creates the missing directories and the file at start).
+fn check_log_file(path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    if path.as_os_str().is_empty() {
+        return Err("must not be empty (leave the key out for no log file)".into());
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(format!("{shown} is a directory, not a file")),
+        Ok(_) => std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(|e| format!("{shown} cannot be opened for appending: {e}")),
+        Err(_) => {
+            let mut dir = path.parent();
+            while let Some(parent) = dir {
+                let last = parent.as_os_str().is_empty();
+                let d = if last { Path::new(".") } else { parent };
+                match std::fs::metadata(d) {
+                    Ok(m) if m.is_dir() => {
+                        if m.permissions().readonly() {
+                            return Err(format!(
+                                "{shown} cannot be created: {} is read-only",
+                                d.display()
+                            ));
+                        }
+                        return Ok(());
+                    }
+                    Ok(_) => {
+                        return Err(format!(
+                            "{shown} cannot be created: {} is not a directory",
+                            d.display()
+                        ));
+                    }
+                    Err(_) if last => break,
+                    Err(_) => dir = parent.parent(),
+                }
+            }
+            Ok(())
+        }
+    }
+}
