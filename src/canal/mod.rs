@@ -72,13 +72,13 @@ pub enum CanalError {
     )]
     SkipNoBatchId,
     #[error(
-        "another process is fetching from destination '{destination}' as client id {client_id}: canal's batch ids jumped from {expected} to {got}; stop the other instance (check `canal-consumer status` on other hosts) or give one of them another canal.client_id"
+        "another process is fetching from destination '{destination}' as client id {client_id}: {evidence}; stop the other instance (check `canal-consumer status` on other hosts) or give one of them another canal.client_id"
     )]
     Conflict {
         destination: String,
         client_id: String,
-        expected: i64,
-        got: i64,
+        /// What showed it (batch ids that jumped, a batch that vanished before its ack).
+        evidence: String,
     },
     #[error("canal server error {code} on destination '{destination}' while {during}: {message}")]
     Server {

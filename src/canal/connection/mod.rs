@@ -224,6 +224,11 @@ impl CanalConnection {
         if self.state == ConnectionState::Stopped {
             return;
         }
+        if self.shutdown.is_some() {
+            tracing::warn!(error = %e, "canal session failed during shutdown");
+            self.finish_shutdown(ctx);
+            return;
+        }
         if let CanalError::Frame(crate::canal::codec::FrameError::TooLarge { len, max }) = &e {
             // retrying cannot help: Canal sends the same frame again
             let (len, max) = (*len, *max);
@@ -236,10 +241,8 @@ impl CanalConnection {
             );
             return;
         }
-        if self.shutdown.is_some() {
-            tracing::warn!(error = %e, "canal session failed during shutdown");
-            self.finish_shutdown(ctx);
-            return;
+        if let Some(evidence) = Self::vanished_batch(&e) {
+            return self.on_conflict(evidence, ctx);
         }
         self.schedule_reconnect(e, ctx);
     }
@@ -410,7 +413,10 @@ impl CanalConnection {
                 if epoch == self.window.epoch() {
                     let b = self.window.fetched(skipped.batch_id, 0, None, false);
                     if let Some((expected, got)) = b.gap {
-                        self.on_conflict(expected, got, ctx);
+                        self.on_conflict(
+                            format!("canal's batch ids jumped from {expected} to {got}"),
+                            ctx,
+                        );
                         return;
                     }
                 }
@@ -491,7 +497,10 @@ impl CanalConnection {
             .window
             .fetched(raw.batch_id, raw.frame_bytes, last, deliver);
         if let Some((expected, got)) = fetched.gap {
-            self.on_conflict(expected, got, ctx);
+            self.on_conflict(
+                format!("canal's batch ids jumped from {expected} to {got}"),
+                ctx,
+            );
             return;
         }
         tracing::debug!(

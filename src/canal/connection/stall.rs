@@ -32,12 +32,11 @@ impl CanalConnection {
 
     /// Another process fetched batches as our Canal client: stop, roll back, show it, and try
     /// again after `reconnect_max`.
-    pub(super) fn on_conflict(&mut self, expected: i64, got: i64, ctx: &mut Context<Self>) {
+    pub(super) fn on_conflict(&mut self, evidence: String, ctx: &mut Context<Self>) {
         let e = CanalError::Conflict {
             destination: self.cfg.session.destination.clone(),
             client_id: self.cfg.session.client_id.clone(),
-            expected,
-            got,
+            evidence,
         };
         tracing::error!(error = %e, retry_in = ?self.cfg.reconnect_max, "second client detected");
         self.status.conflicts += 1;
@@ -51,6 +50,26 @@ impl CanalConnection {
                 act.connect(ctx);
             }
         });
+    }
+
+    /// Canal's answer when a batch we ack was already acked or rolled back by another process
+    /// with our client identity: `ack error , clientId:1001 batchId:7 is not exist`.
+    pub(super) fn vanished_batch(e: &CanalError) -> Option<String> {
+        match e {
+            CanalError::Server { message, .. }
+                if message.contains("ack error") && message.contains("is not exist") =>
+            {
+                Some(format!(
+                    "a batch vanished before its ack (canal: {})",
+                    message
+                        .rsplit("exception=")
+                        .next()
+                        .unwrap_or(message)
+                        .trim()
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// `base`, shortened by up to 20% so two conflicting instances do not retry in lockstep.
