@@ -428,7 +428,10 @@ impl<P: Clone> Router<P> {
         let live = batch.epoch == self.epoch && s.enabled && self.batches.contains_key(&batch);
         if let (PartError::Unroutable { ids, reason }, Some((part, mode)), true, OnPoison::Park) =
             (&err, awaited, live, s.policy.on_poison)
-            && !matches!(mode, Mode::ParkIds { .. })
+            // only triggers of a normal run can be re-run as dead letters: a park run's refused
+            // messages may be dead letters themselves (the dead-letter queue is missing), and
+            // re-running would publish nothing for them; that rolls back instead (stall)
+            && mode == Mode::Normal
         {
             // run it again, dead-lettering exactly the triggers the broker refused
             let item = Item {
@@ -545,5 +548,83 @@ impl<P: Clone> Router<P> {
             // a disabled consumer's part holds nothing back: finishing it is not a failure
             self.part_finished(slot, b, true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(id: i64) -> BatchRef {
+        BatchRef { epoch: 1, id }
+    }
+
+    fn process(r: &mut Router<&'static str>) -> Mode {
+        let cmds = r.take_commands();
+        cmds.into_iter()
+            .find_map(|c| match c {
+                Command::Process { mode, .. } => Some(mode),
+                _ => None,
+            })
+            .expect("a Process command")
+    }
+
+    fn unroutable() -> PartError {
+        PartError::Unroutable {
+            ids: vec!["x".into()],
+            reason: "312 NO_ROUTE".into(),
+        }
+    }
+
+    /// A refused trigger of a normal run is re-run as a dead letter; the batch then acks.
+    #[test]
+    fn unroutable_triggers_of_a_normal_run_are_parked() {
+        let mut r = Router::new([true]);
+        r.route(b(1), vec![(0, "part")]);
+        assert_eq!(process(&mut r), Mode::Normal);
+        r.processed(0, b(1), Processed::Published);
+        r.confirmed(0, b(1), Err(unroutable()));
+        assert!(matches!(process(&mut r), Mode::ParkIds { .. }));
+        r.processed(0, b(1), Processed::Published);
+        r.confirmed(0, b(1), Ok(()));
+        assert_eq!(r.take_commands(), vec![Command::Ack(b(1))]);
+    }
+
+    /// Found by the simulation (seed 5051838): a park run whose messages are refused (the
+    /// dead-letter queue itself is missing) must not be "parked" again — re-running would
+    /// publish nothing for a dead letter and the row would be acked unseen. It rolls back.
+    #[test]
+    fn a_refused_park_run_rolls_back_instead_of_acking() {
+        let mut r = Router::with_policies([(
+            true,
+            PoisonPolicy {
+                on_poison: OnPoison::Park,
+                attempts: 1,
+            },
+        )]);
+        r.route(b(1), vec![(0, "part")]);
+        process(&mut r);
+        r.processed(
+            0,
+            b(1),
+            Processed::Failed {
+                retry_in: Duration::ZERO,
+                error: "boom".into(),
+            },
+        );
+        r.take_commands();
+        r.retry(0);
+        assert!(matches!(process(&mut r), Mode::ParkFailures { .. }));
+        r.processed(0, b(1), Processed::Published);
+        r.confirmed(0, b(1), Err(unroutable()));
+        let cmds = r.take_commands();
+        assert!(
+            matches!(cmds.first(), Some(Command::Rollback { batch, .. }) if *batch == b(1)),
+            "{cmds:?}"
+        );
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Ack(_))),
+            "{cmds:?}"
+        );
     }
 }
