@@ -91,7 +91,7 @@ enum Command {
     },
     /// Pass what the Canal stream is stalled at (a frame over canal.max_frame_bytes, an entry
     /// that cannot be decoded), acking it without delivering its rows; TOKEN is what `status`
-    /// shows (`frame:<bytes>` or `batch:<id>`)
+    /// shows (`frame-<n>` or `batch:<id>`)
     Skip {
         token: String,
         #[command(flatten)]

@@ -112,6 +112,7 @@ pub struct ConsumerMetrics {
     pub errors_total: Counter,
     /// Supervisor restarts.
     pub restarts_total: Counter,
+    pub parked_total: Counter,
     /// Now minus the source time of the newest event it handled.
     pub lag_seconds: FloatGauge,
     /// 1 when enabled, 0 when disabled.
@@ -130,6 +131,7 @@ struct ConsumerFamilies {
     triggers_total: Family<ConsumerLabel, PromCounter<u64, AtomicU64>>,
     errors_total: Family<ConsumerLabel, PromCounter<u64, AtomicU64>>,
     restarts_total: Family<ConsumerLabel, PromCounter<u64, AtomicU64>>,
+    parked_total: Family<ConsumerLabel, PromCounter<u64, AtomicU64>>,
     lag_seconds: Family<ConsumerLabel, PromGauge<f64, AtomicU64>>,
     enabled: Family<ConsumerLabel, PromGauge<i64, AtomicI64>>,
 }
@@ -293,6 +295,11 @@ impl Metrics {
             f.restarts_total.clone(),
         );
         r.register(
+            counter_name("consumer_parked_total"),
+            help("Events (or refused triggers) the consumer parked in the dead-letter queue."),
+            f.parked_total.clone(),
+        );
+        r.register(
             "consumer_lag_seconds",
             help(
                 "Seconds between now and the source time of the newest event the consumer handled.",
@@ -328,6 +335,7 @@ impl Metrics {
                     triggers_total: Counter(f.triggers_total.get_or_create_owned(&label)),
                     errors_total: Counter(f.errors_total.get_or_create_owned(&label)),
                     restarts_total: Counter(f.restarts_total.get_or_create_owned(&label)),
+                    parked_total: Counter(f.parked_total.get_or_create_owned(&label)),
                     lag_seconds: FloatGauge(f.lag_seconds.get_or_create_owned(&label)),
                     enabled: Gauge(f.enabled.get_or_create_owned(&label)),
                 })
@@ -346,6 +354,7 @@ impl Metrics {
             f.triggers_total.remove(&label);
             f.errors_total.remove(&label);
             f.restarts_total.remove(&label);
+            f.parked_total.remove(&label);
             f.lag_seconds.remove(&label);
             f.enabled.remove(&label);
         }

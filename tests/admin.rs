@@ -26,6 +26,7 @@ impl Fake {
             triggers: 3,
             errors: 0,
             restarts: 0,
+            parked: 0,
             lag_seconds: None,
             last_error: None,
         }];

@@ -924,7 +924,7 @@ async fn an_oversized_frame_stalls_once_and_skip_passes_it() {
             .output()
             .unwrap()
     };
-    let wrong = cli("frame:1");
+    let wrong = cli("frame-2");
     assert!(!wrong.status.success());
     assert!(
         String::from_utf8_lossy(&wrong.stderr).contains(&token),

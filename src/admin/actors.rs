@@ -107,6 +107,7 @@ pub fn consumer_status(s: &ConsumerStats, now_ms: i64) -> ConsumerStatus {
         triggers: s.triggers,
         errors: s.errors,
         restarts: u64::from(s.restarts),
+        parked: s.parked,
         lag_seconds: s
             .confirmed_executed_at
             .map(|t| (now_ms - t).max(0) as f64 / 1000.0),

@@ -124,6 +124,9 @@ pub struct ConsumerStatus {
     pub triggers: u64,
     pub errors: u64,
     pub restarts: u64,
+    /// Events (or refused triggers) parked in the dead-letter queue.
+    #[serde(default)]
+    pub parked: u64,
     /// Seconds between now and the source time of the newest event it handled.
     #[serde(default)]
     pub lag_seconds: Option<f64>,

@@ -159,6 +159,7 @@ pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
         cm.triggers_total.observe(cs.triggers);
         cm.errors_total.observe(cs.errors);
         cm.restarts_total.observe(cs.restarts);
+        cm.parked_total.observe(cs.parked);
         cm.enabled.set_bool(cs.enabled);
         if let Some(lag) = cs.lag_seconds {
             cm.lag_seconds.set(lag);

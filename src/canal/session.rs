@@ -88,14 +88,14 @@ pub struct SkippedFrame {
     pub frame_bytes: usize,
 }
 
-/// Read a frame header; if it announces more than `cap`, read past the frame (it must announce
-/// exactly `expected`), keeping only its head. `Ok(None)`: the frame is within the cap and
+/// Read a frame header; if it announces more than `cap`, read past the frame (if `expected` is
+/// given, it must announce exactly that many bytes), keeping only its head. `Ok(None)`: the frame is within the cap and
 /// still unread (header included) in `buf`.
 async fn skip_frame(
     io: &mut TcpStream,
     buf: &mut bytes::BytesMut,
     cap: usize,
-    expected: usize,
+    expected: Option<usize>,
 ) -> Result<Option<SkippedFrame>, CanalError> {
     use bytes::Buf as _;
     use tokio::io::AsyncReadExt as _;
@@ -116,7 +116,9 @@ async fn skip_frame(
     if len <= cap {
         return Ok(None);
     }
-    if len != expected {
+    if let Some(expected) = expected
+        && len != expected
+    {
         return Err(CanalError::SkipMismatch { expected, got: len });
     }
     let head_len = HEAD.min(len);
@@ -340,17 +342,17 @@ impl Session {
         }
     }
 
-    /// Fetch like [`Session::get`], except that a MESSAGES frame over the size cap that
-    /// announces exactly `oversized_len` bytes is *skipped*: only its head is read (to learn
+    /// Fetch like [`Session::get`], except that a MESSAGES frame over the size cap (announcing
+    /// exactly `oversized_len` bytes, when given) is *skipped*: only its head is read (to learn
     /// the batch id, which Canal writes first), the rest is read and discarded without being
     /// buffered. The caller must ack the returned batch id to move past it. A frame within the
-    /// cap is returned as usual; an over-cap frame of another size is an error (what was
-    /// approved for skipping is not what arrived).
+    /// cap is returned as usual; an over-cap frame of another size than `oversized_len` is an
+    /// error (what was approved for skipping is not what arrived).
     pub async fn get_skipping_oversized(
         self,
         fetch_size: i32,
         wait: Duration,
-        oversized_len: usize,
+        oversized_len: Option<usize>,
     ) -> (Session, Result<Fetch, CanalError>) {
         let mut session = self;
         let wait_ms = wait.as_millis().min(i64::MAX as u128) as i64;

@@ -30,6 +30,9 @@ use tracing::{debug, error, info, warn};
 
 use super::amqp::{PublisherState, PublisherStatus};
 
+/// How long a broken session waits for the broker's reason before it reports the failure.
+const EXPLAIN_WAIT: Duration = Duration::from_secs(1);
+
 /// The header that identifies one publish on the wire (`<generation>.<seq>`).
 pub(super) const PUBLISH_TAG_HEADER: &str = "canal_consumer_publish";
 
@@ -282,7 +285,7 @@ impl Session {
                 }
                 _ = health.tick() => {
                     if let Some(reason) = self.broken() {
-                        return self.explain(reason);
+                        return self.explain(reason).await;
                     }
                     let blocked = self.conn.status().blocked();
                     let shown = lock(&self.status).state == PublisherState::Blocked;
@@ -378,20 +381,26 @@ impl Session {
         }
     }
 
-    /// Add the broker's own words to `reason` if an error event or a failed confirm is
-    /// already waiting (the status flips before those are delivered).
-    fn explain(&mut self, reason: String) -> String {
-        while let Some(Some(ev)) = self.events.next().now_or_never() {
-            if let Event::Error(e) = ev {
-                return format!("{reason}: {e}");
+    /// Add the broker's own words to `reason` (e.g. `NOT_FOUND - no exchange 'x'`): the channel
+    /// or connection status flips before lapin delivers the close reason, as an error event or
+    /// a failed confirm, so wait briefly for it.
+    async fn explain(&mut self, reason: String) -> String {
+        let deadline = Instant::now() + EXPLAIN_WAIT;
+        loop {
+            tokio::select! {
+                ev = self.events.next() => match ev {
+                    Some(Event::Error(e)) => return format!("{reason}: {e}"),
+                    Some(_) => {}
+                    None => return reason,
+                },
+                Some((_, res)) = self.confirms.next(), if !self.confirms.is_empty() => {
+                    if let Err(e) = res {
+                        return format!("{reason}: {e}");
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return reason,
             }
         }
-        while let Some(Some((_, res))) = self.confirms.next().now_or_never() {
-            if let Err(e) = res {
-                return format!("{reason}: {e}");
-            }
-        }
-        reason
     }
 
     /// Why the connection or channel is unusable, if it is.

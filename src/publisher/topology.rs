@@ -73,8 +73,10 @@ pub async fn ensure_queue(conn: &Connection, q: &QueueConfig) -> Result<(), Publ
     }
 }
 
-/// Declare (or, in `passive` mode, check) the dead-letter queue `<queue>.dead_letter` that
-/// parked events go to: durable, no arguments.
+/// Declare the dead-letter queue `<queue>.dead_letter` that parked events go to (durable, no
+/// arguments) in `declare` mode. In `passive` mode it is only checked, and a missing one is
+/// logged, not refused: parking into it would then be unroutable, which stalls (never loses)
+/// the consumer that parks.
 pub async fn ensure_dead_letter_queue(
     conn: &Connection,
     q: &QueueConfig,
@@ -86,7 +88,17 @@ pub async fn ensure_dead_letter_queue(
         max_priority: None,
         ..QueueConfig::default()
     };
-    ensure_queue(conn, &dlq).await
+    match (ensure_queue(conn, &dlq).await, q.declare) {
+        (Err(e), DeclareMode::Passive) => {
+            tracing::error!(
+                queue = %dlq.name,
+                error = %e,
+                "the dead-letter queue does not exist (amqp.queue.declare = \"passive\"); declare it, or parked rows stall their consumer"
+            );
+            Ok(())
+        }
+        (res, _) => res,
+    }
 }
 
 /// Where one rule (or consumer default) routes, for [`check_routes`].

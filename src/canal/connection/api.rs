@@ -115,7 +115,7 @@ pub struct GetConnectionStatus;
 /// Why the connection stopped fetching, and how to go on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StallInfo {
-    /// What `canal-consumer skip` must be given to pass it (`frame:<bytes>` or `batch:<id>`).
+    /// What `canal-consumer skip` must be given to pass it (`frame-<n>` or `batch:<id>`).
     pub token: String,
     pub reason: String,
     /// The newest position acked before the stall: the stalled rows come after it.

@@ -76,8 +76,10 @@ pub struct CanalConnection {
     filter_waiters: Vec<oneshot::Sender<()>>,
     /// The batch held back by an undecodable entry, while stalled on it.
     held: Option<BatchRef>,
-    /// Skip the next frame over the cap if it announces this many bytes.
-    skip_oversized: Option<usize>,
+    /// Skip the next frame over the cap (the operator approved it with `skip`).
+    skip_oversized: bool,
+    /// Stalls so far (names the `frame-N` skip token).
+    stall_seq: u64,
     need_rollback: bool,
     paused_until: Option<Instant>,
     /// A timer to resume fetching after `paused_until` is set.
@@ -109,7 +111,8 @@ impl CanalConnection {
             need_subscribe: false,
             filter_waiters: Vec::new(),
             held: None,
-            skip_oversized: None,
+            skip_oversized: false,
+            stall_seq: 0,
             need_rollback: false,
             paused_until: None,
             resume_scheduled: false,
@@ -220,7 +223,7 @@ impl CanalConnection {
         self.begin_epoch(&reason, true);
         self.held = None;
         // a skip that did not happen is not retried blindly: the next fetch stalls again
-        self.skip_oversized = None;
+        self.skip_oversized = false;
         if self.state == ConnectionState::Stopped {
             return;
         }
@@ -232,11 +235,13 @@ impl CanalConnection {
         if let CanalError::Frame(crate::canal::codec::FrameError::TooLarge { len, max }) = &e {
             // retrying cannot help: Canal sends the same frame again
             let (len, max) = (*len, *max);
+            self.stall_seq += 1;
+            let token = format!("frame-{}", self.stall_seq);
             self.stall(
-                format!("frame:{len}"),
+                token.clone(),
                 format!("the next batch is a {len}-byte frame, over canal.max_frame_bytes ({max})"),
                 format!(
-                    "raise canal.max_frame_bytes above {len} and restart, or run `canal-consumer skip frame:{len}` to ack it without delivering its rows"
+                    "raise canal.max_frame_bytes above {len} and restart, or run `canal-consumer skip {token}` to ack that batch without delivering its rows"
                 ),
             );
             return;
@@ -333,13 +338,12 @@ impl CanalConnection {
                     .map(|_| Op::Subscribed { filter });
                 (session, r)
             });
-        } else if self.may_fetch()
-            && let Some(len) = self.skip_oversized
-        {
+        } else if self.may_fetch() && self.skip_oversized {
             let epoch = self.window.epoch();
-            let (size, wait) = (self.cfg.fetch_size, self.cfg.fetch_wait);
+            let wait = self.cfg.fetch_wait;
             op = Box::pin(async move {
-                let (session, r) = session.get_skipping_oversized(size, wait, len).await;
+                // the smallest batch Canal makes: the oversized entry and as little else as it can
+                let (session, r) = session.get_skipping_oversized(1, wait, None).await;
                 let r = r.map(|f| match f {
                     Fetch::Batch(raw) => Op::Fetched { epoch, raw },
                     Fetch::Skipped(skipped) => Op::Skipped { epoch, skipped },
@@ -409,7 +413,7 @@ impl CanalConnection {
                 self.on_fetched(epoch, raw, ctx)
             }
             Op::Skipped { epoch, skipped } => {
-                self.skip_oversized = None;
+                self.skip_oversized = false;
                 if epoch == self.window.epoch() {
                     let b = self.window.fetched(skipped.batch_id, 0, None, false);
                     if let Some((expected, got)) = b.gap {

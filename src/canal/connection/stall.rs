@@ -108,12 +108,7 @@ impl Handler<SkipStalled> for CanalConnection {
             return Ok(format!("skipped {}", stall.token));
         }
         // an oversized frame: reconnect and read past it on the next fetch
-        let len = stall
-            .token
-            .strip_prefix("frame:")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| format!("cannot skip {}", stall.token))?;
-        self.skip_oversized = Some(len);
+        self.skip_oversized = true;
         self.status.stall = None;
         self.connect(ctx);
         Ok(format!(
