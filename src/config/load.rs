@@ -305,13 +305,21 @@ fn figment_error(err: figment::Error, sources: &Sources) -> ConfigError {
     })
 }
 
-/// Serde's words for the non-zero integer types, said the way the rest of the checks say it.
+/// Serde's words for the non-zero integer types, said the way the rest of the checks say it:
+/// a zero is "must be greater than 0"; anything else keeps serde's account of what was found.
 fn plain_message(message: String) -> String {
-    if message.contains("expected a nonzero") {
-        "must be greater than 0".into()
-    } else {
-        message
+    let Some(at) = message.find("expected a nonzero") else {
+        return message;
+    };
+    if message.contains("`0`") || message.contains(" 0,") {
+        return "must be greater than 0".into();
     }
+    let wanted = if message[at..].contains("u16") {
+        "expected a port number (1 to 65535)"
+    } else {
+        "expected a whole number greater than 0"
+    };
+    format!("{}{wanted}", &message[..at])
 }
 
 /// Fill in the origin of validation errors.

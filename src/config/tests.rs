@@ -271,6 +271,41 @@ fn zero_where_zero_is_invalid_names_origin_and_key() {
 }
 
 #[test]
+fn a_non_number_for_a_non_zero_key_is_not_called_zero() {
+    for (value, want) in [
+        ("abc", "expected a port number (1 to 65535)"),
+        ("70000", "expected a port number (1 to 65535)"),
+        ("0", "must be greater than 0"),
+    ] {
+        let err = load_from(
+            None,
+            nowhere(),
+            env(&[("CANAL_PORT", value)]),
+            CliOverrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("environment variable CANAL_PORT: key `canal.port`: "),
+            "{err}"
+        );
+        assert!(err.ends_with(want), "{value}: {err}");
+    }
+    let err = load_from(
+        None,
+        nowhere(),
+        env(&[("CANAL_CONSUMER__AMQP__MAX_UNCONFIRMED", "-3")]),
+        CliOverrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.ends_with("expected a whole number greater than 0"),
+        "{err}"
+    );
+}
+
+#[test]
 fn fixed_choices_are_enums_and_name_the_choices() {
     let vars = env(&[("CANAL_CONSUMER__AMQP__QUEUE__QUEUE_TYPE", "stream")]);
     let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
