@@ -535,6 +535,13 @@ impl<P: Clone> Router<P> {
         if enabled {
             s.quarantined = false;
             s.retrying = false;
+            // parts waiting to be dead-lettered because of the quarantine are processed again
+            let skip = usize::from(s.in_consumer);
+            for item in s.queue.iter_mut().skip(skip) {
+                if matches!(item.mode, Mode::ParkAll { .. }) {
+                    item.mode = Mode::Normal;
+                }
+            }
             self.dispatch(slot);
             return;
         }
