@@ -296,12 +296,7 @@ async fn shutdown_on_signal(
 ) {
     let first = signal().await;
     shutting_down.store(true, Ordering::SeqCst);
-    let abandoned_before = control
-        .connection
-        .send(conn::GetConnectionStatus)
-        .await
-        .map(|s| s.abandoned_total)
-        .unwrap_or_default();
+
     tracing::info!(signal = first, deadline = ?deadline, "shutdown requested: finishing batches in flight");
     let started = Instant::now();
     let graceful = async {
@@ -320,8 +315,7 @@ async fn shutdown_on_signal(
     };
     let code = tokio::select! {
         report = graceful => {
-            let abandoned = report.abandoned_total.saturating_sub(abandoned_before);
-            if report.unacked == 0 && abandoned == 0 {
+            if report.all_acked() {
                 tracing::info!(
                     took = ?started.elapsed(),
                     acked_batches = report.acked,
@@ -332,7 +326,9 @@ async fn shutdown_on_signal(
                     took = ?started.elapsed(),
                     acked_batches = report.acked,
                     unacked_batches = report.unacked,
-                    abandoned_batches = abandoned,
+                    abandoned_batches = report.abandoned_total,
+                    fetched = %report.fetched_position.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+                    acked = %report.acked_position.as_ref().map(|p| p.to_string()).unwrap_or_default(),
                     "shutdown complete, but some fetched batches were not acked (a failure or rollback abandoned them); canal redelivers them to the next run"
                 );
             }

@@ -96,15 +96,26 @@ pub struct Shutdown {
 }
 
 /// What a connection left behind when it stopped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
     /// Batches acked to Canal since start.
     pub acked: u64,
     /// Batches fetched and not acked at the end (Canal redelivers them to the next run).
     pub unacked: usize,
     /// Batches abandoned (rolled back or lost with a session) since start: Canal redelivers
-    /// them too. Compare with [`ConnectionStatus::abandoned_total`] taken earlier.
+    /// them too.
     pub abandoned_total: u64,
+    /// Position of the newest event fetched, and of the newest acked: equal when everything
+    /// fetched was acked.
+    pub fetched_position: Option<Position>,
+    pub acked_position: Option<Position>,
+}
+
+impl ShutdownReport {
+    /// Everything fetched was confirmed and acked.
+    pub fn all_acked(&self) -> bool {
+        self.unacked == 0 && self.fetched_position == self.acked_position
+    }
 }
 
 /// Ask for a [`ConnectionStatus`].

@@ -552,6 +552,8 @@ impl CanalConnection {
                 acked: self.status.batches_acked,
                 unacked,
                 abandoned_total: self.status.abandoned_total,
+                fetched_position: self.status.last_position.clone(),
+                acked_position: self.status.acked_position.clone(),
             });
         }
         ctx.stop();
