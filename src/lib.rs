@@ -36,4 +36,5 @@ pub mod publisher;
 pub mod rules;
 pub mod service;
 pub mod state;
+pub mod tap;
 pub mod trigger;

@@ -269,6 +269,8 @@ impl Handler<ProcessBatch> for ConsumerActor {
         }
         let event_errors = self.ctx.take_errors();
         let triggers = self.ctx.take_triggers();
+        // tap hook (issue 9, src/tap.rs): a copy for `canal-consumer tail`; no-op without listeners
+        crate::tap::global().publish(self.consumer.name(), &msg.events, &msg.indices, &triggers);
         let count = triggers.len();
         let (tx, rx) = oneshot::channel();
         if triggers.is_empty() {
