@@ -17,7 +17,8 @@
 //! otherwise never waits: each listener has its own bounded queue, and a line that does not fit
 //! is dropped for that listener and counted. The listener's stream then reports the count as a
 //! line `{"dropped":N}` (N lines dropped since the previous report). Memory is bounded by the
-//! listeners' queue sizes times the line size.
+//! listeners' queue sizes times the line size. An idle stream sends an empty line every
+//! [`KEEPALIVE`], so a reader that went away is noticed and detached.
 
 use crate::event::ChangeEvent;
 use crate::trigger::Trigger;
@@ -33,6 +34,8 @@ use tokio::sync::mpsc;
 pub const DEFAULT_BUFFER: usize = 1024;
 /// The largest queue a listener may ask for.
 pub const MAX_BUFFER: usize = 65536;
+/// An idle stream sends an empty line this often.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What one listener wants to see.
 #[derive(Debug, Clone, Default)]
@@ -220,13 +223,18 @@ impl Drop for Subscription {
 
 impl Subscription {
     /// The next line: a `{"dropped":N}` report when lines were dropped since the last one,
-    /// else the next queued record (waiting for it). `None` once the hub is gone.
+    /// else the next queued record, waiting for it at most [`KEEPALIVE`]; after that, an
+    /// empty line (readers skip it; writing it is how the server notices a reader that went
+    /// away, which detaches it). `None` once the hub is gone.
     pub async fn next_line(&mut self) -> Option<Bytes> {
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             return Some(Bytes::from(format!("{{\"dropped\":{dropped}}}\n")));
         }
-        self.rx.recv().await
+        match tokio::time::timeout(KEEPALIVE, self.rx.recv()).await {
+            Ok(line) => line,
+            Err(_) => Some(Bytes::from_static(b"\n")),
+        }
     }
 
     /// The lines as a stream (for a streaming HTTP body).

@@ -276,7 +276,8 @@ impl TapQuery {
 }
 
 /// Stream the tap of the service at `addr`: `on_line` gets each JSON line (without its
-/// newline) until it returns `false` or the service ends the stream.
+/// newline; the empty keepalive lines are skipped) until it returns `false` or the service
+/// ends the stream.
 pub async fn tap(
     addr: &str,
     token: Option<&Token>,
@@ -310,7 +311,8 @@ pub async fn tap(
             pending.extend_from_slice(&chunk);
             while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=nl).collect();
-                if !on_line(&line[..line.len() - 1]) {
+                // empty lines are the tap's keepalive
+                if line.len() > 1 && !on_line(&line[..line.len() - 1]) {
                     return Ok(());
                 }
             }

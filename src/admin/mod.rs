@@ -64,6 +64,8 @@ pub struct ServiceStatus {
     pub shutting_down: bool,
     /// Canal batches fetched and not yet acked.
     pub batches_in_flight: usize,
+    /// Readers attached to `GET /tap` (filled in by the admin server).
+    pub tap_listeners: usize,
     pub consumers: Vec<ConsumerStatus>,
 }
 

@@ -203,7 +203,9 @@ async fn status(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
     if let Some(r) = refused(&req, &state, Need::Read) {
         return r;
     }
-    HttpResponse::Ok().json(state.control.status().await)
+    let mut s = state.control.status().await;
+    s.tap_listeners = state.tap.listeners();
+    HttpResponse::Ok().json(s)
 }
 
 async fn consumers(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
