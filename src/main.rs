@@ -209,13 +209,19 @@ fn read_events(path: &Path) -> Result<Vec<ChangeEvent>, String> {
     if trimmed.starts_with('[') {
         return serde_json::from_str(trimmed).map_err(|e| format!("{}: {e}", path.display()));
     }
-    // one object, or JSON lines
+    // one object, or JSON lines; lines of the tap (`{"consumer", "event", "triggers"}`, as
+    // `tail` prints them while the service runs) give their event
     let mut out = Vec::new();
     for (i, item) in serde_json::Deserializer::from_str(trimmed)
-        .into_iter::<ChangeEvent>()
+        .into_iter::<serde_json::Value>()
         .enumerate()
     {
-        out.push(item.map_err(|e| format!("{}: event {}: {e}", path.display(), i + 1))?);
+        let at = |e: &dyn std::fmt::Display| format!("{}: event {}: {e}", path.display(), i + 1);
+        let mut v = item.map_err(|e| at(&e))?;
+        if v.get("event").is_some_and(|e| e.is_object()) && v.get("database").is_none() {
+            v = v["event"].take();
+        }
+        out.push(serde_json::from_value(v).map_err(|e| at(&e))?);
     }
     Ok(out)
 }

@@ -195,3 +195,28 @@ fn a_non_loopback_admin_bind_needs_the_opt_in() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("allow_remote = true"));
 }
+
+#[test]
+fn test_reads_the_lines_tail_prints_from_the_tap() {
+    let dir = scratch("taplines");
+    let file = dir.join("tap.jsonl");
+    std::fs::write(
+        &file,
+        r#"{"consumer":"example_consumer","event":{"destination":"example","database":"test_db","table":"users","event_type":"INSERT","data":{"id":41,"name":"Ann"},"position":{"log_file":"mysql-bin.000003","offset":4,"row_index":0},"executed_at":0},"triggers":[]}
+"#,
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "test",
+            "example_consumer",
+            "--event",
+            file.to_str().unwrap(),
+        ],
+        repo(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let messages: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(messages[0]["plugin"], "email_service");
+    assert_eq!(messages[0]["body"]["payload"]["user_id"], 41);
+}
