@@ -21,7 +21,8 @@
 //!
 //! Operating it: [`config`] (layered loading, validation), [`logging`], [`metrics`] (the shared
 //! Prometheus registry), [`state`] (persisted enable/disable), [`admin`] (the admin HTTP
-//! endpoint and its command-line client).
+//! endpoint, its access rules and its command-line client), [`tap`] (what `tail` reads from
+//! the running service).
 
 pub mod admin;
 pub mod canal;

@@ -499,7 +499,7 @@ async fn command_line_client_talks_to_a_real_server() {
     assert!(matches!(err, ClientError::UnknownConsumer(_)), "{err}");
 
     // The tap: the subscription exists once the answer's head arrived; then lines stream.
-    let err = client::tap(&addr, None, &TapQuery::default(), |_| true)
+    let err = client::tap(&addr, None, &TapQuery::default(), || (), |_| true)
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Unauthorized(_)), "{err}");
@@ -529,6 +529,7 @@ async fn command_line_client_talks_to_a_real_server() {
             consumer: Some("example_consumer".into()),
             ..Default::default()
         },
+        || (),
         |l| {
             lines.push(serde_json::from_slice::<serde_json::Value>(l).unwrap());
             false

@@ -275,13 +275,14 @@ impl TapQuery {
     }
 }
 
-/// Stream the tap of the service at `addr`: `on_line` gets each JSON line (without its
-/// newline; the empty keepalive lines are skipped) until it returns `false` or the service
-/// ends the stream.
+/// Stream the tap of the service at `addr`: `on_open` runs once the service accepted the
+/// request, then `on_line` gets each JSON line (without its newline; the empty keepalive lines
+/// are skipped) until it returns `false` or the service ends the stream.
 pub async fn tap(
     addr: &str,
     token: Option<&Token>,
     query: &TapQuery,
+    on_open: impl FnOnce(),
     mut on_line: impl FnMut(&[u8]) -> bool,
 ) -> Result<(), ClientError> {
     local(async {
@@ -302,6 +303,7 @@ pub async fn tap(
                 },
             });
         }
+        on_open();
         let mut pending: Vec<u8> = Vec::new();
         while let Some(chunk) = resp.next().await {
             let chunk = chunk.map_err(|e| ClientError::Io {

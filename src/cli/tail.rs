@@ -82,8 +82,9 @@ pub fn run(cfg: &Config, args: TailArgs) -> i32 {
             if limit == Some(0) {
                 return 0;
             }
-            eprintln!("tail: reading the running service's tap at {addr} (read-only)");
-            rt.block_on(client::tap(&addr, token.as_ref(), &query, |line| {
+            let open =
+                || eprintln!("tail: reading the running service's tap at {addr} (read-only)");
+            rt.block_on(client::tap(&addr, token.as_ref(), &query, open, |line| {
                 if let Some(n) = dropped(line) {
                     eprintln!("tail: the tap dropped {n} events (this reader is too slow)");
                     return true;
