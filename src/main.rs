@@ -97,7 +97,7 @@ enum Command {
         #[arg(long, value_name = "LINES")]
         buffer: Option<usize>,
         /// Reading Canal directly: subscription filter (comma-separated regexes on
-        /// schema.table); refused while the service runs
+        /// schema.table; default: --table when given); refused while the service runs
         #[arg(long, default_value = "")]
         filter: String,
         /// Stop after N events

@@ -31,7 +31,8 @@ pub struct TailArgs {
     pub fired: bool,
     /// Tap only: the service-side queue for this reader, in lines.
     pub buffer: Option<usize>,
-    /// Direct only: Canal subscription filter.
+    /// Direct only: Canal subscription filter (default: `table` when given, else the current
+    /// subscription).
     pub filter: String,
     /// Direct only: ack what was printed.
     pub ack: bool,
@@ -153,8 +154,14 @@ pub fn run(cfg: &Config, args: TailArgs) -> i32 {
         "tail: {why}; reading Canal directly at {}:{}, destination {}, as client id {}; {after}",
         c.host, c.port, c.destination, c.client_id
     );
+    // Canal keeps one subscription per client id: without --filter, subscribe to what --table
+    // asks for (else the previous subscriber's filter, whatever it was, would stay in force).
+    let filter = match (args.filter.is_empty(), &args.table) {
+        (true, Some(t)) => t.clone(),
+        _ => args.filter,
+    };
     run_direct(TailOptions {
-        connection: cfg.canal.connection(args.filter, true),
+        connection: cfg.canal.connection(filter, true),
         limit: args.limit,
         ack: args.ack,
         table,
