@@ -220,3 +220,51 @@ fn test_reads_the_lines_tail_prints_from_the_tap() {
     assert_eq!(messages[0]["plugin"], "email_service");
     assert_eq!(messages[0]["body"]["payload"]["user_id"], 41);
 }
+
+#[test]
+fn tail_without_a_service_says_it_reads_canal_directly_and_as_whom() {
+    // tap-only options need the running service
+    let out = run(
+        &["tail", "--admin-bind", "127.0.0.1:1", "--consumer", "x"],
+        repo(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("need the running service's tap"),
+        "{}",
+        text(&out.stderr)
+    );
+    // no admin endpoint answers: it says so before touching Canal (nothing listens on port 1)
+    let mut child = Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+        .args([
+            "tail",
+            "--admin-bind",
+            "127.0.0.1:1",
+            "--port",
+            "1",
+            "--client-id",
+            "4242",
+        ])
+        .current_dir(repo())
+        .env_remove("RUST_LOG")
+        .env_remove("CANAL_HOST")
+        .env_remove("CANAL_DESTINATION")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stderr.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        first.trim_end(),
+        "tail: canal-consumer is not running (no admin endpoint at 127.0.0.1:1); reading Canal \
+         directly at 127.0.0.1:1, destination example, as client id 4242; it rolls back on exit, \
+         so nothing is consumed"
+    );
+}
