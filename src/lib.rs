@@ -21,7 +21,8 @@
 //!
 //! Operating it: [`config`] (layered loading, validation), [`logging`], [`metrics`] (the shared
 //! Prometheus registry), [`state`] (persisted enable/disable), [`admin`] (the admin HTTP
-//! endpoint and its command-line client), [`backoff`] (the one exponential-backoff policy).
+//! endpoint, its access rules and its command-line client), [`tap`] (what `tail` reads from
+//! the running service), [`backoff`] (the one exponential-backoff policy).
 
 pub mod admin;
 pub mod backoff;
@@ -38,4 +39,5 @@ pub mod publisher;
 pub mod rules;
 pub mod service;
 pub mod state;
+pub mod tap;
 pub mod trigger;

@@ -5,6 +5,14 @@
 //! set, the same events to that file (e.g. `logs/app.log`, which the reference tails), written
 //! by a background thread. The level is `log.level`, unless `RUST_LOG` is set, which wins.
 //!
+//! Row data never reaches the logs at the default level. Our own code logs events and messages
+//! by position and id only; the one dependency that logs message bodies is lapin, which logs
+//! every message the broker returns (unroutable, mandatory) with its whole body at WARN under
+//! the target `lapin::returned_messages`. [`filter`] therefore adds
+//! `lapin::returned_messages=error` to whatever filter is in force (`log.level` or `RUST_LOG`)
+//! unless that filter names this target itself, e.g. `info,lapin::returned_messages=warn` to
+//! see the bodies when debugging. Our publisher logs each return with its message id.
+//!
 //! Keep the returned [`LogGuard`] alive for the life of the process: dropping it flushes the
 //! file writer. How it fails: an invalid filter, a log file that cannot be opened, or a
 //! subscriber already installed is a [`LoggingError`]; nothing is installed then. (Loading the
@@ -42,20 +50,37 @@ pub struct LogGuard {
 
 type BoxLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
-/// The filter: `RUST_LOG` when set and not empty, else `level`.
-pub fn filter(level: &str) -> Result<EnvFilter, LoggingError> {
-    match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).map_err(|e| LoggingError::Filter {
-            filter: v,
-            origin: "RUST_LOG",
-            message: e.to_string(),
-        }),
-        _ => EnvFilter::try_new(level).map_err(|e| LoggingError::Filter {
-            filter: level.to_string(),
-            origin: "log.level",
-            message: e.to_string(),
-        }),
+/// Log targets of dependencies that write message bodies (row data), held at ERROR unless a
+/// filter names them. See the module docs.
+pub const BODY_TARGETS: &[&str] = &["lapin::returned_messages"];
+
+/// `filter` with every [`BODY_TARGETS`] entry it does not name held at ERROR.
+pub fn with_privacy(filter: &str) -> String {
+    let mut out = filter.trim().to_string();
+    if out.is_empty() {
+        return out; // EnvFilter's own default: ERROR only
     }
+    for target in BODY_TARGETS {
+        if !out.contains(target) {
+            out.push(',');
+            out.push_str(target);
+            out.push_str("=error");
+        }
+    }
+    out
+}
+
+/// The filter: `RUST_LOG` when set and not empty, else `level`; with [`with_privacy`].
+pub fn filter(level: &str) -> Result<EnvFilter, LoggingError> {
+    let (text, origin) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => (v, "RUST_LOG"),
+        _ => (level.to_string(), "log.level"),
+    };
+    EnvFilter::try_new(with_privacy(&text)).map_err(|e| LoggingError::Filter {
+        filter: text,
+        origin,
+        message: e.to_string(),
+    })
 }
 
 fn layer<W>(json: bool, ansi: bool, writer: W) -> BoxLayer
@@ -110,6 +135,20 @@ pub fn init(cfg: &LogConfig) -> Result<LogGuard, LoggingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_targets_are_held_at_error_unless_named() {
+        assert_eq!(with_privacy("info"), "info,lapin::returned_messages=error");
+        assert_eq!(
+            with_privacy("debug,lapin=trace"),
+            "debug,lapin=trace,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            with_privacy("info,lapin::returned_messages=warn"),
+            "info,lapin::returned_messages=warn"
+        );
+        assert_eq!(with_privacy(""), "");
+    }
 
     #[test]
     fn a_bad_level_is_an_error() {

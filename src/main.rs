@@ -3,6 +3,7 @@
 //! Every command reads the same layered configuration (defaults < `--config` file or
 //! `config/canal-consumer.toml` < environment < flags); see `config`.
 
+use canal_consumer::admin::access::{Token, check_bind, token_path};
 use canal_consumer::admin::client;
 use canal_consumer::config::{self, CanalFlags, CliOverrides, Config, ServiceFlags};
 use canal_consumer::event::ChangeEvent;
@@ -35,18 +36,34 @@ enum Command {
         #[command(flatten)]
         service: ServiceFlags,
     },
-    /// Print change events as JSON lines (rolls back on exit unless --ack)
+    /// Print change events as JSON lines: from the running service's tap (read-only, needs
+    /// the admin token), or, only when no service answers, from Canal directly
     Tail {
         #[command(flatten)]
         canal: CanalFlags,
-        /// Canal subscription filter (comma-separated regexes on schema.table); empty keeps
-        /// the current subscription
+        #[command(flatten)]
+        service: ServiceFlags,
+        /// Only tables whose `database.table` matches this regex
+        #[arg(long, value_name = "REGEX")]
+        table: Option<String>,
+        /// Tap: only this consumer's events
+        #[arg(long, value_name = "NAME")]
+        consumer: Option<String>,
+        /// Tap: only events that fired a trigger
+        #[arg(long)]
+        fired: bool,
+        /// Tap: lines the service queues for this reader before dropping (default 1024)
+        #[arg(long, value_name = "LINES")]
+        buffer: Option<usize>,
+        /// Reading Canal directly: subscription filter (comma-separated regexes on
+        /// schema.table; default: --table when given); refused while the service runs
         #[arg(long, default_value = "")]
         filter: String,
         /// Stop after N events
         #[arg(long)]
         limit: Option<u64>,
-        /// Acknowledge printed batches (they will not be delivered again)
+        /// Reading Canal directly: acknowledge printed batches (they will not be delivered
+        /// again); refused while the service runs
         #[arg(long)]
         ack: bool,
     },
@@ -179,13 +196,19 @@ fn read_events(path: &Path) -> Result<Vec<ChangeEvent>, String> {
     if trimmed.starts_with('[') {
         return serde_json::from_str(trimmed).map_err(|e| format!("{}: {e}", path.display()));
     }
-    // one object, or JSON lines
+    // one object, or JSON lines; lines of the tap (`{"consumer", "event", "triggers"}`, as
+    // `tail` prints them while the service runs) give their event
     let mut out = Vec::new();
     for (i, item) in serde_json::Deserializer::from_str(trimmed)
-        .into_iter::<ChangeEvent>()
+        .into_iter::<serde_json::Value>()
         .enumerate()
     {
-        out.push(item.map_err(|e| format!("{}: event {}: {e}", path.display(), i + 1))?);
+        let at = |e: &dyn std::fmt::Display| format!("{}: event {}: {e}", path.display(), i + 1);
+        let mut v = item.map_err(|e| at(&e))?;
+        if v.get("event").is_some_and(|e| e.is_object()) && v.get("database").is_none() {
+            v = v["event"].take();
+        }
+        out.push(serde_json::from_value(v).map_err(|e| at(&e))?);
     }
     Ok(out)
 }
@@ -196,26 +219,39 @@ fn run(cli: Cli) -> Result<i32, i32> {
     Ok(match cli.command {
         Command::Start { canal, service } => {
             let cfg = load(file, overrides(&canal, &service))?;
+            check_bind(&cfg).map_err(usage_error)?;
             let _guard = logging::init(&cfg.log).map_err(usage_error)?;
             service::run(cfg)
         }
         Command::Tail {
             canal,
+            service,
+            table,
+            consumer,
+            fired,
+            buffer,
             filter,
             limit,
             ack,
         } => {
-            let cfg = load(file, overrides(&canal, &ServiceFlags::default()))?;
+            let cfg = load(file, overrides(&canal, &service))?;
             let mut log = cfg.log.clone();
             if std::env::var_os("RUST_LOG").is_none() {
                 log.level = "warn".into();
             }
             let _guard = logging::init(&log).map_err(usage_error)?;
-            cli::tail::run(cli::tail::TailOptions {
-                connection: cfg.canal.connection(filter, true),
-                limit,
-                ack,
-            })
+            cli::tail::run(
+                &cfg,
+                cli::tail::TailArgs {
+                    table,
+                    consumer,
+                    fired,
+                    buffer,
+                    filter,
+                    ack,
+                    limit,
+                },
+            )
         }
         Command::List { json, service } => {
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
@@ -266,12 +302,30 @@ fn run(cli: Cli) -> Result<i32, i32> {
                 return Err(1);
             }
             let state = StateFile::new(&cfg.consumers.state_file);
-            print_or_exit(block_on(client::set_enabled(
+            let token_file = token_path(&cfg);
+            let token = Token::read(&token_file);
+            let r = block_on(client::set_enabled(
                 &cfg.admin.bind,
+                token.as_ref().ok().and_then(Option::as_ref),
                 &state,
                 &name,
                 enabled,
-            )))
+            ));
+            if let Err(client::ClientError::Unauthorized(_)) = &r {
+                match &token {
+                    Ok(None) => eprintln!(
+                        "hint: the admin token file {} does not exist (key admin.token_file)",
+                        token_file.display()
+                    ),
+                    Err(e) => eprintln!("hint: {e}"),
+                    Ok(Some(_)) => eprintln!(
+                        "hint: the token in {} is not the running service's (key \
+                         admin.token_file)",
+                        token_file.display()
+                    ),
+                }
+            }
+            print_or_exit(r)
         }
         Command::Test {
             name,
@@ -293,7 +347,12 @@ fn run(cli: Cli) -> Result<i32, i32> {
         }
         Command::Skip { token, service } => {
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
-            print_or_exit(block_on(client::skip(&cfg.admin.bind, &token)))
+            let auth = Token::read(&token_path(&cfg));
+            print_or_exit(block_on(client::skip(
+                &cfg.admin.bind,
+                auth.as_ref().ok().and_then(Option::as_ref),
+                &token,
+            )))
         }
         Command::Dlq { action, service } => {
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
@@ -313,6 +372,7 @@ fn run(cli: Cli) -> Result<i32, i32> {
         } => {
             let path = f.as_deref().or(file);
             let cfg = load(path, overrides(&canal, &service))?;
+            check_bind(&cfg).map_err(usage_error)?;
             let specs = service::load_consumers(&cfg).map_err(usage_error)?;
             print!("{}", cfg.to_redacted_toml());
             println!(

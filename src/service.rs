@@ -241,14 +241,10 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         shutting_down: shutting_down.clone(),
     };
     let admin_handle = if cfg.admin.enabled {
-        let server = admin::serve(
-            &cfg.admin.bind,
-            admin::server::AdminState {
-                control: Arc::new(control),
-                metrics: metrics.clone(),
-                state_file: Some(StateFile::new(&cfg.consumers.state_file)),
-            },
-        )?;
+        // issue 9: token, Host/Origin rules and the tap come with the admin state
+        let state =
+            admin::server::AdminState::for_service(&cfg, Arc::new(control), metrics.clone())?;
+        let server = admin::serve(&cfg.admin.bind, state)?;
         let handle = server.handle.clone();
         actix::spawn(async move {
             if let Err(e) = server.server.await {

@@ -21,6 +21,8 @@
 //!
 //! A failing seed reproduces exactly: `SIM_SEED=1234 cargo test --test delivery_sim -- --nocapture`.
 //! More seeds: `SIM_SEEDS=1000000 cargo test --release --test delivery_sim` (see README).
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 use canal_consumer::canal::window::{BatchRef, BatchWindow};
 use canal_consumer::event::{EventType, Position};

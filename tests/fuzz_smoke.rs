@@ -3,6 +3,8 @@
 //! transaction boundaries, DDL) and mutations of them: bit flips, truncation, splices, length
 //! fields rewritten, plus pure noise. Every target must return without panicking, and the frame
 //! codec must never buffer more than one capped frame (checked inside `canal::fuzz::frames`).
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
 
 use canal_consumer::canal::fuzz;
 use canal_consumer::canal::proto::entry::{

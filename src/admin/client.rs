@@ -1,28 +1,38 @@
 //! The command line's side of the admin endpoint: `status [--json]`, `list [--json]`,
-//! `enable NAME`, `disable NAME`.
+//! `enable NAME`, `disable NAME`, and the tap of `tail`.
 //!
-//! A deliberately tiny HTTP/1.1 client over a tokio `TcpStream` (one request per connection,
-//! `Connection: close`, fixed-length or chunked bodies), so the command line needs no HTTP
-//! crate. `status` renders a compact table meant for `watch -n 5 canal-consumer status`.
+//! HTTP goes through `awc`, actix's maintained client (it shares `actix-http` with the server,
+//! so it adds little to the build). `awc` spawns its connection tasks on the current thread,
+//! so every call here runs inside its own `tokio::task::LocalSet`: callers can be on any
+//! current-thread tokio runtime (the command line's, `#[tokio::test]`, an actix System).
+//! State-changing calls and the tap send the admin token as `Authorization: Bearer` (see
+//! [`super::access`]); `status` renders a compact table meant for `watch -n 5 canal-consumer
+//! status`.
 //!
 //! How it fails: no listener at the admin address is [`ClientError::NotRunning`], whose message
 //! says so plainly; `enable`/`disable` then write the state file directly and say the change
-//! applies at the next start. Other failures (timeouts, HTTP errors, an unreadable answer) are
-//! the other [`ClientError`] variants. Every error maps to a non-zero exit code.
+//! applies at the next start. A refused token is [`ClientError::Unauthorized`]. Other failures
+//! (timeouts, HTTP errors, an unreadable answer) are the other [`ClientError`] variants. Every
+//! error maps to a non-zero exit code.
 
+use super::access::Token;
 use super::now_ms;
 use crate::state::{StateError, StateFile};
+use awc::error::{ConnectError, SendRequestError};
+use awc::http::Method;
+use futures::StreamExt;
 use serde_json::Value;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-/// How long to wait for the connection, and then for the whole answer.
+/// How long to wait for the connection, and then for the answer's head.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest answer read.
+/// Largest answer read (the tap's stream is read line by line, without this limit).
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// Longest tap line accepted.
+const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -32,6 +42,8 @@ pub enum ClientError {
     Io { addr: String, message: String },
     #[error("no consumer named `{0}` (see `canal-consumer list`)")]
     UnknownConsumer(String),
+    #[error("admin endpoint refused the call (401): {0}")]
+    Unauthorized(String),
     #[error("admin endpoint answered {status}: {body}")]
     Http { status: u16, body: String },
     #[error("admin endpoint sent an answer that cannot be read: {0}")]
@@ -69,151 +81,108 @@ pub fn connect_addr(bind: &str) -> String {
     }
 }
 
-/// One request, one answer.
-pub async fn request(addr: &str, method: &str, path: &str) -> Result<Response, ClientError> {
-    let io = |e: &dyn std::fmt::Display| ClientError::Io {
-        addr: addr.to_string(),
-        message: e.to_string(),
-    };
-    let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Err(_) => return Err(io(&"connection timed out")),
-        Ok(Err(e))
+/// Run `f` on a `LocalSet` of its own (awc spawns local tasks).
+async fn local<F: Future>(f: F) -> F::Output {
+    tokio::task::LocalSet::new().run_until(f).await
+}
+
+fn http_client() -> awc::Client {
+    awc::Client::builder()
+        .connector(awc::Connector::new().timeout(CONNECT_TIMEOUT))
+        .timeout(RESPONSE_TIMEOUT)
+        .add_default_header((
+            awc::http::header::USER_AGENT,
+            concat!("canal-consumer/", env!("CARGO_PKG_VERSION")),
+        ))
+        .finish()
+}
+
+fn send_error(addr: &str, e: SendRequestError) -> ClientError {
+    match e {
+        SendRequestError::Connect(ConnectError::Io(io))
             if matches!(
-                e.kind(),
+                io.kind(),
                 std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
             ) =>
         {
-            return Err(ClientError::NotRunning {
+            ClientError::NotRunning {
                 addr: addr.to_string(),
-            });
-        }
-        Ok(Err(e)) => return Err(io(&e)),
-        Ok(Ok(s)) => s,
-    };
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: canal-consumer/{}\r\n\
-         Accept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    let exchange = async {
-        stream.write_all(head.as_bytes()).await?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.len() > MAX_RESPONSE_BYTES {
-                break;
-            }
-            // Stop early once a fixed-length answer is complete (some servers keep the
-            // connection open despite `Connection: close`).
-            if let Some(total) = complete_length(&buf)
-                && buf.len() >= total
-            {
-                break;
             }
         }
-        Ok::<_, std::io::Error>(buf)
-    };
-    let raw = match tokio::time::timeout(RESPONSE_TIMEOUT, exchange).await {
-        Err(_) => return Err(io(&"no answer within 10s")),
-        Ok(Err(e)) => return Err(io(&e)),
-        Ok(Ok(raw)) => raw,
-    };
-    parse_response(&raw)
-}
-
-/// Header length + Content-Length, when the head is complete and has a Content-Length.
-fn complete_length(buf: &[u8]) -> Option<usize> {
-    let end = find(buf, b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let len = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| v.trim().parse::<usize>().ok())?
-    })?;
-    Some(end + len)
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Parse a full HTTP/1.1 answer.
-pub fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {
-    let bad = |m: &str| ClientError::BadResponse(m.to_string());
-    let end = find(raw, b"\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("headers are not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .filter(|_| status_line.starts_with("HTTP/1."))
-        .ok_or_else(|| bad("no HTTP status line"))?;
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            let (k, v) = (k.trim(), v.trim());
-            if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            } else if k.eq_ignore_ascii_case("content-length") {
-                length = v.parse::<usize>().ok();
-            }
-        }
+        SendRequestError::Connect(ConnectError::Timeout) => ClientError::Io {
+            addr: addr.to_string(),
+            message: "connection timed out".into(),
+        },
+        SendRequestError::Timeout => ClientError::Io {
+            addr: addr.to_string(),
+            message: format!("no answer within {}s", RESPONSE_TIMEOUT.as_secs()),
+        },
+        e => ClientError::Io {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        },
     }
-    let rest = &raw[end + 4..];
-    let body = if chunked {
-        dechunk(rest).ok_or_else(|| bad("broken chunked body"))?
-    } else if let Some(n) = length {
-        rest.get(..n)
-            .ok_or_else(|| bad("body shorter than Content-Length"))?
-            .to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(Response {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
+}
+
+fn method(m: &str) -> Method {
+    Method::from_bytes(m.as_bytes()).unwrap_or(Method::GET)
+}
+
+/// One request without the token, one answer.
+pub async fn request(addr: &str, method: &str, path: &str) -> Result<Response, ClientError> {
+    request_with(addr, method, path, None).await
+}
+
+/// One request, with the token when given, one answer.
+pub async fn request_with(
+    addr: &str,
+    verb: &str,
+    path: &str,
+    token: Option<&Token>,
+) -> Result<Response, ClientError> {
+    local(async {
+        let url = format!("http://{addr}{path}");
+        let mut req = http_client().request(method(verb), url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t.expose());
+        }
+        let mut resp = req.send().await.map_err(|e| send_error(addr, e))?;
+        let body = resp
+            .body()
+            .limit(MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| ClientError::BadResponse(e.to_string()))?;
+        Ok(Response {
+            status: resp.status().as_u16(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
     })
+    .await
 }
 
-fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = find(rest, b"\r\n")?;
-        let size_text = std::str::from_utf8(&rest[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(rest.get(..size)?);
-        rest = rest.get(size + 2..)?;
-    }
+/// The reason in an error answer `{"error": "..."}`, else the body.
+fn reason(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| body.trim().to_string())
 }
 
-fn ok_json(addr: &str, r: Response) -> Result<Value, ClientError> {
-    let _ = addr;
-    if r.status != 200 {
-        return Err(ClientError::Http {
-            status: r.status,
+fn ok_json(r: Response) -> Result<Value, ClientError> {
+    match r.status {
+        200 => serde_json::from_str(&r.body).map_err(|e| ClientError::BadResponse(e.to_string())),
+        401 => Err(ClientError::Unauthorized(reason(&r.body))),
+        status => Err(ClientError::Http {
+            status,
             body: r.body.trim().to_string(),
-        });
+        }),
     }
-    serde_json::from_str(&r.body).map_err(|e| ClientError::BadResponse(e.to_string()))
 }
 
 /// `GET /status` as JSON.
 pub async fn fetch_status(addr: &str) -> Result<Value, ClientError> {
     let r = request(addr, "GET", "/status").await?;
-    ok_json(addr, r)
+    ok_json(r)
 }
 
 /// `canal-consumer status [--json]`: the rendered status (or its JSON, pretty-printed).
@@ -231,7 +200,7 @@ pub async fn status(bind: &str, json: bool) -> Result<String, ClientError> {
 pub async fn list(bind: &str, json: bool) -> Result<String, ClientError> {
     let addr = connect_addr(bind);
     let r = request(&addr, "GET", "/consumers").await?;
-    let v = ok_json(&addr, r)?;
+    let v = ok_json(r)?;
     if json {
         Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
     } else {
@@ -239,11 +208,12 @@ pub async fn list(bind: &str, json: bool) -> Result<String, ClientError> {
     }
 }
 
-/// `canal-consumer enable|disable NAME`: live through the admin endpoint, or, when the service
-/// is not running, written to `state_file` to apply at the next start. The name is not checked
-/// against the consumer definitions in that case.
+/// `canal-consumer enable|disable NAME`: live through the admin endpoint (with the admin
+/// token), or, when the service is not running, written to `state_file` to apply at the next
+/// start. The name is not checked against the consumer definitions in that case.
 pub async fn set_enabled(
     bind: &str,
+    token: Option<&Token>,
     state_file: &StateFile,
     name: &str,
     enabled: bool,
@@ -252,9 +222,10 @@ pub async fn set_enabled(
     let verb = if enabled { "enable" } else { "disable" };
     let done = if enabled { "enabled" } else { "disabled" };
     let path = format!("/consumers/{}/{verb}", percent_encode(name));
-    match request(&addr, "POST", &path).await {
+    match request_with(&addr, "POST", &path, token).await {
         Ok(r) if r.status == 200 => Ok(format!("{name}: {done} (live, saved)\n")),
         Ok(r) if r.status == 404 => Err(ClientError::UnknownConsumer(name.to_string())),
+        Ok(r) if r.status == 401 => Err(ClientError::Unauthorized(reason(&r.body))),
         Ok(r) => Err(ClientError::Http {
             status: r.status,
             body: r.body.trim().to_string(),
@@ -271,19 +242,108 @@ pub async fn set_enabled(
     }
 }
 
-/// `canal-consumer skip TOKEN`: pass what the running service's Canal stream is stalled at.
-pub async fn skip(bind: &str, token: &str) -> Result<String, ClientError> {
+/// `canal-consumer skip TOKEN`: pass what the running service's Canal stream is stalled at
+/// (needs the admin credential, like `enable`/`disable`).
+pub async fn skip(bind: &str, auth: Option<&Token>, token: &str) -> Result<String, ClientError> {
     let addr = connect_addr(bind);
     let path = format!("/canal/skip/{}", percent_encode(token));
-    let r = request(&addr, "POST", &path).await?;
-    if r.status == 200 {
-        let v: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
-        return Ok(format!("{}\n", s(&v, "result")));
+    let r = request_with(&addr, "POST", &path, auth).await?;
+    match r.status {
+        200 => {
+            let v: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+            Ok(format!("{}\n", s(&v, "result")))
+        }
+        401 => Err(ClientError::Unauthorized(reason(&r.body))),
+        status => Err(ClientError::Http {
+            status,
+            body: r.body.trim().to_string(),
+        }),
     }
-    Err(ClientError::Http {
-        status: r.status,
-        body: r.body.trim().to_string(),
+}
+
+/// What `tail` asks the tap for.
+#[derive(Debug, Clone, Default)]
+pub struct TapQuery {
+    pub table: Option<String>,
+    pub consumer: Option<String>,
+    pub fired: bool,
+    pub buffer: Option<usize>,
+}
+
+impl TapQuery {
+    /// The request path, `/tap?...`.
+    pub fn path(&self) -> String {
+        let mut q = Vec::new();
+        if let Some(t) = &self.table {
+            q.push(format!("table={}", percent_encode(t)));
+        }
+        if let Some(c) = &self.consumer {
+            q.push(format!("consumer={}", percent_encode(c)));
+        }
+        if self.fired {
+            q.push("fired=true".into());
+        }
+        if let Some(b) = self.buffer {
+            q.push(format!("buffer={b}"));
+        }
+        if q.is_empty() {
+            "/tap".into()
+        } else {
+            format!("/tap?{}", q.join("&"))
+        }
+    }
+}
+
+/// Stream the tap of the service at `addr`: `on_open` runs once the service accepted the
+/// request, then `on_line` gets each JSON line (without its newline; the empty keepalive lines
+/// are skipped) until it returns `false` or the service ends the stream.
+pub async fn tap(
+    addr: &str,
+    token: Option<&Token>,
+    query: &TapQuery,
+    on_open: impl FnOnce(),
+    mut on_line: impl FnMut(&[u8]) -> bool,
+) -> Result<(), ClientError> {
+    local(async {
+        let url = format!("http://{addr}{}", query.path());
+        let mut req = http_client().get(url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t.expose());
+        }
+        let mut resp = req.send().await.map_err(|e| send_error(addr, e))?;
+        if resp.status().as_u16() != 200 {
+            let body = resp.body().limit(64 * 1024).await.unwrap_or_default();
+            let body = String::from_utf8_lossy(&body).into_owned();
+            return Err(match resp.status().as_u16() {
+                401 => ClientError::Unauthorized(reason(&body)),
+                status => ClientError::Http {
+                    status,
+                    body: reason(&body),
+                },
+            });
+        }
+        on_open();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(chunk) = resp.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Io {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?;
+            pending.extend_from_slice(&chunk);
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                // empty lines are the tap's keepalive
+                if line.len() > 1 && !on_line(&line[..line.len() - 1]) {
+                    return Ok(());
+                }
+            }
+            if pending.len() > MAX_LINE_BYTES {
+                return Err(ClientError::BadResponse("tap line too long".into()));
+            }
+        }
+        Ok(())
     })
+    .await
 }
 
 fn percent_encode(s: &str) -> String {
@@ -527,22 +587,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_fixed_and_chunked_answers() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\nextra").unwrap();
+    fn tap_query_paths_are_encoded() {
+        assert_eq!(TapQuery::default().path(), "/tap");
+        let q = TapQuery {
+            table: Some(r"^test_db\.(users|orders)$".into()),
+            consumer: Some("example_consumer".into()),
+            fired: true,
+            buffer: Some(8),
+        };
         assert_eq!(
-            r,
-            Response {
-                status: 200,
-                body: "ok\n".into()
-            }
+            q.path(),
+            "/tap?table=%5Etest_db%5C.%28users%7Corders%29%24&consumer=example_consumer&fired=true&buffer=8"
         );
-        let r = parse_response(
-            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nnot \r\n5\r\nready\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(r.status, 503);
-        assert_eq!(r.body, "not ready");
-        assert!(parse_response(b"garbage").is_err());
     }
 
     #[test]

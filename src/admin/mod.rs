@@ -1,11 +1,13 @@
 //! The admin endpoint: how operators and the command line see and steer the running service.
 //!
 //! - [`server`]: the actix-web HTTP server (`/health`, `/ready`, `/status`, `/metrics`,
-//!   `/consumers`, `POST /consumers/{name}/enable|disable`), bound to `admin.bind`.
+//!   `/consumers`, `POST /consumers/{name}/enable|disable`, `GET /tap`), bound to `admin.bind`.
+//! - [`access`]: who may call it: the admin token (state-changing calls and the tap) and the
+//!   `Host`/`Origin` rules that keep web pages out.
 //! - [`actors`]: [`ActorControl`], the [`Control`] of the running service over the actors'
 //!   messages.
-//! - [`client`]: the other side, used by `canal-consumer status|list|enable|disable`: a tiny
-//!   HTTP/1.1 client and the human rendering of the status.
+//! - [`client`]: the other side, used by `canal-consumer status|list|enable|disable|tail`: an
+//!   `awc` client that sends the token, and the human rendering of the status.
 //!
 //! The server knows nothing about actors. It asks a [`Control`] (implemented by whoever owns
 //! the pipeline, the Manager) for a [`ServiceStatus`] and to enable or disable a consumer, so it
@@ -13,6 +15,7 @@
 //! [`AdminError::Bind`] at start; at run time a request that cannot be served is an HTTP error
 //! status with a one-line reason, never a crash.
 
+pub mod access;
 pub mod actors;
 pub mod client;
 pub mod server;
@@ -67,6 +70,8 @@ pub struct ServiceStatus {
     pub shutting_down: bool,
     /// Canal batches fetched and not yet acked.
     pub batches_in_flight: usize,
+    /// Readers attached to `GET /tap` (filled in by the admin server).
+    pub tap_listeners: usize,
     pub consumers: Vec<ConsumerStatus>,
 }
 
@@ -151,6 +156,9 @@ pub enum AdminError {
     Internal(String),
     #[error("admin endpoint: cannot listen on {addr}: {message}")]
     Bind { addr: String, message: String },
+    /// The admin credential or the bind policy stops the start.
+    #[error("{0}")]
+    Credential(String),
 }
 
 #[cfg(test)]

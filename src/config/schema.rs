@@ -272,6 +272,10 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// `host:port`; loopback by default.
     pub bind: String,
+    /// Binding a non-loopback address needs this opt-in (see `admin::access`).
+    pub allow_remote: bool,
+    /// The admin token file; default `admin.token` beside `consumers.state_file`.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -279,6 +283,8 @@ impl Default for AdminConfig {
         AdminConfig {
             enabled: true,
             bind: "127.0.0.1:9090".into(),
+            allow_remote: false,
+            token_file: None,
         }
     }
 }

@@ -337,10 +337,13 @@ impl ConsumerActor {
     }
 
     /// Hand the collected triggers to the publisher; the receiver resolves on their confirms.
-    fn publish(&mut self, epoch: u64, parked: usize) -> Processed {
+    fn publish(&mut self, msg: &ProcessBatch, parked: usize) -> Processed {
+        let epoch = msg.batch.epoch;
         let event_errors = self.ctx.take_errors();
         let last_error = self.ctx.take_last_error();
         let triggers = self.ctx.take_triggers();
+        // a copy for `canal-consumer tail` (src/tap.rs); a no-op without listeners
+        crate::tap::global().publish(self.consumer.name(), &msg.events, &msg.indices, &triggers);
         let count = triggers.len();
         let (tx, rx) = oneshot::channel();
         if triggers.is_empty() {
@@ -372,7 +375,7 @@ impl Handler<ProcessBatch> for ConsumerActor {
         if msg.mode.is_park() {
             // parking never waits for a backoff and works while quarantined
             let parked = self.process_parking(&msg);
-            return Ok(self.publish(msg.batch.epoch, parked));
+            return Ok(self.publish(&msg, parked));
         }
         if self.quarantined {
             return Err(ProcessFailure::Quarantined {
@@ -414,7 +417,7 @@ impl Handler<ProcessBatch> for ConsumerActor {
                 }
             }
         }
-        Ok(self.publish(msg.batch.epoch, 0))
+        Ok(self.publish(&msg, 0))
     }
 }
 

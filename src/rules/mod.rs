@@ -46,7 +46,7 @@ mod tests;
 
 pub use consumer::{ConfigConsumer, DEAD_LETTER_PLUGIN};
 pub use expr::{HELPERS, VARIABLES};
-pub use spec::{ConsumerSpec, OnError, RuleSpec, When, default_dead_letter_route};
+pub use spec::{ConsumerSpec, OnError, RuleSpec, When, default_dead_letter_route, valid_name};
 pub use template::Template;
 
 use crate::consumer::actor::process_event;

@@ -400,7 +400,8 @@ fn can_fire(when: &When, filters: &[TableFilter]) -> bool {
 /// The dead-letter route when a consumer names none.
 pub use crate::consumer::default_dead_letter_route;
 
-fn valid_name(name: &str) -> bool {
+/// The consumer-name (and rule-name) grammar: one or more ASCII letters, digits, `_` or `-`.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()

@@ -171,8 +171,17 @@ impl ServiceProc {
             .expect("status")
     }
 
+    /// The admin token the service generated beside its state file.
+    pub fn token(&self) -> canal_consumer::admin::access::Token {
+        let path = self.dir.join("state").join("admin.token");
+        canal_consumer::admin::access::Token::read(&path)
+            .expect("readable token file")
+            .expect("the service wrote its token file")
+    }
+
+    /// A POST with the admin token.
     pub async fn post(&self, path: &str) -> u16 {
-        canal_consumer::admin::client::request(&self.admin, "POST", path)
+        canal_consumer::admin::client::request_with(&self.admin, "POST", path, Some(&self.token()))
             .await
             .expect("admin request")
             .status
