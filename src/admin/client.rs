@@ -464,8 +464,24 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
         n(canal, "rollbacks"),
         n(canal, "reconnects"),
     );
-    if let Some(e) = canal["last_error"].as_str() {
+    if let Some(stall) = canal["stall"].as_object() {
+        let _ = writeln!(
+            out,
+            "        STALLED since {}: {}",
+            stall.get("since").and_then(Value::as_str).unwrap_or("-"),
+            stall.get("reason").and_then(Value::as_str).unwrap_or("-")
+        );
+        let _ = writeln!(
+            out,
+            "        to go on: {}",
+            stall.get("how").and_then(Value::as_str).unwrap_or("-")
+        );
+    } else if let Some(e) = canal["last_error"].as_str() {
         let _ = writeln!(out, "        last error: {e}");
+    }
+    if let Some(skipped) = canal["skipped"].as_array().filter(|a| !a.is_empty()) {
+        let last = skipped.last().and_then(Value::as_str).unwrap_or("-");
+        let _ = writeln!(out, "        skipped {} (last: {last})", skipped.len());
     }
     let broker = &v["broker"];
     let state = broker.get("state").and_then(Value::as_str).unwrap_or(
@@ -504,6 +520,17 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
     if !counts.is_empty() {
         let _ = writeln!(out, "        {}", counts.join("  "));
     }
+    if let Some(since) = broker.get("stalled_since").and_then(Value::as_str) {
+        let _ = writeln!(
+            out,
+            "        STALLED since {since}: no confirm for {} s",
+            broker
+                .get("oldest_unconfirmed_ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                / 1000
+        );
+    }
     for key in ["blocked_reason", "last_error"] {
         if let Some(e) = broker.get(key).and_then(Value::as_str) {
             let _ = writeln!(out, "        {}: {e}", key.replace('_', " "));
@@ -531,8 +558,16 @@ fn consumer_table(consumers: &Value, counters: bool) -> String {
     if counters {
         let _ = writeln!(
             out,
-            "{:<width$}  {:<7}  {:<11}  {:>9}  {:>9}  {:>6}  {:>8}  {:>7}  LAST ERROR",
-            "CONSUMER", "ENABLED", "STATE", "EVENTS", "TRIGGERS", "ERRORS", "RESTARTS", "LAG"
+            "{:<width$}  {:<7}  {:<11}  {:>9}  {:>9}  {:>6}  {:>8}  {:>6}  {:>7}  LAST ERROR",
+            "CONSUMER",
+            "ENABLED",
+            "STATE",
+            "EVENTS",
+            "TRIGGERS",
+            "ERRORS",
+            "RESTARTS",
+            "PARKED",
+            "LAG"
         );
     } else {
         let _ = writeln!(out, "{:<width$}  {:<7}  STATE", "CONSUMER", "ENABLED");
@@ -554,7 +589,7 @@ fn consumer_table(consumers: &Value, counters: bool) -> String {
             }
             let _ = writeln!(
                 out,
-                "{:<width$}  {:<7}  {:<11}  {:>9}  {:>9}  {:>6}  {:>8}  {:>7}  {err}",
+                "{:<width$}  {:<7}  {:<11}  {:>9}  {:>9}  {:>6}  {:>8}  {:>6}  {:>7}  {err}",
                 s(c, "name"),
                 enabled,
                 s(c, "state"),
@@ -562,6 +597,7 @@ fn consumer_table(consumers: &Value, counters: bool) -> String {
                 n(c, "triggers"),
                 n(c, "errors"),
                 n(c, "restarts"),
+                n(c, "parked"),
                 lag,
             );
         } else {
@@ -618,6 +654,43 @@ mod tests {
     }
 
     #[test]
+    fn a_stall_says_what_and_how_to_go_on() {
+        let v = serde_json::json!({
+            "version": "0.2.0", "uptime_seconds": 5,
+            "canal": {"state": "stalled", "server": "s", "destination": "example",
+                      "inflight_batches": 0,
+                      "stall": {"token": "frame-1", "since": "2026-11-29T09:00:00.000Z",
+                                "reason": "the next batch is a 200299-byte frame",
+                                "how": "run `canal-consumer skip frame-1`"},
+                      "skipped": ["frame of 10 bytes (canal batch 3) after the start"],
+                      "last_error": "x"},
+            "broker": {"state": "connected", "stalled_since": "2026-11-29T09:00:01.000Z",
+                       "oldest_unconfirmed_ms": 7_400},
+            "broker_connected": false, "consumers": []
+        });
+        let text = render_status(&v, 0);
+        assert!(text.contains("NOT READY"), "{text}");
+        assert!(
+            text.contains(
+                "STALLED since 2026-11-29T09:00:00.000Z: the next batch is a 200299-byte frame"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("to go on: run `canal-consumer skip frame-1`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skipped 1 (last: frame of 10 bytes"),
+            "{text}"
+        );
+        assert!(
+            text.contains("STALLED since 2026-11-29T09:00:01.000Z: no confirm for 7 s"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn renders_a_compact_status() {
         let v = serde_json::json!({
             "version": "0.1.0",
@@ -637,7 +710,8 @@ mod tests {
             "batches_in_flight": 2,
             "consumers": [
                 {"name": "example_consumer", "enabled": true, "state": "running", "events": 12,
-                 "triggers": 8, "errors": 0, "restarts": 0, "lag_seconds": 0.5, "last_error": null},
+                 "triggers": 8, "errors": 0, "restarts": 0, "parked": 3, "lag_seconds": 0.5,
+                 "last_error": null},
                 {"name": "teacher_consumer", "enabled": false, "state": "disabled", "events": 0,
                  "triggers": 0, "errors": 2, "restarts": 1, "last_error": "boom"}
             ]
@@ -674,6 +748,7 @@ mod tests {
                 "8",
                 "0",
                 "0",
+                "3",
                 "500ms",
                 "-"
             ]
