@@ -106,3 +106,185 @@ async fn every_table_a_pattern_matches_is_delivered_by_canal() {
         }
     }
 }
+
+const DB: &str = "cc_fid";
+
+fn setup_table(table: &str, ddl: &str) {
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table}; CREATE TABLE {DB}.{table} {ddl}"
+    ));
+}
+
+/// Makes sure Canal runs with this checkout's configuration (table-meta history, heap):
+/// `canal-ctl start` restarts a server started with another one, else does nothing.
+fn canal_with_our_config() {
+    script("deploy/local/canal-ctl", &["start"]);
+}
+
+/// Starts Canal again if the test ends (or panics) while it is stopped.
+struct CanalBackUp;
+impl Drop for CanalBackUp {
+    fn drop(&mut self) {
+        script("deploy/local/canal-ctl", &["start"]);
+    }
+}
+
+/// Collects until the row with `id = last` of `table` has arrived.
+async fn collect_until_id(tap: &mut Tap, table: &str, last: i64) -> Vec<ChangeEvent> {
+    let (events, _) = tap
+        .collect(table, true, Duration::from_secs(120), |ev| {
+            ev.iter()
+                .any(|e| e.data.get("id") == Some(&Value::Int(last)))
+        })
+        .await;
+    events
+}
+
+#[tokio::test]
+async fn binary_n_arrives_padded_as_mariadb_returns_it() {
+    let _lock = canal_lock().await;
+    let table = "bin_pad";
+    setup_table(
+        table,
+        "(id INT PRIMARY KEY, b16 BINARY(16), b1 BINARY, vb VARBINARY(16))",
+    );
+    let mut tap = Tap::clean(&format!("{DB}\\.{table}")).await;
+    mysql(&format!(
+        "INSERT INTO {DB}.{table} VALUES (1, X'AB', X'00', X'AB00'), (2, X'', '', '')"
+    ));
+    let events = collect_until_id(&mut tap, table, 2).await;
+    for id in [1, 2] {
+        let e = events
+            .iter()
+            .find(|e| e.data["id"] == Value::Int(id))
+            .unwrap();
+        for col in ["b16", "b1", "vb"] {
+            let want = mysql(&format!(
+                "SELECT HEX({col}) FROM {DB}.{table} WHERE id = {id}"
+            ));
+            let Value::Bytes(got) = &e.data[col] else {
+                panic!("{col} is {:?}", e.data[col]);
+            };
+            assert_eq!(hex(got), want.trim(), "row {id} column {col}");
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02X}")).collect()
+}
+
+/// The issue's case: rows written before an ALTER that Canal only reads after it (Canal was
+/// down) must keep their values under their own names.
+#[tokio::test]
+async fn rows_written_before_a_ddl_made_while_canal_was_down_keep_their_names() {
+    let _lock = canal_lock().await;
+    let table = "ddl_down";
+    canal_with_our_config();
+    setup_table(
+        table,
+        "(id INT PRIMARY KEY, v VARCHAR(10), n INT) DEFAULT CHARSET utf8mb4",
+    );
+    let mut tap = Tap::clean(&format!("{DB}\\.{table}")).await;
+    // Canal has read the CREATE once this marker row arrives
+    mysql(&format!("INSERT INTO {DB}.{table} VALUES (0, 'v0', 0)"));
+    collect_until_id(&mut tap, table, 0).await;
+    drop(tap);
+
+    let _up = CanalBackUp;
+    script("deploy/local/canal-ctl", &["stop"]);
+    let rows = |from: i64, to: i64, cols: &str| {
+        let values: Vec<String> = (from..=to)
+            .map(|i| {
+                if cols == "id, v, n" {
+                    format!("({i}, 'v{i}', {i})")
+                } else {
+                    format!("({i}, {i}, 'v{i}')")
+                }
+            })
+            .collect();
+        format!(
+            "INSERT INTO {DB}.{table} ({cols}) VALUES {};",
+            values.join(",")
+        )
+    };
+    mysql(&format!(
+        "{} ALTER TABLE {DB}.{table} MODIFY COLUMN n INT AFTER id; {}",
+        rows(1, 100, "id, v, n"),
+        rows(101, 200, "id, n, v")
+    ));
+    script("deploy/local/canal-ctl", &["start"]);
+
+    let mut tap = Tap::connect(&format!("{DB}\\.{table}")).await;
+    let events = collect_until_id(&mut tap, table, 200).await;
+    let mut seen = BTreeSet::new();
+    for e in &events {
+        let Value::Int(id) = e.data["id"] else {
+            panic!("id is {:?}", e.data["id"])
+        };
+        if id == 0 {
+            continue;
+        }
+        assert_eq!(e.data["n"], Value::Int(id), "row {id}: {:?}", e.data);
+        assert_eq!(e.data["v"], Value::Text(format!("v{id}")), "row {id}");
+        let names: Vec<&str> = e.data.keys().map(String::as_str).collect();
+        let want = if id <= 100 {
+            ["id", "v", "n"]
+        } else {
+            ["id", "n", "v"]
+        };
+        assert_eq!(names, want, "row {id}: column order as written");
+        seen.insert(id);
+    }
+    assert_eq!(seen.len(), 200, "every row arrives once");
+}
+
+/// A 20 MiB BLOB with the default frame cap and the local Canal heap: the UPDATE that writes
+/// it, an UPDATE of another column (the row twice in one entry) and the DELETE arrive
+/// byte-exact.
+#[tokio::test]
+async fn a_20_mib_blob_passes_with_the_default_settings() {
+    let _lock = canal_lock().await;
+    let table = "big_blob";
+    canal_with_our_config();
+    setup_table(table, "(id INT PRIMARY KEY, tag INT, b LONGBLOB)");
+    let mut tap = Tap::clean(&format!("{DB}\\.{table}")).await;
+    // All 256 byte values repeated, so most bytes are >= 0x80 (two UTF-8 bytes each on Canal's
+    // wire): the worst case for the frame size. Built by MariaDB and hashed by MariaDB.
+    let size = 20 * 1024 * 1024;
+    let value = format!(
+        "LEFT(REPEAT((SELECT UNHEX(GROUP_CONCAT(LPAD(HEX(255 - seq), 2, '0') ORDER BY seq SEPARATOR '')) \
+         FROM {DB}.seq_0_to_255), {reps}), {size})",
+        reps = size / 256
+    );
+    mysql(&format!(
+        "INSERT INTO {DB}.{table} VALUES (1, 0, X'00');
+         UPDATE {DB}.{table} SET b = {value} WHERE id = 1;
+         UPDATE {DB}.{table} SET tag = 1 WHERE id = 1;
+         DELETE FROM {DB}.{table} WHERE id = 1;"
+    ));
+    let want = mysql(&format!("SELECT LENGTH({value}), SHA1({value})"));
+    let (want_len, want_sha1) = want.trim().split_once('\t').expect("two columns");
+    assert_eq!(want_len, size.to_string());
+    let (events, _) = tap
+        .collect(table, true, Duration::from_secs(180), |ev| ev.len() >= 4)
+        .await;
+    assert_eq!(events.len(), 4);
+    for (i, e) in events.iter().enumerate().skip(1) {
+        let Value::Bytes(b) = &e.data["b"] else {
+            panic!("event {i}: b is not bytes")
+        };
+        assert_eq!(b.len(), size, "event {i}");
+        assert_eq!(sha1_hex(b), want_sha1, "event {i}");
+    }
+    // the UPDATE of `tag` carried the 20 MiB row twice (before and after image)
+    assert_eq!(events[2].changed, ["tag"]);
+}
+
+fn sha1_hex(b: &[u8]) -> String {
+    use sha1::Digest;
+    sha1::Sha1::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}

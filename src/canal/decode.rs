@@ -10,10 +10,18 @@
 //! - FLOAT/DOUBLE become `Float`;
 //! - DECIMAL, dates, times and text stay exact `Text`;
 //! - binary types arrive as one char per byte (ISO-8859-1) and are restored to exact `Bytes`;
+//!   `BINARY(n)` gets back the trailing zero bytes the binlog strips (n from the declared type);
 //! - ENUM arrives as a 1-based index and SET as a bitmask; both are mapped back to their labels
 //!   from the declared type (`enum('a','b')`), so the value equals what was written;
 //! - JSON columns (MySQL's JSON type) are parsed; MariaDB declares JSON as LONGTEXT, so there the
 //!   text is kept as written.
+//!
+//! Canal names a row's values (which the binlog carries by position) with the table structure
+//! it knows. If that structure is not the one the row was written with (a DDL Canal did not
+//! track), values shift under the wrong names. Every non-NULL value is checked against the
+//! SQL type Canal derives from the declared type of the column it is named with; a value that
+//! cannot belong there is a [`DecodeError`] naming the table, position and column, never a
+//! silently shifted row.
 //!
 //! Failures are [`DecodeError`]s naming the entry; a malformed entry never panics.
 
@@ -171,6 +179,22 @@ fn decode_row_entry(
     }
 
     for (row_index, row) in change.row_datas.iter().enumerate() {
+        for col in row.before_columns.iter().chain(&row.after_columns) {
+            if let Some(reason) = type_mismatch(col) {
+                return Err(DecodeError::Invalid {
+                    index,
+                    reason: format!(
+                        "{}.{} at {}:{} row {row_index}: {reason}; the row's values do not line \
+                         up with the table structure Canal named them with (a DDL Canal did not \
+                         track? run Canal with canal.instance.tsdb.enable=true)",
+                        header.schema_name,
+                        header.table_name,
+                        header.logfile_name,
+                        header.logfile_offset
+                    ),
+                });
+            }
+        }
         out.push(row_event(
             destination,
             &header.schema_name,
@@ -239,6 +263,69 @@ fn base_type(mysql_type: &str) -> &str {
     &mysql_type[..end]
 }
 
+/// The `java.sql.Types` codes Canal 1.1.x gives a non-NULL value decoded from the binlog, by the
+/// declared type of the column it names it with (LogEventConvert/RowsLogBuffer): integers keep
+/// their width or move one up when unsigned, binary strings, BLOBs and geometry become BLOB,
+/// text becomes CLOB, YEAR is VARCHAR, ENUM an INTEGER index, SET a BIT mask. `None` for types
+/// we do not check.
+fn expected_sql_types(base: &str) -> Option<&'static [i32]> {
+    const TINYINT: i32 = -6;
+    const SMALLINT: i32 = 5;
+    const INTEGER: i32 = 4;
+    const BIGINT: i32 = -5;
+    const DECIMAL: i32 = 3;
+    const REAL: i32 = 7;
+    const DOUBLE: i32 = 8;
+    const BIT: i32 = -7;
+    const CHAR: i32 = 1;
+    const VARCHAR: i32 = 12;
+    const DATE: i32 = 91;
+    const TIME: i32 = 92;
+    const TIMESTAMP: i32 = 93;
+    const BLOB: i32 = 2004;
+    const CLOB: i32 = 2005;
+    Some(match base {
+        "tinyint" | "bool" | "boolean" => &[TINYINT, SMALLINT],
+        "smallint" => &[SMALLINT, INTEGER],
+        "mediumint" => &[INTEGER],
+        "int" | "integer" => &[INTEGER, BIGINT],
+        "bigint" => &[BIGINT, DECIMAL],
+        "decimal" | "numeric" | "dec" | "fixed" => &[DECIMAL],
+        "float" => &[REAL],
+        "double" | "real" => &[DOUBLE],
+        "bit" => &[BIT],
+        "datetime" | "timestamp" => &[TIMESTAMP],
+        "date" => &[DATE],
+        "time" => &[TIME],
+        "year" => &[VARCHAR],
+        "enum" => &[INTEGER],
+        "set" => &[BIT],
+        "char" => &[CHAR],
+        "varchar" => &[VARCHAR],
+        "tinytext" | "text" | "mediumtext" | "longtext" => &[CLOB],
+        "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry"
+        | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
+        | "multipolygon" | "geometrycollection" => &[BLOB],
+        _ => return None,
+    })
+}
+
+/// Why a column's value cannot be the column it is named as (Canal named the binlog's values
+/// with a table structure that does not match them), or `None`.
+fn type_mismatch(col: &Column) -> Option<String> {
+    if col.is_null.unwrap_or(false) || col.mysql_type.is_empty() {
+        return None;
+    }
+    let declared = col.mysql_type.to_ascii_lowercase();
+    let expected = expected_sql_types(base_type(&declared))?;
+    (!expected.contains(&col.sql_type)).then(|| {
+        format!(
+            "column `{}` (position {}) is declared {} but holds a binlog value of SQL type {}",
+            col.name, col.index, col.mysql_type, col.sql_type
+        )
+    })
+}
+
 /// Restores a typed value from Canal's string rendering.
 pub fn column_value(col: &Column) -> Value {
     if col.is_null.unwrap_or(false) {
@@ -251,9 +338,10 @@ pub fn column_value(col: &Column) -> Value {
         "bit" => v.parse().map(Value::UInt).unwrap_or_else(|_| text(v)),
         "float" | "double" | "real" => float(v),
         "decimal" | "numeric" | "dec" | "fixed" => text(v),
-        "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry"
-        | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
-        | "multipolygon" | "geometrycollection" => Value::Bytes(latin1_bytes(v)),
+        "binary" => Value::Bytes(padded(latin1_bytes(v), &declared)),
+        "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry" | "point"
+        | "linestring" | "polygon" | "multipoint" | "multilinestring" | "multipolygon"
+        | "geometrycollection" => Value::Bytes(latin1_bytes(v)),
         "enum" => enum_label(&col.mysql_type, v).map_or_else(|| text(v), Value::Text),
         "set" => set_labels(&col.mysql_type, v).map_or_else(|| text(v), Value::Text),
         "json" => serde_json::from_str(v)
@@ -306,6 +394,20 @@ fn latin1_bytes(v: &str) -> Vec<u8> {
     } else {
         v.as_bytes().to_vec()
     }
+}
+
+/// `BINARY(n)` values are stored right-padded with zero bytes to n bytes, and that is what
+/// MySQL returns; the binlog carries them with the trailing zeros stripped. Pad them back.
+fn padded(mut bytes: Vec<u8>, declared: &str) -> Vec<u8> {
+    let n = declared
+        .strip_prefix("binary(")
+        .and_then(|r| r.split(')').next())
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .unwrap_or(1); // plain BINARY is BINARY(1)
+    if bytes.len() < n {
+        bytes.resize(n, 0);
+    }
+    bytes
 }
 
 /// The quoted labels of `enum('a','b')` / `set('x','y')`; `''` inside a label is a quote.
@@ -369,10 +471,12 @@ mod tests {
     use super::*;
     use crate::canal::proto::entry::{Header, Pair, TransactionEnd};
 
+    /// A column with the SQL type Canal gives a value of its declared type.
     fn col(name: &str, mysql_type: &str, value: Option<&str>) -> Column {
+        let base = base_type(mysql_type).to_ascii_lowercase();
         Column {
             index: 0,
-            sql_type: 12,
+            sql_type: expected_sql_types(&base).map_or(12, |t| t[0]),
             name: name.into(),
             is_key: name == "id",
             updated: true,
@@ -540,6 +644,75 @@ mod tests {
         assert!(out[0].is_ddl);
         assert_eq!(out[0].event_type, EventType::Query);
         assert_eq!(out[0].sql.as_deref(), Some("CREATE DATABASE x"));
+    }
+
+    #[test]
+    fn binary_n_gets_its_trailing_zeros_back() {
+        assert_eq!(
+            column_value(&col("a", "binary(16)", Some("\u{ab}"))),
+            Value::Bytes([vec![0xab], vec![0; 15]].concat())
+        );
+        assert_eq!(
+            column_value(&col("a", "BINARY(4)", Some(""))),
+            Value::Bytes(vec![0; 4])
+        );
+        assert_eq!(
+            column_value(&col("a", "binary", Some(""))),
+            Value::Bytes(vec![0])
+        );
+        // VARBINARY keeps what was written
+        assert_eq!(
+            column_value(&col("a", "varbinary(16)", Some("\u{ab}\u{0}"))),
+            Value::Bytes(vec![0xab, 0])
+        );
+    }
+
+    #[test]
+    fn a_value_that_cannot_belong_to_its_column_is_an_error_naming_table_and_position() {
+        // after `MODIFY COLUMN n INT AFTER id` decoded with the new structure: the VARCHAR value
+        // of old column 2 is named `n` (declared int)
+        let mut shifted = col("n", "int(11)", Some("v1"));
+        shifted.sql_type = 12;
+        shifted.index = 1;
+        let change = RowChange {
+            event_type: Some(WireEventType::Insert as i32),
+            is_ddl: Some(false),
+            row_datas: vec![RowData {
+                before_columns: vec![],
+                after_columns: vec![col("id", "int(11)", Some("1")), shifted],
+                props: vec![],
+            }],
+            ..Default::default()
+        };
+        let entry = encode_entry(
+            EntryType::RowData,
+            header(Some(WireEventType::Insert)),
+            change.encode_to_vec(),
+        );
+        let mut out = Vec::new();
+        let err = decode_entries("example", &[entry], &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("db.t at mysql-bin.000002:1234 row 0"), "{err}");
+        assert!(
+            err.contains("column `n` (position 1) is declared int(11)"),
+            "{err}"
+        );
+        assert!(out.is_empty());
+        // NULL carries no type to compare; every declared type accepts its own Canal SQL type
+        let mut null = col("n", "int(11)", None);
+        null.sql_type = 12;
+        assert_eq!(type_mismatch(&null), None);
+        for t in [
+            "int(10) unsigned",
+            "varchar(3)",
+            "longtext",
+            "binary(2)",
+            "set('a')",
+            "year",
+        ] {
+            assert_eq!(type_mismatch(&col("x", t, Some("1"))), None, "{t}");
+        }
     }
 
     #[test]
