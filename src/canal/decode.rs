@@ -13,8 +13,8 @@
 //!   `BINARY(n)` gets back the trailing zero bytes the binlog strips (n from the declared type);
 //! - ENUM arrives as a 1-based index and SET as a bitmask; both are mapped back to their labels
 //!   from the declared type (`enum('a','b')`), so the value equals what was written;
-//! - JSON columns (MySQL's JSON type) are parsed; MariaDB declares JSON as LONGTEXT, so there the
-//!   text is kept as written.
+//! - JSON columns (MySQL's JSON type) are parsed; MariaDB's JSON is a LONGTEXT alias, so there
+//!   the text is kept as written (whether Canal's table meta calls it `longtext` or `json`).
 //!
 //! Canal names a row's values (which the binlog carries by position) with the table structure
 //! it knows. If that structure is not the one the row was written with (a DDL Canal did not
@@ -303,6 +303,8 @@ fn expected_sql_types(base: &str) -> Option<&'static [i32]> {
         "char" => &[CHAR],
         "varchar" => &[VARCHAR],
         "tinytext" | "text" | "mediumtext" | "longtext" => &[CLOB],
+        // MySQL's JSON type (VARCHAR), MariaDB's LONGTEXT alias named `json` or `longtext`
+        "json" => &[VARCHAR, BLOB, CLOB],
         "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry"
         | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
         | "multipolygon" | "geometrycollection" => &[BLOB],
@@ -326,6 +328,9 @@ fn type_mismatch(col: &Column) -> Option<String> {
     })
 }
 
+/// `java.sql.Types.BLOB`: what Canal reports for values it ships as ISO-8859-1 bytes.
+const SQL_BLOB: i32 = 2004;
+
 /// Restores a typed value from Canal's string rendering.
 pub fn column_value(col: &Column) -> Value {
     if col.is_null.unwrap_or(false) {
@@ -344,6 +349,15 @@ pub fn column_value(col: &Column) -> Value {
         | "geometrycollection" => Value::Bytes(latin1_bytes(v)),
         "enum" => enum_label(&col.mysql_type, v).map_or_else(|| text(v), Value::Text),
         "set" => set_labels(&col.mysql_type, v).map_or_else(|| text(v), Value::Text),
+        // MariaDB's JSON is LONGTEXT (utf8mb4) in the binlog; when Canal's table meta says
+        // `json` (a table it saw created) rather than `longtext`, Canal does not take it for
+        // text and ships its bytes as ISO-8859-1 characters (SQL type BLOB). Keep it text, as
+        // written, like the `longtext` case.
+        "json" if col.sql_type == SQL_BLOB => Value::Text(
+            String::from_utf8(latin1_bytes(v))
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        ),
+        // MySQL's binary JSON, rendered as JSON text by Canal
         "json" => serde_json::from_str(v)
             .map(Value::Json)
             .unwrap_or_else(|_| text(v)),
@@ -644,6 +658,15 @@ mod tests {
         assert!(out[0].is_ddl);
         assert_eq!(out[0].event_type, EventType::Query);
         assert_eq!(out[0].sql.as_deref(), Some("CREATE DATABASE x"));
+    }
+
+    #[test]
+    fn mariadb_json_shipped_as_bytes_stays_text() {
+        // "中" as UTF-8 bytes, one ISO-8859-1 char each, as Canal ships a `json` BLOB
+        let mut j = col("j", "json", Some("{\"s\": \"\u{e4}\u{b8}\u{ad}\"}"));
+        j.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&j), Value::Text("{\"s\": \"中\"}".into()));
+        assert_eq!(type_mismatch(&j), None);
     }
 
     #[test]
