@@ -8,7 +8,8 @@
 //! MySQL type (falling back on its `java.sql.Types` code):
 //! - integers (including Canal's "bumped" unsigned types) become `Int`/`UInt`, YEAR and BIT too;
 //! - FLOAT/DOUBLE become `Float`;
-//! - DECIMAL, dates, times and text stay exact `Text`;
+//! - DECIMAL, dates, times and text stay exact `Text` (DECIMAL padded back to its declared scale:
+//!   Canal drops a last group of fraction digits that is all zeros);
 //! - binary types arrive as one char per byte (ISO-8859-1) and are restored to exact `Bytes`;
 //!   `BINARY(n)` gets back the trailing zero bytes the binlog strips (n from the declared type);
 //! - ENUM arrives as a 1-based index and SET as a bitmask; both are mapped back to their labels
@@ -258,9 +259,25 @@ fn row_event(
 }
 
 /// The base name of a declared MySQL type: `bigint(20) unsigned` -> `bigint`.
+///
+/// Canal's table meta keeps the spelling of the DDL it parsed (with its table-meta history,
+/// `BOOLEAN` stays `boolean`, `SERIAL` stays `serial`), so MySQL's synonyms are mapped to the
+/// type they stand for. Expects lower case.
 fn base_type(mysql_type: &str) -> &str {
     let end = mysql_type.find(['(', ' ']).unwrap_or(mysql_type.len());
-    &mysql_type[..end]
+    match &mysql_type[..end] {
+        "bool" | "boolean" | "int1" => "tinyint",
+        "int2" => "smallint",
+        "int3" | "middleint" => "mediumint",
+        "int4" | "integer" => "int",
+        "int8" | "serial" => "bigint",
+        "float4" => "float",
+        "float8" | "real" => "double",
+        "dec" | "numeric" | "fixed" => "decimal",
+        "long" if mysql_type.starts_with("long varbinary") => "mediumblob",
+        "long" => "mediumtext",
+        other => other,
+    }
 }
 
 /// The `java.sql.Types` codes Canal 1.1.x gives a non-NULL value decoded from the binlog, by the
@@ -285,14 +302,14 @@ fn expected_sql_types(base: &str) -> Option<&'static [i32]> {
     const BLOB: i32 = 2004;
     const CLOB: i32 = 2005;
     Some(match base {
-        "tinyint" | "bool" | "boolean" => &[TINYINT, SMALLINT],
+        "tinyint" => &[TINYINT, SMALLINT],
         "smallint" => &[SMALLINT, INTEGER],
         "mediumint" => &[INTEGER],
-        "int" | "integer" => &[INTEGER, BIGINT],
+        "int" => &[INTEGER, BIGINT],
         "bigint" => &[BIGINT, DECIMAL],
-        "decimal" | "numeric" | "dec" | "fixed" => &[DECIMAL],
+        "decimal" => &[DECIMAL],
         "float" => &[REAL],
-        "double" | "real" => &[DOUBLE],
+        "double" => &[DOUBLE],
         "bit" => &[BIT],
         "datetime" | "timestamp" => &[TIMESTAMP],
         "date" => &[DATE],
@@ -302,7 +319,8 @@ fn expected_sql_types(base: &str) -> Option<&'static [i32]> {
         "set" => &[BIT],
         "char" => &[CHAR],
         "varchar" => &[VARCHAR],
-        "tinytext" | "text" | "mediumtext" | "longtext" => &[CLOB],
+        // BLOB when Canal's meta spells the type so that Canal misses it is text (`text(n)`)
+        "tinytext" | "text" | "mediumtext" | "longtext" => &[CLOB, BLOB],
         // MySQL's JSON type (VARCHAR), MariaDB's LONGTEXT alias named `json` or `longtext`
         "json" => &[VARCHAR, BLOB, CLOB],
         "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry"
@@ -328,6 +346,14 @@ fn type_mismatch(col: &Column) -> Option<String> {
     })
 }
 
+/// Declared types MySQL stores like BLOBs in the binlog but that hold text.
+fn is_blob_stored_text(base: &str) -> bool {
+    matches!(
+        base,
+        "tinytext" | "text" | "mediumtext" | "longtext" | "json"
+    )
+}
+
 /// `java.sql.Types.BLOB`: what Canal reports for values it ships as ISO-8859-1 bytes.
 const SQL_BLOB: i32 = 2004;
 
@@ -339,21 +365,22 @@ pub fn column_value(col: &Column) -> Value {
     let v = col.value.as_str();
     let declared = col.mysql_type.to_ascii_lowercase();
     match base_type(&declared) {
-        "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" | "year" => integer(v),
+        "tinyint" | "smallint" | "mediumint" | "int" | "bigint" | "year" => integer(v),
         "bit" => v.parse().map(Value::UInt).unwrap_or_else(|_| text(v)),
-        "float" | "double" | "real" => float(v),
-        "decimal" | "numeric" | "dec" | "fixed" => text(v),
+        "float" | "double" => float(v),
+        "decimal" => Value::Text(decimal_text(v, &declared)),
         "binary" => Value::Bytes(padded(latin1_bytes(v), &declared)),
         "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry" | "point"
         | "linestring" | "polygon" | "multipoint" | "multilinestring" | "multipolygon"
         | "geometrycollection" => Value::Bytes(latin1_bytes(v)),
         "enum" => enum_label(&col.mysql_type, v).map_or_else(|| text(v), Value::Text),
         "set" => set_labels(&col.mysql_type, v).map_or_else(|| text(v), Value::Text),
-        // MariaDB's JSON is LONGTEXT (utf8mb4) in the binlog; when Canal's table meta says
-        // `json` (a table it saw created) rather than `longtext`, Canal does not take it for
-        // text and ships its bytes as ISO-8859-1 characters (SQL type BLOB). Keep it text, as
-        // written, like the `longtext` case.
-        "json" if col.sql_type == SQL_BLOB => Value::Text(
+        // Text stored as a BLOB in the binlog (TEXT types, MariaDB's JSON) that Canal did not
+        // recognise as text because its table meta spells the type differently (`json` for a
+        // table it saw created, `text(1000)`, `long varchar`): Canal then ships the bytes as
+        // ISO-8859-1 characters (SQL type BLOB). Decode them as Canal decodes text (its
+        // connection charset, UTF-8), so the value is the same as for `longtext`.
+        base if col.sql_type == SQL_BLOB && is_blob_stored_text(base) => Value::Text(
             String::from_utf8(latin1_bytes(v))
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         ),
@@ -408,6 +435,35 @@ fn latin1_bytes(v: &str) -> Vec<u8> {
     } else {
         v.as_bytes().to_vec()
     }
+}
+
+/// DECIMAL as MariaDB prints it: with exactly the declared scale. Canal drops the last group
+/// of fraction digits when it is zero (`0.00` arrives as `0.0`, `1.50000000000` in a
+/// `DECIMAL(20,11)` as `1.500000000`): pad the fraction back with zeros to the declared scale.
+/// The digits themselves are never changed.
+fn decimal_text(v: &str, declared: &str) -> String {
+    let scale = declared
+        .split_once('(')
+        .and_then(|(_, args)| args.split(')').next())
+        .and_then(|args| args.split(',').nth(1))
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let have = v.split_once('.').map_or(0, |(_, f)| f.len());
+    if scale == 0
+        || have >= scale
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
+        return v.to_string();
+    }
+    let mut out = String::with_capacity(v.len() + scale - have + 1);
+    out.push_str(v);
+    if !v.contains('.') {
+        out.push('.');
+    }
+    out.extend(std::iter::repeat_n('0', scale - have));
+    out
 }
 
 /// `BINARY(n)` values are stored right-padded with zero bytes to n bytes, and that is what
@@ -661,12 +717,55 @@ mod tests {
     }
 
     #[test]
-    fn mariadb_json_shipped_as_bytes_stays_text() {
+    fn text_shipped_as_bytes_stays_text() {
         // "中" as UTF-8 bytes, one ISO-8859-1 char each, as Canal ships a `json` BLOB
         let mut j = col("j", "json", Some("{\"s\": \"\u{e4}\u{b8}\u{ad}\"}"));
         j.sql_type = SQL_BLOB;
         assert_eq!(column_value(&j), Value::Text("{\"s\": \"中\"}".into()));
         assert_eq!(type_mismatch(&j), None);
+        // `TEXT(1000)` from a DDL Canal parsed: same treatment
+        let mut t = col("t", "text(1000)", Some("caf\u{c3}\u{a9}"));
+        t.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&t), Value::Text("café".into()));
+        assert_eq!(type_mismatch(&t), None);
+        // DECIMAL keeps its declared scale
+        let dec = |t: &str, v: &str| column_value(&col("d", t, Some(v)));
+        assert_eq!(dec("decimal(10,2)", "0.0"), Value::Text("0.00".into()));
+        assert_eq!(dec("numeric(10,2)", "-5.0"), Value::Text("-5.00".into()));
+        assert_eq!(
+            dec("decimal(20,11)", "1.500000000"),
+            Value::Text("1.50000000000".into())
+        );
+        assert_eq!(
+            dec("decimal(10,2) unsigned", "3"),
+            Value::Text("3.00".into())
+        );
+        assert_eq!(dec("decimal(10,0)", "7"), Value::Text("7".into()));
+        assert_eq!(dec("decimal", "7"), Value::Text("7".into()));
+        assert_eq!(dec("decimal(5,2)", "1.25"), Value::Text("1.25".into()));
+        // synonyms kept by Canal's DDL-parsed meta
+        assert_eq!(
+            column_value(&col("b", "boolean", Some("-1"))),
+            Value::Int(-1)
+        );
+        assert_eq!(
+            column_value(&col("s", "serial", Some("18446744073709551615"))),
+            Value::UInt(u64::MAX)
+        );
+        assert_eq!(
+            column_value(&col("r", "real", Some("0.5"))),
+            Value::Float(0.5)
+        );
+        let mut lv = col("lv", "long varbinary", Some("\u{ff}"));
+        lv.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&lv), Value::Bytes(vec![0xff]));
+        let mut lt = col("lt", "long varchar", Some("\u{c3}\u{bc}"));
+        lt.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&lt), Value::Text("ü".into()));
+        // a real BLOB keeps its bytes
+        let mut b = col("b", "blob", Some("caf\u{c3}\u{a9}"));
+        b.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&b), Value::Bytes(b"caf\xc3\xa9".to_vec()));
     }
 
     #[test]
