@@ -240,8 +240,8 @@ async fn rows_written_before_a_ddl_made_while_canal_was_down_keep_their_names() 
 }
 
 /// A 20 MiB BLOB with the default frame cap and the local Canal heap: the UPDATE that writes
-/// it, an UPDATE of another column (the row twice in one entry) and the DELETE arrive
-/// byte-exact.
+/// it, an UPDATE of another column (the row twice in one entry), the DELETE and a backlog of
+/// four more such rows arrive byte-exact.
 #[tokio::test]
 async fn a_20_mib_blob_passes_with_the_default_settings() {
     let _lock = canal_lock().await;
@@ -257,19 +257,24 @@ async fn a_20_mib_blob_passes_with_the_default_settings() {
          FROM {DB}.seq_0_to_255), {reps}), {size})",
         reps = size / 256
     );
+    // ... and a backlog: four more such rows written before the first is fetched
     mysql(&format!(
         "INSERT INTO {DB}.{table} VALUES (1, 0, X'00');
          UPDATE {DB}.{table} SET b = {value} WHERE id = 1;
          UPDATE {DB}.{table} SET tag = 1 WHERE id = 1;
-         DELETE FROM {DB}.{table} WHERE id = 1;"
+         DELETE FROM {DB}.{table} WHERE id = 1;
+         INSERT INTO {DB}.{table} VALUES (2, 0, {value});
+         INSERT INTO {DB}.{table} VALUES (3, 0, {value});
+         INSERT INTO {DB}.{table} VALUES (4, 0, {value});
+         INSERT INTO {DB}.{table} VALUES (5, 0, {value});"
     ));
     let want = mysql(&format!("SELECT LENGTH({value}), SHA1({value})"));
     let (want_len, want_sha1) = want.trim().split_once('\t').expect("two columns");
     assert_eq!(want_len, size.to_string());
     let (events, _) = tap
-        .collect(table, true, Duration::from_secs(180), |ev| ev.len() >= 4)
+        .collect(table, true, Duration::from_secs(300), |ev| ev.len() >= 8)
         .await;
-    assert_eq!(events.len(), 4);
+    assert_eq!(events.len(), 8);
     for (i, e) in events.iter().enumerate().skip(1) {
         let Value::Bytes(b) = &e.data["b"] else {
             panic!("event {i}: b is not bytes")
