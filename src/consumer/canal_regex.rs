@@ -297,6 +297,92 @@ mod tests {
         assert_eq!(translate("[😀-😂]").unwrap(), "(?!)");
     }
 
+    /// The printed form, read as Canal reads it (anchored, case-insensitive, against the
+    /// lower-cased name; Rust's regex parses this Perl 5 subset the same way), accepts every
+    /// name the pattern accepts.
+    #[test]
+    fn the_canal_form_accepts_every_name_the_pattern_accepts() {
+        let patterns = [
+            "t_a|t_b",
+            "x{1,2}",
+            "x{2,}",
+            "x{3}",
+            "(ab|c){1,3}d?",
+            r"\p{L}+",
+            "^t$",
+            r"\bt\b",
+            "orders_[0-9]{2,4}",
+            r"o_\d+",
+            r"\w{2,3}",
+            "[^_]+_x",
+            "(?i)users",
+            "Users",
+            "a,b",
+            "a.b",
+            r"caf\u{e9}|na[ïi]ve",
+            "[a-c]*z{0,1}",
+            "(x|xy|xyz)+",
+            ".*",
+            r"[\-\]\\^]+",
+            "t.{1,20}",
+        ];
+        let names = [
+            "t_a",
+            "t_b",
+            "t_c",
+            "x",
+            "xx",
+            "xxx",
+            "xxxx",
+            "abd",
+            "cccd",
+            "ababab",
+            "café",
+            "straße",
+            "t",
+            "tt",
+            "orders_12",
+            "orders_12345",
+            "o_7",
+            "o_٣",
+            "ab",
+            "abc",
+            "abcd",
+            "a_x",
+            "_x",
+            "USERS",
+            "users",
+            "Users",
+            "a,b",
+            "a.b",
+            "aXb",
+            "naïve",
+            "naive",
+            "abcz",
+            "xyxyz",
+            "",
+            "-]\\^",
+            "t1234567890",
+            "日本",
+        ];
+        for p in patterns {
+            let ours = regex::Regex::new(&format!("^(?:{p})$")).unwrap();
+            let form = translate(p).unwrap();
+            let canal = regex::RegexBuilder::new(&format!("^{form}$"))
+                .case_insensitive(true)
+                .build()
+                .unwrap_or_else(|e| panic!("{p} -> {form}: {e}"));
+            for n in names {
+                if ours.is_match(n) {
+                    assert!(
+                        canal.is_match(&n.to_lowercase()),
+                        "{p:?} matches {n:?} but its Canal form {form:?} does not"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn literals_escape_ascii_punctuation() {
         assert_eq!(literal("test_db"), "test_db");
