@@ -120,11 +120,11 @@ pub enum Value {
     UInt(u64),
     Float(f64),
     /// Text, and every type whose exact text matters: DECIMAL, DATE, DATETIME, TIMESTAMP, TIME,
-    /// YEAR, ENUM and SET labels.
+    /// ENUM and SET labels, MariaDB's JSON (see docs/types.md).
     Text(String),
     /// BLOB, BINARY, VARBINARY and GEOMETRY columns, restored byte for byte.
     Bytes(Vec<u8>),
-    /// A JSON column, parsed.
+    /// A MySQL JSON column, parsed.
     Json(serde_json::Value),
 }
 

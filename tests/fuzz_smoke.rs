@@ -17,9 +17,11 @@ use prost::Message;
 mod rng;
 use rng::Rng;
 
-fn col(name: &str, mysql_type: &str, value: Option<&str>) -> Column {
+/// A column as Canal sends it: `sql_type` is the java.sql.Types code Canal gives that type.
+fn col(name: &str, mysql_type: &str, sql_type: i32, value: Option<&str>) -> Column {
     Column {
         name: name.into(),
+        sql_type,
         mysql_type: mysql_type.into(),
         is_null: Some(value.is_none()),
         value: value.unwrap_or_default().into(),
@@ -31,17 +33,17 @@ fn col(name: &str, mysql_type: &str, value: Option<&str>) -> Column {
 
 fn corpus() -> Vec<Vec<u8>> {
     let row = RowData {
-        before_columns: vec![col("id", "int(11)", Some("1"))],
+        before_columns: vec![col("id", "int(11)", 4, Some("1"))],
         after_columns: vec![
-            col("id", "int(11)", Some("1")),
-            col("u", "bigint(20) unsigned", Some("18446744073709551615")),
-            col("d", "decimal(65,30)", Some("1.5")),
-            col("b", "varbinary(4)", Some("\u{ff}\u{0}")),
-            col("e", "enum('a','b')", Some("b")),
-            col("s", "set('x','y')", Some("x,y")),
-            col("j", "json", Some("{\"k\":[1,2]}")),
-            col("t", "datetime(6)", Some("2024-01-02 03:04:05.000006")),
-            col("n", "varchar(8)", None),
+            col("id", "int(11)", 4, Some("1")),
+            col("u", "bigint(20) unsigned", -5, Some("18446744073709551615")),
+            col("d", "decimal(65,30)", 3, Some("1.5")),
+            col("b", "varbinary(4)", 2004, Some("\u{ff}\u{0}")),
+            col("e", "enum('a','b')", 4, Some("b")),
+            col("s", "set('x','y')", -7, Some("x,y")),
+            col("j", "json", 12, Some("{\"k\":[1,2]}")),
+            col("t", "datetime(6)", 93, Some("2024-01-02 03:04:05.000006")),
+            col("n", "varchar(8)", 12, None),
         ],
         props: vec![],
     };

@@ -12,8 +12,14 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;
 
-/// Default cap on one frame body: 64 MiB.
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Default cap on one frame body: 128 MiB.
+///
+/// Canal ships binary column values as one ISO-8859-1 character per byte inside protobuf
+/// strings, and protobuf writes every character from U+0080 as two UTF-8 bytes: a BLOB costs
+/// up to twice its size on the wire. An UPDATE carries the row twice (before and after). So
+/// a 20 MiB BLOB makes a frame of up to ~40 MiB (INSERT, DELETE) or ~80 MiB (UPDATE); 128 MiB
+/// carries both with room for the rest of the batch.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 128 * 1024 * 1024;
 
 /// A framing failure. All of them poison the connection.
 #[derive(Debug, thiserror::Error)]

@@ -8,12 +8,21 @@
 //! MySQL type (falling back on its `java.sql.Types` code):
 //! - integers (including Canal's "bumped" unsigned types) become `Int`/`UInt`, YEAR and BIT too;
 //! - FLOAT/DOUBLE become `Float`;
-//! - DECIMAL, dates, times and text stay exact `Text`;
+//! - DECIMAL, dates, times and text stay exact `Text` (DECIMAL padded back to its declared scale:
+//!   Canal drops a last group of fraction digits that is all zeros);
 //! - binary types arrive as one char per byte (ISO-8859-1) and are restored to exact `Bytes`;
+//!   `BINARY(n)` gets back the trailing zero bytes the binlog strips (n from the declared type);
 //! - ENUM arrives as a 1-based index and SET as a bitmask; both are mapped back to their labels
 //!   from the declared type (`enum('a','b')`), so the value equals what was written;
-//! - JSON columns (MySQL's JSON type) are parsed; MariaDB declares JSON as LONGTEXT, so there the
-//!   text is kept as written.
+//! - JSON columns (MySQL's JSON type) are parsed; MariaDB's JSON is a LONGTEXT alias, so there
+//!   the text is kept as written (whether Canal's table meta calls it `longtext` or `json`).
+//!
+//! Canal names a row's values (which the binlog carries by position) with the table structure
+//! it knows. If that structure is not the one the row was written with (a DDL Canal did not
+//! track), values shift under the wrong names. Every non-NULL value is checked against the
+//! SQL type Canal derives from the declared type of the column it is named with; a value that
+//! cannot belong there is a [`DecodeError`] naming the table, position and column, never a
+//! silently shifted row.
 //!
 //! Failures are [`DecodeError`]s naming the entry; a malformed entry never panics.
 
@@ -172,6 +181,22 @@ fn decode_row_entry(
     }
 
     for (row_index, row) in change.row_datas.iter().enumerate() {
+        for col in row.before_columns.iter().chain(&row.after_columns) {
+            if let Some(reason) = type_mismatch(col) {
+                return Err(DecodeError::Invalid {
+                    index,
+                    reason: format!(
+                        "{}.{} at {}:{} row {row_index}: {reason}; the row's values do not line \
+                         up with the table structure Canal named them with (a DDL Canal did not \
+                         track? run Canal with canal.instance.tsdb.enable=true)",
+                        header.schema_name,
+                        header.table_name,
+                        header.logfile_name,
+                        header.logfile_offset
+                    ),
+                });
+            }
+        }
         out.push(row_event(
             destination,
             &header.schema_name,
@@ -235,10 +260,103 @@ fn row_event(
 }
 
 /// The base name of a declared MySQL type: `bigint(20) unsigned` -> `bigint`.
+///
+/// Canal's table meta keeps the spelling of the DDL it parsed (with its table-meta history,
+/// `BOOLEAN` stays `boolean`, `SERIAL` stays `serial`), so MySQL's synonyms are mapped to the
+/// type they stand for. Expects lower case.
 fn base_type(mysql_type: &str) -> &str {
     let end = mysql_type.find(['(', ' ']).unwrap_or(mysql_type.len());
-    &mysql_type[..end]
+    match &mysql_type[..end] {
+        "bool" | "boolean" | "int1" => "tinyint",
+        "int2" => "smallint",
+        "int3" | "middleint" => "mediumint",
+        "int4" | "integer" => "int",
+        "int8" | "serial" => "bigint",
+        "float4" => "float",
+        "float8" | "real" => "double",
+        "dec" | "numeric" | "fixed" => "decimal",
+        "long" if mysql_type.starts_with("long varbinary") => "mediumblob",
+        "long" => "mediumtext",
+        other => other,
+    }
 }
+
+/// The `java.sql.Types` codes Canal 1.1.x gives a non-NULL value decoded from the binlog, by the
+/// declared type of the column it names it with (LogEventConvert/RowsLogBuffer): integers keep
+/// their width or move one up when unsigned, binary strings, BLOBs and geometry become BLOB,
+/// text becomes CLOB, YEAR is VARCHAR, ENUM an INTEGER index, SET a BIT mask. `None` for types
+/// we do not check.
+fn expected_sql_types(base: &str) -> Option<&'static [i32]> {
+    const TINYINT: i32 = -6;
+    const SMALLINT: i32 = 5;
+    const INTEGER: i32 = 4;
+    const BIGINT: i32 = -5;
+    const DECIMAL: i32 = 3;
+    const REAL: i32 = 7;
+    const DOUBLE: i32 = 8;
+    const BIT: i32 = -7;
+    const CHAR: i32 = 1;
+    const VARCHAR: i32 = 12;
+    const DATE: i32 = 91;
+    const TIME: i32 = 92;
+    const TIMESTAMP: i32 = 93;
+    const BLOB: i32 = 2004;
+    const CLOB: i32 = 2005;
+    Some(match base {
+        "tinyint" => &[TINYINT, SMALLINT],
+        "smallint" => &[SMALLINT, INTEGER],
+        "mediumint" => &[INTEGER],
+        "int" => &[INTEGER, BIGINT],
+        "bigint" => &[BIGINT, DECIMAL],
+        "decimal" => &[DECIMAL],
+        "float" => &[REAL],
+        "double" => &[DOUBLE],
+        "bit" => &[BIT],
+        "datetime" | "timestamp" => &[TIMESTAMP],
+        "date" => &[DATE],
+        "time" => &[TIME],
+        "year" => &[VARCHAR],
+        "enum" => &[INTEGER],
+        "set" => &[BIT],
+        "char" => &[CHAR],
+        "varchar" => &[VARCHAR],
+        // BLOB when Canal's meta spells the type so that Canal misses it is text (`text(n)`)
+        "tinytext" | "text" | "mediumtext" | "longtext" => &[CLOB, BLOB],
+        // MySQL's JSON type (VARCHAR), MariaDB's LONGTEXT alias named `json` or `longtext`
+        "json" => &[VARCHAR, BLOB, CLOB],
+        "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry"
+        | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
+        | "multipolygon" | "geometrycollection" => &[BLOB],
+        _ => return None,
+    })
+}
+
+/// Why a column's value cannot be the column it is named as (Canal named the binlog's values
+/// with a table structure that does not match them), or `None`.
+fn type_mismatch(col: &Column) -> Option<String> {
+    if col.is_null.unwrap_or(false) || col.mysql_type.is_empty() {
+        return None;
+    }
+    let declared = col.mysql_type.to_ascii_lowercase();
+    let expected = expected_sql_types(base_type(&declared))?;
+    (!expected.contains(&col.sql_type)).then(|| {
+        format!(
+            "column `{}` (position {}) is declared {} but holds a binlog value of SQL type {}",
+            col.name, col.index, col.mysql_type, col.sql_type
+        )
+    })
+}
+
+/// Declared types MySQL stores like BLOBs in the binlog but that hold text.
+fn is_blob_stored_text(base: &str) -> bool {
+    matches!(
+        base,
+        "tinytext" | "text" | "mediumtext" | "longtext" | "json"
+    )
+}
+
+/// `java.sql.Types.BLOB`: what Canal reports for values it ships as ISO-8859-1 bytes.
+const SQL_BLOB: i32 = 2004;
 
 /// Restores a typed value from Canal's string rendering.
 pub fn column_value(col: &Column) -> Value {
@@ -248,15 +366,26 @@ pub fn column_value(col: &Column) -> Value {
     let v = col.value.as_str();
     let declared = col.mysql_type.to_ascii_lowercase();
     match base_type(&declared) {
-        "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" | "year" => integer(v),
+        "tinyint" | "smallint" | "mediumint" | "int" | "bigint" | "year" => integer(v),
         "bit" => v.parse().map(Value::UInt).unwrap_or_else(|_| text(v)),
-        "float" | "double" | "real" => float(v),
-        "decimal" | "numeric" | "dec" | "fixed" => text(v),
-        "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry"
-        | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
-        | "multipolygon" | "geometrycollection" => Value::Bytes(latin1_bytes(v)),
+        "float" | "double" => float(v),
+        "decimal" => Value::Text(decimal_text(v, &declared)),
+        "binary" => Value::Bytes(padded(latin1_bytes(v), &declared)),
+        "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" | "geometry" | "point"
+        | "linestring" | "polygon" | "multipoint" | "multilinestring" | "multipolygon"
+        | "geometrycollection" => Value::Bytes(latin1_bytes(v)),
         "enum" => enum_label(&col.mysql_type, v).map_or_else(|| text(v), Value::Text),
         "set" => set_labels(&col.mysql_type, v).map_or_else(|| text(v), Value::Text),
+        // Text stored as a BLOB in the binlog (TEXT types, MariaDB's JSON) that Canal did not
+        // recognise as text because its table meta spells the type differently (`json` for a
+        // table it saw created, `text(1000)`, `long varchar`): Canal then ships the bytes as
+        // ISO-8859-1 characters (SQL type BLOB). Decode them as Canal decodes text (its
+        // connection charset, UTF-8), so the value is the same as for `longtext`.
+        base if col.sql_type == SQL_BLOB && is_blob_stored_text(base) => Value::Text(
+            String::from_utf8(latin1_bytes(v))
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        ),
+        // MySQL's binary JSON, rendered as JSON text by Canal
         "json" => serde_json::from_str(v)
             .map(Value::Json)
             .unwrap_or_else(|_| text(v)),
@@ -307,6 +436,49 @@ fn latin1_bytes(v: &str) -> Vec<u8> {
     } else {
         v.as_bytes().to_vec()
     }
+}
+
+/// DECIMAL as MariaDB prints it: with exactly the declared scale. Canal drops the last group
+/// of fraction digits when it is zero (`0.00` arrives as `0.0`, `1.50000000000` in a
+/// `DECIMAL(20,11)` as `1.500000000`): pad the fraction back with zeros to the declared scale.
+/// The digits themselves are never changed.
+fn decimal_text(v: &str, declared: &str) -> String {
+    let scale = declared
+        .split_once('(')
+        .and_then(|(_, args)| args.split(')').next())
+        .and_then(|args| args.split(',').nth(1))
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let have = v.split_once('.').map_or(0, |(_, f)| f.len());
+    if scale == 0
+        || have >= scale
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
+        return v.to_string();
+    }
+    let mut out = String::with_capacity(v.len() + scale - have + 1);
+    out.push_str(v);
+    if !v.contains('.') {
+        out.push('.');
+    }
+    out.extend(std::iter::repeat_n('0', scale - have));
+    out
+}
+
+/// `BINARY(n)` values are stored right-padded with zero bytes to n bytes, and that is what
+/// MySQL returns; the binlog carries them with the trailing zeros stripped. Pad them back.
+fn padded(mut bytes: Vec<u8>, declared: &str) -> Vec<u8> {
+    let n = declared
+        .strip_prefix("binary(")
+        .and_then(|r| r.split(')').next())
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .unwrap_or(1); // plain BINARY is BINARY(1)
+    if bytes.len() < n {
+        bytes.resize(n, 0);
+    }
+    bytes
 }
 
 /// The quoted labels of `enum('a','b')` / `set('x','y')`; `''` inside a label is a quote.
@@ -370,10 +542,12 @@ mod tests {
     use super::*;
     use crate::canal::proto::entry::{Header, Pair, TransactionEnd};
 
+    /// A column with the SQL type Canal gives a value of its declared type.
     fn col(name: &str, mysql_type: &str, value: Option<&str>) -> Column {
+        let base = base_type(mysql_type).to_ascii_lowercase();
         Column {
             index: 0,
-            sql_type: 12,
+            sql_type: expected_sql_types(&base).map_or(12, |t| t[0]),
             name: name.into(),
             is_key: name == "id",
             updated: true,
@@ -541,6 +715,127 @@ mod tests {
         assert!(out[0].is_ddl);
         assert_eq!(out[0].event_type, EventType::Query);
         assert_eq!(out[0].sql.as_deref(), Some("CREATE DATABASE x"));
+    }
+
+    #[test]
+    fn text_shipped_as_bytes_stays_text() {
+        // "中" as UTF-8 bytes, one ISO-8859-1 char each, as Canal ships a `json` BLOB
+        let mut j = col("j", "json", Some("{\"s\": \"\u{e4}\u{b8}\u{ad}\"}"));
+        j.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&j), Value::Text("{\"s\": \"中\"}".into()));
+        assert_eq!(type_mismatch(&j), None);
+        // `TEXT(1000)` from a DDL Canal parsed: same treatment
+        let mut t = col("t", "text(1000)", Some("caf\u{c3}\u{a9}"));
+        t.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&t), Value::Text("café".into()));
+        assert_eq!(type_mismatch(&t), None);
+        // DECIMAL keeps its declared scale
+        let dec = |t: &str, v: &str| column_value(&col("d", t, Some(v)));
+        assert_eq!(dec("decimal(10,2)", "0.0"), Value::Text("0.00".into()));
+        assert_eq!(dec("numeric(10,2)", "-5.0"), Value::Text("-5.00".into()));
+        assert_eq!(
+            dec("decimal(20,11)", "1.500000000"),
+            Value::Text("1.50000000000".into())
+        );
+        assert_eq!(
+            dec("decimal(10,2) unsigned", "3"),
+            Value::Text("3.00".into())
+        );
+        assert_eq!(dec("decimal(10,0)", "7"), Value::Text("7".into()));
+        assert_eq!(dec("decimal", "7"), Value::Text("7".into()));
+        assert_eq!(dec("decimal(5,2)", "1.25"), Value::Text("1.25".into()));
+        // synonyms kept by Canal's DDL-parsed meta
+        assert_eq!(
+            column_value(&col("b", "boolean", Some("-1"))),
+            Value::Int(-1)
+        );
+        assert_eq!(
+            column_value(&col("s", "serial", Some("18446744073709551615"))),
+            Value::UInt(u64::MAX)
+        );
+        assert_eq!(
+            column_value(&col("r", "real", Some("0.5"))),
+            Value::Float(0.5)
+        );
+        let mut lv = col("lv", "long varbinary", Some("\u{ff}"));
+        lv.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&lv), Value::Bytes(vec![0xff]));
+        let mut lt = col("lt", "long varchar", Some("\u{c3}\u{bc}"));
+        lt.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&lt), Value::Text("ü".into()));
+        // a real BLOB keeps its bytes
+        let mut b = col("b", "blob", Some("caf\u{c3}\u{a9}"));
+        b.sql_type = SQL_BLOB;
+        assert_eq!(column_value(&b), Value::Bytes(b"caf\xc3\xa9".to_vec()));
+    }
+
+    #[test]
+    fn binary_n_gets_its_trailing_zeros_back() {
+        assert_eq!(
+            column_value(&col("a", "binary(16)", Some("\u{ab}"))),
+            Value::Bytes([vec![0xab], vec![0; 15]].concat())
+        );
+        assert_eq!(
+            column_value(&col("a", "BINARY(4)", Some(""))),
+            Value::Bytes(vec![0; 4])
+        );
+        assert_eq!(
+            column_value(&col("a", "binary", Some(""))),
+            Value::Bytes(vec![0])
+        );
+        // VARBINARY keeps what was written
+        assert_eq!(
+            column_value(&col("a", "varbinary(16)", Some("\u{ab}\u{0}"))),
+            Value::Bytes(vec![0xab, 0])
+        );
+    }
+
+    #[test]
+    fn a_value_that_cannot_belong_to_its_column_is_an_error_naming_table_and_position() {
+        // after `MODIFY COLUMN n INT AFTER id` decoded with the new structure: the VARCHAR value
+        // of old column 2 is named `n` (declared int)
+        let mut shifted = col("n", "int(11)", Some("v1"));
+        shifted.sql_type = 12;
+        shifted.index = 1;
+        let change = RowChange {
+            event_type: Some(WireEventType::Insert as i32),
+            is_ddl: Some(false),
+            row_datas: vec![RowData {
+                before_columns: vec![],
+                after_columns: vec![col("id", "int(11)", Some("1")), shifted],
+                props: vec![],
+            }],
+            ..Default::default()
+        };
+        let entry = encode_entry(
+            EntryType::RowData,
+            header(Some(WireEventType::Insert)),
+            change.encode_to_vec(),
+        );
+        let mut out = Vec::new();
+        let err = decode_entries("example", &[entry], &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("db.t at mysql-bin.000002:1234 row 0"), "{err}");
+        assert!(
+            err.contains("column `n` (position 1) is declared int(11)"),
+            "{err}"
+        );
+        assert!(out.is_empty());
+        // NULL carries no type to compare; every declared type accepts its own Canal SQL type
+        let mut null = col("n", "int(11)", None);
+        null.sql_type = 12;
+        assert_eq!(type_mismatch(&null), None);
+        for t in [
+            "int(10) unsigned",
+            "varchar(3)",
+            "longtext",
+            "binary(2)",
+            "set('a')",
+            "year",
+        ] {
+            assert_eq!(type_mismatch(&col("x", t, Some("1"))), None, "{t}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Table filters: which database, table and event types a consumer wants.
 
+use crate::consumer::canal_regex;
 use crate::event::{ChangeEvent, EventType};
 use regex::Regex;
 use std::collections::BTreeSet;
@@ -9,7 +10,31 @@ use std::collections::BTreeSet;
 #[derive(Debug, Clone)]
 pub enum NameMatch {
     Exact(String),
-    Pattern(Regex),
+    Pattern(NamePattern),
+}
+
+/// A compiled name pattern with its Canal filter form (see [`crate::consumer::canal_regex`]).
+#[derive(Debug, Clone)]
+pub struct NamePattern {
+    source: String,
+    regex: Regex,
+    canal: String,
+}
+
+impl NamePattern {
+    /// The pattern as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// Why a name pattern was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PatternError {
+    #[error("bad regex: {0}")]
+    Regex(#[from] regex::Error),
+    #[error("cannot be expressed as a Canal subscription filter: {0}")]
+    Canal(String),
 }
 
 impl NameMatch {
@@ -17,30 +42,30 @@ impl NameMatch {
         NameMatch::Exact(name.to_string())
     }
 
-    /// Compiles `pattern` anchored as `^(?:pattern)$`.
-    pub fn pattern(pattern: &str) -> Result<Self, regex::Error> {
-        Ok(NameMatch::Pattern(Regex::new(&format!("^(?:{pattern})$"))?))
+    /// Compiles `pattern` anchored as `^(?:pattern)$`, and its Canal filter form.
+    pub fn pattern(pattern: &str) -> Result<Self, PatternError> {
+        let regex = Regex::new(&format!("^(?:{pattern})$"))?;
+        let canal = canal_regex::translate(pattern).map_err(PatternError::Canal)?;
+        Ok(NameMatch::Pattern(NamePattern {
+            source: pattern.to_string(),
+            regex,
+            canal,
+        }))
     }
 
     pub fn matches(&self, name: &str) -> bool {
         match self {
             NameMatch::Exact(n) => n.eq_ignore_ascii_case(name),
-            NameMatch::Pattern(r) => r.is_match(name),
+            NameMatch::Pattern(p) => p.regex.is_match(name),
         }
     }
 
-    /// The matcher as a Canal filter regex fragment (matched by Canal against the lower-cased
-    /// `schema.table`).
+    /// The matcher as a Canal filter regex fragment (matched by Canal, case-insensitively,
+    /// against the lower-cased `schema.table`). Never contains a comma or a top-level `|`.
     pub fn canal_regex(&self) -> String {
         match self {
-            NameMatch::Exact(n) => regex::escape(&n.to_ascii_lowercase()),
-            NameMatch::Pattern(r) => {
-                let s = r.as_str();
-                s.strip_prefix("^(?:")
-                    .and_then(|s| s.strip_suffix(")$"))
-                    .unwrap_or(s)
-                    .to_string()
-            }
+            NameMatch::Exact(n) => canal_regex::literal(&n.to_lowercase()),
+            NameMatch::Pattern(p) => p.canal.clone(),
         }
     }
 }
@@ -105,7 +130,15 @@ mod tests {
         assert!(!g.table.matches("orders_12x"));
         assert_eq!(
             canal_filter([&f, &g, &f]),
-            "shop\\.orders_\\d+,test_db\\.users"
+            "shop\\.orders_[\\x30-\\x39٠-９]+,test_db\\.users"
         );
+        let h = TableFilter {
+            database: NameMatch::exact("My-DB"),
+            table: NameMatch::pattern("^(t_a|t_b)$").unwrap(),
+            event_types: Default::default(),
+        };
+        assert_eq!(h.canal_regex(), "my\\x2ddb\\.(?:t_a|t_b)");
+        assert!(h.database.matches("my-db") && h.table.matches("t_b"));
+        assert!(!h.table.matches("t_c"));
     }
 }

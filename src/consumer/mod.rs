@@ -10,6 +10,7 @@
 //! actor then applies the consumer's [`ErrorPolicy`].
 
 pub mod actor;
+pub mod canal_regex;
 pub mod filter;
 
 pub use filter::TableFilter;

@@ -296,7 +296,7 @@ pub struct RuleDescription {
 fn name_text(m: &NameMatch) -> String {
     match m {
         NameMatch::Exact(n) => n.clone(),
-        NameMatch::Pattern(_) => format!("/{}/", m.canal_regex()),
+        NameMatch::Pattern(p) => format!("/{}/", p.source()),
     }
 }
 

@@ -426,12 +426,9 @@ fn name_match(
             format!("`{what}` must not be empty"),
         )),
         (Some(e), None) => Ok(Some(NameMatch::exact(e.trim()))),
-        (None, Some(p)) => NameMatch::pattern(&p).map(Some).map_err(|e| {
-            (
-                format!("{at}.{what}_pattern"),
-                format!("bad regex {p:?}: {e}"),
-            )
-        }),
+        (None, Some(p)) => NameMatch::pattern(&p)
+            .map(Some)
+            .map_err(|e| (format!("{at}.{what}_pattern"), format!("{p:?}: {e}"))),
         (None, None) if required => Err((
             at.to_string(),
             format!("missing `{what}` (or `{what}_pattern`)"),

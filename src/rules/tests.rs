@@ -209,6 +209,39 @@ table_pattern = "orders_(\\d+"
 }
 
 #[test]
+fn a_pattern_canal_cannot_carry_is_rejected_at_load() {
+    // 20 x 16 x 16 nested optional copies: far beyond what we send Canal in one subscription
+    let text = format!(
+        "[consumers.c]\n[[consumers.c.filters]]\ndatabase_pattern = 'db'\ntable_pattern = '{}'\n",
+        "(x{16}y){0,16}".repeat(20)
+    );
+    expect_err(
+        &text,
+        "consumers.c.filters[0].table_pattern",
+        "cannot be expressed as a Canal subscription filter",
+    );
+}
+
+#[test]
+fn patterns_canal_reads_differently_load_and_keep_their_meaning() {
+    let text = r#"
+[consumers.c]
+[[consumers.c.filters]]
+database = "db"
+table_pattern = "t_a|t_b"
+[[consumers.c.filters]]
+database_pattern = "^db$"
+table_pattern = "x{1,2}"
+"#;
+    let specs = parse(text).expect("loads");
+    let f = &specs[0].filters;
+    assert_eq!(f[0].canal_regex(), "db\\.(?:t_a|t_b)");
+    assert_eq!(f[1].canal_regex(), "db\\.x(?:x)?");
+    assert!(f[0].table.matches("t_b") && !f[0].table.matches("db.t_b"));
+    assert!(f[1].table.matches("xx") && !f[1].table.matches("xxx"));
+}
+
+#[test]
 fn missing_plugin_unknown_priority_policy_and_keys() {
     expect_err(
         &with_rule("name = \"r\""),

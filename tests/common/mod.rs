@@ -144,7 +144,7 @@ pub fn session_config() -> SessionConfig {
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(600),
-        max_frame_bytes: 64 << 20,
+        max_frame_bytes: canal_consumer::canal::codec::DEFAULT_MAX_FRAME_BYTES,
     }
 }
 
