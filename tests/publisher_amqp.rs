@@ -1229,3 +1229,92 @@ async fn quorum_queues_are_declared_with_their_type() {
     }
     delete_queue(&queue).await;
 }
+
+/// Resumes the broker's VM when dropped (also when the test fails).
+struct Frozen(i32);
+
+impl Frozen {
+    /// SIGSTOP our RabbitMQ node (pid from its pid file): the link stays up, carries nothing.
+    fn broker() -> Frozen {
+        let file = std::env::var("CC_TEST_RABBIT_PID_FILE")
+            .unwrap_or_else(|_| "/var/run/rabbitmq/pid".into());
+        let pid: i32 = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+            .trim()
+            .parse()
+            .unwrap();
+        signal(pid, "-STOP");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
+fn signal(pid: i32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Issue 9: with the AMQP link frozen (no FIN, no RST) the publisher used to say `connected`
+/// and ready while confirms never came. Now the status says "stalled since ...: no confirm for
+/// N s" once the oldest message waits half the confirm timeout, and clears when confirms flow.
+#[actix_rt::test]
+async fn a_frozen_link_shows_as_stalled_and_recovers() {
+    let _exclusive = BROKER.write().await;
+    let queue = unique("frozen");
+    let mut cfg = config(&queue, DeclareMode::Declare, Some(10));
+    cfg.confirm_timeout = Duration::from_secs(8);
+    let addr = start_connected(cfg).await;
+    publish(
+        &addr,
+        vec![trigger(
+            0,
+            &queue,
+            Priority::Normal,
+            MessageFormat::Envelope,
+        )],
+    )
+    .await
+    .expect("published before the freeze");
+    let frozen = Frozen::broker();
+    let pending = addr.clone();
+    let q = queue.clone();
+    let waiting = actix_rt::spawn(async move {
+        publish(
+            &pending,
+            vec![trigger(1, &q, Priority::Normal, MessageFormat::Envelope)],
+        )
+        .await
+    });
+    let st = wait_status(&addr, "stalled", Duration::from_secs(20), |s| {
+        s.stalled_since.is_some()
+    })
+    .await;
+    assert_eq!(st.state, PublisherState::Connected, "{st:#?}");
+    let why = st
+        .unavailable()
+        .expect("a stalled publisher is not available");
+    assert!(why.contains("stalled since"), "{why}");
+    assert!(why.contains("no confirm for"), "{why}");
+    drop(frozen);
+    let res = waiting.await.unwrap();
+    // the confirm comes once the broker runs again (well within the 8 s timeout), or the
+    // message timed out: either way it was answered, never lost silently
+    assert!(
+        matches!(res, Ok(()) | Err(PublishError::ConfirmTimeout { .. })),
+        "{res:?}"
+    );
+    wait_status(&addr, "no longer stalled", Duration::from_secs(30), |s| {
+        s.stalled_since.is_none() && s.state == PublisherState::Connected
+    })
+    .await;
+    delete_queue(&queue).await;
+}
