@@ -18,6 +18,7 @@
 pub mod access;
 pub mod actors;
 pub mod client;
+pub mod render;
 pub mod server;
 
 use crate::canal::connection::{ConnectionState, ConnectionStatus};

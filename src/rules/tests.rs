@@ -1,5 +1,8 @@
 //! Tests of the rules layer: schema validation errors (file and key path), CEL conditions and
 //! helpers, payload templates, error policies, and the exact triggers of the shipped consumers.
+//!
+//! (Why this file is long: it is only tests, one file for the whole rules layer so that each
+//! case keeps one name; no production code lives here.)
 
 use super::*;
 use crate::event::{ChangeEvent, EventType, Position, Row, Value};

@@ -1,0 +1,390 @@
+//! Text the command line prints from the admin endpoint's JSON: the `status` screen (fit for
+//! `watch -n 5`) and the `list` table. Pure functions of the JSON and the clock, so they are
+//! tested on fixed inputs; the HTTP side is in [`super::client`].
+
+use serde_json::Value;
+use std::fmt::Write as _;
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// `1h02m`, `3m05s`, `4.2s`, `120ms`.
+pub fn short_duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "-".into();
+    }
+    let whole = secs as u64;
+    if secs < 1.0 {
+        format!("{}ms", (secs * 1000.0).round() as u64)
+    } else if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else if whole < 3600 {
+        format!("{}m{:02}s", whole / 60, whole % 60)
+    } else if whole < 86400 {
+        format!("{}h{:02}m", whole / 3600, (whole % 3600) / 60)
+    } else {
+        format!("{}d{:02}h", whole / 86400, (whole % 86400) / 3600)
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn position(v: &Value) -> String {
+    match v {
+        Value::Object(_) => format!(
+            "{}:{}#{}",
+            s(v, "log_file"),
+            n(v, "offset"),
+            n(v, "row_index")
+        ),
+        _ => "-".into(),
+    }
+}
+
+/// The human status, for `watch -n 5`. `now_ms` is the wall clock (ms since the epoch), for
+/// the lag.
+pub fn render_status(v: &Value, now_ms: i64) -> String {
+    let mut out = String::new();
+    let canal = &v["canal"];
+    let ready = if v["shutting_down"].as_bool() == Some(true) {
+        "SHUTTING DOWN"
+    } else if canal["state"] == "connected" && v["broker_connected"].as_bool() == Some(true) {
+        "ready"
+    } else {
+        "NOT READY"
+    };
+    let _ = writeln!(
+        out,
+        "canal-consumer {}  up {}  {ready}",
+        s(v, "version"),
+        short_duration(n(v, "uptime_seconds") as f64)
+    );
+    // Nothing in flight: caught up with everything Canal has served.
+    let lag = if canal["inflight_batches"].as_u64() == Some(0) {
+        "0s".to_string()
+    } else {
+        canal["last_executed_at"]
+            .as_i64()
+            .map(|t| short_duration(((now_ms - t).max(0)) as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    let _ = writeln!(
+        out,
+        "canal   {:<12} {}  destination {}  lag {lag}",
+        s(canal, "state"),
+        s(canal, "server"),
+        s(canal, "destination"),
+    );
+    let _ = writeln!(
+        out,
+        "        fetched {}  acked {}  in flight {} batches ({})",
+        position(&canal["last_position"]),
+        position(&canal["acked_position"]),
+        v["batches_in_flight"]
+            .as_u64()
+            .unwrap_or_else(|| n(canal, "inflight_batches")),
+        bytes(n(canal, "inflight_bytes")),
+    );
+    let _ = writeln!(
+        out,
+        "        batches {}  events {}  rollbacks {}  reconnects {}",
+        n(canal, "batches_received"),
+        n(canal, "events_received"),
+        n(canal, "rollbacks"),
+        n(canal, "reconnects"),
+    );
+    if let Some(stall) = canal["stall"].as_object() {
+        let _ = writeln!(
+            out,
+            "        STALLED since {}: {}",
+            stall.get("since").and_then(Value::as_str).unwrap_or("-"),
+            stall.get("reason").and_then(Value::as_str).unwrap_or("-")
+        );
+        let _ = writeln!(
+            out,
+            "        to go on: {}",
+            stall.get("how").and_then(Value::as_str).unwrap_or("-")
+        );
+    } else if let Some(e) = canal["last_error"].as_str() {
+        let _ = writeln!(out, "        last error: {e}");
+    }
+    if let Some(skipped) = canal["skipped"].as_array().filter(|a| !a.is_empty()) {
+        let last = skipped.last().and_then(Value::as_str).unwrap_or("-");
+        let _ = writeln!(out, "        skipped {} (last: {last})", skipped.len());
+    }
+    let broker = &v["broker"];
+    let state = broker.get("state").and_then(Value::as_str).unwrap_or(
+        if v["broker_connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "down"
+        },
+    );
+    let _ = writeln!(
+        out,
+        "broker  {state:<12} {}  queue {}",
+        s(broker, "broker"),
+        s(broker, "queue")
+    );
+    // The publisher's counters, those it reports, in a fixed order.
+    let mut counts = Vec::new();
+    if let Some(u) = broker.get("unconfirmed").and_then(Value::as_u64) {
+        match broker.get("max_unconfirmed").and_then(Value::as_u64) {
+            Some(max) => counts.push(format!("unconfirmed {u}/{max}")),
+            None => counts.push(format!("unconfirmed {u}")),
+        }
+    }
+    for key in [
+        "published",
+        "confirmed",
+        "returned",
+        "nacked",
+        "timeouts",
+        "lost",
+    ] {
+        if let Some(x) = broker.get(key).and_then(Value::as_u64) {
+            counts.push(format!("{key} {x}"));
+        }
+    }
+    if !counts.is_empty() {
+        let _ = writeln!(out, "        {}", counts.join("  "));
+    }
+    if let Some(since) = broker.get("stalled_since").and_then(Value::as_str) {
+        let _ = writeln!(
+            out,
+            "        STALLED since {since}: no confirm for {} s",
+            broker
+                .get("oldest_unconfirmed_ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                / 1000
+        );
+    }
+    for key in ["blocked_reason", "last_error"] {
+        if let Some(e) = broker.get(key).and_then(Value::as_str) {
+            let _ = writeln!(out, "        {}: {e}", key.replace('_', " "));
+        }
+    }
+    out.push('\n');
+    out.push_str(&consumer_table(&v["consumers"], true));
+    out
+}
+
+fn consumer_table(consumers: &Value, counters: bool) -> String {
+    let mut out = String::new();
+    let empty = Vec::new();
+    let list = consumers.as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        out.push_str("no consumers\n");
+        return out;
+    }
+    let width = list
+        .iter()
+        .map(|c| s(c, "name").len())
+        .max()
+        .unwrap_or(8)
+        .max("CONSUMER".len());
+    if counters {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<7}  {:<11}  {:>9}  {:>9}  {:>6}  {:>8}  {:>6}  {:>7}  LAST ERROR",
+            "CONSUMER",
+            "ENABLED",
+            "STATE",
+            "EVENTS",
+            "TRIGGERS",
+            "ERRORS",
+            "RESTARTS",
+            "PARKED",
+            "LAG"
+        );
+    } else {
+        let _ = writeln!(out, "{:<width$}  {:<7}  STATE", "CONSUMER", "ENABLED");
+    }
+    for c in list {
+        let enabled = if c["enabled"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        };
+        if counters {
+            let lag = c["lag_seconds"]
+                .as_f64()
+                .map(short_duration)
+                .unwrap_or_else(|| "-".into());
+            let mut err = c["last_error"].as_str().unwrap_or("-").replace('\n', " ");
+            if err.chars().count() > 60 {
+                err = err.chars().take(59).collect::<String>() + "…";
+            }
+            let _ = writeln!(
+                out,
+                "{:<width$}  {:<7}  {:<11}  {:>9}  {:>9}  {:>6}  {:>8}  {:>6}  {:>7}  {err}",
+                s(c, "name"),
+                enabled,
+                s(c, "state"),
+                n(c, "events"),
+                n(c, "triggers"),
+                n(c, "errors"),
+                n(c, "restarts"),
+                n(c, "parked"),
+                lag,
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "{:<width$}  {:<7}  {}",
+                s(c, "name"),
+                enabled,
+                s(c, "state")
+            );
+        }
+    }
+    out
+}
+
+/// The human list of consumers (`GET /consumers`).
+pub fn render_list(consumers: &Value) -> String {
+    consumer_table(consumers, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(short_duration(0.12), "120ms");
+        assert_eq!(short_duration(4.25), "4.2s");
+        assert_eq!(short_duration(185.0), "3m05s");
+        assert_eq!(short_duration(3720.0), "1h02m");
+        assert_eq!(short_duration(90000.0), "1d01h");
+    }
+    #[test]
+    fn a_stall_says_what_and_how_to_go_on() {
+        let v = serde_json::json!({
+            "version": "0.2.0", "uptime_seconds": 5,
+            "canal": {"state": "stalled", "server": "s", "destination": "example",
+                      "inflight_batches": 0,
+                      "stall": {"token": "frame-1", "since": "2026-11-29T09:00:00.000Z",
+                                "reason": "the next batch is a 200299-byte frame",
+                                "how": "run `canal-consumer skip frame-1`"},
+                      "skipped": ["frame of 10 bytes (canal batch 3) after the start"],
+                      "last_error": "x"},
+            "broker": {"state": "connected", "stalled_since": "2026-11-29T09:00:01.000Z",
+                       "oldest_unconfirmed_ms": 7_400},
+            "broker_connected": false, "consumers": []
+        });
+        let text = render_status(&v, 0);
+        assert!(text.contains("NOT READY"), "{text}");
+        assert!(
+            text.contains(
+                "STALLED since 2026-11-29T09:00:00.000Z: the next batch is a 200299-byte frame"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("to go on: run `canal-consumer skip frame-1`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skipped 1 (last: frame of 10 bytes"),
+            "{text}"
+        );
+        assert!(
+            text.contains("STALLED since 2026-11-29T09:00:01.000Z: no confirm for 7 s"),
+            "{text}"
+        );
+    }
+    #[test]
+    fn renders_a_compact_status() {
+        let v = serde_json::json!({
+            "version": "0.1.0",
+            "uptime_seconds": 3725,
+            "canal": {
+                "state": "connected", "server": "127.0.0.1:11111", "destination": "example",
+                "inflight_batches": 2, "inflight_bytes": 2048, "batches_received": 10,
+                "events_received": 300, "rollbacks": 1, "reconnects": 0,
+                "last_position": {"log_file": "mysql-bin.000003", "offset": 4567, "row_index": 2},
+                "last_executed_at": 1_000_000, "acked_position": null
+            },
+            "broker": {"state": "connected", "broker": "amqp://u:***@rabbit:5672/%2f",
+                       "queue": "plugin_tasks", "unconfirmed": 3, "max_unconfirmed": 512,
+                       "confirmed": 40, "last_error": null},
+            "broker_connected": true,
+            "shutting_down": false,
+            "batches_in_flight": 2,
+            "consumers": [
+                {"name": "example_consumer", "enabled": true, "state": "running", "events": 12,
+                 "triggers": 8, "errors": 0, "restarts": 0, "parked": 3, "lag_seconds": 0.5,
+                 "last_error": null},
+                {"name": "teacher_consumer", "enabled": false, "state": "disabled", "events": 0,
+                 "triggers": 0, "errors": 2, "restarts": 1, "last_error": "boom"}
+            ]
+        });
+        let text = render_status(&v, 1_002_500);
+        assert!(
+            text.starts_with("canal-consumer 0.1.0  up 1h02m  ready\n"),
+            "{text}"
+        );
+        assert!(text.contains("connected"), "{text}");
+        assert!(text.contains("destination example  lag 2.5s"), "{text}");
+        assert!(
+            text.contains("fetched mysql-bin.000003:4567#2  acked -"),
+            "{text}"
+        );
+        assert!(text.contains("in flight 2 batches (2.0 KiB)"), "{text}");
+        assert!(
+            text.contains("broker  connected    amqp://u:***@rabbit:5672/%2f  queue plugin_tasks"),
+            "{text}"
+        );
+        assert!(text.contains("unconfirmed 3/512  confirmed 40\n"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("example_consumer"))
+            .unwrap();
+        let cols: Vec<_> = row.split_whitespace().collect();
+        assert_eq!(
+            cols,
+            [
+                "example_consumer",
+                "yes",
+                "running",
+                "12",
+                "8",
+                "0",
+                "0",
+                "3",
+                "500ms",
+                "-"
+            ]
+        );
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("teacher_consumer"))
+            .unwrap();
+        assert!(row.ends_with("boom"), "{row}");
+        let list = render_list(&v["consumers"]);
+        assert!(
+            list.contains("teacher_consumer  no       disabled"),
+            "{list}"
+        );
+    }
+}
