@@ -773,8 +773,8 @@ payload = {{ id = "${{data.id}}", destination = "${{destination}}", server_id = 
     .await;
     assert_eq!(s["canal"]["rollbacks"].as_u64(), Some(0), "{s:#}");
     // confirmed means enqueued: the counts are exact, duplicates included
-    assert_eq!(message_count(queue).await, 1999);
-    assert_eq!(message_count(dlq).await, 1);
+    assert_eq!(queue_depth(queue).await, 1999);
+    assert_eq!(queue_depth(dlq).await, 1);
     let got = consume_until(queue, Duration::from_secs(60), |g| g.len() >= 1999).await;
     let by = |c: &str| -> Vec<&Got> {
         got.iter()
@@ -822,11 +822,7 @@ payload = {{ id = "${{data.id}}", destination = "${{destination}}", server_id = 
         p["error"].as_str().unwrap().contains("failed 2 times"),
         "{p}"
     );
-    assert_eq!(
-        message_count(dlq).await,
-        1,
-        "list and show leave it in place"
-    );
+    assert_eq!(queue_depth(dlq).await, 1, "list and show leave it in place");
     // fix the rule, replay
     std::fs::write(
         svc.dir.join("consumers/poisoned.toml"),
@@ -841,23 +837,6 @@ payload = {{ id = "${{data.id}}", destination = "${{destination}}", server_id = 
     assert_eq!(g.body["payload"]["id"], 500);
     assert_eq!(g.message_id, expected_id(g, "poisoned"));
     assert!(cli(&["dlq", "list"]).contains(": 0 parked"));
-}
-
-async fn message_count(queue: &str) -> u32 {
-    let (conn, ch) = amqp().await;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("queue {queue}: {e}"));
-    let _ = conn.close(200, "bye".into()).await;
-    q.message_count()
 }
 
 /// Issue 10: a frame over `canal.max_frame_bytes` used to be retried forever (79 reconnects in

@@ -290,11 +290,10 @@ impl Session {
         self.read_ack("subscribing", self.cfg.read_timeout).await
     }
 
-    /// Fetches up to `fetch_size` (Canal's unit: KiB in MEMSIZE mode, entries in ITEMSIZE
-    /// mode) without acking, letting the server wait up to `wait` for data.
-    pub async fn get(&mut self, fetch_size: i32, wait: Duration) -> Result<RawBatch, CanalError> {
+    /// A GET without ack for up to `fetch_size`, letting the server wait up to `wait`.
+    fn get_request(&self, fetch_size: i32, wait: Duration) -> Get {
         let wait_ms = wait.as_millis().min(i64::MAX as u128) as i64;
-        let get = Get {
+        Get {
             destination: self.cfg.destination.clone(),
             client_id: self.cfg.client_id.clone(),
             fetch_size: fetch_size.max(1),
@@ -302,7 +301,13 @@ impl Session {
             timeout: Some(if wait_ms == 0 { -1 } else { wait_ms }),
             unit: Some(UNIT_MILLIS),
             auto_ack: Some(false),
-        };
+        }
+    }
+
+    /// Fetches up to `fetch_size` (Canal's unit: KiB in MEMSIZE mode, entries in ITEMSIZE
+    /// mode) without acking, letting the server wait up to `wait` for data.
+    pub async fn get(&mut self, fetch_size: i32, wait: Duration) -> Result<RawBatch, CanalError> {
+        let get = self.get_request(fetch_size, wait);
         self.write(PacketType::Get, get.encode_to_vec()).await?;
         self.last_wait = wait;
         self.read_messages().await
@@ -355,15 +360,7 @@ impl Session {
         oversized_len: Option<usize>,
     ) -> (Session, Result<Fetch, CanalError>) {
         let mut session = self;
-        let wait_ms = wait.as_millis().min(i64::MAX as u128) as i64;
-        let get = Get {
-            destination: session.cfg.destination.clone(),
-            client_id: session.cfg.client_id.clone(),
-            fetch_size: fetch_size.max(1),
-            timeout: Some(if wait_ms == 0 { -1 } else { wait_ms }),
-            unit: Some(UNIT_MILLIS),
-            auto_ack: Some(false),
-        };
+        let get = session.get_request(fetch_size, wait);
         if let Err(e) = session.write(PacketType::Get, get.encode_to_vec()).await {
             return (session, Err(e));
         }
