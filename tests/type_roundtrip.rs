@@ -106,8 +106,9 @@ fn columns() -> Vec<Col> {
         ("rl", "REAL", Float64, [Some("-1.5"), Some("1e300"), Some("0"), None]),
         ("nm", "NUMERIC(10,2)", Text, [Some("-12345678.90"), Some("99999999.99"), Some("0"), None]),
         ("i8", "INT8", Int, [Some("-9223372036854775808"), Some("9223372036854775807"), Some("0"), None]),
-        ("lvb", "LONG VARBINARY", Bytes, [Some("X''"), Some("X'C3BCFF'"), Some("X'00'"), None]),
-        ("lvc", "LONG VARCHAR", Text, [Some("''"), Some("'ü 汉'"), Some("'a'"), None]),
+        // not `LONG VARBINARY` / `LONG VARCHAR`: Canal's DDL parser rejects that spelling, and
+        // its table-meta history then goes wrong for *other* tables after a Canal restart
+        // (see docs/types.md); the decoder still maps them (unit tests in src/canal/decode.rs)
     ]
 }
 
