@@ -187,6 +187,12 @@ fn hex(b: &[u8]) -> String {
 async fn rows_written_before_a_ddl_made_while_canal_was_down_keep_their_names() {
     let _lock = canal_lock().await;
     let table = "ddl_down";
+    // A fresh table-meta history: Canal's history (its H2 database) goes wrong after long use
+    // here (DDL its parser rejects, large binlogs), and then decodes this table with a stale
+    // structure after the restart below, which our shifted-row check refuses. What this test
+    // checks is that a healthy history keeps names right, so it starts from one
+    // (`canal-ctl reset` also forgets the saved cursors, which no test relies on).
+    script("deploy/local/canal-ctl", &["reset"]);
     canal_with_our_config();
     mysql(&format!(
         "CREATE DATABASE IF NOT EXISTS {DDL_DB}; DROP TABLE IF EXISTS {DDL_DB}.{table}; \
