@@ -99,17 +99,6 @@ pub struct Reinstate;
 /// have left half-updated never survives into the next attempt.
 pub type ConsumerFactory = Box<dyn Fn() -> Box<dyn Consumer> + Send>;
 
-/// Where the supervisor has the consumer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SupervisorState {
-    Running,
-    /// Failed; waiting out its backoff before the next attempt.
-    Restarting,
-    /// Failed too often within the window; refuses work until re-enabled.
-    Quarantined,
-}
-
 /// The consumer actor.
 pub struct ConsumerActor {
     factory: ConsumerFactory,
@@ -151,17 +140,6 @@ impl ConsumerActor {
     /// Start under a supervisor.
     pub fn start_supervised(self) -> Addr<ConsumerActor> {
         Supervisor::start(move |_| self)
-    }
-
-    /// Where the supervisor has it now.
-    pub fn supervisor_state(&self) -> SupervisorState {
-        if self.quarantined {
-            SupervisorState::Quarantined
-        } else if self.retry_at.is_some_and(|t| t > Instant::now()) {
-            SupervisorState::Restarting
-        } else {
-            SupervisorState::Running
-        }
     }
 
     fn backoff(&self) -> Duration {

@@ -188,8 +188,6 @@ struct Slot<P> {
     in_consumer: bool,
     /// A `RetryAfter` is outstanding.
     waiting_retry: bool,
-    /// Parts parked so far.
-    parked: u64,
 }
 
 #[derive(Debug, Default)]
@@ -232,7 +230,6 @@ impl<P: Clone> Router<P> {
                     awaiting: BTreeMap::new(),
                     in_consumer: false,
                     waiting_retry: false,
-                    parked: 0,
                 })
                 .collect(),
             batches: BTreeMap::new(),
@@ -261,11 +258,6 @@ impl<P: Clone> Router<P> {
     /// Parts waiting for (or inside) this slot's consumer.
     pub fn queued(&self, slot: SlotId) -> usize {
         self.slots[slot].queue.len()
-    }
-
-    /// Parts of this slot parked in the dead-letter queue so far.
-    pub fn parked(&self, slot: SlotId) -> u64 {
-        self.slots[slot].parked
     }
 
     /// Batches of the current epoch not yet acked or rolled back.
@@ -360,9 +352,6 @@ impl<P: Clone> Router<P> {
                 let Some(item) = s.queue.pop_front() else {
                     return;
                 };
-                if item.mode.is_park() {
-                    s.parked += 1;
-                }
                 if !matches!(item.mode, Mode::ParkAll { .. }) {
                     s.retrying = false;
                 }

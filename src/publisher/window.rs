@@ -455,11 +455,6 @@ impl<M: Outgoing> ConfirmWindow<M> {
     pub fn stats(&self) -> &WindowStats {
         &self.stats
     }
-
-    /// The lowest epoch still published.
-    pub fn floor(&self) -> u64 {
-        self.floor
-    }
 }
 
 #[cfg(test)]
