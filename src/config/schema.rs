@@ -59,6 +59,29 @@ pub struct CanalConfig {
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// The destination's `canal.instance.connectionCharset`: `UTF-8` (Canal decodes text, and
+    /// non-UTF-8 columns lose their non-ASCII characters inside Canal) or `ISO-8859-1` (Canal
+    /// ships text as raw bytes and the service decodes each column with its own charset, read
+    /// from `source_url`; database and table names must then be ASCII). docs/types.md.
+    pub connection_charset: ConnectionCharset,
+    /// `mysql://user:password@host:port` of the database Canal reads, for column charsets
+    /// (`information_schema`); required with `connection_charset = "ISO-8859-1"`.
+    pub source_url: Secret,
+}
+
+/// `canal.connection_charset`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnectionCharset {
+    #[default]
+    #[serde(rename = "UTF-8", alias = "utf-8", alias = "UTF8", alias = "utf8")]
+    Utf8,
+    #[serde(
+        rename = "ISO-8859-1",
+        alias = "iso-8859-1",
+        alias = "ISO_8859_1",
+        alias = "latin1"
+    )]
+    Iso8859_1,
 }
 
 impl Default for CanalConfig {
@@ -81,6 +104,8 @@ impl Default for CanalConfig {
             max_inflight_bytes: nz(64 * 1024 * 1024),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
+            connection_charset: ConnectionCharset::Utf8,
+            source_url: Secret::default(),
         }
     }
 }
@@ -109,6 +134,12 @@ impl CanalConfig {
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
             fail_fast,
+            text: match self.connection_charset {
+                ConnectionCharset::Utf8 => crate::canal::TextSource::AsShipped,
+                ConnectionCharset::Iso8859_1 => crate::canal::TextSource::Raw {
+                    source_url: self.source_url.clone(),
+                },
+            },
         }
     }
 }

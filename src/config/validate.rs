@@ -2,7 +2,7 @@
 //! value came from.
 
 use super::error::{ConfigError, Origin};
-use super::schema::Config;
+use super::schema::{Config, ConnectionCharset};
 use super::secret::Secret;
 use std::path::Path;
 
@@ -27,6 +27,20 @@ impl Config {
         }
         if c.client_id.trim().is_empty() {
             bad("canal.client_id", "must not be empty".into());
+        }
+        match (c.connection_charset, c.source_url.is_empty()) {
+            (ConnectionCharset::Iso8859_1, true) => bad(
+                "canal.source_url",
+                "must be set with canal.connection_charset = \"ISO-8859-1\": the service reads \
+                 each text column's charset from the source database (mysql://user:password@host:port)"
+                    .into(),
+            ),
+            (_, false) => {
+                if let Err(e) = crate::canal::source::check_url(c.source_url.expose()) {
+                    bad("canal.source_url", e.to_string().replace("canal.source_url: ", ""));
+                }
+            }
+            (ConnectionCharset::Utf8, true) => {}
         }
         if c.batch_size <= 0 {
             bad(

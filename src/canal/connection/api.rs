@@ -30,6 +30,18 @@ pub struct ConnectionConfig {
     /// Give up (instead of retrying) when the very first connect fails with a permanent error
     /// such as a wrong password.
     pub fail_fast: bool,
+    /// How text columns arrive (`canal.connection_charset`).
+    pub text: TextSource,
+}
+
+/// How the destination ships text columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextSource {
+    /// Decoded by Canal (its connectionCharset, UTF-8): taken as they are.
+    AsShipped,
+    /// As raw bytes (connectionCharset ISO-8859-1): decoded with each column's charset, looked
+    /// up in the source database at this URL.
+    Raw { source_url: crate::config::Secret },
 }
 
 /// A decoded batch.
