@@ -81,8 +81,8 @@ fn event(i: usize) -> ChangeEvent {
         event_type: EventType::Update,
         data,
         old: Some(old),
-        changed: vec!["status".into(), "amount".into()],
-        primary_keys: vec!["id".into()],
+        changed: ["status", "amount"].into(),
+        primary_keys: ["id"].into(),
         position: Position {
             log_file: "mysql-bin.000001".into(),
             offset: 4 + i as u64 * 100,

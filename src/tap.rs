@@ -260,8 +260,8 @@ mod tests {
             event_type: EventType::Insert,
             data: Default::default(),
             old: None,
-            changed: vec![],
-            primary_keys: vec![],
+            changed: Default::default(),
+            primary_keys: Default::default(),
             position: Position {
                 log_file: "mysql-bin.000001".into(),
                 offset,

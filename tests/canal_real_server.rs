@@ -133,7 +133,7 @@ async fn every_common_type_arrives_with_the_value_written() {
         upd.data["bl"],
         Value::Bytes(vec![0x00, 0xff, 0x80, 0xfe, 0x41])
     );
-    let changed: BTreeSet<&str> = upd.changed.iter().map(String::as_str).collect();
+    let changed: BTreeSet<&str> = upd.changed.iter().collect();
     assert_eq!(changed, BTreeSet::from(["vc", "e", "n"]));
     let old = upd.old.as_ref().expect("old values");
     assert_eq!(old.len(), 3, "{old:?}");

@@ -5,7 +5,7 @@
 //! built (lazily, only if a rule that passed its cheap table/event checks needs CEL) and every
 //! rule of the consumer evaluates against it.
 
-use crate::event::{ChangeEvent, Row, Value as ColValue};
+use crate::event::{ChangeEvent, ColumnSet, Row, Value as ColValue};
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::common::types::{
     CelBytes, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
@@ -393,12 +393,12 @@ pub fn bind_event(scope: &mut Context<'_, '_>, event: &ChangeEvent) {
     scope.add_variable_as_val("primary_keys", Box::new(string_list(&event.primary_keys)));
     scope.add_variable_as_val(
         "database",
-        Box::new(CelString::from(event.database.clone())),
+        Box::new(CelString::from(event.database.to_string())),
     );
-    scope.add_variable_as_val("table", Box::new(CelString::from(event.table.clone())));
+    scope.add_variable_as_val("table", Box::new(CelString::from(event.table.to_string())));
     scope.add_variable_as_val(
         "destination",
-        Box::new(CelString::from(event.destination.clone())),
+        Box::new(CelString::from(event.destination.to_string())),
     );
     scope.add_variable_as_val(
         "event_type",
@@ -415,7 +415,7 @@ pub fn bind_event(scope: &mut Context<'_, '_>, event: &ChangeEvent) {
     let mut pos: HashMap<CelMapKey<'static>, Box<dyn Val>> = HashMap::with_capacity(4);
     pos.insert(
         CelMapKey::from("log_file"),
-        Box::new(CelString::from(event.position.log_file.clone())),
+        Box::new(CelString::from(event.position.log_file.to_string())),
     );
     pos.insert(
         CelMapKey::from("offset"),
@@ -436,17 +436,17 @@ pub fn bind_event(scope: &mut Context<'_, '_>, event: &ChangeEvent) {
     pos.insert(
         CelMapKey::from("gtid"),
         match &event.position.gtid {
-            Some(g) => Box::new(CelString::from(g.clone())),
+            Some(g) => Box::new(CelString::from(g.to_string())),
             None => Box::new(CelNull),
         },
     );
     scope.add_variable_as_val("position", Box::new(CelMap::from(pos)));
 }
 
-fn string_list(items: &[String]) -> CelList<'static> {
+fn string_list(items: &ColumnSet) -> CelList<'static> {
     let items: Vec<Box<dyn Val>> = items
         .iter()
-        .map(|c| Box::new(CelString::from(c.clone())) as Box<dyn Val>)
+        .map(|c| Box::new(CelString::from(c.to_string())) as Box<dyn Val>)
         .collect();
     CelList::from(items)
 }
@@ -454,7 +454,7 @@ fn string_list(items: &[String]) -> CelList<'static> {
 fn row_val(row: &Row) -> CelMap<'static> {
     let map: HashMap<CelMapKey<'static>, Box<dyn Val>> = row
         .iter()
-        .map(|(k, v)| (CelMapKey::from(k.clone()), column_val(v)))
+        .map(|(k, v)| (CelMapKey::from(k.to_string()), column_val(v)))
         .collect();
     CelMap::from(map)
 }

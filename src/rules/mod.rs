@@ -211,30 +211,30 @@ pub fn sample_events(spec: &ConsumerSpec) -> Vec<ChangeEvent> {
                 data.insert("id".into(), Value::Int(1));
                 primary_keys.push("id".to_string());
                 for c in &columns {
-                    data.insert(c.clone(), sample(c, false));
+                    data.insert(c.into(), sample(c, false));
                 }
                 match t {
                     EventType::Update => {
                         let mut o = Row::new();
                         for c in &columns {
-                            o.insert(c.clone(), sample(c, true));
+                            o.insert(c.into(), sample(c, true));
                             changed.push(c.clone());
                         }
                         old = Some(o);
                     }
-                    EventType::Insert => changed = data.keys().cloned().collect(),
+                    EventType::Insert => changed = data.keys().map(str::to_string).collect(),
                     _ => {}
                 }
             }
             out.push(ChangeEvent {
                 destination: "example".into(),
-                database: database.clone(),
-                table: table.clone(),
+                database: database.as_str().into(),
+                table: table.as_str().into(),
                 event_type: t,
                 data,
                 old,
-                changed,
-                primary_keys,
+                changed: changed.into(),
+                primary_keys: primary_keys.into(),
                 position: Position {
                     log_file: "mysql-bin.000001".into(),
                     offset: 4 + 100 * n,

@@ -5,7 +5,7 @@
 //! case keeps one name; no production code lives here.)
 
 use super::*;
-use crate::event::{ChangeEvent, EventType, Position, Row, Value};
+use crate::event::{ChangeEvent, ColumnSet, EventType, Position, Row, Value};
 use crate::trigger::{Priority, SourceRef, message_id};
 use serde_json::json;
 use std::path::Path;
@@ -55,9 +55,9 @@ fn row(cols: &[(&str, Value)]) -> Row {
 
 fn event(db: &str, table: &str, t: EventType, data: Row, old: Option<Row>) -> ChangeEvent {
     let changed = match (&old, t) {
-        (Some(o), _) => o.keys().cloned().collect(),
-        (None, EventType::Insert) => data.keys().cloned().collect(),
-        _ => Vec::new(),
+        (Some(o), _) => o.keys().collect(),
+        (None, EventType::Insert) => data.keys().collect(),
+        _ => ColumnSet::new(),
     };
     ChangeEvent {
         destination: "example".into(),
@@ -67,7 +67,7 @@ fn event(db: &str, table: &str, t: EventType, data: Row, old: Option<Row>) -> Ch
         data,
         old,
         changed,
-        primary_keys: vec!["id".into()],
+        primary_keys: ["id"].into(),
         position: Position {
             log_file: "mysql-bin.000007".into(),
             offset: 1234,
