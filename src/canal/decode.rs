@@ -970,11 +970,25 @@ pub mod wire {
             Reader { buf, pos: 0 }
         }
 
+        #[inline(always)]
         fn done(&self) -> bool {
             self.pos >= self.buf.len()
         }
 
+        #[inline(always)]
         fn varint(&mut self) -> Result<u64, WireError> {
+            // most varints (keys, lengths, flags) are one byte
+            if let Some(&b) = self.buf.get(self.pos)
+                && b < 0x80
+            {
+                self.pos += 1;
+                return Ok(u64::from(b));
+            }
+            self.varint_long()
+        }
+
+        #[inline(never)]
+        fn varint_long(&mut self) -> Result<u64, WireError> {
             let start = self.pos;
             let mut v: u64 = 0;
             for i in 0..10 {
@@ -994,6 +1008,7 @@ pub mod wire {
         }
 
         /// `(field, wire type)`.
+        #[inline(always)]
         fn key(&mut self) -> Result<(u32, u8), WireError> {
             let at = self.pos;
             let key = self.varint()?;
@@ -1005,17 +1020,18 @@ pub mod wire {
             Ok((field as u32, wire))
         }
 
+        #[inline(always)]
         fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-            let end = self
-                .pos
-                .checked_add(n)
-                .filter(|&e| e <= self.buf.len())
-                .ok_or(WireError::Truncated(self.pos))?;
-            let s = &self.buf[self.pos..end];
-            self.pos = end;
-            Ok(s)
+            match self.buf.get(self.pos..).and_then(|rest| rest.get(..n)) {
+                Some(s) => {
+                    self.pos += n;
+                    Ok(s)
+                }
+                None => Err(WireError::Truncated(self.pos)),
+            }
         }
 
+        #[inline(always)]
         fn bytes(&mut self) -> Result<&'a [u8], WireError> {
             let n = self.varint()?;
             self.take(usize::try_from(n).map_err(|_| WireError::Truncated(self.pos))?)
@@ -1051,6 +1067,7 @@ pub mod wire {
             }
         }
 
+        #[inline(always)]
         fn expect(&self, field: u32, wire: u8, want: u8) -> Result<(), WireError> {
             if wire == want {
                 Ok(())
@@ -1180,6 +1197,20 @@ pub mod wire {
             after.clear();
             let mut r = Reader::new(self.buf);
             while !r.done() {
+                // the common one-byte keys first (see `ColumnRef::parse`)
+                match r.buf[r.pos] {
+                    0x0a => {
+                        r.pos += 1;
+                        before.push(ColumnRef::parse(r.bytes()?)?);
+                        continue;
+                    }
+                    0x12 => {
+                        r.pos += 1;
+                        after.push(ColumnRef::parse(r.bytes()?)?);
+                        continue;
+                    }
+                    _ => {}
+                }
                 let (field, wire) = r.key()?;
                 match field {
                     1 | 2 => {
@@ -1217,45 +1248,83 @@ pub mod wire {
     }
 
     impl<'a> ColumnRef<'a> {
+        #[inline(always)]
         fn parse(buf: &'a [u8]) -> Result<ColumnRef<'a>, WireError> {
             let mut c = ColumnRef::default();
             let mut r = Reader::new(buf);
-            while !r.done() {
-                let (field, wire) = r.key()?;
-                match field {
-                    1 | 2 | 4 | 5 | 6 | 9 => {
-                        r.expect(field, wire, VARINT)?;
-                        let v = r.varint()?;
-                        match field {
-                            1 => c.index = v as i32,
-                            2 => c.sql_type = v as i32,
-                            4 => c.is_key = v != 0,
-                            5 => c.updated = v != 0,
-                            6 => c.is_null = Some(v != 0),
-                            _ => {}
-                        }
+            // Canal writes one-byte keys with the declared wire types: dispatch on the byte;
+            // anything else (unknown fields, long keys) takes the general path.
+            while let Some(&key) = r.buf.get(r.pos) {
+                r.pos += 1;
+                match key {
+                    0x08 => c.index = r.varint()? as i32,
+                    0x10 => c.sql_type = r.varint()? as i32,
+                    0x1a => c.set_name(r.bytes()?)?,
+                    0x20 => c.is_key = r.varint()? != 0,
+                    0x28 => c.updated = r.varint()? != 0,
+                    0x30 => c.is_null = Some(r.varint()? != 0),
+                    0x3a => pair(r.bytes()?)?,
+                    0x42 => c.value = utf8(r.bytes()?)?,
+                    0x48 => {
+                        r.varint()?;
                     }
-                    3 => {
-                        r.expect(field, wire, LEN)?;
-                        // an overwritten occurrence is checked now (the last one with the layout)
-                        utf8(std::mem::replace(&mut c.name, r.bytes()?))?;
+                    0x52 => c.set_mysql_type(r.bytes()?)?,
+                    _ => {
+                        r.pos -= 1;
+                        c.field(&mut r)?;
                     }
-                    7 => {
-                        r.expect(field, wire, LEN)?;
-                        pair(r.bytes()?)?;
-                    }
-                    8 => {
-                        r.expect(field, wire, LEN)?;
-                        c.value = utf8(r.bytes()?)?;
-                    }
-                    10 => {
-                        r.expect(field, wire, LEN)?;
-                        utf8(std::mem::replace(&mut c.mysql_type, r.bytes()?))?;
-                    }
-                    _ => r.skip(field, wire)?,
                 }
             }
             Ok(c)
+        }
+
+        // An overwritten occurrence is checked now (the last one with the layout).
+        fn set_name(&mut self, b: &'a [u8]) -> Result<(), WireError> {
+            if !self.name.is_empty() {
+                utf8(self.name)?;
+            }
+            self.name = b;
+            Ok(())
+        }
+
+        fn set_mysql_type(&mut self, b: &'a [u8]) -> Result<(), WireError> {
+            if !self.mysql_type.is_empty() {
+                utf8(self.mysql_type)?;
+            }
+            self.mysql_type = b;
+            Ok(())
+        }
+
+        /// One field, by its decoded key.
+        #[inline(never)]
+        fn field(&mut self, r: &mut Reader<'a>) -> Result<(), WireError> {
+            let (field, wire) = r.key()?;
+            match field {
+                1 | 2 | 4 | 5 | 6 | 9 => {
+                    r.expect(field, wire, VARINT)?;
+                    let v = r.varint()?;
+                    match field {
+                        1 => self.index = v as i32,
+                        2 => self.sql_type = v as i32,
+                        4 => self.is_key = v != 0,
+                        5 => self.updated = v != 0,
+                        6 => self.is_null = Some(v != 0),
+                        _ => {}
+                    }
+                }
+                3 | 7 | 8 | 10 => {
+                    r.expect(field, wire, LEN)?;
+                    let b = r.bytes()?;
+                    match field {
+                        3 => self.set_name(b)?,
+                        7 => pair(b)?,
+                        8 => self.value = utf8(b)?,
+                        _ => self.set_mysql_type(b)?,
+                    }
+                }
+                _ => r.skip(field, wire)?,
+            }
+            Ok(())
         }
     }
 }
