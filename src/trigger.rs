@@ -167,20 +167,36 @@ pub fn message_id(
     seq: u32,
 ) -> String {
     let p = &source.position;
-    let key = format!(
-        "v2\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}",
-        source.destination,
-        p.server_id,
-        p.log_file,
-        p.offset,
-        p.row_index,
-        source.executed_at,
-        consumer,
-        rule.unwrap_or(""),
-        plugin,
-        seq
+    // the key `v2\0destination\0server_id\0...`, built without the formatting machinery
+    let mut key = Vec::with_capacity(
+        64 + source.destination.len() + p.log_file.len() + consumer.len() + plugin.len(),
     );
-    Uuid::new_v5(&ID_NAMESPACE, key.as_bytes()).to_string()
+    let mut num = itoa::Buffer::new();
+    key.extend_from_slice(b"v2\0");
+    key.extend_from_slice(source.destination.as_bytes());
+    key.push(0);
+    key.extend_from_slice(num.format(p.server_id).as_bytes());
+    key.push(0);
+    key.extend_from_slice(p.log_file.as_bytes());
+    key.push(0);
+    key.extend_from_slice(num.format(p.offset).as_bytes());
+    key.push(0);
+    key.extend_from_slice(num.format(p.row_index).as_bytes());
+    key.push(0);
+    key.extend_from_slice(num.format(source.executed_at).as_bytes());
+    key.push(0);
+    key.extend_from_slice(consumer.as_bytes());
+    key.push(0);
+    key.extend_from_slice(rule.unwrap_or("").as_bytes());
+    key.push(0);
+    key.extend_from_slice(plugin.as_bytes());
+    key.push(0);
+    key.extend_from_slice(num.format(seq).as_bytes());
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    Uuid::new_v5(&ID_NAMESPACE, &key)
+        .hyphenated()
+        .encode_lower(&mut text)
+        .to_string()
 }
 
 #[cfg(test)]

@@ -46,10 +46,10 @@ impl ConfigConsumer {
     /// Evaluates one rule: `Ok(None)` if its condition is false.
     fn eval_rule(
         rule: &RuleSpec,
-        scope: &Context<'_, '_>,
+        scope: &mut expr::Scope<'_, '_>,
     ) -> Result<Option<serde_json::Value>, String> {
         if let Some(cond) = &rule.when.condition {
-            match cond.eval(scope)? {
+            match cond.eval(scope.cel())? {
                 cel::Value::Bool(true) => {}
                 cel::Value::Bool(false) => return Ok(None),
                 other => {
@@ -129,22 +129,14 @@ impl Consumer for ConfigConsumer {
         event: &ChangeEvent,
         ctx: &mut ConsumerContext,
     ) -> Result<(), ConsumerError> {
-        // The CEL scope is built once per event, and only if a rule needs it.
-        let mut scope: Option<Context<'_, 'static>> = None;
+        // The CEL scope is built once per event, and only if an expression needs it (a
+        // condition, or a payload expression that is more than a column of `data` or `old`).
+        let mut scope = expr::Scope::new(&self.root, event);
         for rule in &self.spec.rules {
             if !rule.when.matches_names(event) {
                 continue;
             }
-            let outcome = if rule.needs_cel() {
-                let scope = scope.get_or_insert_with(|| {
-                    let mut s = self.root.new_inner_scope();
-                    expr::bind_event(&mut s, event);
-                    s
-                });
-                Self::eval_rule(rule, scope)
-            } else {
-                Ok(Some(rule.payload.render(&self.root).unwrap_or_default()))
-            };
+            let outcome = Self::eval_rule(rule, &mut scope);
             match outcome {
                 Ok(None) => {}
                 Ok(Some(payload)) => {

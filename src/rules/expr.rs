@@ -60,6 +60,43 @@ pub fn env() -> Arc<Env> {
 pub struct Expression {
     pub source: String,
     program: Arc<Program>,
+    /// `data.col` / `old.col` (or `data['col']`): read straight from the row, no CEL scope.
+    direct: Option<(RowVar, String)>,
+}
+
+/// Which row a direct column reference reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowVar {
+    Data,
+    Old,
+}
+
+/// The event a rule runs on, and its CEL scope, built only when an expression needs it
+/// (direct column references and literal payloads do not).
+pub struct Scope<'r, 'e> {
+    root: &'r Context<'static, 'static>,
+    event: &'e ChangeEvent,
+    cel: Option<Context<'r, 'static>>,
+}
+
+impl<'r, 'e> Scope<'r, 'e> {
+    pub fn new(root: &'r Context<'static, 'static>, event: &'e ChangeEvent) -> Self {
+        Scope {
+            root,
+            event,
+            cel: None,
+        }
+    }
+
+    /// The CEL scope with the event's variables.
+    pub fn cel(&mut self) -> &Context<'r, 'static> {
+        let (root, event) = (self.root, self.event);
+        self.cel.get_or_insert_with(|| {
+            let mut s = root.new_inner_scope();
+            bind_event(&mut s, event);
+            s
+        })
+    }
 }
 
 impl std::fmt::Debug for Expression {
@@ -89,10 +126,42 @@ impl Expression {
         if let Some(f) = refs.functions.iter().find(|f| !function_known(f)) {
             return Err(format!("unknown function `{f}` in `{source}`"));
         }
+        let direct = direct_column(program.expression());
         Ok(Expression {
             source: source.to_string(),
             program: Arc::new(program),
+            direct,
         })
+    }
+
+    /// The expression's value as payload JSON (what `to_json` of its CEL value gives).
+    pub fn json(&self, scope: &mut Scope<'_, '_>) -> Result<serde_json::Value, String> {
+        match self.column(scope.event) {
+            Some(ColValue::Json(j)) => to_json(&json_value(j)),
+            Some(v) => Ok(v.to_json()),
+            None => self.eval(scope.cel()).and_then(|v| to_json(&v)),
+        }
+    }
+
+    /// The expression's value as text (what `to_text` of its CEL value gives).
+    pub fn text(&self, scope: &mut Scope<'_, '_>) -> Result<String, String> {
+        match self.column(scope.event) {
+            Some(ColValue::Null) => Ok(String::new()),
+            Some(ColValue::Json(j)) => to_text(&json_value(j)),
+            Some(ColValue::Bytes(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+            Some(v) => Ok(v.as_text().unwrap_or_default()),
+            None => self.eval(scope.cel()).and_then(|v| to_text(&v)),
+        }
+    }
+
+    /// The column a direct reference names, if the row has it (otherwise CEL evaluates the
+    /// expression and reports the error its own way).
+    fn column<'e>(&self, event: &'e ChangeEvent) -> Option<&'e ColValue> {
+        let (var, name) = self.direct.as_ref()?;
+        match var {
+            RowVar::Data => event.data.get(name),
+            RowVar::Old => event.old.as_ref()?.get(name),
+        }
     }
 
     /// Compiles a rule condition: like [`Expression::compile`], and refuses a condition whose
@@ -137,6 +206,27 @@ impl Expression {
         let mut refs = Refs::default();
         refs.walk(self.program.expression(), &mut Vec::new());
         refs.columns
+    }
+}
+
+/// `data.col`, `old.col`, `data['col']`, `old['col']`.
+fn direct_column(e: &IdedExpr) -> Option<(RowVar, String)> {
+    let var = |e: &IdedExpr| match &e.expr {
+        Expr::Ident(v) if v == "data" => Some(RowVar::Data),
+        Expr::Ident(v) if v == "old" => Some(RowVar::Old),
+        _ => None,
+    };
+    match &e.expr {
+        Expr::Select(s) if !s.test => Some((var(&s.operand)?, s.field.clone())),
+        Expr::Call(c) if c.func_name == "_[_]" && c.target.is_none() && c.args.len() == 2 => {
+            match &c.args[1].expr {
+                Expr::Literal(LiteralValue::String(k)) => {
+                    Some((var(&c.args[0])?, k.inner().to_string()))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
     }
 }
 

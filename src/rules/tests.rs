@@ -922,3 +922,57 @@ fn describe_lists_filters_rules_and_plugins() {
     assert_eq!(table.lines().count(), 3, "{table}");
     assert!(table.starts_with("NAME"));
 }
+
+#[test]
+fn direct_column_references_render_exactly_as_cel_does() {
+    use super::expr::{self, Expression, Scope};
+    let data = row(&[
+        ("id", Value::Int(-7)),
+        ("u", Value::UInt(u64::MAX)),
+        ("f", Value::Float(1.5)),
+        ("nan", Value::Float(f64::NAN)),
+        ("t", Value::Text("héllo".into())),
+        ("b", Value::Bytes(vec![0, 0xff, b'a'])),
+        ("n", Value::Null),
+        (
+            "j",
+            Value::Json(serde_json::json!({"z": [1, 2.5, "x"], "a": {"k": null}})),
+        ),
+        ("js", Value::Json(serde_json::json!("s"))),
+    ]);
+    let old = row(&[("t", Value::Text("before".into()))]);
+    let e = event("db", "t", EventType::Update, data, Some(old));
+    let root = expr::root_context();
+    for col in ["id", "u", "f", "nan", "t", "b", "n", "j", "js"] {
+        for src in [format!("data.{col}"), format!("data['{col}']")] {
+            let direct = Expression::compile(&src).unwrap();
+            let mut scope = Scope::new(&root, &e);
+            let via_cel = direct.eval(scope.cel()).unwrap();
+            assert_eq!(
+                direct.json(&mut Scope::new(&root, &e)).unwrap(),
+                expr::to_json(&via_cel).unwrap(),
+                "{src}"
+            );
+            assert_eq!(
+                direct.text(&mut Scope::new(&root, &e)).unwrap(),
+                expr::to_text(&via_cel).unwrap(),
+                "{src}"
+            );
+        }
+    }
+    let old_t = Expression::compile("old.t").unwrap();
+    assert_eq!(
+        old_t.json(&mut Scope::new(&root, &e)).unwrap(),
+        serde_json::json!("before")
+    );
+    // a column the row lacks fails exactly as CEL fails it
+    let missing = Expression::compile("data.missing").unwrap();
+    let mut scope = Scope::new(&root, &e);
+    let cel_err = missing.eval(scope.cel()).unwrap_err();
+    assert_eq!(
+        missing.json(&mut Scope::new(&root, &e)).unwrap_err(),
+        cel_err
+    );
+    let old_missing = Expression::compile("old.id").unwrap();
+    assert!(old_missing.json(&mut Scope::new(&root, &e)).is_err());
+}
