@@ -285,6 +285,7 @@ mod tests {
             source: SourceRef::from(e),
             route: Default::default(),
             format: Default::default(),
+            bulk: None,
         }
     }
 

@@ -39,6 +39,20 @@ pub struct Envelope {
     pub source: EnvelopeSource,
     /// When this message was encoded, RFC 3339 UTC with milliseconds.
     pub published_at: String,
+    /// Bulk messages only (a rule with `batch`): `payload` is the list of the rows'
+    /// payloads, `source` the first row; this gives the count and the last row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<EnvelopeBulk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvelopeBulk {
+    /// How many rows (the length of `payload`).
+    pub rows: u32,
+    /// The last row's position.
+    pub last_position: EnvelopePosition,
+    /// When MySQL executed the last row's change, ms since the Unix epoch.
+    pub last_executed_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,6 +107,17 @@ impl Envelope {
                 executed_at: s.executed_at,
             },
             published_at: published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            bulk: trigger.bulk.as_ref().map(|b| EnvelopeBulk {
+                rows: b.rows,
+                last_position: EnvelopePosition {
+                    log_file: b.last.log_file.to_string(),
+                    offset: b.last.offset,
+                    row_index: b.last.row_index,
+                    server_id: b.last.server_id,
+                    gtid: b.last.gtid.as_ref().map(|g| g.to_string()),
+                },
+                last_executed_at: b.last_executed_at,
+            }),
         }
     }
 }
@@ -110,6 +135,15 @@ struct EnvelopeRef<'a> {
     rule: Option<&'a str>,
     source: SourceRef<'a>,
     published_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bulk: Option<BulkRef<'a>>,
+}
+
+#[derive(Serialize)]
+struct BulkRef<'a> {
+    rows: u32,
+    last_position: PositionRef<'a>,
+    last_executed_at: i64,
 }
 
 #[derive(Serialize)]
@@ -160,6 +194,17 @@ pub fn encode(
             executed_at: s.executed_at,
         },
         published_at: published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        bulk: trigger.bulk.as_ref().map(|b| BulkRef {
+            rows: b.rows,
+            last_position: PositionRef {
+                log_file: &b.last.log_file,
+                offset: b.last.offset,
+                row_index: b.last.row_index,
+                server_id: b.last.server_id,
+                gtid: b.last.gtid.as_deref(),
+            },
+            last_executed_at: b.last_executed_at,
+        }),
     };
     serde_json::to_vec(&envelope).map_err(|e| PublishError::Encode {
         id: trigger.id.clone(),
@@ -205,6 +250,7 @@ mod tests {
             },
             route: Route::default(),
             format: MessageFormat::Envelope,
+            bulk: None,
         }
     }
 
@@ -254,5 +300,26 @@ mod tests {
             encode(&t, at).unwrap(),
             serde_json::to_vec(&Envelope::from_trigger(&t, at)).unwrap()
         );
+        // a bulk message: the list payload and the `bulk` section
+        let mut last = t.source.position.clone();
+        last.offset = 9000;
+        t.payload = serde_json::json!([{"id": 1}, {"id": 2}]);
+        t.bulk = Some(crate::trigger::BulkRange {
+            rows: 2,
+            last,
+            last_executed_at: 1_700_000_000_500,
+        });
+        let body = encode(&t, at).unwrap();
+        assert_eq!(
+            body,
+            serde_json::to_vec(&Envelope::from_trigger(&t, at)).unwrap()
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["bulk"]["rows"], 2);
+        assert_eq!(v["bulk"]["last_position"]["offset"], 9000);
+        assert_eq!(v["bulk"]["last_executed_at"], 1_700_000_000_500i64);
+        assert_eq!(v["payload"][1]["id"], 2);
+        let back: Envelope = serde_json::from_slice(&body).unwrap();
+        assert_eq!(back.bulk.map(|b| b.rows), Some(2));
     }
 }

@@ -6,6 +6,7 @@ use crate::consumer::{
     Consumer, ConsumerContext, ConsumerError, ErrorPolicy, Failure, TableFilter, TriggerRequest,
 };
 use crate::event::ChangeEvent;
+use crate::trigger::SourceRef;
 use cel::Context;
 
 pub use crate::consumer::DEAD_LETTER_PLUGIN;
@@ -21,6 +22,12 @@ pub use crate::consumer::DEAD_LETTER_PLUGIN;
 pub struct ConfigConsumer {
     spec: ConsumerSpec,
     root: Context<'static, 'static>,
+    /// Per rule (bulk rules only): the rows of the current part waiting to go out as bulk
+    /// messages, with their payloads.
+    pending: Vec<Vec<(SourceRef, serde_json::Value)>>,
+    /// The bulk payloads of the event being processed (rule index, payload): added to
+    /// `pending` only once the whole event succeeded, so a failed event leaves nothing behind.
+    staged: Vec<(usize, serde_json::Value)>,
 }
 
 impl std::fmt::Debug for ConfigConsumer {
@@ -34,8 +41,10 @@ impl std::fmt::Debug for ConfigConsumer {
 impl ConfigConsumer {
     pub fn new(spec: ConsumerSpec) -> ConfigConsumer {
         ConfigConsumer {
+            pending: vec![Vec::new(); spec.rules.len()],
             spec,
             root: expr::root_context(),
+            staged: Vec::new(),
         }
     }
 
@@ -132,13 +141,16 @@ impl Consumer for ConfigConsumer {
         // The CEL scope is built once per event, and only if an expression needs it (a
         // condition, or a payload expression that is more than a column of `data` or `old`).
         let mut scope = expr::Scope::new(&self.root, event);
-        for rule in &self.spec.rules {
+        let mut staged = std::mem::take(&mut self.staged);
+        staged.clear();
+        for (i, rule) in self.spec.rules.iter().enumerate() {
             if !rule.when.matches_names(event) {
                 continue;
             }
             let outcome = Self::eval_rule(rule, &mut scope);
             match outcome {
                 Ok(None) => {}
+                Ok(Some(payload)) if rule.batch.is_some() => staged.push((i, payload)),
                 Ok(Some(payload)) => {
                     ctx.trigger(TriggerRequest {
                         plugin: rule.plugin.clone(),
@@ -150,6 +162,55 @@ impl Consumer for ConfigConsumer {
                     });
                 }
                 Err(error) => self.fail(rule, event, error, ctx)?,
+            }
+        }
+        if !staged.is_empty() {
+            let source = SourceRef::from(event);
+            for (i, payload) in staged.drain(..) {
+                self.pending[i].push((source.clone(), payload));
+            }
+        }
+        self.staged = staged;
+        Ok(())
+    }
+
+    /// Sends the part's bulk messages: per bulk rule, its rows in order, `max_rows` per
+    /// message. A bulk therefore never spans a Canal batch.
+    fn end_of_part(&mut self, ctx: &mut ConsumerContext) -> Result<(), ConsumerError> {
+        self.staged.clear();
+        for (rule, pending) in self.spec.rules.iter().zip(self.pending.iter_mut()) {
+            let Some(bulk) = rule.batch else {
+                continue;
+            };
+            let mut rows = std::mem::take(pending).into_iter().peekable();
+            while rows.peek().is_some() {
+                let mut first = None;
+                let mut last = None;
+                let mut payloads = Vec::with_capacity(bulk.max_rows);
+                for (source, payload) in rows.by_ref().take(bulk.max_rows) {
+                    if first.is_none() {
+                        first = Some(source);
+                    } else {
+                        last = Some(source);
+                    }
+                    payloads.push(payload);
+                }
+                let Some(first) = first else { break };
+                let n = payloads.len() as u32;
+                let last = last.unwrap_or_else(|| first.clone());
+                ctx.trigger_bulk(
+                    TriggerRequest {
+                        plugin: rule.plugin.clone(),
+                        payload: serde_json::Value::Array(payloads),
+                        priority: rule.priority,
+                        rule: Some(rule.name.clone()),
+                        route: rule.route.clone().or_else(|| self.spec.route.clone()),
+                        format: rule.format.clone().or_else(|| self.spec.format.clone()),
+                    },
+                    first,
+                    &last,
+                    n,
+                );
             }
         }
         Ok(())

@@ -46,10 +46,12 @@ mod tests;
 
 pub use consumer::{ConfigConsumer, DEAD_LETTER_PLUGIN};
 pub use expr::{HELPERS, VARIABLES};
-pub use spec::{ConsumerSpec, OnError, RuleSpec, When, default_dead_letter_route, valid_name};
+pub use spec::{
+    BulkSpec, ConsumerSpec, OnError, RuleSpec, When, default_dead_letter_route, valid_name,
+};
 pub use template::Template;
 
-use crate::consumer::actor::process_event;
+use crate::consumer::actor::{finish_part, process_event};
 use crate::consumer::filter::NameMatch;
 use crate::consumer::{Consumer, ConsumerContext};
 use crate::event::{ChangeEvent, EventType, Position, Row, Value};
@@ -165,6 +167,12 @@ pub fn run_on_events_routed(
             stopped = Some((i, error));
             break;
         }
+    }
+    // the events are one part: bulk rules send their messages now
+    if stopped.is_none()
+        && let Err(error) = finish_part(consumer, &mut ctx)
+    {
+        stopped = Some((events.len(), error));
     }
     TestRun {
         triggers: ctx.take_triggers(),
