@@ -102,10 +102,10 @@ async fn every_common_type_arrives_with_the_value_written() {
     ];
     for (col, want) in &expect {
         assert_eq!(
-            ins.data.get(*col),
+            ins.data.get(col),
             Some(want),
             "column {col}: {:?}",
-            ins.data.get(*col)
+            ins.data.get(col)
         );
     }
     // MariaDB stores JSON as LONGTEXT (the text as written); MySQL's JSON type is parsed.

@@ -213,7 +213,7 @@ async fn round_trip(table: &str, charset: &str, cols: &[Col]) -> Vec<String> {
         for ((name, _, kind, _), want) in cols.iter().zip(wants) {
             let got = e
                 .data
-                .get(*name)
+                .get(name)
                 .unwrap_or_else(|| panic!("row {id}: no column {name}"));
             if let Err(m) = check(name, *kind, got, want) {
                 mismatches.push(format!("row {id}: {m}"));
