@@ -1,6 +1,10 @@
 //! Decode throughput: MESSAGES packet bytes -> ChangeEvents, for 10-column rows.
 //!
-//! Run: `cargo bench --bench decode`. Reports rows/s (criterion "elements").
+//! Run: `cargo bench --bench decode`. Reports rows/s (criterion "elements") for two loops over
+//! the same frame: `prost_only` (prost decoding packet, entries and row changes into its owned
+//! structs, nothing else: the reference limit) and `messages_to_change_events` (our decoder,
+//! every value typed and checked). `DECODE_ONCE=N` runs the second loop N times without
+//! criterion, for callgrind.
 // A benchmark stops at the first failed setup step; unwrap is that stop (lint policy:
 // Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
@@ -11,7 +15,7 @@ use canal_consumer::canal::proto::entry::{
     Column, Entry, EntryType, EventType, Header, RowChange, RowData,
 };
 use canal_consumer::canal::proto::packet::{Messages, Packet, PacketType};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use prost::Message;
 
 const ROWS_PER_ENTRY: usize = 50;
@@ -107,6 +111,22 @@ fn bench_decode(c: &mut Criterion) {
     let rows = (ROWS_PER_ENTRY * ENTRIES) as u64;
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(rows));
+    // The limit: prost alone decoding the same frame down to every column (owned strings, no
+    // ChangeEvent). The ratio of the next figure to this one is what BENCHMARKS.md reports.
+    group.bench_function("prost_only_10_columns", |b| {
+        b.iter(|| {
+            let packet = Packet::decode(frame.clone()).unwrap();
+            let msgs = Messages::decode(packet.body).unwrap();
+            let mut n = 0;
+            for raw in &msgs.messages {
+                let entry = Entry::decode(raw.clone()).unwrap();
+                let change = RowChange::decode(entry.store_value).unwrap();
+                n += change.row_datas.len();
+            }
+            assert_eq!(n, rows as usize);
+            n
+        })
+    });
     group.bench_function("messages_to_change_events_10_columns", |b| {
         b.iter(|| {
             let packet = Packet::decode(frame.clone()).unwrap();
@@ -121,4 +141,37 @@ fn bench_decode(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench_decode);
-criterion_main!(benches);
+
+fn main() {
+    // `DECODE_ONCE=N cargo bench --bench decode`: N decodes and nothing else (for callgrind:
+    // `valgrind --tool=callgrind target/release/deps/decode-*` with DECODE_ONCE set)
+    if let Some(n) = std::env::var("DECODE_ONCE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let frame = messages_packet();
+        let what = std::env::var("DECODE_WHAT").unwrap_or_default();
+        let mut total = 0;
+        for _ in 0..n {
+            let packet = Packet::decode(frame.clone()).unwrap();
+            let msgs = Messages::decode(packet.body).unwrap();
+            if what == "prost" {
+                for raw in &msgs.messages {
+                    let entry = Entry::decode(raw.clone()).unwrap();
+                    total += RowChange::decode(entry.store_value)
+                        .unwrap()
+                        .row_datas
+                        .len();
+                }
+            } else {
+                let mut out = Vec::new();
+                decode_entries("example", &msgs.messages, &mut out).unwrap();
+                total += out.len();
+            }
+        }
+        println!("decoded {total} rows");
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

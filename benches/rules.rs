@@ -1,6 +1,9 @@
 //! Rule evaluation throughput: change events through N config-driven consumers × M rules each,
 //! on 10-column UPDATE rows.
 //!
+//! `pipeline_rule_with_envelope` is the per-row path of the pipeline bench after decoding: its
+//! one rule on decoded 10-column INSERTs, the trigger and its envelope body.
+//!
 //! Run: `cargo bench --bench rules`. Reports events/s (criterion "elements"): one element is
 //! one event offered to every consumer, as the Manager would route it.
 //!
@@ -12,10 +15,16 @@
 // Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
 
+use canal_consumer::canal::decode::decode_entries;
+use canal_consumer::canal::proto::entry::{
+    Column, Entry, EntryType, EventType as WireEventType, Header, RowChange, RowData,
+};
 use canal_consumer::consumer::{Consumer, ConsumerContext};
 use canal_consumer::event::{ChangeEvent, EventType, Position, Row, Value};
+use canal_consumer::publisher::envelope;
 use canal_consumer::rules::{ConfigConsumer, parse_file};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use prost::Message;
 use std::hint::black_box;
 use std::path::Path;
 
@@ -81,8 +90,8 @@ fn event(i: usize) -> ChangeEvent {
         event_type: EventType::Update,
         data,
         old: Some(old),
-        changed: vec!["status".into(), "amount".into()],
-        primary_keys: vec!["id".into()],
+        changed: ["status", "amount"].into(),
+        primary_keys: ["id"].into(),
         position: Position {
             log_file: "mysql-bin.000001".into(),
             offset: 4 + i as u64 * 100,
@@ -128,5 +137,146 @@ fn bench_rules(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_rules);
-criterion_main!(benches);
+/// The pipeline bench's rule (benches/pipeline.rs) on the pipeline bench's INSERTs.
+const PIPELINE_RULE: &str = r#"
+[consumers.bench]
+[[consumers.bench.filters]]
+database = "cc_bench"
+table = "rows"
+events = ["INSERT"]
+[[consumers.bench.rules]]
+name = "row"
+plugin = "bench_task"
+payload = { id = "${data.id}", user_id = "${data.user_id}", email = "${data.email}", amount = "${data.amount}" }
+"#;
+
+/// `n` decoded 10-column INSERT rows of `cc_bench.rows`, as the connection hands them over.
+fn pipeline_events(n: usize) -> Vec<ChangeEvent> {
+    let col = |index: i32, name: &str, mysql_type: &str, sql_type: i32, value: &str| Column {
+        index,
+        sql_type,
+        name: name.into(),
+        is_key: index == 0,
+        updated: true,
+        is_null: Some(false),
+        value: value.into(),
+        mysql_type: mysql_type.into(),
+        ..Default::default()
+    };
+    let rows = (0..n)
+        .map(|i| RowData {
+            after_columns: vec![
+                col(0, "id", "bigint(20)", -5, &i.to_string()),
+                col(1, "user_id", "int(11)", 4, "424242"),
+                col(2, "name", "varchar(64)", 12, "张三 Zhang San 🚀"),
+                col(3, "email", "varchar(128)", 12, "zhang.san@example.com"),
+                col(4, "amount", "decimal(12,2)", 3, "1234.50"),
+                col(5, "score", "double", 8, "98.25"),
+                col(6, "status", "enum('new','paid','shipped')", 4, "2"),
+                col(
+                    7,
+                    "created_at",
+                    "datetime(3)",
+                    93,
+                    "2026-11-23 12:34:56.789",
+                ),
+                col(
+                    8,
+                    "note",
+                    "text",
+                    2005,
+                    "a moderately long note about this row",
+                ),
+                col(9, "flags", "tinyint(3) unsigned", -6, "7"),
+            ],
+            ..Default::default()
+        })
+        .collect();
+    let change = RowChange {
+        event_type: Some(WireEventType::Insert as i32),
+        is_ddl: Some(false),
+        row_datas: rows,
+        ..Default::default()
+    };
+    let entry = Entry {
+        header: Some(Header {
+            logfile_name: "mysql-bin.000001".into(),
+            logfile_offset: 1000,
+            schema_name: "cc_bench".into(),
+            table_name: "rows".into(),
+            execute_time: 1_700_000_000_000,
+            server_id: 1,
+            event_type: Some(WireEventType::Insert as i32),
+            ..Default::default()
+        }),
+        entry_type: Some(EntryType::RowData as i32),
+        store_value: change.encode_to_vec().into(),
+    }
+    .encode_to_vec();
+    let mut out = Vec::new();
+    decode_entries("example", &[entry], &mut out).unwrap();
+    out
+}
+
+/// The per-row work after decoding: the rule, the trigger (id and all), its envelope body.
+fn run_pipeline_rule(
+    c: &mut ConfigConsumer,
+    ctx: &mut ConsumerContext,
+    events: &[ChangeEvent],
+) -> usize {
+    let now = chrono::Utc::now();
+    let mut bytes = 0;
+    for e in events {
+        if c.wants(e) {
+            ctx.begin_event(e);
+            c.process_event(e, ctx).expect("bench rules never fail");
+        }
+    }
+    for t in ctx.take_triggers() {
+        bytes += envelope::encode(&t, now).unwrap().len();
+    }
+    bytes
+}
+
+fn bench_pipeline_rule(c: &mut Criterion) {
+    let events = pipeline_events(EVENTS * 10);
+    let mut consumer = ConfigConsumer::new(
+        parse_file(Path::new("bench.toml"), PIPELINE_RULE)
+            .unwrap()
+            .remove(0),
+    );
+    let mut ctx = ConsumerContext::new(consumer.name(), Default::default(), Default::default());
+    let mut group = c.benchmark_group("rules");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.bench_function("pipeline_rule_with_envelope", |b| {
+        b.iter(|| black_box(run_pipeline_rule(&mut consumer, &mut ctx, &events)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_rules, bench_pipeline_rule);
+
+fn main() {
+    // `RULES_ONCE=N`: N passes of the pipeline rule over 1,000 rows and nothing else, for
+    // callgrind (instructions per row = total / (N * 1000), minus the setup run with N=0)
+    if let Some(n) = std::env::var("RULES_ONCE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let events = pipeline_events(EVENTS * 10);
+        let mut consumer = ConfigConsumer::new(
+            parse_file(Path::new("bench.toml"), PIPELINE_RULE)
+                .unwrap()
+                .remove(0),
+        );
+        let mut ctx = ConsumerContext::new(consumer.name(), Default::default(), Default::default());
+        let mut bytes = 0;
+        for _ in 0..n {
+            bytes += run_pipeline_rule(&mut consumer, &mut ctx, &events);
+        }
+        println!("{bytes} envelope bytes");
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -10,7 +10,9 @@
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// What happened. Row events are INSERT/UPDATE/DELETE; the rest are statement-level kinds
 /// that Canal reports for DDL and other queries.
@@ -167,8 +169,27 @@ impl Value {
 }
 
 impl Serialize for Value {
+    /// The same JSON as [`Value::to_json`], written without building it first.
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.to_json().serialize(s)
+        use base64::Engine as _;
+        use serde::ser::SerializeMap;
+        match self {
+            Value::Null => s.serialize_unit(),
+            Value::Int(i) => s.serialize_i64(*i),
+            Value::UInt(u) => s.serialize_u64(*u),
+            Value::Float(f) if f.is_finite() => s.serialize_f64(*f),
+            Value::Float(f) => s.collect_str(f),
+            Value::Text(t) => s.serialize_str(t),
+            Value::Bytes(b) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry(
+                    "base64",
+                    &base64::engine::general_purpose::STANDARD.encode(b),
+                )?;
+                m.end()
+            }
+            Value::Json(j) => j.serialize(s),
+        }
     }
 }
 
@@ -203,15 +224,531 @@ impl<'de> Deserialize<'de> for Value {
     }
 }
 
+/// An immutable, cheaply cloned string: table, database and column names, binlog file names.
+/// Decoding shares one of each among all the rows of a batch instead of copying it per row.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ArcStr(Arc<str>);
+
+impl ArcStr {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for ArcStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for ArcStr {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ArcStr {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for ArcStr {
+    fn from(s: &str) -> Self {
+        ArcStr(Arc::from(s))
+    }
+}
+
+impl From<String> for ArcStr {
+    fn from(s: String) -> Self {
+        ArcStr(Arc::from(s))
+    }
+}
+
+impl From<&String> for ArcStr {
+    fn from(s: &String) -> Self {
+        ArcStr(Arc::from(s.as_str()))
+    }
+}
+
+impl From<ArcStr> for String {
+    fn from(s: ArcStr) -> Self {
+        s.0.to_string()
+    }
+}
+
+impl PartialEq<str> for ArcStr {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for ArcStr {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for ArcStr {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<ArcStr> for str {
+    fn eq(&self, other: &ArcStr) -> bool {
+        self == &*other.0
+    }
+}
+
+impl PartialEq<ArcStr> for &str {
+    fn eq(&self, other: &ArcStr) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl PartialEq<ArcStr> for String {
+    fn eq(&self, other: &ArcStr) -> bool {
+        **self == *other.0
+    }
+}
+
+impl fmt::Debug for ArcStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for ArcStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for ArcStr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ArcStr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(ArcStr::from)
+    }
+}
+
+/// The column names of one table layout, shared by every row (and every [`ColumnSet`]) decoded
+/// with that layout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Columns {
+    names: Vec<ArcStr>,
+    /// Name lookup for wide tables (a scan is faster below [`Columns::SCAN_MAX`] columns).
+    index: Option<HashMap<ArcStr, u32>>,
+}
+
+impl Columns {
+    const SCAN_MAX: usize = 16;
+
+    pub fn new(names: Vec<ArcStr>) -> Columns {
+        let mut c = Columns { names, index: None };
+        c.reindex();
+        c
+    }
+
+    fn reindex(&mut self) {
+        self.index = (self.names.len() > Self::SCAN_MAX).then(|| {
+            let mut m = HashMap::with_capacity(self.names.len());
+            for (i, n) in self.names.iter().enumerate() {
+                // the first of two equal names wins, as a scan would find it
+                m.entry(n.clone()).or_insert(i as u32);
+            }
+            m
+        });
+    }
+
+    fn push(&mut self, name: ArcStr) -> u32 {
+        let i = self.names.len() as u32;
+        if let Some(m) = &mut self.index {
+            m.entry(name.clone()).or_insert(i);
+            self.names.push(name);
+        } else {
+            self.names.push(name);
+            self.reindex();
+        }
+        i
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    pub fn names(&self) -> &[ArcStr] {
+        &self.names
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+
+    /// The position of a column.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        match &self.index {
+            Some(m) => m.get(name).map(|&i| i as usize),
+            None => self.names.iter().position(|n| &**n == name),
+        }
+    }
+}
+
 /// A row image: column name to value, in table column order.
-pub type Row = IndexMap<String, Value>;
+///
+/// The names live in shared [`Columns`] (one allocation per table layout and batch, not per
+/// row); the row holds the values, each tagged with its column. Behaves like an ordered map
+/// (`get`, `iter`, `insert`, `row["name"]`); two rows are equal when they hold the same names
+/// with the same values, whatever the order (like `IndexMap`). JSON: an object in column order.
+#[derive(Clone, Default)]
+pub struct Row {
+    columns: Arc<Columns>,
+    /// `(column, value)`, in row order. Decoded rows have every column in order; an UPDATE's
+    /// `old` holds the changed ones only.
+    slots: Vec<(u32, Value)>,
+}
+
+impl Row {
+    pub fn new() -> Row {
+        Row::default()
+    }
+
+    pub fn with_capacity(n: usize) -> Row {
+        Row {
+            columns: Arc::default(),
+            slots: Vec::with_capacity(n),
+        }
+    }
+
+    /// A row holding one value per column of `columns`, in order.
+    pub fn from_values(columns: Arc<Columns>, values: Vec<Value>) -> Row {
+        debug_assert_eq!(columns.len(), values.len());
+        let slots = values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i as u32, v))
+            .collect();
+        Row { columns, slots }
+    }
+
+    /// A row over shared `columns` from `(column position, value)` pairs.
+    pub fn from_slots(columns: Arc<Columns>, slots: Vec<(u32, Value)>) -> Row {
+        debug_assert!(slots.iter().all(|(i, _)| (*i as usize) < columns.len()));
+        Row { columns, slots }
+    }
+
+    /// The shared column names this row is built on.
+    pub fn columns(&self) -> &Arc<Columns> {
+        &self.columns
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn slot(&self, name: &str) -> Option<usize> {
+        let c = self.columns.find(name)?;
+        match self.slots.get(c) {
+            Some((i, _)) if *i as usize == c => Some(c),
+            _ => self.slots.iter().position(|(i, _)| *i as usize == c),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.slot(name).map(|s| &self.slots[s].1)
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.slot(name).is_some()
+    }
+
+    /// Sets a column's value (kept in place if the row has it, appended otherwise) and
+    /// returns the previous value.
+    pub fn insert(&mut self, name: ArcStr, value: Value) -> Option<Value> {
+        if let Some(s) = self.slot(&name) {
+            return Some(std::mem::replace(&mut self.slots[s].1, value));
+        }
+        let c = match self.columns.find(&name) {
+            Some(c) => c as u32,
+            None => Arc::make_mut(&mut self.columns).push(name),
+        };
+        self.slots.push((c, value));
+        None
+    }
+
+    /// `(name, value)` in row order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &Value)> + '_ {
+        self.slots
+            .iter()
+            .map(|(i, v)| (self.columns.name(*i as usize), v))
+    }
+
+    /// `(shared name, value)` in row order.
+    pub fn iter_shared(&self) -> impl ExactSizeIterator<Item = (&ArcStr, &Value)> + '_ {
+        self.slots
+            .iter()
+            .map(|(i, v)| (&self.columns.names[*i as usize], v))
+    }
+
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl ExactSizeIterator<Item = &Value> + '_ {
+        self.slots.iter().map(|(_, v)| v)
+    }
+}
+
+impl std::ops::Index<&str> for Row {
+    type Output = Value;
+    fn index(&self, name: &str) -> &Value {
+        self.get(name)
+            .unwrap_or_else(|| panic!("row has no column `{name}`"))
+    }
+}
+
+impl PartialEq for Row {
+    fn eq(&self, other: &Row) -> bool {
+        self.len() == other.len() && self.iter().all(|(k, v)| other.get(k) == Some(v))
+    }
+}
+
+impl fmt::Debug for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<K: Into<ArcStr>> FromIterator<(K, Value)> for Row {
+    fn from_iter<I: IntoIterator<Item = (K, Value)>>(iter: I) -> Row {
+        let mut row = Row::new();
+        for (k, v) in iter {
+            row.insert(k.into(), v);
+        }
+        row
+    }
+}
+
+impl Serialize for Row {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.len()))?;
+        for (k, v) in self.iter() {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Row {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let m = IndexMap::<String, Value>::deserialize(d)?;
+        Ok(m.into_iter().collect())
+    }
+}
+
+/// A set of column names (an event's `changed` and `primary_keys`), stored as bits over
+/// shared [`Columns`]: no allocation per row for tables of up to 64 columns. Iterates in
+/// column order; JSON: a list of names.
+#[derive(Clone, Default)]
+pub struct ColumnSet {
+    columns: Arc<Columns>,
+    bits: Bits,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Bits {
+    Inline(u64),
+    Wide(Arc<[u64]>),
+}
+
+impl Default for Bits {
+    fn default() -> Self {
+        Bits::Inline(0)
+    }
+}
+
+impl Bits {
+    fn get(&self, i: usize) -> bool {
+        match self {
+            Bits::Inline(b) => i < 64 && b & (1 << i) != 0,
+            Bits::Wide(w) => w.get(i / 64).is_some_and(|b| b & (1 << (i % 64)) != 0),
+        }
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Bits::Inline(b) => b.count_ones() as usize,
+            Bits::Wide(w) => w.iter().map(|b| b.count_ones() as usize).sum(),
+        }
+    }
+}
+
+/// Builds the bits of a [`ColumnSet`] over `n` columns.
+#[derive(Debug, Clone)]
+pub struct ColumnSetBuilder {
+    inline: u64,
+    wide: Vec<u64>,
+}
+
+impl ColumnSetBuilder {
+    pub fn new(n: usize) -> Self {
+        ColumnSetBuilder {
+            inline: 0,
+            wide: if n > 64 {
+                vec![0; n.div_ceil(64)]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    pub fn set(&mut self, i: usize) {
+        if self.wide.is_empty() {
+            self.inline |= 1 << i;
+        } else {
+            self.wide[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    pub fn build(self, columns: Arc<Columns>) -> ColumnSet {
+        let bits = if self.wide.is_empty() {
+            Bits::Inline(self.inline)
+        } else {
+            Bits::Wide(self.wide.into())
+        };
+        ColumnSet { columns, bits }
+    }
+}
+
+impl ColumnSet {
+    pub fn new() -> Self {
+        ColumnSet::default()
+    }
+
+    /// Every column of `columns`.
+    pub fn all(columns: Arc<Columns>) -> ColumnSet {
+        let mut b = ColumnSetBuilder::new(columns.len());
+        for i in 0..columns.len() {
+            b.set(i);
+        }
+        b.build(columns)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.count() == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.bits.count()
+    }
+
+    /// Column positions in the set, ascending.
+    pub fn positions(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.columns.len()).filter(|&i| self.bits.get(i))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        self.positions().map(|i| self.columns.name(i))
+    }
+
+    pub fn iter_shared(&self) -> impl Iterator<Item = &ArcStr> + '_ {
+        self.positions().map(|i| &self.columns.names[i])
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        // a name can repeat only in hand-built sets; check every occurrence
+        match self.columns.find(name) {
+            Some(i) if self.bits.get(i) => true,
+            Some(_) if self.columns.index.is_none() => self
+                .columns
+                .names
+                .iter()
+                .enumerate()
+                .any(|(i, n)| &**n == name && self.bits.get(i)),
+            _ => false,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        *self = ColumnSet::default();
+    }
+
+    /// The names, as owned strings.
+    pub fn to_vec(&self) -> Vec<String> {
+        self.iter().map(str::to_string).collect()
+    }
+}
+
+impl<K: Into<ArcStr>> FromIterator<K> for ColumnSet {
+    fn from_iter<I: IntoIterator<Item = K>>(iter: I) -> ColumnSet {
+        let names: Vec<ArcStr> = iter.into_iter().map(Into::into).collect();
+        ColumnSet::all(Arc::new(Columns::new(names)))
+    }
+}
+
+impl<K: Into<ArcStr>> From<Vec<K>> for ColumnSet {
+    fn from(v: Vec<K>) -> ColumnSet {
+        v.into_iter().collect()
+    }
+}
+
+impl<const N: usize> From<[&str; N]> for ColumnSet {
+    fn from(v: [&str; N]) -> ColumnSet {
+        v.into_iter().collect()
+    }
+}
+
+impl<const N: usize> PartialEq<[&str; N]> for ColumnSet {
+    fn eq(&self, other: &[&str; N]) -> bool {
+        self.iter().eq(other.iter().copied())
+    }
+}
+
+impl PartialEq for ColumnSet {
+    fn eq(&self, other: &ColumnSet) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl fmt::Debug for ColumnSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for ColumnSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for ColumnSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Vec::<String>::deserialize(d)?.into_iter().collect())
+    }
+}
 
 /// Where an event sits in the binlog. `(log_file, offset, row_index)` identifies a row change
 /// uniquely, which is what deterministic message ids are derived from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Position {
     /// Binlog file name, e.g. `mysql-bin.000003`.
-    pub log_file: String,
+    pub log_file: ArcStr,
     /// Start offset of the binlog event in that file.
     pub offset: u64,
     /// Index of the row inside the binlog row event (0-based).
@@ -221,7 +758,7 @@ pub struct Position {
     pub server_id: u64,
     /// The server's GTID set at this event, when the Canal server tracks GTIDs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gtid: Option<String>,
+    pub gtid: Option<ArcStr>,
 }
 
 impl fmt::Display for Position {
@@ -234,9 +771,9 @@ impl fmt::Display for Position {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChangeEvent {
     /// The Canal destination (instance) this came from.
-    pub destination: String,
-    pub database: String,
-    pub table: String,
+    pub destination: ArcStr,
+    pub database: ArcStr,
+    pub table: ArcStr,
     pub event_type: EventType,
     /// The row: the after image for INSERT/UPDATE, the before image for DELETE; empty for DDL.
     pub data: Row,
@@ -244,11 +781,11 @@ pub struct ChangeEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub old: Option<Row>,
     /// Names of the columns Canal flags as updated (UPDATE: changed; INSERT: all).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub changed: Vec<String>,
+    #[serde(default, skip_serializing_if = "ColumnSet::is_empty")]
+    pub changed: ColumnSet,
     /// Primary-key column names.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub primary_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "ColumnSet::is_empty")]
+    pub primary_keys: ColumnSet,
     pub position: Position,
     /// When the change was executed on the source, milliseconds since the Unix epoch.
     pub executed_at: i64,
@@ -278,7 +815,7 @@ impl ChangeEvent {
 
     /// Whether an UPDATE changed this column (Canal's `updated` flag).
     pub fn column_changed(&self, column: &str) -> bool {
-        self.changed.iter().any(|c| c == column)
+        self.changed.contains(column)
     }
 
     /// The JSON form used by `tail` and as the input of templates.

@@ -260,8 +260,8 @@ mod tests {
             event_type: EventType::Insert,
             data: Default::default(),
             old: None,
-            changed: vec![],
-            primary_keys: vec![],
+            changed: Default::default(),
+            primary_keys: Default::default(),
             position: Position {
                 log_file: "mysql-bin.000001".into(),
                 offset,
@@ -285,6 +285,7 @@ mod tests {
             source: SourceRef::from(e),
             route: Default::default(),
             format: Default::default(),
+            bulk: None,
         }
     }
 

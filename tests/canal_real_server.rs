@@ -102,10 +102,10 @@ async fn every_common_type_arrives_with_the_value_written() {
     ];
     for (col, want) in &expect {
         assert_eq!(
-            ins.data.get(*col),
+            ins.data.get(col),
             Some(want),
             "column {col}: {:?}",
-            ins.data.get(*col)
+            ins.data.get(col)
         );
     }
     // MariaDB stores JSON as LONGTEXT (the text as written); MySQL's JSON type is parsed.
@@ -133,7 +133,7 @@ async fn every_common_type_arrives_with_the_value_written() {
         upd.data["bl"],
         Value::Bytes(vec![0x00, 0xff, 0x80, 0xfe, 0x41])
     );
-    let changed: BTreeSet<&str> = upd.changed.iter().map(String::as_str).collect();
+    let changed: BTreeSet<&str> = upd.changed.iter().collect();
     assert_eq!(changed, BTreeSet::from(["vc", "e", "n"]));
     let old = upd.old.as_ref().expect("old values");
     assert_eq!(old.len(), 3, "{old:?}");

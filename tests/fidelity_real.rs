@@ -240,7 +240,7 @@ async fn rows_written_before_a_ddl_made_while_canal_was_down_keep_their_names() 
         }
         assert_eq!(e.data["n"], Value::Int(id), "row {id}: {:?}", e.data);
         assert_eq!(e.data["v"], Value::Text(format!("v{id}")), "row {id}");
-        let names: Vec<&str> = e.data.keys().map(String::as_str).collect();
+        let names: Vec<&str> = e.data.keys().collect();
         let want = if id <= 100 {
             ["id", "v", "n"]
         } else {

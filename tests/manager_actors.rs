@@ -165,8 +165,8 @@ fn event(table: &str, id: i64, offset: u64) -> ChangeEvent {
         event_type: EventType::Insert,
         data,
         old: None,
-        changed: vec!["id".into()],
-        primary_keys: vec!["id".into()],
+        changed: ["id"].into(),
+        primary_keys: ["id"].into(),
         position: Position {
             log_file: "mysql-bin.000001".into(),
             offset,

@@ -75,12 +75,12 @@ fn all_rows(upto: i64) -> impl Fn(&[Got]) -> bool {
 /// The source a rule's payload describes (the test consumers render every id field).
 fn source_of(p: &Value) -> SourceRef {
     SourceRef {
-        destination: p["destination"].as_str().unwrap().to_string(),
-        database: String::new(),
-        table: String::new(),
+        destination: p["destination"].as_str().unwrap().into(),
+        database: Default::default(),
+        table: Default::default(),
         event_type: EventType::Insert,
         position: Position {
-            log_file: p["log_file"].as_str().unwrap().to_string(),
+            log_file: p["log_file"].as_str().unwrap().into(),
             offset: p["offset"].as_u64().unwrap(),
             row_index: p["row_index"].as_u64().unwrap() as u32,
             server_id: p["server_id"].as_u64().unwrap(),

@@ -120,6 +120,7 @@ fn trigger(n: u64, queue: &str, priority: Priority, format: MessageFormat) -> Tr
             routing_key: queue.to_string(),
         },
         format,
+        bulk: None,
     }
 }
 

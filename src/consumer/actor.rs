@@ -240,6 +240,27 @@ pub fn process_event(
     }
 }
 
+/// Run `consumer.end_of_part` (bulk messages of the part), catching a panic like
+/// [`process_event`]. On failure what it emitted is discarded and `Err` says why.
+pub fn finish_part(consumer: &mut dyn Consumer, cctx: &mut ConsumerContext) -> Result<(), String> {
+    let mark = cctx.triggers().len();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| consumer.end_of_part(cctx)));
+    let error = match outcome {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => format!(
+            "panic in end_of_part: {}",
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into())
+        ),
+    };
+    cctx.truncate(mark);
+    Err(error)
+}
+
 fn failure<'a>(consumer: &'a str, event: &'a ChangeEvent, error: &'a str) -> Failure<'a> {
     Failure {
         consumer,
@@ -303,6 +324,7 @@ impl ConsumerActor {
                 }
             }
         }
+        parked += self.finish_parking(msg, &name);
         if parked > 0 {
             tracing::warn!(
                 consumer = %name,
@@ -310,6 +332,46 @@ impl ConsumerActor {
                 batch = %msg.batch,
                 "events parked in the dead-letter queue"
             );
+        }
+        parked
+    }
+
+    /// The end of a part in a park mode: its bulk messages go out (`ParkFailures`), or only
+    /// the refused ones are parked (`ParkIds`). If that fails, every event of the part is
+    /// parked rather than losing the rows the bulks held. Returns how many were parked.
+    fn finish_parking(&mut self, msg: &ProcessBatch, name: &str) -> usize {
+        if matches!(msg.mode, Mode::Normal | Mode::ParkAll { .. }) {
+            return 0;
+        }
+        let events = || msg.indices.iter().filter_map(|&i| msg.events.get(i));
+        let mark = self.ctx.triggers().len();
+        if let Err(error) = finish_part(self.consumer.as_mut(), &mut self.ctx) {
+            let mut parked = 0;
+            for event in events() {
+                self.ctx.begin_event(event);
+                self.ctx.park(failure(name, event, &error), None);
+                parked += 1;
+            }
+            return parked;
+        }
+        let Mode::ParkIds { ids, reason } = &msg.mode else {
+            return 0;
+        };
+        let produced: Vec<Trigger> = self.ctx.triggers()[mark..].to_vec();
+        self.ctx.truncate(mark);
+        let mut parked = 0;
+        for t in produced.iter().filter(|t| ids.contains(&t.id)) {
+            // a bulk is parked with its first row as the event
+            let Some(event) = events().find(|e| e.position == t.source.position) else {
+                continue;
+            };
+            self.ctx.begin_event(event);
+            let f = Failure {
+                rule: t.rule.as_deref(),
+                ..failure(name, event, reason)
+            };
+            self.ctx.park(f, Some(t));
+            parked += 1;
         }
         parked
     }
@@ -368,32 +430,45 @@ impl Handler<ProcessBatch> for ConsumerActor {
             }
             self.retry_at = None;
         }
+        let mut failed = None;
         for &i in msg.indices.iter() {
             let Some(event) = msg.events.get(i) else {
                 continue;
             };
-            match process_event(self.consumer.as_mut(), &mut self.ctx, event) {
-                Ok(()) => {}
-                Err(error) => {
-                    tracing::error!(
-                        consumer = self.consumer.name(),
-                        table = %event.full_table(),
-                        position = %event.position,
-                        error = %error,
-                        "consumer failed; stopping it for a restart"
-                    );
-                    self.ctx.take_triggers();
-                    self.last_error = error.clone();
-                    let retry_in = self.backoff();
-                    self.retry_at = Some(Instant::now() + retry_in);
-                    ctx.stop();
-                    return Err(ProcessFailure::Failed {
-                        error,
-                        restarts: self.restarts + 1,
-                        retry_in,
-                    });
-                }
+            if let Err(error) = process_event(self.consumer.as_mut(), &mut self.ctx, event) {
+                tracing::error!(
+                    consumer = self.consumer.name(),
+                    table = %event.full_table(),
+                    position = %event.position,
+                    error = %error,
+                    "consumer failed; stopping it for a restart"
+                );
+                failed = Some(error);
+                break;
             }
+        }
+        if failed.is_none()
+            && let Err(error) = finish_part(self.consumer.as_mut(), &mut self.ctx)
+        {
+            tracing::error!(
+                consumer = self.consumer.name(),
+                batch = %msg.batch,
+                error = %error,
+                "consumer failed at the end of a part; stopping it for a restart"
+            );
+            failed = Some(error);
+        }
+        if let Some(error) = failed {
+            self.ctx.take_triggers();
+            self.last_error = error.clone();
+            let retry_in = self.backoff();
+            self.retry_at = Some(Instant::now() + retry_in);
+            ctx.stop();
+            return Err(ProcessFailure::Failed {
+                error,
+                restarts: self.restarts + 1,
+                retry_in,
+            });
         }
         Ok(self.publish(&msg, 0))
     }

@@ -16,7 +16,9 @@ pub mod filter;
 pub use filter::TableFilter;
 
 use crate::event::ChangeEvent;
-use crate::trigger::{MessageFormat, Priority, Route, SourceRef, Trigger, message_id};
+use crate::trigger::{
+    BulkRange, MessageFormat, Priority, Route, SourceRef, Trigger, bulk_message_id, message_id,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -109,6 +111,13 @@ pub trait Consumer: Send + 'static {
     /// What to do when `process_event` fails with [`ConsumerError::Event`].
     fn error_policy(&self) -> ErrorPolicy {
         ErrorPolicy::ErrorHandler
+    }
+
+    /// Called after the last event of each part (the consumer's events of one Canal batch):
+    /// emit what was held back for the part (bulk rules), through `ctx`. Nothing may be held
+    /// past it: the batch is acked once the part's triggers are confirmed.
+    fn end_of_part(&mut self, _ctx: &mut ConsumerContext) -> Result<(), ConsumerError> {
+        Ok(())
     }
 
     /// True if this consumer wants `event` (any filter matches).
@@ -206,6 +215,43 @@ impl ConsumerContext {
             source,
             route: req.route.unwrap_or_else(|| self.default_route.clone()),
             format: req.format.unwrap_or_else(|| self.default_format.clone()),
+            bulk: None,
+        });
+        self.triggers.last().expect("just pushed")
+    }
+
+    /// A bulk trigger: `req.payload` holds the payloads of `rows` rows from `first` to `last`
+    /// (of one Canal batch, in binlog order); its id is [`bulk_message_id`] of that range.
+    pub fn trigger_bulk(
+        &mut self,
+        req: TriggerRequest,
+        first: SourceRef,
+        last: &SourceRef,
+        rows: u32,
+    ) -> &Trigger {
+        let id = bulk_message_id(
+            &first,
+            last,
+            rows,
+            &self.consumer,
+            req.rule.as_deref().unwrap_or(""),
+            &req.plugin,
+        );
+        self.triggers.push(Trigger {
+            id,
+            plugin: req.plugin,
+            payload: req.payload,
+            priority: req.priority,
+            consumer: self.consumer.clone(),
+            rule: req.rule,
+            source: first,
+            route: req.route.unwrap_or_else(|| self.default_route.clone()),
+            format: req.format.unwrap_or_else(|| self.default_format.clone()),
+            bulk: Some(BulkRange {
+                rows,
+                last: last.position.clone(),
+                last_executed_at: last.executed_at,
+            }),
         });
         self.triggers.last().expect("just pushed")
     }

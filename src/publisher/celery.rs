@@ -117,6 +117,21 @@ pub fn encode(
         "canal_consumer_priority".into(),
         s(trigger.priority.as_str()),
     );
+    if let Some(b) = &trigger.bulk {
+        // a bulk message: the payload (the task's list argument) holds `rows` rows, from
+        // `canal_consumer_position` to this
+        h.insert(
+            "canal_consumer_bulk_rows".into(),
+            AMQPValue::LongUInt(b.rows),
+        );
+        h.insert(
+            "canal_consumer_last_position".into(),
+            s(&format!(
+                "{}:{}:{}",
+                b.last.log_file, b.last.offset, b.last.row_index
+            )),
+        );
+    }
     Ok(CeleryMessage { headers: h, body })
 }
 
@@ -162,6 +177,7 @@ mod tests {
                 task: "plugins.run".into(),
                 mapping: CeleryMapping::Kwargs,
             },
+            bulk: None,
         }
     }
 

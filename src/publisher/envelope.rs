@@ -39,6 +39,20 @@ pub struct Envelope {
     pub source: EnvelopeSource,
     /// When this message was encoded, RFC 3339 UTC with milliseconds.
     pub published_at: String,
+    /// Bulk messages only (a rule with `batch`): `payload` is the list of the rows'
+    /// payloads, `source` the first row; this gives the count and the last row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<EnvelopeBulk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvelopeBulk {
+    /// How many rows (the length of `payload`).
+    pub rows: u32,
+    /// The last row's position.
+    pub last_position: EnvelopePosition,
+    /// When MySQL executed the last row's change, ms since the Unix epoch.
+    pub last_executed_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,22 +93,76 @@ impl Envelope {
             consumer: trigger.consumer.clone(),
             rule: trigger.rule.clone(),
             source: EnvelopeSource {
-                destination: s.destination.clone(),
-                database: s.database.clone(),
-                table: s.table.clone(),
+                destination: s.destination.to_string(),
+                database: s.database.to_string(),
+                table: s.table.to_string(),
                 event_type: event_type_name(s.event_type),
                 position: EnvelopePosition {
-                    log_file: s.position.log_file.clone(),
+                    log_file: s.position.log_file.to_string(),
                     offset: s.position.offset,
                     row_index: s.position.row_index,
                     server_id: s.position.server_id,
-                    gtid: s.position.gtid.clone(),
+                    gtid: s.position.gtid.as_ref().map(|g| g.to_string()),
                 },
                 executed_at: s.executed_at,
             },
             published_at: published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            bulk: trigger.bulk.as_ref().map(|b| EnvelopeBulk {
+                rows: b.rows,
+                last_position: EnvelopePosition {
+                    log_file: b.last.log_file.to_string(),
+                    offset: b.last.offset,
+                    row_index: b.last.row_index,
+                    server_id: b.last.server_id,
+                    gtid: b.last.gtid.as_ref().map(|g| g.to_string()),
+                },
+                last_executed_at: b.last_executed_at,
+            }),
         }
     }
+}
+
+/// [`Envelope`] borrowing from the trigger, for encoding without copying it first: the same
+/// fields in the same order, so the same bytes.
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    version: u32,
+    id: &'a str,
+    plugin: &'a str,
+    payload: &'a serde_json::Value,
+    priority: &'a str,
+    consumer: &'a str,
+    rule: Option<&'a str>,
+    source: SourceRef<'a>,
+    published_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bulk: Option<BulkRef<'a>>,
+}
+
+#[derive(Serialize)]
+struct BulkRef<'a> {
+    rows: u32,
+    last_position: PositionRef<'a>,
+    last_executed_at: i64,
+}
+
+#[derive(Serialize)]
+struct SourceRef<'a> {
+    destination: &'a str,
+    database: &'a str,
+    table: &'a str,
+    event_type: &'a str,
+    position: PositionRef<'a>,
+    executed_at: i64,
+}
+
+#[derive(Serialize)]
+struct PositionRef<'a> {
+    log_file: &'a str,
+    offset: u64,
+    row_index: u32,
+    server_id: u64,
+    gtid: Option<&'a str>,
 }
 
 /// The JSON body of the envelope for `trigger`.
@@ -102,11 +170,45 @@ pub fn encode(
     trigger: &Trigger,
     published_at: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<u8>, PublishError> {
-    serde_json::to_vec(&Envelope::from_trigger(trigger, published_at)).map_err(|e| {
-        PublishError::Encode {
-            id: trigger.id.clone(),
-            reason: e.to_string(),
-        }
+    let s = &trigger.source;
+    let envelope = EnvelopeRef {
+        version: ENVELOPE_VERSION,
+        id: &trigger.id,
+        plugin: &trigger.plugin,
+        payload: &trigger.payload,
+        priority: trigger.priority.as_str(),
+        consumer: &trigger.consumer,
+        rule: trigger.rule.as_deref(),
+        source: SourceRef {
+            destination: &s.destination,
+            database: &s.database,
+            table: &s.table,
+            event_type: s.event_type.as_str(),
+            position: PositionRef {
+                log_file: &s.position.log_file,
+                offset: s.position.offset,
+                row_index: s.position.row_index,
+                server_id: s.position.server_id,
+                gtid: s.position.gtid.as_deref(),
+            },
+            executed_at: s.executed_at,
+        },
+        published_at: published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        bulk: trigger.bulk.as_ref().map(|b| BulkRef {
+            rows: b.rows,
+            last_position: PositionRef {
+                log_file: &b.last.log_file,
+                offset: b.last.offset,
+                row_index: b.last.row_index,
+                server_id: b.last.server_id,
+                gtid: b.last.gtid.as_deref(),
+            },
+            last_executed_at: b.last_executed_at,
+        }),
+    };
+    serde_json::to_vec(&envelope).map_err(|e| PublishError::Encode {
+        id: trigger.id.clone(),
+        reason: e.to_string(),
     })
 }
 
@@ -148,6 +250,7 @@ mod tests {
             },
             route: Route::default(),
             format: MessageFormat::Envelope,
+            bulk: None,
         }
     }
 
@@ -185,5 +288,38 @@ mod tests {
         );
         let back: Envelope = serde_json::from_slice(&body).unwrap();
         assert_eq!(back.version, ENVELOPE_VERSION);
+        // the borrowing encoder writes exactly the bytes of the owned `Envelope`
+        assert_eq!(
+            body,
+            serde_json::to_vec(&Envelope::from_trigger(&trigger(), at)).unwrap()
+        );
+        let mut t = trigger();
+        t.rule = None;
+        t.source.position.gtid = Some("0-1-5".into());
+        assert_eq!(
+            encode(&t, at).unwrap(),
+            serde_json::to_vec(&Envelope::from_trigger(&t, at)).unwrap()
+        );
+        // a bulk message: the list payload and the `bulk` section
+        let mut last = t.source.position.clone();
+        last.offset = 9000;
+        t.payload = serde_json::json!([{"id": 1}, {"id": 2}]);
+        t.bulk = Some(crate::trigger::BulkRange {
+            rows: 2,
+            last,
+            last_executed_at: 1_700_000_000_500,
+        });
+        let body = encode(&t, at).unwrap();
+        assert_eq!(
+            body,
+            serde_json::to_vec(&Envelope::from_trigger(&t, at)).unwrap()
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["bulk"]["rows"], 2);
+        assert_eq!(v["bulk"]["last_position"]["offset"], 9000);
+        assert_eq!(v["bulk"]["last_executed_at"], 1_700_000_000_500i64);
+        assert_eq!(v["payload"][1]["id"], 2);
+        let back: Envelope = serde_json::from_slice(&body).unwrap();
+        assert_eq!(back.bulk.map(|b| b.rows), Some(2));
     }
 }

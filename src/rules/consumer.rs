@@ -6,6 +6,7 @@ use crate::consumer::{
     Consumer, ConsumerContext, ConsumerError, ErrorPolicy, Failure, TableFilter, TriggerRequest,
 };
 use crate::event::ChangeEvent;
+use crate::trigger::SourceRef;
 use cel::Context;
 
 pub use crate::consumer::DEAD_LETTER_PLUGIN;
@@ -21,6 +22,12 @@ pub use crate::consumer::DEAD_LETTER_PLUGIN;
 pub struct ConfigConsumer {
     spec: ConsumerSpec,
     root: Context<'static, 'static>,
+    /// Per rule (bulk rules only): the rows of the current part waiting to go out as bulk
+    /// messages, with their payloads.
+    pending: Vec<Vec<(SourceRef, serde_json::Value)>>,
+    /// The bulk payloads of the event being processed (rule index, payload): added to
+    /// `pending` only once the whole event succeeded, so a failed event leaves nothing behind.
+    staged: Vec<(usize, serde_json::Value)>,
 }
 
 impl std::fmt::Debug for ConfigConsumer {
@@ -34,8 +41,10 @@ impl std::fmt::Debug for ConfigConsumer {
 impl ConfigConsumer {
     pub fn new(spec: ConsumerSpec) -> ConfigConsumer {
         ConfigConsumer {
+            pending: vec![Vec::new(); spec.rules.len()],
             spec,
             root: expr::root_context(),
+            staged: Vec::new(),
         }
     }
 
@@ -46,10 +55,10 @@ impl ConfigConsumer {
     /// Evaluates one rule: `Ok(None)` if its condition is false.
     fn eval_rule(
         rule: &RuleSpec,
-        scope: &Context<'_, '_>,
+        scope: &mut expr::Scope<'_, '_>,
     ) -> Result<Option<serde_json::Value>, String> {
         if let Some(cond) = &rule.when.condition {
-            match cond.eval(scope)? {
+            match cond.eval(scope.cel())? {
                 cel::Value::Bool(true) => {}
                 cel::Value::Bool(false) => return Ok(None),
                 other => {
@@ -129,24 +138,19 @@ impl Consumer for ConfigConsumer {
         event: &ChangeEvent,
         ctx: &mut ConsumerContext,
     ) -> Result<(), ConsumerError> {
-        // The CEL scope is built once per event, and only if a rule needs it.
-        let mut scope: Option<Context<'_, 'static>> = None;
-        for rule in &self.spec.rules {
+        // The CEL scope is built once per event, and only if an expression needs it (a
+        // condition, or a payload expression that is more than a column of `data` or `old`).
+        let mut scope = expr::Scope::new(&self.root, event);
+        let mut staged = std::mem::take(&mut self.staged);
+        staged.clear();
+        for (i, rule) in self.spec.rules.iter().enumerate() {
             if !rule.when.matches_names(event) {
                 continue;
             }
-            let outcome = if rule.needs_cel() {
-                let scope = scope.get_or_insert_with(|| {
-                    let mut s = self.root.new_inner_scope();
-                    expr::bind_event(&mut s, event);
-                    s
-                });
-                Self::eval_rule(rule, scope)
-            } else {
-                Ok(Some(rule.payload.render(&self.root).unwrap_or_default()))
-            };
+            let outcome = Self::eval_rule(rule, &mut scope);
             match outcome {
                 Ok(None) => {}
+                Ok(Some(payload)) if rule.batch.is_some() => staged.push((i, payload)),
                 Ok(Some(payload)) => {
                     ctx.trigger(TriggerRequest {
                         plugin: rule.plugin.clone(),
@@ -158,6 +162,55 @@ impl Consumer for ConfigConsumer {
                     });
                 }
                 Err(error) => self.fail(rule, event, error, ctx)?,
+            }
+        }
+        if !staged.is_empty() {
+            let source = SourceRef::from(event);
+            for (i, payload) in staged.drain(..) {
+                self.pending[i].push((source.clone(), payload));
+            }
+        }
+        self.staged = staged;
+        Ok(())
+    }
+
+    /// Sends the part's bulk messages: per bulk rule, its rows in order, `max_rows` per
+    /// message. A bulk therefore never spans a Canal batch.
+    fn end_of_part(&mut self, ctx: &mut ConsumerContext) -> Result<(), ConsumerError> {
+        self.staged.clear();
+        for (rule, pending) in self.spec.rules.iter().zip(self.pending.iter_mut()) {
+            let Some(bulk) = rule.batch else {
+                continue;
+            };
+            let mut rows = std::mem::take(pending).into_iter().peekable();
+            while rows.peek().is_some() {
+                let mut first = None;
+                let mut last = None;
+                let mut payloads = Vec::with_capacity(bulk.max_rows);
+                for (source, payload) in rows.by_ref().take(bulk.max_rows) {
+                    if first.is_none() {
+                        first = Some(source);
+                    } else {
+                        last = Some(source);
+                    }
+                    payloads.push(payload);
+                }
+                let Some(first) = first else { break };
+                let n = payloads.len() as u32;
+                let last = last.unwrap_or_else(|| first.clone());
+                ctx.trigger_bulk(
+                    TriggerRequest {
+                        plugin: rule.plugin.clone(),
+                        payload: serde_json::Value::Array(payloads),
+                        priority: rule.priority,
+                        rule: Some(rule.name.clone()),
+                        route: rule.route.clone().or_else(|| self.spec.route.clone()),
+                        format: rule.format.clone().or_else(|| self.spec.format.clone()),
+                    },
+                    first,
+                    &last,
+                    n,
+                );
             }
         }
         Ok(())

@@ -5,7 +5,7 @@
 //! built (lazily, only if a rule that passed its cheap table/event checks needs CEL) and every
 //! rule of the consumer evaluates against it.
 
-use crate::event::{ChangeEvent, Row, Value as ColValue};
+use crate::event::{ChangeEvent, ColumnSet, Row, Value as ColValue};
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::common::types::{
     CelBytes, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
@@ -60,6 +60,43 @@ pub fn env() -> Arc<Env> {
 pub struct Expression {
     pub source: String,
     program: Arc<Program>,
+    /// `data.col` / `old.col` (or `data['col']`): read straight from the row, no CEL scope.
+    direct: Option<(RowVar, String)>,
+}
+
+/// Which row a direct column reference reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowVar {
+    Data,
+    Old,
+}
+
+/// The event a rule runs on, and its CEL scope, built only when an expression needs it
+/// (direct column references and literal payloads do not).
+pub struct Scope<'r, 'e> {
+    root: &'r Context<'static, 'static>,
+    event: &'e ChangeEvent,
+    cel: Option<Context<'r, 'static>>,
+}
+
+impl<'r, 'e> Scope<'r, 'e> {
+    pub fn new(root: &'r Context<'static, 'static>, event: &'e ChangeEvent) -> Self {
+        Scope {
+            root,
+            event,
+            cel: None,
+        }
+    }
+
+    /// The CEL scope with the event's variables.
+    pub fn cel(&mut self) -> &Context<'r, 'static> {
+        let (root, event) = (self.root, self.event);
+        self.cel.get_or_insert_with(|| {
+            let mut s = root.new_inner_scope();
+            bind_event(&mut s, event);
+            s
+        })
+    }
 }
 
 impl std::fmt::Debug for Expression {
@@ -89,10 +126,42 @@ impl Expression {
         if let Some(f) = refs.functions.iter().find(|f| !function_known(f)) {
             return Err(format!("unknown function `{f}` in `{source}`"));
         }
+        let direct = direct_column(program.expression());
         Ok(Expression {
             source: source.to_string(),
             program: Arc::new(program),
+            direct,
         })
+    }
+
+    /// The expression's value as payload JSON (what `to_json` of its CEL value gives).
+    pub fn json(&self, scope: &mut Scope<'_, '_>) -> Result<serde_json::Value, String> {
+        match self.column(scope.event) {
+            Some(ColValue::Json(j)) => to_json(&json_value(j)),
+            Some(v) => Ok(v.to_json()),
+            None => self.eval(scope.cel()).and_then(|v| to_json(&v)),
+        }
+    }
+
+    /// The expression's value as text (what `to_text` of its CEL value gives).
+    pub fn text(&self, scope: &mut Scope<'_, '_>) -> Result<String, String> {
+        match self.column(scope.event) {
+            Some(ColValue::Null) => Ok(String::new()),
+            Some(ColValue::Json(j)) => to_text(&json_value(j)),
+            Some(ColValue::Bytes(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+            Some(v) => Ok(v.as_text().unwrap_or_default()),
+            None => self.eval(scope.cel()).and_then(|v| to_text(&v)),
+        }
+    }
+
+    /// The column a direct reference names, if the row has it (otherwise CEL evaluates the
+    /// expression and reports the error its own way).
+    fn column<'e>(&self, event: &'e ChangeEvent) -> Option<&'e ColValue> {
+        let (var, name) = self.direct.as_ref()?;
+        match var {
+            RowVar::Data => event.data.get(name),
+            RowVar::Old => event.old.as_ref()?.get(name),
+        }
     }
 
     /// Compiles a rule condition: like [`Expression::compile`], and refuses a condition whose
@@ -137,6 +206,27 @@ impl Expression {
         let mut refs = Refs::default();
         refs.walk(self.program.expression(), &mut Vec::new());
         refs.columns
+    }
+}
+
+/// `data.col`, `old.col`, `data['col']`, `old['col']`.
+fn direct_column(e: &IdedExpr) -> Option<(RowVar, String)> {
+    let var = |e: &IdedExpr| match &e.expr {
+        Expr::Ident(v) if v == "data" => Some(RowVar::Data),
+        Expr::Ident(v) if v == "old" => Some(RowVar::Old),
+        _ => None,
+    };
+    match &e.expr {
+        Expr::Select(s) if !s.test => Some((var(&s.operand)?, s.field.clone())),
+        Expr::Call(c) if c.func_name == "_[_]" && c.target.is_none() && c.args.len() == 2 => {
+            match &c.args[1].expr {
+                Expr::Literal(LiteralValue::String(k)) => {
+                    Some((var(&c.args[0])?, k.inner().to_string()))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
     }
 }
 
@@ -393,12 +483,12 @@ pub fn bind_event(scope: &mut Context<'_, '_>, event: &ChangeEvent) {
     scope.add_variable_as_val("primary_keys", Box::new(string_list(&event.primary_keys)));
     scope.add_variable_as_val(
         "database",
-        Box::new(CelString::from(event.database.clone())),
+        Box::new(CelString::from(event.database.to_string())),
     );
-    scope.add_variable_as_val("table", Box::new(CelString::from(event.table.clone())));
+    scope.add_variable_as_val("table", Box::new(CelString::from(event.table.to_string())));
     scope.add_variable_as_val(
         "destination",
-        Box::new(CelString::from(event.destination.clone())),
+        Box::new(CelString::from(event.destination.to_string())),
     );
     scope.add_variable_as_val(
         "event_type",
@@ -415,7 +505,7 @@ pub fn bind_event(scope: &mut Context<'_, '_>, event: &ChangeEvent) {
     let mut pos: HashMap<CelMapKey<'static>, Box<dyn Val>> = HashMap::with_capacity(4);
     pos.insert(
         CelMapKey::from("log_file"),
-        Box::new(CelString::from(event.position.log_file.clone())),
+        Box::new(CelString::from(event.position.log_file.to_string())),
     );
     pos.insert(
         CelMapKey::from("offset"),
@@ -436,17 +526,17 @@ pub fn bind_event(scope: &mut Context<'_, '_>, event: &ChangeEvent) {
     pos.insert(
         CelMapKey::from("gtid"),
         match &event.position.gtid {
-            Some(g) => Box::new(CelString::from(g.clone())),
+            Some(g) => Box::new(CelString::from(g.to_string())),
             None => Box::new(CelNull),
         },
     );
     scope.add_variable_as_val("position", Box::new(CelMap::from(pos)));
 }
 
-fn string_list(items: &[String]) -> CelList<'static> {
+fn string_list(items: &ColumnSet) -> CelList<'static> {
     let items: Vec<Box<dyn Val>> = items
         .iter()
-        .map(|c| Box::new(CelString::from(c.clone())) as Box<dyn Val>)
+        .map(|c| Box::new(CelString::from(c.to_string())) as Box<dyn Val>)
         .collect();
     CelList::from(items)
 }
@@ -454,7 +544,7 @@ fn string_list(items: &[String]) -> CelList<'static> {
 fn row_val(row: &Row) -> CelMap<'static> {
     let map: HashMap<CelMapKey<'static>, Box<dyn Val>> = row
         .iter()
-        .map(|(k, v)| (CelMapKey::from(k.clone()), column_val(v)))
+        .map(|(k, v)| (CelMapKey::from(k.to_string()), column_val(v)))
         .collect();
     CelMap::from(map)
 }

@@ -46,10 +46,12 @@ mod tests;
 
 pub use consumer::{ConfigConsumer, DEAD_LETTER_PLUGIN};
 pub use expr::{HELPERS, VARIABLES};
-pub use spec::{ConsumerSpec, OnError, RuleSpec, When, default_dead_letter_route, valid_name};
+pub use spec::{
+    BulkSpec, ConsumerSpec, OnError, RuleSpec, When, default_dead_letter_route, valid_name,
+};
 pub use template::Template;
 
-use crate::consumer::actor::process_event;
+use crate::consumer::actor::{finish_part, process_event};
 use crate::consumer::filter::NameMatch;
 use crate::consumer::{Consumer, ConsumerContext};
 use crate::event::{ChangeEvent, EventType, Position, Row, Value};
@@ -166,6 +168,12 @@ pub fn run_on_events_routed(
             break;
         }
     }
+    // the events are one part: bulk rules send their messages now
+    if stopped.is_none()
+        && let Err(error) = finish_part(consumer, &mut ctx)
+    {
+        stopped = Some((events.len(), error));
+    }
     TestRun {
         triggers: ctx.take_triggers(),
         matched,
@@ -211,30 +219,30 @@ pub fn sample_events(spec: &ConsumerSpec) -> Vec<ChangeEvent> {
                 data.insert("id".into(), Value::Int(1));
                 primary_keys.push("id".to_string());
                 for c in &columns {
-                    data.insert(c.clone(), sample(c, false));
+                    data.insert(c.into(), sample(c, false));
                 }
                 match t {
                     EventType::Update => {
                         let mut o = Row::new();
                         for c in &columns {
-                            o.insert(c.clone(), sample(c, true));
+                            o.insert(c.into(), sample(c, true));
                             changed.push(c.clone());
                         }
                         old = Some(o);
                     }
-                    EventType::Insert => changed = data.keys().cloned().collect(),
+                    EventType::Insert => changed = data.keys().map(str::to_string).collect(),
                     _ => {}
                 }
             }
             out.push(ChangeEvent {
                 destination: "example".into(),
-                database: database.clone(),
-                table: table.clone(),
+                database: database.as_str().into(),
+                table: table.as_str().into(),
                 event_type: t,
                 data,
                 old,
-                changed,
-                primary_keys,
+                changed: changed.into(),
+                primary_keys: primary_keys.into(),
                 position: Position {
                     log_file: "mysql-bin.000001".into(),
                     offset: 4 + 100 * n,

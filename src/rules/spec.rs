@@ -101,6 +101,17 @@ struct RawRule {
     format: Option<MessageFormat>,
     #[serde(default)]
     on_error: Option<OnError>,
+    #[serde(default)]
+    batch: Option<RawBatch>,
+}
+
+/// `batch = { max_rows = 500, max_wait = "50ms" }` on a rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    max_rows: i64,
+    #[serde(default)]
+    max_wait: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +186,26 @@ pub struct RuleSpec {
     pub route: Option<Route>,
     pub format: Option<MessageFormat>,
     pub on_error: OnError,
+    /// Bulk mode: consecutive matching rows go out as one message whose payload is the list
+    /// of their payloads. `None`: one message per row (the default).
+    pub batch: Option<BulkSpec>,
+}
+
+/// A rule's bulk settings (see `config/consumers/README.md`, "Bulk rules").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkSpec {
+    /// At most this many rows per message (1 to [`BulkSpec::MAX_ROWS`]).
+    pub max_rows: usize,
+    /// How long a row may wait for more rows. A bulk never spans a Canal batch (it is sent
+    /// at the end of the consumer's part of the batch at the latest), so within this
+    /// release no row ever waits for a later batch and this bound is always met.
+    pub max_wait: std::time::Duration,
+}
+
+impl BulkSpec {
+    pub const MAX_ROWS: usize = 10_000;
+    pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+    pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 }
 
 /// A rule's guard: cheap name/event checks first, then the CEL condition.
@@ -208,6 +239,46 @@ impl RuleSpec {
 
 // ---------------------------------------------------------------------------------------------
 // Loading.
+
+/// Checks `batch = { max_rows, max_wait }`; errors name the key.
+fn bulk_spec(at: &str, b: RawBatch) -> Result<BulkSpec, (String, String)> {
+    let max_rows = usize::try_from(b.max_rows)
+        .ok()
+        .filter(|n| (1..=BulkSpec::MAX_ROWS).contains(n))
+        .ok_or_else(|| {
+            (
+                format!("{at}.max_rows"),
+                format!(
+                    "max_rows must be between 1 and {}, got {}",
+                    BulkSpec::MAX_ROWS,
+                    b.max_rows
+                ),
+            )
+        })?;
+    let max_wait = match b.max_wait {
+        None => BulkSpec::DEFAULT_MAX_WAIT,
+        Some(text) => {
+            let key = format!("{at}.max_wait");
+            let d = humantime::parse_duration(text.trim()).map_err(|e| {
+                (
+                    key.clone(),
+                    format!("max_wait {text:?} is not a duration like \"50ms\": {e}"),
+                )
+            })?;
+            if d.is_zero() || d > BulkSpec::MAX_WAIT {
+                return Err((
+                    key,
+                    format!(
+                        "max_wait must be more than 0 and at most {}, got {text:?}",
+                        humantime::format_duration(BulkSpec::MAX_WAIT)
+                    ),
+                ));
+            }
+            d
+        }
+    };
+    Ok(BulkSpec { max_rows, max_wait })
+}
 
 /// Parses and validates one file's text. `file` is only used in error messages and
 /// [`ConsumerSpec::source`].
@@ -345,7 +416,12 @@ fn validate_consumer(
                 Template::compile(&v).map_err(|(sub, m)| err(format!("{at}.payload{sub}"), m))?
             }
         };
+        let batch = match r.batch {
+            None => None,
+            Some(b) => Some(bulk_spec(&format!("{at}.batch"), b).map_err(|(k, m)| err(k, m))?),
+        };
         rules.push(RuleSpec {
+            batch,
             name: r.name,
             description: r.description,
             when,

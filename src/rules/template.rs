@@ -9,8 +9,7 @@
 //! - Numbers, booleans, dates, arrays and tables are literals (arrays and tables are walked for
 //!   strings to interpolate).
 
-use super::expr::{self, Expression};
-use cel::Context;
+use super::expr::{Expression, Scope};
 use std::collections::BTreeSet;
 
 /// A compiled template.
@@ -44,14 +43,14 @@ impl Template {
         matches!(self, Template::Literal(_))
     }
 
-    /// Renders the template in a scope that has the event variables.
-    pub fn render(&self, scope: &Context<'_, '_>) -> Result<serde_json::Value, String> {
+    /// Renders the template for the scope's event.
+    pub fn render(&self, scope: &mut Scope<'_, '_>) -> Result<serde_json::Value, String> {
         self.render_at(scope, &mut String::new())
     }
 
     fn render_at(
         &self,
-        scope: &Context<'_, '_>,
+        scope: &mut Scope<'_, '_>,
         path: &mut String,
     ) -> Result<serde_json::Value, String> {
         let at = |path: &str, e: String| {
@@ -63,20 +62,13 @@ impl Template {
         };
         match self {
             Template::Literal(v) => Ok(v.clone()),
-            Template::Expr(e) => e
-                .eval(scope)
-                .and_then(|v| expr::to_json(&v))
-                .map_err(|e| at(path, e)),
+            Template::Expr(e) => e.json(scope).map_err(|e| at(path, e)),
             Template::Text(segments) => {
                 let mut out = String::new();
                 for s in segments {
                     match s {
                         Segment::Text(t) => out.push_str(t),
-                        Segment::Expr(e) => out.push_str(
-                            &e.eval(scope)
-                                .and_then(|v| expr::to_text(&v))
-                                .map_err(|e| at(path, e))?,
-                        ),
+                        Segment::Expr(e) => out.push_str(&e.text(scope).map_err(|e| at(path, e))?),
                     }
                 }
                 Ok(serde_json::Value::String(out))

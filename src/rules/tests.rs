@@ -5,7 +5,7 @@
 //! case keeps one name; no production code lives here.)
 
 use super::*;
-use crate::event::{ChangeEvent, EventType, Position, Row, Value};
+use crate::event::{ChangeEvent, ColumnSet, EventType, Position, Row, Value};
 use crate::trigger::{Priority, SourceRef, message_id};
 use serde_json::json;
 use std::path::Path;
@@ -55,9 +55,9 @@ fn row(cols: &[(&str, Value)]) -> Row {
 
 fn event(db: &str, table: &str, t: EventType, data: Row, old: Option<Row>) -> ChangeEvent {
     let changed = match (&old, t) {
-        (Some(o), _) => o.keys().cloned().collect(),
-        (None, EventType::Insert) => data.keys().cloned().collect(),
-        _ => Vec::new(),
+        (Some(o), _) => o.keys().collect(),
+        (None, EventType::Insert) => data.keys().collect(),
+        _ => ColumnSet::new(),
     };
     ChangeEvent {
         destination: "example".into(),
@@ -67,7 +67,7 @@ fn event(db: &str, table: &str, t: EventType, data: Row, old: Option<Row>) -> Ch
         data,
         old,
         changed,
-        primary_keys: vec!["id".into()],
+        primary_keys: ["id"].into(),
         position: Position {
             log_file: "mysql-bin.000007".into(),
             offset: 1234,
@@ -921,4 +921,229 @@ fn describe_lists_filters_rules_and_plugins() {
     let table = describe_table(&specs.iter().map(describe).collect::<Vec<_>>());
     assert_eq!(table.lines().count(), 3, "{table}");
     assert!(table.starts_with("NAME"));
+}
+
+#[test]
+fn direct_column_references_render_exactly_as_cel_does() {
+    use super::expr::{self, Expression, Scope};
+    let data = row(&[
+        ("id", Value::Int(-7)),
+        ("u", Value::UInt(u64::MAX)),
+        ("f", Value::Float(1.5)),
+        ("nan", Value::Float(f64::NAN)),
+        ("t", Value::Text("héllo".into())),
+        ("b", Value::Bytes(vec![0, 0xff, b'a'])),
+        ("n", Value::Null),
+        (
+            "j",
+            Value::Json(serde_json::json!({"z": [1, 2.5, "x"], "a": {"k": null}})),
+        ),
+        ("js", Value::Json(serde_json::json!("s"))),
+    ]);
+    let old = row(&[("t", Value::Text("before".into()))]);
+    let e = event("db", "t", EventType::Update, data, Some(old));
+    let root = expr::root_context();
+    for col in ["id", "u", "f", "nan", "t", "b", "n", "j", "js"] {
+        for src in [format!("data.{col}"), format!("data['{col}']")] {
+            let direct = Expression::compile(&src).unwrap();
+            let mut scope = Scope::new(&root, &e);
+            let via_cel = direct.eval(scope.cel()).unwrap();
+            assert_eq!(
+                direct.json(&mut Scope::new(&root, &e)).unwrap(),
+                expr::to_json(&via_cel).unwrap(),
+                "{src}"
+            );
+            assert_eq!(
+                direct.text(&mut Scope::new(&root, &e)).unwrap(),
+                expr::to_text(&via_cel).unwrap(),
+                "{src}"
+            );
+        }
+    }
+    let old_t = Expression::compile("old.t").unwrap();
+    assert_eq!(
+        old_t.json(&mut Scope::new(&root, &e)).unwrap(),
+        serde_json::json!("before")
+    );
+    // a column the row lacks fails exactly as CEL fails it
+    let missing = Expression::compile("data.missing").unwrap();
+    let mut scope = Scope::new(&root, &e);
+    let cel_err = missing.eval(scope.cel()).unwrap_err();
+    assert_eq!(
+        missing.json(&mut Scope::new(&root, &e)).unwrap_err(),
+        cel_err
+    );
+    let old_missing = Expression::compile("old.id").unwrap();
+    assert!(old_missing.json(&mut Scope::new(&root, &e)).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// bulk rules (`batch = { max_rows, max_wait }`)
+
+#[test]
+fn bulk_settings_are_checked_and_errors_name_the_key() {
+    let rule = |batch: &str| with_rule(&format!("name = \"r\"\nplugin = \"p\"\nbatch = {batch}"));
+    let key = "consumers.c.rules[0].batch";
+    expect_err(
+        &rule("{ max_rows = 0 }"),
+        &format!("{key}.max_rows"),
+        "between 1 and 10000, got 0",
+    );
+    expect_err(
+        &rule("{ max_rows = 10001 }"),
+        &format!("{key}.max_rows"),
+        "got 10001",
+    );
+    expect_err(
+        &rule("{ max_rows = -3 }"),
+        &format!("{key}.max_rows"),
+        "got -3",
+    );
+    expect_err(
+        &rule("{ max_rows = 5, max_wait = \"soon\" }"),
+        &format!("{key}.max_wait"),
+        "not a duration like \"50ms\"",
+    );
+    expect_err(
+        &rule("{ max_rows = 5, max_wait = \"0s\" }"),
+        &format!("{key}.max_wait"),
+        "more than 0",
+    );
+    expect_err(&rule("{ max_wait = \"5ms\" }"), key, "max_rows");
+    expect_err(
+        &rule("{ max_rows = 5, size = 3 }"),
+        &format!("{key}.size"),
+        "unknown field `size`",
+    );
+    let c = one(&rule("{ max_rows = 500, max_wait = \"20ms\" }"));
+    assert_eq!(
+        c.spec().rules[0].batch,
+        Some(BulkSpec {
+            max_rows: 500,
+            max_wait: std::time::Duration::from_millis(20)
+        })
+    );
+    let c = one(&rule("{ max_rows = 2 }"));
+    assert_eq!(
+        c.spec().rules[0].batch.map(|b| b.max_wait),
+        Some(BulkSpec::DEFAULT_MAX_WAIT)
+    );
+    // per-row is the default
+    assert_eq!(
+        one(&with_rule("name = \"r\"\nplugin = \"p\"")).spec().rules[0].batch,
+        None
+    );
+}
+
+/// INSERTs of ids `ids`, one binlog event each (offsets 100, 200, ...).
+fn inserts(ids: &[i64]) -> Vec<ChangeEvent> {
+    ids.iter()
+        .enumerate()
+        .map(|(n, &id)| {
+            let mut e = event(
+                "db",
+                "t",
+                EventType::Insert,
+                row(&[("id", Value::Int(id)), ("v", Value::Text(format!("v{id}")))]),
+                None,
+            );
+            e.position.offset = 100 * (n as u64 + 1);
+            e.position.row_index = 0;
+            e.executed_at += n as i64;
+            e
+        })
+        .collect()
+}
+
+#[test]
+fn bulk_rules_send_lists_of_the_row_payloads_max_rows_at_a_time() {
+    let text = with_rule(
+        "name = \"bulk\"\nplugin = \"p\"\npayload = { id = \"${data.id}\" }\n\
+         when = { condition = \"data.id != 3\" }\nbatch = { max_rows = 2 }\n\
+         [[consumers.c.rules]]\nname = \"each\"\nplugin = \"q\"\npayload = \"${data.id}\"",
+    );
+    let events = inserts(&[1, 2, 3, 4, 5, 6]);
+    let out = run(&mut one(&text), &events);
+    assert_eq!(out.stopped, None);
+    // the per-row rule fires per row; the bulk rule's messages follow at the end of the part
+    let per_row: Vec<_> = out.triggers.iter().filter(|t| t.plugin == "q").collect();
+    assert_eq!(per_row.len(), 6);
+    assert!(per_row.iter().all(|t| t.bulk.is_none()));
+    let bulks: Vec<_> = out.triggers.iter().filter(|t| t.plugin == "p").collect();
+    let payloads: Vec<_> = bulks.iter().map(|t| t.payload.clone()).collect();
+    assert_eq!(
+        payloads,
+        vec![
+            json!([{"id": 1}, {"id": 2}]),
+            json!([{"id": 4}, {"id": 5}]),
+            json!([{"id": 6}])
+        ]
+    );
+    let ranges: Vec<_> = bulks
+        .iter()
+        .map(|t| {
+            let b = t.bulk.as_ref().unwrap();
+            (t.source.position.offset, b.last.offset, b.rows)
+        })
+        .collect();
+    assert_eq!(ranges, vec![(100, 200, 2), (400, 500, 2), (600, 600, 1)]);
+    // ids: the documented bulk scheme over the covered range, the same on every run
+    let first = SourceRef::from(&events[3]);
+    let last = SourceRef::from(&events[4]);
+    assert_eq!(
+        bulks[1].id,
+        crate::trigger::bulk_message_id(&first, &last, 2, "c", "bulk", "p")
+    );
+    let again = run(&mut one(&text), &events);
+    assert_eq!(
+        again.triggers.iter().map(|t| &t.id).collect::<Vec<_>>(),
+        out.triggers.iter().map(|t| &t.id).collect::<Vec<_>>()
+    );
+    // every row that matched is in exactly one bulk
+    let ids: Vec<i64> = bulks
+        .iter()
+        .flat_map(|t| t.payload.as_array().unwrap().iter())
+        .map(|p| p["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 4, 5, 6]);
+}
+
+#[test]
+fn a_row_failing_in_a_bulk_rule_is_handled_alone_and_left_out_of_the_list() {
+    let text = with_rule(
+        "name = \"bulk\"\nplugin = \"p\"\npayload = { x = \"${data.x}\" }\nbatch = { max_rows = 10 }",
+    );
+    let mut events = inserts(&[1, 2, 3]);
+    events[1].data.insert("x".into(), Value::Int(20));
+    events[0].data.insert("x".into(), Value::Int(10));
+    let out = run(&mut one(&text), &events);
+    assert_eq!(out.stopped, None);
+    let plugins: Vec<&str> = out.triggers.iter().map(|t| t.plugin.as_str()).collect();
+    // row 3 has no `x`: error_handler for it, then one bulk with rows 1 and 2
+    assert_eq!(plugins, vec!["error_handler", "p"]);
+    assert_eq!(out.triggers[1].payload, json!([{"x": 10}, {"x": 20}]));
+    assert_eq!(out.triggers[1].bulk.as_ref().unwrap().rows, 2);
+}
+
+#[test]
+fn a_bulk_in_celery_args_mode_is_a_list_argument() {
+    let text = with_rule(
+        "name = \"bulk\"\nplugin = \"p\"\npayload = \"${data.id}\"\nbatch = { max_rows = 10 }\n\
+         format = { kind = \"celery\", task = \"plugins.run\", mapping = \"args\" }",
+    );
+    let out = run(&mut one(&text), &inserts(&[7, 8]));
+    let t = &out.triggers[0];
+    let (args, kwargs) =
+        crate::publisher::celery::call_arguments(t, crate::trigger::CeleryMapping::Args);
+    assert_eq!(args, json!(["p", [7, 8]]));
+    assert_eq!(kwargs, json!({}));
+    let msg = crate::publisher::celery::encode(
+        t,
+        "plugins.run",
+        crate::trigger::CeleryMapping::Args,
+        "o",
+    )
+    .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&msg.body).unwrap();
+    assert_eq!(body[0], json!(["p", [7, 8]]));
 }

@@ -1,32 +1,33 @@
 //! Raw text mode in the connection actor (`canal.connection_charset = "ISO-8859-1"`): decoding
 //! a batch may first need the column charsets of some tables from the source database
-//! (`canal::source`). The batch then waits in the actor, with any batch fetched after it, and
-//! fetching pauses; when the lookup answers they are decoded in fetch order. Nothing is rolled
-//! back for a lookup, so no consumer sees a duplicate because of one. A failed lookup is retried
-//! with backoff and shown as the connection's `last_error`.
+//! (`canal::source`). The batch then waits in the actor and fetching pauses (no GET is issued
+//! while a batch is decoded or waits, so batches still reach the window in fetch order); when
+//! the lookup answers, the batch is decoded again with the new charsets. Nothing is rolled back
+//! for a lookup, so no consumer sees a duplicate because of one. A failed lookup is retried with
+//! backoff and shown as the connection's `last_error`.
 
 use super::CanalConnection;
 use crate::canal::charset::{CharsetMap, Need, TableCharsets};
-use crate::canal::decode::{DecodeError, TextMode, decode_entries_with};
 use crate::canal::session::RawBatch;
 use crate::canal::source::{SourceError, SourceSchema};
 use crate::event::ChangeEvent;
 use actix::prelude::*;
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// The raw-text state of the actor.
 pub(super) struct RawText {
     /// The lookup pool (`Err`: the URL could not be used; every lookup fails with it).
     source: Result<Arc<SourceSchema>, String>,
-    map: CharsetMap,
-    /// A lookup in progress and the batches waiting for it, oldest first.
+    /// Shared with the decoding job on the blocking pool; changed only between jobs.
+    pub(super) map: Arc<CharsetMap>,
+    /// A lookup in progress and the batch waiting for it.
     wait: Option<Wait>,
 }
 
 struct Wait {
     needs: Vec<(Need, Vec<String>)>,
-    queue: VecDeque<(u64, RawBatch)>,
+    epoch: u64,
+    batch: RawBatch,
     attempt: u32,
 }
 
@@ -37,81 +38,69 @@ impl RawText {
             .map_err(|e| e.to_string());
         RawText {
             source,
-            map: CharsetMap::default(),
+            map: Arc::new(CharsetMap::default()),
             wait: None,
         }
     }
 }
 
-/// What decoding a fetched batch gave.
-pub(super) enum Decoded {
-    Events(Vec<ChangeEvent>),
-    /// Waiting for a charset lookup (the batch is kept; nothing to do now).
-    Waiting,
-    Failed(DecodeError),
+const LOOKUP_MARK: &str = "column charset lookup failed";
+
+#[derive(Debug, thiserror::Error)]
+enum LookupError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
 }
 
 impl CanalConnection {
-    /// Whether a lookup holds fetching back.
+    /// Whether a batch waits for a charset lookup (which holds fetching back).
     pub(super) fn waiting_for_charsets(&self) -> bool {
         self.raw_text.as_ref().is_some_and(|r| r.wait.is_some())
     }
 
-    /// Decodes a fetched batch of the current epoch in the configured text mode; in raw mode
-    /// it may wait for a lookup (or join the batches already waiting for one).
-    pub(super) fn decode_batch(
+    /// The charset map for the next decoding job (raw text mode only).
+    pub(super) fn charset_map(&self) -> Option<Arc<CharsetMap>> {
+        self.raw_text.as_ref().map(|r| r.map.clone())
+    }
+
+    /// A decoded batch passed these DDLs: what is known about their tables is stale.
+    pub(super) fn ddls_passed(&mut self, events: &[ChangeEvent]) {
+        let Some(rt) = self.raw_text.as_mut() else {
+            return;
+        };
+        for e in events.iter().filter(|e| e.is_ddl && !e.table.is_empty()) {
+            Arc::make_mut(&mut rt.map).ddl_passed(
+                &(e.database.to_string(), e.table.to_string()),
+                &(e.position.log_file.to_string(), e.position.offset),
+            );
+        }
+    }
+
+    /// Decoding `batch` needs these lookups first: keep it and look them up.
+    pub(super) fn wait_for_charsets(
         &mut self,
         epoch: u64,
-        raw: RawBatch,
+        batch: RawBatch,
+        needs: Vec<(Need, Vec<String>)>,
         ctx: &mut Context<Self>,
-    ) -> (Decoded, Option<RawBatch>) {
-        let destination = self.cfg.session.destination.clone();
-        let mut events = Vec::new();
+    ) {
         let Some(rt) = self.raw_text.as_mut() else {
-            let r =
-                decode_entries_with(&destination, &raw.entries, &mut events, TextMode::AsShipped);
-            return match r {
-                Ok(_) => (Decoded::Events(events), Some(raw)),
-                Err(e) => (Decoded::Failed(e), Some(raw)),
-            };
+            return;
         };
-        if let Some(wait) = rt.wait.as_mut() {
-            wait.queue.push_back((epoch, raw));
-            return (Decoded::Waiting, None);
-        }
-        match decode_entries_with(
-            &destination,
-            &raw.entries,
-            &mut events,
-            TextMode::Raw(&rt.map),
-        ) {
-            Ok(_) => {
-                for e in events.iter().filter(|e| e.is_ddl && !e.table.is_empty()) {
-                    rt.map.ddl_passed(
-                        &(e.database.clone(), e.table.clone()),
-                        &(e.position.log_file.clone(), e.position.offset),
-                    );
-                }
-                (Decoded::Events(events), Some(raw))
-            }
-            Err(DecodeError::CharsetsNeeded(needs)) => {
-                tracing::debug!(
-                    tables = needs.len(),
-                    batch_id = raw.batch_id,
-                    "looking up column charsets in the source database"
-                );
-                let mut queue = VecDeque::new();
-                queue.push_back((epoch, raw));
-                rt.wait = Some(Wait {
-                    needs,
-                    queue,
-                    attempt: 0,
-                });
-                self.look_up(ctx);
-                (Decoded::Waiting, None)
-            }
-            Err(e) => (Decoded::Failed(e), Some(raw)),
-        }
+        tracing::debug!(
+            tables = needs.len(),
+            batch_id = batch.batch_id,
+            "looking up column charsets in the source database"
+        );
+        rt.wait = Some(Wait {
+            needs,
+            epoch,
+            batch,
+            attempt: 0,
+        });
+        self.look_up(ctx);
     }
 
     fn look_up(&mut self, ctx: &mut Context<Self>) {
@@ -151,9 +140,10 @@ impl CanalConnection {
         };
         match res {
             Ok(found) => {
+                let map = Arc::make_mut(&mut rt.map);
                 for (need, missing, mut charsets) in found {
                     charsets.cover(&missing);
-                    rt.map.insert(&need, charsets);
+                    map.insert(&need, charsets);
                 }
                 let Some(wait) = rt.wait.take() else {
                     return;
@@ -162,19 +152,13 @@ impl CanalConnection {
                     .status
                     .last_error
                     .as_deref()
-                    .is_some_and(|e| e.contains(LOOKUP_MARK))
+                    .is_some_and(|e| e.starts_with(LOOKUP_MARK))
                 {
                     self.status.last_error = None;
                 }
-                let mut queue = wait.queue;
-                while let Some((epoch, raw)) = queue.pop_front() {
-                    self.on_fetched(epoch, raw, ctx);
-                    if let Some(w) = self.raw_text.as_mut().and_then(|r| r.wait.as_mut()) {
-                        // a later batch needs another lookup: the rest wait behind it
-                        w.queue.extend(queue.drain(..));
-                        return;
-                    }
-                }
+                // decode it again (dropped there if a rollback or reconnect came meanwhile)
+                self.on_fetched(wait.epoch, wait.batch, ctx);
+                self.notify_drained();
                 self.drive(ctx);
             }
             Err(e) => {
@@ -189,14 +173,4 @@ impl CanalConnection {
             }
         }
     }
-}
-
-const LOOKUP_MARK: &str = "column charset lookup failed";
-
-#[derive(Debug, thiserror::Error)]
-enum LookupError {
-    #[error("{0}")]
-    Config(String),
-    #[error(transparent)]
-    Source(#[from] SourceError),
 }

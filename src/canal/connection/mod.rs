@@ -35,8 +35,10 @@
 
 use crate::backoff::Backoff;
 use crate::canal::CanalError;
+use crate::canal::decode::{DecodeError, Decoder};
 use crate::canal::session::{Fetch, RawBatch, Session, SkippedFrame};
 use crate::canal::window::{AckOutcome, BatchWindow};
+use crate::event::ChangeEvent;
 
 use actix::prelude::*;
 
@@ -70,6 +72,9 @@ pub struct CanalConnection {
     session: Option<Session>,
     /// The session is lent to an operation.
     busy: bool,
+    /// A fetched batch is being decoded on the blocking pool (no GET until it is back, so
+    /// batches reach the window in fetch order).
+    decoding: bool,
     window: BatchWindow,
     need_subscribe: bool,
     /// Who waits for the current filter to be in force.
@@ -109,6 +114,7 @@ impl CanalConnection {
             state: ConnectionState::Connecting,
             session: None,
             busy: false,
+            decoding: false,
             window: BatchWindow::new(cfg.max_inflight_batches, cfg.max_inflight_bytes),
             need_subscribe: false,
             filter_waiters: Vec::new(),
@@ -278,7 +284,7 @@ impl CanalConnection {
     }
 
     fn notify_drained(&mut self) {
-        if self.window.current_is_empty() {
+        if self.window.current_is_empty() && !self.decoding && !self.waiting_for_charsets() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -406,10 +412,11 @@ impl CanalConnection {
 
     fn may_fetch(&self) -> bool {
         self.state == ConnectionState::Connected
+            && !self.decoding
+            && !self.waiting_for_charsets()
             && !self.draining
             && self.paused_until.is_none_or(|t| t <= Instant::now())
             && self.window.may_fetch()
-            && !self.waiting_for_charsets()
     }
 
     fn completed(&mut self, op: Op, ctx: &mut Context<Self>) {
@@ -473,43 +480,83 @@ impl CanalConnection {
             );
             return;
         }
-        let (events, raw) = match self.decode_batch(epoch, raw, ctx) {
-            (charsets::Decoded::Events(events), Some(raw)) => (events, raw),
-            (charsets::Decoded::Waiting, _) => return,
-            (charsets::Decoded::Failed(source), Some(raw)) => return self.undecodable(source, raw),
-            (_, None) => return,
+        // Decoding is CPU work: it runs on the blocking pool, off the thread the actors share.
+        self.decoding = true;
+        let destination = self.cfg.session.destination.clone();
+        let charsets = self.charset_map();
+        let decode = async move {
+            let job = tokio::task::spawn_blocking(move || {
+                let mut events = Vec::new();
+                let mut decoder = Decoder::new(&destination);
+                if let Some(map) = charsets {
+                    decoder = decoder.with_charsets(map);
+                }
+                let r = decoder.decode_entries(&raw.entries, &mut events);
+                (raw, r.map(|_| events))
+            });
+            job.await
         };
-        self.delivered(events, raw, ctx);
+        ctx.spawn(decode.into_actor(self).map(move |done, act, ctx| {
+            act.decoding = false;
+            match done {
+                Ok((raw, decoded)) => act.on_decoded(epoch, raw, decoded, ctx),
+                // the decode panicked: a bug; the batch is redelivered after a rollback
+                Err(e) => {
+                    tracing::error!(error = %e, "decoding a canal batch failed");
+                    act.request_rollback("decoding a batch panicked");
+                }
+            }
+            act.notify_drained();
+            act.drive(ctx);
+        }));
     }
 
-    /// An entry of the batch cannot be decoded: hold the batch and stall.
-    fn undecodable(&mut self, source: crate::canal::decode::DecodeError, raw: RawBatch) {
-        let e = CanalError::Decode {
-            destination: self.cfg.session.destination.clone(),
-            batch_id: raw.batch_id,
-            source,
-        };
-        // retrying cannot help either: hold it (no later batch is acked past it) and stall
-        let batch = self.window.hold(raw.batch_id, raw.frame_bytes);
-        self.held = Some(batch);
-        self.stall(
-            format!("batch:{}", raw.batch_id),
-            e.to_string(),
-            format!(
-                "run `canal-consumer skip batch:{}` to ack it without delivering its {} entries",
-                raw.batch_id,
-                raw.entries.len()
-            ),
-        );
-    }
-
-    /// A decoded batch: account for it in the window and hand it to the subscriber.
-    fn delivered(
+    fn on_decoded(
         &mut self,
-        events: Vec<crate::event::ChangeEvent>,
+        epoch: u64,
         raw: RawBatch,
+        decoded: Result<Vec<ChangeEvent>, DecodeError>,
         ctx: &mut Context<Self>,
     ) {
+        if self.state == ConnectionState::Stopped {
+            return;
+        }
+        if epoch != self.window.epoch() {
+            // A rollback or reconnect began while it was decoded: the rows come again.
+            self.window.observe_id(raw.batch_id);
+            return;
+        }
+        let events = match decoded {
+            Ok(events) => {
+                self.ddls_passed(&events);
+                events
+            }
+            Err(DecodeError::CharsetsNeeded(needs)) => {
+                return self.wait_for_charsets(epoch, raw, needs, ctx);
+            }
+            Err(source) => {
+                let e = CanalError::Decode {
+                    destination: self.cfg.session.destination.clone(),
+                    batch_id: raw.batch_id,
+                    source,
+                };
+                // retrying cannot help either: hold it (no later batch is acked past it) and
+                // stall
+                let batch = self.window.hold(raw.batch_id, raw.frame_bytes);
+                self.held = Some(batch);
+                self.stall(
+                    format!("batch:{}", raw.batch_id),
+                    e.to_string(),
+                    format!(
+                        "run `canal-consumer skip batch:{}` to ack it without delivering its {} \
+                         entries",
+                        raw.batch_id,
+                        raw.entries.len()
+                    ),
+                );
+                return;
+            }
+        };
         self.status.batches_received += 1;
         self.status.events_received += events.len() as u64;
         let last = events.last().map(|e| (e.position.clone(), e.executed_at));

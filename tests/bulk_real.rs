@@ -1,0 +1,211 @@
+//! Bulk rules end to end: the real `canal-consumer` binary, real Canal fed by real MariaDB,
+//! real RabbitMQ (and a real Celery worker): every row inserted arrives exactly once across the
+//! list payloads, each message says which rows it covers and carries the id derived from them.
+//! Start the services with `deploy/local/up`; run under the stack lock.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use canal_consumer::trigger::{SourceRef, bulk_message_id};
+use common::proc::ChildGuard;
+use common::service::*;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const DB: &str = "cc_bulk";
+
+fn table(name: &str) {
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{name}; \
+         CREATE TABLE {DB}.{name} (id INT PRIMARY KEY, note VARCHAR(20))"
+    ));
+}
+
+/// Inserts ids `from..=to`, 1,000 rows per statement.
+fn insert(name: &str, from: i64, to: i64) {
+    let mut start = from;
+    while start <= to {
+        let end = (start + 999).min(to);
+        let values: Vec<String> = (start..=end).map(|i| format!("({i}, 'n{i}')")).collect();
+        mysql(&format!(
+            "INSERT INTO {DB}.{name} VALUES {}",
+            values.join(",")
+        ));
+        start = end + 1;
+    }
+}
+
+fn bulk_consumer(name: &str, table: &str, max_rows: usize, extra: &str) -> String {
+    format!(
+        r#"
+[consumers.{name}]
+{extra}
+[[consumers.{name}.filters]]
+database = "{DB}"
+table = "{table}"
+events = ["INSERT"]
+
+[[consumers.{name}.rules]]
+name = "bulk"
+plugin = "bulk_task"
+payload = {{ id = "${{data.id}}", note = "${{data.note}}" }}
+batch = {{ max_rows = {max_rows}, max_wait = "50ms" }}
+"#
+    )
+}
+
+/// How often each id appears across the messages' list payloads.
+fn row_counts(got: &[Got]) -> BTreeMap<i64, usize> {
+    let mut out = BTreeMap::new();
+    for g in got {
+        for p in g.body["payload"].as_array().into_iter().flatten() {
+            *out.entry(p["id"].as_i64().unwrap()).or_default() += 1;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_bulk_rule_delivers_every_row_exactly_once_in_list_payloads() {
+    let _lock = canal_lock().await;
+    let name = "rows";
+    table(name);
+    drop(Tap::clean(&format!("{DB}\\.{name}")).await);
+    let queue = &common::queue("cc_e2e_bulk");
+    delete_queue(queue).await;
+    let max_rows = 100;
+    let mut svc = ServiceProc::prepare(
+        "bulk",
+        queue,
+        &[("bulk.toml", &bulk_consumer("bulk_rows", name, max_rows, ""))],
+        "",
+    );
+    svc.start().await;
+    let n = 2_500;
+    insert(name, 1, n);
+    let got = consume_until(queue, Duration::from_secs(120), |got| {
+        row_counts(got).len() as i64 == n
+    })
+    .await;
+    // nothing more arrives: the rows came once
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(queue_depth(queue).await, 0);
+    let counts = row_counts(&got);
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+    assert!(counts.values().all(|&c| c == 1), "a row came twice");
+    // fewer messages than rows, none over max_rows, each describing the rows it holds
+    assert!(got.len() >= (n as usize).div_ceil(max_rows) && got.len() < n as usize / 10);
+    for g in &got {
+        let b = &g.body;
+        let rows = b["payload"].as_array().unwrap();
+        assert!(!rows.is_empty() && rows.len() <= max_rows, "{b}");
+        assert_eq!(b["bulk"]["rows"].as_u64(), Some(rows.len() as u64), "{b}");
+        assert_eq!(b["plugin"], "bulk_task");
+        // ids inside one message are in binlog (here: id) order
+        let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        // the id is the documented bulk id of the covered range
+        let first: SourceRef = serde_json::from_value(b["source"].clone()).unwrap();
+        let mut last = first.clone();
+        last.position = serde_json::from_value(b["bulk"]["last_position"].clone()).unwrap();
+        last.executed_at = b["bulk"]["last_executed_at"].as_i64().unwrap();
+        let id = bulk_message_id(
+            &first,
+            &last,
+            rows.len() as u32,
+            "bulk_rows",
+            "bulk",
+            "bulk_task",
+        );
+        assert_eq!(g.message_id, id);
+        assert_eq!(b["id"], Value::String(id));
+    }
+    svc.terminate(Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn a_real_celery_worker_gets_each_bulk_as_a_list_argument() {
+    let _lock = canal_lock().await;
+    let name = "celery_rows";
+    table(name);
+    drop(Tap::clean(&format!("{DB}\\.{name}")).await);
+    let queue = &common::queue("cc_e2e_bulk_celery");
+    delete_queue(queue).await;
+    let consumer = bulk_consumer(
+        "bulk_celery",
+        name,
+        50,
+        r#"format = { kind = "celery", task = "canal_consumer.plugin", mapping = "args" }"#,
+    );
+    let mut svc = ServiceProc::prepare("bulk-celery", queue, &[("c.toml", &consumer)], "");
+    svc.start().await;
+    let out = svc.dir.join("tasks.jsonl");
+    let mut worker = ChildGuard::spawn(
+        "celery worker",
+        std::process::Command::new(celery_bin())
+            .args([
+                "-A",
+                "tasks",
+                "worker",
+                "-Q",
+                queue,
+                "-c",
+                "1",
+                "--pool",
+                "solo",
+                "--loglevel",
+                "WARNING",
+            ])
+            .current_dir(repo_root().join("tests/workers"))
+            .env("TASKS_OUT", &out)
+            .env("CELERY_BROKER_URL", amqp_url())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(svc.dir.join("worker.log")).unwrap()),
+    );
+    let n = 300;
+    insert(name, 1, n);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let runs: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let runs: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let rows: usize = runs
+            .iter()
+            .map(|r| r["args"][1].as_array().map_or(0, Vec::len))
+            .sum();
+        if rows as i64 >= n {
+            break runs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "celery ran {rows} of {n} rows; worker log:\n{}",
+            std::fs::read_to_string(svc.dir.join("worker.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    worker.kill();
+    // task(plugin, [row payloads]): every row once, in lists of at most 50
+    let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+    for run in &runs {
+        assert_eq!(run["args"][0], "bulk_task", "{run}");
+        let rows = run["args"][1].as_array().unwrap();
+        assert!(!rows.is_empty() && rows.len() <= 50, "{run}");
+        for r in rows {
+            *counts.entry(r["id"].as_i64().unwrap()).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        counts.keys().copied().collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+    assert!(counts.values().all(|&c| c == 1), "a row ran twice");
+    svc.terminate(Duration::from_secs(30));
+}
