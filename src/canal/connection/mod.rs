@@ -407,6 +407,7 @@ impl CanalConnection {
                         r = Err(e);
                         break;
                     }
+                    tracing::debug!(batch_id = *id, "writing canal ack");
                     r = session.ack(*id).await;
                     if r.is_err() {
                         break;
