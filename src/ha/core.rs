@@ -117,6 +117,8 @@ pub enum Event {
     HeldBy {
         address: String,
     },
+    /// The claim got no answer either way (a request error); the shell claims again later.
+    ClaimFailed,
     /// The client running node was deleted (by its holder's session ending, or by hand).
     NodeGone,
     /// Canal's running node for the destination: the server's address, or None when no server
@@ -228,6 +230,10 @@ impl HaCore {
                 self.holder = Some(address);
                 self.valid_until = None;
                 vec![Action::WatchNode]
+            }
+            Event::ClaimFailed => {
+                self.claiming = false;
+                Vec::new()
             }
             Event::NodeGone => {
                 // ours deleted by hand, or the holder's session ended: stop, and try to claim
@@ -352,6 +358,16 @@ mod tests {
         assert_eq!(c.on(Event::Connected), vec![Action::Claim]);
         assert!(c.on(Event::Connected).is_empty());
         assert!(c.on(Event::NodeGone).is_empty());
+    }
+
+    #[test]
+    fn a_failed_claim_can_be_retried() {
+        let t0 = Instant::now();
+        let mut c = HaCore::new(T);
+        assert_eq!(c.on(Event::Connected), vec![Action::Claim]);
+        assert!(c.on(Event::ClaimFailed).is_empty());
+        assert!(!c.lease().may_write(t0));
+        assert_eq!(c.on(Event::NodeGone), vec![Action::Claim], "claims again");
     }
 
     #[test]

@@ -114,7 +114,8 @@ async fn session(
                     if let Some(w) = watch {
                         node_watch = Some(w);
                     }
-                    if let Some(event) = event {
+                    let event = event.unwrap_or(Event::ClaimFailed);
+                    {
                         let role_before = core.role();
                         pending.extend(core.on(event));
                         if core.role() != role_before {
@@ -219,7 +220,8 @@ async fn wait(w: &mut Option<Watch>) -> zk::WatchedEvent {
     }
 }
 
-/// Create the client running node; on NodeExists read who holds it and watch it.
+/// Create the client running node; on NodeExists read who holds it and watch it. No event:
+/// the claim failed (the caller reports ClaimFailed and claims again on a later heartbeat).
 async fn claim(cfg: &HaConfig, client: &zk::Client) -> (Option<Event>, Option<Watch>) {
     let path = cfg.client_running_path();
     let data = cfg.client_running_data();
