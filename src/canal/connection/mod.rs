@@ -168,6 +168,9 @@ impl CanalConnection {
                 true
             }
             None => {
+                if let Some(canal) = &lease.canal {
+                    self.status.server = canal.clone();
+                }
                 self.state = if lease.role == crate::ha::Role::Standby {
                     ConnectionState::Standby
                 } else {
@@ -214,9 +217,13 @@ impl CanalConnection {
         let generation = self.generation;
         let cfg = self.cfg.session.clone();
         let filter = self.cfg.filter.clone();
+        let gate = self.cfg.lease.clone();
         let fut = async move {
             let mut session = Session::connect(&cfg).await?;
+            // ZooKeeper mode: a replica whose lease ran out while it connected writes nothing
+            may_write(&gate)?;
             session.subscribe(&filter).await?;
+            may_write(&gate)?;
             // Batches of an earlier connection are still outstanding on the server; roll
             // them back so they are redelivered and later acks line up.
             session.rollback(0).await?;
