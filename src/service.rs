@@ -233,6 +233,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         tx
     });
     let connection = CanalConnection::new(conn_cfg, manager.clone().recipient()).start();
+    let mut ha_release = None;
     if let (Some(ha), Some(tx)) = (ha, lease_tx) {
         tracing::info!(
             zookeeper = %ha.servers,
@@ -240,7 +241,14 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
             address = %ha.address,
             "zookeeper mode: active only while holding the client running node"
         );
-        actix::spawn(crate::ha::zk::run(ha, tx, connection.clone().recipient()));
+        let (release, release_rx) = tokio::sync::oneshot::channel();
+        ha_release = Some(release);
+        actix::spawn(crate::ha::zk::run(
+            ha,
+            tx,
+            connection.clone().recipient(),
+            release_rx,
+        ));
     }
     manager.do_send(AttachConnection((&connection).into()));
 
@@ -274,6 +282,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         Pipeline {
             connection,
             publisher,
+            ha_release,
         },
         admin_handle,
         cfg.shutdown.deadline,
@@ -296,6 +305,8 @@ async fn signal() -> &'static str {
 struct Pipeline {
     connection: Addr<CanalConnection>,
     publisher: Addr<AmqpPublisher>,
+    /// ZooKeeper mode: give up the client running node once the connection stopped.
+    ha_release: Option<crate::ha::zk::Release>,
 }
 
 async fn shutdown_on_signal(
@@ -325,6 +336,13 @@ async fn shutdown_on_signal(
     };
     let code = tokio::select! {
         report = graceful => {
+            if let Some(release) = control.ha_release {
+                // the connection is stopped: hand the destination to a standby now
+                let (done, released) = tokio::sync::oneshot::channel();
+                if release.send(done).is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), released).await;
+                }
+            }
             if report.all_acked() {
                 tracing::info!(
                     took = ?started.elapsed(),

@@ -344,8 +344,22 @@ async fn a_second_replica_or_a_java_client_holding_the_destination_means_standby
     assert!(standby(&sb), "{sb:#}");
     assert_eq!(triggers(&sb), 0, "the standby fetched nothing: {sb:#}");
     assert_eq!(sb["canal"]["batches_received"], 0, "{sb:#}");
-    b.terminate(Duration::from_secs(30));
+    // a clean stop of the active hands the destination over (deletes its node) instead of
+    // leaving it until its session expires
+    let t0 = Instant::now();
     a.terminate(Duration::from_secs(30));
+    wait_status(&b, "active after the clean stop", Duration::from_secs(20), working).await;
+    eprintln!(
+        "measured: active replica SIGTERM to the standby connected to canal: {:?}",
+        t0.elapsed()
+    );
+    let log = std::fs::read_to_string(a.dir.join("app.log")).unwrap();
+    assert!(
+        log.contains("released the client running node"),
+        "the stopped replica did not release its node:\n{}",
+        a.logs()
+    );
+    b.terminate(Duration::from_secs(30));
 }
 
 #[tokio::test]

@@ -27,8 +27,19 @@ pub fn channel() -> (watch::Sender<Lease>, watch::Receiver<Lease>) {
     watch::channel(Lease::default())
 }
 
-/// Runs the shell until the process ends (spawn it on the actix system).
-pub async fn run(cfg: HaConfig, tx: watch::Sender<Lease>, notify: Recipient<LeaseChanged>) {
+/// Asks the shell to give up the client running node (clean shutdown, after the connection
+/// stopped): answered once the node is deleted, so a standby takes over at once instead of
+/// after the session timeout.
+pub type Release = tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>;
+
+/// Runs the shell until the process ends or `release` asks it to step down (spawn it on the
+/// actix system).
+pub async fn run(
+    cfg: HaConfig,
+    tx: watch::Sender<Lease>,
+    notify: Recipient<LeaseChanged>,
+    mut release: tokio::sync::oneshot::Receiver<tokio::sync::oneshot::Sender<()>>,
+) {
     let mut core = HaCore::new(cfg.session_timeout);
     let publish = |core: &HaCore| {
         let lease = core.lease();
@@ -82,7 +93,16 @@ pub async fn run(cfg: HaConfig, tx: watch::Sender<Lease>, notify: Recipient<Leas
             node = %cfg.client_running_path(),
             "zookeeper session established"
         );
-        session(&cfg, &client, &mut core, &publish).await;
+        tokio::select! {
+            _ = session(&cfg, &client, &mut core, &publish) => {}
+            done = &mut release => {
+                step_down(&cfg, &client).await;
+                if let Ok(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
         tracing::warn!(session = %client.session_id(), "zookeeper session ended; opening a new one");
         drop(client);
     }
@@ -210,6 +230,23 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// Deletes the client running node if this session holds it.
+async fn step_down(cfg: &HaConfig, client: &zk::Client) {
+    let path = cfg.client_running_path();
+    match client.check_stat(&path).await {
+        Ok(Some(stat)) if stat.ephemeral_owner == client.session_id().0 => {
+            match client.delete(&path, Some(stat.version)).await {
+                Ok(()) => tracing::info!(node = %path, "released the client running node"),
+                Err(e) => {
+                    tracing::warn!(node = %path, error = %e, "cannot release the client running node; it goes with the session")
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(node = %path, error = %e, "cannot check the client running node"),
     }
 }
 
