@@ -348,7 +348,13 @@ async fn a_second_replica_or_a_java_client_holding_the_destination_means_standby
     // leaving it until its session expires
     let t0 = Instant::now();
     a.terminate(Duration::from_secs(30));
-    wait_status(&b, "active after the clean stop", Duration::from_secs(20), working).await;
+    wait_status(
+        &b,
+        "active after the clean stop",
+        Duration::from_secs(20),
+        working,
+    )
+    .await;
     eprintln!(
         "measured: active replica SIGTERM to the standby connected to canal: {:?}",
         t0.elapsed()

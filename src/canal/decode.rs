@@ -29,11 +29,13 @@
 //! (Why this file is long: about 320 of its lines are the unit tests of every column type's
 //! byte-level decoding, kept beside the code they pin.)
 
+use crate::canal::charset::{self, BinlogPos, CharsetError, CharsetMap, Lookup, Need, TableName};
 use crate::canal::proto::entry::{
     Column, Entry, EntryType, EventType as WireEventType, RowChange, RowData,
 };
 use crate::event::{ChangeEvent, EventType, Position, Row, Value};
 use prost::Message as _;
+use std::collections::HashMap;
 
 /// A decoding failure inside a batch.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,37 @@ pub enum DecodeError {
     },
     #[error("entry {index}: {reason}")]
     Invalid { index: usize, reason: String },
+    /// A text value that cannot be decoded with its column's charset (raw text mode).
+    #[error("entry {index}: {table} at {log_file}:{offset}: {source}")]
+    Charset {
+        index: usize,
+        table: String,
+        log_file: String,
+        offset: i64,
+        source: Box<CharsetError>,
+    },
+    /// Raw text mode: the charsets of these tables must be looked up before the batch can be
+    /// decoded (not a failure of the batch: decode it again after the lookup).
+    #[error("column charsets of {} needed", needs_list(.0))]
+    CharsetsNeeded(Vec<(Need, Vec<String>)>),
+}
+
+fn needs_list(needs: &[(Need, Vec<String>)]) -> String {
+    needs
+        .iter()
+        .map(|(n, _)| format!("{}.{}", n.table.0, n.table.1))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// How the values of text columns (CHAR, VARCHAR, TEXT, JSON) are read.
+#[derive(Debug, Clone, Copy)]
+pub enum TextMode<'a> {
+    /// As Canal decoded them with its connection charset (UTF-8): taken as they are.
+    AsShipped,
+    /// Canal shipped their bytes as ISO-8859-1 characters (`connectionCharset=ISO-8859-1`):
+    /// decoded with each column's charset from this map (`canal::charset`).
+    Raw(&'a CharsetMap),
 }
 
 /// Statistics of one decoded batch.
@@ -62,6 +95,26 @@ pub fn decode_entries<B: AsRef<[u8]>>(
     entries: &[B],
     out: &mut Vec<ChangeEvent>,
 ) -> Result<DecodeStats, DecodeError> {
+    decode_entries_with(destination, entries, out, TextMode::AsShipped)
+}
+
+/// [`decode_entries`] with a choice of how text columns are read. In [`TextMode::Raw`] a batch
+/// with rows of tables the map cannot serve yet ends in [`DecodeError::CharsetsNeeded`] (and
+/// `out` is then incomplete): look them up and decode the batch again.
+pub fn decode_entries_with<B: AsRef<[u8]>>(
+    destination: &str,
+    entries: &[B],
+    out: &mut Vec<ChangeEvent>,
+    text: TextMode<'_>,
+) -> Result<DecodeStats, DecodeError> {
+    let mut raw_text = match text {
+        TextMode::AsShipped => None,
+        TextMode::Raw(map) => Some(RawText {
+            map,
+            ddl_seen: HashMap::new(),
+            needs: Vec::new(),
+        }),
+    };
     let mut stats = DecodeStats {
         entries: entries.len(),
         ..Default::default()
@@ -74,7 +127,7 @@ pub fn decode_entries<B: AsRef<[u8]>>(
         })?;
         match entry_kind(&entry) {
             Some(EntryType::RowData) => {
-                if !decode_row_entry(destination, index, &entry, out)? {
+                if !decode_row_entry(destination, index, &entry, out, raw_text.as_mut())? {
                     stats.skipped += 1;
                 }
             }
@@ -84,7 +137,93 @@ pub fn decode_entries<B: AsRef<[u8]>>(
             _ => stats.skipped += 1,
         }
     }
+    if let Some(raw) = raw_text
+        && !raw.needs.is_empty()
+    {
+        return Err(DecodeError::CharsetsNeeded(raw.needs));
+    }
     Ok(stats)
+}
+
+/// Raw text mode state while one batch is decoded.
+struct RawText<'a> {
+    map: &'a CharsetMap,
+    /// The latest DDL on each table so far in this batch.
+    ddl_seen: HashMap<TableName, BinlogPos>,
+    /// Lookups the batch needs, with the columns found missing.
+    needs: Vec<(Need, Vec<String>)>,
+}
+
+impl RawText<'_> {
+    fn need(&mut self, need: Need, missing: Vec<String>) {
+        match self.needs.iter_mut().find(|(n, _)| n.table == need.table) {
+            Some((n, cols)) => {
+                if need.after_ddl > n.after_ddl {
+                    n.after_ddl = need.after_ddl;
+                }
+                for c in missing {
+                    if !cols.contains(&c) {
+                        cols.push(c);
+                    }
+                }
+            }
+            None => self.needs.push((need, missing)),
+        }
+    }
+}
+
+/// Declared types whose values Canal decodes with its connection charset (MySQL's JSON too:
+/// its strings); ENUM and SET arrive as numbers and get their labels from the declared type.
+fn is_charset_text(base: &str) -> bool {
+    matches!(
+        base,
+        "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" | "json"
+    )
+}
+
+/// `java.sql.Types.CLOB`.
+const SQL_CLOB: i32 = 2005;
+
+/// Raw text mode: the row with every text value decoded with its column's charset (a BLOB-typed
+/// one retyped CLOB, so it is read as text from here on), or the columns the table's entry
+/// lacks (look the table up again first).
+fn recode_row(
+    row: &RowData,
+    table: &charset::TableCharsets,
+) -> Result<Result<RowData, Vec<String>>, CharsetError> {
+    let mut row = row.clone();
+    let mut missing = Vec::new();
+    for col in row
+        .before_columns
+        .iter_mut()
+        .chain(row.after_columns.iter_mut())
+    {
+        if col.is_null.unwrap_or(false) {
+            continue;
+        }
+        let declared = col.mysql_type.to_ascii_lowercase();
+        if !is_charset_text(base_type(&declared)) {
+            continue;
+        }
+        match charset::decode_text(table, &col.name, &col.value)? {
+            Some(v) => {
+                col.value = v;
+                if col.sql_type == SQL_BLOB {
+                    col.sql_type = SQL_CLOB;
+                }
+            }
+            None => {
+                if !missing.contains(&col.name) {
+                    missing.push(col.name.clone());
+                }
+            }
+        }
+    }
+    Ok(if missing.is_empty() {
+        Ok(row)
+    } else {
+        Err(missing)
+    })
 }
 
 fn entry_kind(entry: &Entry) -> Option<EntryType> {
@@ -123,6 +262,7 @@ fn decode_row_entry(
     index: usize,
     entry: &Entry,
     out: &mut Vec<ChangeEvent>,
+    mut raw: Option<&mut RawText<'_>>,
 ) -> Result<bool, DecodeError> {
     let header = entry.header.clone().unwrap_or_default();
     let change =
@@ -166,6 +306,17 @@ fn decode_row_entry(
         } else {
             header.schema_name.clone()
         };
+        if let Some(raw) = raw.as_deref_mut()
+            && !header.table_name.is_empty()
+        {
+            raw.ddl_seen.insert(
+                (database.clone(), header.table_name.clone()),
+                (
+                    header.logfile_name.clone(),
+                    header.logfile_offset.max(0) as u64,
+                ),
+            );
+        }
         out.push(ChangeEvent {
             destination: destination.to_string(),
             database,
@@ -183,6 +334,7 @@ fn decode_row_entry(
         return Ok(true);
     }
 
+    let table: TableName = (header.schema_name.clone(), header.table_name.clone());
     for (row_index, row) in change.row_datas.iter().enumerate() {
         for col in row.before_columns.iter().chain(&row.after_columns) {
             if let Some(reason) = type_mismatch(col) {
@@ -200,6 +352,50 @@ fn decode_row_entry(
                 });
             }
         }
+        let recoded;
+        let row = match raw.as_deref_mut() {
+            None => row,
+            Some(raw) => {
+                let after_ddl = raw.ddl_seen.get(&table).cloned();
+                let need = |missing| {
+                    (
+                        Need {
+                            table: table.clone(),
+                            after_ddl: after_ddl.clone(),
+                        },
+                        missing,
+                    )
+                };
+                let charsets = match raw.map.get(&table, after_ddl.as_ref()) {
+                    Lookup::Known(c) => c,
+                    Lookup::Needed => {
+                        let (n, m) = need(Vec::new());
+                        raw.need(n, m);
+                        continue;
+                    }
+                };
+                match recode_row(row, charsets) {
+                    Ok(Ok(r)) => {
+                        recoded = r;
+                        &recoded
+                    }
+                    Ok(Err(missing)) => {
+                        let (n, m) = need(missing);
+                        raw.need(n, m);
+                        continue;
+                    }
+                    Err(source) => {
+                        return Err(DecodeError::Charset {
+                            index,
+                            table: format!("{}.{}", table.0, table.1),
+                            log_file: header.logfile_name.clone(),
+                            offset: header.logfile_offset,
+                            source: Box::new(source),
+                        });
+                    }
+                }
+            }
+        };
         out.push(row_event(
             destination,
             &header.schema_name,
@@ -388,6 +584,9 @@ pub fn column_value(col: &Column) -> Value {
             String::from_utf8(latin1_bytes(v))
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         ),
+        // MariaDB's JSON (a LONGTEXT alias Canal ships as bytes) after `recode_row` decoded it
+        // with its column's charset in raw text mode: text, as in the branch above
+        "json" if col.sql_type == SQL_CLOB => text(v),
         // MySQL's binary JSON, rendered as JSON text by Canal
         "json" => serde_json::from_str(v)
             .map(Value::Json)

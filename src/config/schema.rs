@@ -69,6 +69,29 @@ pub struct CanalConfig {
     /// keeps the destination before a standby takes over.
     #[serde(with = "humantime_serde")]
     pub zk_session_timeout: Duration,
+    /// The destination's `canal.instance.connectionCharset`: `UTF-8` (Canal decodes text, and
+    /// non-UTF-8 columns lose their non-ASCII characters inside Canal) or `ISO-8859-1` (Canal
+    /// ships text as raw bytes and the service decodes each column with its own charset, read
+    /// from `source_url`; database and table names must then be ASCII). docs/types.md.
+    pub connection_charset: ConnectionCharset,
+    /// `mysql://user:password@host:port` of the database Canal reads, for column charsets
+    /// (`information_schema`); required with `connection_charset = "ISO-8859-1"`.
+    pub source_url: Secret,
+}
+
+/// `canal.connection_charset`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnectionCharset {
+    #[default]
+    #[serde(rename = "UTF-8", alias = "utf-8", alias = "UTF8", alias = "utf8")]
+    Utf8,
+    #[serde(
+        rename = "ISO-8859-1",
+        alias = "iso-8859-1",
+        alias = "ISO_8859_1",
+        alias = "latin1"
+    )]
+    Iso8859_1,
 }
 
 impl Default for CanalConfig {
@@ -94,6 +117,8 @@ impl Default for CanalConfig {
             zk_servers: String::new(),
             zk_root: "/otter/canal".into(),
             zk_session_timeout: Duration::from_secs(10),
+            connection_charset: ConnectionCharset::Utf8,
+            source_url: Secret::default(),
         }
     }
 }
@@ -148,6 +173,12 @@ impl CanalConfig {
             reconnect_max: self.reconnect_max,
             fail_fast,
             lease: None,
+            text: match self.connection_charset {
+                ConnectionCharset::Utf8 => crate::canal::TextSource::AsShipped,
+                ConnectionCharset::Iso8859_1 => crate::canal::TextSource::Raw {
+                    source_url: self.source_url.clone(),
+                },
+            },
         }
     }
 }

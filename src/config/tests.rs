@@ -577,3 +577,40 @@ fn zookeeper_mode_from_the_environment_and_its_checks() {
         "{text}"
     );
 }
+
+#[test]
+fn raw_text_needs_a_source_url_and_keeps_its_password_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "raw.toml",
+        "[canal]\nconnection_charset = \"ISO-8859-1\"\n",
+    );
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("canal.source_url"), "{text}");
+    assert!(text.contains("must be set"), "{text}");
+
+    let vars = env(&[(
+        "CANAL_CONSUMER__CANAL__SOURCE_URL",
+        "postgres://u:hunter2@h/db",
+    )]);
+    let err = load_from(Some(&file), nowhere(), vars, CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("mysql://"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+
+    let vars = env(&[(
+        "CANAL_CONSUMER__CANAL__SOURCE_URL",
+        "mysql://u:hunter2@h:3306",
+    )]);
+    let c = load_from(Some(&file), nowhere(), vars, CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.connection_charset, ConnectionCharset::Iso8859_1);
+    let shown = c.to_redacted_toml();
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("mysql://u:***@h:3306"), "{shown}");
+
+    let file = write(&dir, "bad.toml", "[canal]\nconnection_charset = \"GBK\"\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    assert!(err.to_string().contains("connection_charset"), "{err}");
+}

@@ -2,7 +2,7 @@
 //! value came from.
 
 use super::error::{ConfigError, Origin};
-use super::schema::Config;
+use super::schema::{Config, ConnectionCharset};
 use super::secret::Secret;
 use std::path::Path;
 
@@ -64,6 +64,20 @@ impl Config {
                     "must be at least 1s (ZooKeeper's own minimum is two ticks)".into(),
                 );
             }
+        }
+        match (c.connection_charset, c.source_url.is_empty()) {
+            (ConnectionCharset::Iso8859_1, true) => bad(
+                "canal.source_url",
+                "must be set with canal.connection_charset = \"ISO-8859-1\": the service reads \
+                 each text column's charset from the source database (mysql://user:password@host:port)"
+                    .into(),
+            ),
+            (_, false) => {
+                if let Err(e) = crate::canal::source::check_url(c.source_url.expose()) {
+                    bad("canal.source_url", e.to_string().replace("canal.source_url: ", ""));
+                }
+            }
+            (ConnectionCharset::Utf8, true) => {}
         }
         if c.batch_size <= 0 {
             bad(

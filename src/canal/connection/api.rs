@@ -34,6 +34,18 @@ pub struct ConnectionConfig {
     /// `session.host`/`session.port`) and whether this replica may fetch and ack at all; read
     /// before every GET and ACK. None: the simple mode (always this host and port).
     pub lease: Option<tokio::sync::watch::Receiver<crate::ha::Lease>>,
+    /// How text columns arrive (`canal.connection_charset`).
+    pub text: TextSource,
+}
+
+/// How the destination ships text columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextSource {
+    /// Decoded by Canal (its connectionCharset, UTF-8): taken as they are.
+    AsShipped,
+    /// As raw bytes (connectionCharset ISO-8859-1): decoded with each column's charset, looked
+    /// up in the source database at this URL.
+    Raw { source_url: crate::config::Secret },
 }
 
 /// The lease changed (ZooKeeper mode): connect, follow the Canal server, or stand by.

@@ -42,7 +42,6 @@
 
 use crate::backoff::Backoff;
 use crate::canal::CanalError;
-use crate::canal::decode::decode_entries;
 use crate::canal::session::{Fetch, RawBatch, Session, SkippedFrame};
 use crate::canal::window::{AckOutcome, BatchWindow};
 
@@ -53,6 +52,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 mod api;
+mod charsets;
 mod stall;
 pub use api::*;
 
@@ -102,6 +102,8 @@ pub struct CanalConnection {
     /// Bumped whenever the session is dropped from outside an operation (ZooKeeper mode): an
     /// operation that started on an older generation is ignored when it returns.
     generation: u64,
+    /// Raw text mode (`TextSource::Raw`): column charsets and their lookups.
+    raw_text: Option<charsets::RawText>,
 }
 
 impl CanalConnection {
@@ -134,6 +136,10 @@ impl CanalConnection {
             shutdown: None,
             status,
             generation: 0,
+            raw_text: match &cfg.text {
+                TextSource::AsShipped => None,
+                TextSource::Raw { source_url } => Some(charsets::RawText::new(source_url)),
+            },
             cfg,
         }
     }
@@ -515,6 +521,7 @@ impl CanalConnection {
             && !self.draining
             && self.paused_until.is_none_or(|t| t <= Instant::now())
             && self.window.may_fetch()
+            && !self.waiting_for_charsets()
     }
 
     fn completed(&mut self, op: Op, ctx: &mut Context<Self>) {
@@ -578,29 +585,43 @@ impl CanalConnection {
             );
             return;
         }
-        let mut events = Vec::new();
-        if let Err(source) =
-            decode_entries(&self.cfg.session.destination, &raw.entries, &mut events)
-        {
-            let e = CanalError::Decode {
-                destination: self.cfg.session.destination.clone(),
-                batch_id: raw.batch_id,
-                source,
-            };
-            // retrying cannot help either: hold it (no later batch is acked past it) and stall
-            let batch = self.window.hold(raw.batch_id, raw.frame_bytes);
-            self.held = Some(batch);
-            self.stall(
-                format!("batch:{}", raw.batch_id),
-                e.to_string(),
-                format!(
-                    "run `canal-consumer skip batch:{}` to ack it without delivering its {} entries",
-                    raw.batch_id,
-                    raw.entries.len()
-                ),
-            );
-            return;
-        }
+        let (events, raw) = match self.decode_batch(epoch, raw, ctx) {
+            (charsets::Decoded::Events(events), Some(raw)) => (events, raw),
+            (charsets::Decoded::Waiting, _) => return,
+            (charsets::Decoded::Failed(source), Some(raw)) => return self.undecodable(source, raw),
+            (_, None) => return,
+        };
+        self.delivered(events, raw, ctx);
+    }
+
+    /// An entry of the batch cannot be decoded: hold the batch and stall.
+    fn undecodable(&mut self, source: crate::canal::decode::DecodeError, raw: RawBatch) {
+        let e = CanalError::Decode {
+            destination: self.cfg.session.destination.clone(),
+            batch_id: raw.batch_id,
+            source,
+        };
+        // retrying cannot help either: hold it (no later batch is acked past it) and stall
+        let batch = self.window.hold(raw.batch_id, raw.frame_bytes);
+        self.held = Some(batch);
+        self.stall(
+            format!("batch:{}", raw.batch_id),
+            e.to_string(),
+            format!(
+                "run `canal-consumer skip batch:{}` to ack it without delivering its {} entries",
+                raw.batch_id,
+                raw.entries.len()
+            ),
+        );
+    }
+
+    /// A decoded batch: account for it in the window and hand it to the subscriber.
+    fn delivered(
+        &mut self,
+        events: Vec<crate::event::ChangeEvent>,
+        raw: RawBatch,
+        ctx: &mut Context<Self>,
+    ) {
         self.status.batches_received += 1;
         self.status.events_received += events.len() as u64;
         let last = events.last().map(|e| (e.position.clone(), e.executed_at));

@@ -236,6 +236,13 @@ public final class CanalLocalServer {
             if (!known.contains(destination)) {
                 throw new CanalServerException("can't find destination:" + destination);
             }
+            // Canal's parser sets canal.instance.tsdb.{url,dbUsername,dbPassword} as system
+            // properties while it builds its table-meta history and then resets them to "";
+            // the instance XML lets system properties override the files, so without this the
+            // second destination's history would get the empty url and never start.
+            System.clearProperty("canal.instance.tsdb.url");
+            System.clearProperty("canal.instance.tsdb.dbUsername");
+            System.clearProperty("canal.instance.tsdb.dbPassword");
             SpringCanalInstanceGenerator generator = new SpringCanalInstanceGenerator();
             generator.setSpringXml(springXml);
             return generator.generate(destination);
