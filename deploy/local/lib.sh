@@ -252,7 +252,7 @@ ZK_PORT=2181
 ZK_HOME="$STATE/zookeeper"
 ZK_PID="$ZK_HOME/zookeeper.pid"
 ZK_MAIN="org.apache.zookeeper.server.quorum.QuorumPeerMain"
-ZK_PKGS=(zookeeper)
+ZK_PKGS=(zookeeper libslf4j-java) # slf4j-simple.jar: its log binding
 
 zk_pid() { pid_from_file "$ZK_PID" "$ZK_HOME/conf/zoo.cfg"; }
 
