@@ -275,6 +275,33 @@ fn ack_writes(svc: &ServiceProc) -> Vec<(chrono::DateTime<chrono::Utc>, String)>
         .collect()
 }
 
+/// The distinct `status` screens (their canal, replica and error lines) seen while waiting.
+#[derive(Default)]
+struct Seen(std::cell::RefCell<Vec<String>>);
+
+impl Seen {
+    fn record(&self, s: &Value) {
+        let line = canal_consumer::admin::render::render_status(s, 0)
+            .lines()
+            .filter(|l| {
+                l.starts_with("canal ") || l.starts_with("replica ") || l.contains("last error")
+            })
+            .map(|l| l.split("  lag").next().unwrap_or(l).trim().to_string())
+            .collect::<Vec<_>>()
+            .join(" | ");
+        let mut seen = self.0.borrow_mut();
+        if seen.last() != Some(&line) {
+            seen.push(line);
+        }
+    }
+
+    fn print(&self, during: &str) {
+        for line in self.0.borrow().iter() {
+            eprintln!("status during {during}: {line}");
+        }
+    }
+}
+
 fn conflicts(s: &Value) -> u64 {
     s["canal"]["conflicts"].as_u64().unwrap_or(0)
 }
@@ -392,10 +419,14 @@ async fn kill_9_of_the_running_canal_server_mid_stream_the_service_follows_and_l
     .await;
     let t0 = Instant::now();
     script("deploy/local/canal-ha-ctl", &[server_no(&first), "kill"]);
+    // what an operator sees meanwhile (README "Running two replicas")
+    let seen = Seen::default();
     let s = wait_status(&a, "the other canal server", Duration::from_secs(60), |s| {
+        seen.record(s);
         working(s) && s["canal"]["server"] != first.as_str()
     })
     .await;
+    seen.print("the canal failover");
     eprintln!(
         "measured: canal server kill -9 to the service connected to the standby canal server: {:?} ({} -> {})",
         t0.elapsed(),
@@ -436,7 +467,13 @@ async fn kill_9_of_the_active_replica_mid_stream_the_standby_takes_over() {
     .await;
     let t0 = Instant::now();
     a.kill9();
-    wait_status(&b, "active", Duration::from_secs(30), working).await;
+    let seen = Seen::default();
+    wait_status(&b, "active", Duration::from_secs(30), |s| {
+        seen.record(s);
+        working(s)
+    })
+    .await;
+    seen.print("the replica failover (the standby)");
     eprintln!(
         "measured: active replica kill -9 to the standby connected to canal: {:?} (session timeout {SESSION})",
         t0.elapsed()
