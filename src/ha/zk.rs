@@ -130,7 +130,12 @@ async fn session(
                 Action::NewSession => return,
                 Action::WatchNode => {} // the claim set the watch already
                 Action::Claim => {
-                    let (event, watch) = claim(cfg, client).await;
+                    // bounded, so a request stuck behind a lost connection does not hold up the
+                    // session events (the heartbeat and read below are bounded the same way)
+                    let (event, watch) =
+                        tokio::time::timeout(cfg.session_timeout, claim(cfg, client))
+                            .await
+                            .unwrap_or((None, None));
                     if let Some(w) = watch {
                         node_watch = Some(w);
                     }
@@ -157,7 +162,10 @@ async fn session(
         }
         if need_canal_read {
             need_canal_read = false;
-            match read_canal(cfg, client).await {
+            let read = tokio::time::timeout(cfg.session_timeout, read_canal(cfg, client))
+                .await
+                .unwrap_or(Err(zk::Error::Timeout));
+            match read {
                 Ok((addr, w)) => {
                     if core.lease().canal != addr {
                         tracing::info!(canal = ?addr, "canal server running the destination");
@@ -211,7 +219,13 @@ async fn session(
             }
             _ = heartbeat.tick() => {
                 let sent = Instant::now();
-                match client.check_stat(&cfg.client_running_path()).await {
+                let answer = tokio::time::timeout(
+                    core.heartbeat_every(),
+                    client.check_stat(&cfg.client_running_path()),
+                )
+                .await
+                .unwrap_or(Err(zk::Error::Timeout));
+                match answer {
                     Ok(stat) => {
                         let ours = stat.is_some_and(|s| s.ephemeral_owner == client.session_id().0);
                         if ours {
