@@ -91,6 +91,8 @@ pub enum CanalError {
         code: i32,
         message: String,
     },
+    #[error("not the active replica any more ({reason}); nothing more is fetched or acked")]
+    NotActive { reason: String },
     #[error("cannot decode batch {batch_id} from destination '{destination}': {source}")]
     Decode {
         destination: String,

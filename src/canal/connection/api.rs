@@ -30,6 +30,10 @@ pub struct ConnectionConfig {
     /// Give up (instead of retrying) when the very first connect fails with a permanent error
     /// such as a wrong password.
     pub fail_fast: bool,
+    /// ZooKeeper mode: the lease that says which Canal server to use (instead of
+    /// `session.host`/`session.port`) and whether this replica may fetch and ack at all; read
+    /// before every GET and ACK. None: the simple mode (always this host and port).
+    pub lease: Option<tokio::sync::watch::Receiver<crate::ha::Lease>>,
     /// How text columns arrive (`canal.connection_charset`).
     pub text: TextSource,
 }
@@ -43,6 +47,11 @@ pub enum TextSource {
     /// up in the source database at this URL.
     Raw { source_url: crate::config::Secret },
 }
+
+/// The lease changed (ZooKeeper mode): connect, follow the Canal server, or stand by.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct LeaseChanged;
 
 /// A decoded batch.
 #[derive(Debug, Clone)]
@@ -166,6 +175,9 @@ pub enum ConnectionState {
     Reconnecting,
     /// Another process fetches as the same Canal client; not fetching until it is gone.
     Conflict,
+    /// ZooKeeper mode: another replica (or Canal's Java client) holds the destination, or this
+    /// one has no ZooKeeper session; connected to no Canal server.
+    Standby,
     /// Stopped at something it must not pass on its own (a frame over the cap, an entry that
     /// cannot be decoded); see [`ConnectionStatus::stall`] for what and how to proceed.
     Stalled,
@@ -179,6 +191,7 @@ impl ConnectionState {
             ConnectionState::Connected => "connected",
             ConnectionState::Reconnecting => "reconnecting",
             ConnectionState::Conflict => "conflict",
+            ConnectionState::Standby => "standby",
             ConnectionState::Stalled => "stalled",
             ConnectionState::Stopped => "stopped",
         }
@@ -216,6 +229,9 @@ pub struct ConnectionStatus {
     /// Times another process was seen fetching as this Canal client.
     #[serde(default)]
     pub conflicts: u64,
+    /// ZooKeeper mode only: active or standby, the session, the Canal server ZooKeeper names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<crate::ha::HaStatus>,
     /// Set while `state` is `stalled`.
     #[serde(default)]
     pub stall: Option<StallInfo>,

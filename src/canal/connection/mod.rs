@@ -31,6 +31,13 @@
 //! re-subscribes with the current filter and rolls back everything. The actor never blocks its
 //! mailbox on the network, so status queries and acks are always served.
 //!
+//! ZooKeeper mode (`cfg.lease` set, see [`crate::ha`]): the lease names the Canal server and
+//! says whether this replica may work. Every GET and ACK is checked against it right before it
+//! is written (a lease that ran out, or a replica that lost its node, writes nothing more); a
+//! [`LeaseChanged`] makes the actor drop its session (standby, or the server moved) or connect
+//! through the usual path (connect, subscribe, rollback). A dropped session is retired by a
+//! generation count, so an operation still running on it is ignored when it comes back.
+//!
 //! [`ChangeEvent`]: crate::event::ChangeEvent
 
 use crate::backoff::Backoff;
@@ -97,6 +104,9 @@ pub struct CanalConnection {
     /// A requested shutdown (rollback first?) and who waits for it.
     shutdown: Option<(bool, oneshot::Sender<ShutdownReport>)>,
     status: ConnectionStatus,
+    /// Bumped whenever the session is dropped from outside an operation (ZooKeeper mode): an
+    /// operation that started on an older generation is ignored when it returns.
+    generation: u64,
     /// Raw text mode (`TextSource::Raw`): column charsets and their lookups.
     raw_text: Option<charsets::RawText>,
 }
@@ -131,12 +141,69 @@ impl CanalConnection {
             drain_waiters: Vec::new(),
             shutdown: None,
             status,
+            generation: 0,
             raw_text: match &cfg.text {
                 TextSource::AsShipped => None,
                 TextSource::Raw { source_url } => Some(charsets::RawText::new(source_url)),
             },
             cfg,
         }
+    }
+
+    /// ZooKeeper mode: the current lease (None in the simple mode).
+    fn lease(&self) -> Option<crate::ha::Lease> {
+        self.cfg.lease.as_ref().map(|l| l.borrow().clone())
+    }
+
+    /// ZooKeeper mode: point the session settings at the server the lease names, or say why
+    /// there is none (and set the state to show it). True when a connect may go ahead.
+    fn follow_lease(&mut self) -> bool {
+        let Some(lease) = self.lease() else {
+            return true;
+        };
+        self.status.ha = Some((&lease).into());
+        match lease.target(Instant::now()) {
+            Some(addr) => {
+                let Some((host, port)) = addr
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                else {
+                    self.state = ConnectionState::Reconnecting;
+                    self.status.last_error = Some(format!(
+                        "canal's running node names '{addr}', not host:port"
+                    ));
+                    return false;
+                };
+                self.cfg.session.host = host;
+                self.cfg.session.port = port;
+                self.status.server = addr.to_string();
+                true
+            }
+            None => {
+                if let Some(canal) = &lease.canal {
+                    self.status.server = canal.clone();
+                }
+                self.state = if lease.role == crate::ha::Role::Standby {
+                    ConnectionState::Standby
+                } else {
+                    // active, but suspended (zookeeper disconnected) or no canal server runs it
+                    ConnectionState::Reconnecting
+                };
+                self.status.last_error = lease.reason.clone();
+                false
+            }
+        }
+    }
+
+    /// Drop the session from outside an operation (the lease moved or ended).
+    fn retire_session(&mut self, reason: &str) {
+        self.generation += 1;
+        self.busy = false;
+        self.session = None;
+        self.begin_epoch(reason, true);
+        self.held = None;
+        self.skip_oversized = false;
+        self.need_rollback = false;
     }
 
     /// Delay before reconnect (or redelivery) number `attempt`: up to 20% jitter so restarts
@@ -151,24 +218,44 @@ impl CanalConnection {
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
-        if self.state == ConnectionState::Stopped {
+        if self.state == ConnectionState::Stopped || self.busy || self.session.is_some() {
+            return;
+        }
+        if !self.follow_lease() {
             return;
         }
         self.state = ConnectionState::Connecting;
         self.busy = true;
+        let generation = self.generation;
         let cfg = self.cfg.session.clone();
         let filter = self.cfg.filter.clone();
+        let gate = self.cfg.lease.clone();
         let fut = async move {
             let mut session = Session::connect(&cfg).await?;
+            // ZooKeeper mode: a replica whose lease ran out while it connected writes nothing
+            may_write(&gate)?;
             session.subscribe(&filter).await?;
+            may_write(&gate)?;
             // Batches of an earlier connection are still outstanding on the server; roll
             // them back so they are redelivered and later acks line up.
             session.rollback(0).await?;
             Ok::<_, CanalError>((session, filter))
         };
-        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            if act.generation != generation {
+                return; // the lease moved meanwhile; that path connects anew
+            }
             act.busy = false;
             if act.state == ConnectionState::Stopped {
+                return;
+            }
+            if let (Ok(_), Some(lease)) = (&res, act.lease())
+                && lease.target(Instant::now()) != Some(act.cfg.session.addr().as_str())
+            {
+                // no longer ours, or the server moved, while we connected
+                drop(res);
+                act.state = ConnectionState::Reconnecting;
+                act.connect(ctx);
                 return;
             }
             match res {
@@ -261,6 +348,15 @@ impl CanalConnection {
         if let Some(evidence) = Self::vanished_batch(&e) {
             return self.on_conflict(evidence, ctx);
         }
+        if let CanalError::NotActive { .. } = &e {
+            // the lease ended under an operation: wait for it to come back (LeaseChanged)
+            tracing::warn!(error = %e, "stopped fetching and acking");
+            self.status.last_error = Some(e.to_string());
+            if self.follow_lease() {
+                self.connect(ctx);
+            }
+            return;
+        }
         self.schedule_reconnect(e, ctx);
     }
 
@@ -304,6 +400,8 @@ impl CanalConnection {
             return;
         };
         let op: SessionOp;
+        let gate = self.cfg.lease.clone();
+        let generation = self.generation;
         let ackable = if self.need_rollback {
             Default::default()
         } else {
@@ -324,6 +422,11 @@ impl CanalConnection {
             op = Box::pin(async move {
                 let mut r = Ok(());
                 for id in &ids {
+                    if let Err(e) = may_write(&gate) {
+                        r = Err(e);
+                        break;
+                    }
+                    tracing::debug!(batch_id = *id, "writing canal ack");
                     r = session.ack(*id).await;
                     if r.is_err() {
                         break;
@@ -354,6 +457,9 @@ impl CanalConnection {
             let epoch = self.window.epoch();
             let wait = self.cfg.fetch_wait;
             op = Box::pin(async move {
+                if let Err(e) = may_write(&gate) {
+                    return (session, Err(e));
+                }
                 // the smallest batch Canal makes: the oversized entry and as little else as it can
                 let (session, r) = session.get_skipping_oversized(1, wait, None).await;
                 let r = r.map(|f| match f {
@@ -366,6 +472,9 @@ impl CanalConnection {
             let epoch = self.window.epoch();
             let (size, wait) = (self.cfg.fetch_size, self.cfg.fetch_wait);
             op = Box::pin(async move {
+                if let Err(e) = may_write(&gate) {
+                    return (session, Err(e));
+                }
                 let r = session
                     .get(size, wait)
                     .await
@@ -390,7 +499,10 @@ impl CanalConnection {
             return;
         }
         self.busy = true;
-        ctx.spawn(op.into_actor(self).map(|(session, res), act, ctx| {
+        ctx.spawn(op.into_actor(self).map(move |(session, res), act, ctx| {
+            if act.generation != generation {
+                return; // retired while it ran (see retire_session)
+            }
             act.busy = false;
             if act.state == ConnectionState::Stopped {
                 return;
@@ -636,6 +748,68 @@ impl CanalConnection {
         s.abandoned_batches = self.window.abandoned_batches();
         s.filter = self.cfg.filter.clone();
         s
+    }
+}
+
+/// ZooKeeper mode: may this replica write a GET or ACK now? (Always in the simple mode.)
+fn may_write(
+    gate: &Option<tokio::sync::watch::Receiver<crate::ha::Lease>>,
+) -> Result<(), CanalError> {
+    match gate {
+        None => Ok(()),
+        Some(g) => {
+            let lease = g.borrow();
+            if lease.may_write(Instant::now()) {
+                Ok(())
+            } else {
+                Err(CanalError::NotActive {
+                    reason: lease
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "the zookeeper lease ran out".into()),
+                })
+            }
+        }
+    }
+}
+
+impl Handler<LeaseChanged> for CanalConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: LeaseChanged, ctx: &mut Context<Self>) {
+        if self.state == ConnectionState::Stopped {
+            return;
+        }
+        let Some(lease) = self.lease() else {
+            return;
+        };
+        self.status.ha = Some((&lease).into());
+        let target = lease.target(Instant::now()).map(str::to_string);
+        let current = self.cfg.session.addr();
+        let has_session = self.session.is_some() || self.busy;
+        match target {
+            None => {
+                if has_session {
+                    let reason = lease
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "the zookeeper lease ended".into());
+                    tracing::warn!(reason = %reason, "leaving the canal server: not the active replica now");
+                    self.retire_session(&reason);
+                }
+                self.follow_lease();
+            }
+            Some(addr) => {
+                if has_session && addr != current {
+                    tracing::warn!(from = %current, to = %addr, "canal server moved; following it");
+                    self.retire_session(&format!("canal server moved from {current} to {addr}"));
+                }
+                let idle = self.session.is_none() && !self.busy;
+                if idle && self.state != ConnectionState::Conflict {
+                    self.connect(ctx);
+                }
+            }
+        }
     }
 }
 
