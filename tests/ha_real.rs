@@ -202,12 +202,12 @@ fn check_rows(got: &[Got], n: i64, consumer: &str) {
     for g in got {
         let p = &g.body["payload"];
         let source = SourceRef {
-            destination: p["destination"].as_str().unwrap().to_string(),
-            database: String::new(),
-            table: String::new(),
+            destination: p["destination"].as_str().unwrap().into(),
+            database: "".into(),
+            table: "".into(),
             event_type: EventType::Insert,
             position: Position {
-                log_file: p["log_file"].as_str().unwrap().to_string(),
+                log_file: p["log_file"].as_str().unwrap().into(),
                 offset: p["offset"].as_u64().unwrap(),
                 row_index: p["row_index"].as_u64().unwrap() as u32,
                 server_id: p["server_id"].as_u64().unwrap(),
