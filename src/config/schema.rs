@@ -77,8 +77,8 @@ impl Default for CanalConfig {
             read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
             max_frame_bytes: nz(crate::canal::codec::DEFAULT_MAX_FRAME_BYTES),
-            max_inflight_batches: nz(8),
-            max_inflight_bytes: nz(64 * 1024 * 1024),
+            max_inflight_batches: nz(128),
+            max_inflight_bytes: nz(2 * 1024 * 1024),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
         }
