@@ -351,6 +351,7 @@ async fn probe(
     sample: &(Vec<u8>, BasicProperties),
     n: u64,
     window: usize,
+    drain: bool,
 ) -> f64 {
     let ch = conn.create_channel().await.unwrap();
     let _ = ch
@@ -367,7 +368,7 @@ async fn probe(
     .await
     .unwrap();
     let drain_ch = conn.create_channel().await.unwrap();
-    let mut drain = drain_ch
+    let mut sink = drain_ch
         .basic_consume(
             PROBE_QUEUE.into(),
             "bench-probe-sink".into(),
@@ -379,7 +380,13 @@ async fn probe(
         )
         .await
         .unwrap();
-    let drainer = tokio::spawn(async move { while let Some(Ok(_)) = drain.next().await {} });
+    if !drain {
+        // no consumer: the messages pile up in the queue, as when the workers fall behind
+        let _ = drain_ch
+            .basic_cancel("bench-probe-sink".into(), Default::default())
+            .await;
+    }
+    let drainer = tokio::spawn(async move { while let Some(Ok(_)) = sink.next().await {} });
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -611,7 +618,7 @@ async fn main() {
 
     // ---- broker probe, the service's throughput, broker probe again
     let probe_args = || queue_args(o.max_priority);
-    let probe_before = probe(&conn, probe_args(), &sample, o.rows, window).await;
+    let probe_before = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
     // BENCH_PERF=<file>: sample the service's stacks (perf, cpu-clock) during this phase only
     let perf = std::env::var("BENCH_PERF").ok().map(|out| {
         Command::new("perf")
@@ -648,7 +655,7 @@ async fn main() {
     }
     inserter.join().unwrap();
     empty_sink(&mut sink).await;
-    let probe_after = probe(&conn, probe_args(), &sample, o.rows, window).await;
+    let probe_after = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
     let broker = (probe_before + probe_after) / 2.0;
     let throughput = o.rows as f64 / elapsed.as_secs_f64();
     let cpu_per_10k = cpu_tp / o.rows as f64 * 10_000.0;
@@ -738,34 +745,39 @@ async fn main() {
     if o.priority_probes {
         let levels = [None, Some(3u8), Some(5), Some(10)];
         let n = (o.rows / 4).max(1000);
-        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
-        // four rounds, each starting with another kind, so no kind always runs first or last
-        for round in 0..levels.len() {
-            for k in (0..levels.len()).map(|i| (i + round) % levels.len()) {
-                let l = &levels[k];
-                let mut props = sample.1.clone();
-                props = match l {
-                    Some(l) => props.with_priority(normal_priority(*l)),
-                    None => props,
-                };
-                let args = queue_args(*l);
-                rates[k].push(probe(&conn, args, &(sample.0.clone(), props), n, window).await);
+        // drained by a consumer (as in the throughput phase), and piling up without one
+        for drain in [true, false] {
+            let mut rates: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
+            // four rounds, each starting with another kind, so no kind always runs first
+            for round in 0..levels.len() {
+                for k in (0..levels.len()).map(|i| (i + round) % levels.len()) {
+                    let l = &levels[k];
+                    let props = match l {
+                        Some(l) => sample.1.clone().with_priority(normal_priority(*l)),
+                        None => sample.1.clone(),
+                    };
+                    let args = queue_args(*l);
+                    let r = probe(&conn, args, &(sample.0.clone(), props), n, window, drain).await;
+                    rates[k].push(r);
+                }
             }
-        }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            v[v.len() / 2]
-        };
-        let none = median(&mut rates[0].clone());
-        for (k, l) in levels.iter().enumerate() {
-            let name = l.map(|l| l.to_string()).unwrap_or_else(|| "none".into());
-            let m = median(&mut rates[k]);
-            println!(
-                "broker probe, x-max-priority {name}: median {m:.0} msg/s of {:?} = {:.1}% of the rate without",
-                rates[k].iter().map(|r| r.round()).collect::<Vec<_>>(),
-                m / none * 100.0
-            );
-            prio.push(serde_json::json!({"max_priority": name, "msg_per_s": m, "runs": rates[k], "ratio_to_none": m / none}));
+            let median = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                v[v.len() / 2]
+            };
+            let none = median(&rates[0]);
+            let how = if drain { "drained" } else { "piling up" };
+            for (k, l) in levels.iter().enumerate() {
+                let name = l.map(|l| l.to_string()).unwrap_or_else(|| "none".into());
+                let m = median(&rates[k]);
+                println!(
+                    "broker probe ({how}), x-max-priority {name}: median {m:.0} msg/s of {:?} = {:.1}% of the rate without",
+                    rates[k].iter().map(|r| r.round()).collect::<Vec<_>>(),
+                    m / none * 100.0
+                );
+                prio.push(serde_json::json!({"max_priority": name, "drained": drain, "msg_per_s": m, "runs": rates[k], "ratio_to_none": m / none}));
+            }
         }
     }
     let load_after = uptime_load();

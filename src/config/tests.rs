@@ -532,3 +532,22 @@ fn shipped_config_files_are_valid() {
         Path::new("/var/lib/canal-consumer/consumers.json")
     );
 }
+
+#[test]
+fn max_priority_zero_means_a_queue_without_priorities() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "p.toml", "[amqp.queue]\nmax_priority = 0\n");
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.amqp.queue.max_priority, None);
+    // the default declares priorities; the same through the environment
+    let c = load_from(
+        None,
+        nowhere(),
+        env(&[("CANAL_CONSUMER__AMQP__QUEUE__MAX_PRIORITY", "0")]),
+        CliOverrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.amqp.queue.max_priority, None);
+    let c = load_from(None, nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert!(c.amqp.queue.max_priority.is_some());
+}
