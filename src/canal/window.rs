@@ -6,10 +6,9 @@
 //! - whether another GET may be issued: batches and frame bytes in flight, abandoned ones
 //!   included until the subscriber releases them, stay within `max_batches` / `max_bytes`;
 //! - which acks may be written: only the finished prefix, so acks reach Canal in batch order;
-//! - what an ack or release means: one for an abandoned epoch is never written to Canal.
-//!
+//! - what an ack or release means: one for an abandoned epoch is never written to Canal;
 //! - how the next GET asks ([`GetMode`]): while data keeps coming it takes what Canal has at once
-//!   (no server-side wait), so latency never depends on a fixed wait; only after a GET came back
+//!   (no server-side wait), so while rows flow latency has no fixed wait in it; only after a GET came back
 //!   empty does it long-poll for the smallest batch Canal makes, which Canal answers as soon as
 //!   that much data exists (or when the wait runs out, with nothing). See [`GetMode`].
 //!
@@ -167,11 +166,6 @@ impl BatchWindow {
     /// An answered GET had nothing: the next one long-polls.
     pub fn got_empty(&mut self) {
         self.idle = true;
-    }
-
-    /// True when the last answered GET found nothing.
-    pub fn is_idle(&self) -> bool {
-        self.idle
     }
 
     /// End the current epoch (rollback or lost session): everything in flight is abandoned and

@@ -539,7 +539,7 @@ fn max_priority_zero_means_a_queue_without_priorities() {
     let file = write(&dir, "p.toml", "[amqp.queue]\nmax_priority = 0\n");
     let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
     assert_eq!(c.amqp.queue.max_priority, None);
-    // the default declares priorities; the same through the environment
+    // the same through the environment
     let c = load_from(
         None,
         nowhere(),
@@ -548,6 +548,7 @@ fn max_priority_zero_means_a_queue_without_priorities() {
     )
     .unwrap();
     assert_eq!(c.amqp.queue.max_priority, None);
+    // without it the default declares priorities
     let c = load_from(None, nowhere(), env(&[]), CliOverrides::default()).unwrap();
     assert!(c.amqp.queue.max_priority.is_some());
 }
