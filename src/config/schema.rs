@@ -44,6 +44,8 @@ pub struct CanalConfig {
     /// Extra Canal subscription filter ORed into the one built from consumer filters. Leave
     /// empty: the service subscribes to exactly what enabled consumers want.
     pub filter: String,
+    /// How long an idle long poll (the GET after one that found nothing) waits on the server;
+    /// GETs while rows flow never wait (`canal::window::GetMode`).
     #[serde(with = "humantime_serde")]
     pub fetch_wait: Duration,
     #[serde(with = "humantime_serde")]
@@ -110,8 +112,8 @@ impl Default for CanalConfig {
             read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
             max_frame_bytes: nz(crate::canal::codec::DEFAULT_MAX_FRAME_BYTES),
-            max_inflight_batches: nz(8),
-            max_inflight_bytes: nz(64 * 1024 * 1024),
+            max_inflight_batches: nz(128),
+            max_inflight_bytes: nz(2 * 1024 * 1024),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
             zk_servers: String::new(),
@@ -226,7 +228,8 @@ pub struct QueueConfig {
     /// `none` (rely on mandatory returns).
     pub declare: DeclareMode,
     pub durable: bool,
-    /// `x-max-priority`; must equal the workers' (Celery: `task_queue_max_priority`).
+    /// `x-max-priority`; must equal the workers' (Celery: `task_queue_max_priority`). `0` in a
+    /// file or the environment means none (the loader turns it into `None`).
     pub max_priority: Option<u8>,
     /// `classic` or `quorum`.
     pub queue_type: QueueType,

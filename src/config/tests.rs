@@ -614,3 +614,23 @@ fn raw_text_needs_a_source_url_and_keeps_its_password_secret() {
     let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
     assert!(err.to_string().contains("connection_charset"), "{err}");
 }
+
+#[test]
+fn max_priority_zero_means_a_queue_without_priorities() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "p.toml", "[amqp.queue]\nmax_priority = 0\n");
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.amqp.queue.max_priority, None);
+    // the same through the environment
+    let c = load_from(
+        None,
+        nowhere(),
+        env(&[("CANAL_CONSUMER__AMQP__QUEUE__MAX_PRIORITY", "0")]),
+        CliOverrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.amqp.queue.max_priority, None);
+    // without it the default declares priorities
+    let c = load_from(None, nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert!(c.amqp.queue.max_priority.is_some());
+}

@@ -21,7 +21,8 @@ pub struct ConnectionConfig {
     pub filter: String,
     /// GET size in Canal's unit (KiB in the default MEMSIZE mode, entries in ITEMSIZE mode).
     pub fetch_size: i32,
-    /// How long the server may wait for data before answering a GET with "nothing".
+    /// How long an idle long poll (a GET after an empty one) may wait on the server for data
+    /// before it is answered with "nothing"; GETs while data flows never wait.
     pub fetch_wait: Duration,
     pub max_inflight_batches: usize,
     pub max_inflight_bytes: usize,

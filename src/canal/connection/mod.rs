@@ -9,6 +9,11 @@
 //! finished, which acks may be written, whether another GET may be issued. This actor only turns
 //! messages and session I/O into calls on it.
 //!
+//! Fetching: while data keeps coming every GET takes what Canal has at once; after a GET came
+//! back empty the next one long-polls for the smallest batch (up to `fetch_wait`), which Canal
+//! answers as soon as there is data (see [`GetMode`]). The session is lent to one request at a
+//! time, so acks wait for a long poll to be answered; they only delay the ack, not delivery.
+//!
 //! Back-pressure: no GET is issued while `max_inflight_batches` batches or
 //! `max_inflight_bytes` bytes of frames are unacked — counting batches of abandoned epochs that
 //! the subscriber still works on until it sends [`ReleaseBatch`] — so whatever stalls downstream
@@ -44,7 +49,7 @@ use crate::backoff::Backoff;
 use crate::canal::CanalError;
 use crate::canal::decode::{DecodeError, Decoder};
 use crate::canal::session::{Fetch, RawBatch, Session, SkippedFrame};
-use crate::canal::window::{AckOutcome, BatchWindow};
+use crate::canal::window::{AckOutcome, BatchWindow, GetMode};
 use crate::event::ChangeEvent;
 
 use actix::prelude::*;
@@ -63,10 +68,22 @@ type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, Cana
 
 /// What an operation on the session did.
 enum Op {
-    Fetched { epoch: u64, raw: RawBatch },
-    Skipped { epoch: u64, skipped: SkippedFrame },
-    Acked { ids: Vec<i64> },
-    Subscribed { filter: String },
+    Fetched {
+        epoch: u64,
+        raw: RawBatch,
+    },
+    Skipped {
+        epoch: u64,
+        skipped: SkippedFrame,
+    },
+    /// Acks written, and the answer of the GET that followed them in the same turn, if any.
+    Acked {
+        ids: Vec<i64>,
+        fetched: Option<(u64, RawBatch)>,
+    },
+    Subscribed {
+        filter: String,
+    },
     RolledBack,
     Closed,
 }
@@ -419,20 +436,33 @@ impl CanalConnection {
                 self.status.acked_executed_at = Some(at);
             }
             let ids = ackable.ids;
+            // Acks get no reply, so a GET written right behind them costs no extra round trip:
+            // one turn of the session instead of two.
+            let get = (self.shutdown.is_none() && !self.need_subscribe && !self.skip_oversized)
+                .then(|| self.next_get())
+                .flatten()
+                .map(|mode| (self.window.epoch(), self.get_args(mode)));
             op = Box::pin(async move {
-                let mut r = Ok(());
                 for id in &ids {
                     if let Err(e) = may_write(&gate) {
-                        r = Err(e);
-                        break;
+                        return (session, Err(e));
                     }
                     tracing::debug!(batch_id = *id, "writing canal ack");
-                    r = session.ack(*id).await;
-                    if r.is_err() {
-                        break;
+                    if let Err(e) = session.ack(*id).await {
+                        return (session, Err(e));
                     }
                 }
-                (session, r.map(|_| Op::Acked { ids }))
+                let Some((epoch, (size, wait))) = get else {
+                    return (session, Ok(Op::Acked { ids, fetched: None }));
+                };
+                if let Err(e) = may_write(&gate) {
+                    return (session, Err(e));
+                }
+                let r = session.get(size, wait).await.map(|raw| Op::Acked {
+                    ids,
+                    fetched: Some((epoch, raw)),
+                });
+                (session, r)
             });
         } else if let Some((rollback, _)) = &self.shutdown {
             // every acked batch has been written; close (rolling back the rest if asked)
@@ -468,9 +498,9 @@ impl CanalConnection {
                 });
                 (session, r)
             });
-        } else if self.may_fetch() {
+        } else if let Some(mode) = self.next_get() {
             let epoch = self.window.epoch();
-            let (size, wait) = (self.cfg.fetch_size, self.cfg.fetch_wait);
+            let (size, wait) = self.get_args(mode);
             op = Box::pin(async move {
                 if let Err(e) = may_write(&gate) {
                     return (session, Err(e));
@@ -522,13 +552,31 @@ impl CanalConnection {
         }));
     }
 
+    /// GET size and server-side wait for `mode`.
+    fn get_args(&self, mode: GetMode) -> (i32, Duration) {
+        match mode {
+            GetMode::Drain => (self.cfg.fetch_size, Duration::ZERO),
+            // the smallest batch Canal makes: answered as soon as there is that much
+            GetMode::LongPoll => (1, self.cfg.fetch_wait),
+        }
+    }
+
     fn may_fetch(&self) -> bool {
-        self.state == ConnectionState::Connected
+        self.next_get().is_some()
+    }
+
+    /// The GET to issue now, if any: the window decides how it asks (see [`GetMode`]).
+    fn next_get(&self) -> Option<GetMode> {
+        if self.state == ConnectionState::Connected
             && !self.decoding
             && !self.waiting_for_charsets()
             && !self.draining
             && self.paused_until.is_none_or(|t| t <= Instant::now())
-            && self.window.may_fetch()
+        {
+            self.window.next_get()
+        } else {
+            None
+        }
     }
 
     fn completed(&mut self, op: Op, ctx: &mut Context<Self>) {
@@ -561,12 +609,15 @@ impl CanalConnection {
                         .unwrap_or_else(|| "the start".into())
                 ));
             }
-            Op::Acked { ids } => {
+            Op::Acked { ids, fetched } => {
                 self.status.batches_acked += ids.len() as u64;
                 self.consecutive_rollbacks = 0;
                 self.attempt = 0;
                 tracing::debug!(?ids, "canal batches acked");
                 self.notify_drained();
+                if let Some((epoch, raw)) = fetched {
+                    self.on_fetched(epoch, raw, ctx);
+                }
             }
             Op::Subscribed { filter } => {
                 tracing::info!(filter = %filter, "canal subscription updated");
@@ -581,6 +632,9 @@ impl CanalConnection {
 
     fn on_fetched(&mut self, epoch: u64, raw: RawBatch, ctx: &mut Context<Self>) {
         if raw.is_empty() {
+            if epoch == self.window.epoch() {
+                self.window.got_empty();
+            }
             return;
         }
         if epoch != self.window.epoch() {
