@@ -19,6 +19,11 @@ pub use crate::consumer::DEAD_LETTER_PLUGIN;
 /// stop the others; the failing rule's error policy applies to it alone (`error_handler` and
 /// `dead_letter` emit one message for it; `stop` fails the whole event with
 /// [`ConsumerError::Fatal`], so none of its triggers are published).
+///
+/// Bulk rules (`batch`) hold the payloads of the rows they fire on and send them as lists at
+/// the end of the part ([`Consumer::end_of_part`]), `max_rows` per message: a bulk never spans
+/// a Canal batch, so the ack rule holds unchanged. A row's payload joins only once its whole
+/// event succeeded.
 pub struct ConfigConsumer {
     spec: ConsumerSpec,
     root: Context<'static, 'static>,
