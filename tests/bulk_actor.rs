@@ -1,8 +1,8 @@
 //! Bulk rules inside the consumer actor, without Canal or a broker: a recording sink stands in
 //! for the publisher. A part's bulk messages go out with the part (so its batch is acked only
 //! after them; a redelivered part regenerates the same ids); a failed part sends none; in park
-//! modes the bulks go out (`ParkFailures`) or exactly the refused bulk is parked with its
-//! original (`ParkIds`). End to end with the real services: `bulk_real.rs`.
+//! modes the bulks go out (`ParkFailures`) or exactly the refused bulk is parked, as one dead
+//! letter per row (`ParkIds`). End to end with the real services: `bulk_real.rs`.
 // Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
 
@@ -200,15 +200,17 @@ async fn park_modes_send_the_bulks_or_park_exactly_the_refused_one() {
         },
     )
     .await;
-    assert_eq!(parked.len(), 1, "{parked:#?}");
-    assert_eq!(parked[0].plugin, "dead_letter:p");
-    assert_eq!(parked[0].payload["original_id"], json!(refused));
-    assert_eq!(
-        parked[0].payload["original"]["payload"],
-        json!([{"id": 1, "x": 10}, {"id": 3, "x": 30}])
-    );
-    // its event is the bulk's first row
-    assert_eq!(parked[0].payload["event"]["data"]["id"], 1);
+    // as its rows: one dead letter per row, each with the bulk's id and its own payload
+    assert_eq!(parked.len(), 2, "{parked:#?}");
+    for (p, id) in parked.iter().zip([1, 3]) {
+        assert_eq!(p.plugin, "dead_letter:p");
+        assert_eq!(p.payload["original_id"], json!(refused));
+        assert_eq!(p.payload["event"]["data"]["id"], id);
+        assert_eq!(
+            p.payload["original"]["payload"],
+            json!({"id": id, "x": id * 10})
+        );
+    }
 }
 
 #[actix_rt::test]

@@ -311,6 +311,7 @@ mod tests {
             rows: 2,
             last,
             last_executed_at: 1_700_000_000_500,
+            positions: Vec::new(),
         });
         let body = encode(&t, at).unwrap();
         assert_eq!(

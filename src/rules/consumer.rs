@@ -192,7 +192,9 @@ impl Consumer for ConfigConsumer {
                 let mut first = None;
                 let mut last = None;
                 let mut payloads = Vec::with_capacity(bulk.max_rows);
+                let mut positions = Vec::with_capacity(bulk.max_rows);
                 for (source, payload) in rows.by_ref().take(bulk.max_rows) {
+                    positions.push(source.position.clone());
                     if first.is_none() {
                         first = Some(source);
                     } else {
@@ -201,7 +203,6 @@ impl Consumer for ConfigConsumer {
                     payloads.push(payload);
                 }
                 let Some(first) = first else { break };
-                let n = payloads.len() as u32;
                 let last = last.unwrap_or_else(|| first.clone());
                 ctx.trigger_bulk(
                     TriggerRequest {
@@ -214,7 +215,7 @@ impl Consumer for ConfigConsumer {
                     },
                     first,
                     &last,
-                    n,
+                    positions,
                 );
             }
         }
