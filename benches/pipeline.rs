@@ -1,14 +1,35 @@
 //! End-to-end benchmark against the real services (`deploy/local/up` first):
 //! MariaDB insert -> Canal -> canal-consumer (release build) -> confirmed publish on RabbitMQ.
 //!
-//! Run: `cargo bench --bench pipeline` (env: `BENCH_ROWS`, default 50000; `BENCH_RATE`,
-//! default 200 rows/s; `BENCH_SECONDS`, default 15). It reports:
-//! - throughput: rows/s from the first INSERT to the last broker confirm (read from the
-//!   service's status), with rows inserted as fast as MariaDB takes them;
-//! - latency: p50/p99 from commit to arrival at a queue consumer (which comes after the
-//!   broker accepted and confirmed it), one autocommit INSERT at a time at a fixed rate;
-//! - peak RSS of the service process (VmHWM).
+//! Run it under the stack lock: `flock -o /tmp/cc-stack.lock cargo bench --bench pipeline`
+//! (a few minutes), or `BENCH_QUICK=1` for the small-N mode CI runs (under a minute after the
+//! build). Every speed figure is printed beside a limit measured in the same run:
 //!
+//! - **broker probe**: this process publishes messages of the same size, properties and
+//!   durability as the service's (a copy of one it published) with publisher confirms, the
+//!   same window (`amqp.max_unconfirmed`), to a fresh queue of the same type and arguments, as
+//!   fast as the broker confirms them. Run before and after the service's throughput phase;
+//!   the limit is their mean.
+//! - **throughput**: `BENCH_ROWS` rows (10 columns) in 1,000-row INSERTs as fast as MariaDB
+//!   takes them; time from the first INSERT until the broker has confirmed every trigger (read
+//!   from the service's `/status`); the ratio to the probe; CPU seconds of the service process
+//!   per 10k rows (utime + stime from `/proc/<pid>/stat`).
+//! - **latency** at fixed rates (`BENCH_RATES`, default 200 and 1,000 rows/s): single-row
+//!   autocommit INSERTs whose `score` column is the server's `UNIX_TIMESTAMP(NOW(6))`; latency is
+//!   the arrival time at a queue consumer minus that stamp (statement start, so it includes the
+//!   commit itself; same host clock).
+//! - **idle CPU**: the service's CPU seconds per minute with nothing to do.
+//! - **memory**: the service's RSS through one `BENCH_BIG_TX`-row transaction (default 500,000)
+//!   and its peak (`VmHWM`) over the whole run.
+//! - **priority probes** (full mode): the probe again against queues with no `x-max-priority`
+//!   and with 3, 5 and 10 levels.
+//!
+//! `BENCH_PERF=<file>` records the service's stacks with `perf` during the throughput phase.
+//!
+//! Knobs: `BENCH_QUICK`, `BENCH_ROWS`, `BENCH_RATES`, `BENCH_SECONDS`, `BENCH_IDLE_SECONDS`,
+//! `BENCH_BIG_TX`, `BENCH_MAX_PRIORITY` (`none` or a number: the bench queue's
+//! `amqp.queue.max_priority`), `BENCH_PRIORITY_PROBES` (0/1). The service inherits the
+//! environment, so its settings can be tried with `CANAL_CONSUMER__…` variables.
 //! Results go to stdout and `target/bench-pipeline.json`.
 // A benchmark stops at the first failed setup step; unwrap is that stop (lint policy:
 // Cargo.toml [lints], clippy.toml).
@@ -16,15 +37,20 @@
 
 use canal_consumer::canal::{Session, SessionConfig};
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::collections::VecDeque;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const QUEUE: &str = "cc_bench";
+const PROBE_QUEUE: &str = "cc_bench_probe";
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -33,17 +59,64 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+struct Opts {
+    quick: bool,
+    rows: u64,
+    rates: Vec<u64>,
+    seconds: u64,
+    idle_seconds: u64,
+    big_tx: u64,
+    max_priority: Option<u8>,
+    priority_probes: bool,
+}
+
+impl Opts {
+    fn from_env() -> Opts {
+        let quick = env_num("BENCH_QUICK", 0) != 0;
+        let defaults = canal_consumer::config::Config::default();
+        let max_priority = match std::env::var("BENCH_MAX_PRIORITY") {
+            Ok(v) if v == "none" || v == "0" => None,
+            Ok(v) => Some(v.parse().expect("BENCH_MAX_PRIORITY: `none` or 1..=255")),
+            Err(_) => defaults.amqp.queue.max_priority,
+        };
+        Opts {
+            quick,
+            rows: env_num("BENCH_ROWS", if quick { 5_000 } else { 50_000 }),
+            rates: std::env::var("BENCH_RATES")
+                .unwrap_or_else(|_| "200,1000".into())
+                .split(',')
+                .map(|r| {
+                    r.trim()
+                        .parse()
+                        .expect("BENCH_RATES: rows/s, comma separated")
+                })
+                .collect(),
+            seconds: env_num("BENCH_SECONDS", if quick { 3 } else { 10 }),
+            idle_seconds: env_num("BENCH_IDLE_SECONDS", if quick { 5 } else { 20 }),
+            big_tx: env_num("BENCH_BIG_TX", if quick { 20_000 } else { 500_000 }),
+            max_priority,
+            priority_probes: env_num("BENCH_PRIORITY_PROBES", if quick { 0 } else { 1 }) != 0,
+        }
+    }
+}
+
 fn mysql(sql: &str) {
     let out = Command::new("mysql")
         .args(["-h127.0.0.1", "-utest", "-ptest", "--batch", "-e", sql])
         .output()
         .expect("mysql client");
+    if !out.status.success() {
+        MYSQL_FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Set when a `mysql` command failed (also in another thread), so waits stop.
+static MYSQL_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn row(i: u64) -> String {
     format!(
@@ -56,20 +129,60 @@ fn row(i: u64) -> String {
     )
 }
 
+/// A row whose `score` is the server's clock at the statement (seconds since the epoch).
+fn stamped_row(i: u64) -> String {
+    format!(
+        "({i}, {u}, 'user-{i}@example.com', 'name {i} 测试', {a}.{c:02}, 'paid', NOW(), UNIX_TIMESTAMP(NOW(6)), 'a note for row {i}', {f})",
+        u = i % 1000,
+        a = i % 10000,
+        c = i % 100,
+        f = i % 2
+    )
+}
+
 async fn status(addr: &str) -> serde_json::Value {
     canal_consumer::admin::client::fetch_status(addr)
         .await
         .unwrap_or(serde_json::Value::Null)
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+async fn confirmed(addr: &str) -> u64 {
+    status(addr).await["broker"]["confirmed"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU seconds (user + system, all threads) the process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // fields after the command name (which may hold spaces) start at state (field 3)
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    ticks as f64 / clk_tck()
+}
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 async fn drain_canal() {
@@ -91,7 +204,7 @@ async fn drain_canal() {
     s.subscribe("cc_bench\\.rows").await.unwrap();
     s.rollback(0).await.unwrap();
     loop {
-        let b = s.get(1000, Duration::from_millis(300)).await.unwrap();
+        let b = s.get(1000, Duration::ZERO).await.unwrap();
         if b.is_empty() {
             break;
         }
@@ -99,7 +212,7 @@ async fn drain_canal() {
     }
 }
 
-fn start_service(dir: &std::path::Path, admin: &str) -> Child {
+fn start_service(dir: &std::path::Path, admin: &str, max_priority: Option<u8>) -> Child {
     std::fs::create_dir_all(dir.join("consumers")).unwrap();
     std::fs::write(
         dir.join("consumers/bench.toml"),
@@ -112,11 +225,20 @@ events = ["INSERT"]
 [[consumers.bench.rules]]
 name = "row"
 plugin = "bench_task"
-payload = { id = "${data.id}", user_id = "${data.user_id}", email = "${data.email}", amount = "${data.amount}" }
+payload = { id = "${data.id}", user_id = "${data.user_id}", email = "${data.email}", amount = "${data.amount}", score = "${data.score}" }
 "#,
     )
     .unwrap();
     let config = dir.join("bench.toml");
+    // the queue's priority levels, and the message priorities within them
+    let queue_priority = match max_priority {
+        Some(p) => format!(
+            "max_priority = {p}\n[amqp.priorities]\nhigh = {}\nnormal = {}\nlow = 1\n",
+            p.min(9),
+            normal_priority(p),
+        ),
+        None => "max_priority = 0\n".into(),
+    };
     std::fs::write(
         &config,
         format!(
@@ -124,10 +246,6 @@ payload = { id = "${data.id}", user_id = "${data.user_id}", email = "${data.emai
 [canal]
 username = "canal"
 password = "canal"
-[amqp]
-url = "{AMQP}"
-[amqp.queue]
-name = "{QUEUE}"
 [consumers]
 dir = "{consumers}"
 state_file = "{state}"
@@ -135,6 +253,11 @@ state_file = "{state}"
 bind = "{admin}"
 [log]
 level = "warn"
+[amqp]
+url = "{AMQP}"
+[amqp.queue]
+name = "{QUEUE}"
+{queue_priority}
 "#,
             consumers = dir.join("consumers").display(),
             state = dir.join("state.json").display(),
@@ -150,12 +273,258 @@ level = "warn"
         .expect("canal-consumer")
 }
 
+/// The `normal` message priority the bench uses in a queue with `levels` priorities.
+fn normal_priority(levels: u8) -> u8 {
+    levels.div_ceil(2).min(5)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Insert rows `from..=to` in 1,000-row INSERTs through one client, as fast as MariaDB goes.
+fn insert_bulk(from: u64, to: u64) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut child = Command::new("mysql")
+            .args(["-h127.0.0.1", "-utest", "-ptest", "--batch"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut next = from;
+        while next <= to {
+            let end = (next + 999).min(to);
+            let sql = format!(
+                "INSERT INTO cc_bench.rows VALUES {};\n",
+                (next..=end).map(row).collect::<Vec<_>>().join(",")
+            );
+            stdin.write_all(sql.as_bytes()).unwrap();
+            next = end + 1;
+        }
+        drop(stdin);
+        assert!(child.wait().unwrap().success());
+    })
+}
+
+/// Wait until the service has confirmed `n` triggers, emptying the sink meanwhile.
+async fn wait_confirmed(
+    admin: &str,
+    n: u64,
+    sink: &mut lapin::Consumer,
+    mut sample: impl FnMut(),
+) -> Instant {
+    let by = Instant::now() + Duration::from_secs(900);
+    loop {
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::ZERO, sink.next()).await {}
+        let c = confirmed(admin).await;
+        if c >= n {
+            return Instant::now();
+        }
+        assert!(Instant::now() < by, "only {c} of {n} confirmed");
+        sample();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn empty_sink(sink: &mut lapin::Consumer) {
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_millis(300), sink.next()).await
+    {
+    }
+}
+
+fn queue_args(max_priority: Option<u8>) -> FieldTable {
+    let mut q = canal_consumer::config::Config::default().amqp.queue;
+    q.max_priority = max_priority;
+    canal_consumer::publisher::topology::declare_arguments(&q)
+}
+
+/// The broker's own confirmed-publish rate: `n` copies of `sample` (same body, same properties)
+/// to a fresh durable queue with `args`, at most `window` unconfirmed, a consumer draining it
+/// as the bench's sink drains the service's queue. Messages per second.
+async fn probe(
+    conn: &Connection,
+    args: FieldTable,
+    sample: &(Vec<u8>, BasicProperties),
+    n: u64,
+    window: usize,
+    drain: bool,
+) -> f64 {
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch
+        .queue_delete(PROBE_QUEUE.into(), QueueDeleteOptions::default())
+        .await;
+    ch.queue_declare(
+        PROBE_QUEUE.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let drain_ch = conn.create_channel().await.unwrap();
+    let mut sink = drain_ch
+        .basic_consume(
+            PROBE_QUEUE.into(),
+            "bench-probe-sink".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    if !drain {
+        // no consumer: the messages pile up in the queue, as when the workers fall behind
+        let _ = drain_ch
+            .basic_cancel("bench-probe-sink".into(), Default::default())
+            .await;
+    }
+    let drainer = tokio::spawn(async move { while let Some(Ok(_)) = sink.next().await {} });
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    publish_confirmed(&ch, sample, n, window).await;
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    drainer.abort();
+    let _ = drain_ch.close(200, "done".into()).await;
+    let _ = ch
+        .queue_delete(PROBE_QUEUE.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = ch.close(200, "done".into()).await;
+    rate
+}
+
+async fn publish_confirmed(
+    ch: &Channel,
+    sample: &(Vec<u8>, BasicProperties),
+    n: u64,
+    window: usize,
+) {
+    let mut pending: VecDeque<lapin::PublisherConfirm> = VecDeque::with_capacity(window);
+    for i in 0..n {
+        if pending.len() >= window {
+            let c = pending.pop_front().unwrap();
+            assert!(c.await.unwrap().is_ack(), "probe message nacked");
+        }
+        let props = sample
+            .1
+            .clone()
+            .with_message_id(format!("probe-{i}").into());
+        let c = ch
+            .basic_publish(
+                "".into(),
+                PROBE_QUEUE.into(),
+                // as the service publishes: mandatory, so the broker checks the route
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &sample.0,
+                props,
+            )
+            .await
+            .unwrap();
+        pending.push_back(c);
+    }
+    for c in pending {
+        assert!(c.await.unwrap().is_ack(), "probe message nacked");
+    }
+}
+
+struct Latency {
+    rate: u64,
+    achieved: f64,
+    n: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// One autocommit INSERT per period for `seconds`; latency per row from its server stamp.
+async fn latency(sink: &mut lapin::Consumer, base: u64, rate: u64, seconds: u64) -> Latency {
+    let total = rate * seconds;
+    let mut writer = Command::new("mysql")
+        .args(["-h127.0.0.1", "-utest", "-ptest", "--batch", "--unbuffered"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = writer.stdin.take().unwrap();
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let mut lat = Vec::with_capacity(total as usize);
+    let mut seen = vec![false; total as usize];
+    let mut i = 0u64;
+    let deadline = start + Duration::from_secs(seconds + 60);
+    while (lat.len() as u64) < total && Instant::now() < deadline {
+        let due = start + period.mul_f64(i as f64);
+        if i < total && Instant::now() >= due {
+            writeln!(
+                stdin,
+                "INSERT INTO cc_bench.rows VALUES {};",
+                stamped_row(base + i)
+            )
+            .unwrap();
+            stdin.flush().unwrap();
+            i += 1;
+            continue;
+        }
+        let wait = if i < total {
+            due.saturating_duration_since(Instant::now())
+        } else {
+            Duration::from_millis(50)
+        };
+        if let Ok(Some(Ok(d))) = tokio::time::timeout(wait, sink.next()).await {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
+            let id = body["payload"]["id"]
+                .as_u64()
+                .or_else(|| body["payload"]["id"].as_str().and_then(|s| s.parse().ok()));
+            let score = &body["payload"]["score"];
+            let stamp = score
+                .as_f64()
+                .or_else(|| score.as_str().and_then(|s| s.parse().ok()));
+            if let (Some(id), Some(stamp)) = (id, stamp)
+                && id >= base
+                && id < base + total
+                && !seen[(id - base) as usize]
+            {
+                seen[(id - base) as usize] = true;
+                lat.push((now - stamp) * 1000.0);
+            }
+        }
+    }
+    let achieved = i as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    drop(stdin);
+    let _ = writer.wait();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Latency {
+        rate,
+        achieved: achieved.min(rate as f64),
+        n: lat.len(),
+        p50: percentile(&lat, 0.50),
+        p99: percentile(&lat, 0.99),
+        max: lat.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn uptime_load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -167,9 +536,10 @@ async fn main() {
         eprintln!("pipeline bench: run with `cargo bench --bench pipeline`; skipping");
         return;
     }
-    let rows = env_num("BENCH_ROWS", 50_000);
-    let rate = env_num("BENCH_RATE", 200);
-    let seconds = env_num("BENCH_SECONDS", 15);
+    let o = Opts::from_env();
+    let defaults = canal_consumer::config::Config::default();
+    let window = defaults.amqp.max_unconfirmed.get();
+    let load_before = uptime_load();
 
     mysql(
         "CREATE DATABASE IF NOT EXISTS cc_bench; DROP TABLE IF EXISTS cc_bench.rows;
@@ -186,7 +556,7 @@ async fn main() {
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
         .await;
 
-    let dir = std::env::temp_dir().join("cc-bench-pipeline");
+    let dir = std::env::temp_dir().join(format!("cc-bench-pipeline-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let admin = format!(
         "127.0.0.1:{}",
@@ -196,7 +566,8 @@ async fn main() {
             .unwrap()
             .port()
     );
-    let mut service = start_service(&dir, &admin);
+    let mut service = start_service(&dir, &admin, o.max_priority);
+    let pid = service.id();
     let ready_by = Instant::now() + Duration::from_secs(60);
     while canal_consumer::admin::client::request(&admin, "GET", "/ready")
         .await
@@ -205,14 +576,12 @@ async fn main() {
         != 200
     {
         assert!(
-            Instant::now() < ready_by,
+            Instant::now() < ready_by && service.try_wait().unwrap().is_none(),
             "service not ready; see {}",
             dir.display()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-
-    // keep the queue short: a consumer drops everything during the throughput phase
     let mut sink = ch
         .basic_consume(
             QUEUE.into(),
@@ -226,136 +595,219 @@ async fn main() {
         .await
         .unwrap();
 
-    // ---- throughput
-    let t0 = Instant::now();
-    let chunk = 1000;
-    let mut next = 1;
-    let mut inserted_at = None;
-    {
-        let mut sql = String::new();
-        while next <= rows {
-            let end = (next + chunk - 1).min(rows);
-            sql.push_str("INSERT INTO cc_bench.rows VALUES ");
-            sql.push_str(&(next..=end).map(row).collect::<Vec<_>>().join(","));
-            sql.push_str(";\n");
-            next = end + 1;
-        }
-        let mut child = Command::new("mysql")
-            .args(["-h127.0.0.1", "-utest", "-ptest", "--batch"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(sql.as_bytes())
-            .unwrap();
-        child.wait().unwrap();
-        inserted_at.get_or_insert(t0.elapsed());
-    }
-    let mut drained = 0u64;
-    let confirmed_by = Instant::now() + Duration::from_secs(600);
-    let elapsed = loop {
-        while let Ok(Some(Ok(_))) =
-            tokio::time::timeout(Duration::from_millis(1), sink.next()).await
-        {
-            drained += 1;
-        }
-        let s = status(&admin).await;
-        let confirmed = s["broker"]["confirmed"].as_u64().unwrap_or(0);
-        if confirmed >= rows {
-            break t0.elapsed();
-        }
-        assert!(
-            Instant::now() < confirmed_by,
-            "only {confirmed} of {rows} confirmed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let throughput = rows as f64 / elapsed.as_secs_f64();
-    println!(
-        "throughput: {rows} rows in {:.2}s = {throughput:.0} rows/s (inserts took {:.2}s)",
-        elapsed.as_secs_f64(),
-        inserted_at.unwrap().as_secs_f64()
-    );
-    // empty the queue before measuring latency
-    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_millis(500), sink.next()).await
-    {
-        drained += 1;
-    }
-    let _ = drained;
-
-    // ---- latency at a fixed rate
-    let total = rate * seconds;
-    let mut sent: Vec<Option<Instant>> = vec![None; total as usize + 1];
-    let mut got: Vec<Option<Instant>> = vec![None; total as usize + 1];
-    let mut writer = Command::new("mysql")
-        .args(["-h127.0.0.1", "-utest", "-ptest", "--batch", "--unbuffered"])
-        .stdin(Stdio::piped())
-        .spawn()
+    // ---- one row first: the probe publishes copies of the message the service made of it
+    let mut id = 1u64;
+    mysql(&format!("INSERT INTO cc_bench.rows VALUES {}", row(id)));
+    id += 1;
+    let first = tokio::time::timeout(Duration::from_secs(30), sink.next())
+        .await
+        .expect("the first row's message")
+        .unwrap()
         .unwrap();
-    let mut stdin = writer.stdin.take().unwrap();
-    let period = Duration::from_secs_f64(1.0 / rate as f64);
-    let start = Instant::now();
-    let base = rows + 1;
-    let mut i = 0u64;
-    let mut received = 0u64;
-    let deadline = start + Duration::from_secs(seconds + 60);
-    while received < total && Instant::now() < deadline {
-        let due = start + period * i as u32;
-        if i < total && Instant::now() >= due {
-            let id = base + i;
-            writeln!(stdin, "INSERT INTO cc_bench.rows VALUES {};", row(id)).unwrap();
-            stdin.flush().unwrap();
-            sent[i as usize] = Some(Instant::now());
-            i += 1;
-            continue;
-        }
-        let wait = if i < total {
-            due.saturating_duration_since(Instant::now())
-        } else {
-            Duration::from_millis(50)
-        };
-        if let Ok(Some(Ok(d))) = tokio::time::timeout(wait, sink.next()).await {
-            let now = Instant::now();
-            let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
-            if let Some(id) = body["payload"]["id"].as_u64()
-                && id >= base
-                && got[(id - base) as usize].is_none()
-            {
-                got[(id - base) as usize] = Some(now);
-                received += 1;
+    let sample = (first.data.clone(), first.properties.clone());
+    let mut done = 1u64;
+    println!(
+        "message: {} bytes body, delivery_mode {:?}, priority {:?}; queue x-max-priority {}; load {load_before}",
+        sample.0.len(),
+        sample.1.delivery_mode(),
+        sample.1.priority(),
+        o.max_priority
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+
+    // ---- broker probe, the service's throughput, broker probe again
+    let probe_args = || queue_args(o.max_priority);
+    let probe_before = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
+    // BENCH_PERF=<file>: sample the service's stacks (perf, cpu-clock) during this phase only
+    let perf = std::env::var("BENCH_PERF").ok().map(|out| {
+        Command::new("perf")
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "499",
+                "--call-graph",
+                "dwarf,32768",
+                "-o",
+            ])
+            .arg(out)
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf (BENCH_PERF)")
+    });
+    let cpu0 = cpu_seconds(pid);
+    let t0 = Instant::now();
+    let inserter = insert_bulk(id, id + o.rows - 1);
+    id += o.rows;
+    done += o.rows;
+    let finished = wait_confirmed(&admin, done, &mut sink, || {}).await;
+    let elapsed = finished - t0;
+    let cpu_tp = cpu_seconds(pid) - cpu0;
+    if let Some(mut perf) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
+    inserter.join().unwrap();
+    empty_sink(&mut sink).await;
+    let probe_after = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
+    let broker = (probe_before + probe_after) / 2.0;
+    let throughput = o.rows as f64 / elapsed.as_secs_f64();
+    let cpu_per_10k = cpu_tp / o.rows as f64 * 10_000.0;
+    println!(
+        "broker probe: {probe_before:.0} / {probe_after:.0} msg/s (mean {broker:.0}), window {window}"
+    );
+    println!(
+        "throughput: {} rows in {:.2}s = {throughput:.0} rows/s = {:.1}% of the broker's rate; service CPU {cpu_tp:.2}s = {cpu_per_10k:.3}s per 10k rows",
+        o.rows,
+        elapsed.as_secs_f64(),
+        throughput / broker * 100.0
+    );
+
+    // ---- latency at fixed rates
+    let mut lats = Vec::new();
+    for &rate in &o.rates {
+        let cpu0 = cpu_seconds(pid);
+        let l = latency(&mut sink, id, rate, o.seconds).await;
+        let cpu = cpu_seconds(pid) - cpu0;
+        id += rate * o.seconds;
+        done += rate * o.seconds;
+        println!(
+            "latency at {rate} rows/s ({:.0} achieved) for {}s: {} rows, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; service CPU {cpu:.2}s",
+            l.achieved, o.seconds, l.n, l.p50, l.p99, l.max
+        );
+        lats.push(l);
+    }
+    wait_confirmed(&admin, done, &mut sink, || {}).await;
+    empty_sink(&mut sink).await;
+
+    // ---- idle
+    let cpu0 = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(o.idle_seconds)).await;
+    let idle_per_min = (cpu_seconds(pid) - cpu0) / o.idle_seconds as f64 * 60.0;
+    println!(
+        "idle: {idle_per_min:.3} CPU s per minute (over {}s)",
+        o.idle_seconds
+    );
+
+    // ---- one big transaction: RSS before, during (sampled) and after
+    let (mut rss_big_max, rss_big_before) = (0u64, proc_status_kib(pid, "VmRSS:"));
+    let mut big_elapsed = Duration::ZERO;
+    if o.big_tx > 0 {
+        let t = Instant::now();
+        let (a, z) = (id, id + o.big_tx - 1);
+        let sql = format!(
+            "INSERT INTO cc_bench.rows SELECT seq, seq % 1000, CONCAT('user-', seq, '@example.com'), \
+             CONCAT('name ', seq, ' 测试'), (seq % 10000) + 0.25, 'paid', NOW(), (seq % 97) + 0.5, \
+             CONCAT('a note for row ', seq), seq % 2 FROM cc_bench.seq_{a}_to_{z}"
+        );
+        let bulk = std::thread::spawn(move || mysql(&sql));
+        id += o.big_tx;
+        done += o.big_tx;
+        wait_confirmed(&admin, done, &mut sink, || {
+            rss_big_max = rss_big_max.max(proc_status_kib(pid, "VmRSS:"));
+            // a failed INSERT panics its thread: stop waiting for rows that never come
+            assert!(
+                !MYSQL_FAILED.load(std::sync::atomic::Ordering::SeqCst),
+                "the big INSERT failed (see above)"
+            );
+        })
+        .await;
+        bulk.join().unwrap();
+        big_elapsed = t.elapsed();
+        empty_sink(&mut sink).await;
+    }
+    let rss_big_after = proc_status_kib(pid, "VmRSS:");
+    if o.big_tx > 0 {
+        println!(
+            "{}-row transaction in {:.1}s ({:.0} rows/s): RSS {:.1} MiB before, {:.1} MiB max during, {:.1} MiB after",
+            o.big_tx,
+            big_elapsed.as_secs_f64(),
+            o.big_tx as f64 / big_elapsed.as_secs_f64(),
+            rss_big_before as f64 / 1024.0,
+            rss_big_max as f64 / 1024.0,
+            rss_big_after as f64 / 1024.0
+        );
+    }
+    let _ = id;
+    let rss = proc_status_kib(pid, "VmHWM:");
+    println!("service peak RSS: {:.1} MiB", rss as f64 / 1024.0);
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let _ = service.wait();
+
+    // ---- what x-max-priority costs the broker: rounds of the four queue kinds, interleaved
+    let mut prio = Vec::new();
+    if o.priority_probes {
+        let levels = [None, Some(3u8), Some(5), Some(10)];
+        let n = (o.rows / 4).max(1000);
+        // drained by a consumer (as in the throughput phase), and piling up without one
+        for drain in [true, false] {
+            let mut rates: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
+            // four rounds, each starting with another kind, so no kind always runs first
+            for round in 0..levels.len() {
+                for k in (0..levels.len()).map(|i| (i + round) % levels.len()) {
+                    let l = &levels[k];
+                    let props = match l {
+                        Some(l) => sample.1.clone().with_priority(normal_priority(*l)),
+                        None => sample.1.clone(),
+                    };
+                    let args = queue_args(*l);
+                    let r = probe(&conn, args, &(sample.0.clone(), props), n, window, drain).await;
+                    rates[k].push(r);
+                }
+            }
+            let median = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                v[v.len() / 2]
+            };
+            let none = median(&rates[0]);
+            let how = if drain { "drained" } else { "piling up" };
+            for (k, l) in levels.iter().enumerate() {
+                let name = l.map(|l| l.to_string()).unwrap_or_else(|| "none".into());
+                let m = median(&rates[k]);
+                println!(
+                    "broker probe ({how}), x-max-priority {name}: median {m:.0} msg/s of {:?} = {:.1}% of the rate without",
+                    rates[k].iter().map(|r| r.round()).collect::<Vec<_>>(),
+                    m / none * 100.0
+                );
+                prio.push(serde_json::json!({"max_priority": name, "drained": drain, "msg_per_s": m, "runs": rates[k], "ratio_to_none": m / none}));
             }
         }
     }
-    drop(stdin);
-    let _ = writer.wait();
-    let mut lat: Vec<f64> = sent
-        .iter()
-        .zip(&got)
-        .filter_map(|(s, g)| Some(g.as_ref()?.duration_since(*s.as_ref()?).as_secs_f64() * 1000.0))
-        .collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let (p50, p99) = (percentile(&lat, 0.50), percentile(&lat, 0.99));
-    println!(
-        "latency at {rate} rows/s for {seconds}s: {} rows, p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms",
-        lat.len(),
-        lat.last().copied().unwrap_or(f64::NAN)
-    );
+    let load_after = uptime_load();
+    println!("load average before/after: {load_before} / {load_after}");
 
-    let rss = peak_rss_kib(service.id());
-    println!("service peak RSS: {:.1} MiB", rss as f64 / 1024.0);
-    let _ = Command::new("kill").arg(service.id().to_string()).status();
-    let _ = service.wait();
     let report = serde_json::json!({
-        "rows": rows, "elapsed_s": elapsed.as_secs_f64(), "rows_per_s": throughput,
-        "latency_rate": rate, "latency_rows": lat.len(), "p50_ms": p50, "p99_ms": p99,
+        "quick": o.quick,
+        "max_priority": o.max_priority,
+        "message_bytes": sample.0.len(),
+        "window": window,
+        "broker_probe_msg_per_s": [probe_before, probe_after],
+        "broker_msg_per_s": broker,
+        "rows": o.rows, "elapsed_s": elapsed.as_secs_f64(), "rows_per_s": throughput,
+        "ratio_to_broker": throughput / broker,
+        "cpu_s_per_10k_rows": cpu_per_10k,
+        "latency": lats.iter().map(|l| serde_json::json!({
+            "rate": l.rate, "achieved": l.achieved, "rows": l.n,
+            "p50_ms": l.p50, "p99_ms": l.p99, "max_ms": l.max,
+        })).collect::<Vec<_>>(),
+        "idle_cpu_s_per_min": idle_per_min,
+        "big_tx_rows": o.big_tx,
+        "big_tx_rss_kib": {"before": rss_big_before, "max": rss_big_max, "after": rss_big_after},
         "peak_rss_kib": rss,
+        "priority_probes": prio,
+        "load": [load_before, load_after],
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-pipeline.json");
     let _ = std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap());
     let _ = ch
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
         .await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

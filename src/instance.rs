@@ -6,7 +6,10 @@
 //! crash never leaves a stale lock) on a file beside the state file, named after the Canal
 //! address, destination and client id, and records the holder's pid for the error message.
 //! A second instance on another host is detected by the connection instead (Canal's batch ids
-//! jump; see `canal::window`).
+//! jump; see `canal::window`). In ZooKeeper mode (`canal.zk_servers`) the lock is named after
+//! the ensemble and root instead of a Canal address: replicas on one host then need their own
+//! state directories, and which of them works is decided by Canal's client running node
+//! (`crate::ha`), not by this lock.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};

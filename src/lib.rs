@@ -31,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod event;
+pub mod ha;
 pub mod instance;
 pub mod logging;
 pub mod manager;

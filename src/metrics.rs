@@ -17,7 +17,8 @@
 //! The exported names (what `deploy/grafana` and `deploy/prometheus` query):
 //! `canal_{batches,events,rollbacks,reconnects}_total`, `canal_inflight_batches`,
 //! `canal_lag_seconds`, `publisher_{published,confirmed,returned,nacked,timeouts}_total`,
-//! `publisher_unconfirmed`, `publisher_blocked`, and per consumer
+//! `publisher_unconfirmed`, `publisher_blocked`, `ha_active` (1 active or no ZooKeeper, 0 standby),
+//! and per consumer
 //! `consumer_{events,triggers,errors,restarts}_total`, `consumer_lag_seconds`,
 //! `consumer_enabled`.
 
@@ -152,6 +153,8 @@ pub struct Metrics {
     pub publisher_timeouts_total: Counter,
     pub publisher_unconfirmed: Gauge,
     pub publisher_blocked: Gauge,
+    /// 1 while this replica is the active one (always 1 without ZooKeeper), 0 on standby.
+    pub ha_active: Gauge,
     families: ConsumerFamilies,
     consumers: DashMap<String, Arc<ConsumerMetrics>>,
     registry: Registry,
@@ -182,6 +185,7 @@ impl Default for Metrics {
             publisher_timeouts_total: Counter::default(),
             publisher_unconfirmed: Gauge::default(),
             publisher_blocked: Gauge::default(),
+            ha_active: Gauge::default(),
             families: ConsumerFamilies::default(),
             consumers: DashMap::new(),
             registry: Registry::default(),
@@ -248,7 +252,7 @@ impl Metrics {
         for (name, text, c) in counters {
             r.register(counter_name(name), help(text), c.0.clone());
         }
-        let gauges: [(&str, &str, &Gauge); 3] = [
+        let gauges: [(&str, &str, &Gauge); 4] = [
             (
                 "canal_inflight_batches",
                 "Canal batches fetched and not yet acked.",
@@ -263,6 +267,11 @@ impl Metrics {
                 "publisher_blocked",
                 "1 while the broker blocks publishing (resource alarm), else 0.",
                 &self.publisher_blocked,
+            ),
+            (
+                "ha_active",
+                "1 while this replica is the active one (always 1 without ZooKeeper), 0 on standby.",
+                &self.ha_active,
             ),
         ];
         for (name, text, g) in gauges {

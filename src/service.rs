@@ -82,9 +82,11 @@ pub fn run(cfg: Config) -> i32 {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
+    // (in ZooKeeper mode keyed on the ensemble: two replicas on one host need their own state
+    // files; which of them works is ZooKeeper's decision, see crate::ha)
     let _lock = match crate::instance::InstanceLock::acquire(
         &state_dir,
-        &format!("{}:{}", cfg.canal.host, cfg.canal.port),
+        &cfg.canal.lock_server(),
         &cfg.canal.destination,
         &cfg.canal.client_id,
     ) {
@@ -223,11 +225,31 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
     let filter = manager.filter();
     let manager = manager.start();
     tracing::info!(filter = %filter, "canal subscription filter");
-    let connection = CanalConnection::new(
-        cfg.canal.connection(filter, true),
-        manager.clone().recipient(),
-    )
-    .start();
+    let mut conn_cfg = cfg.canal.connection(filter, true);
+    let ha = cfg.canal.ha();
+    let lease_tx = ha.as_ref().map(|_| {
+        let (tx, rx) = crate::ha::zk::channel();
+        conn_cfg.lease = Some(rx);
+        tx
+    });
+    let connection = CanalConnection::new(conn_cfg, manager.clone().recipient()).start();
+    let mut ha_release = None;
+    if let (Some(ha), Some(tx)) = (ha, lease_tx) {
+        tracing::info!(
+            zookeeper = %ha.servers,
+            node = %ha.client_running_path(),
+            address = %ha.address,
+            "zookeeper mode: active only while holding the client running node"
+        );
+        let (release, release_rx) = tokio::sync::oneshot::channel();
+        ha_release = Some(release);
+        actix::spawn(crate::ha::zk::run(
+            ha,
+            tx,
+            connection.clone().recipient(),
+            release_rx,
+        ));
+    }
     manager.do_send(AttachConnection((&connection).into()));
 
     let shutting_down = Arc::new(AtomicBool::new(false));
@@ -260,6 +282,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         Pipeline {
             connection,
             publisher,
+            ha_release,
         },
         admin_handle,
         cfg.shutdown.deadline,
@@ -282,6 +305,8 @@ async fn signal() -> &'static str {
 struct Pipeline {
     connection: Addr<CanalConnection>,
     publisher: Addr<AmqpPublisher>,
+    /// ZooKeeper mode: give up the client running node once the connection stopped.
+    ha_release: Option<crate::ha::zk::Release>,
 }
 
 async fn shutdown_on_signal(
@@ -311,6 +336,13 @@ async fn shutdown_on_signal(
     };
     let code = tokio::select! {
         report = graceful => {
+            if let Some(release) = control.ha_release {
+                // the connection is stopped: hand the destination to a standby now
+                let (done, released) = tokio::sync::oneshot::channel();
+                if release.send(done).is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), released).await;
+                }
+            }
             if report.all_acked() {
                 tracing::info!(
                     took = ?started.elapsed(),

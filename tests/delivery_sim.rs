@@ -17,14 +17,19 @@
 //!   epoch `e` or older is written again;
 //! - (d) every copy of a row's message carries the same id (the real `message_id`);
 //! - (e) batches and bytes in flight (abandoned ones included) and the publisher's unconfirmed
-//!   and queued messages stay within their bounds.
+//!   and queued messages stay within their bounds;
+//! - (f) a GET waits on the server (long-polls) only right after a GET of the same epoch came back
+//!   empty; after any batch, and after a new epoch starts, the next GET takes what is there
+//!   without waiting (so latency never depends on a fixed wait while rows keep coming).
+//!
+//! Rows are committed over time (a step commits a few more), so GETs also find nothing.
 //!
 //! A failing seed reproduces exactly: `SIM_SEED=1234 cargo test --test delivery_sim -- --nocapture`.
 //! More seeds: `SIM_SEEDS=1000000 cargo test --release --test delivery_sim` (see README).
 // Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
 
-use canal_consumer::canal::window::{BatchRef, BatchWindow};
+use canal_consumer::canal::window::{BatchRef, BatchWindow, GetMode};
 use canal_consumer::event::{EventType, Position};
 use canal_consumer::manager::core::{
     Command, Mode, OnPoison, PartError, PoisonPolicy, Processed, Router,
@@ -51,6 +56,8 @@ use rng::Rng;
 struct Server {
     /// Table (0..3) of each row of the binlog.
     rows: Vec<u8>,
+    /// Rows committed so far (the rest are not in the binlog yet).
+    committed: usize,
     acked_upto: usize,
     delivered_upto: usize,
     outstanding: VecDeque<(i64, usize, usize)>,
@@ -59,11 +66,11 @@ struct Server {
 
 impl Server {
     fn get(&mut self, max_rows: usize) -> Option<(i64, usize, usize)> {
-        if self.delivered_upto >= self.rows.len() {
+        if self.delivered_upto >= self.committed {
             return None;
         }
         let start = self.delivered_upto;
-        let end = (start + max_rows).min(self.rows.len());
+        let end = (start + max_rows).min(self.committed);
         self.delivered_upto = end;
         let id = self.next_id;
         self.next_id += 1;
@@ -154,6 +161,8 @@ struct Sim {
     connected: bool,
     draining: bool,
     window: BatchWindow,
+    /// The last answered GET of this epoch found nothing (the model of (f)).
+    last_get_empty: bool,
     router: Router<SimPart>,
     publisher: ConfirmWindow<Msg>,
     consumers: Vec<Consumer>,
@@ -179,7 +188,8 @@ impl Sim {
         let mut rng = Rng(seed);
         let rows = (0..20 + rng.below(40))
             .map(|_| rng.below(3) as u8)
-            .collect();
+            .collect::<Vec<u8>>();
+        let committed = rng.below(rows.len() + 1);
         let consumers: Vec<Consumer> = (0..CONSUMERS)
             .map(|c| Consumer {
                 tables: [0b011, 0b110, 0b101][c],
@@ -194,6 +204,7 @@ impl Sim {
             faults: true,
             now: Instant::now(),
             server: Server {
+                committed,
                 rows,
                 acked_upto: 0,
                 delivered_upto: 0,
@@ -203,6 +214,7 @@ impl Sim {
             connected: true,
             draining: false,
             window: BatchWindow::new(MAX_BATCHES, MAX_BYTES),
+            last_get_empty: false,
             // both poison policies are exercised: consumer 1 stalls, the others park
             router: Router::with_policies((0..CONSUMERS).map(|c| {
                 (
@@ -241,6 +253,7 @@ impl Sim {
 
     fn new_epoch(&mut self, new_session: bool) {
         let (epoch, _) = self.window.begin_epoch(new_session);
+        self.last_get_empty = false;
         self.router.reset(epoch);
         self.server.rollback();
         self.run_commands();
@@ -311,13 +324,30 @@ impl Sim {
     }
 
     fn fetch(&mut self) {
-        if !self.connected || self.draining || !self.window.may_fetch() {
+        if !self.connected || self.draining {
             return;
         }
-        let max = 1 + self.rng.below(MAX_ROWS_PER_BATCH);
-        let Some((id, start, end)) = self.server.get(max) else {
+        let Some(mode) = self.window.next_get() else {
             return;
         };
+        assert_eq!(
+            mode == GetMode::LongPoll,
+            self.last_get_empty,
+            "(f) a GET waits exactly when the last one of this epoch found nothing"
+        );
+        let max = match mode {
+            // the smallest batch Canal makes: one unit, and it may overshoot by an entry
+            GetMode::LongPoll => 1 + self.rng.below(2),
+            GetMode::Drain => 1 + self.rng.below(MAX_ROWS_PER_BATCH),
+        };
+        let Some((id, start, end)) = self.server.get(max) else {
+            // a long poll that saw nothing until its wait ran out, or a GET that found nothing
+            self.log(format!("get ({mode:?}) found nothing"));
+            self.window.got_empty();
+            self.last_get_empty = true;
+            return;
+        };
+        self.last_get_empty = false;
         let fetched = self
             .window
             .fetched(id, (end - start) * ROW_BYTES, None, true);
@@ -603,6 +633,11 @@ impl Sim {
                 // a poison row: consumer 2 quarantines on its next part
                 self.consumers[2].poisoned = true;
             }
+            967..990 => {
+                let n = 1 + self.rng.below(4);
+                self.server.committed = (self.server.committed + n).min(self.server.rows.len());
+                self.log(format!("commit up to row {}", self.server.committed));
+            }
             965..967 if self.faults && !self.draining => {
                 self.log("drain (shutdown)".into());
                 self.draining = true;
@@ -620,6 +655,8 @@ impl Sim {
             self.new_epoch(true);
         }
         self.consumers[2].poisoned = false;
+        // the rest of the binlog arrives
+        self.server.committed = self.server.rows.len();
         if !self.router.is_enabled(2) || self.router.state(2) != Default::default() {
             self.router.set_enabled(2, true);
             self.run_commands();

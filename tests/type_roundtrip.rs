@@ -8,7 +8,7 @@
 
 mod common;
 
-use canal_consumer::event::Value;
+use canal_consumer::event::{ChangeEvent, EventType, Value};
 use common::*;
 use std::time::Duration;
 
@@ -112,16 +112,26 @@ fn columns() -> Vec<Col> {
     ]
 }
 
-/// Charsets whose non-ASCII text stock Canal cannot carry (it decodes every text column with
-/// `canal.instance.connectionCharset`, UTF-8 here): see docs/types.md.
+/// Charsets whose non-ASCII text stock Canal carries only when it ships text as raw bytes
+/// (`canal.instance.connectionCharset=ISO-8859-1`, the local stack's destination `raw`), with
+/// the service decoding each column with its own charset: see docs/types.md.
 #[rustfmt::skip]
 fn non_utf8_columns() -> Vec<Col> {
     use Kind::*;
     vec![
-        ("l1", "VARCHAR(16) CHARACTER SET latin1", Text, [Some("''"), Some("'café ÿ ß'"), Some("'Ångström ±'"), None]),
+        ("l1", "VARCHAR(16) CHARACTER SET latin1", Text, [Some("''"), Some("'café ÿ ß'"), Some("'Ångström ± €'"), None]),
         ("l1b", "TEXT CHARACTER SET latin1 COLLATE latin1_bin", Text, [Some("''"), Some("'café'"), Some("'a'"), None]),
+        ("l1c", "CHAR(8) CHARACTER SET latin1", Text, [Some("''"), Some("'Ñandú'"), Some("'a'"), None]),
+        ("l1e", "ENUM('é','ü') CHARACTER SET latin1", Text, [Some("'é'"), Some("'ü'"), Some("'é'"), None]),
+        ("l2", "VARCHAR(16) CHARACTER SET latin2", Text, [Some("''"), Some("'Łódź'"), Some("'a'"), None]),
         ("gb", "VARCHAR(16) CHARACTER SET gbk", Text, [Some("''"), Some("'汉字'"), Some("'a'"), None]),
+        ("gbt", "MEDIUMTEXT CHARACTER SET gbk", Text, [Some("''"), Some("'中文 ü'"), Some("'a'"), None]),
         ("b5", "VARCHAR(16) CHARACTER SET big5", Text, [Some("''"), Some("'漢字'"), Some("'a'"), None]),
+        ("cy", "VARCHAR(16) CHARACTER SET cp1251", Text, [Some("''"), Some("'Привет'"), Some("'a'"), None]),
+        ("sj", "VARCHAR(16) CHARACTER SET sjis", Text, [Some("''"), Some("'日本語'"), Some("'a'"), None]),
+        ("kr", "VARCHAR(16) CHARACTER SET euckr", Text, [Some("''"), Some("'한국어'"), Some("'a'"), None]),
+        ("w16", "VARCHAR(16) CHARACTER SET utf16", Text, [Some("''"), Some("'a汉😀'"), Some("'a'"), None]),
+        ("w32", "VARCHAR(16) CHARACTER SET utf32", Text, [Some("''"), Some("'😀 ü'"), Some("'a'"), None]),
     ]
 }
 
@@ -194,12 +204,19 @@ async fn round_trip(table: &str, charset: &str, cols: &[Col]) -> Vec<String> {
     let (events, _) = tap
         .collect(table, true, Duration::from_secs(60), |ev| ev.len() >= 4)
         .await;
+    compare(table, cols, &events, false)
+}
+
+/// Every delivered value of `events` (rows of `table`) against MariaDB's rendering of the
+/// stored one; the mismatches. `via_json`: the events were read back from `tail`'s JSON lines,
+/// where a BIT value (UInt) reads back as Int (JSON has one kind of number).
+fn compare(table: &str, cols: &[Col], events: &[ChangeEvent], via_json: bool) -> Vec<String> {
     let exprs: Vec<String> = cols
         .iter()
         .map(|(n, _, k, _)| rendering(&format!("`{n}`"), *k))
         .collect();
     let mut mismatches = Vec::new();
-    for e in &events {
+    for e in events {
         let id = match e.data.get("id") {
             Some(Value::Int(id)) => *id,
             other => panic!("id is {other:?}"),
@@ -215,6 +232,10 @@ async fn round_trip(table: &str, charset: &str, cols: &[Col]) -> Vec<String> {
                 .data
                 .get(name)
                 .unwrap_or_else(|| panic!("row {id}: no column {name}"));
+            let got = match (kind, got) {
+                (Kind::Bit, Value::Int(i)) if via_json && *i >= 0 => &Value::UInt(*i as u64),
+                _ => got,
+            };
             if let Err(m) = check(name, *kind, got, want) {
                 mismatches.push(format!("row {id}: {m}"));
             }
@@ -235,12 +256,168 @@ async fn every_column_type_arrives_as_mariadb_renders_it() {
     );
 }
 
-/// Fails with Canal 1.1.7/1.1.8 as configured here: see docs/types.md, "Character sets".
+/// The local stack's destination that ships text as raw bytes (`connectionCharset` ISO-8859-1;
+/// deploy/local/canal/conf/raw), `CC_TEST_CANAL_RAW_DESTINATION` elsewhere.
+fn raw_destination() -> String {
+    env_or("CC_TEST_CANAL_RAW_DESTINATION", "raw")
+}
+
+/// The source database for column charsets, as the service's `canal.source_url`.
+fn source_url() -> String {
+    env_or(
+        "CC_TEST_SOURCE_URL",
+        &format!("mysql://canal:canal@{}:{}", mysql_host(), mysql_port()),
+    )
+}
+
+/// `canal-consumer tail --ack` on the raw-text destination with
+/// `canal.connection_charset = "ISO-8859-1"`, subscribed to one table, printing to a file.
+struct RawTail {
+    table: String,
+    out: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    child: proc::ChildGuard,
+}
+
+impl RawTail {
+    fn start(table: &str) -> RawTail {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("tail.jsonl");
+        let child = proc::ChildGuard::spawn(
+            "canal-consumer tail (raw text)",
+            std::process::Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+                .args(["tail", "--ack", "--client-id", "1101"])
+                .args(["--filter", &format!("{DB}\\.{table}")])
+                .current_dir(repo_root())
+                .env("CANAL_HOST", canal_host())
+                .env("CANAL_PORT", canal_port().to_string())
+                .env("CANAL_DESTINATION", raw_destination())
+                .env("CANAL_CONSUMER__CANAL__USERNAME", canal_user())
+                .env("CANAL_CONSUMER__CANAL__PASSWORD", canal_password())
+                .env("CANAL_CONSUMER__CANAL__CONNECTION_CHARSET", "ISO-8859-1")
+                .env("CANAL_CONSUMER__CANAL__SOURCE_URL", source_url())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::fs::File::create(&out).unwrap())
+                .stderr(std::process::Stdio::inherit()),
+        );
+        RawTail {
+            table: table.to_string(),
+            out,
+            _dir: dir,
+            child,
+        }
+    }
+
+    fn printed(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Waits (90 s at most) until `n` INSERTs of the table are printed; returns them.
+    async fn inserts(&mut self, n: usize) -> Vec<ChangeEvent> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let events: Vec<ChangeEvent> = self
+                .printed()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<ChangeEvent>(l).ok())
+                .filter(|e| e.table == self.table && e.event_type == EventType::Insert)
+                .collect();
+            if events.len() >= n {
+                return events;
+            }
+            assert!(
+                self.child.try_wait().is_none(),
+                "tail exited early; it printed:\n{}",
+                self.printed()
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} rows after 90 s; tail printed:\n{}",
+                events.len(),
+                self.printed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Raw text mode follows DDL: a column added later, and a column whose charset an ALTER
+/// changes, are decoded with the charsets in force after the DDL; the rows before it keep theirs.
 #[tokio::test]
-#[ignore = "stock Canal decodes every text column with canal.instance.connectionCharset (UTF-8): latin1, gbk and big5 text is replaced by U+FFFD before it reaches us"]
-async fn text_in_non_utf8_charsets_arrives_as_written() {
+async fn raw_text_charsets_follow_ddl() {
     let _lock = canal_lock().await;
-    let mismatches = round_trip("non_utf8", "latin1", &non_utf8_columns()).await;
+    script("deploy/local/canal-ctl", &["start"]);
+    let table = format!("raw_ddl_{}", std::process::id());
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table};
+         CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, v VARCHAR(16) CHARACTER SET latin1)"
+    ));
+    let mut tail = RawTail::start(&table);
+    // the first row is seen (and the table's charsets looked up) before the ALTERs
+    mysql(&format!("INSERT INTO {DB}.{table} VALUES (1, 'café')"));
+    tail.inserts(1).await;
+    mysql(&format!(
+        "ALTER TABLE {DB}.{table} MODIFY v VARCHAR(16) CHARACTER SET gbk;
+         INSERT INTO {DB}.{table} VALUES (2, '汉字');
+         ALTER TABLE {DB}.{table} ADD COLUMN w TEXT CHARACTER SET cp1251;
+         INSERT INTO {DB}.{table} VALUES (3, '中文', 'Привет')"
+    ));
+    let events = tail.inserts(3).await;
+    let got: Vec<(i64, Option<&Value>, Option<&Value>)> = events
+        .iter()
+        .map(|e| {
+            let Some(Value::Int(id)) = e.data.get("id") else {
+                panic!("{e:?}")
+            };
+            (*id, e.data.get("v"), e.data.get("w"))
+        })
+        .collect();
+    let t = |s: &str| Value::Text(s.into());
+    // expected: what was written (MariaDB's rendering of it is checked by the test above)
+    assert_eq!(
+        got,
+        [
+            (1, Some(&t("café")), None),
+            (2, Some(&t("汉字")), None),
+            (3, Some(&t("中文")), Some(&t("Привет"))),
+        ]
+    );
+}
+
+/// Every charset MariaDB offers for a text column (and, in the same table, every other type)
+/// through a destination that ships text as raw bytes, read by `canal-consumer tail` with
+/// `canal.connection_charset = "ISO-8859-1"`: each value as MariaDB renders it.
+#[tokio::test]
+async fn every_charset_arrives_as_written_through_a_raw_text_destination() {
+    let _lock = canal_lock().await;
+    script("deploy/local/canal-ctl", &["start"]);
+    let mut cols = columns();
+    cols.extend(non_utf8_columns());
+    // a table of its own per run: the subscription then sees nothing of earlier runs
+    let table = format!("raw_{}", std::process::id());
+    let decl: Vec<String> = cols.iter().map(|(n, d, ..)| format!("`{n}` {d}")).collect();
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table};
+         CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, {}) DEFAULT CHARSET utf8mb4",
+        decl.join(", ")
+    ));
+    let mut tail = RawTail::start(&table);
+    let names: Vec<String> = cols.iter().map(|c| format!("`{}`", c.0)).collect();
+    let mut sql = String::from(
+        "SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'; SET SESSION time_zone = '+00:00';",
+    );
+    for row in 0..4 {
+        let values: Vec<&str> = cols.iter().map(|c| c.3[row].unwrap_or("NULL")).collect();
+        sql.push_str(&format!(
+            "INSERT INTO {DB}.{table} (id, {}) VALUES ({row}, {});",
+            names.join(", "),
+            values.join(", ")
+        ));
+    }
+    mysql(&sql);
+    let events = tail.inserts(4).await;
+    drop(tail);
+    let mismatches = compare(&table, &cols, &events, true);
     assert!(
         mismatches.is_empty(),
         "{} mismatches:\n{}",

@@ -196,3 +196,77 @@ rabbit_node_pid() {
 }
 
 rabbit_node_running() { rabbit_pid >/dev/null || rabbit_node_pid >/dev/null; }
+
+# --- daemons (ZooKeeper, the Canal cluster) ---------------------------------------------------
+
+# spawn_daemon PIDFILE LOGFILE DIR CMD...: starts CMD in DIR as a daemon (own session, stdin
+# closed, stdout/stderr appended to LOGFILE) and writes its pid to PIDFILE. Descriptors above 2
+# are closed first: a daemon must not inherit a lock held by the caller (`flock -o` forgets to
+# close nothing, but a plain `flock` would hand the lock to the daemon forever).
+spawn_daemon() {
+  local pidfile=$1 logfile=$2 dir=$3; shift 3
+  mkdir -p "$(dirname "$pidfile")" "$(dirname "$logfile")" "$dir"
+  (
+    cd "$dir"
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ] && [ "$fd" -ne 255 ]; then
+        eval "exec $fd>&-" 2>/dev/null || true
+      fi
+    done
+    LANG=C.UTF-8 setsid nohup "$@" >>"$logfile" 2>&1 </dev/null &
+    echo $! >"$pidfile"
+  )
+}
+
+# pid_from_file PIDFILE MARKER: prints the pid in PIDFILE if that process runs and its command
+# line contains MARKER (a reused pid is not ours), or fails.
+pid_from_file() {
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] && pid_alive "$pid" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$2" || return 1
+  echo "$pid"
+}
+
+# stop_pid PID WHAT SECS: SIGTERM, wait up to SECS, then SIGKILL.
+stop_pid() {
+  local pid=$1 what=$2 secs=$3
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + secs))
+  while pid_alive "$pid"; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "$what still running after ${secs}s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      wait_until 10 "$what (pid $pid) to exit" pid_gone "$pid" || true
+      break
+    fi
+    sleep 0.1
+  done
+}
+
+# --- ZooKeeper (Debian's package, run by deploy/local/zk-ctl) ---------------------------------
+
+ZK_PORT=2181
+ZK_HOME="$STATE/zookeeper"
+ZK_PID="$ZK_HOME/zookeeper.pid"
+ZK_MAIN="org.apache.zookeeper.server.quorum.QuorumPeerMain"
+ZK_PKGS=(zookeeper libslf4j-java) # slf4j-simple.jar: its log binding
+
+zk_pid() { pid_from_file "$ZK_PID" "$ZK_HOME/conf/zoo.cfg"; }
+
+# "imok" to ZooKeeper's ruok four-letter command (whitelisted in our zoo.cfg).
+zk_ok() {
+  local reply
+  reply=$(timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$ZK_PORT && printf ruok >&3 && cat <&3" 2>/dev/null) || return 1
+  [ "$reply" = imok ]
+}
+
+# --- the local Canal cluster (deploy/local/canal-ha-ctl): servers 1 and 2 ----------------------
+
+CANAL_HA_DESTINATION=example
+canal_ha_port() { echo $((11120 + $1)); }
+canal_ha_home() { echo "$STATE/canal-ha/$1"; }
+canal_ha_pidfile() { echo "$(canal_ha_home "$1")/bin/canal.pid"; }
+canal_ha_pid() { pid_from_file "$(canal_ha_pidfile "$1")" "-Dcanal.port=$(canal_ha_port "$1")"; }

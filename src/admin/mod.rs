@@ -86,14 +86,22 @@ impl ServiceStatus {
         }
     }
 
-    /// Ready to do work: Canal session connected, broker channel up, not shutting down. The
-    /// error is the reason, for `/ready`'s 503 body.
+    /// Ready to do its part: Canal session connected, broker channel up, not shutting down. A
+    /// ZooKeeper standby is ready while its ZooKeeper session is connected and the broker
+    /// channel is up (it can take over at once); an active replica must be connected to Canal.
+    /// The error is the reason, for `/ready`'s 503 body.
     pub fn readiness(&self) -> Result<(), String> {
         let mut reasons = Vec::new();
         if self.shutting_down {
             reasons.push("shutting down".to_string());
         }
-        if self.canal.state != ConnectionState::Connected {
+        let standby_ok = self.canal.state == ConnectionState::Standby
+            && self
+                .canal
+                .ha
+                .as_ref()
+                .is_some_and(|h| h.zookeeper == crate::ha::ZkSession::Connected);
+        if self.canal.state != ConnectionState::Connected && !standby_ok {
             let state = self.canal.state;
             match &self.canal.last_error {
                 Some(e) => reasons.push(format!("canal is {state}: {e}")),
@@ -195,5 +203,28 @@ mod tests {
             s.readiness(),
             Err("canal is reconnecting: connection refused".into())
         );
+    }
+
+    #[test]
+    fn a_standby_is_ready_while_its_zookeeper_session_is_up() {
+        let mut s = ServiceStatus::new();
+        s.broker_connected = true;
+        s.canal.state = ConnectionState::Standby;
+        s.canal.ha = Some(crate::ha::HaStatus {
+            role: crate::ha::Role::Standby,
+            zookeeper: crate::ha::ZkSession::Connected,
+            holder: Some("host-a:17".into()),
+            ..Default::default()
+        });
+        assert_eq!(s.readiness(), Ok(()));
+        s.canal.ha.as_mut().unwrap().zookeeper = crate::ha::ZkSession::Disconnected;
+        s.canal.last_error = Some("zookeeper session disconnected".into());
+        assert_eq!(
+            s.readiness(),
+            Err("canal is standby: zookeeper session disconnected".into())
+        );
+        // active but suspended (no session): not ready either
+        s.canal.state = ConnectionState::Reconnecting;
+        assert!(s.readiness().is_err());
     }
 }

@@ -66,7 +66,10 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
     let canal = &v["canal"];
     let ready = if v["shutting_down"].as_bool() == Some(true) {
         "SHUTTING DOWN"
-    } else if canal["state"] == "connected" && v["broker_connected"].as_bool() == Some(true) {
+    } else if (canal["state"] == "connected"
+        || (canal["state"] == "standby" && canal["ha"]["zookeeper"] == "connected"))
+        && v["broker_connected"].as_bool() == Some(true)
+    {
         "ready"
     } else {
         "NOT READY"
@@ -93,6 +96,24 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
         s(canal, "server"),
         s(canal, "destination"),
     );
+    if let Some(ha) = canal["ha"].as_object() {
+        let get = |k: &str| ha.get(k).and_then(Value::as_str).unwrap_or("-");
+        let why = match (
+            ha.get("reason").and_then(Value::as_str),
+            ha.get("holder").and_then(Value::as_str),
+        ) {
+            (Some(r), _) => format!("  ({r})"),
+            (None, Some(h)) => format!("  (held by {h})"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "replica {:<12} zookeeper {}  canal server {}{why}",
+            get("role").to_uppercase(),
+            get("zookeeper"),
+            get("canal_server"),
+        );
+    }
     let _ = writeln!(
         out,
         "        fetched {}  acked {}  in flight {} batches ({})",
@@ -312,6 +333,30 @@ mod tests {
             text.contains("STALLED since 2026-11-29T09:00:01.000Z: no confirm for 7 s"),
             "{text}"
         );
+    }
+    #[test]
+    fn a_standby_replica_says_so_and_who_holds_the_destination() {
+        let v = serde_json::json!({
+            "version": "0.2.0", "uptime_seconds": 5,
+            "canal": {"state": "standby", "server": "127.0.0.1:11121", "destination": "example",
+                      "inflight_batches": 0,
+                      "ha": {"role": "standby", "zookeeper": "connected",
+                             "canal_server": "127.0.0.1:11121", "holder": "host-a:17",
+                             "reason": "standby: client running node held by host-a:17"}},
+            "broker": {"state": "connected"}, "broker_connected": true, "consumers": []
+        });
+        let text = render_status(&v, 0);
+        assert!(text.contains("  ready"), "{text}");
+        assert!(text.contains("canal   standby"), "{text}");
+        assert!(
+            text.contains("replica STANDBY      zookeeper connected  canal server 127.0.0.1:11121  (standby: client running node held by host-a:17)"),
+            "{text}"
+        );
+        // without zookeeper mode there is no replica line
+        let mut plain = v.clone();
+        plain["canal"].as_object_mut().unwrap().remove("ha");
+        plain["canal"]["state"] = "connected".into();
+        assert!(!render_status(&plain, 0).contains("replica"));
     }
     #[test]
     fn renders_a_compact_status() {

@@ -3,7 +3,7 @@
 //! | Route | Needs | Answer |
 //! |---|---|---|
 //! | `GET /health` | probe | 200 `ok` while the process serves requests (liveness) |
-//! | `GET /ready` | probe | 200 `ready` when Canal is connected and the broker channel is up, else 503 with the reason (readiness) |
+//! | `GET /ready` | probe | 200 `ready` when Canal is connected and the broker channel is up (a ZooKeeper standby: its ZooKeeper session is connected and the broker channel is up), else 503 with the reason (readiness) |
 //! | `GET /metrics` | probe | 200, Prometheus text format 0.0.4 (refreshed from a status snapshot first) |
 //! | `GET /status` | read | 200, [`ServiceStatus`] as JSON |
 //! | `GET /consumers` | read | 200, the consumers of the status as a JSON array |
@@ -227,6 +227,10 @@ pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
     m.canal_reconnects_total.observe(c.reconnects);
     m.canal_inflight_batches
         .set(s.batches_in_flight.max(c.inflight_batches) as i64);
+    m.ha_active.set_bool(
+        c.ha.as_ref()
+            .is_none_or(|h| h.role == crate::ha::Role::Active),
+    );
     if let Some(t) = c.last_executed_at {
         m.canal_lag_seconds.set((now_ms - t).max(0) as f64 / 1000.0);
     }

@@ -38,6 +38,7 @@
 //! (Why this file is long: about 320 of its lines are the unit tests of every column type's
 //! byte-level decoding, kept beside the code they pin.)
 
+use crate::canal::charset::{self, BinlogPos, CharsetError, CharsetMap, Lookup, Need, TableName};
 use crate::canal::proto::entry::{Column, Entry, EntryType, EventType as WireEventType, Header};
 use crate::event::{
     ArcStr, ChangeEvent, ColumnSet, ColumnSetBuilder, Columns, EventType, Position, Row, Value,
@@ -65,6 +66,27 @@ pub enum DecodeError {
     },
     #[error("entry {index}: {reason}")]
     Invalid { index: usize, reason: String },
+    /// A text value that cannot be decoded with its column's charset (raw text mode).
+    #[error("entry {index}: {table} at {log_file}:{offset}: {source}")]
+    Charset {
+        index: usize,
+        table: String,
+        log_file: String,
+        offset: i64,
+        source: Box<CharsetError>,
+    },
+    /// Raw text mode: the charsets of these tables must be looked up before the batch can be
+    /// decoded (not a failure of the batch: decode it again after the lookup).
+    #[error("column charsets of {} needed", needs_list(.0))]
+    CharsetsNeeded(Vec<(Need, Vec<String>)>),
+}
+
+fn needs_list(needs: &[(Need, Vec<String>)]) -> String {
+    needs
+        .iter()
+        .map(|(n, _)| format!("{}.{}", n.table.0, n.table.1))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Statistics of one decoded batch.
@@ -84,6 +106,100 @@ pub fn decode_entries<B: AsRef<[u8]>>(
     Decoder::new(destination).decode_entries(entries, out)
 }
 
+/// Raw text mode state while one batch is decoded (`canal.connection_charset =
+/// "ISO-8859-1"`): Canal shipped the bytes of text columns as ISO-8859-1 characters, and each
+/// is decoded with its column's charset from `map` (`canal::charset`).
+#[derive(Debug)]
+struct RawText {
+    map: Arc<CharsetMap>,
+    /// The latest DDL on each table so far in this batch.
+    ddl_seen: HashMap<TableName, BinlogPos>,
+    /// Lookups the batch needs, with the columns found missing.
+    needs: Vec<(Need, Vec<String>)>,
+}
+
+impl RawText {
+    fn need(&mut self, need: Need, missing: Vec<String>) {
+        match self.needs.iter_mut().find(|(n, _)| n.table == need.table) {
+            Some((n, cols)) => {
+                if need.after_ddl > n.after_ddl {
+                    n.after_ddl = need.after_ddl;
+                }
+                for c in missing {
+                    if !cols.contains(&c) {
+                        cols.push(c);
+                    }
+                }
+            }
+            None => self.needs.push((need, missing)),
+        }
+    }
+}
+
+/// Declared types whose values Canal decodes with its connection charset (MySQL's JSON too:
+/// its strings); ENUM and SET arrive as numbers and get their labels from the declared type.
+fn is_charset_text(mysql_type: &[u8]) -> bool {
+    let declared = String::from_utf8_lossy(mysql_type).to_ascii_lowercase();
+    matches!(
+        base_type(&declared),
+        "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" | "json"
+    )
+}
+
+/// `java.sql.Types.CLOB`.
+const SQL_CLOB: i32 = 2005;
+
+/// Raw text mode: the text of each text column of `cols` decoded with its charset from
+/// `table` (`None` for other columns and NULLs); a column the table's entry lacks is added to
+/// `missing` (look the table up again).
+fn recode(
+    cols: &[wire::ColumnRef<'_>],
+    table: &charset::TableCharsets,
+    missing: &mut Vec<String>,
+) -> Result<Vec<Option<String>>, CharsetError> {
+    let mut out = Vec::with_capacity(cols.len());
+    for c in cols {
+        if c.is_null.unwrap_or(false) || !is_charset_text(c.mysql_type) {
+            out.push(None);
+            continue;
+        }
+        let name = String::from_utf8_lossy(c.name);
+        match charset::decode_text(table, &name, c.value)? {
+            Some(text) => out.push(Some(text)),
+            None => {
+                if !missing.iter().any(|m| *m == name) {
+                    missing.push(name.into_owned());
+                }
+                out.push(None);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `cols` with the recoded texts in place (a BLOB-typed one retyped CLOB, so it is read as
+/// text from here on).
+fn with_texts<'a>(
+    cols: &[wire::ColumnRef<'a>],
+    texts: &'a [Option<String>],
+) -> Vec<wire::ColumnRef<'a>> {
+    cols.iter()
+        .zip(texts)
+        .map(|(c, t)| match t {
+            Some(text) => wire::ColumnRef {
+                value: text.as_str(),
+                sql_type: if c.sql_type == SQL_BLOB {
+                    SQL_CLOB
+                } else {
+                    c.sql_type
+                },
+                ..*c
+            },
+            None => *c,
+        })
+        .collect()
+}
+
 /// Decodes entries, sharing what rows have in common: one [`Columns`] (names), one parsed
 /// column layout (declared types, ENUM/SET labels, DECIMAL scales, key flags) per table and
 /// column layout, and one copy of each database, table and binlog file name. Rows reference
@@ -101,6 +217,8 @@ pub struct Decoder {
     /// entries, see [`wire::reuse`]).
     before: Vec<wire::ColumnRef<'static>>,
     after: Vec<wire::ColumnRef<'static>>,
+    /// Raw text mode (see [`Decoder::with_charsets`]).
+    raw: Option<RawText>,
 }
 
 #[derive(Debug)]
@@ -197,7 +315,21 @@ impl Decoder {
             gtid: None,
             before: Vec::new(),
             after: Vec::new(),
+            raw: None,
         }
+    }
+
+    /// Raw text mode: text columns arrive as ISO-8859-1 characters of their bytes and are
+    /// decoded with the charsets in `map`. A batch with rows of tables the map cannot serve
+    /// yet ends in [`DecodeError::CharsetsNeeded`] (and the output is then incomplete): look
+    /// them up and decode the batch again.
+    pub fn with_charsets(mut self, map: Arc<CharsetMap>) -> Decoder {
+        self.raw = Some(RawText {
+            map,
+            ddl_seen: HashMap::new(),
+            needs: Vec::new(),
+        });
+        self
     }
 
     /// Decodes every entry of a batch, appending the events to `out`.
@@ -227,6 +359,11 @@ impl Decoder {
                 }
                 _ => stats.skipped += 1,
             }
+        }
+        if let Some(raw) = self.raw.as_mut()
+            && !raw.needs.is_empty()
+        {
+            return Err(DecodeError::CharsetsNeeded(std::mem::take(&mut raw.needs)));
         }
         Ok(stats)
     }
@@ -326,6 +463,17 @@ impl Decoder {
             } else {
                 header.schema_name.as_str()
             };
+            if let Some(raw) = self.raw.as_mut()
+                && !header.table_name.is_empty()
+            {
+                raw.ddl_seen.insert(
+                    (database.to_string(), header.table_name.clone()),
+                    (
+                        header.logfile_name.clone(),
+                        header.logfile_offset.max(0) as u64,
+                    ),
+                );
+            }
             out.push(ChangeEvent {
                 destination: self.destination.clone(),
                 database: database.into(),
@@ -343,6 +491,30 @@ impl Decoder {
             return Ok(true);
         }
 
+        // raw text mode: the table's charsets, or a lookup to ask for
+        let raw_map = self.raw.as_ref().map(|r| r.map.clone());
+        let table_name: TableName = (header.schema_name.clone(), header.table_name.clone());
+        let after_ddl = self
+            .raw
+            .as_ref()
+            .and_then(|r| r.ddl_seen.get(&table_name).cloned());
+        let charsets = match raw_map
+            .as_deref()
+            .map(|m| m.get(&table_name, after_ddl.as_ref()))
+        {
+            None => None,
+            Some(Lookup::Known(c)) => Some(c),
+            Some(Lookup::Needed) => {
+                let need = Need {
+                    table: table_name,
+                    after_ddl,
+                };
+                if let Some(raw) = self.raw.as_mut() {
+                    raw.need(need, Vec::new());
+                }
+                return Ok(true);
+            }
+        };
         let t = self.table(&header.schema_name, &header.table_name);
         let (database, table) = (
             self.tables[t].database.clone(),
@@ -358,7 +530,47 @@ impl Decoder {
                 result = Err(wire_err(e));
                 break;
             }
-            let event = self.row_event(t, event_type, &before, &after).map_err(|e| match e {
+            let texts = match charsets {
+                None => None,
+                Some(c) => {
+                    let mut missing = Vec::new();
+                    let texts = recode(&before, c, &mut missing)
+                        .and_then(|b| Ok((b, recode(&after, c, &mut missing)?)));
+                    match texts {
+                        Err(source) => {
+                            result = Err(DecodeError::Charset {
+                                index,
+                                table: format!("{}.{}", header.schema_name, header.table_name),
+                                log_file: header.logfile_name.clone(),
+                                offset: header.logfile_offset,
+                                source: Box::new(source),
+                            });
+                            break;
+                        }
+                        Ok(_) if !missing.is_empty() => {
+                            let need = Need {
+                                table: table_name.clone(),
+                                after_ddl: after_ddl.clone(),
+                            };
+                            if let Some(raw) = self.raw.as_mut() {
+                                raw.need(need, missing);
+                            }
+                            continue;
+                        }
+                        Ok(texts) => Some(texts),
+                    }
+                }
+            };
+            let (rb, ra);
+            let (b, a) = match &texts {
+                None => (&before[..], &after[..]),
+                Some((tb, ta)) => {
+                    rb = with_texts(&before, tb);
+                    ra = with_texts(&after, ta);
+                    (&rb[..], &ra[..])
+                }
+            };
+            let event = self.row_event(t, event_type, b, a).map_err(|e| match e {
                 RowError::Wire(e) => wire_err(e),
                 RowError::Mismatch(reason) => DecodeError::Invalid {
                     index,
@@ -732,6 +944,9 @@ impl Kind {
                 String::from_utf8(latin1_bytes(v))
                     .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
             ),
+            // MariaDB's JSON (a LONGTEXT alias Canal ships as bytes) after raw text mode
+            // decoded it with its column's charset (and retyped it CLOB): text, as above
+            Kind::BlobText { json: true } if sql_type == SQL_CLOB => text(v),
             // MySQL's binary JSON, rendered as JSON text by Canal
             Kind::BlobText { json: true } => serde_json::from_str(v)
                 .map(Value::Json)

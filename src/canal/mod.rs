@@ -5,6 +5,8 @@
 //! - [`auth`]: the password scramble.
 //! - [`session`]: one authenticated TCP session and its requests.
 //! - [`decode`]: entries to [`ChangeEvent`]s.
+//! - [`charset`], [`source`]: column charsets for a destination that ships text as raw bytes
+//!   (`canal.connection_charset = "ISO-8859-1"`), and their lookup in the source database.
 //! - [`connection`]: the `CanalConnection` actor that owns the session, fetches batches, acks
 //!   them in order, rolls back, and reconnects with backoff.
 //!
@@ -14,15 +16,17 @@
 //! [`ChangeEvent`]: crate::event::ChangeEvent
 
 pub mod auth;
+pub mod charset;
 pub mod codec;
 pub mod connection;
 pub mod decode;
 pub mod fuzz;
 pub mod proto;
 pub mod session;
+pub mod source;
 pub mod window;
 
-pub use connection::{Batch, BatchRef, CanalConnection, ConnectionConfig};
+pub use connection::{Batch, BatchRef, CanalConnection, ConnectionConfig, TextSource};
 pub use session::{Session, SessionConfig};
 
 use std::time::Duration;
@@ -87,6 +91,8 @@ pub enum CanalError {
         code: i32,
         message: String,
     },
+    #[error("not the active replica any more ({reason}); nothing more is fetched or acked")]
+    NotActive { reason: String },
     #[error("cannot decode batch {batch_id} from destination '{destination}': {source}")]
     Decode {
         destination: String,

@@ -6,7 +6,11 @@
 //! - whether another GET may be issued: batches and frame bytes in flight, abandoned ones
 //!   included until the subscriber releases them, stay within `max_batches` / `max_bytes`;
 //! - which acks may be written: only the finished prefix, so acks reach Canal in batch order;
-//! - what an ack or release means: one for an abandoned epoch is never written to Canal.
+//! - what an ack or release means: one for an abandoned epoch is never written to Canal;
+//! - how the next GET asks ([`GetMode`]): while data keeps coming it takes what Canal has at once
+//!   (no server-side wait), so while rows flow latency has no fixed wait in it; only after a GET came back
+//!   empty does it long-poll for the smallest batch Canal makes, which Canal answers as soon as
+//!   that much data exists (or when the wait runs out, with nothing). See [`GetMode`].
 //!
 //! It also watches Canal's batch ids: the server numbers the batches of one client identity
 //! consecutively, so within a session a jump means another process fetched batches as the same
@@ -65,6 +69,22 @@ pub struct Ackable {
     pub last: Option<(Position, i64)>,
 }
 
+/// How the next GET asks Canal for data.
+///
+/// Canal 1.1.7 (`CanalServerWithEmbedded.getWithoutAck`, `MemoryEventStoreWithBuffer.get`): a GET
+/// with timeout `-1` returns at once with what is there (possibly nothing); a GET with a timeout
+/// returns as soon as `fetch_size` units are unfetched (MEMSIZE mode: `fetch_size` KiB of raw
+/// entries; ITEMSIZE mode: any entry) and otherwise waits out the timeout. So a GET that waits
+/// with the full batch size adds up to that wait to every quiet-stream row, while one with size
+/// 1 is answered as soon as 1 KiB of changes (or, in ITEMSIZE mode, any change) exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetMode {
+    /// Data kept coming: the full batch size, no wait.
+    Drain,
+    /// The last GET found nothing: the smallest batch, waiting up to `fetch_wait` for it.
+    LongPoll,
+}
+
 /// The batch window. See the module docs.
 #[derive(Debug)]
 pub struct BatchWindow {
@@ -77,6 +97,8 @@ pub struct BatchWindow {
     abandoned_bytes: usize,
     /// The last batch id fetched in this session.
     last_id: Option<i64>,
+    /// The last answered GET found nothing.
+    idle: bool,
 }
 
 impl BatchWindow {
@@ -90,6 +112,7 @@ impl BatchWindow {
             abandoned: BTreeMap::new(),
             abandoned_bytes: 0,
             last_id: None,
+            idle: false,
         }
     }
 
@@ -131,6 +154,20 @@ impl BatchWindow {
             && self.inflight_bytes + self.abandoned_bytes < self.max_bytes
     }
 
+    /// The GET to issue next, if one may be issued now ([`Self::may_fetch`]).
+    pub fn next_get(&self) -> Option<GetMode> {
+        self.may_fetch().then_some(if self.idle {
+            GetMode::LongPoll
+        } else {
+            GetMode::Drain
+        })
+    }
+
+    /// An answered GET had nothing: the next one long-polls.
+    pub fn got_empty(&mut self) {
+        self.idle = true;
+    }
+
     /// End the current epoch (rollback or lost session): everything in flight is abandoned and
     /// will be redelivered by Canal. Returns the new epoch and how many batches were abandoned.
     /// `new_session` also forgets the batch-id sequence (a new session may restart it).
@@ -148,6 +185,8 @@ impl BatchWindow {
         }
         self.inflight_bytes = 0;
         self.epoch += 1;
+        // redelivery starts at once: Canal has the rolled-back batches ready
+        self.idle = false;
         if new_session {
             self.last_id = None;
         }
@@ -202,6 +241,8 @@ impl BatchWindow {
     /// Note a batch id Canal handed out in this session (also one whose batch is discarded);
     /// returns `(expected, got)` if ids were skipped.
     pub fn observe_id(&mut self, id: i64) -> Option<(i64, i64)> {
+        // a batch came: more may be waiting, take it without waiting
+        self.idle = false;
         let gap = match self.last_id {
             Some(prev) if id != prev + 1 => Some((prev + 1, id)),
             _ => None,
@@ -285,6 +326,28 @@ mod tests {
         assert!(!w.may_fetch());
         assert_eq!(w.ack(a), AckOutcome::Abandoned);
         assert!(w.may_fetch());
+    }
+
+    #[test]
+    fn only_a_get_after_an_empty_one_waits() {
+        let mut w = BatchWindow::new(2, 1 << 20);
+        assert_eq!(w.next_get(), Some(GetMode::Drain));
+        w.got_empty();
+        assert_eq!(w.next_get(), Some(GetMode::LongPoll));
+        w.got_empty();
+        assert_eq!(w.next_get(), Some(GetMode::LongPoll));
+        // the long poll was answered with data: drain without waiting
+        let a = w.fetched(1, 10, None, true).batch;
+        assert_eq!(w.next_get(), Some(GetMode::Drain));
+        w.fetched(2, 10, None, true);
+        assert_eq!(w.next_get(), None, "window full");
+        w.ack(a);
+        w.take_ackable();
+        assert_eq!(w.next_get(), Some(GetMode::Drain));
+        w.got_empty();
+        // a rollback: Canal redelivers at once
+        w.begin_epoch(false);
+        assert_eq!(w.next_get(), Some(GetMode::Drain));
     }
 
     #[test]

@@ -226,7 +226,12 @@ pub fn load_from(
     }
     figment = figment.merge(cli);
 
-    let config: Config = figment.extract().map_err(|e| figment_error(e, &sources))?;
+    let mut config: Config = figment.extract().map_err(|e| figment_error(e, &sources))?;
+    // `max_priority = 0` is how a file (or CANAL_CONSUMER__AMQP__QUEUE__MAX_PRIORITY=0) says
+    // "no x-max-priority": TOML has no null to unset the default with
+    if config.amqp.queue.max_priority == Some(0) {
+        config.amqp.queue.max_priority = None;
+    }
     config.validate().map_err(|e| attribute(e, &sources))?;
     Ok(config)
 }

@@ -61,7 +61,7 @@ pub const REFERENCE_ENV: &[(&str, &str)] = &[
 ];
 
 /// Keys whose values are secrets: never echoed in errors.
-const SECRET_KEYS: &[&str] = &["canal.password", "amqp.url"];
+const SECRET_KEYS: &[&str] = &["canal.password", "canal.source_url", "amqp.url"];
 
 /// Load, validate and render the effective configuration (secrets redacted): what
 /// `canal-consumer check-config` prints.
@@ -85,6 +85,10 @@ impl Config {
             t.insert(
                 "password".into(),
                 toml::Value::String(self.canal.password.redacted()),
+            );
+            t.insert(
+                "source_url".into(),
+                toml::Value::String(self.canal.source_url.redacted()),
             );
         }
         if let Some(t) = value.get_mut("amqp").and_then(|v| v.as_table_mut()) {

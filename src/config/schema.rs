@@ -44,6 +44,8 @@ pub struct CanalConfig {
     /// Extra Canal subscription filter ORed into the one built from consumer filters. Leave
     /// empty: the service subscribes to exactly what enabled consumers want.
     pub filter: String,
+    /// How long an idle long poll (the GET after one that found nothing) waits on the server;
+    /// GETs while rows flow never wait (`canal::window::GetMode`).
     #[serde(with = "humantime_serde")]
     pub fetch_wait: Duration,
     #[serde(with = "humantime_serde")]
@@ -59,6 +61,39 @@ pub struct CanalConfig {
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// ZooKeeper connect string (`host:port,host:port`). Empty: the simple mode, `host`/`port`.
+    /// Set: the Canal server is the one ZooKeeper says runs `destination`, and replicas of the
+    /// service run active/standby (see `crate::ha`); `host`/`port` are then unused.
+    pub zk_servers: String,
+    /// Canal's root path in ZooKeeper.
+    pub zk_root: String,
+    /// The ZooKeeper session timeout (the server may clamp it): how long a replica that died
+    /// keeps the destination before a standby takes over.
+    #[serde(with = "humantime_serde")]
+    pub zk_session_timeout: Duration,
+    /// The destination's `canal.instance.connectionCharset`: `UTF-8` (Canal decodes text, and
+    /// non-UTF-8 columns lose their non-ASCII characters inside Canal) or `ISO-8859-1` (Canal
+    /// ships text as raw bytes and the service decodes each column with its own charset, read
+    /// from `source_url`; database and table names must then be ASCII). docs/types.md.
+    pub connection_charset: ConnectionCharset,
+    /// `mysql://user:password@host:port` of the database Canal reads, for column charsets
+    /// (`information_schema`); required with `connection_charset = "ISO-8859-1"`.
+    pub source_url: Secret,
+}
+
+/// `canal.connection_charset`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnectionCharset {
+    #[default]
+    #[serde(rename = "UTF-8", alias = "utf-8", alias = "UTF8", alias = "utf8")]
+    Utf8,
+    #[serde(
+        rename = "ISO-8859-1",
+        alias = "iso-8859-1",
+        alias = "ISO_8859_1",
+        alias = "latin1"
+    )]
+    Iso8859_1,
 }
 
 impl Default for CanalConfig {
@@ -77,15 +112,45 @@ impl Default for CanalConfig {
             read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
             max_frame_bytes: nz(crate::canal::codec::DEFAULT_MAX_FRAME_BYTES),
-            max_inflight_batches: nz(8),
-            max_inflight_bytes: nz(64 * 1024 * 1024),
+            max_inflight_batches: nz(128),
+            max_inflight_bytes: nz(2 * 1024 * 1024),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
+            zk_servers: String::new(),
+            zk_root: "/otter/canal".into(),
+            zk_session_timeout: Duration::from_secs(10),
+            connection_charset: ConnectionCharset::Utf8,
+            source_url: Secret::default(),
         }
     }
 }
 
 impl CanalConfig {
+    /// ZooKeeper mode settings, or None in the simple mode.
+    pub fn ha(&self) -> Option<crate::ha::HaConfig> {
+        if self.zk_servers.trim().is_empty() {
+            return None;
+        }
+        Some(crate::ha::HaConfig {
+            servers: self.zk_servers.trim().to_string(),
+            root: self.zk_root.trim_end_matches('/').to_string(),
+            destination: self.destination.clone(),
+            client_id: self.client_id.clone(),
+            address: crate::ha::default_address(),
+            session_timeout: self.zk_session_timeout,
+        })
+    }
+
+    /// What identifies the Canal client for the per-host instance lock: the server (or the
+    /// ZooKeeper ensemble and root in ZooKeeper mode), destination and client id.
+    pub fn lock_server(&self) -> String {
+        if self.zk_servers.trim().is_empty() {
+            format!("{}:{}", self.host, self.port)
+        } else {
+            format!("zk-{}{}", self.zk_servers.trim(), self.zk_root)
+        }
+    }
+
     /// The connection actor settings for this section and a subscription filter.
     pub fn connection(&self, filter: String, fail_fast: bool) -> crate::canal::ConnectionConfig {
         crate::canal::ConnectionConfig {
@@ -109,6 +174,13 @@ impl CanalConfig {
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
             fail_fast,
+            lease: None,
+            text: match self.connection_charset {
+                ConnectionCharset::Utf8 => crate::canal::TextSource::AsShipped,
+                ConnectionCharset::Iso8859_1 => crate::canal::TextSource::Raw {
+                    source_url: self.source_url.clone(),
+                },
+            },
         }
     }
 }
@@ -156,7 +228,8 @@ pub struct QueueConfig {
     /// `none` (rely on mandatory returns).
     pub declare: DeclareMode,
     pub durable: bool,
-    /// `x-max-priority`; must equal the workers' (Celery: `task_queue_max_priority`).
+    /// `x-max-priority`; must equal the workers' (Celery: `task_queue_max_priority`). `0` in a
+    /// file or the environment means none (the loader turns it into `None`).
     pub max_priority: Option<u8>,
     /// `classic` or `quorum`.
     pub queue_type: QueueType,

@@ -532,3 +532,105 @@ fn shipped_config_files_are_valid() {
         Path::new("/var/lib/canal-consumer/consumers.json")
     );
 }
+
+#[test]
+fn zookeeper_mode_from_the_environment_and_its_checks() {
+    let vars = env(&[
+        ("CANAL_CONSUMER__CANAL__ZK_SERVERS", "zk1:2181,zk2:2181"),
+        ("CANAL_CONSUMER__CANAL__ZK_SESSION_TIMEOUT", "4s"),
+    ]);
+    let c = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap();
+    let ha = c.canal.ha().expect("zookeeper mode");
+    assert_eq!(ha.servers, "zk1:2181,zk2:2181");
+    assert_eq!(ha.root, "/otter/canal");
+    assert_eq!(ha.session_timeout, std::time::Duration::from_secs(4));
+    assert_eq!(
+        ha.client_running_path(),
+        "/otter/canal/destinations/example/1001/running"
+    );
+    assert_eq!(c.canal.lock_server(), "zk-zk1:2181,zk2:2181/otter/canal");
+    // the simple mode without it
+    let plain = load_from(None, nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert!(plain.canal.ha().is_none());
+    assert_eq!(plain.canal.lock_server(), "127.0.0.1:11111");
+
+    let vars = env(&[
+        ("CANAL_CONSUMER__CANAL__ZK_SERVERS", "zk1:2181,zk2"),
+        ("CANAL_CONSUMER__CANAL__ZK_ROOT", "otter"),
+        ("CANAL_CONSUMER__CANAL__CLIENT_ID", "abc"),
+    ]);
+    let err = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.problems().len(), 3, "{text}");
+    assert!(
+        text.contains(
+            "CANAL_CONSUMER__CANAL__ZK_SERVERS: key `canal.zk_servers`: `zk2` is not host:port"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("key `canal.zk_root`: must be an absolute"),
+        "{text}"
+    );
+    assert!(
+        text.contains("key `canal.client_id`: must be a number"),
+        "{text}"
+    );
+}
+
+#[test]
+fn raw_text_needs_a_source_url_and_keeps_its_password_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "raw.toml",
+        "[canal]\nconnection_charset = \"ISO-8859-1\"\n",
+    );
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("canal.source_url"), "{text}");
+    assert!(text.contains("must be set"), "{text}");
+
+    let vars = env(&[(
+        "CANAL_CONSUMER__CANAL__SOURCE_URL",
+        "postgres://u:hunter2@h/db",
+    )]);
+    let err = load_from(Some(&file), nowhere(), vars, CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("mysql://"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+
+    let vars = env(&[(
+        "CANAL_CONSUMER__CANAL__SOURCE_URL",
+        "mysql://u:hunter2@h:3306",
+    )]);
+    let c = load_from(Some(&file), nowhere(), vars, CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.connection_charset, ConnectionCharset::Iso8859_1);
+    let shown = c.to_redacted_toml();
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("mysql://u:***@h:3306"), "{shown}");
+
+    let file = write(&dir, "bad.toml", "[canal]\nconnection_charset = \"GBK\"\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    assert!(err.to_string().contains("connection_charset"), "{err}");
+}
+
+#[test]
+fn max_priority_zero_means_a_queue_without_priorities() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "p.toml", "[amqp.queue]\nmax_priority = 0\n");
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.amqp.queue.max_priority, None);
+    // the same through the environment
+    let c = load_from(
+        None,
+        nowhere(),
+        env(&[("CANAL_CONSUMER__AMQP__QUEUE__MAX_PRIORITY", "0")]),
+        CliOverrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.amqp.queue.max_priority, None);
+    // without it the default declares priorities
+    let c = load_from(None, nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert!(c.amqp.queue.max_priority.is_some());
+}

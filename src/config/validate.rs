@@ -2,7 +2,7 @@
 //! value came from.
 
 use super::error::{ConfigError, Origin};
-use super::schema::Config;
+use super::schema::{Config, ConnectionCharset};
 use super::secret::Secret;
 use std::path::Path;
 
@@ -27,6 +27,57 @@ impl Config {
         }
         if c.client_id.trim().is_empty() {
             bad("canal.client_id", "must not be empty".into());
+        }
+        if !c.zk_servers.trim().is_empty() {
+            for server in c.zk_servers.trim().split(',') {
+                let ok = server.rsplit_once(':').is_some_and(|(h, p)| {
+                    !h.trim().is_empty() && p.trim().parse::<u16>().is_ok_and(|p| p > 0)
+                });
+                if !ok {
+                    bad(
+                        "canal.zk_servers",
+                        format!("`{server}` is not host:port (expected e.g. `zk1:2181,zk2:2181`)"),
+                    );
+                }
+            }
+            if !c.zk_root.starts_with('/') || c.zk_root.len() < 2 {
+                bad(
+                    "canal.zk_root",
+                    format!(
+                        "must be an absolute ZooKeeper path such as /otter/canal, got `{}`",
+                        c.zk_root
+                    ),
+                );
+            }
+            if c.client_id.trim().parse::<i16>().is_err() {
+                bad(
+                    "canal.client_id",
+                    format!(
+                        "must be a number from 1 to 32767 with canal.zk_servers (canal's client running node is named after it), got `{}`",
+                        c.client_id
+                    ),
+                );
+            }
+            if c.zk_session_timeout < std::time::Duration::from_secs(1) {
+                bad(
+                    "canal.zk_session_timeout",
+                    "must be at least 1s (ZooKeeper's own minimum is two ticks)".into(),
+                );
+            }
+        }
+        match (c.connection_charset, c.source_url.is_empty()) {
+            (ConnectionCharset::Iso8859_1, true) => bad(
+                "canal.source_url",
+                "must be set with canal.connection_charset = \"ISO-8859-1\": the service reads \
+                 each text column's charset from the source database (mysql://user:password@host:port)"
+                    .into(),
+            ),
+            (_, false) => {
+                if let Err(e) = crate::canal::source::check_url(c.source_url.expose()) {
+                    bad("canal.source_url", e.to_string().replace("canal.source_url: ", ""));
+                }
+            }
+            (ConnectionCharset::Utf8, true) => {}
         }
         if c.batch_size <= 0 {
             bad(

@@ -31,6 +31,8 @@ pub struct ServiceProc {
     pub config: PathBuf,
     pub admin: String,
     pub queue: String,
+    /// Extra environment for the process (e.g. `CANAL_CONSUMER__CANAL__ZK_SERVERS`).
+    pub env: Vec<(String, String)>,
 }
 
 /// Writes a config for the service into `dir` and returns its path.
@@ -111,6 +113,7 @@ impl ServiceProc {
             config,
             admin,
             queue: queue.to_string(),
+            env: Vec::new(),
         }
     }
 
@@ -129,6 +132,7 @@ impl ServiceProc {
                 .arg("--config")
                 .arg(&self.config)
                 .env_remove("RUST_LOG")
+                .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .stdout(Stdio::null())
                 .stderr(out),
         );

@@ -21,7 +21,8 @@ pub struct ConnectionConfig {
     pub filter: String,
     /// GET size in Canal's unit (KiB in the default MEMSIZE mode, entries in ITEMSIZE mode).
     pub fetch_size: i32,
-    /// How long the server may wait for data before answering a GET with "nothing".
+    /// How long an idle long poll (a GET after an empty one) may wait on the server for data
+    /// before it is answered with "nothing"; GETs while data flows never wait.
     pub fetch_wait: Duration,
     pub max_inflight_batches: usize,
     pub max_inflight_bytes: usize,
@@ -30,7 +31,28 @@ pub struct ConnectionConfig {
     /// Give up (instead of retrying) when the very first connect fails with a permanent error
     /// such as a wrong password.
     pub fail_fast: bool,
+    /// ZooKeeper mode: the lease that says which Canal server to use (instead of
+    /// `session.host`/`session.port`) and whether this replica may fetch and ack at all; read
+    /// before every GET and ACK. None: the simple mode (always this host and port).
+    pub lease: Option<tokio::sync::watch::Receiver<crate::ha::Lease>>,
+    /// How text columns arrive (`canal.connection_charset`).
+    pub text: TextSource,
 }
+
+/// How the destination ships text columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextSource {
+    /// Decoded by Canal (its connectionCharset, UTF-8): taken as they are.
+    AsShipped,
+    /// As raw bytes (connectionCharset ISO-8859-1): decoded with each column's charset, looked
+    /// up in the source database at this URL.
+    Raw { source_url: crate::config::Secret },
+}
+
+/// The lease changed (ZooKeeper mode): connect, follow the Canal server, or stand by.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct LeaseChanged;
 
 /// A decoded batch.
 #[derive(Debug, Clone)]
@@ -154,6 +176,9 @@ pub enum ConnectionState {
     Reconnecting,
     /// Another process fetches as the same Canal client; not fetching until it is gone.
     Conflict,
+    /// ZooKeeper mode: another replica (or Canal's Java client) holds the destination, or this
+    /// one has no ZooKeeper session; connected to no Canal server.
+    Standby,
     /// Stopped at something it must not pass on its own (a frame over the cap, an entry that
     /// cannot be decoded); see [`ConnectionStatus::stall`] for what and how to proceed.
     Stalled,
@@ -167,6 +192,7 @@ impl ConnectionState {
             ConnectionState::Connected => "connected",
             ConnectionState::Reconnecting => "reconnecting",
             ConnectionState::Conflict => "conflict",
+            ConnectionState::Standby => "standby",
             ConnectionState::Stalled => "stalled",
             ConnectionState::Stopped => "stopped",
         }
@@ -204,6 +230,9 @@ pub struct ConnectionStatus {
     /// Times another process was seen fetching as this Canal client.
     #[serde(default)]
     pub conflicts: u64,
+    /// ZooKeeper mode only: active or standby, the session, the Canal server ZooKeeper names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<crate::ha::HaStatus>,
     /// Set while `state` is `stalled`.
     #[serde(default)]
     pub stall: Option<StallInfo>,

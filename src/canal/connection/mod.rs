@@ -10,6 +10,11 @@
 //! finished, which acks may be written, whether another GET may be issued. This actor only turns
 //! messages and session I/O into calls on it.
 //!
+//! Fetching: while data keeps coming every GET takes what Canal has at once; after a GET came
+//! back empty the next one long-polls for the smallest batch (up to `fetch_wait`), which Canal
+//! answers as soon as there is data (see [`GetMode`]). The session is lent to one request at a
+//! time, so acks wait for a long poll to be answered; they only delay the ack, not delivery.
+//!
 //! Back-pressure: no GET is issued while `max_inflight_batches` batches or
 //! `max_inflight_bytes` bytes of frames are unacked — counting batches of abandoned epochs that
 //! the subscriber still works on until it sends [`ReleaseBatch`] — so whatever stalls downstream
@@ -32,13 +37,20 @@
 //! re-subscribes with the current filter and rolls back everything. The actor never blocks its
 //! mailbox on the network, so status queries and acks are always served.
 //!
+//! ZooKeeper mode (`cfg.lease` set, see [`crate::ha`]): the lease names the Canal server and
+//! says whether this replica may work. Every GET and ACK is checked against it right before it
+//! is written (a lease that ran out, or a replica that lost its node, writes nothing more); a
+//! [`LeaseChanged`] makes the actor drop its session (standby, or the server moved) or connect
+//! through the usual path (connect, subscribe, rollback). A dropped session is retired by a
+//! generation count, so an operation still running on it is ignored when it comes back.
+//!
 //! [`ChangeEvent`]: crate::event::ChangeEvent
 
 use crate::backoff::Backoff;
 use crate::canal::CanalError;
-use crate::canal::decode::{DecodeError, decode_entries};
+use crate::canal::decode::{DecodeError, Decoder};
 use crate::canal::session::{Fetch, RawBatch, Session, SkippedFrame};
-use crate::canal::window::{AckOutcome, BatchWindow};
+use crate::canal::window::{AckOutcome, BatchWindow, GetMode};
 use crate::event::ChangeEvent;
 
 use actix::prelude::*;
@@ -48,6 +60,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 mod api;
+mod charsets;
 mod stall;
 pub use api::*;
 
@@ -56,10 +69,22 @@ type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, Cana
 
 /// What an operation on the session did.
 enum Op {
-    Fetched { epoch: u64, raw: RawBatch },
-    Skipped { epoch: u64, skipped: SkippedFrame },
-    Acked { ids: Vec<i64> },
-    Subscribed { filter: String },
+    Fetched {
+        epoch: u64,
+        raw: RawBatch,
+    },
+    Skipped {
+        epoch: u64,
+        skipped: SkippedFrame,
+    },
+    /// Acks written, and the answer of the GET that followed them in the same turn, if any.
+    Acked {
+        ids: Vec<i64>,
+        fetched: Option<(u64, RawBatch)>,
+    },
+    Subscribed {
+        filter: String,
+    },
     RolledBack,
     Closed,
 }
@@ -97,6 +122,11 @@ pub struct CanalConnection {
     /// A requested shutdown (rollback first?) and who waits for it.
     shutdown: Option<(bool, oneshot::Sender<ShutdownReport>)>,
     status: ConnectionStatus,
+    /// Bumped whenever the session is dropped from outside an operation (ZooKeeper mode): an
+    /// operation that started on an older generation is ignored when it returns.
+    generation: u64,
+    /// Raw text mode (`TextSource::Raw`): column charsets and their lookups.
+    raw_text: Option<charsets::RawText>,
 }
 
 impl CanalConnection {
@@ -129,8 +159,69 @@ impl CanalConnection {
             drain_waiters: Vec::new(),
             shutdown: None,
             status,
+            generation: 0,
+            raw_text: match &cfg.text {
+                TextSource::AsShipped => None,
+                TextSource::Raw { source_url } => Some(charsets::RawText::new(source_url)),
+            },
             cfg,
         }
+    }
+
+    /// ZooKeeper mode: the current lease (None in the simple mode).
+    fn lease(&self) -> Option<crate::ha::Lease> {
+        self.cfg.lease.as_ref().map(|l| l.borrow().clone())
+    }
+
+    /// ZooKeeper mode: point the session settings at the server the lease names, or say why
+    /// there is none (and set the state to show it). True when a connect may go ahead.
+    fn follow_lease(&mut self) -> bool {
+        let Some(lease) = self.lease() else {
+            return true;
+        };
+        self.status.ha = Some((&lease).into());
+        match lease.target(Instant::now()) {
+            Some(addr) => {
+                let Some((host, port)) = addr
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                else {
+                    self.state = ConnectionState::Reconnecting;
+                    self.status.last_error = Some(format!(
+                        "canal's running node names '{addr}', not host:port"
+                    ));
+                    return false;
+                };
+                self.cfg.session.host = host;
+                self.cfg.session.port = port;
+                self.status.server = addr.to_string();
+                true
+            }
+            None => {
+                if let Some(canal) = &lease.canal {
+                    self.status.server = canal.clone();
+                }
+                self.state = if lease.role == crate::ha::Role::Standby {
+                    ConnectionState::Standby
+                } else {
+                    // active, but suspended (zookeeper disconnected) or no canal server runs it
+                    ConnectionState::Reconnecting
+                };
+                self.status.last_error = lease.reason.clone();
+                false
+            }
+        }
+    }
+
+    /// Drop the session from outside an operation (the lease moved or ended).
+    fn retire_session(&mut self, reason: &str) {
+        self.generation += 1;
+        self.busy = false;
+        self.session = None;
+        self.begin_epoch(reason, true);
+        self.held = None;
+        self.skip_oversized = false;
+        self.need_rollback = false;
     }
 
     /// Delay before reconnect (or redelivery) number `attempt`: up to 20% jitter so restarts
@@ -145,24 +236,44 @@ impl CanalConnection {
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
-        if self.state == ConnectionState::Stopped {
+        if self.state == ConnectionState::Stopped || self.busy || self.session.is_some() {
+            return;
+        }
+        if !self.follow_lease() {
             return;
         }
         self.state = ConnectionState::Connecting;
         self.busy = true;
+        let generation = self.generation;
         let cfg = self.cfg.session.clone();
         let filter = self.cfg.filter.clone();
+        let gate = self.cfg.lease.clone();
         let fut = async move {
             let mut session = Session::connect(&cfg).await?;
+            // ZooKeeper mode: a replica whose lease ran out while it connected writes nothing
+            may_write(&gate)?;
             session.subscribe(&filter).await?;
+            may_write(&gate)?;
             // Batches of an earlier connection are still outstanding on the server; roll
             // them back so they are redelivered and later acks line up.
             session.rollback(0).await?;
             Ok::<_, CanalError>((session, filter))
         };
-        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            if act.generation != generation {
+                return; // the lease moved meanwhile; that path connects anew
+            }
             act.busy = false;
             if act.state == ConnectionState::Stopped {
+                return;
+            }
+            if let (Ok(_), Some(lease)) = (&res, act.lease())
+                && lease.target(Instant::now()) != Some(act.cfg.session.addr().as_str())
+            {
+                // no longer ours, or the server moved, while we connected
+                drop(res);
+                act.state = ConnectionState::Reconnecting;
+                act.connect(ctx);
                 return;
             }
             match res {
@@ -255,6 +366,15 @@ impl CanalConnection {
         if let Some(evidence) = Self::vanished_batch(&e) {
             return self.on_conflict(evidence, ctx);
         }
+        if let CanalError::NotActive { .. } = &e {
+            // the lease ended under an operation: wait for it to come back (LeaseChanged)
+            tracing::warn!(error = %e, "stopped fetching and acking");
+            self.status.last_error = Some(e.to_string());
+            if self.follow_lease() {
+                self.connect(ctx);
+            }
+            return;
+        }
         self.schedule_reconnect(e, ctx);
     }
 
@@ -278,7 +398,7 @@ impl CanalConnection {
     }
 
     fn notify_drained(&mut self) {
-        if self.window.current_is_empty() && !self.decoding {
+        if self.window.current_is_empty() && !self.decoding && !self.waiting_for_charsets() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -298,6 +418,8 @@ impl CanalConnection {
             return;
         };
         let op: SessionOp;
+        let gate = self.cfg.lease.clone();
+        let generation = self.generation;
         let ackable = if self.need_rollback {
             Default::default()
         } else {
@@ -315,15 +437,33 @@ impl CanalConnection {
                 self.status.acked_executed_at = Some(at);
             }
             let ids = ackable.ids;
+            // Acks get no reply, so a GET written right behind them costs no extra round trip:
+            // one turn of the session instead of two.
+            let get = (self.shutdown.is_none() && !self.need_subscribe && !self.skip_oversized)
+                .then(|| self.next_get())
+                .flatten()
+                .map(|mode| (self.window.epoch(), self.get_args(mode)));
             op = Box::pin(async move {
-                let mut r = Ok(());
                 for id in &ids {
-                    r = session.ack(*id).await;
-                    if r.is_err() {
-                        break;
+                    if let Err(e) = may_write(&gate) {
+                        return (session, Err(e));
+                    }
+                    tracing::debug!(batch_id = *id, "writing canal ack");
+                    if let Err(e) = session.ack(*id).await {
+                        return (session, Err(e));
                     }
                 }
-                (session, r.map(|_| Op::Acked { ids }))
+                let Some((epoch, (size, wait))) = get else {
+                    return (session, Ok(Op::Acked { ids, fetched: None }));
+                };
+                if let Err(e) = may_write(&gate) {
+                    return (session, Err(e));
+                }
+                let r = session.get(size, wait).await.map(|raw| Op::Acked {
+                    ids,
+                    fetched: Some((epoch, raw)),
+                });
+                (session, r)
             });
         } else if let Some((rollback, _)) = &self.shutdown {
             // every acked batch has been written; close (rolling back the rest if asked)
@@ -348,6 +488,9 @@ impl CanalConnection {
             let epoch = self.window.epoch();
             let wait = self.cfg.fetch_wait;
             op = Box::pin(async move {
+                if let Err(e) = may_write(&gate) {
+                    return (session, Err(e));
+                }
                 // the smallest batch Canal makes: the oversized entry and as little else as it can
                 let (session, r) = session.get_skipping_oversized(1, wait, None).await;
                 let r = r.map(|f| match f {
@@ -356,10 +499,13 @@ impl CanalConnection {
                 });
                 (session, r)
             });
-        } else if self.may_fetch() {
+        } else if let Some(mode) = self.next_get() {
             let epoch = self.window.epoch();
-            let (size, wait) = (self.cfg.fetch_size, self.cfg.fetch_wait);
+            let (size, wait) = self.get_args(mode);
             op = Box::pin(async move {
+                if let Err(e) = may_write(&gate) {
+                    return (session, Err(e));
+                }
                 let r = session
                     .get(size, wait)
                     .await
@@ -384,7 +530,10 @@ impl CanalConnection {
             return;
         }
         self.busy = true;
-        ctx.spawn(op.into_actor(self).map(|(session, res), act, ctx| {
+        ctx.spawn(op.into_actor(self).map(move |(session, res), act, ctx| {
+            if act.generation != generation {
+                return; // retired while it ran (see retire_session)
+            }
             act.busy = false;
             if act.state == ConnectionState::Stopped {
                 return;
@@ -404,12 +553,31 @@ impl CanalConnection {
         }));
     }
 
+    /// GET size and server-side wait for `mode`.
+    fn get_args(&self, mode: GetMode) -> (i32, Duration) {
+        match mode {
+            GetMode::Drain => (self.cfg.fetch_size, Duration::ZERO),
+            // the smallest batch Canal makes: answered as soon as there is that much
+            GetMode::LongPoll => (1, self.cfg.fetch_wait),
+        }
+    }
+
     fn may_fetch(&self) -> bool {
-        self.state == ConnectionState::Connected
+        self.next_get().is_some()
+    }
+
+    /// The GET to issue now, if any: the window decides how it asks (see [`GetMode`]).
+    fn next_get(&self) -> Option<GetMode> {
+        if self.state == ConnectionState::Connected
             && !self.decoding
+            && !self.waiting_for_charsets()
             && !self.draining
             && self.paused_until.is_none_or(|t| t <= Instant::now())
-            && self.window.may_fetch()
+        {
+            self.window.next_get()
+        } else {
+            None
+        }
     }
 
     fn completed(&mut self, op: Op, ctx: &mut Context<Self>) {
@@ -442,12 +610,15 @@ impl CanalConnection {
                         .unwrap_or_else(|| "the start".into())
                 ));
             }
-            Op::Acked { ids } => {
+            Op::Acked { ids, fetched } => {
                 self.status.batches_acked += ids.len() as u64;
                 self.consecutive_rollbacks = 0;
                 self.attempt = 0;
                 tracing::debug!(?ids, "canal batches acked");
                 self.notify_drained();
+                if let Some((epoch, raw)) = fetched {
+                    self.on_fetched(epoch, raw, ctx);
+                }
             }
             Op::Subscribed { filter } => {
                 tracing::info!(filter = %filter, "canal subscription updated");
@@ -462,6 +633,9 @@ impl CanalConnection {
 
     fn on_fetched(&mut self, epoch: u64, raw: RawBatch, ctx: &mut Context<Self>) {
         if raw.is_empty() {
+            if epoch == self.window.epoch() {
+                self.window.got_empty();
+            }
             return;
         }
         if epoch != self.window.epoch() {
@@ -476,10 +650,15 @@ impl CanalConnection {
         // Decoding is CPU work: it runs on the blocking pool, off the thread the actors share.
         self.decoding = true;
         let destination = self.cfg.session.destination.clone();
+        let charsets = self.charset_map();
         let decode = async move {
             let job = tokio::task::spawn_blocking(move || {
                 let mut events = Vec::new();
-                let r = decode_entries(&destination, &raw.entries, &mut events);
+                let mut decoder = Decoder::new(&destination);
+                if let Some(map) = charsets {
+                    decoder = decoder.with_charsets(map);
+                }
+                let r = decoder.decode_entries(&raw.entries, &mut events);
                 (raw, r.map(|_| events))
             });
             job.await
@@ -515,7 +694,13 @@ impl CanalConnection {
             return;
         }
         let events = match decoded {
-            Ok(events) => events,
+            Ok(events) => {
+                self.ddls_passed(&events);
+                events
+            }
+            Err(DecodeError::CharsetsNeeded(needs)) => {
+                return self.wait_for_charsets(epoch, raw, needs, ctx);
+            }
             Err(source) => {
                 let e = CanalError::Decode {
                     destination: self.cfg.session.destination.clone(),
@@ -618,6 +803,68 @@ impl CanalConnection {
         s.abandoned_batches = self.window.abandoned_batches();
         s.filter = self.cfg.filter.clone();
         s
+    }
+}
+
+/// ZooKeeper mode: may this replica write a GET or ACK now? (Always in the simple mode.)
+fn may_write(
+    gate: &Option<tokio::sync::watch::Receiver<crate::ha::Lease>>,
+) -> Result<(), CanalError> {
+    match gate {
+        None => Ok(()),
+        Some(g) => {
+            let lease = g.borrow();
+            if lease.may_write(Instant::now()) {
+                Ok(())
+            } else {
+                Err(CanalError::NotActive {
+                    reason: lease
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "the zookeeper lease ran out".into()),
+                })
+            }
+        }
+    }
+}
+
+impl Handler<LeaseChanged> for CanalConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: LeaseChanged, ctx: &mut Context<Self>) {
+        if self.state == ConnectionState::Stopped {
+            return;
+        }
+        let Some(lease) = self.lease() else {
+            return;
+        };
+        self.status.ha = Some((&lease).into());
+        let target = lease.target(Instant::now()).map(str::to_string);
+        let current = self.cfg.session.addr();
+        let has_session = self.session.is_some() || self.busy;
+        match target {
+            None => {
+                if has_session {
+                    let reason = lease
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "the zookeeper lease ended".into());
+                    tracing::warn!(reason = %reason, "leaving the canal server: not the active replica now");
+                    self.retire_session(&reason);
+                }
+                self.follow_lease();
+            }
+            Some(addr) => {
+                if has_session && addr != current {
+                    tracing::warn!(from = %current, to = %addr, "canal server moved; following it");
+                    self.retire_session(&format!("canal server moved from {current} to {addr}"));
+                }
+                let idle = self.session.is_none() && !self.busy;
+                if idle && self.state != ConnectionState::Conflict {
+                    self.connect(ctx);
+                }
+            }
+        }
     }
 }
 
