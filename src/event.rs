@@ -7,6 +7,10 @@
 //! exact text so nothing is lost to floating point or time-zone conversion.
 //!
 //! Transaction begin/end are boundaries, not events: they never become a `ChangeEvent`.
+//!
+//! Names are shared, not copied per row: database, table and binlog file names are [`ArcStr`]s,
+//! and a row's column names live in [`Columns`] that every row of the same table layout shares
+//! ([`Row`], [`ColumnSet`]).
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};

@@ -149,6 +149,10 @@ pub struct BulkRange {
     /// The last row's position and event time.
     pub last: Position,
     pub last_executed_at: i64,
+    /// Every row's position, in payload order (in process only: parking a refused bulk
+    /// turns it back into its rows).
+    #[serde(skip)]
+    pub positions: Vec<Position>,
 }
 
 /// Namespace for trigger ids (a fixed random UUID; changing it changes every id).

@@ -361,17 +361,34 @@ impl ConsumerActor {
         self.ctx.truncate(mark);
         let mut parked = 0;
         for t in produced.iter().filter(|t| ids.contains(&t.id)) {
-            // a bulk is parked with its first row as the event
-            let Some(event) = events().find(|e| e.position == t.source.position) else {
-                continue;
+            // a bulk is parked as its rows: one dead letter per row, each with the bulk's id
+            // and that row's payload as the original, so a replay sends every row again
+            let rows: Vec<(&crate::event::Position, Trigger)> = match &t.bulk {
+                Some(b) => b
+                    .positions
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| {
+                        let mut row = t.clone();
+                        row.payload = t.payload.get(j).cloned().unwrap_or_default();
+                        row.bulk = None;
+                        (p, row)
+                    })
+                    .collect(),
+                None => vec![(&t.source.position, t.clone())],
             };
-            self.ctx.begin_event(event);
-            let f = Failure {
-                rule: t.rule.as_deref(),
-                ..failure(name, event, reason)
-            };
-            self.ctx.park(f, Some(t));
-            parked += 1;
+            for (position, original) in rows {
+                let Some(event) = events().find(|e| e.position == *position) else {
+                    continue;
+                };
+                self.ctx.begin_event(event);
+                let f = Failure {
+                    rule: t.rule.as_deref(),
+                    ..failure(name, event, reason)
+                };
+                self.ctx.park(f, Some(&original));
+                parked += 1;
+            }
         }
         parked
     }

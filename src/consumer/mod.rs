@@ -227,8 +227,9 @@ impl ConsumerContext {
         req: TriggerRequest,
         first: SourceRef,
         last: &SourceRef,
-        rows: u32,
+        positions: Vec<crate::event::Position>,
     ) -> &Trigger {
+        let rows = positions.len() as u32;
         let id = bulk_message_id(
             &first,
             last,
@@ -251,6 +252,7 @@ impl ConsumerContext {
                 rows,
                 last: last.position.clone(),
                 last_executed_at: last.executed_at,
+                positions,
             }),
         });
         self.triggers.last().expect("just pushed")

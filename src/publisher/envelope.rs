@@ -206,10 +206,13 @@ pub fn encode(
             last_executed_at: b.last_executed_at,
         }),
     };
-    serde_json::to_vec(&envelope).map_err(|e| PublishError::Encode {
+    // the fixed part is about 400 bytes: no regrowing the buffer for a typical message
+    let mut out = Vec::with_capacity(512);
+    serde_json::to_writer(&mut out, &envelope).map_err(|e| PublishError::Encode {
         id: trigger.id.clone(),
         reason: e.to_string(),
-    })
+    })?;
+    Ok(out)
 }
 
 /// The event type as the envelope spells it (the serde name, e.g. `INSERT`).
@@ -308,6 +311,7 @@ mod tests {
             rows: 2,
             last,
             last_executed_at: 1_700_000_000_500,
+            positions: Vec::new(),
         });
         let body = encode(&t, at).unwrap();
         assert_eq!(

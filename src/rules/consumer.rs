@@ -19,6 +19,11 @@ pub use crate::consumer::DEAD_LETTER_PLUGIN;
 /// stop the others; the failing rule's error policy applies to it alone (`error_handler` and
 /// `dead_letter` emit one message for it; `stop` fails the whole event with
 /// [`ConsumerError::Fatal`], so none of its triggers are published).
+///
+/// Bulk rules (`batch`) hold the payloads of the rows they fire on and send them as lists at
+/// the end of the part ([`Consumer::end_of_part`]), `max_rows` per message: a bulk never spans
+/// a Canal batch, so the ack rule holds unchanged. A row's payload joins only once its whole
+/// event succeeded.
 pub struct ConfigConsumer {
     spec: ConsumerSpec,
     root: Context<'static, 'static>,
@@ -187,7 +192,9 @@ impl Consumer for ConfigConsumer {
                 let mut first = None;
                 let mut last = None;
                 let mut payloads = Vec::with_capacity(bulk.max_rows);
+                let mut positions = Vec::with_capacity(bulk.max_rows);
                 for (source, payload) in rows.by_ref().take(bulk.max_rows) {
+                    positions.push(source.position.clone());
                     if first.is_none() {
                         first = Some(source);
                     } else {
@@ -196,7 +203,6 @@ impl Consumer for ConfigConsumer {
                     payloads.push(payload);
                 }
                 let Some(first) = first else { break };
-                let n = payloads.len() as u32;
                 let last = last.unwrap_or_else(|| first.clone());
                 ctx.trigger_bulk(
                     TriggerRequest {
@@ -209,7 +215,7 @@ impl Consumer for ConfigConsumer {
                     },
                     first,
                     &last,
-                    n,
+                    positions,
                 );
             }
         }

@@ -1,7 +1,8 @@
 //! The `CanalConnection` actor: owns the Canal session and the batches in flight.
 //!
-//! It fetches batches (GET without ack), decodes them into [`ChangeEvent`]s and sends each to
-//! its subscriber as a [`CanalEvent::Batch`]. The subscriber answers with [`AckBatch`] or
+//! It fetches batches (GET without ack), decodes them into [`ChangeEvent`]s (on tokio's
+//! blocking pool, so the actors' thread never runs the decoding; one batch at a time, so they
+//! stay in fetch order) and sends each to its subscriber as a [`CanalEvent::Batch`]. The subscriber answers with [`AckBatch`] or
 //! [`RollbackBatch`]. Acks are sent to Canal strictly in the order batches were fetched: a
 //! batch acked early waits until every earlier one is acked too.
 //!
