@@ -185,36 +185,63 @@ pub fn message_id(
     seq: u32,
 ) -> String {
     let p = &source.position;
-    // the key `v2\0destination\0server_id\0...`, built without the formatting machinery
-    let mut key = Vec::with_capacity(
+    let mut key = IdKey::new(
+        "v2",
         64 + source.destination.len() + p.log_file.len() + consumer.len() + plugin.len(),
     );
-    let mut num = itoa::Buffer::new();
-    key.extend_from_slice(b"v2\0");
-    key.extend_from_slice(source.destination.as_bytes());
-    key.push(0);
-    key.extend_from_slice(num.format(p.server_id).as_bytes());
-    key.push(0);
-    key.extend_from_slice(p.log_file.as_bytes());
-    key.push(0);
-    key.extend_from_slice(num.format(p.offset).as_bytes());
-    key.push(0);
-    key.extend_from_slice(num.format(p.row_index).as_bytes());
-    key.push(0);
-    key.extend_from_slice(num.format(source.executed_at).as_bytes());
-    key.push(0);
-    key.extend_from_slice(consumer.as_bytes());
-    key.push(0);
-    key.extend_from_slice(rule.unwrap_or("").as_bytes());
-    key.push(0);
-    key.extend_from_slice(plugin.as_bytes());
-    key.push(0);
-    key.extend_from_slice(num.format(seq).as_bytes());
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    Uuid::new_v5(&ID_NAMESPACE, &key)
-        .hyphenated()
-        .encode_lower(&mut text)
-        .to_string()
+    key.text(&source.destination);
+    key.position(source);
+    key.text(consumer);
+    key.text(rule.unwrap_or(""));
+    key.text(plugin);
+    key.num(seq);
+    key.uuid()
+}
+
+/// A message id's key: NUL-joined fields after the scheme's tag, built without the formatting
+/// machinery, then its UUIDv5 in [`ID_NAMESPACE`].
+struct IdKey {
+    key: Vec<u8>,
+    num: itoa::Buffer,
+}
+
+impl IdKey {
+    fn new(scheme: &str, capacity: usize) -> IdKey {
+        let mut key = Vec::with_capacity(capacity);
+        key.extend_from_slice(scheme.as_bytes());
+        IdKey {
+            key,
+            num: itoa::Buffer::new(),
+        }
+    }
+
+    fn text(&mut self, s: &str) {
+        self.key.push(0);
+        self.key.extend_from_slice(s.as_bytes());
+    }
+
+    fn num(&mut self, n: impl itoa::Integer) {
+        self.key.push(0);
+        self.key.extend_from_slice(self.num.format(n).as_bytes());
+    }
+
+    /// server id, binlog file, offset, row index, event time.
+    fn position(&mut self, s: &SourceRef) {
+        let p = &s.position;
+        self.num(p.server_id);
+        self.text(&p.log_file);
+        self.num(p.offset);
+        self.num(p.row_index);
+        self.num(s.executed_at);
+    }
+
+    fn uuid(self) -> String {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        Uuid::new_v5(&ID_NAMESPACE, &self.key)
+            .hyphenated()
+            .encode_lower(&mut text)
+            .to_string()
+    }
 }
 
 /// The deterministic id of a bulk trigger (scheme `bulk-v1`).
@@ -234,34 +261,15 @@ pub fn bulk_message_id(
     rule: &str,
     plugin: &str,
 ) -> String {
-    let mut key = Vec::with_capacity(160);
-    let mut num = itoa::Buffer::new();
-    key.extend_from_slice(b"bulk-v1\0");
-    key.extend_from_slice(first.destination.as_bytes());
-    for s in [first, last] {
-        let p = &s.position;
-        key.push(0);
-        key.extend_from_slice(num.format(p.server_id).as_bytes());
-        key.push(0);
-        key.extend_from_slice(p.log_file.as_bytes());
-        key.push(0);
-        key.extend_from_slice(num.format(p.offset).as_bytes());
-        key.push(0);
-        key.extend_from_slice(num.format(p.row_index).as_bytes());
-        key.push(0);
-        key.extend_from_slice(num.format(s.executed_at).as_bytes());
-    }
-    key.push(0);
-    key.extend_from_slice(num.format(rows).as_bytes());
-    for part in [consumer, rule, plugin] {
-        key.push(0);
-        key.extend_from_slice(part.as_bytes());
-    }
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    Uuid::new_v5(&ID_NAMESPACE, &key)
-        .hyphenated()
-        .encode_lower(&mut text)
-        .to_string()
+    let mut key = IdKey::new("bulk-v1", 160);
+    key.text(&first.destination);
+    key.position(first);
+    key.position(last);
+    key.num(rows);
+    key.text(consumer);
+    key.text(rule);
+    key.text(plugin);
+    key.uuid()
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 mod common;
 
 use canal_consumer::trigger::{SourceRef, bulk_message_id};
-use common::proc::ChildGuard;
 use common::service::*;
 use common::*;
 use serde_json::Value;
@@ -145,38 +144,12 @@ async fn a_real_celery_worker_gets_each_bulk_as_a_list_argument() {
     );
     let mut svc = ServiceProc::prepare("bulk-celery", queue, &[("c.toml", &consumer)], "");
     svc.start().await;
-    let out = svc.dir.join("tasks.jsonl");
-    let mut worker = ChildGuard::spawn(
-        "celery worker",
-        std::process::Command::new(celery_bin())
-            .args([
-                "-A",
-                "tasks",
-                "worker",
-                "-Q",
-                queue,
-                "-c",
-                "1",
-                "--pool",
-                "solo",
-                "--loglevel",
-                "WARNING",
-            ])
-            .current_dir(repo_root().join("tests/workers"))
-            .env("TASKS_OUT", &out)
-            .env("CELERY_BROKER_URL", amqp_url())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(svc.dir.join("worker.log")).unwrap()),
-    );
+    let (mut worker, out) = celery_worker(queue, &svc.dir);
     let n = 300;
     insert(name, 1, n);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let runs: Vec<Value> = loop {
-        let text = std::fs::read_to_string(&out).unwrap_or_default();
-        let runs: Vec<Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let runs: Vec<Value> = read_jsonl(&out);
         let rows: usize = runs
             .iter()
             .map(|r| r["args"][1].as_array().map_or(0, Vec::len))

@@ -442,29 +442,54 @@ async fn kill_9_of_the_running_canal_server_mid_stream_the_service_follows_and_l
     a.terminate(Duration::from_secs(30));
 }
 
-#[tokio::test]
-async fn kill_9_of_the_active_replica_mid_stream_the_standby_takes_over() {
-    let _lock = canal_lock().await;
-    let _cluster = ClusterGuard::new();
+/// Two replicas on a fresh table and queue: `a` active, `b` standby, and rows being written
+/// (`n` in all, 40 chunks of 10, one chunk every 100 ms); returns once `a` has sent some.
+struct Loaded {
+    queue: String,
+    a: ServiceProc,
+    b: ServiceProc,
+    n: i64,
+    writer: std::thread::JoinHandle<()>,
+}
+
+async fn active_standby_under_load(tag: &str, table: &'static str) -> Loaded {
     wait_client_node_free().await;
-    let table = "ha_replica_kill";
     int_table(table);
-    let queue = &common::queue("cc_ha_replica_kill");
-    delete_queue(queue).await;
-    let mut a = replica("ha-rk-a", queue, "rk", table);
+    let queue = common::queue(&format!("cc_{table}"));
+    delete_queue(&queue).await;
+    let mut a = replica(&format!("ha-{tag}-a"), &queue, tag, table);
     a.start().await;
     wait_status(&a, "active", Duration::from_secs(20), working).await;
-    let mut b = replica("ha-rk-b", queue, "rk", table);
+    let mut b = replica(&format!("ha-{tag}-b"), &queue, tag, table);
     b.start().await;
     wait_status(&b, "standby", Duration::from_secs(20), standby).await;
-
     let (chunks, per) = (40, 10);
-    let n = chunks * per;
-    let w = writer(table, chunks, per, Duration::from_millis(100));
+    let writer = writer(table, chunks, per, Duration::from_millis(100));
     wait_status(&a, "some triggers", Duration::from_secs(30), |s| {
         triggers(s) > 50
     })
     .await;
+    Loaded {
+        queue,
+        a,
+        b,
+        n: chunks * per,
+        writer,
+    }
+}
+
+#[tokio::test]
+async fn kill_9_of_the_active_replica_mid_stream_the_standby_takes_over() {
+    let _lock = canal_lock().await;
+    let _cluster = ClusterGuard::new();
+    let Loaded {
+        queue,
+        mut a,
+        mut b,
+        n,
+        writer: w,
+    } = active_standby_under_load("rk", "ha_replica_kill").await;
+    let queue = &queue;
     let t0 = Instant::now();
     a.kill9();
     let seen = Seen::default();
@@ -492,25 +517,14 @@ async fn kill_9_of_the_active_replica_mid_stream_the_standby_takes_over() {
 async fn a_frozen_active_replica_never_acks_after_waking() {
     let _lock = canal_lock().await;
     let _cluster = ClusterGuard::new();
-    wait_client_node_free().await;
-    let table = "ha_sigstop";
-    int_table(table);
-    let queue = &common::queue("cc_ha_sigstop");
-    delete_queue(queue).await;
-    let mut a = replica("ha-ss-a", queue, "ss", table);
-    a.start().await;
-    wait_status(&a, "active", Duration::from_secs(20), working).await;
-    let mut b = replica("ha-ss-b", queue, "ss", table);
-    b.start().await;
-    wait_status(&b, "standby", Duration::from_secs(20), standby).await;
-
-    let (chunks, per) = (40, 10);
-    let n = chunks * per;
-    let w = writer(table, chunks, per, Duration::from_millis(100));
-    wait_status(&a, "some triggers", Duration::from_secs(30), |s| {
-        triggers(s) > 50
-    })
-    .await;
+    let Loaded {
+        queue,
+        mut a,
+        mut b,
+        n,
+        writer: w,
+    } = active_standby_under_load("ss", "ha_sigstop").await;
+    let queue = &queue;
     a.child.as_ref().unwrap().signal("STOP");
     let stopped = Instant::now();
     // the standby takes over once the frozen replica's session expires
@@ -557,25 +571,14 @@ async fn a_frozen_active_replica_never_acks_after_waking() {
 async fn a_zookeeper_restart_with_two_replicas_loses_nothing_and_leaves_one_active() {
     let _lock = canal_lock().await;
     let _cluster = ClusterGuard::new();
-    wait_client_node_free().await;
-    let table = "ha_zk_restart";
-    int_table(table);
-    let queue = &common::queue("cc_ha_zk_restart");
-    delete_queue(queue).await;
-    let mut a = replica("ha-zr-a", queue, "zr", table);
-    a.start().await;
-    wait_status(&a, "active", Duration::from_secs(20), working).await;
-    let mut b = replica("ha-zr-b", queue, "zr", table);
-    b.start().await;
-    wait_status(&b, "standby", Duration::from_secs(20), standby).await;
-
-    let (chunks, per) = (40, 10);
-    let n = chunks * per;
-    let w = writer(table, chunks, per, Duration::from_millis(100));
-    wait_status(&a, "some triggers", Duration::from_secs(30), |s| {
-        triggers(s) > 50
-    })
-    .await;
+    let Loaded {
+        queue,
+        mut a,
+        mut b,
+        n,
+        writer: w,
+    } = active_standby_under_load("zr", "ha_zk_restart").await;
+    let queue = &queue;
     script("deploy/local/zk-ctl", &["restart"]);
     w.join().unwrap();
     let got = consume_until(queue, Duration::from_secs(180), |g| {

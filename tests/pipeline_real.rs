@@ -271,39 +271,13 @@ async fn a_real_celery_worker_runs_every_rows_task_with_our_deterministic_id() {
     let mut svc = ServiceProc::prepare("celery", queue, &[("c.toml", &consumer_toml)], "");
     svc.start().await;
 
-    let out = svc.dir.join("tasks.jsonl");
-    let mut worker = ChildGuard::spawn(
-        "celery worker",
-        std::process::Command::new(celery_bin())
-            .args([
-                "-A",
-                "tasks",
-                "worker",
-                "-Q",
-                queue,
-                "-c",
-                "1",
-                "--pool",
-                "solo",
-                "--loglevel",
-                "WARNING",
-            ])
-            .current_dir(repo_root().join("tests/workers"))
-            .env("TASKS_OUT", &out)
-            .env("CELERY_BROKER_URL", amqp_url())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(svc.dir.join("worker.log")).unwrap()),
-    );
+    let (mut worker, out) = celery_worker(queue, &svc.dir);
 
     let n = 50;
     insert_range(table, 1, n);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let runs: Vec<Value> = loop {
-        let text = std::fs::read_to_string(&out).unwrap_or_default();
-        let runs: Vec<Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let runs: Vec<Value> = read_jsonl(&out);
         let rows: BTreeSet<i64> = runs
             .iter()
             .filter_map(|r| r["kwargs"]["id"].as_i64())

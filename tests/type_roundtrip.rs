@@ -175,19 +175,18 @@ fn check(col: &str, kind: Kind, got: &Value, want: &str) -> Result<(), String> {
     if ok { Ok(()) } else { fail() }
 }
 
-/// Creates a table of `cols`, subscribes, inserts the four rows and checks every delivered
-/// value against MariaDB's rendering of the stored one. Returns the mismatches.
-async fn round_trip(table: &str, charset: &str, cols: &[Col]) -> Vec<String> {
-    // this checkout's Canal configuration (table-meta history on): restarts Canal only if
-    // another one is running
-    script("deploy/local/canal-ctl", &["start"]);
+/// Creates `table` (dropping an older one) with an `id` key and `cols`, in `charset`.
+fn create_table(table: &str, charset: &str, cols: &[Col]) {
     let decl: Vec<String> = cols.iter().map(|(n, d, ..)| format!("`{n}` {d}")).collect();
     mysql(&format!(
         "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table};
          CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, {}) DEFAULT CHARSET {charset}",
         decl.join(", ")
     ));
-    let mut tap = Tap::clean(&format!("{DB}\\.{table}")).await;
+}
+
+/// Writes the four rows of `cols` (ids 0..4) in one session.
+fn insert_rows(table: &str, cols: &[Col]) {
     let names: Vec<String> = cols.iter().map(|c| format!("`{}`", c.0)).collect();
     let mut sql = String::from(
         "SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'; SET SESSION time_zone = '+00:00';",
@@ -201,6 +200,17 @@ async fn round_trip(table: &str, charset: &str, cols: &[Col]) -> Vec<String> {
         ));
     }
     mysql(&sql);
+}
+
+/// Creates a table of `cols`, subscribes, inserts the four rows and checks every delivered
+/// value against MariaDB's rendering of the stored one. Returns the mismatches.
+async fn round_trip(table: &str, charset: &str, cols: &[Col]) -> Vec<String> {
+    // this checkout's Canal configuration (table-meta history on): restarts Canal only if
+    // another one is running
+    script("deploy/local/canal-ctl", &["start"]);
+    create_table(table, charset, cols);
+    let mut tap = Tap::clean(&format!("{DB}\\.{table}")).await;
+    insert_rows(table, cols);
     let (events, _) = tap
         .collect(table, true, Duration::from_secs(60), |ev| ev.len() >= 4)
         .await;
@@ -399,26 +409,9 @@ async fn every_charset_arrives_as_written_through_a_raw_text_destination() {
     cols.extend(non_utf8_columns());
     // a table of its own per run: the subscription then sees nothing of earlier runs
     let table = format!("raw_{}", std::process::id());
-    let decl: Vec<String> = cols.iter().map(|(n, d, ..)| format!("`{n}` {d}")).collect();
-    mysql(&format!(
-        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table};
-         CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, {}) DEFAULT CHARSET utf8mb4",
-        decl.join(", ")
-    ));
+    create_table(&table, "utf8mb4", &cols);
     let mut tail = RawTail::start(&table);
-    let names: Vec<String> = cols.iter().map(|c| format!("`{}`", c.0)).collect();
-    let mut sql = String::from(
-        "SET SESSION sql_mode = 'NO_ENGINE_SUBSTITUTION'; SET SESSION time_zone = '+00:00';",
-    );
-    for row in 0..4 {
-        let values: Vec<&str> = cols.iter().map(|c| c.3[row].unwrap_or("NULL")).collect();
-        sql.push_str(&format!(
-            "INSERT INTO {DB}.{table} (id, {}) VALUES ({row}, {});",
-            names.join(", "),
-            values.join(", ")
-        ));
-    }
-    mysql(&sql);
+    insert_rows(&table, &cols);
     let events = tail.inserts(4).await;
     drop(tail);
     let mismatches = compare(&table, &cols, &events, true);

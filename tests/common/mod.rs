@@ -261,3 +261,42 @@ pub fn script(path: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A real Celery worker (`tests/workers/tasks.py`, one process, solo pool) consuming `queue`;
+/// every task it runs is appended to `<dir>/tasks.jsonl` (returned), its log goes to
+/// `<dir>/worker.log`. Killed when the guard drops.
+pub fn celery_worker(queue: &str, dir: &std::path::Path) -> (proc::ChildGuard, std::path::PathBuf) {
+    let out = dir.join("tasks.jsonl");
+    let worker = proc::ChildGuard::spawn(
+        "celery worker",
+        Command::new(celery_bin())
+            .args([
+                "-A",
+                "tasks",
+                "worker",
+                "-Q",
+                queue,
+                "-c",
+                "1",
+                "--pool",
+                "solo",
+                "--loglevel",
+                "WARNING",
+            ])
+            .current_dir(repo_root().join("tests/workers"))
+            .env("TASKS_OUT", &out)
+            .env("CELERY_BROKER_URL", amqp_url())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("worker.log")).expect("worker log file")),
+    );
+    (worker, out)
+}
+
+/// The JSON objects of a JSON-lines file written so far (none if it does not exist yet).
+pub fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
