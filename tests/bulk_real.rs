@@ -16,27 +16,6 @@ use std::time::Duration;
 
 const DB: &str = "cc_bulk";
 
-fn table(name: &str) {
-    mysql(&format!(
-        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{name}; \
-         CREATE TABLE {DB}.{name} (id INT PRIMARY KEY, note VARCHAR(20))"
-    ));
-}
-
-/// Inserts ids `from..=to`, 1,000 rows per statement.
-fn insert(name: &str, from: i64, to: i64) {
-    let mut start = from;
-    while start <= to {
-        let end = (start + 999).min(to);
-        let values: Vec<String> = (start..=end).map(|i| format!("({i}, 'n{i}')")).collect();
-        mysql(&format!(
-            "INSERT INTO {DB}.{name} VALUES {}",
-            values.join(",")
-        ));
-        start = end + 1;
-    }
-}
-
 fn bulk_consumer(name: &str, table: &str, max_rows: usize, extra: &str) -> String {
     format!(
         r#"
@@ -71,7 +50,7 @@ fn row_counts(got: &[Got]) -> BTreeMap<i64, usize> {
 async fn a_bulk_rule_delivers_every_row_exactly_once_in_list_payloads() {
     let _lock = canal_lock().await;
     let name = "rows";
-    table(name);
+    note_table(DB, name);
     drop(Tap::clean(&format!("{DB}\\.{name}")).await);
     let queue = &common::queue("cc_e2e_bulk");
     delete_queue(queue).await;
@@ -84,7 +63,7 @@ async fn a_bulk_rule_delivers_every_row_exactly_once_in_list_payloads() {
     );
     svc.start().await;
     let n = 2_500;
-    insert(name, 1, n);
+    insert_notes(DB, name, 1, n);
     let got = consume_until(queue, Duration::from_secs(120), |got| {
         row_counts(got).len() as i64 == n
     })
@@ -132,7 +111,7 @@ async fn a_bulk_rule_delivers_every_row_exactly_once_in_list_payloads() {
 async fn a_real_celery_worker_gets_each_bulk_as_a_list_argument() {
     let _lock = canal_lock().await;
     let name = "celery_rows";
-    table(name);
+    note_table(DB, name);
     drop(Tap::clean(&format!("{DB}\\.{name}")).await);
     let queue = &common::queue("cc_e2e_bulk_celery");
     delete_queue(queue).await;
@@ -146,7 +125,7 @@ async fn a_real_celery_worker_gets_each_bulk_as_a_list_argument() {
     svc.start().await;
     let (mut worker, out) = celery_worker(queue, &svc.dir);
     let n = 300;
-    insert(name, 1, n);
+    insert_notes(DB, name, 1, n);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let runs: Vec<Value> = loop {
         let runs: Vec<Value> = read_jsonl(&out);

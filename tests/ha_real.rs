@@ -150,13 +150,6 @@ fn replica(name: &str, queue: &str, consumer: &str, table: &str) -> ServiceProc 
     svc
 }
 
-fn int_table(table: &str) {
-    mysql(&format!(
-        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table}; \
-         CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, note VARCHAR(20))"
-    ));
-}
-
 /// Inserts rows 1..=chunks*per in `chunks` statements, `pause` apart, on a thread.
 fn writer(
     table: &'static str,
@@ -166,13 +159,7 @@ fn writer(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for c in 0..chunks {
-            let values: Vec<String> = (c * per + 1..=c * per + per)
-                .map(|i| format!("({i}, 'n{i}')"))
-                .collect();
-            mysql(&format!(
-                "INSERT INTO {DB}.{table} VALUES {}",
-                values.join(",")
-            ));
+            insert_notes(DB, table, c * per + 1, c * per + per);
             std::thread::sleep(pause);
         }
     })
@@ -312,7 +299,7 @@ async fn a_second_replica_or_a_java_client_holding_the_destination_means_standby
     let _cluster = ClusterGuard::new();
     wait_client_node_free().await;
     let table = "ha_standby";
-    int_table(table);
+    note_table(DB, table);
     let queue = &common::queue("cc_ha_standby");
     delete_queue(queue).await;
 
@@ -401,7 +388,7 @@ async fn kill_9_of_the_running_canal_server_mid_stream_the_service_follows_and_l
     let _cluster = ClusterGuard::new();
     wait_client_node_free().await;
     let table = "ha_canal_kill";
-    int_table(table);
+    note_table(DB, table);
     let queue = &common::queue("cc_ha_canal_kill");
     delete_queue(queue).await;
     let mut a = replica("ha-ck", queue, "ck", table);
@@ -454,7 +441,7 @@ struct Loaded {
 
 async fn active_standby_under_load(tag: &str, table: &'static str) -> Loaded {
     wait_client_node_free().await;
-    int_table(table);
+    note_table(DB, table);
     let queue = common::queue(&format!("cc_{table}"));
     delete_queue(&queue).await;
     let mut a = replica(&format!("ha-{tag}-a"), &queue, tag, table);

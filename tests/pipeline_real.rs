@@ -40,21 +40,6 @@ payload = {{ id = "${{data.id}}", destination = "${{destination}}", server_id = 
     )
 }
 
-fn int_table(table: &str) {
-    mysql(&format!(
-        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table}; \
-         CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, note VARCHAR(20))"
-    ));
-}
-
-fn insert_range(table: &str, from: i64, to: i64) {
-    let values: Vec<String> = (from..=to).map(|i| format!("({i}, 'n{i}')")).collect();
-    mysql(&format!(
-        "INSERT INTO {DB}.{table} VALUES {}",
-        values.join(",")
-    ));
-}
-
 fn ids_by_row(got: &[Got]) -> BTreeMap<i64, BTreeSet<String>> {
     let mut out: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
     for g in got {
@@ -259,7 +244,7 @@ payload = { code = "${data.coupon_code}" }
 async fn a_real_celery_worker_runs_every_rows_task_with_our_deterministic_id() {
     let _lock = canal_lock().await;
     let table = "celery_rows";
-    int_table(table);
+    note_table(DB, table);
     drop(Tap::clean(&format!("{DB}\\.{table}")).await);
     let queue = &common::queue("cc_e2e_celery");
     delete_queue(queue).await;
@@ -274,7 +259,7 @@ async fn a_real_celery_worker_runs_every_rows_task_with_our_deterministic_id() {
     let (mut worker, out) = celery_worker(queue, &svc.dir);
 
     let n = 50;
-    insert_range(table, 1, n);
+    insert_notes(DB, table, 1, n);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let runs: Vec<Value> = loop {
         let runs: Vec<Value> = read_jsonl(&out);
@@ -309,7 +294,7 @@ async fn a_real_celery_worker_runs_every_rows_task_with_our_deterministic_id() {
 async fn kill_9_mid_stream_then_restart_delivers_every_row_with_stable_ids() {
     let _lock = canal_lock().await;
     let table = "crash_rows";
-    int_table(table);
+    note_table(DB, table);
     drop(Tap::clean(&format!("{DB}\\.{table}")).await);
     let queue = &common::queue("cc_e2e_crash");
     delete_queue(queue).await;
@@ -323,7 +308,7 @@ async fn kill_9_mid_stream_then_restart_delivers_every_row_with_stable_ids() {
     let n = 600;
     let writer = std::thread::spawn(move || {
         for chunk in 0..30 {
-            insert_range(table, chunk * 20 + 1, chunk * 20 + 20);
+            insert_notes(DB, table, chunk * 20 + 1, chunk * 20 + 20);
         }
     });
     wait_status(&svc, "some triggers", |s| {
@@ -369,7 +354,7 @@ impl Drop for AlarmGuard {
 async fn broker_outage_and_memory_alarm_stall_the_stream_and_lose_nothing() {
     let _lock = canal_lock().await;
     let table = "broker_rows";
-    int_table(table);
+    note_table(DB, table);
     drop(Tap::clean(&format!("{DB}\\.{table}")).await);
     let queue = &common::queue("cc_e2e_broker");
     delete_queue(queue).await;
@@ -380,7 +365,7 @@ async fn broker_outage_and_memory_alarm_stall_the_stream_and_lose_nothing() {
         "",
     );
     svc.start().await;
-    insert_range(table, 1, 100);
+    insert_notes(DB, table, 1, 100);
     wait_status(&svc, "first rows confirmed", |s| {
         s["consumers"][0]["triggers"] == 100 && s["batches_in_flight"] == 0
     })
@@ -388,7 +373,7 @@ async fn broker_outage_and_memory_alarm_stall_the_stream_and_lose_nothing() {
 
     // the broker goes away mid-stream
     script("deploy/local/rabbit-ctl", &["stop"]);
-    insert_range(table, 101, 200);
+    insert_notes(DB, table, 101, 200);
     let stalled = wait_status(&svc, "a rollback while the broker is down", |s| {
         s["canal"]["rollbacks"].as_u64().unwrap_or(0) > 0 || s["broker"]["state"] != "connected"
     })
@@ -405,7 +390,7 @@ async fn broker_outage_and_memory_alarm_stall_the_stream_and_lose_nothing() {
 
     // a memory alarm blocks publishing: a visible stall, then everything arrives
     let alarm = AlarmGuard::on();
-    insert_range(table, 201, 250);
+    insert_notes(DB, table, 201, 250);
     let blocked = wait_status(&svc, "the broker blocked or stalled", |s| {
         s["broker"]["state"] == "blocked"
             || s["broker"]["last_error"]
@@ -428,7 +413,7 @@ async fn broker_outage_and_memory_alarm_stall_the_stream_and_lose_nothing() {
 async fn an_unroutable_trigger_never_lets_its_batch_be_acked() {
     let _lock = canal_lock().await;
     let table = "unroutable_rows";
-    int_table(table);
+    note_table(DB, table);
     drop(Tap::clean(&format!("{DB}\\.{table}")).await);
     let queue = &common::queue("cc_e2e_no_such_queue");
     delete_queue(queue).await;
@@ -448,7 +433,7 @@ async fn an_unroutable_trigger_never_lets_its_batch_be_acked() {
     let text = text.replace("[amqp.queue]\n\n", "");
     std::fs::write(&svc.config, text).unwrap();
     svc.start().await;
-    insert_range(table, 1, 3);
+    insert_notes(DB, table, 1, 3);
     let s = wait_status(&svc, "returned messages and rollbacks", |s| {
         s["broker"]["returned"].as_u64().unwrap_or(0) > 0
             && s["canal"]["rollbacks"].as_u64().unwrap_or(0) > 0
@@ -477,7 +462,7 @@ async fn an_unroutable_trigger_never_lets_its_batch_be_acked() {
 async fn sigterm_mid_stream_exits_in_time_and_loses_nothing() {
     let _lock = canal_lock().await;
     let table = "term_rows";
-    int_table(table);
+    note_table(DB, table);
     drop(Tap::clean(&format!("{DB}\\.{table}")).await);
     let queue = &common::queue("cc_e2e_term");
     delete_queue(queue).await;
@@ -491,7 +476,7 @@ async fn sigterm_mid_stream_exits_in_time_and_loses_nothing() {
     let n = 1000;
     let writer = std::thread::spawn(move || {
         for chunk in 0..50 {
-            insert_range(table, chunk * 20 + 1, chunk * 20 + 20);
+            insert_notes(DB, table, chunk * 20 + 1, chunk * 20 + 20);
         }
     });
     wait_status(&svc, "some triggers", |s| {
@@ -519,7 +504,7 @@ async fn sigterm_mid_stream_exits_in_time_and_loses_nothing() {
 async fn enable_and_disable_apply_live_and_survive_a_restart() {
     let _lock = canal_lock().await;
     let table = "toggle_rows";
-    int_table(table);
+    note_table(DB, table);
     drop(Tap::clean(&format!("{DB}\\.{table}")).await);
     let queue = &common::queue("cc_e2e_toggle");
     delete_queue(queue).await;
@@ -561,7 +546,7 @@ async fn enable_and_disable_apply_live_and_survive_a_restart() {
             .contains("toggle_rows")
     })
     .await;
-    insert_range(table, 1, 1);
+    insert_notes(DB, table, 1, 1);
     consume_until(queue, Duration::from_secs(60), all_rows(1)).await;
 
     // persisted: disabled across a restart
@@ -695,7 +680,7 @@ async fn the_service_starts_with_the_compose_config_against_the_local_services()
 async fn a_poison_row_is_parked_alone_and_replayed_with_its_original_id() {
     let _lock = canal_lock().await;
     let table = "poison_rows";
-    int_table(table);
+    note_table(DB, table);
     drop(Tap::clean(&format!("{DB}\\.{table}")).await);
     let queue = "cc_e2e_poison";
     let dlq = "cc_e2e_poison.dead_letter";
@@ -923,7 +908,7 @@ async fn an_oversized_frame_stalls_once_and_skip_passes_it() {
 async fn shutdown_says_what_was_not_acked() {
     let _lock = canal_lock().await;
     let table = "unacked_rows";
-    int_table(table);
+    note_table(DB, table);
     drop(Tap::clean(&format!("{DB}\\.{table}")).await);
     let queue = "cc_e2e_unacked";
     delete_queue(queue).await;
@@ -934,10 +919,10 @@ async fn shutdown_says_what_was_not_acked() {
         "",
     );
     svc.start().await;
-    insert_range(table, 1, 2);
+    insert_notes(DB, table, 1, 2);
     consume_until(queue, Duration::from_secs(60), all_rows(2)).await;
     script("deploy/local/rabbit-ctl", &["stop"]);
-    insert_range(table, 3, 5);
+    insert_notes(DB, table, 3, 5);
     let outcome = async {
         wait_status(&svc, "a rollback while the broker is down", |s| {
             s["canal"]["abandoned_total"].as_u64().unwrap_or(0) > 0

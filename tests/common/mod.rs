@@ -300,3 +300,26 @@ pub fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// (Re)creates `db`.`table` as `(id INT PRIMARY KEY, note VARCHAR(20))`, the end-to-end tests'
+/// row table.
+pub fn note_table(db: &str, table: &str) {
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {db}; DROP TABLE IF EXISTS {db}.{table}; \
+         CREATE TABLE {db}.{table} (id INT PRIMARY KEY, note VARCHAR(20))"
+    ));
+}
+
+/// Inserts rows `from..=to` (`note` = `n<id>`) into a [`note_table`], 1,000 per statement.
+pub fn insert_notes(db: &str, table: &str, from: i64, to: i64) {
+    let mut start = from;
+    while start <= to {
+        let end = (start + 999).min(to);
+        let values: Vec<String> = (start..=end).map(|i| format!("({i}, 'n{i}')")).collect();
+        mysql(&format!(
+            "INSERT INTO {db}.{table} VALUES {}",
+            values.join(",")
+        ));
+        start = end + 1;
+    }
+}
