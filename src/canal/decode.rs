@@ -15,7 +15,9 @@
 //! - ENUM arrives as a 1-based index and SET as a bitmask; both are mapped back to their labels
 //!   from the declared type (`enum('a','b')`), so the value equals what was written;
 //! - JSON columns (MySQL's JSON type) are parsed; MariaDB's JSON is a LONGTEXT alias, so there
-//!   the text is kept as written (whether Canal's table meta calls it `longtext` or `json`).
+//!   the text is kept as written (whether Canal's table meta calls it `longtext` or `json`);
+//! - text is taken as Canal decoded it (its connection charset), or, for a destination that
+//!   ships text as raw bytes ([`Decoder::with_charsets`]), decoded with each column's charset.
 //!
 //! Canal names a row's values (which the binlog carries by position) with the table structure
 //! it knows. If that structure is not the one the row was written with (a DDL Canal did not
