@@ -15,9 +15,11 @@
 // Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use canal_consumer::canal::decode::decode_entries;
 use canal_consumer::canal::proto::entry::{
-    Column, Entry, EntryType, EventType as WireEventType, Header, RowChange, RowData,
+    Entry, EntryType, EventType as WireEventType, Header, RowChange,
 };
 use canal_consumer::consumer::{Consumer, ConsumerContext};
 use canal_consumer::event::{ChangeEvent, EventType, Position, Row, Value};
@@ -152,46 +154,7 @@ payload = { id = "${data.id}", user_id = "${data.user_id}", email = "${data.emai
 
 /// `n` decoded 10-column INSERT rows of `cc_bench.rows`, as the connection hands them over.
 fn pipeline_events(n: usize) -> Vec<ChangeEvent> {
-    let col = |index: i32, name: &str, mysql_type: &str, sql_type: i32, value: &str| Column {
-        index,
-        sql_type,
-        name: name.into(),
-        is_key: index == 0,
-        updated: true,
-        is_null: Some(false),
-        value: value.into(),
-        mysql_type: mysql_type.into(),
-        ..Default::default()
-    };
-    let rows = (0..n)
-        .map(|i| RowData {
-            after_columns: vec![
-                col(0, "id", "bigint(20)", -5, &i.to_string()),
-                col(1, "user_id", "int(11)", 4, "424242"),
-                col(2, "name", "varchar(64)", 12, "张三 Zhang San 🚀"),
-                col(3, "email", "varchar(128)", 12, "zhang.san@example.com"),
-                col(4, "amount", "decimal(12,2)", 3, "1234.50"),
-                col(5, "score", "double", 8, "98.25"),
-                col(6, "status", "enum('new','paid','shipped')", 4, "2"),
-                col(
-                    7,
-                    "created_at",
-                    "datetime(3)",
-                    93,
-                    "2026-11-23 12:34:56.789",
-                ),
-                col(
-                    8,
-                    "note",
-                    "text",
-                    2005,
-                    "a moderately long note about this row",
-                ),
-                col(9, "flags", "tinyint(3) unsigned", -6, "7"),
-            ],
-            ..Default::default()
-        })
-        .collect();
+    let rows = (0..n).map(common::row).collect();
     let change = RowChange {
         event_type: Some(WireEventType::Insert as i32),
         is_ddl: Some(false),
