@@ -353,8 +353,7 @@ impl AmqpPublisher {
             .with_correlation_id(t.id.as_str().into())
             .with_priority(self.cfg.priorities.get(t.priority))
             .with_timestamp(now.timestamp().max(0) as u64)
-            .with_app_id("canal-consumer".into())
-            .with_headers(headers);
+            .with_app_id("canal-consumer".into());
         if let Some(kind) = kind {
             properties = properties.with_type(kind.into());
         }
@@ -364,6 +363,7 @@ impl AmqpPublisher {
             routing_key: t.route.routing_key.clone(),
             body,
             properties,
+            headers,
         })
     }
 }

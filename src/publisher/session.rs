@@ -22,6 +22,7 @@ use lapin::{
 };
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -63,7 +64,9 @@ pub(super) struct Prepared {
     pub exchange: String,
     pub routing_key: String,
     pub body: Vec<u8>,
+    /// Everything but the headers, which the session completes with the publish tag.
     pub properties: BasicProperties,
+    pub headers: lapin::types::FieldTable,
 }
 
 impl Outgoing for Prepared {
@@ -167,7 +170,8 @@ type ConfirmFuture = LocalBoxFuture<'static, (u64, lapin::Result<Confirmation>)>
 /// Everything about one connection. See the module docs.
 pub(super) struct Session {
     conn: Connection,
-    channel: Channel,
+    /// Shared with the publishes in flight (a lapin `Channel` clone is a dozen `Arc`s).
+    channel: Rc<Channel>,
     events: Pin<Box<dyn Stream<Item = Event> + Send>>,
     jobs: mpsc::UnboundedReceiver<ToSession>,
     cfg: Arc<AmqpConfig>,
@@ -193,7 +197,7 @@ impl Session {
         let events = Box::pin(opened.conn.events_listener());
         Session {
             conn: opened.conn,
-            channel: opened.channel,
+            channel: Rc::new(opened.channel),
             events,
             jobs,
             window: ConfirmWindow::new(cfg.max_unconfirmed.get(), cfg.confirm_timeout),
@@ -224,9 +228,7 @@ impl Session {
         let mut jobs_closed = false;
         loop {
             while let Some((seq, msg)) = self.window.poll_publish(Instant::now().into_std()) {
-                if let Err(reason) = self.publish_one(seq, msg).await {
-                    return reason;
-                }
+                self.publish_one(seq, msg).await;
             }
             self.flush();
             if self.redeclare
@@ -433,37 +435,47 @@ impl Session {
         set_state(&self.status, PublisherState::Connected);
     }
 
-    async fn publish_one(&mut self, seq: u64, msg: Prepared) -> Result<(), String> {
-        let timeout = self.cfg.confirm_timeout;
-        let mut headers = msg.properties.headers().clone().unwrap_or_default();
+    /// Hand one message to lapin without waiting for it to reach the socket.
+    ///
+    /// `basic_publish` takes its delivery tag and queues its frames on its first poll, so the
+    /// message is polled once here, in the window's order; what remains (lapin writing it,
+    /// then the broker's confirm) completes in `confirms`. Waiting for each write before the
+    /// next publish would cost a round trip to lapin's I/O thread per message. A write that
+    /// never completes (a blocked broker, a frozen link) ends as the window's confirm timeout.
+    async fn publish_one(&mut self, seq: u64, msg: Prepared) {
+        let mut headers = msg.headers;
         headers.insert(
             PUBLISH_TAG_HEADER.into(),
             AMQPValue::LongString(LongString::from(format!("{}.{seq}", self.generation))),
         );
         let properties = msg.properties.with_headers(headers);
-        let publish = self.channel.basic_publish(
-            msg.exchange.as_str().into(),
-            msg.routing_key.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            },
-            &msg.body,
-            properties,
-        );
-        let confirm = match tokio::time::timeout(timeout, publish).await {
-            Ok(Ok(confirm)) => confirm,
-            Ok(Err(e)) => return Err(format!("publish failed: {e}")),
-            Err(_) => {
-                return Err(format!(
-                    "publishing stalled for {timeout:?} (broker blocked or unreachable)"
-                ));
-            }
-        };
-        self.confirms
-            .push(async move { (seq, confirm.await) }.boxed_local());
-        lock(&self.status).unconfirmed = self.window.unconfirmed();
-        Ok(())
+        let channel = Rc::clone(&self.channel);
+        let mut publish = async move {
+            let sent = channel
+                .basic_publish(
+                    msg.exchange.as_str().into(),
+                    msg.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &msg.body,
+                    properties,
+                )
+                .await;
+            let confirmed = match sent {
+                Ok(confirm) => confirm.await,
+                Err(e) => Err(e),
+            };
+            (seq, confirmed)
+        }
+        .boxed_local();
+        match futures::poll!(publish.as_mut()) {
+            std::task::Poll::Ready(done) => self
+                .confirms
+                .push(futures::future::ready(done).boxed_local()),
+            std::task::Poll::Pending => self.confirms.push(publish),
+        }
     }
 
     /// Feed one confirm (and the return lapin attached to it) into the window. `Err` means the
