@@ -36,7 +36,7 @@
 #![allow(clippy::unwrap_used)]
 
 use canal_consumer::canal::{Session, SessionConfig};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -68,6 +68,9 @@ struct Opts {
     big_tx: u64,
     max_priority: Option<u8>,
     priority_probes: bool,
+    /// `BENCH_BULK=<max_rows>`: the bench rule batches rows into bulk messages; only the probes
+    /// and the throughput phase run.
+    bulk: Option<u64>,
 }
 
 impl Opts {
@@ -96,6 +99,10 @@ impl Opts {
             big_tx: env_num("BENCH_BIG_TX", if quick { 20_000 } else { 500_000 }),
             max_priority,
             priority_probes: env_num("BENCH_PRIORITY_PROBES", if quick { 0 } else { 1 }) != 0,
+            bulk: std::env::var("BENCH_BULK").ok().map(|v| {
+                v.parse()
+                    .expect("BENCH_BULK: rows per bulk message (max_rows)")
+            }),
         }
     }
 }
@@ -185,8 +192,33 @@ fn clk_tck() -> f64 {
         .unwrap_or(100.0)
 }
 
-async fn drain_canal() {
-    let cfg = SessionConfig {
+/// The machine's busy CPU time so far, seconds summed over all cores (`/proc/stat`): how much of
+/// the machine a phase used, every process included (broker, Canal, MariaDB, this bench).
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    // user nice system idle iowait irq softirq steal
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let busy: f64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    busy / clk_tck()
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn canal_session_config() -> SessionConfig {
+    SessionConfig {
         host: "127.0.0.1".into(),
         port: 11111,
         destination: "example".into(),
@@ -197,12 +229,21 @@ async fn drain_canal() {
         read_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(600),
         max_frame_bytes: 64 << 20,
-    };
-    let mut s = Session::connect(&cfg)
+    }
+}
+
+/// A bare Canal client on the service's client id, subscribed as the service will be.
+async fn canal_session() -> Session {
+    let mut s = Session::connect(&canal_session_config())
         .await
         .expect("canal (deploy/local/up)");
     s.subscribe("cc_bench\\.rows").await.unwrap();
     s.rollback(0).await.unwrap();
+    s
+}
+
+async fn drain_canal() {
+    let mut s = canal_session().await;
     loop {
         let b = s.get(1000, Duration::ZERO).await.unwrap();
         if b.is_empty() {
@@ -212,11 +253,59 @@ async fn drain_canal() {
     }
 }
 
-fn start_service(dir: &std::path::Path, admin: &str, max_priority: Option<u8>) -> Child {
+/// The source's own limit: `n` rows inserted as in the throughput phase, read by a bare client
+/// (GET without waiting, the service's fetch size, ack, rows counted with the service's decoder;
+/// nothing published). Rows/s from the first INSERT until the last row has arrived. Run before
+/// the service starts, on its client id, so the service never sees these rows.
+async fn canal_probe(from: u64, n: u64) -> f64 {
+    let mut s = canal_session().await;
+    let fetch = canal_consumer::config::Config::default().canal.batch_size;
+    let mut decoder = canal_consumer::canal::decode::Decoder::new("example");
+    let mut events = Vec::new();
+    let t0 = Instant::now();
+    let inserter = insert_bulk(from, from + n - 1);
+    let mut rows = 0u64;
+    let by = t0 + Duration::from_secs(300);
+    while rows < n {
+        assert!(Instant::now() < by, "canal probe: only {rows} of {n} rows");
+        let b = s.get(fetch, Duration::ZERO).await.unwrap();
+        if b.is_empty() {
+            continue;
+        }
+        events.clear();
+        decoder.decode_entries(&b.entries, &mut events).unwrap();
+        rows += events.len() as u64;
+        s.ack(b.batch_id).await.unwrap();
+    }
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    inserter.join().unwrap();
+    rate
+}
+
+/// The service process; killed when dropped, so a failed bench leaves nothing running.
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_service(
+    dir: &std::path::Path,
+    admin: &str,
+    max_priority: Option<u8>,
+    bulk: Option<u64>,
+) -> Service {
     std::fs::create_dir_all(dir.join("consumers")).unwrap();
+    let batch = bulk
+        .map(|n| format!("batch = {{ max_rows = {n}, max_wait = \"50ms\" }}\n"))
+        .unwrap_or_default();
     std::fs::write(
         dir.join("consumers/bench.toml"),
-        r#"
+        format!(
+            r#"
 [consumers.bench]
 [[consumers.bench.filters]]
 database = "cc_bench"
@@ -225,8 +314,9 @@ events = ["INSERT"]
 [[consumers.bench.rules]]
 name = "row"
 plugin = "bench_task"
-payload = { id = "${data.id}", user_id = "${data.user_id}", email = "${data.email}", amount = "${data.amount}", score = "${data.score}" }
-"#,
+payload = {{ id = "${{data.id}}", user_id = "${{data.user_id}}", email = "${{data.email}}", amount = "${{data.amount}}", score = "${{data.score}}" }}
+{batch}"#
+        ),
     )
     .unwrap();
     let config = dir.join("bench.toml");
@@ -264,13 +354,41 @@ name = "{QUEUE}"
         ),
     )
     .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
-        .args(["start", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("service.log")).unwrap())
-        .spawn()
-        .expect("canal-consumer")
+    Service(
+        Command::new(env!("CARGO_BIN_EXE_canal-consumer"))
+            .args(["start", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("service.log")).unwrap())
+            .spawn()
+            .expect("canal-consumer"),
+    )
+}
+
+/// Bulk mode: wait until `n` rows have arrived at the queue consumer, counting each bulk
+/// message's `bulk.rows`; returns the arrival time of the last one and the messages seen.
+async fn wait_rows(sink: &mut lapin::Consumer, n: u64) -> (Instant, u64) {
+    let (mut rows, mut messages) = (0u64, 0u64);
+    while rows < n {
+        let d = tokio::time::timeout(Duration::from_secs(60), sink.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {rows} of {n} rows arrived"))
+            .unwrap()
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        rows += body["bulk"]["rows"].as_u64().unwrap_or(1);
+        messages += 1;
+    }
+    (Instant::now(), messages)
+}
+
+/// The HA Canal cluster of `deploy/local/up` parses the same binlog as the standalone server:
+/// its CPU is in every figure while it runs.
+fn ha_cluster_running() -> bool {
+    ["127.0.0.1:11121", "127.0.0.1:11122"].iter().any(|a| {
+        std::net::TcpStream::connect_timeout(&a.parse().unwrap(), Duration::from_millis(200))
+            .is_ok()
+    })
 }
 
 /// The `normal` message priority the bench uses in a queue with `levels` priorities.
@@ -402,24 +520,32 @@ async fn probe(
     rate
 }
 
+/// Publish `n` copies with confirms, at most `window` unconfirmed, as fast as the broker takes
+/// them. Each publish is polled once when it is made (lapin then queues its frames) and not
+/// awaited until its confirm is the oldest one left, so the probe never waits for lapin's I/O
+/// thread to write one message before it makes the next: what it measures is the broker.
 async fn publish_confirmed(
     ch: &Channel,
     sample: &(Vec<u8>, BasicProperties),
     n: u64,
     window: usize,
 ) {
-    let mut pending: VecDeque<lapin::PublisherConfirm> = VecDeque::with_capacity(window);
+    type Confirmed =
+        std::pin::Pin<Box<futures::future::MaybeDone<futures::future::BoxFuture<'static, bool>>>>;
+    let mut pending: VecDeque<Confirmed> = VecDeque::with_capacity(window);
     for i in 0..n {
         if pending.len() >= window {
-            let c = pending.pop_front().unwrap();
-            assert!(c.await.unwrap().is_ack(), "probe message nacked");
+            let mut c = pending.pop_front().unwrap();
+            c.as_mut().await;
+            assert!(c.as_mut().take_output().unwrap(), "probe message nacked");
         }
         let props = sample
             .1
             .clone()
             .with_message_id(format!("probe-{i}").into());
-        let c = ch
-            .basic_publish(
+        let (ch, body) = (ch.clone(), sample.0.clone());
+        let publish = async move {
+            ch.basic_publish(
                 "".into(),
                 PROBE_QUEUE.into(),
                 // as the service publishes: mandatory, so the broker checks the route
@@ -427,15 +553,22 @@ async fn publish_confirmed(
                     mandatory: true,
                     immediate: false,
                 },
-                &sample.0,
+                &body,
                 props,
             )
             .await
-            .unwrap();
+            .unwrap()
+            .await
+            .unwrap()
+            .is_ack()
+        };
+        let mut c = Box::pin(futures::future::maybe_done(publish.boxed()));
+        let _ = futures::poll!(c.as_mut());
         pending.push_back(c);
     }
-    for c in pending {
-        assert!(c.await.unwrap().is_ack(), "probe message nacked");
+    for mut c in pending {
+        c.as_mut().await;
+        assert!(c.as_mut().take_output().unwrap(), "probe message nacked");
     }
 }
 
@@ -448,8 +581,103 @@ struct Latency {
     max: f64,
 }
 
-/// One autocommit INSERT per period for `seconds`; latency per row from its server stamp.
-async fn latency(sink: &mut lapin::Consumer, base: u64, rate: u64, seconds: u64) -> Latency {
+/// One stamped row seen by a reader: its id, its statement stamp and the arrival time (seconds
+/// since the epoch, same host clock).
+type Arrival = (u64, f64, f64);
+
+fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Reads the service's messages from the queue consumer and reports each stamped row.
+fn sink_arrivals(
+    mut sink: lapin::Consumer,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<Arrival>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Some(Ok(d)) = sink.next().await {
+            let now = now_s();
+            let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
+            let id = body["payload"]["id"]
+                .as_u64()
+                .or_else(|| body["payload"]["id"].as_str().and_then(|s| s.parse().ok()));
+            let score = &body["payload"]["score"];
+            let stamp = score
+                .as_f64()
+                .or_else(|| score.as_str().and_then(|s| s.parse().ok()));
+            if let (Some(id), Some(stamp)) = (id, stamp)
+                && tx.send((id, stamp, now)).is_err()
+            {
+                return;
+            }
+        }
+    });
+    (task, rx)
+}
+
+/// Canal alone, for the latency limit: a bare client that fetches as the service does (the full
+/// batch size without waiting while rows come; after an empty GET the smallest batch, waiting up
+/// to the service's `canal.fetch_wait`), acks each batch and reports each stamped row.
+fn canal_arrivals() -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<Arrival>,
+) {
+    use canal_consumer::event::Value;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let defaults = canal_consumer::config::Config::default().canal;
+        let mut s = canal_session().await;
+        let mut decoder = canal_consumer::canal::decode::Decoder::new("example");
+        let mut events = Vec::new();
+        let mut idle = false;
+        loop {
+            let b = if idle {
+                s.get(1, defaults.fetch_wait).await.unwrap()
+            } else {
+                s.get(defaults.batch_size, Duration::ZERO).await.unwrap()
+            };
+            idle = b.is_empty();
+            if idle {
+                continue;
+            }
+            let now = now_s();
+            events.clear();
+            decoder.decode_entries(&b.entries, &mut events).unwrap();
+            s.ack(b.batch_id).await.unwrap();
+            for e in &events {
+                let id = match e.get("id") {
+                    Some(Value::Int(i)) => *i as u64,
+                    Some(Value::UInt(i)) => *i,
+                    _ => continue,
+                };
+                let stamp = match e.get("score") {
+                    Some(Value::Float(f)) => *f,
+                    Some(Value::Text(t)) => t.parse().unwrap_or(f64::NAN),
+                    _ => continue,
+                };
+                if tx.send((id, stamp, now)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (task, rx)
+}
+
+/// One autocommit INSERT per period for `seconds`; latency per row from its server stamp to its
+/// arrival at the reader behind `arrivals`.
+async fn latency(
+    arrivals: &mut tokio::sync::mpsc::UnboundedReceiver<Arrival>,
+    base: u64,
+    rate: u64,
+    seconds: u64,
+) -> Latency {
     let total = rate * seconds;
     let mut writer = Command::new("mysql")
         .args(["-h127.0.0.1", "-utest", "-ptest", "--batch", "--unbuffered"])
@@ -481,27 +709,13 @@ async fn latency(sink: &mut lapin::Consumer, base: u64, rate: u64, seconds: u64)
         } else {
             Duration::from_millis(50)
         };
-        if let Ok(Some(Ok(d))) = tokio::time::timeout(wait, sink.next()).await {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_secs_f64();
-            let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
-            let id = body["payload"]["id"]
-                .as_u64()
-                .or_else(|| body["payload"]["id"].as_str().and_then(|s| s.parse().ok()));
-            let score = &body["payload"]["score"];
-            let stamp = score
-                .as_f64()
-                .or_else(|| score.as_str().and_then(|s| s.parse().ok()));
-            if let (Some(id), Some(stamp)) = (id, stamp)
-                && id >= base
-                && id < base + total
-                && !seen[(id - base) as usize]
-            {
-                seen[(id - base) as usize] = true;
-                lat.push((now - stamp) * 1000.0);
-            }
+        if let Ok(Some((id, stamp, now))) = tokio::time::timeout(wait, arrivals.recv()).await
+            && id >= base
+            && id < base + total
+            && !seen[(id - base) as usize]
+        {
+            seen[(id - base) as usize] = true;
+            lat.push((now - stamp) * 1000.0);
         }
     }
     let achieved = i as f64 / start.elapsed().as_secs_f64().max(1e-9);
@@ -540,13 +754,36 @@ async fn main() {
     let defaults = canal_consumer::config::Config::default();
     let window = defaults.amqp.max_unconfirmed.get();
     let load_before = uptime_load();
+    if ha_cluster_running() {
+        println!(
+            "note: the HA Canal cluster (127.0.0.1:11121/11122) is running and parses the same binlog; \
+             its CPU is in every figure (deploy/local/canal-ha-ctl all stop, for figures)"
+        );
+    }
 
-    mysql(
-        "CREATE DATABASE IF NOT EXISTS cc_bench; DROP TABLE IF EXISTS cc_bench.rows;
-         CREATE TABLE cc_bench.rows (id BIGINT PRIMARY KEY, user_id INT, email VARCHAR(128),
-           name VARCHAR(64), amount DECIMAL(12,2), status VARCHAR(16), created DATETIME,
-           score DOUBLE, note TEXT, flag TINYINT) DEFAULT CHARSET=utf8mb4",
-    );
+    let create_table = || {
+        mysql(
+            "CREATE DATABASE IF NOT EXISTS cc_bench; DROP TABLE IF EXISTS cc_bench.rows;
+             CREATE TABLE cc_bench.rows (id BIGINT PRIMARY KEY, user_id INT, email VARCHAR(128),
+               name VARCHAR(64), amount DECIMAL(12,2), status VARCHAR(16), created DATETIME,
+               score DOUBLE, note TEXT, flag TINYINT) DEFAULT CHARSET=utf8mb4",
+        )
+    };
+    create_table();
+    drain_canal().await;
+    // ---- the source's limit: Canal's delivery of the same rows to a bare client
+    let canal_rate = canal_probe(1, o.rows).await;
+    // ... and its latency at the bench's rates
+    let mut canal_lats = Vec::new();
+    let (reader, mut arrivals) = canal_arrivals();
+    let mut base = o.rows + 1;
+    for &rate in &o.rates {
+        canal_lats.push(latency(&mut arrivals, base, rate, o.seconds).await);
+        base += rate * o.seconds;
+    }
+    reader.abort();
+    let _ = reader.await;
+    create_table();
     drain_canal().await;
     let conn = Connection::connect(AMQP, ConnectionProperties::default())
         .await
@@ -566,8 +803,8 @@ async fn main() {
             .unwrap()
             .port()
     );
-    let mut service = start_service(&dir, &admin, o.max_priority);
-    let pid = service.id();
+    let mut service = start_service(&dir, &admin, o.max_priority, o.bulk);
+    let pid = service.0.id();
     let ready_by = Instant::now() + Duration::from_secs(60);
     while canal_consumer::admin::client::request(&admin, "GET", "/ready")
         .await
@@ -576,7 +813,7 @@ async fn main() {
         != 200
     {
         assert!(
-            Instant::now() < ready_by && service.try_wait().unwrap().is_none(),
+            Instant::now() < ready_by && service.0.try_wait().unwrap().is_none(),
             "service not ready; see {}",
             dir.display()
         );
@@ -618,7 +855,9 @@ async fn main() {
 
     // ---- broker probe, the service's throughput, broker probe again
     let probe_args = || queue_args(o.max_priority);
+    let (busy0, p0) = (machine_busy_seconds(), Instant::now());
     let probe_before = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
+    let probe_busy = (machine_busy_seconds() - busy0) / p0.elapsed().as_secs_f64();
     // BENCH_PERF=<file>: sample the service's stacks (perf, cpu-clock) during this phase only
     let perf = std::env::var("BENCH_PERF").ok().map(|out| {
         Command::new("perf")
@@ -640,13 +879,20 @@ async fn main() {
             .expect("perf (BENCH_PERF)")
     });
     let cpu0 = cpu_seconds(pid);
+    let busy0 = machine_busy_seconds();
     let t0 = Instant::now();
     let inserter = insert_bulk(id, id + o.rows - 1);
     id += o.rows;
     done += o.rows;
-    let finished = wait_confirmed(&admin, done, &mut sink, || {}).await;
+    let (finished, bulk_messages) = if o.bulk.is_some() {
+        let (at, messages) = wait_rows(&mut sink, o.rows).await;
+        (at, messages)
+    } else {
+        (wait_confirmed(&admin, done, &mut sink, || {}).await, o.rows)
+    };
     let elapsed = finished - t0;
     let cpu_tp = cpu_seconds(pid) - cpu0;
+    let tp_busy = (machine_busy_seconds() - busy0) / elapsed.as_secs_f64();
     if let Some(mut perf) = perf {
         let _ = Command::new("kill")
             .args(["-INT", &perf.id().to_string()])
@@ -663,17 +909,50 @@ async fn main() {
         "broker probe: {probe_before:.0} / {probe_after:.0} msg/s (mean {broker:.0}), window {window}"
     );
     println!(
-        "throughput: {} rows in {:.2}s = {throughput:.0} rows/s = {:.1}% of the broker's rate; service CPU {cpu_tp:.2}s = {cpu_per_10k:.3}s per 10k rows",
+        "machine busy (all processes): {probe_busy:.2} of {} cores during the first broker probe, {tp_busy:.2} during the throughput phase",
+        cores()
+    );
+    println!(
+        "canal probe: {canal_rate:.0} rows/s (a bare client: GET without waiting, decode, ack; nothing published)"
+    );
+    println!(
+        "throughput: {} rows in {:.2}s = {throughput:.0} rows/s = {:.1}% of the broker's rate, {:.1}% of Canal's; service CPU {cpu_tp:.2}s = {cpu_per_10k:.3}s per 10k rows",
         o.rows,
         elapsed.as_secs_f64(),
-        throughput / broker * 100.0
+        throughput / broker * 100.0,
+        throughput / canal_rate * 100.0
     );
+    if let Some(max_rows) = o.bulk {
+        // bulk mode ends here: the later phases count messages, one per row
+        println!(
+            "bulk (max_rows {max_rows}, max_wait 50ms): {bulk_messages} messages for {} rows; time until the last row arrived at the queue consumer",
+            o.rows
+        );
+        let report = serde_json::json!({
+            "bulk_max_rows": max_rows, "bulk_messages": bulk_messages,
+            "rows": o.rows, "elapsed_s": elapsed.as_secs_f64(), "rows_per_s": throughput,
+            "broker_msg_per_s": broker, "canal_probe_rows_per_s": canal_rate,
+            "cpu_s_per_10k_rows": cpu_per_10k,
+            "machine_busy_cores": {"broker_probe": probe_busy, "throughput": tp_busy, "cores": cores()},
+            "load": [load_before, uptime_load()],
+        });
+        let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/bench-pipeline-bulk.json");
+        let _ = std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap());
+        drop(service);
+        let _ = ch
+            .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
 
     // ---- latency at fixed rates
     let mut lats = Vec::new();
+    let (reader, mut arrivals) = sink_arrivals(sink.clone());
     for &rate in &o.rates {
         let cpu0 = cpu_seconds(pid);
-        let l = latency(&mut sink, id, rate, o.seconds).await;
+        let l = latency(&mut arrivals, id, rate, o.seconds).await;
         let cpu = cpu_seconds(pid) - cpu0;
         id += rate * o.seconds;
         done += rate * o.seconds;
@@ -682,6 +961,14 @@ async fn main() {
             l.achieved, o.seconds, l.n, l.p50, l.p99, l.max
         );
         lats.push(l);
+    }
+    reader.abort();
+    let _ = reader.await;
+    for l in &canal_lats {
+        println!(
+            "canal latency at {} rows/s ({:.0} achieved), a bare client fetching as the service does: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            l.rate, l.achieved, l.p50, l.p99, l.max
+        );
     }
     wait_confirmed(&admin, done, &mut sink, || {}).await;
     empty_sink(&mut sink).await;
@@ -737,8 +1024,7 @@ async fn main() {
     let _ = id;
     let rss = proc_status_kib(pid, "VmHWM:");
     println!("service peak RSS: {:.1} MiB", rss as f64 / 1024.0);
-    let _ = Command::new("kill").arg(pid.to_string()).status();
-    let _ = service.wait();
+    drop(service);
 
     // ---- what x-max-priority costs the broker: rounds of the four queue kinds, interleaved
     let mut prio = Vec::new();
@@ -792,8 +1078,15 @@ async fn main() {
         "broker_msg_per_s": broker,
         "rows": o.rows, "elapsed_s": elapsed.as_secs_f64(), "rows_per_s": throughput,
         "ratio_to_broker": throughput / broker,
+        "canal_probe_rows_per_s": canal_rate,
+        "machine_busy_cores": {"broker_probe": probe_busy, "throughput": tp_busy, "cores": cores()},
+        "ratio_to_canal": throughput / canal_rate,
         "cpu_s_per_10k_rows": cpu_per_10k,
         "latency": lats.iter().map(|l| serde_json::json!({
+            "rate": l.rate, "achieved": l.achieved, "rows": l.n,
+            "p50_ms": l.p50, "p99_ms": l.p99, "max_ms": l.max,
+        })).collect::<Vec<_>>(),
+        "canal_latency": canal_lats.iter().map(|l| serde_json::json!({
             "rate": l.rate, "achieved": l.achieved, "rows": l.n,
             "p50_ms": l.p50, "p99_ms": l.p99, "max_ms": l.max,
         })).collect::<Vec<_>>(),
