@@ -855,9 +855,12 @@ async fn main() {
 
     // ---- broker probe, the service's throughput, broker probe again
     let probe_args = || queue_args(o.max_priority);
-    let (busy0, p0) = (machine_busy_seconds(), Instant::now());
+    let me = std::process::id();
+    let (busy0, own0, p0) = (machine_busy_seconds(), cpu_seconds(me), Instant::now());
     let probe_before = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
-    let probe_busy = (machine_busy_seconds() - busy0) / p0.elapsed().as_secs_f64();
+    let probe_secs = p0.elapsed().as_secs_f64();
+    let probe_busy = (machine_busy_seconds() - busy0) / probe_secs;
+    let probe_own = (cpu_seconds(me) - own0) / probe_secs;
     // BENCH_PERF=<file>: sample the service's stacks (perf, cpu-clock) during this phase only
     let perf = std::env::var("BENCH_PERF").ok().map(|out| {
         Command::new("perf")
@@ -879,7 +882,7 @@ async fn main() {
             .expect("perf (BENCH_PERF)")
     });
     let cpu0 = cpu_seconds(pid);
-    let busy0 = machine_busy_seconds();
+    let (busy0, own0) = (machine_busy_seconds(), cpu_seconds(me));
     let t0 = Instant::now();
     let inserter = insert_bulk(id, id + o.rows - 1);
     id += o.rows;
@@ -893,6 +896,8 @@ async fn main() {
     let elapsed = finished - t0;
     let cpu_tp = cpu_seconds(pid) - cpu0;
     let tp_busy = (machine_busy_seconds() - busy0) / elapsed.as_secs_f64();
+    let tp_own = (cpu_seconds(me) - own0) / elapsed.as_secs_f64();
+    let tp_service = cpu_tp / elapsed.as_secs_f64();
     if let Some(mut perf) = perf {
         let _ = Command::new("kill")
             .args(["-INT", &perf.id().to_string()])
@@ -909,8 +914,11 @@ async fn main() {
         "broker probe: {probe_before:.0} / {probe_after:.0} msg/s (mean {broker:.0}), window {window}"
     );
     println!(
-        "machine busy (all processes): {probe_busy:.2} of {} cores during the first broker probe, {tp_busy:.2} during the throughput phase",
-        cores()
+        "machine busy, cores of {}: first broker probe {probe_busy:.2} = bench (publisher and drain) {probe_own:.2} + the rest (broker) {:.2}; \
+         throughput phase {tp_busy:.2} = service {tp_service:.2} + bench (queue consumer, inserts) {tp_own:.2} + the rest (broker, Canal, MariaDB, mysql client) {:.2}",
+        cores(),
+        probe_busy - probe_own,
+        tp_busy - tp_service - tp_own
     );
     println!(
         "canal probe: {canal_rate:.0} rows/s (a bare client: GET without waiting, decode, ack; nothing published)"
@@ -933,7 +941,8 @@ async fn main() {
             "rows": o.rows, "elapsed_s": elapsed.as_secs_f64(), "rows_per_s": throughput,
             "broker_msg_per_s": broker, "canal_probe_rows_per_s": canal_rate,
             "cpu_s_per_10k_rows": cpu_per_10k,
-            "machine_busy_cores": {"broker_probe": probe_busy, "throughput": tp_busy, "cores": cores()},
+            "machine_busy_cores": {"broker_probe": probe_busy, "broker_probe_bench": probe_own,
+            "throughput": tp_busy, "throughput_service": tp_service, "throughput_bench": tp_own, "cores": cores()},
             "load": [load_before, uptime_load()],
         });
         let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1079,7 +1088,8 @@ async fn main() {
         "rows": o.rows, "elapsed_s": elapsed.as_secs_f64(), "rows_per_s": throughput,
         "ratio_to_broker": throughput / broker,
         "canal_probe_rows_per_s": canal_rate,
-        "machine_busy_cores": {"broker_probe": probe_busy, "throughput": tp_busy, "cores": cores()},
+        "machine_busy_cores": {"broker_probe": probe_busy, "broker_probe_bench": probe_own,
+            "throughput": tp_busy, "throughput_service": tp_service, "throughput_bench": tp_own, "cores": cores()},
         "ratio_to_canal": throughput / canal_rate,
         "cpu_s_per_10k_rows": cpu_per_10k,
         "latency": lats.iter().map(|l| serde_json::json!({
