@@ -8,8 +8,16 @@
 //! - **broker probe**: this process publishes messages of the same size, properties and
 //!   durability as the service's (a copy of one it published) with publisher confirms, the
 //!   same window (`amqp.max_unconfirmed`), to a fresh queue of the same type and arguments, as
-//!   fast as the broker confirms them. Run before and after the service's throughput phase;
-//!   the limit is their mean.
+//!   fast as the broker confirms them (each publish is handed to lapin without waiting for its
+//!   write, as the service does). Run before and after the service's throughput phase; the
+//!   limit is their mean.
+//! - **Canal probe**: before the service starts, the same rows inserted the same way are read
+//!   by a bare client on the service's client id (GET without waiting, decode, ack, nothing
+//!   published): the source's own rate, and at the latency rates the source's own latency
+//!   (fetching as the service does: long poll for the smallest batch after an empty GET).
+//! - **machine busy**: `/proc/stat` over the first broker probe and the throughput phase, split
+//!   into this process, the service, and the rest (broker, Canal, MariaDB): on a small machine
+//!   the phases compete for the same cores, and this shows how.
 //! - **throughput**: `BENCH_ROWS` rows (10 columns) in 1,000-row INSERTs as fast as MariaDB
 //!   takes them; time from the first INSERT until the broker has confirmed every trigger (read
 //!   from the service's `/status`); the ratio to the probe; CPU seconds of the service process
@@ -25,12 +33,17 @@
 //!   and with 3, 5 and 10 levels.
 //!
 //! `BENCH_PERF=<file>` records the service's stacks with `perf` during the throughput phase.
+//! `BENCH_BULK=<max_rows>` gives the bench rule `batch = { max_rows, max_wait = "50ms" }` and
+//! runs only the probes and the throughput phase, timed until every row has arrived at the
+//! queue's consumer (`target/bench-pipeline-bulk.json`).
 //!
 //! Knobs: `BENCH_QUICK`, `BENCH_ROWS`, `BENCH_RATES`, `BENCH_SECONDS`, `BENCH_IDLE_SECONDS`,
 //! `BENCH_BIG_TX`, `BENCH_MAX_PRIORITY` (`none` or a number: the bench queue's
-//! `amqp.queue.max_priority`), `BENCH_PRIORITY_PROBES` (0/1). The service inherits the
-//! environment, so its settings can be tried with `CANAL_CONSUMER__…` variables.
-//! Results go to stdout and `target/bench-pipeline.json`.
+//! `amqp.queue.max_priority`), `BENCH_PRIORITY_PROBES` (0/1), `BENCH_BULK`. The service
+//! inherits the environment, so its settings can be tried with `CANAL_CONSUMER__…` variables.
+//! Results go to stdout and `target/bench-pipeline.json`. The HA Canal cluster of
+//! `deploy/local/up` parses the same binlog: the bench says so when it runs; stop it for figures
+//! (`deploy/local/canal-ha-ctl all stop`).
 // A benchmark stops at the first failed setup step; unwrap is that stop (lint policy:
 // Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
