@@ -15,13 +15,18 @@
 //!   by a bare client on the service's client id (GET without waiting, decode, ack, nothing
 //!   published): the source's own rate, and at the latency rates the source's own latency
 //!   (fetching as the service does: long poll for the smallest batch after an empty GET).
+//! - **ceiling**: after the service has stopped, the Canal probe and the broker probe run at
+//!   once (new rows, the same number of messages): what the machine does when the source and a
+//!   bare publisher share it with nothing in between, the most any service could reach here.
 //! - **machine busy**: `/proc/stat` over the first broker probe and the throughput phase, split
 //!   into this process, the service, and the rest (broker, Canal, MariaDB): on a small machine
 //!   the phases compete for the same cores, and this shows how.
 //! - **throughput**: `BENCH_ROWS` rows (10 columns) in 1,000-row INSERTs as fast as MariaDB
-//!   takes them; time from the first INSERT until the broker has confirmed every trigger (read
-//!   from the service's `/status`); the ratio to the probe; CPU seconds of the service process
-//!   per 10k rows (utime + stime from `/proc/<pid>/stat`).
+//!   takes them; time from the first INSERT until every trigger's message has arrived at the
+//!   queue's consumer and the service's `/status` counts them all confirmed (`/status` is read
+//!   only then, so the measurement adds no admin requests while rows flow); the ratio to the
+//!   probes; CPU seconds of the service process per 10k rows (utime + stime from
+//!   `/proc/<pid>/stat`).
 //! - **latency** at fixed rates (`BENCH_RATES`, default 200 and 1,000 rows/s): single-row
 //!   autocommit INSERTs whose `score` column is the server's `UNIX_TIMESTAMP(NOW(6))`; latency is
 //!   the arrival time at a queue consumer minus that stamp (statement start, so it includes the
@@ -458,6 +463,28 @@ async fn wait_confirmed(
         assert!(Instant::now() < by, "only {c} of {n} confirmed");
         sample();
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The throughput phase's end: `n` messages have arrived at the queue's consumer and the
+/// service reports `confirmed` ≥ `total`. Waits on the sink rather than polling `/status`, so
+/// the measurement adds no admin requests to the service's CPU while rows flow.
+async fn wait_arrived(admin: &str, sink: &mut lapin::Consumer, n: u64, total: u64) -> Instant {
+    for got in 0..n {
+        tokio::time::timeout(Duration::from_secs(60), sink.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {got} of {n} messages arrived"))
+            .unwrap()
+            .unwrap();
+    }
+    let by = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = confirmed(admin).await;
+        if c >= total {
+            return Instant::now();
+        }
+        assert!(Instant::now() < by, "only {c} of {total} confirmed");
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -904,7 +931,7 @@ async fn main() {
         let (at, messages) = wait_rows(&mut sink, o.rows).await;
         (at, messages)
     } else {
-        (wait_confirmed(&admin, done, &mut sink, || {}).await, o.rows)
+        (wait_arrived(&admin, &mut sink, o.rows, done).await, o.rows)
     };
     let elapsed = finished - t0;
     let cpu_tp = cpu_seconds(pid) - cpu0;
@@ -1043,10 +1070,25 @@ async fn main() {
             rss_big_after as f64 / 1024.0
         );
     }
-    let _ = id;
     let rss = proc_status_kib(pid, "VmHWM:");
     println!("service peak RSS: {:.1} MiB", rss as f64 / 1024.0);
     drop(service);
+
+    // ---- the machine's ceiling: the source and a bare publisher at once, nothing in between
+    drain_canal().await;
+    let t = Instant::now();
+    let (ceiling_canal, ceiling_broker) = tokio::join!(
+        canal_probe(id, o.rows),
+        probe(&conn, probe_args(), &sample, o.rows, window, true)
+    );
+    let ceiling = o.rows as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "ceiling: the Canal probe and the broker probe at once, {} rows and {} messages: {ceiling:.0}/s until both finished \
+         (Canal {ceiling_canal:.0} rows/s, broker {ceiling_broker:.0} msg/s); the service reached {:.1}% of it",
+        o.rows,
+        o.rows,
+        throughput / ceiling * 100.0
+    );
 
     // ---- what x-max-priority costs the broker: rounds of the four queue kinds, interleaved
     let mut prio = Vec::new();
@@ -1117,6 +1159,8 @@ async fn main() {
         "big_tx_rows": o.big_tx,
         "big_tx_rss_kib": {"before": rss_big_before, "max": rss_big_max, "after": rss_big_after},
         "peak_rss_kib": rss,
+        "ceiling_per_s": ceiling, "ceiling_canal_rows_per_s": ceiling_canal,
+        "ceiling_broker_msg_per_s": ceiling_broker, "ratio_to_ceiling": throughput / ceiling,
         "priority_probes": prio,
         "load": [load_before, load_after],
     });
