@@ -231,6 +231,21 @@ fn machine_busy_seconds() -> f64 {
     busy / clk_tck()
 }
 
+/// Wait (at most 60 s) until the machine has been nearly idle for a second: what an earlier
+/// phase left behind (MariaDB flushing a big transaction, Canal catching up) must not count
+/// against the next measurement.
+async fn settle() {
+    let by = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < by {
+        let b0 = machine_busy_seconds();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if machine_busy_seconds() - b0 < 0.3 {
+            return;
+        }
+    }
+    println!("note: the machine did not settle within 60 s (more than 0.3 cores busy)");
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -1076,6 +1091,7 @@ async fn main() {
 
     // ---- the machine's ceiling: the source and a bare publisher at once, nothing in between
     drain_canal().await;
+    settle().await;
     let t = Instant::now();
     let (ceiling_canal, ceiling_broker) = tokio::join!(
         canal_probe(id, o.rows),
