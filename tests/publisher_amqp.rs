@@ -291,7 +291,10 @@ async fn messages_arrive_with_ids_headers_priority_and_body() {
     ];
     publish(&addr, triggers.clone()).await.expect("published");
     let st = status(&addr).await;
-    assert_eq!((st.published, st.confirmed, st.unconfirmed), (3, 3, 0));
+    assert_eq!(
+        (st.counters.published, st.counters.confirmed, st.unconfirmed),
+        (3, 3, 0)
+    );
 
     let (conn, ch) = raw().await;
     let got = drain(&ch, &queue).await;
@@ -382,8 +385,8 @@ async fn unroutable_messages_fail_their_publish_and_are_counted() {
         other => panic!("expected Unroutable, got {other:?}"),
     }
     let st = status(&addr).await;
-    assert_eq!(st.returned, 1, "{st:#?}");
-    assert_eq!(st.confirmed, 0);
+    assert_eq!(st.counters.returned, 1, "{st:#?}");
+    assert_eq!(st.counters.confirmed, 0);
 
     // one unroutable message in the middle of a big batch to a real queue: the batch reports
     // exactly that message, and all the others are published and confirmed (an unroutable
@@ -405,8 +408,8 @@ async fn unroutable_messages_fail_their_publish_and_are_counted() {
     }
     let st = status(&addr).await;
     assert_eq!(st.unconfirmed, 0, "{st:#?}");
-    assert_eq!(st.returned, 2, "{st:#?}");
-    assert_eq!(st.confirmed, 299, "{st:#?}");
+    assert_eq!(st.counters.returned, 2, "{st:#?}");
+    assert_eq!(st.counters.confirmed, 299, "{st:#?}");
     let arrived = drain(&ch, &real).await.len();
     assert_eq!(arrived, 299);
 
@@ -574,7 +577,7 @@ async fn broker_outage_fails_pending_publishes_and_publishing_resumes() {
     });
 
     wait_status(&addr, "some confirms", Duration::from_secs(10), |s| {
-        s.confirmed >= 200
+        s.counters.confirmed >= 200
     })
     .await;
     let _app = AppGuard;
@@ -615,12 +618,12 @@ async fn broker_outage_fails_pending_publishes_and_publishing_resumes() {
     })
     .await;
     // publishing works again
-    let before = status(&addr).await.confirmed;
+    let before = status(&addr).await.counters.confirmed;
     wait_status(
         &addr,
         "confirms after the restart",
         Duration::from_secs(20),
-        |s| s.confirmed >= before + 100,
+        |s| s.counters.confirmed >= before + 100,
     )
     .await;
     let _ = stop_tx.send(());
@@ -860,7 +863,11 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
     // any message it had taken but not run is back in the queue. So: an empty queue plus one
     // line per trigger means each task ran exactly once.
     let st = status(&addr).await;
-    assert_eq!((st.published, st.confirmed), (4, 4), "{st:#?}");
+    assert_eq!(
+        (st.counters.published, st.counters.confirmed),
+        (4, 4),
+        "{st:#?}"
+    );
     worker.kill();
     let text = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<Value> = text
@@ -973,7 +980,7 @@ async fn window_bounds_unconfirmed_and_order_follows_arrival() {
     let max = watcher.await.unwrap();
     assert!(max <= 4, "at most max_unconfirmed in flight, saw {max}");
     let st = status(&addr).await;
-    assert_eq!((st.published, st.confirmed), (1000, 1000));
+    assert_eq!((st.counters.published, st.counters.confirmed), (1000, 1000));
 
     let (conn, ch) = raw().await;
     let ids: Vec<String> = drain(&ch, &queue)
@@ -1063,7 +1070,7 @@ async fn shutdown_drains_what_was_accepted() {
         .expect("the accepted batch was published and confirmed");
     let st = status(&addr).await;
     assert_eq!(st.state, PublisherState::Disconnected);
-    assert_eq!((st.confirmed, st.unconfirmed), (500, 0));
+    assert_eq!((st.counters.confirmed, st.unconfirmed), (500, 0));
     let res = publish(
         &addr,
         vec![trigger(

@@ -38,6 +38,7 @@
 use super::session::{
     self, Job, Prepared, Session, SharedStatus, ToSession, lock, now_rfc3339, set_state,
 };
+use super::window::WindowStats;
 use super::{CancelBefore, Publish, PublishError, celery, envelope};
 use crate::backoff::Backoff;
 use crate::config::{AmqpConfig, redact_url};
@@ -87,23 +88,10 @@ pub struct PublisherStatus {
     /// Messages published and not yet confirmed (the window in use).
     pub unconfirmed: usize,
     pub max_unconfirmed: usize,
-    /// Messages written to the channel.
-    pub published: u64,
-    /// Messages acked by the broker without being returned.
-    pub confirmed: u64,
-    /// Messages the broker returned as unroutable.
-    pub returned: u64,
-    pub nacked: u64,
-    /// Messages without a confirm within `confirm_timeout`.
-    pub timeouts: u64,
-    /// Messages still unconfirmed when the channel or connection was lost.
-    pub lost: u64,
-    /// Confirms that arrived after their message had timed out.
-    pub late_confirms: u64,
-    /// Accepted messages never published because their Canal epoch was abandoned (a rollback
-    /// or reconnect; Canal redelivers those rows) or an earlier message of it failed.
-    #[serde(default)]
-    pub cancelled: u64,
+    /// What happened to the messages so far (the confirm window's counters; flattened, so
+    /// the JSON keeps `published`, `confirmed`, … at the top level).
+    #[serde(flatten)]
+    pub counters: WindowStats,
     /// How long the oldest unconfirmed message has waited for its confirm (ms); `None` when
     /// nothing is unconfirmed. A link that carries nothing shows here first.
     #[serde(default)]
@@ -191,14 +179,7 @@ impl AmqpPublisher {
             blocked_reason: None,
             unconfirmed: 0,
             max_unconfirmed: cfg.max_unconfirmed.get(),
-            published: 0,
-            confirmed: 0,
-            returned: 0,
-            nacked: 0,
-            timeouts: 0,
-            lost: 0,
-            late_confirms: 0,
-            cancelled: 0,
+            counters: WindowStats::default(),
             oldest_unconfirmed_ms: None,
             stalled_since: None,
             connects: 0,

@@ -329,14 +329,7 @@ impl Session {
         let stats = self.window.stats().clone();
         let oldest = self.window.oldest_unconfirmed_at();
         let mut st = lock(&self.status);
-        st.published = stats.published;
-        st.confirmed = stats.confirmed;
-        st.returned = stats.returned;
-        st.nacked = stats.nacked;
-        st.timeouts = stats.timeouts;
-        st.lost = stats.lost;
-        st.late_confirms = stats.late_confirms;
-        st.cancelled = stats.cancelled;
+        st.counters = stats;
         st.unconfirmed = self.window.unconfirmed();
         st.oldest_unconfirmed_ms = oldest.map(|t| t.elapsed().as_millis() as u64);
         let stall = super::amqp::stall_after(self.cfg.confirm_timeout);

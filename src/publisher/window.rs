@@ -75,17 +75,25 @@ struct JobState<M> {
     unroutable: Vec<super::Returned>,
 }
 
-/// Counters the window keeps (the session copies them into its status).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Counters the window keeps; the publisher's status carries them as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WindowStats {
+    /// Messages written to the channel.
     pub published: u64,
+    /// Messages acked by the broker without being returned.
     pub confirmed: u64,
+    /// Messages the broker returned as unroutable.
     pub returned: u64,
     pub nacked: u64,
+    /// Messages without a confirm within `confirm_timeout`.
     pub timeouts: u64,
+    /// Messages still unconfirmed when the channel or connection was lost.
     pub lost: u64,
+    /// Confirms that arrived after their message had timed out.
     pub late_confirms: u64,
-    /// Unpublished messages dropped because their epoch was abandoned or failed.
+    /// Accepted messages never published because their Canal epoch was abandoned (a rollback
+    /// or reconnect; Canal redelivers those rows) or an earlier message of it failed.
+    #[serde(default)]
     pub cancelled: u64,
 }
 
