@@ -27,7 +27,8 @@
 //!   only then, so the measurement adds no admin requests while rows flow); the ratio to the
 //!   probes; CPU seconds of the service process per 10k rows (utime + stime from
 //!   `/proc/<pid>/stat`).
-//! - **latency** at fixed rates (`BENCH_RATES`, default 200 and 1,000 rows/s): single-row
+//! - **latency** at fixed rates (`BENCH_RATES`, default 5, 200 and 1,000 rows/s; 5 rows/s shows
+//!   the quiet-table case, where Canal's MEMSIZE mode makes a long poll wait): single-row
 //!   autocommit INSERTs whose `score` column is the server's `UNIX_TIMESTAMP(NOW(6))`; latency is
 //!   the arrival time at a queue consumer minus that stamp (statement start, so it includes the
 //!   commit itself; same host clock).
@@ -104,7 +105,7 @@ impl Opts {
             quick,
             rows: env_num("BENCH_ROWS", if quick { 5_000 } else { 50_000 }),
             rates: std::env::var("BENCH_RATES")
-                .unwrap_or_else(|_| "200,1000".into())
+                .unwrap_or_else(|_| "5,200,1000".into())
                 .split(',')
                 .map(|r| {
                     r.trim()
