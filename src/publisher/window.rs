@@ -78,7 +78,7 @@ struct JobState<M> {
 /// Counters the window keeps; the publisher's status carries them as they are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WindowStats {
-    /// Messages written to the channel.
+    /// Messages handed to the channel (lapin queues them for writing).
     pub published: u64,
     /// Messages acked by the broker without being returned.
     pub confirmed: u64,
