@@ -284,6 +284,8 @@ async fn the_tap_streams_what_the_consumers_process_and_cannot_slow_the_pipeline
         stderr.contains("reading the running service's tap") && !stderr.contains("Canal directly"),
         "{stderr}"
     );
+    // the size of one tap line, to size the flood below
+    let line_bytes = (out.stdout.len() / 5).max(1);
     let lines: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -308,18 +310,32 @@ async fn the_tap_streams_what_the_consumers_process_and_cannot_slow_the_pipeline
     wait_status(&svc, "the tail detached", |s| s["tap_listeners"] == 0).await;
 
     // 2. A reader that does not read: its 8-line queue overflows, the pipeline does not care.
-    let rows = 400;
+    // The service's socket buffers what the reader does not take, up to the kernel's largest
+    // send buffer, before the queue fills: send twice that much, so lines must be dropped
+    // however far the kernel grows the buffer.
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20);
+    let rows = (2 * wmem_max / line_bytes).max(400) as i64;
     let mut slow = RawTap::open(&svc.admin, "/tap?consumer=tapped&buffer=8", token.expose()).await;
     wait_status(&svc, "the slow reader attached", |s| {
         s["tap_listeners"] == 1
     })
     .await;
-    insert_range(tbl, 6, 5 + rows);
+    for from in (6..=5 + rows).step_by(1000) {
+        insert_range(tbl, from, (from + 999).min(5 + rows));
+    }
+    // (counted incrementally: the predicate runs once per message)
+    let counted = std::cell::Cell::new((0usize, 0usize)); // (messages looked at, new rows)
     let got = consume_until(queue, Duration::from_secs(120), |g| {
-        g.iter()
+        let (looked, mut new) = counted.get();
+        new += g[looked..]
+            .iter()
             .filter(|m| m.body["payload"]["id"].as_i64().unwrap_or(0) > 5)
-            .count()
-            >= rows as usize
+            .count();
+        counted.set((g.len(), new));
+        new >= rows as usize
     })
     .await;
     let delivered: std::collections::BTreeSet<i64> = got
