@@ -399,9 +399,11 @@ name = "{QUEUE}"
     )
 }
 
-/// Bulk mode: wait until `n` rows have arrived at the queue consumer, counting each bulk
-/// message's `bulk.rows`; returns the arrival time of the last one and the messages seen.
-async fn wait_rows(sink: &mut lapin::Consumer, n: u64) -> (Instant, u64) {
+/// The throughput phase's end on the sink: wait until `n` rows have arrived at the queue's
+/// consumer (one per message, or with `bulk` each message's `bulk.rows`); returns the arrival
+/// time of the last and the messages seen. Reading the sink rather than polling `/status` adds
+/// no admin requests to the service's CPU while rows flow.
+async fn wait_rows(sink: &mut lapin::Consumer, n: u64, bulk: bool) -> (Instant, u64) {
     let (mut rows, mut messages) = (0u64, 0u64);
     while rows < n {
         let d = tokio::time::timeout(Duration::from_secs(60), sink.next())
@@ -409,8 +411,12 @@ async fn wait_rows(sink: &mut lapin::Consumer, n: u64) -> (Instant, u64) {
             .unwrap_or_else(|_| panic!("only {rows} of {n} rows arrived"))
             .unwrap()
             .unwrap();
-        let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
-        rows += body["bulk"]["rows"].as_u64().unwrap_or(1);
+        rows += if bulk {
+            let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+            body["bulk"]["rows"].as_u64().unwrap_or(1)
+        } else {
+            1
+        };
         messages += 1;
     }
     (Instant::now(), messages)
@@ -482,17 +488,8 @@ async fn wait_confirmed(
     }
 }
 
-/// The throughput phase's end: `n` messages have arrived at the queue's consumer and the
-/// service reports `confirmed` ≥ `total`. Waits on the sink rather than polling `/status`, so
-/// the measurement adds no admin requests to the service's CPU while rows flow.
-async fn wait_arrived(admin: &str, sink: &mut lapin::Consumer, n: u64, total: u64) -> Instant {
-    for got in 0..n {
-        tokio::time::timeout(Duration::from_secs(60), sink.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {got} of {n} messages arrived"))
-            .unwrap()
-            .unwrap();
-    }
+/// Wait until the service's `/status` counts `total` messages confirmed.
+async fn wait_all_confirmed(admin: &str, total: u64) -> Instant {
     let by = Instant::now() + Duration::from_secs(60);
     loop {
         let c = confirmed(admin).await;
@@ -943,11 +940,12 @@ async fn main() {
     let inserter = insert_bulk(id, id + o.rows - 1);
     id += o.rows;
     done += o.rows;
-    let (finished, bulk_messages) = if o.bulk.is_some() {
-        let (at, messages) = wait_rows(&mut sink, o.rows).await;
-        (at, messages)
+    let (arrived, bulk_messages) = wait_rows(&mut sink, o.rows, o.bulk.is_some()).await;
+    // per row, the phase ends when the broker has confirmed them all, as the probe's does
+    let finished = if o.bulk.is_some() {
+        arrived
     } else {
-        (wait_arrived(&admin, &mut sink, o.rows, done).await, o.rows)
+        wait_all_confirmed(&admin, done).await
     };
     let elapsed = finished - t0;
     let cpu_tp = cpu_seconds(pid) - cpu0;
