@@ -357,6 +357,7 @@ async fn every_row_arrives_across_a_canal_server_restart() {
         destination: destination(),
         username: canal_user(),
         password: Secret::new(canal_password()),
+        mem_unit: canal_mem_unit(),
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
         ..Default::default()
@@ -432,6 +433,10 @@ fn tail(filter: &str, extra: &[&str]) -> Vec<serde_json::Value> {
             .env("CANAL_HOST", canal_host())
             .env("CANAL_PORT", canal_port().to_string())
             .env("CANAL_DESTINATION", destination())
+            .env(
+                "CANAL_CONSUMER__CANAL__MEM_UNIT",
+                canal_mem_unit().to_string(),
+            )
             .env("CANAL_CONSUMER__CANAL__USERNAME", canal_user())
             .env("CANAL_CONSUMER__CANAL__PASSWORD", canal_password()),
         Duration::from_secs(120),
@@ -483,4 +488,55 @@ async fn tail_prints_json_lines_and_rolls_back_unless_told_to_ack() {
     ));
     let after = tail(&f, &[]);
     assert_eq!(rows(&after), [3, 4]);
+}
+
+/// The quiet-table fetch: a long poll for one unit (what the connection sends after a GET
+/// found nothing) is answered by a lone one-row transaction, not by the poll's timeout. Canal
+/// ends such a poll once one `memunit` of changes exists; the local Canal's unit (128 bytes,
+/// `deploy/local/canal/conf/canal.properties`) is smaller than the smallest transaction, so the
+/// wait here (10 minutes) is never what delivers the row. With Canal's default 1 KiB unit this
+/// row alone would not end the poll and the test would time out.
+#[tokio::test]
+async fn a_lone_row_ends_a_long_poll_for_one_unit() {
+    let _lock = canal_lock().await;
+    let table = "lone_row";
+    setup_table(table, "(id INT PRIMARY KEY)");
+    let mut tap = Tap::clean(&filter(table)).await;
+    let long_poll = Duration::from_secs(600);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for round in 1..=3 {
+        let mut rows = Vec::new();
+        let mut polls = 0;
+        while rows.is_empty() {
+            polls += 1;
+            // the GET is written on the first poll of `get`, before the INSERT runs
+            let (got, ()) = tokio::join!(
+                tokio::time::timeout_at(deadline, tap.session.get(1, long_poll)),
+                async {
+                    if polls == 1 {
+                        tokio::task::yield_now().await;
+                        mysql(&format!("INSERT INTO {DB}.{table} VALUES ({round})"));
+                    }
+                }
+            );
+            let b = got
+                .unwrap_or_else(|_| {
+                    panic!("round {round}: the lone row did not end the long poll within 60 s")
+                })
+                .expect("get");
+            let mut decoded = Vec::new();
+            canal_consumer::canal::decode::decode_entries(&destination(), &b.entries, &mut decoded)
+                .expect("decodes");
+            rows.extend(
+                decoded
+                    .into_iter()
+                    .filter(|e| e.table == table && !e.is_ddl),
+            );
+            if !b.is_empty() {
+                tap.session.ack(b.batch_id).await.expect("ack");
+            }
+        }
+        assert_eq!(ids(&rows), [round as i64], "round {round}");
+        tap.drain().await;
+    }
 }

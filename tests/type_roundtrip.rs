@@ -306,6 +306,10 @@ impl RawTail {
                 .env("CANAL_HOST", canal_host())
                 .env("CANAL_PORT", canal_port().to_string())
                 .env("CANAL_DESTINATION", raw_destination())
+                .env(
+                    "CANAL_CONSUMER__CANAL__MEM_UNIT",
+                    canal_mem_unit().to_string(),
+                )
                 .env("CANAL_CONSUMER__CANAL__USERNAME", canal_user())
                 .env("CANAL_CONSUMER__CANAL__PASSWORD", canal_password())
                 .env("CANAL_CONSUMER__CANAL__CONNECTION_CHARSET", "ISO-8859-1")

@@ -39,8 +39,14 @@ pub struct CanalConfig {
     #[serde(deserialize_with = "string_or_scalar")]
     pub username: String,
     pub password: Secret,
-    /// Canal GET size (KiB in Canal's default MEMSIZE batch mode, entries in ITEMSIZE mode).
+    /// Canal GET size: KiB in Canal's default MEMSIZE batch mode (sent as that many
+    /// `mem_unit`s), entries in ITEMSIZE mode.
     pub batch_size: i32,
+    /// Bytes in one of Canal's MEMSIZE units: the server's
+    /// `canal.instance.memory.buffer.memunit` (Canal's default 1024). Canal counts GET sizes
+    /// in these units and answers a long poll once one unit of changes exists, so a unit
+    /// smaller than a one-row transaction (128) lets a quiet table's change end the poll.
+    pub mem_unit: u32,
     /// Extra Canal subscription filter ORed into the one built from consumer filters. Leave
     /// empty: the service subscribes to exactly what enabled consumers want.
     pub filter: String,
@@ -106,6 +112,7 @@ impl Default for CanalConfig {
             username: String::new(),
             password: Secret::default(),
             batch_size: 100,
+            mem_unit: 1024,
             filter: String::new(),
             fetch_wait: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(5),
@@ -152,6 +159,14 @@ impl CanalConfig {
     }
 
     /// The connection actor settings for this section and a subscription filter.
+    /// The GET size in Canal's units: `batch_size` KiB as `mem_unit`s, rounded up (entries in
+    /// ITEMSIZE mode, where `mem_unit` stays 1024). Validation keeps it within `i32`.
+    pub fn fetch_units(&self) -> i32 {
+        let bytes = u64::try_from(self.batch_size).unwrap_or(0) * 1024;
+        let units = bytes.div_ceil(u64::from(self.mem_unit.max(1)));
+        units.clamp(1, i32::MAX as u64) as i32
+    }
+
     pub fn connection(&self, filter: String, fail_fast: bool) -> crate::canal::ConnectionConfig {
         crate::canal::ConnectionConfig {
             session: crate::canal::SessionConfig {
@@ -167,7 +182,8 @@ impl CanalConfig {
                 max_frame_bytes: self.max_frame_bytes.get(),
             },
             filter,
-            fetch_size: self.batch_size,
+            fetch_size: self.fetch_units(),
+            mem_unit: self.mem_unit,
             fetch_wait: self.fetch_wait,
             max_inflight_batches: self.max_inflight_batches.get(),
             max_inflight_bytes: self.max_inflight_bytes.get(),

@@ -369,6 +369,54 @@ fn validation_errors_name_origin_and_key() {
 }
 
 #[test]
+fn batch_size_is_sent_in_the_canal_servers_memory_units() {
+    let dir = tempfile::tempdir().unwrap();
+    // Canal's default unit: KiB, sent as is (also how ITEMSIZE entries pass through)
+    let c = load_from(None, nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!((c.canal.batch_size, c.canal.mem_unit), (100, 1024));
+    assert_eq!(c.canal.connection(String::new(), false).fetch_size, 100);
+    // a 128-byte unit: 100 KiB is 800 units; a part unit rounds up
+    let file = write(&dir, "u.toml", "[canal]\nmem_unit = 128\n");
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.connection(String::new(), false).fetch_size, 800);
+    let file = write(&dir, "v.toml", "[canal]\nmem_unit = 1000\nbatch_size = 3\n");
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.fetch_units(), 4, "3072 bytes in 1000-byte units");
+    // out of range: named with the server key it must match; Canal's int budget guarded
+    for (text, key, want) in [
+        (
+            "mem_unit = 0",
+            "canal.mem_unit",
+            "must be between 1 and 1048576 bytes",
+        ),
+        (
+            "mem_unit = 2097152",
+            "canal.mem_unit",
+            "memunit), got 2097152",
+        ),
+        (
+            "batch_size = 2097152",
+            "canal.batch_size",
+            "must be at most 2097151 (KiB)",
+        ),
+    ] {
+        let file = write(&dir, "w.toml", &format!("[canal]\n{text}\n"));
+        let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("key `{key}`: ")), "{text}: {err}");
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    let file = write(
+        &dir,
+        "x.toml",
+        "[canal]\nbatch_size = 2097151\nmem_unit = 1\n",
+    );
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.fetch_units(), i32::MAX - 1023);
+}
+
+#[test]
 fn an_amqp_url_with_a_bad_port_is_refused_with_the_password_hidden() {
     for (url, why) in [
         ("amqp://bob:s3cret@rabbit:99999/%2f", "invalid port number"),
@@ -479,16 +527,29 @@ fn redact_url_shapes() {
     assert_eq!(redact_url("amqp://user@host"), "amqp://user@host");
 }
 
+/// `canal.instance.memory.buffer.memunit` of the local Canal server (deploy/local/canal).
+fn local_canal_memunit(root: &Path) -> u32 {
+    let props =
+        std::fs::read_to_string(root.join("deploy/local/canal/conf/canal.properties")).unwrap();
+    props
+        .lines()
+        .find_map(|l| l.strip_prefix("canal.instance.memory.buffer.memunit"))
+        .and_then(|rest| rest.trim().strip_prefix('='))
+        .map(|v| v.trim().parse().expect("memunit is a number"))
+        .expect("the local Canal sets its memunit")
+}
+
 #[test]
 fn shipped_config_files_are_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // The documented example holds exactly the defaults, except the credentials of the
-    // local Canal server that deploy/local/up starts.
+    // The documented example holds exactly the defaults, except what it must share with the
+    // local Canal server that deploy/local/up starts: its credentials and its memory unit.
     let example = root.join("config/canal-consumer.toml");
     let c = load_from(Some(&example), nowhere(), env(&[]), CliOverrides::default()).unwrap();
     let mut expected = Config::default();
     expected.canal.username = "canal".into();
     expected.canal.password = Secret::new("canal");
+    expected.canal.mem_unit = local_canal_memunit(root);
     assert_eq!(c, expected);
     // The compose deployment: its config file with its env file.
     let compose = root.join("deploy/canal-consumer.compose.toml");

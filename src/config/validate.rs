@@ -84,6 +84,26 @@ impl Config {
                 "canal.batch_size",
                 format!("must be greater than 0, got {}", c.batch_size),
             );
+        } else if i64::from(c.batch_size) * 1024 > i64::from(i32::MAX) {
+            // Canal computes a GET's byte budget as units x memunit in a Java int
+            bad(
+                "canal.batch_size",
+                format!(
+                    "must be at most {} (KiB), got {}",
+                    i32::MAX / 1024,
+                    c.batch_size
+                ),
+            );
+        }
+        if c.mem_unit == 0 || c.mem_unit > 1 << 20 {
+            bad(
+                "canal.mem_unit",
+                format!(
+                    "must be between 1 and 1048576 bytes (the Canal server's \
+                     canal.instance.memory.buffer.memunit), got {}",
+                    c.mem_unit
+                ),
+            );
         }
         for (key, d) in [
             ("canal.connect_timeout", c.connect_timeout),

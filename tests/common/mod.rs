@@ -52,6 +52,13 @@ pub fn canal_user() -> String {
 pub fn canal_password() -> String {
     env_or("CC_TEST_CANAL_PASSWORD", "canal")
 }
+/// The Canal server's `canal.instance.memory.buffer.memunit`, the service's `canal.mem_unit`
+/// (`CC_TEST_CANAL_MEM_UNIT`, default 128 as in deploy/local/canal/conf/canal.properties).
+pub fn canal_mem_unit() -> u32 {
+    env_or("CC_TEST_CANAL_MEM_UNIT", "128")
+        .parse()
+        .expect("CC_TEST_CANAL_MEM_UNIT is a number of bytes")
+}
 /// MariaDB/MySQL host the tests write to (`CC_TEST_MYSQL_HOST`, default 127.0.0.1).
 pub fn mysql_host() -> String {
     env_or("CC_TEST_MYSQL_HOST", "127.0.0.1")

@@ -5,7 +5,9 @@
 #![allow(dead_code)]
 
 use super::proc::ChildGuard;
-use super::{amqp_url, canal_host, canal_password, canal_port, canal_user, destination};
+use super::{
+    amqp_url, canal_host, canal_mem_unit, canal_password, canal_port, canal_user, destination,
+};
 
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeleteOptions, QueuePurgeOptions};
@@ -47,6 +49,7 @@ port = {canal_port}
 destination = "{destination}"
 username = "{canal_user}"
 password = "{canal_password}"
+mem_unit = {canal_mem_unit}
 reconnect_min = "100ms"
 reconnect_max = "1s"
 
@@ -81,6 +84,7 @@ deadline = "20s"
         destination = destination(),
         canal_user = canal_user(),
         canal_password = canal_password(),
+        canal_mem_unit = canal_mem_unit(),
         amqp_url = amqp_url(),
         consumers = consumers.display(),
         state = dir.join("state/consumers.json").display(),

@@ -19,8 +19,11 @@ pub struct ConnectionConfig {
     /// Canal subscription filter (comma-separated regexes on `schema.table`); empty keeps the
     /// server's configured filter.
     pub filter: String,
-    /// GET size in Canal's unit (KiB in the default MEMSIZE mode, entries in ITEMSIZE mode).
+    /// GET size in Canal's unit (the server's memunit in MEMSIZE mode, entries in ITEMSIZE mode).
     pub fetch_size: i32,
+    /// Bytes in one of Canal's MEMSIZE units (`canal.mem_unit`): tells a short answer from a
+    /// cut one ([`crate::canal::window::took_all`]).
+    pub mem_unit: u32,
     /// How long an idle long poll (a GET after an empty one) may wait on the server for data
     /// before it is answered with "nothing"; GETs while data flows never wait.
     pub fetch_wait: Duration,
