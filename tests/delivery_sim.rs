@@ -333,7 +333,7 @@ impl Sim {
         assert_eq!(
             mode == GetMode::LongPoll,
             self.last_get_empty,
-            "(f) a GET waits exactly when the last one of this epoch found nothing"
+            "(f) a GET waits exactly when the last one of this epoch found nothing more"
         );
         let max = match mode {
             // the smallest batch Canal makes: one unit, and it may overshoot by an entry
@@ -343,14 +343,20 @@ impl Sim {
         let Some((id, start, end)) = self.server.get(max) else {
             // a long poll that saw nothing until its wait ran out, or a GET that found nothing
             self.log(format!("get ({mode:?}) found nothing"));
-            self.window.got_empty();
+            self.window.caught_up();
             self.last_get_empty = true;
             return;
         };
-        self.last_get_empty = false;
         let fetched = self
             .window
             .fetched(id, (end - start) * ROW_BYTES, None, true);
+        // a short answer (the server ran out before `max`): the connection tells it with
+        // `took_all` and the next GET long-polls; an answer of exactly `max` is taken as cut
+        // even when nothing was left, and the next GET drains (and finds nothing)
+        self.last_get_empty = end - start < max && end == self.server.committed;
+        if self.last_get_empty {
+            self.window.caught_up();
+        }
         assert_eq!(fetched.gap, None, "one client: batch ids are consecutive");
         self.batch_rows.insert(fetched.batch, (start, end));
         let parts = (0..CONSUMERS)

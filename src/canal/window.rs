@@ -8,9 +8,10 @@
 //! - which acks may be written: only the finished prefix, so acks reach Canal in batch order;
 //! - what an ack or release means: one for an abandoned epoch is never written to Canal;
 //! - how the next GET asks ([`GetMode`]): while data keeps coming it takes what Canal has at once
-//!   (no server-side wait), so while rows flow latency has no fixed wait in it; only after a GET came back
-//!   empty does it long-poll for the smallest batch Canal makes, which Canal answers as soon as
-//!   that much data exists (or when the wait runs out, with nothing). See [`GetMode`].
+//!   (no server-side wait), so while rows flow latency has no fixed wait in it; only after a GET
+//!   showed that Canal had nothing more (it came back empty, or short: [`took_all`]) does it
+//!   long-poll for the smallest batch Canal makes, which Canal answers as soon as that much data
+//!   exists (or when the wait runs out, with nothing). See [`GetMode`].
 //!
 //! It also watches Canal's batch ids: the server numbers the batches of one client identity
 //! consecutively, so within a session a jump means another process fetched batches as the same
@@ -73,16 +74,41 @@ pub struct Ackable {
 ///
 /// Canal 1.1.7 (`CanalServerWithEmbedded.getWithoutAck`, `MemoryEventStoreWithBuffer.get`): a GET
 /// with timeout `-1` returns at once with what is there (possibly nothing); a GET with a timeout
-/// returns as soon as `fetch_size` units are unfetched (MEMSIZE mode: `fetch_size` KiB of raw
-/// entries; ITEMSIZE mode: any entry) and otherwise waits out the timeout. So a GET that waits
-/// with the full batch size adds up to that wait to every quiet-stream row, while one with size
-/// 1 is answered as soon as 1 KiB of changes (or, in ITEMSIZE mode, any change) exists.
+/// returns as soon as `fetch_size` units are unfetched (MEMSIZE mode: `fetch_size` × the
+/// server's `memunit` bytes of raw entries; ITEMSIZE mode: `fetch_size` entries) and otherwise
+/// waits out the timeout. So a GET that waits with the full batch size adds up to that wait to
+/// every quiet-stream row, while one with size 1 is answered as soon as one unit of changes
+/// exists: any transaction when the unit is smaller than one (128 bytes, or ITEMSIZE mode), a
+/// lone small one only at the timeout with Canal's default 1 KiB unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GetMode {
     /// Data kept coming: the full batch size, no wait.
     Drain,
-    /// The last GET found nothing: the smallest batch, waiting up to `fetch_wait` for it.
+    /// The last GET found nothing more: the smallest batch, waiting up to `fetch_wait` for it.
     LongPoll,
+}
+
+/// Did a GET for `asked` units take everything Canal had, judging by what came back
+/// (`entry_bytes`: the size of each entry, Canal's `rawLength` of a raw entry)? Canal's store
+/// (`MemoryEventStoreWithBuffer.doGet`) takes entries while it has them and, in MEMSIZE mode,
+/// while the bytes taken so far are at most `asked × unit_bytes`; in ITEMSIZE mode, up to
+/// `asked` entries. So an answer with fewer entries than asked and no more bytes than that
+/// stopped because the store ran out: another GET right away would find (almost) nothing, and
+/// the next one may as well long-poll. A cut answer has more bytes (MEMSIZE) or exactly
+/// `asked` entries (ITEMSIZE). If the server's unit is larger than `unit_bytes` this never
+/// says so wrongly; if it is smaller, a cut answer can look short, and the next GET long-polls
+/// for the rest, which Canal answers at once as long as one unit of it is left.
+pub fn took_all(
+    asked: i32,
+    unit_bytes: u32,
+    entry_bytes: impl ExactSizeIterator<Item = usize>,
+) -> bool {
+    let asked = u64::try_from(asked).unwrap_or(0);
+    if entry_bytes.len() as u64 >= asked {
+        return false;
+    }
+    let taken: u64 = entry_bytes.map(|b| b as u64).sum();
+    taken <= asked * u64::from(unit_bytes)
 }
 
 /// The batch window. See the module docs.
@@ -163,8 +189,9 @@ impl BatchWindow {
         })
     }
 
-    /// An answered GET had nothing: the next one long-polls.
-    pub fn got_empty(&mut self) {
+    /// An answered GET showed Canal had nothing more (empty, or [`took_all`]): the next one
+    /// long-polls. After [`Self::fetched`] for a batch, which assumes more may be waiting.
+    pub fn caught_up(&mut self) {
         self.idle = true;
     }
 
@@ -332,9 +359,9 @@ mod tests {
     fn only_a_get_after_an_empty_one_waits() {
         let mut w = BatchWindow::new(2, 1 << 20);
         assert_eq!(w.next_get(), Some(GetMode::Drain));
-        w.got_empty();
+        w.caught_up();
         assert_eq!(w.next_get(), Some(GetMode::LongPoll));
-        w.got_empty();
+        w.caught_up();
         assert_eq!(w.next_get(), Some(GetMode::LongPoll));
         // the long poll was answered with data: drain without waiting
         let a = w.fetched(1, 10, None, true).batch;
@@ -344,9 +371,37 @@ mod tests {
         w.ack(a);
         w.take_ackable();
         assert_eq!(w.next_get(), Some(GetMode::Drain));
-        w.got_empty();
+        w.caught_up();
         // a rollback: Canal redelivers at once
         w.begin_epoch(false);
+        assert_eq!(w.next_get(), Some(GetMode::Drain));
+    }
+
+    #[test]
+    fn a_short_answer_means_canal_had_nothing_more() {
+        // MEMSIZE, 800 units of 128 bytes (100 KiB): Canal takes entries while it has taken at
+        // most 102,400 bytes, so an answer within that ran out of entries...
+        assert!(took_all(800, 128, [109, 400, 57].into_iter()));
+        assert!(took_all(800, 128, [102_000, 400].into_iter()));
+        // ...and one past it may have been cut (the entry that crossed the budget is the last)
+        assert!(!took_all(800, 128, [102_000, 401].into_iter()));
+        assert!(!took_all(800, 128, [50_000, 50_000, 30_000].into_iter()));
+        // the long poll's one unit: BEGIN + ROW crossed 128 bytes, the END may be left
+        assert!(!took_all(1, 128, [109, 125].into_iter()));
+        // one entry for one unit could be a full ITEMSIZE answer: not taken as short
+        assert!(!took_all(1, 128, [57].into_iter()));
+        // ITEMSIZE (unit left at 1024): `asked` entries is a full answer whatever their size
+        assert!(!took_all(100, 1024, [10; 100].into_iter()));
+        assert!(took_all(100, 1024, [10; 99].into_iter()));
+        // nothing asked (never sent) is never short
+        assert!(!took_all(0, 1024, [].into_iter()));
+        // the window long-polls after a short answer, drains after a full one
+        let mut w = BatchWindow::new(8, 1 << 20);
+        w.fetched(1, 600, None, true);
+        assert_eq!(w.next_get(), Some(GetMode::Drain));
+        w.caught_up();
+        assert_eq!(w.next_get(), Some(GetMode::LongPoll));
+        w.fetched(2, 600, None, true);
         assert_eq!(w.next_get(), Some(GetMode::Drain));
     }
 

@@ -11,8 +11,9 @@
 //! messages and session I/O into calls on it.
 //!
 //! Fetching: while data keeps coming every GET takes what Canal has at once; after a GET came
-//! back empty the next one long-polls for the smallest batch (up to `fetch_wait`), which Canal
-//! answers as soon as there is data (see [`GetMode`]). The session is lent to one request at a
+//! back empty, or short (Canal had nothing more, [`took_all`]), the next one long-polls for the
+//! smallest batch (up to `fetch_wait`), which Canal answers as soon as there is one unit of
+//! data (see [`GetMode`]). The session is lent to one request at a
 //! time, so acks wait for a long poll to be answered; they only delay the ack, not delivery.
 //!
 //! Back-pressure: no GET is issued while `max_inflight_batches` batches or
@@ -50,7 +51,7 @@ use crate::backoff::Backoff;
 use crate::canal::CanalError;
 use crate::canal::decode::{DecodeError, Decoder};
 use crate::canal::session::{Fetch, RawBatch, Session, SkippedFrame};
-use crate::canal::window::{AckOutcome, BatchWindow, GetMode};
+use crate::canal::window::{AckOutcome, BatchWindow, GetMode, took_all};
 use crate::event::ChangeEvent;
 
 use actix::prelude::*;
@@ -69,8 +70,10 @@ type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, Cana
 
 /// What an operation on the session did.
 enum Op {
+    /// A GET's answer; `asked` is the size the GET asked for.
     Fetched {
         epoch: u64,
+        asked: i32,
         raw: RawBatch,
     },
     Skipped {
@@ -80,7 +83,7 @@ enum Op {
     /// Acks written, and the answer of the GET that followed them in the same turn, if any.
     Acked {
         ids: Vec<i64>,
-        fetched: Option<(u64, RawBatch)>,
+        fetched: Option<(u64, i32, RawBatch)>,
     },
     Subscribed {
         filter: String,
@@ -100,6 +103,8 @@ pub struct CanalConnection {
     /// A fetched batch is being decoded on the blocking pool (no GET until it is back, so
     /// batches reach the window in fetch order).
     decoding: bool,
+    /// The batch being decoded was a short answer ([`took_all`]).
+    took_all: bool,
     window: BatchWindow,
     need_subscribe: bool,
     /// Who waits for the current filter to be in force.
@@ -143,6 +148,7 @@ impl CanalConnection {
             session: None,
             busy: false,
             decoding: false,
+            took_all: false,
             window: BatchWindow::new(cfg.max_inflight_batches, cfg.max_inflight_bytes),
             need_subscribe: false,
             filter_waiters: Vec::new(),
@@ -461,7 +467,7 @@ impl CanalConnection {
                 }
                 let r = session.get(size, wait).await.map(|raw| Op::Acked {
                     ids,
-                    fetched: Some((epoch, raw)),
+                    fetched: Some((epoch, size, raw)),
                 });
                 (session, r)
             });
@@ -494,7 +500,11 @@ impl CanalConnection {
                 // the smallest batch Canal makes: the oversized entry and as little else as it can
                 let (session, r) = session.get_skipping_oversized(1, wait, None).await;
                 let r = r.map(|f| match f {
-                    Fetch::Batch(raw) => Op::Fetched { epoch, raw },
+                    Fetch::Batch(raw) => Op::Fetched {
+                        epoch,
+                        asked: 1,
+                        raw,
+                    },
                     Fetch::Skipped(skipped) => Op::Skipped { epoch, skipped },
                 });
                 (session, r)
@@ -506,10 +516,11 @@ impl CanalConnection {
                 if let Err(e) = may_write(&gate) {
                     return (session, Err(e));
                 }
-                let r = session
-                    .get(size, wait)
-                    .await
-                    .map(|raw| Op::Fetched { epoch, raw });
+                let r = session.get(size, wait).await.map(|raw| Op::Fetched {
+                    epoch,
+                    asked: size,
+                    raw,
+                });
                 (session, r)
             });
         } else {
@@ -582,10 +593,10 @@ impl CanalConnection {
 
     fn completed(&mut self, op: Op, ctx: &mut Context<Self>) {
         match op {
-            Op::Fetched { epoch, raw } => {
+            Op::Fetched { epoch, asked, raw } => {
                 // a GET answered: the server works at this position
                 self.attempt = 0;
-                self.on_fetched(epoch, raw, ctx)
+                self.answered(epoch, asked, raw, ctx)
             }
             Op::Skipped { epoch, skipped } => {
                 self.skip_oversized = false;
@@ -616,8 +627,8 @@ impl CanalConnection {
                 self.attempt = 0;
                 tracing::debug!(?ids, "canal batches acked");
                 self.notify_drained();
-                if let Some((epoch, raw)) = fetched {
-                    self.on_fetched(epoch, raw, ctx);
+                if let Some((epoch, asked, raw)) = fetched {
+                    self.answered(epoch, asked, raw, ctx);
                 }
             }
             Op::Subscribed { filter } => {
@@ -631,10 +642,22 @@ impl CanalConnection {
         }
     }
 
+    /// A GET for `asked` units was answered.
+    fn answered(&mut self, epoch: u64, asked: i32, raw: RawBatch, ctx: &mut Context<Self>) {
+        // a short answer: Canal had nothing more, so the GET after this batch long-polls
+        // (applied once the batch is recorded, in `on_decoded`)
+        self.took_all = took_all(
+            asked,
+            self.cfg.mem_unit,
+            raw.entries.iter().map(|e| e.len()),
+        );
+        self.on_fetched(epoch, raw, ctx)
+    }
+
     fn on_fetched(&mut self, epoch: u64, raw: RawBatch, ctx: &mut Context<Self>) {
         if raw.is_empty() {
             if epoch == self.window.epoch() {
-                self.window.got_empty();
+                self.window.caught_up();
             }
             return;
         }
@@ -735,6 +758,9 @@ impl CanalConnection {
         let fetched = self
             .window
             .fetched(raw.batch_id, raw.frame_bytes, last, deliver);
+        if std::mem::take(&mut self.took_all) {
+            self.window.caught_up();
+        }
         if let Some((expected, got)) = fetched.gap {
             self.on_conflict(
                 format!("canal's batch ids jumped from {expected} to {got}"),
