@@ -54,6 +54,7 @@
 // Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
 
+use canal_consumer::canal::window::took_all;
 use canal_consumer::canal::{Session, SessionConfig};
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
@@ -251,6 +252,22 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The `[canal]` settings of the shipped example config (`config/canal-consumer.toml`), which
+/// match the local Canal server (its credentials and its memory unit, `mem_unit`), with the
+/// environment over it as the service has it (`CANAL_CONSUMER__CANAL__MEM_UNIT=1024` for a
+/// Canal server run with its default unit).
+fn local_canal() -> canal_consumer::config::CanalConfig {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/canal-consumer.toml");
+    canal_consumer::config::load_from(
+        Some(&file),
+        std::path::Path::new("/nonexistent"),
+        std::env::vars(),
+        Default::default(),
+    )
+    .expect("config/canal-consumer.toml loads")
+    .canal
+}
+
 fn canal_session_config() -> SessionConfig {
     SessionConfig {
         host: "127.0.0.1".into(),
@@ -293,7 +310,7 @@ async fn drain_canal() {
 /// the service starts, on its client id, so the service never sees these rows.
 async fn canal_probe(from: u64, n: u64) -> f64 {
     let mut s = canal_session().await;
-    let fetch = canal_consumer::config::Config::default().canal.batch_size;
+    let fetch = local_canal().fetch_units();
     let mut decoder = canal_consumer::canal::decode::Decoder::new("example");
     let mut events = Vec::new();
     let t0 = Instant::now();
@@ -370,6 +387,7 @@ payload = {{ id = "${{data.id}}", user_id = "${{data.user_id}}", email = "${{dat
 [canal]
 username = "canal"
 password = "canal"
+mem_unit = {mem_unit}
 [consumers]
 dir = "{consumers}"
 state_file = "{state}"
@@ -385,6 +403,7 @@ name = "{QUEUE}"
 "#,
             consumers = dir.join("consumers").display(),
             state = dir.join("state.json").display(),
+            mem_unit = local_canal().mem_unit,
         ),
     )
     .unwrap();
@@ -632,6 +651,37 @@ struct Latency {
     p50: f64,
     p99: f64,
     max: f64,
+    /// CPU seconds of the service and of the local Canal server over the phase.
+    cpu: Option<(f64, Option<f64>)>,
+}
+
+/// The local Canal server's pid (`deploy/local`'s pid file), if it runs: its CPU is part of
+/// what a fetch strategy costs.
+fn canal_server_pid() -> Option<u32> {
+    let state = std::env::var("CANAL_CONSUMER_STATE").unwrap_or("/var/tmp/canal-consumer".into());
+    let pid: u32 = std::fs::read_to_string(format!("{state}/canal/bin/canal.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    std::path::Path::new(&format!("/proc/{pid}/stat"))
+        .exists()
+        .then_some(pid)
+}
+
+/// CPU seconds of the service (`pid`) and the local Canal server so far.
+fn cpu_now(pid: u32, canal: Option<u32>) -> (f64, Option<f64>) {
+    (cpu_seconds(pid), canal.map(cpu_seconds))
+}
+
+/// "service CPU 0.12s, Canal server CPU 0.30s" over a phase that started at `then`.
+fn cpu_since(then: (f64, Option<f64>), now: (f64, Option<f64>)) -> ((f64, Option<f64>), String) {
+    let d = (now.0 - then.0, now.1.zip(then.1).map(|(a, b)| a - b));
+    let text = match d.1 {
+        Some(c) => format!("service CPU {:.2}s, Canal server CPU {c:.2}s", d.0),
+        None => format!("service CPU {:.2}s", d.0),
+    };
+    (d, text)
 }
 
 /// One stamped row seen by a reader: its id, its statement stamp and the arrival time (seconds
@@ -684,19 +734,22 @@ fn canal_arrivals() -> (
     use canal_consumer::event::Value;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
-        let defaults = canal_consumer::config::Config::default().canal;
+        let defaults = local_canal();
         let mut s = canal_session().await;
         let mut decoder = canal_consumer::canal::decode::Decoder::new("example");
         let mut events = Vec::new();
         let mut idle = false;
         loop {
-            let b = if idle {
-                s.get(1, defaults.fetch_wait).await.unwrap()
+            let (asked, wait) = if idle {
+                (1, defaults.fetch_wait)
             } else {
-                s.get(defaults.batch_size, Duration::ZERO).await.unwrap()
+                (defaults.fetch_units(), Duration::ZERO)
             };
-            idle = b.is_empty();
-            if idle {
+            let b = s.get(asked, wait).await.unwrap();
+            // as the service: long-poll after an empty or a short answer
+            idle = b.is_empty()
+                || took_all(asked, defaults.mem_unit, b.entries.iter().map(|e| e.len()));
+            if b.is_empty() {
                 continue;
             }
             let now = now_s();
@@ -782,6 +835,7 @@ async fn latency(
         p50: percentile(&lat, 0.50),
         p99: percentile(&lat, 0.99),
         max: lat.last().copied().unwrap_or(f64::NAN),
+        cpu: None,
     }
 }
 
@@ -1013,14 +1067,16 @@ async fn main() {
     // ---- latency at fixed rates
     let mut lats = Vec::new();
     let (reader, mut arrivals) = sink_arrivals(sink.clone());
+    let canal_pid = canal_server_pid();
     for &rate in &o.rates {
-        let cpu0 = cpu_seconds(pid);
-        let l = latency(&mut arrivals, id, rate, o.seconds).await;
-        let cpu = cpu_seconds(pid) - cpu0;
+        let cpu0 = cpu_now(pid, canal_pid);
+        let mut l = latency(&mut arrivals, id, rate, o.seconds).await;
+        let (cpu, cpu_text) = cpu_since(cpu0, cpu_now(pid, canal_pid));
+        l.cpu = Some(cpu);
         id += rate * o.seconds;
         done += rate * o.seconds;
         println!(
-            "latency at {rate} rows/s ({:.0} achieved) for {}s: {} rows, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; service CPU {cpu:.2}s",
+            "latency at {rate} rows/s ({:.0} achieved) for {}s: {} rows, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {cpu_text}",
             l.achieved, o.seconds, l.n, l.p50, l.p99, l.max
         );
         lats.push(l);
@@ -1037,12 +1093,18 @@ async fn main() {
     empty_sink(&mut sink).await;
 
     // ---- idle
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = cpu_now(pid, canal_pid);
     tokio::time::sleep(Duration::from_secs(o.idle_seconds)).await;
-    let idle_per_min = (cpu_seconds(pid) - cpu0) / o.idle_seconds as f64 * 60.0;
+    let ((idle_cpu, idle_canal), _) = cpu_since(cpu0, cpu_now(pid, canal_pid));
+    let per_min = 60.0 / o.idle_seconds as f64;
+    let idle_per_min = idle_cpu * per_min;
+    let idle_canal_per_min = idle_canal.map(|c| c * per_min);
     println!(
-        "idle: {idle_per_min:.3} CPU s per minute (over {}s)",
-        o.idle_seconds
+        "idle: {idle_per_min:.3} CPU s per minute (over {}s){}",
+        o.idle_seconds,
+        idle_canal_per_min
+            .map(|c| format!("; Canal server {c:.3} CPU s per minute"))
+            .unwrap_or_default()
     );
 
     // ---- one big transaction: RSS before, during (sampled) and after
@@ -1165,12 +1227,14 @@ async fn main() {
         "latency": lats.iter().map(|l| serde_json::json!({
             "rate": l.rate, "achieved": l.achieved, "rows": l.n,
             "p50_ms": l.p50, "p99_ms": l.p99, "max_ms": l.max,
+            "service_cpu_s": l.cpu.map(|c| c.0), "canal_server_cpu_s": l.cpu.and_then(|c| c.1),
         })).collect::<Vec<_>>(),
         "canal_latency": canal_lats.iter().map(|l| serde_json::json!({
             "rate": l.rate, "achieved": l.achieved, "rows": l.n,
             "p50_ms": l.p50, "p99_ms": l.p99, "max_ms": l.max,
         })).collect::<Vec<_>>(),
         "idle_cpu_s_per_min": idle_per_min,
+        "idle_canal_server_cpu_s_per_min": idle_canal_per_min,
         "big_tx_rows": o.big_tx,
         "big_tx_rss_kib": {"before": rss_big_before, "max": rss_big_max, "after": rss_big_after},
         "peak_rss_kib": rss,
