@@ -158,7 +158,6 @@ impl CanalConfig {
         }
     }
 
-    /// The connection actor settings for this section and a subscription filter.
     /// The GET size in Canal's units: `batch_size` KiB as `mem_unit`s, rounded up (entries in
     /// ITEMSIZE mode, where `mem_unit` stays 1024). Validation keeps it within `i32`.
     pub fn fetch_units(&self) -> i32 {
@@ -167,6 +166,7 @@ impl CanalConfig {
         units.clamp(1, i32::MAX as u64) as i32
     }
 
+    /// The connection actor settings for this section and a subscription filter.
     pub fn connection(&self, filter: String, fail_fast: bool) -> crate::canal::ConnectionConfig {
         crate::canal::ConnectionConfig {
             session: crate::canal::SessionConfig {
