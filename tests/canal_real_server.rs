@@ -540,3 +540,76 @@ async fn a_lone_row_ends_a_long_poll_for_one_unit() {
         tap.drain().await;
     }
 }
+
+/// `canal.mem_unit` must be the server's memunit: one that is smaller is seen in the first
+/// long-poll answer (Canal took more than one of our units before its last entry) and named in
+/// the connection's status; the right one never is.
+#[actix_rt::test]
+async fn a_memory_unit_smaller_than_the_servers_is_named_in_status() {
+    use actix::Actor;
+    let _lock = canal_lock().await;
+    let table = "unit_check";
+    setup_table(table, "(id INT PRIMARY KEY)");
+    drop(Tap::clean(&filter(table)).await);
+    let mut next = 1;
+    for (mem_unit, mismatched) in [(canal_mem_unit(), false), (1, true)] {
+        let cfg = CanalConfig {
+            host: canal_host(),
+            port: std::num::NonZeroU16::new(canal_port()).expect("a port"),
+            destination: destination(),
+            username: canal_user(),
+            password: Secret::new(canal_password()),
+            mem_unit,
+            ..Default::default()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let collector = Collector { tx, conn: None }.start();
+        let conn = CanalConnection::new(
+            cfg.connection(filter(table), false),
+            collector.clone().recipient(),
+        )
+        .start();
+        collector.do_send(Attach(conn.clone()));
+        let mut seen = BTreeSet::new();
+        // lone rows, each written once the previous one arrived: each is a long poll's answer
+        for _ in 0..3 {
+            mysql(&format!("INSERT INTO {DB}.{table} VALUES ({next})"));
+            wait_for_id(table, next, &mut rx, &mut seen).await;
+            next += 1;
+        }
+        let status = conn
+            .send(canal_consumer::canal::connection::GetConnectionStatus)
+            .await
+            .unwrap();
+        conn.send(Shutdown { rollback: false }).await.unwrap();
+        match (&status.config_warning, mismatched) {
+            (None, false) => {}
+            (Some(w), true) => assert!(
+                w.contains("canal.mem_unit is 1 bytes")
+                    && w.contains("canal.instance.memory.buffer.memunit is larger"),
+                "{w}"
+            ),
+            (w, _) => panic!("mem_unit {mem_unit}: config_warning {w:?}"),
+        }
+    }
+}
+
+async fn wait_for_id(
+    table: &str,
+    id: i64,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<ChangeEvent>,
+    seen: &mut BTreeSet<i64>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !seen.contains(&id) {
+        let e = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("row {id} did not arrive"))
+            .expect("collector alive");
+        if e.table == table
+            && let Some(Value::Int(i)) = e.data.get("id")
+        {
+            seen.insert(*i);
+        }
+    }
+}

@@ -147,6 +147,9 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
     } else if let Some(e) = canal["last_error"].as_str() {
         let _ = writeln!(out, "        last error: {e}");
     }
+    if let Some(w) = canal["config_warning"].as_str() {
+        let _ = writeln!(out, "        config: {w}");
+    }
     if let Some(skipped) = canal["skipped"].as_array().filter(|a| !a.is_empty()) {
         let last = skipped.last().and_then(Value::as_str).unwrap_or("-");
         let _ = writeln!(out, "        skipped {} (last: {last})", skipped.len());
@@ -308,7 +311,8 @@ mod tests {
                                 "reason": "the next batch is a 200299-byte frame",
                                 "how": "run `canal-consumer skip frame-1`"},
                       "skipped": ["frame of 10 bytes (canal batch 3) after the start"],
-                      "last_error": "x"},
+                      "last_error": "x",
+                      "config_warning": "canal.mem_unit is 128 bytes, but"},
             "broker": {"state": "connected", "stalled_since": "2026-11-29T09:00:01.000Z",
                        "oldest_unconfirmed_ms": 7_400},
             "broker_connected": false, "consumers": []
@@ -327,6 +331,10 @@ mod tests {
         );
         assert!(
             text.contains("skipped 1 (last: frame of 10 bytes"),
+            "{text}"
+        );
+        assert!(
+            text.contains("config: canal.mem_unit is 128 bytes, but"),
             "{text}"
         );
         assert!(

@@ -111,6 +111,25 @@ pub fn took_all(
     taken <= asked * u64::from(unit_bytes)
 }
 
+/// Was a GET for one unit answered with more than `unit_bytes` before its last entry? Canal's
+/// store (MEMSIZE mode) takes another entry only while it has taken at most `asked × memunit`
+/// bytes, so that can only happen when the server's unit is larger than `unit_bytes`
+/// (`canal.mem_unit`): then GETs are that much larger than meant, and a long poll waits for
+/// that much. Returns the bytes before the last entry. Only one-unit GETs are judged: in
+/// ITEMSIZE mode those get one entry, so they never look like this.
+pub fn server_unit_larger(
+    asked: i32,
+    unit_bytes: u32,
+    entry_bytes: impl ExactSizeIterator<Item = usize>,
+) -> Option<u64> {
+    if asked != 1 || entry_bytes.len() < 2 {
+        return None;
+    }
+    let n = entry_bytes.len();
+    let before_last: u64 = entry_bytes.take(n - 1).map(|b| b as u64).sum();
+    (before_last > u64::from(unit_bytes)).then_some(before_last)
+}
+
 /// The batch window. See the module docs.
 #[derive(Debug)]
 pub struct BatchWindow {
@@ -403,6 +422,20 @@ mod tests {
         assert_eq!(w.next_get(), Some(GetMode::LongPoll));
         w.fetched(2, 600, None, true);
         assert_eq!(w.next_get(), Some(GetMode::Drain));
+    }
+
+    #[test]
+    fn a_long_poll_answer_past_one_unit_shows_a_larger_server_unit() {
+        // Canal at 128-byte units, the service told so: BEGIN (109) then the row crossed it
+        assert_eq!(server_unit_larger(1, 128, [109, 125].into_iter()), None);
+        // Canal at 1 KiB units, the service told 128: four small transactions before the last
+        assert_eq!(
+            server_unit_larger(1, 128, [109, 125, 57, 109, 125, 57, 109].into_iter()),
+            Some(582)
+        );
+        // one entry (ITEMSIZE, or a big entry alone) and drain GETs are never judged
+        assert_eq!(server_unit_larger(1, 128, [5000].into_iter()), None);
+        assert_eq!(server_unit_larger(800, 128, [60_000; 3].into_iter()), None);
     }
 
     #[test]

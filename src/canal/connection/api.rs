@@ -243,6 +243,10 @@ pub struct ConnectionStatus {
     #[serde(default)]
     pub skipped: Vec<String>,
     pub last_error: Option<String>,
+    /// A setting that does not match the Canal server, seen in what it sent (kept until
+    /// restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_warning: Option<String>,
     /// Position of the newest event fetched.
     pub last_position: Option<Position>,
     /// When the newest fetched event was executed on the source (ms since the epoch).

@@ -51,7 +51,7 @@ use crate::backoff::Backoff;
 use crate::canal::CanalError;
 use crate::canal::decode::{DecodeError, Decoder};
 use crate::canal::session::{Fetch, RawBatch, Session, SkippedFrame};
-use crate::canal::window::{AckOutcome, BatchWindow, GetMode, took_all};
+use crate::canal::window::{AckOutcome, BatchWindow, GetMode, server_unit_larger, took_all};
 use crate::event::ChangeEvent;
 
 use actix::prelude::*;
@@ -651,6 +651,24 @@ impl CanalConnection {
             self.cfg.mem_unit,
             raw.entries.iter().map(|e| e.len()),
         );
+        if self.status.config_warning.is_none()
+            && let Some(bytes) = server_unit_larger(
+                asked,
+                self.cfg.mem_unit,
+                raw.entries.iter().map(|e| e.len()),
+            )
+        {
+            let w = format!(
+                "canal.mem_unit is {} bytes, but the Canal server answered a GET for one unit with \
+                 {bytes} bytes before its last entry: its canal.instance.memory.buffer.memunit is \
+                 larger. GETs are larger than canal.batch_size means, and a quiet table's change \
+                 waits for the long poll to time out (canal.fetch_wait); set canal.mem_unit to the \
+                 server's memunit",
+                self.cfg.mem_unit
+            );
+            tracing::warn!("{w}");
+            self.status.config_warning = Some(w);
+        }
         self.on_fetched(epoch, raw, ctx)
     }
 
