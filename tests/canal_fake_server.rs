@@ -1,4 +1,5 @@
-//! Byte-level fault injection against the Canal session, using a fake server on loopback.
+//! Byte-level fault injection against the Canal session, and the order of what the connection
+//! writes (acks before a long poll), using a fake server on loopback.
 //! The real-server behaviour is covered by `canal_real_server.rs`; these cases are ones a real
 //! server will not produce on demand.
 // Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
@@ -230,4 +231,230 @@ async fn a_silent_server_hits_the_read_timeout() {
         ),
         "{err}"
     );
+}
+
+/// What a scripted server saw, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    /// A GET: its fetch size and server-side wait (ms; -1: none).
+    Get {
+        size: i32,
+        wait: i64,
+    },
+    Ack(i64),
+    Other(PacketType),
+}
+
+/// A server that answers the first GET with batch 1 (one row), every later GET that does not
+/// wait with "nothing", and holds every waiting GET (a long poll) unanswered; it reports every
+/// packet after the handshake on `seen`.
+async fn scripted_server(seen: tokio::sync::mpsc::UnboundedSender<Seen>) -> u16 {
+    use canal_consumer::canal::proto::entry::{
+        Column, Entry, EntryType, EventType, Header, RowChange, RowData,
+    };
+    use canal_consumer::canal::proto::packet::Get;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let hs = Handshake {
+            seeds: vec![1, 2, 3, 4, 5, 6, 7, 8].into(),
+            ..Default::default()
+        };
+        s.write_all(&frame(packet(PacketType::Handshake, hs.encode_to_vec())))
+            .await
+            .unwrap();
+        read_frame(&mut s).await.unwrap();
+        s.write_all(&ok_ack()).await.unwrap();
+        let row = RowChange {
+            event_type: Some(EventType::Insert as i32),
+            row_datas: vec![RowData {
+                after_columns: vec![Column {
+                    name: "id".into(),
+                    value: "1".into(),
+                    sql_type: 4,
+                    mysql_type: "int(11)".into(),
+                    is_key: true,
+                    updated: true,
+                    is_null: Some(false),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let entry = Entry {
+            header: Some(Header {
+                logfile_name: "mysql-bin.000001".into(),
+                logfile_offset: 4,
+                schema_name: "db".into(),
+                table_name: "t".into(),
+                execute_time: 1_700_000_000_000,
+                event_type: Some(EventType::Insert as i32),
+                ..Default::default()
+            }),
+            entry_type: Some(EntryType::RowData as i32),
+            store_value: row.encode_to_vec().into(),
+        };
+        let mut gets = 0;
+        while let Some(p) = read_frame(&mut s).await {
+            let kind = PacketType::try_from(p.r#type).unwrap();
+            let _ = seen.send(match kind {
+                PacketType::Get => {
+                    let g = Get::decode(p.body.clone()).unwrap();
+                    Seen::Get {
+                        size: g.fetch_size,
+                        wait: g.timeout.unwrap_or(0),
+                    }
+                }
+                PacketType::ClientAck => Seen::Ack(
+                    canal_consumer::canal::proto::packet::ClientAck::decode(p.body.clone())
+                        .unwrap()
+                        .batch_id,
+                ),
+                other => Seen::Other(other),
+            });
+            match kind {
+                PacketType::Subscription => s.write_all(&ok_ack()).await.unwrap(),
+                PacketType::Get => {
+                    gets += 1;
+                    let g = Get::decode(p.body).unwrap();
+                    let (batch_id, messages) = if gets == 1 {
+                        (1, vec![Bytes::from(entry.encode_to_vec())])
+                    } else if g.timeout == Some(-1) {
+                        (-1, vec![])
+                    } else {
+                        continue; // a long poll: held
+                    };
+                    let m = Messages { batch_id, messages };
+                    s.write_all(&frame(packet(PacketType::Messages, m.encode_to_vec())))
+                        .await
+                        .unwrap();
+                }
+                _ => {}
+            }
+        }
+    });
+    port
+}
+
+/// Acks every batch it gets (if `ack`) and counts them.
+struct Subscriber {
+    conn: Option<actix::Addr<canal_consumer::canal::connection::CanalConnection>>,
+    ack: bool,
+    got: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl actix::Actor for Subscriber {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<canal_consumer::canal::connection::CanalEvent> for Subscriber {
+    type Result = ();
+    fn handle(
+        &mut self,
+        msg: canal_consumer::canal::connection::CanalEvent,
+        _: &mut Self::Context,
+    ) {
+        if let canal_consumer::canal::connection::CanalEvent::Batch(b) = msg {
+            let _ = self.got.send(());
+            if self.ack
+                && let Some(c) = &self.conn
+            {
+                c.do_send(canal_consumer::canal::connection::AckBatch(b.batch));
+            }
+        }
+    }
+}
+
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+struct SetConn(actix::Addr<canal_consumer::canal::connection::CanalConnection>);
+
+impl actix::Handler<SetConn> for Subscriber {
+    type Result = ();
+    fn handle(&mut self, msg: SetConn, _: &mut Self::Context) {
+        self.conn = Some(msg.0);
+    }
+}
+
+/// Runs the connection against the scripted server until it writes its first long poll;
+/// returns what the server saw up to and including it.
+async fn until_the_long_poll(ack: bool, fetch_wait: Duration) -> Vec<Seen> {
+    use actix::Actor;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let port = scripted_server(tx).await;
+    let cfg = canal_consumer::config::CanalConfig {
+        port: std::num::NonZeroU16::new(port).unwrap(),
+        username: "canal".into(),
+        password: canal_consumer::config::Secret::new("canal"),
+        fetch_wait,
+        ..Default::default()
+    };
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let sub = Subscriber {
+        conn: None,
+        ack,
+        got: got_tx,
+    }
+    .start();
+    let conn = canal_consumer::canal::connection::CanalConnection::new(
+        cfg.connection("db\\.t".into(), false),
+        sub.clone().recipient(),
+    )
+    .start();
+    sub.do_send(SetConn(conn));
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no long poll within 30 s; saw {seen:?}"))
+            .expect("server alive");
+        let long_poll = matches!(s, Seen::Get { wait, .. } if wait > 0);
+        seen.push(s);
+        if long_poll {
+            break;
+        }
+    }
+    assert!(got.try_recv().is_ok(), "the batch reached the subscriber");
+    seen
+}
+
+/// Caught up with a batch unconfirmed, the connection does not long-poll (an ack written
+/// behind a long poll waits until Canal answers it, up to `fetch_wait`): the ack goes first,
+/// in the same turn.
+#[actix_rt::test]
+async fn the_ack_goes_out_before_the_long_poll() {
+    let seen = until_the_long_poll(true, Duration::from_secs(10)).await;
+    let tail: Vec<_> = seen
+        .iter()
+        .filter(|s| !matches!(s, Seen::Other(_)))
+        .cloned()
+        .collect();
+    // the first GET takes batch 1 (one row: a short answer), then the ack, then the long poll
+    assert_eq!(
+        tail,
+        [
+            Seen::Get {
+                size: 100,
+                wait: -1
+            },
+            Seen::Ack(1),
+            Seen::Get {
+                size: 1,
+                wait: 10_000
+            },
+        ],
+        "{seen:?}"
+    );
+}
+
+/// A batch that is never confirmed (stuck downstream) does not stop the fetching: after
+/// `fetch_wait` the long poll goes out without its ack.
+#[actix_rt::test]
+async fn a_batch_never_acked_delays_the_long_poll_by_fetch_wait_only() {
+    let seen = until_the_long_poll(false, Duration::from_millis(200)).await;
+    assert!(!seen.iter().any(|s| matches!(s, Seen::Ack(_))), "{seen:?}");
+    assert_eq!(seen.last(), Some(&Seen::Get { size: 1, wait: 200 }));
 }

@@ -19,8 +19,12 @@
 //! - (e) batches and bytes in flight (abandoned ones included) and the publisher's unconfirmed
 //!   and queued messages stay within their bounds;
 //! - (f) a GET waits on the server (long-polls) only right after a GET of the same epoch came back
-//!   empty; after any batch, and after a new epoch starts, the next GET takes what is there
-//!   without waiting (so latency never depends on a fixed wait while rows keep coming).
+//!   empty or short; after any other batch, and after a new epoch starts, the next GET takes
+//!   what is there without waiting (so latency never depends on a fixed wait while rows keep
+//!   coming);
+//! - (g) a long poll is written with no batch of its epoch in flight (their acks went out
+//!   before it), unless the wait for those acks ended (the shell's `fetch_wait` timer, a step
+//!   here), so a batch stuck downstream does not stop the fetching.
 //!
 //! Rows are committed over time (a step commits a few more), so GETs also find nothing.
 //!
@@ -163,6 +167,8 @@ struct Sim {
     window: BatchWindow,
     /// The last answered GET of this epoch found nothing (the model of (f)).
     last_get_empty: bool,
+    /// The shell's timer ended this idle period's wait for acks (invariant (g)).
+    ack_wait_ended: bool,
     router: Router<SimPart>,
     publisher: ConfirmWindow<Msg>,
     consumers: Vec<Consumer>,
@@ -215,6 +221,7 @@ impl Sim {
             draining: false,
             window: BatchWindow::new(MAX_BATCHES, MAX_BYTES),
             last_get_empty: false,
+            ack_wait_ended: false,
             // both poison policies are exercised: consumer 1 stalls, the others park
             router: Router::with_policies((0..CONSUMERS).map(|c| {
                 (
@@ -254,6 +261,7 @@ impl Sim {
     fn new_epoch(&mut self, new_session: bool) {
         let (epoch, _) = self.window.begin_epoch(new_session);
         self.last_get_empty = false;
+        self.ack_wait_ended = false;
         self.router.reset(epoch);
         self.server.rollback();
         self.run_commands();
@@ -335,6 +343,13 @@ impl Sim {
             self.last_get_empty,
             "(f) a GET waits exactly when the last one of this epoch found nothing more"
         );
+        if mode == GetMode::LongPoll {
+            assert!(
+                self.window.current_is_empty() || self.ack_wait_ended,
+                "(g) a long poll with {} batches in flight before the ack wait ended",
+                self.window.inflight_batches()
+            );
+        }
         let max = match mode {
             // the smallest batch Canal makes: one unit, and it may overshoot by an entry
             GetMode::LongPoll => 1 + self.rng.below(2),
@@ -343,10 +358,14 @@ impl Sim {
         let Some((id, start, end)) = self.server.get(max) else {
             // a long poll that saw nothing until its wait ran out, or a GET that found nothing
             self.log(format!("get ({mode:?}) found nothing"));
+            if !self.last_get_empty {
+                self.ack_wait_ended = false; // a new idle period
+            }
             self.window.caught_up();
             self.last_get_empty = true;
             return;
         };
+        self.ack_wait_ended = false;
         let fetched = self
             .window
             .fetched(id, (end - start) * ROW_BYTES, None, true);
@@ -643,6 +662,14 @@ impl Sim {
                 let n = 1 + self.rng.below(4);
                 self.server.committed = (self.server.committed + n).min(self.server.rows.len());
                 self.log(format!("commit up to row {}", self.server.committed));
+            }
+            990..1000 => {
+                // the shell's timer: the long poll has waited `fetch_wait` for acks
+                if let Some(period) = self.window.waiting_for_acks() {
+                    self.log("ack wait over".into());
+                    self.window.end_ack_wait(period);
+                    self.ack_wait_ended = true;
+                }
             }
             965..967 if self.faults && !self.draining => {
                 self.log("drain (shutdown)".into());

@@ -834,9 +834,8 @@ async fn an_oversized_frame_stalls_once_and_skip_passes_it() {
     ));
     let got = consume_until(queue, Duration::from_secs(60), all_rows(2)).await;
     assert_eq!(got.len(), 2);
-    // Their acks go out with the session's next turn, which may be a long poll still waiting
-    // (up to canal.fetch_wait). Wait for them: the oversized frame drops the session, and
-    // whatever was not acked then comes again (at least once), which this test is not about.
+    // Wait until their acks are written: the oversized frame drops the session, and whatever
+    // was not acked by then comes again (at least once), which this test is not about.
     wait_status(&svc, "rows 1 and 2 acked", |s| {
         s["canal"]["inflight_batches"] == 0
     })

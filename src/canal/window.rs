@@ -142,8 +142,12 @@ pub struct BatchWindow {
     abandoned_bytes: usize,
     /// The last batch id fetched in this session.
     last_id: Option<i64>,
-    /// The last answered GET found nothing.
+    /// The last answered GET found nothing more.
     idle: bool,
+    /// Counts the times the window became idle; names the current idle period.
+    idle_period: u64,
+    /// In this idle period the long poll no longer waits for the acks in flight.
+    ack_wait_over: bool,
 }
 
 impl BatchWindow {
@@ -158,6 +162,8 @@ impl BatchWindow {
             abandoned_bytes: 0,
             last_id: None,
             idle: false,
+            idle_period: 0,
+            ack_wait_over: false,
         }
     }
 
@@ -200,17 +206,47 @@ impl BatchWindow {
     }
 
     /// The GET to issue next, if one may be issued now ([`Self::may_fetch`]).
+    ///
+    /// A long poll holds the session until Canal answers it (up to `fetch_wait`), and acks
+    /// written behind it wait as long; should the session die meanwhile, confirmed rows come
+    /// again. So while batches of this epoch are in flight (their confirms typically a
+    /// millisecond away) the long poll waits for their acks, which then go out in the same
+    /// turn as the poll, until [`Self::end_ack_wait`] says it waited long enough (a batch stuck
+    /// downstream must not stop the fetching).
     pub fn next_get(&self) -> Option<GetMode> {
-        self.may_fetch().then_some(if self.idle {
-            GetMode::LongPoll
+        if !self.may_fetch() {
+            None
+        } else if !self.idle {
+            Some(GetMode::Drain)
+        } else if self.inflight.is_empty() || self.ack_wait_over {
+            Some(GetMode::LongPoll)
         } else {
-            GetMode::Drain
-        })
+            None
+        }
+    }
+
+    /// The long poll is waiting for the acks in flight: the idle period to pass to
+    /// [`Self::end_ack_wait`] when the wait should end.
+    pub fn waiting_for_acks(&self) -> Option<u64> {
+        (self.may_fetch() && self.idle && !self.inflight.is_empty() && !self.ack_wait_over)
+            .then_some(self.idle_period)
+    }
+
+    /// The long poll of idle period `period` has waited long enough for acks: issue it. (A
+    /// later period is not affected.)
+    pub fn end_ack_wait(&mut self, period: u64) {
+        if self.idle && period == self.idle_period {
+            self.ack_wait_over = true;
+        }
     }
 
     /// An answered GET showed Canal had nothing more (empty, or [`took_all`]): the next one
     /// long-polls. After [`Self::fetched`] for a batch, which assumes more may be waiting.
     pub fn caught_up(&mut self) {
+        if !self.idle {
+            self.idle_period += 1;
+            self.ack_wait_over = false;
+        }
         self.idle = true;
     }
 
@@ -414,14 +450,59 @@ mod tests {
         assert!(took_all(100, 1024, [10; 99].into_iter()));
         // nothing asked (never sent) is never short
         assert!(!took_all(0, 1024, [].into_iter()));
-        // the window long-polls after a short answer, drains after a full one
+        // the window long-polls after a short answer (once its batch is acked), drains after
+        // a full one
         let mut w = BatchWindow::new(8, 1 << 20);
-        w.fetched(1, 600, None, true);
+        let a = w.fetched(1, 600, None, true).batch;
         assert_eq!(w.next_get(), Some(GetMode::Drain));
         w.caught_up();
+        w.ack(a);
+        assert_eq!(w.take_ackable().ids, [1]);
         assert_eq!(w.next_get(), Some(GetMode::LongPoll));
         w.fetched(2, 600, None, true);
         assert_eq!(w.next_get(), Some(GetMode::Drain));
+    }
+
+    #[test]
+    fn the_long_poll_waits_for_the_acks_in_flight_until_told_not_to() {
+        let mut w = BatchWindow::new(8, 1 << 20);
+        let a = w.fetched(1, 10, None, true).batch;
+        let b = w.fetched(2, 10, None, true).batch;
+        w.caught_up();
+        // caught up, two batches unconfirmed: no GET (their acks would wait behind it)
+        assert_eq!(w.next_get(), None);
+        let period = w.waiting_for_acks().expect("waiting");
+        w.ack(a);
+        assert_eq!(w.take_ackable().ids, [1]);
+        assert_eq!(w.next_get(), None, "one still in flight");
+        // the last ack: it goes out with the long poll
+        w.ack(b);
+        assert_eq!(w.take_ackable().ids, [2]);
+        assert_eq!(w.waiting_for_acks(), None);
+        assert_eq!(w.next_get(), Some(GetMode::LongPoll));
+
+        // a batch stuck downstream: the wait ends when the shell says so, and an empty long
+        // poll does not start it again
+        let stuck = w.fetched(3, 10, None, true).batch;
+        w.caught_up();
+        let p2 = w.waiting_for_acks().expect("waiting");
+        assert_ne!(p2, period, "a new idle period");
+        w.end_ack_wait(period); // a timer of the earlier period changes nothing
+        assert_eq!(w.next_get(), None);
+        w.end_ack_wait(p2);
+        assert_eq!(w.waiting_for_acks(), None);
+        assert_eq!(w.next_get(), Some(GetMode::LongPoll));
+        w.caught_up();
+        assert_eq!(w.next_get(), Some(GetMode::LongPoll));
+        // data again, then caught up again: a new wait
+        w.fetched(4, 10, None, true);
+        assert_eq!(w.next_get(), Some(GetMode::Drain));
+        w.caught_up();
+        assert_eq!(w.next_get(), None);
+        // a rollback: Canal redelivers at once
+        w.begin_epoch(false);
+        assert_eq!(w.next_get(), Some(GetMode::Drain));
+        assert_eq!(w.ack(stuck), AckOutcome::Abandoned);
     }
 
     #[test]

@@ -13,8 +13,9 @@
 //! Fetching: while data keeps coming every GET takes what Canal has at once; after a GET came
 //! back empty, or short (Canal had nothing more, [`took_all`]), the next one long-polls for the
 //! smallest batch (up to `fetch_wait`), which Canal answers as soon as there is one unit of
-//! data (see [`GetMode`]). The session is lent to one request at a
-//! time, so acks wait for a long poll to be answered; they only delay the ack, not delivery.
+//! data (see [`GetMode`]). The session is lent to one request at a time, so an ack written
+//! behind a long poll waits until Canal answers it; the long poll therefore waits (at most
+//! `fetch_wait`) for the acks of the batches in flight, and they go out in the same turn.
 //!
 //! Back-pressure: no GET is issued while `max_inflight_batches` batches or
 //! `max_inflight_bytes` bytes of frames are unacked — counting batches of abandoned epochs that
@@ -105,6 +106,8 @@ pub struct CanalConnection {
     decoding: bool,
     /// The batch being decoded was a short answer ([`took_all`]).
     took_all: bool,
+    /// The idle period whose wait for acks has a timer (`BatchWindow::waiting_for_acks`).
+    ack_wait_timer: Option<u64>,
     window: BatchWindow,
     need_subscribe: bool,
     /// Who waits for the current filter to be in force.
@@ -149,6 +152,7 @@ impl CanalConnection {
             busy: false,
             decoding: false,
             took_all: false,
+            ack_wait_timer: None,
             window: BatchWindow::new(cfg.max_inflight_batches, cfg.max_inflight_bytes),
             need_subscribe: false,
             filter_waiters: Vec::new(),
@@ -525,6 +529,17 @@ impl CanalConnection {
             });
         } else {
             self.session = Some(session);
+            // caught up with batches in flight: the long poll waits for their acks, at most
+            // `fetch_wait` (see `BatchWindow::next_get`)
+            if let Some(period) = self.window.waiting_for_acks()
+                && self.ack_wait_timer != Some(period)
+            {
+                self.ack_wait_timer = Some(period);
+                ctx.run_later(self.cfg.fetch_wait, move |act, ctx| {
+                    act.window.end_ack_wait(period);
+                    act.drive(ctx);
+                });
+            }
             if let Some(until) = self.paused_until {
                 let now = Instant::now();
                 if until <= now {
