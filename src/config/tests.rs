@@ -407,10 +407,18 @@ fn batch_size_is_sent_in_the_canal_servers_memory_units() {
         assert!(err.contains(&format!("key `{key}`: ")), "{text}: {err}");
         assert!(err.contains(want), "{text}: {err}");
     }
+    let file = write(&dir, "y.toml", "[canal]\nfetch_wait = \"11s\"\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("key `canal.fetch_wait`: must be at most 10s") && err.ends_with("got 11s"),
+        "{err}"
+    );
     let file = write(
         &dir,
         "x.toml",
-        "[canal]\nbatch_size = 2097151\nmem_unit = 1\n",
+        "[canal]\nbatch_size = 2097151\nmem_unit = 1\nfetch_wait = \"10s\"\n",
     );
     let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
     assert_eq!(c.canal.fetch_units(), i32::MAX - 1023);

@@ -6,6 +6,9 @@ use super::schema::{Config, ConnectionCharset};
 use super::secret::Secret;
 use std::path::Path;
 
+/// The longest `canal.fetch_wait` accepted (see its check).
+pub const MAX_FETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Config {
     /// Semantic checks that types cannot express. Errors name the key; [`load`] adds where the
     /// value came from.
@@ -102,6 +105,20 @@ impl Config {
                     "must be between 1 and 1048576 bytes (the Canal server's \
                      canal.instance.memory.buffer.memunit), got {}",
                     c.mem_unit
+                ),
+            );
+        }
+        if c.fetch_wait > MAX_FETCH_WAIT {
+            // Canal 1.1.x answers requests on its network threads (no executor in the netty
+            // pipeline): a waiting GET holds one, and every client whose connection that thread
+            // serves waits with it
+            bad(
+                "canal.fetch_wait",
+                format!(
+                    "must be at most {}s: Canal holds one of its network threads while a long poll \
+                     waits, stalling its other clients; got {}",
+                    MAX_FETCH_WAIT.as_secs(),
+                    humantime::format_duration(c.fetch_wait)
                 ),
             );
         }
