@@ -106,8 +106,9 @@ pub struct CanalConnection {
     decoding: bool,
     /// The batch being decoded was a short answer ([`took_all`]).
     took_all: bool,
-    /// The idle period whose wait for acks has a timer (`BatchWindow::waiting_for_acks`).
-    ack_wait_timer: Option<u64>,
+    /// The idle period whose wait for acks has a timer (`BatchWindow::waiting_for_acks`), and
+    /// the timer (cancelled once the wait is over, so it costs no wakeup).
+    ack_wait_timer: Option<(u64, SpawnHandle)>,
     window: BatchWindow,
     need_subscribe: bool,
     /// Who waits for the current filter to be in force.
@@ -417,6 +418,13 @@ impl CanalConnection {
 
     /// Run the next operation on the session, if it is free.
     fn drive(&mut self, ctx: &mut Context<Self>) {
+        // the wait for acks is over (they came, or data did): its timer would only wake us
+        if let Some((period, _)) = &self.ack_wait_timer
+            && self.window.waiting_for_acks() != Some(*period)
+            && let Some((_, timer)) = self.ack_wait_timer.take()
+        {
+            ctx.cancel_future(timer);
+        }
         let live = matches!(
             self.state,
             ConnectionState::Connected | ConnectionState::Stalled
@@ -532,13 +540,16 @@ impl CanalConnection {
             // caught up with batches in flight: the long poll waits for their acks, at most
             // `fetch_wait` (see `BatchWindow::next_get`)
             if let Some(period) = self.window.waiting_for_acks()
-                && self.ack_wait_timer != Some(period)
+                && self.ack_wait_timer.as_ref().map(|t| t.0) != Some(period)
             {
-                self.ack_wait_timer = Some(period);
-                ctx.run_later(self.cfg.fetch_wait, move |act, ctx| {
+                let timer = ctx.run_later(self.cfg.fetch_wait, move |act, ctx| {
+                    act.ack_wait_timer = None;
                     act.window.end_ack_wait(period);
                     act.drive(ctx);
                 });
+                if let Some((_, old)) = self.ack_wait_timer.replace((period, timer)) {
+                    ctx.cancel_future(old);
+                }
             }
             if let Some(until) = self.paused_until {
                 let now = Instant::now();
