@@ -72,23 +72,29 @@ async fn read_frame(s: &mut TcpStream) -> Option<Packet> {
     Packet::decode(Bytes::from(body)).ok()
 }
 
+/// Accept one client: send the handshake, read its auth and answer it with `auth_reply`.
+async fn accept_login(listener: TcpListener, auth_reply: &[u8]) -> TcpStream {
+    let (mut s, _) = listener.accept().await.unwrap();
+    let hs = Handshake {
+        seeds: vec![1, 2, 3, 4, 5, 6, 7, 8].into(),
+        ..Default::default()
+    };
+    s.write_all(&frame(packet(PacketType::Handshake, hs.encode_to_vec())))
+        .await
+        .unwrap();
+    let auth = read_frame(&mut s).await.unwrap();
+    assert_eq!(auth.r#type, PacketType::ClientAuthentication as i32);
+    s.write_all(auth_reply).await.unwrap();
+    s
+}
+
 /// A fake server: handshake, accept auth (or reply `auth_reply`), accept a subscribe, then
 /// answer the first GET with `get_reply` raw bytes and keep the socket open (or close it).
 async fn fake_server(auth_reply: Vec<u8>, get_reply: Vec<u8>, close_after: bool) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let hs = Handshake {
-            seeds: vec![1, 2, 3, 4, 5, 6, 7, 8].into(),
-            ..Default::default()
-        };
-        s.write_all(&frame(packet(PacketType::Handshake, hs.encode_to_vec())))
-            .await
-            .unwrap();
-        let auth = read_frame(&mut s).await.unwrap();
-        assert_eq!(auth.r#type, PacketType::ClientAuthentication as i32);
-        s.write_all(&auth_reply).await.unwrap();
+        let mut s = accept_login(listener, &auth_reply).await;
         while let Some(p) = read_frame(&mut s).await {
             match PacketType::try_from(p.r#type).unwrap() {
                 PacketType::Subscription => s.write_all(&ok_ack()).await.unwrap(),
@@ -256,16 +262,7 @@ async fn scripted_server(seen: tokio::sync::mpsc::UnboundedSender<Seen>) -> u16 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let hs = Handshake {
-            seeds: vec![1, 2, 3, 4, 5, 6, 7, 8].into(),
-            ..Default::default()
-        };
-        s.write_all(&frame(packet(PacketType::Handshake, hs.encode_to_vec())))
-            .await
-            .unwrap();
-        read_frame(&mut s).await.unwrap();
-        s.write_all(&ok_ack()).await.unwrap();
+        let mut s = accept_login(listener, &ok_ack()).await;
         let row = RowChange {
             event_type: Some(EventType::Insert as i32),
             row_datas: vec![RowData {

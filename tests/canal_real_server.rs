@@ -308,6 +308,40 @@ async fn a_wrong_password_is_a_clear_error_naming_the_destination() {
     assert!(text.contains("auth failed"), "{text}");
 }
 
+/// The `[canal]` settings for the real server, with `mem_unit`.
+fn real_canal(mem_unit: u32) -> CanalConfig {
+    CanalConfig {
+        host: canal_host(),
+        port: std::num::NonZeroU16::new(canal_port()).expect("a port"),
+        destination: destination(),
+        username: canal_user(),
+        password: Secret::new(canal_password()),
+        mem_unit,
+        ..Default::default()
+    }
+}
+
+/// A connection actor for `table` whose batches a [`Collector`] acks; its events arrive on the
+/// returned receiver.
+fn collect_from(
+    cfg: CanalConfig,
+    table: &str,
+) -> (
+    actix::Addr<CanalConnection>,
+    tokio::sync::mpsc::UnboundedReceiver<ChangeEvent>,
+) {
+    use actix::Actor;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let collector = Collector { tx, conn: None }.start();
+    let conn = CanalConnection::new(
+        cfg.connection(filter(table), false),
+        collector.clone().recipient(),
+    )
+    .start();
+    collector.do_send(Attach(conn.clone()));
+    (conn, rx)
+}
+
 /// Collects events from the connection actor, acking every batch.
 struct Collector {
     tx: tokio::sync::mpsc::UnboundedSender<ChangeEvent>,
@@ -345,31 +379,17 @@ impl actix::Handler<CanalEvent> for Collector {
 
 #[actix_rt::test]
 async fn every_row_arrives_across_a_canal_server_restart() {
-    use actix::Actor;
     let _lock = canal_lock().await;
     let table = "restart";
     setup_table(table, "(id INT PRIMARY KEY)");
     drop(Tap::clean(&filter(table)).await);
 
     let cfg = CanalConfig {
-        host: canal_host(),
-        port: std::num::NonZeroU16::new(canal_port()).expect("a port"),
-        destination: destination(),
-        username: canal_user(),
-        password: Secret::new(canal_password()),
-        mem_unit: canal_mem_unit(),
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(1),
-        ..Default::default()
+        ..real_canal(canal_mem_unit())
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let collector = Collector { tx, conn: None }.start();
-    let conn = CanalConnection::new(
-        cfg.connection(filter(table), false),
-        collector.clone().recipient(),
-    )
-    .start();
-    collector.do_send(Attach(conn.clone()));
+    let (conn, mut rx) = collect_from(cfg, table);
 
     let mut seen = BTreeSet::new();
 
@@ -546,35 +566,18 @@ async fn a_lone_row_ends_a_long_poll_for_one_unit() {
 /// the connection's status; the right one never is.
 #[actix_rt::test]
 async fn a_memory_unit_smaller_than_the_servers_is_named_in_status() {
-    use actix::Actor;
     let _lock = canal_lock().await;
     let table = "unit_check";
     setup_table(table, "(id INT PRIMARY KEY)");
     drop(Tap::clean(&filter(table)).await);
     let mut next = 1;
+    let mut seen = BTreeSet::new();
     for (mem_unit, mismatched) in [(canal_mem_unit(), false), (1, true)] {
-        let cfg = CanalConfig {
-            host: canal_host(),
-            port: std::num::NonZeroU16::new(canal_port()).expect("a port"),
-            destination: destination(),
-            username: canal_user(),
-            password: Secret::new(canal_password()),
-            mem_unit,
-            ..Default::default()
-        };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let collector = Collector { tx, conn: None }.start();
-        let conn = CanalConnection::new(
-            cfg.connection(filter(table), false),
-            collector.clone().recipient(),
-        )
-        .start();
-        collector.do_send(Attach(conn.clone()));
-        let mut seen = BTreeSet::new();
+        let (conn, mut rx) = collect_from(real_canal(mem_unit), table);
         // lone rows, each written once the previous one arrived: each is a long poll's answer
         for _ in 0..3 {
             mysql(&format!("INSERT INTO {DB}.{table} VALUES ({next})"));
-            wait_for_id(table, next, &mut rx, &mut seen).await;
+            wait_for(table, next, &mut rx, &mut seen).await;
             next += 1;
         }
         let status = conn
@@ -590,26 +593,6 @@ async fn a_memory_unit_smaller_than_the_servers_is_named_in_status() {
                 "{w}"
             ),
             (w, _) => panic!("mem_unit {mem_unit}: config_warning {w:?}"),
-        }
-    }
-}
-
-async fn wait_for_id(
-    table: &str,
-    id: i64,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<ChangeEvent>,
-    seen: &mut BTreeSet<i64>,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !seen.contains(&id) {
-        let e = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("row {id} did not arrive"))
-            .expect("collector alive");
-        if e.table == table
-            && let Some(Value::Int(i)) = e.data.get("id")
-        {
-            seen.insert(*i);
         }
     }
 }
