@@ -11,7 +11,9 @@
 //!   (no server-side wait), so while rows flow latency has no fixed wait in it; only after a GET
 //!   showed that Canal had nothing more (it came back empty, or short: [`took_all`]) does it
 //!   long-poll for the smallest batch Canal makes, which Canal answers as soon as that much data
-//!   exists (or when the wait runs out, with nothing). See [`GetMode`].
+//!   exists (or when the wait runs out, with nothing). See [`GetMode`]. Before that long poll it
+//!   waits for the acks of the batches in flight, so they are written before it, not behind it
+//!   ([`BatchWindow::next_get`]).
 //!
 //! It also watches Canal's batch ids: the server numbers the batches of one client identity
 //! consecutively, so within a session a jump means another process fetched batches as the same
