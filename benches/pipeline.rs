@@ -748,7 +748,11 @@ fn canal_arrivals() -> (
             let b = s.get(asked, wait).await.unwrap();
             // as the service: long-poll after an empty or a short answer
             idle = b.is_empty()
-                || took_all(asked, defaults.mem_unit, b.entries.iter().map(|e| e.len()));
+                || took_all(
+                    b.asked,
+                    defaults.mem_unit,
+                    b.entries.iter().map(|e| e.len()),
+                );
             if b.is_empty() {
                 continue;
             }

@@ -72,6 +72,9 @@ pub struct RawBatch {
     pub entries: Vec<Bytes>,
     /// Size of the MESSAGES frame body.
     pub frame_bytes: usize,
+    /// The `fetch_size` the GET asked for (Canal's units): with the entries' sizes it tells a
+    /// short answer from a cut one (`canal::window::took_all`).
+    pub asked: i32,
 }
 
 /// What [`Session::get_skipping_oversized`] got.
@@ -304,17 +307,17 @@ impl Session {
         }
     }
 
-    /// Fetches up to `fetch_size` (Canal's unit: KiB in MEMSIZE mode, entries in ITEMSIZE
-    /// mode) without acking, letting the server wait up to `wait` for data.
+    /// Fetches up to `fetch_size` (Canal's unit: the server's memunit in MEMSIZE mode, entries
+    /// in ITEMSIZE mode) without acking, letting the server wait up to `wait` for data.
     pub async fn get(&mut self, fetch_size: i32, wait: Duration) -> Result<RawBatch, CanalError> {
         let get = self.get_request(fetch_size, wait);
         self.write(PacketType::Get, get.encode_to_vec()).await?;
         self.last_wait = wait;
-        self.read_messages().await
+        self.read_messages(fetch_size).await
     }
 
-    /// Read the MESSAGES answer to a GET.
-    async fn read_messages(&mut self) -> Result<RawBatch, CanalError> {
+    /// Read the MESSAGES answer to a GET for `asked` units.
+    async fn read_messages(&mut self, asked: i32) -> Result<RawBatch, CanalError> {
         let packet = self
             .read_packet(
                 "waiting for MESSAGES",
@@ -334,6 +337,7 @@ impl Session {
                     batch_id: msgs.batch_id,
                     entries: msgs.messages,
                     frame_bytes,
+                    asked,
                 })
             }
             Ok(PacketType::Ack) => {
@@ -394,7 +398,7 @@ impl Session {
         let res = match res {
             Ok(Some(skipped)) => Ok(Fetch::Skipped(skipped)),
             // within the cap: an ordinary frame, read through the codec as usual
-            Ok(None) => session.read_messages().await.map(Fetch::Batch),
+            Ok(None) => session.read_messages(fetch_size).await.map(Fetch::Batch),
             Err(e) => Err(e),
         };
         (session, res)

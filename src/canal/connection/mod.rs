@@ -71,10 +71,8 @@ type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, Cana
 
 /// What an operation on the session did.
 enum Op {
-    /// A GET's answer; `asked` is the size the GET asked for.
     Fetched {
         epoch: u64,
-        asked: i32,
         raw: RawBatch,
     },
     Skipped {
@@ -84,7 +82,7 @@ enum Op {
     /// Acks written, and the answer of the GET that followed them in the same turn, if any.
     Acked {
         ids: Vec<i64>,
-        fetched: Option<(u64, i32, RawBatch)>,
+        fetched: Option<(u64, RawBatch)>,
     },
     Subscribed {
         filter: String,
@@ -104,8 +102,6 @@ pub struct CanalConnection {
     /// A fetched batch is being decoded on the blocking pool (no GET until it is back, so
     /// batches reach the window in fetch order).
     decoding: bool,
-    /// The batch being decoded was a short answer ([`took_all`]).
-    took_all: bool,
     /// The idle period whose wait for acks has a timer (`BatchWindow::waiting_for_acks`), and
     /// the timer (cancelled once the wait is over, so it costs no wakeup).
     ack_wait_timer: Option<(u64, SpawnHandle)>,
@@ -152,7 +148,6 @@ impl CanalConnection {
             session: None,
             busy: false,
             decoding: false,
-            took_all: false,
             ack_wait_timer: None,
             window: BatchWindow::new(cfg.max_inflight_batches, cfg.max_inflight_bytes),
             need_subscribe: false,
@@ -479,7 +474,7 @@ impl CanalConnection {
                 }
                 let r = session.get(size, wait).await.map(|raw| Op::Acked {
                     ids,
-                    fetched: Some((epoch, size, raw)),
+                    fetched: Some((epoch, raw)),
                 });
                 (session, r)
             });
@@ -512,11 +507,7 @@ impl CanalConnection {
                 // the smallest batch Canal makes: the oversized entry and as little else as it can
                 let (session, r) = session.get_skipping_oversized(1, wait, None).await;
                 let r = r.map(|f| match f {
-                    Fetch::Batch(raw) => Op::Fetched {
-                        epoch,
-                        asked: 1,
-                        raw,
-                    },
+                    Fetch::Batch(raw) => Op::Fetched { epoch, raw },
                     Fetch::Skipped(skipped) => Op::Skipped { epoch, skipped },
                 });
                 (session, r)
@@ -528,11 +519,10 @@ impl CanalConnection {
                 if let Err(e) = may_write(&gate) {
                     return (session, Err(e));
                 }
-                let r = session.get(size, wait).await.map(|raw| Op::Fetched {
-                    epoch,
-                    asked: size,
-                    raw,
-                });
+                let r = session
+                    .get(size, wait)
+                    .await
+                    .map(|raw| Op::Fetched { epoch, raw });
                 (session, r)
             });
         } else {
@@ -619,10 +609,10 @@ impl CanalConnection {
 
     fn completed(&mut self, op: Op, ctx: &mut Context<Self>) {
         match op {
-            Op::Fetched { epoch, asked, raw } => {
+            Op::Fetched { epoch, raw } => {
                 // a GET answered: the server works at this position
                 self.attempt = 0;
-                self.answered(epoch, asked, raw, ctx)
+                self.on_fetched(epoch, raw, ctx)
             }
             Op::Skipped { epoch, skipped } => {
                 self.skip_oversized = false;
@@ -653,8 +643,8 @@ impl CanalConnection {
                 self.attempt = 0;
                 tracing::debug!(?ids, "canal batches acked");
                 self.notify_drained();
-                if let Some((epoch, asked, raw)) = fetched {
-                    self.answered(epoch, asked, raw, ctx);
+                if let Some((epoch, raw)) = fetched {
+                    self.on_fetched(epoch, raw, ctx);
                 }
             }
             Op::Subscribed { filter } => {
@@ -668,18 +658,11 @@ impl CanalConnection {
         }
     }
 
-    /// A GET for `asked` units was answered.
-    fn answered(&mut self, epoch: u64, asked: i32, raw: RawBatch, ctx: &mut Context<Self>) {
-        // a short answer: Canal had nothing more, so the GET after this batch long-polls
-        // (applied once the batch is recorded, in `on_decoded`)
-        self.took_all = took_all(
-            asked,
-            self.cfg.mem_unit,
-            raw.entries.iter().map(|e| e.len()),
-        );
+    /// Name a Canal memunit larger than `canal.mem_unit`, once, if this answer shows one.
+    fn check_unit(&mut self, raw: &RawBatch) {
         if self.status.config_warning.is_none()
             && let Some(bytes) = server_unit_larger(
-                asked,
+                raw.asked,
                 self.cfg.mem_unit,
                 raw.entries.iter().map(|e| e.len()),
             )
@@ -695,10 +678,10 @@ impl CanalConnection {
             tracing::warn!("{w}");
             self.status.config_warning = Some(w);
         }
-        self.on_fetched(epoch, raw, ctx)
     }
 
     fn on_fetched(&mut self, epoch: u64, raw: RawBatch, ctx: &mut Context<Self>) {
+        self.check_unit(&raw);
         if raw.is_empty() {
             if epoch == self.window.epoch() {
                 self.window.caught_up();
@@ -802,7 +785,12 @@ impl CanalConnection {
         let fetched = self
             .window
             .fetched(raw.batch_id, raw.frame_bytes, last, deliver);
-        if std::mem::take(&mut self.took_all) {
+        // a short answer: Canal had nothing more, so the next GET long-polls
+        if took_all(
+            raw.asked,
+            self.cfg.mem_unit,
+            raw.entries.iter().map(|e| e.len()),
+        ) {
             self.window.caught_up();
         }
         if let Some((expected, got)) = fetched.gap {
