@@ -18,15 +18,20 @@
 //! - **ceiling**: after the service has stopped, the Canal probe and the broker probe run at
 //!   once (new rows, the same number of messages): what the machine does when the source and a
 //!   bare publisher share it with nothing in between, the most any service could reach here.
-//! - **machine busy**: `/proc/stat` over the first broker probe and the throughput phase, split
-//!   into this process, the service, and the rest (broker, Canal, MariaDB): on a small machine
-//!   the phases compete for the same cores, and this shows how.
+//! - **machine busy**: `/proc/stat` over the first broker probe, the throughput phases and the
+//!   ceiling, split into this process, the service, the broker, the Canal server, MariaDB (the
+//!   local services by their pid files) and the rest: on a small machine the phases compete for
+//!   the same cores, and this shows how.
 //! - **throughput**: `BENCH_ROWS` rows (10 columns) in 1,000-row INSERTs as fast as MariaDB
 //!   takes them; time from the first INSERT until every trigger's message has arrived at the
 //!   queue's consumer and the service's `/status` counts them all confirmed (`/status` is read
 //!   only then, so the measurement adds no admin requests while rows flow); the ratio to the
 //!   probes; CPU seconds of the service process per 10k rows (utime + stime from
 //!   `/proc/<pid>/stat`).
+//! - **throughput, queue piling up**: the same with no consumer on the service's queue, against
+//!   the broker probe to a queue without consumer (before and after): how issue 11 measured the
+//!   broker's rate. The broker then writes every message to disk and its queue process is the
+//!   limit; drained, it skips the disk and the machine's cores are.
 //! - **latency** at fixed rates (`BENCH_RATES`, default 5, 200 and 1,000 rows/s; 5 rows/s shows
 //!   the quiet-table case, where Canal's MEMSIZE mode makes a long poll wait): single-row
 //!   autocommit INSERTs whose `score` column is the server's `UNIX_TIMESTAMP(NOW(6))`; latency is
@@ -424,21 +429,57 @@ name = "{QUEUE}"
 /// no admin requests to the service's CPU while rows flow.
 async fn wait_rows(sink: &mut lapin::Consumer, n: u64, bulk: bool) -> (Instant, u64) {
     let (mut rows, mut messages) = (0u64, 0u64);
-    while rows < n {
-        let d = tokio::time::timeout(Duration::from_secs(60), sink.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {rows} of {n} rows arrived"))
-            .unwrap()
-            .unwrap();
-        rows += if bulk {
-            let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
-            body["bulk"]["rows"].as_u64().unwrap_or(1)
-        } else {
-            1
-        };
-        messages += 1;
+    // one deadline for the phase rather than a timer per message, like the probe's drain: the
+    // sink's CPU shares the machine with the service
+    let all = async {
+        while rows < n {
+            let d = sink.next().await.unwrap().unwrap();
+            rows += if bulk {
+                let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+                body["bulk"]["rows"].as_u64().unwrap_or(1)
+            } else {
+                1
+            };
+            messages += 1;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(600), all)
+        .await
+        .is_err()
+    {
+        panic!("only {rows} of {n} rows arrived within 600 s");
     }
     (Instant::now(), messages)
+}
+
+/// Wait until `queue` holds `n` messages: a passive declare every 10 ms, which the broker
+/// answers from the queue's counters, so the service is not asked while rows flow.
+async fn wait_queued(conn: &Connection, queue: &str, n: u64) {
+    let ch = conn.create_channel().await.unwrap();
+    let by = Instant::now() + Duration::from_secs(600);
+    loop {
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if u64::from(q.message_count()) >= n {
+            break;
+        }
+        assert!(
+            Instant::now() < by,
+            "only {} of {n} messages queued within 600 s",
+            q.message_count()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = ch.close(200, "done".into()).await;
 }
 
 /// The HA Canal cluster of `deploy/local/up` parses the same binlog as the standalone server:
@@ -655,18 +696,83 @@ struct Latency {
     cpu: Option<(f64, Option<f64>)>,
 }
 
+/// A live process's pid from its pid file.
+fn pid_from_file(path: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    std::path::Path::new(&format!("/proc/{pid}/stat"))
+        .exists()
+        .then_some(pid)
+}
+
 /// The local Canal server's pid (`deploy/local`'s pid file), if it runs: its CPU is part of
 /// what a fetch strategy costs.
 fn canal_server_pid() -> Option<u32> {
     let state = std::env::var("CANAL_CONSUMER_STATE").unwrap_or("/var/tmp/canal-consumer".into());
-    let pid: u32 = std::fs::read_to_string(format!("{state}/canal/bin/canal.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    std::path::Path::new(&format!("/proc/{pid}/stat"))
-        .exists()
-        .then_some(pid)
+    pid_from_file(&format!("{state}/canal/bin/canal.pid"))
+}
+
+/// The local services by the pid files `deploy/local` manages them by (`lib.sh`): the broker's
+/// Erlang VM, the Canal server's JVM, MariaDB. Those that do not run (or run elsewhere) are left
+/// out; their CPU then stays in "other".
+fn stack_pids() -> Vec<(&'static str, u32)> {
+    [
+        ("broker", pid_from_file("/var/run/rabbitmq/pid")),
+        ("Canal", canal_server_pid()),
+        ("MariaDB", pid_from_file("/run/mysqld/mysqld.pid")),
+    ]
+    .into_iter()
+    .filter_map(|(name, pid)| Some((name, pid?)))
+    .collect()
+}
+
+/// Where the machine's time went over a phase: the machine's busy cores, and of them each
+/// named process's (this bench, the service, the local services), the rest as "other".
+struct Busy {
+    t0: Instant,
+    machine: f64,
+    procs: Vec<(&'static str, u32, f64)>,
+}
+
+impl Busy {
+    fn start(named: &[(&'static str, u32)]) -> Busy {
+        Busy {
+            t0: Instant::now(),
+            machine: machine_busy_seconds(),
+            procs: named
+                .iter()
+                .map(|&(n, pid)| (n, pid, cpu_seconds(pid)))
+                .collect(),
+        }
+    }
+
+    /// Cores busy since `start`: the machine's, and each named process's, with "other" last.
+    fn cores(&self) -> (f64, Vec<(&'static str, f64)>) {
+        let secs = self.t0.elapsed().as_secs_f64();
+        let machine = (machine_busy_seconds() - self.machine) / secs;
+        let mut split: Vec<(&'static str, f64)> = self
+            .procs
+            .iter()
+            .map(|&(n, pid, c0)| (n, (cpu_seconds(pid) - c0) / secs))
+            .collect();
+        let named: f64 = split.iter().map(|(_, c)| c).sum();
+        split.push(("other", machine - named));
+        (machine, split)
+    }
+}
+
+/// "1.85 = bench 0.74 + broker 1.02 + ..." for a phase's [`Busy::cores`].
+fn busy_text((machine, split): &(f64, Vec<(&'static str, f64)>)) -> String {
+    let parts: Vec<String> = split.iter().map(|(n, c)| format!("{n} {c:.2}")).collect();
+    format!("{machine:.2} = {}", parts.join(" + "))
+}
+
+fn busy_json((machine, split): &(f64, Vec<(&'static str, f64)>)) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("machine".into(), (*machine).into());
+    for (n, c) in split {
+        m.insert((*n).into(), (*c).into());
+    }
+    serde_json::Value::Object(m)
 }
 
 /// CPU seconds of the service (`pid`) and the local Canal server so far.
@@ -967,11 +1073,16 @@ async fn main() {
     // ---- broker probe, the service's throughput, broker probe again
     let probe_args = || queue_args(o.max_priority);
     let me = std::process::id();
-    let (busy0, own0, p0) = (machine_busy_seconds(), cpu_seconds(me), Instant::now());
+    let stack = stack_pids();
+    let named = |service: Option<u32>| {
+        let mut v = vec![("bench", me)];
+        v.extend(service.map(|p| ("service", p)));
+        v.extend(stack.iter().copied());
+        v
+    };
+    let busy = Busy::start(&named(None));
     let probe_before = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
-    let probe_secs = p0.elapsed().as_secs_f64();
-    let probe_busy = (machine_busy_seconds() - busy0) / probe_secs;
-    let probe_own = (cpu_seconds(me) - own0) / probe_secs;
+    let probe_busy = busy.cores();
     // BENCH_PERF=<file>: sample the service's stacks (perf, cpu-clock) during this phase only
     let perf = std::env::var("BENCH_PERF").ok().map(|out| {
         Command::new("perf")
@@ -993,7 +1104,7 @@ async fn main() {
             .expect("perf (BENCH_PERF)")
     });
     let cpu0 = cpu_seconds(pid);
-    let (busy0, own0) = (machine_busy_seconds(), cpu_seconds(me));
+    let busy = Busy::start(&named(Some(pid)));
     let t0 = Instant::now();
     let inserter = insert_bulk(id, id + o.rows - 1);
     id += o.rows;
@@ -1007,9 +1118,7 @@ async fn main() {
     };
     let elapsed = finished - t0;
     let cpu_tp = cpu_seconds(pid) - cpu0;
-    let tp_busy = (machine_busy_seconds() - busy0) / elapsed.as_secs_f64();
-    let tp_own = (cpu_seconds(me) - own0) / elapsed.as_secs_f64();
-    let tp_service = cpu_tp / elapsed.as_secs_f64();
+    let tp_busy = busy.cores();
     if let Some(mut perf) = perf {
         let _ = Command::new("kill")
             .args(["-INT", &perf.id().to_string()])
@@ -1026,11 +1135,11 @@ async fn main() {
         "broker probe: {probe_before:.0} / {probe_after:.0} msg/s (mean {broker:.0}), window {window}"
     );
     println!(
-        "machine busy, cores of {}: first broker probe {probe_busy:.2} = bench (publisher and drain) {probe_own:.2} + the rest (broker) {:.2}; \
-         throughput phase {tp_busy:.2} = service {tp_service:.2} + bench (queue consumer, inserts) {tp_own:.2} + the rest (broker, Canal, MariaDB, mysql client) {:.2}",
+        "machine busy, cores of {}: first broker probe {} (bench: publisher and drain); \
+         throughput phase {} (bench: queue consumer and inserts; other: the mysql client, the kernel's own threads)",
         cores(),
-        probe_busy - probe_own,
-        tp_busy - tp_service - tp_own
+        busy_text(&probe_busy),
+        busy_text(&tp_busy),
     );
     println!(
         "canal probe: {canal_rate:.0} rows/s (a bare client: GET without waiting, decode, ack; nothing published)"
@@ -1053,8 +1162,8 @@ async fn main() {
             "rows": o.rows, "elapsed_s": elapsed.as_secs_f64(), "rows_per_s": throughput,
             "broker_msg_per_s": broker, "canal_probe_rows_per_s": canal_rate,
             "cpu_s_per_10k_rows": cpu_per_10k,
-            "machine_busy_cores": {"broker_probe": probe_busy, "broker_probe_bench": probe_own,
-            "throughput": tp_busy, "throughput_service": tp_service, "throughput_bench": tp_own, "cores": cores()},
+            "machine_busy_cores": {"broker_probe": busy_json(&probe_busy),
+            "throughput": busy_json(&tp_busy), "cores": cores()},
             "load": [load_before, uptime_load()],
         });
         let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1150,6 +1259,53 @@ async fn main() {
             rss_big_after as f64 / 1024.0
         );
     }
+    // ---- throughput with the queue piling up (no consumer), as issue 11 measured the broker's
+    // rate (15.7–16k msg/s there): the broker then writes every message to disk and its queue
+    // process, not the 2 cores, is the limit. Last of the service's phases, because it disturbs
+    // the others: a piled-up queue leaves the broker work after it is gone (its messages on
+    // disk), and each step here starts on a settled machine.
+    let piling = {
+        settle().await;
+        let pile_before = probe(&conn, probe_args(), &sample, o.rows, window, false).await;
+        ch.basic_cancel("bench-sink".into(), Default::default())
+            .await
+            .unwrap();
+        settle().await;
+        let cpu0 = cpu_seconds(pid);
+        let busy = Busy::start(&named(Some(pid)));
+        let t0 = Instant::now();
+        let inserter = insert_bulk(id, id + o.rows - 1);
+        id += o.rows;
+        done += o.rows;
+        wait_queued(&conn, QUEUE, o.rows).await;
+        let elapsed = wait_all_confirmed(&admin, done).await - t0;
+        let cpu = cpu_seconds(pid) - cpu0;
+        let pile_busy = busy.cores();
+        inserter.join().unwrap();
+        ch.queue_purge(QUEUE.into(), Default::default())
+            .await
+            .unwrap();
+        settle().await;
+        let pile_after = probe(&conn, probe_args(), &sample, o.rows, window, false).await;
+        let broker = (pile_before + pile_after) / 2.0;
+        let rate = o.rows as f64 / elapsed.as_secs_f64();
+        println!(
+            "throughput, queue piling up (no consumer, as issue 11 measured the broker): {} rows in {:.2}s = {rate:.0} rows/s \
+             = {:.1}% of the broker's rate (probe to a queue without consumer: {pile_before:.0} / {pile_after:.0} msg/s, mean {broker:.0}); \
+             service CPU {cpu:.2}s = {:.3}s per 10k rows; machine busy {}",
+            o.rows,
+            elapsed.as_secs_f64(),
+            rate / broker * 100.0,
+            cpu / o.rows as f64 * 10_000.0,
+            busy_text(&pile_busy),
+        );
+        serde_json::json!({
+            "broker_probe_msg_per_s": [pile_before, pile_after], "broker_msg_per_s": broker,
+            "elapsed_s": elapsed.as_secs_f64(), "rows_per_s": rate, "ratio_to_broker": rate / broker,
+            "cpu_s_per_10k_rows": cpu / o.rows as f64 * 10_000.0,
+            "machine_busy_cores": busy_json(&pile_busy),
+        })
+    };
     let rss = proc_status_kib(pid, "VmHWM:");
     println!("service peak RSS: {:.1} MiB", rss as f64 / 1024.0);
     drop(service);
@@ -1158,17 +1314,21 @@ async fn main() {
     drain_canal().await;
     settle().await;
     let t = Instant::now();
+    let busy = Busy::start(&named(None));
     let (ceiling_canal, ceiling_broker) = tokio::join!(
         canal_probe(id, o.rows),
         probe(&conn, probe_args(), &sample, o.rows, window, true)
     );
     let ceiling = o.rows as f64 / t.elapsed().as_secs_f64();
+    let ceiling_busy = busy.cores();
     println!(
         "ceiling: the Canal probe and the broker probe at once, {} rows and {} messages: {ceiling:.0}/s until both finished \
-         (Canal {ceiling_canal:.0} rows/s, broker {ceiling_broker:.0} msg/s); the service reached {:.1}% of it",
+         (Canal {ceiling_canal:.0} rows/s, broker {ceiling_broker:.0} msg/s); the service reached {:.1}% of it; \
+         machine busy {} (bench: Canal client, publisher and drain)",
         o.rows,
         o.rows,
-        throughput / ceiling * 100.0
+        throughput / ceiling * 100.0,
+        busy_text(&ceiling_busy)
     );
 
     // ---- what x-max-priority costs the broker: rounds of the four queue kinds, interleaved
@@ -1223,9 +1383,10 @@ async fn main() {
         "broker_msg_per_s": broker,
         "rows": o.rows, "elapsed_s": elapsed.as_secs_f64(), "rows_per_s": throughput,
         "ratio_to_broker": throughput / broker,
+        "piling_up": piling,
         "canal_probe_rows_per_s": canal_rate,
-        "machine_busy_cores": {"broker_probe": probe_busy, "broker_probe_bench": probe_own,
-            "throughput": tp_busy, "throughput_service": tp_service, "throughput_bench": tp_own, "cores": cores()},
+        "machine_busy_cores": {"broker_probe": busy_json(&probe_busy),
+            "throughput": busy_json(&tp_busy), "cores": cores()},
         "ratio_to_canal": throughput / canal_rate,
         "cpu_s_per_10k_rows": cpu_per_10k,
         "latency": lats.iter().map(|l| serde_json::json!({
@@ -1244,6 +1405,7 @@ async fn main() {
         "peak_rss_kib": rss,
         "ceiling_per_s": ceiling, "ceiling_canal_rows_per_s": ceiling_canal,
         "ceiling_broker_msg_per_s": ceiling_broker, "ratio_to_ceiling": throughput / ceiling,
+        "ceiling_machine_busy_cores": busy_json(&ceiling_busy),
         "priority_probes": prio,
         "load": [load_before, load_after],
     });
