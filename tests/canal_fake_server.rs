@@ -1,5 +1,6 @@
 //! Byte-level fault injection against the Canal session, and the order of what the connection
-//! writes (acks before a long poll), using a fake server on loopback.
+//! writes (acks before a long poll) and when it says it is drained, using a fake server on
+//! loopback.
 //! The real-server behaviour is covered by `canal_real_server.rs`; these cases are ones a real
 //! server will not produce on demand.
 // Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
@@ -251,10 +252,13 @@ enum Seen {
     Other(PacketType),
 }
 
-/// A server that answers the first GET with batch 1 (one row), every later GET that does not
-/// wait with "nothing", and holds every waiting GET (a long poll) unanswered; it reports every
-/// packet after the handshake on `seen`.
-async fn scripted_server(seen: tokio::sync::mpsc::UnboundedSender<Seen>) -> u16 {
+/// A server that answers the first GET with batch 1 (one row; once `hold` fires, if given),
+/// every later GET that does not wait with "nothing", and holds every waiting GET (a long poll)
+/// unanswered; it reports every packet after the handshake on `seen`.
+async fn scripted_server(
+    seen: tokio::sync::mpsc::UnboundedSender<Seen>,
+    mut hold: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> u16 {
     use canal_consumer::canal::proto::entry::{
         Column, Entry, EntryType, EventType, Header, RowChange, RowData,
     };
@@ -317,6 +321,9 @@ async fn scripted_server(seen: tokio::sync::mpsc::UnboundedSender<Seen>) -> u16 
                     gets += 1;
                     let g = Get::decode(p.body).unwrap();
                     let (batch_id, messages) = if gets == 1 {
+                        if let Some(hold) = hold.take() {
+                            let _ = hold.await;
+                        }
                         (1, vec![Bytes::from(entry.encode_to_vec())])
                     } else if g.timeout == Some(-1) {
                         (-1, vec![])
@@ -375,12 +382,16 @@ impl actix::Handler<SetConn> for Subscriber {
     }
 }
 
-/// Runs the connection against the scripted server until it writes its first long poll;
-/// returns what the server saw up to and including it.
-async fn until_the_long_poll(ack: bool, fetch_wait: Duration) -> Vec<Seen> {
+type Conn = actix::Addr<canal_consumer::canal::connection::CanalConnection>;
+
+/// A connection to the scripted server on `port` and its subscriber (acking every batch if
+/// `ack`); the subscriber reports each batch it gets on the returned receiver.
+fn connect(
+    port: u16,
+    ack: bool,
+    fetch_wait: Duration,
+) -> (Conn, tokio::sync::mpsc::UnboundedReceiver<()>) {
     use actix::Actor;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let port = scripted_server(tx).await;
     let cfg = canal_consumer::config::CanalConfig {
         port: std::num::NonZeroU16::new(port).unwrap(),
         username: "canal".into(),
@@ -388,7 +399,7 @@ async fn until_the_long_poll(ack: bool, fetch_wait: Duration) -> Vec<Seen> {
         fetch_wait,
         ..Default::default()
     };
-    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let (got_tx, got) = tokio::sync::mpsc::unbounded_channel();
     let sub = Subscriber {
         conn: None,
         ack,
@@ -400,7 +411,30 @@ async fn until_the_long_poll(ack: bool, fetch_wait: Duration) -> Vec<Seen> {
         sub.clone().recipient(),
     )
     .start();
-    sub.do_send(SetConn(conn));
+    sub.do_send(SetConn(conn.clone()));
+    (conn, got)
+}
+
+/// The next packet the scripted server saw that is not `Other`, within 30 s.
+async fn next_seen(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>) -> Seen {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("the server saw nothing more within 30 s")
+            .expect("server alive")
+        {
+            Seen::Other(_) => continue,
+            s => return s,
+        }
+    }
+}
+
+/// Runs the connection against the scripted server until it writes its first long poll;
+/// returns what the server saw up to and including it.
+async fn until_the_long_poll(ack: bool, fetch_wait: Duration) -> Vec<Seen> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let port = scripted_server(tx, None).await;
+    let (_conn, mut got) = connect(port, ack, fetch_wait);
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -454,4 +488,48 @@ async fn a_batch_never_acked_delays_the_long_poll_by_fetch_wait_only() {
     let seen = until_the_long_poll(false, Duration::from_millis(200)).await;
     assert!(!seen.iter().any(|s| matches!(s, Seen::Ack(_))), "{seen:?}");
     assert_eq!(seen.last(), Some(&Seen::Get { size: 1, wait: 200 }));
+}
+
+/// A GET written just before a drain (graceful shutdown) began can still bring a batch. The
+/// drain ends only once that batch has been delivered and acked: the service stops the
+/// publisher when the drain ends, so a batch arriving after it would be fetched and never acked
+/// (seen in `pipeline_real::sigterm_mid_stream_exits_in_time_and_loses_nothing`; the
+/// simulation's invariant (h)).
+#[actix_rt::test]
+async fn a_drain_waits_for_the_answer_of_the_get_on_the_wire() {
+    use canal_consumer::canal::connection::{Drain, GetConnectionStatus};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (release, hold) = tokio::sync::oneshot::channel();
+    let port = scripted_server(tx, Some(hold)).await;
+    let (conn, mut got) = connect(port, true, Duration::from_secs(10));
+    // the first GET is on the wire, and the server holds it
+    assert_eq!(
+        next_seen(&mut rx).await,
+        Seen::Get {
+            size: 100,
+            wait: -1
+        }
+    );
+    let mut drain = Box::pin(conn.send(Drain));
+    // two round trips through the connection's mailbox: the Drain was handled, and on this
+    // single-threaded runtime any answer it had was sent by now
+    for _ in 0..2 {
+        conn.send(GetConnectionStatus).await.unwrap();
+    }
+    assert!(
+        futures::poll!(drain.as_mut()).is_pending(),
+        "the drain ended with a GET on the wire"
+    );
+    release.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .expect("the drain ends once the batch is acked")
+        .unwrap();
+    assert!(
+        got.try_recv().is_ok(),
+        "the batch reached the subscriber before the drain ended"
+    );
+    // its ack was written, and no GET after it: draining fetches nothing more
+    assert_eq!(next_seen(&mut rx).await, Seen::Ack(1));
+    assert!(rx.try_recv().is_err(), "nothing after the ack");
 }

@@ -24,9 +24,14 @@
 //!   coming);
 //! - (g) a long poll is written with no batch of its epoch in flight (their acks went out
 //!   before it), unless the wait for those acks ended (the shell's `fetch_wait` timer, a step
-//!   here), so a batch stuck downstream does not stop the fetching.
+//!   here), so a batch stuck downstream does not stop the fetching;
+//! - (h) once a drain has ended (the window said [`BatchWindow::drained`]: the shell then stops
+//!   the publisher and closes the session), no batch of that epoch arrives any more: a GET
+//!   written before the drain began is answered before the drain ends.
 //!
-//! Rows are committed over time (a step commits a few more), so GETs also find nothing.
+//! Rows are committed over time (a step commits a few more), so GETs also find nothing. A GET
+//! is two steps, as on the wire: written (the model server answers it then), and its answer
+//! read later, with other steps between; acks wait while it is out (one session, in order).
 //!
 //! A failing seed reproduces exactly: `SIM_SEED=1234 cargo test --test delivery_sim -- --nocapture`.
 //! More seeds: `SIM_SEEDS=1000000 cargo test --release --test delivery_sim` (see README).
@@ -157,8 +162,20 @@ fn row_id(row: usize, consumer: usize) -> String {
     message_id(&source, &name(consumer), Some("r"), "p", 0)
 }
 
+/// A GET on the wire: the epoch it was written in, how it asked, and the model server's answer.
+struct PendingGet {
+    epoch: u64,
+    mode: GetMode,
+    max: usize,
+    answer: Option<(i64, usize, usize)>,
+}
+
 struct Sim {
     rng: Rng,
+    /// The GET written and not yet answered (one session: at most one).
+    pending_get: Option<PendingGet>,
+    /// The epoch in which the drain ended (invariant (h)).
+    drain_ended: Option<u64>,
     faults: bool,
     now: Instant,
     server: Server,
@@ -207,6 +224,8 @@ impl Sim {
             .collect();
         Sim {
             rng,
+            pending_get: None,
+            drain_ended: None,
             faults: true,
             now: Instant::now(),
             server: Server {
@@ -259,6 +278,10 @@ impl Sim {
     }
 
     fn new_epoch(&mut self, new_session: bool) {
+        if new_session {
+            // the GET on the wire died with the session
+            self.pending_get = None;
+        }
         let (epoch, _) = self.window.begin_epoch(new_session);
         self.last_get_empty = false;
         self.ack_wait_ended = false;
@@ -331,8 +354,9 @@ impl Sim {
         }
     }
 
-    fn fetch(&mut self) {
-        if !self.connected || self.draining {
+    /// Write a GET; the model server answers it now, the answer is read by [`Self::answer_get`].
+    fn send_get(&mut self) {
+        if !self.connected || self.draining || self.pending_get.is_some() {
             return;
         }
         let Some(mode) = self.window.next_get() else {
@@ -355,7 +379,42 @@ impl Sim {
             GetMode::LongPoll => 1 + self.rng.below(2),
             GetMode::Drain => 1 + self.rng.below(MAX_ROWS_PER_BATCH),
         };
-        let Some((id, start, end)) = self.server.get(max) else {
+        let answer = self.server.get(max);
+        self.window.get_sent();
+        let epoch = self.window.epoch();
+        self.log(format!("get ({mode:?}) written in epoch {epoch}"));
+        self.pending_get = Some(PendingGet {
+            epoch,
+            mode,
+            max,
+            answer,
+        });
+    }
+
+    /// Read the answer of the GET on the wire.
+    fn answer_get(&mut self) {
+        let Some(PendingGet {
+            epoch,
+            mode,
+            max,
+            answer,
+        }) = self.pending_get.take()
+        else {
+            return;
+        };
+        if epoch != self.window.epoch() {
+            // written before a rollback: the shell drops it (the rollback returns its rows) but
+            // notes its batch id, which the server's numbering counted
+            if let Some((id, _, _)) = answer {
+                self.window.observe_id(id);
+            }
+            self.log(format!(
+                "get of epoch {epoch} answered after the epoch ended: dropped"
+            ));
+            return;
+        }
+        self.window.get_answered();
+        let Some((id, start, end)) = answer else {
             // a long poll that saw nothing until its wait ran out, or a GET that found nothing
             self.log(format!("get ({mode:?}) found nothing"));
             if !self.last_get_empty {
@@ -365,14 +424,19 @@ impl Sim {
             self.last_get_empty = true;
             return;
         };
+        assert_ne!(
+            self.drain_ended,
+            Some(epoch),
+            "(h) batch {epoch}/{id} arrived after the drain had ended"
+        );
         self.ack_wait_ended = false;
         let fetched = self
             .window
             .fetched(id, (end - start) * ROW_BYTES, None, true);
-        // a short answer (the server ran out before `max`): the connection tells it with
-        // `took_all` and the next GET long-polls; an answer of exactly `max` is taken as cut
-        // even when nothing was left, and the next GET drains (and finds nothing)
-        self.last_get_empty = end - start < max && end == self.server.committed;
+        // a short answer (the server ran out before `max` when it answered): the connection
+        // tells it with `took_all` and the next GET long-polls; an answer of exactly `max` is
+        // taken as cut even when nothing was left, and the next GET drains (and finds nothing)
+        self.last_get_empty = end - start < max;
         if self.last_get_empty {
             self.window.caught_up();
         }
@@ -392,7 +456,8 @@ impl Sim {
     }
 
     fn write_acks(&mut self) {
-        if !self.connected {
+        // one session: acks wait while a GET is out
+        if !self.connected || self.pending_get.is_some() {
             return;
         }
         let ackable = self.window.take_ackable();
@@ -623,7 +688,8 @@ impl Sim {
         self.steps += 1;
         let roll = self.rng.below(1000);
         match roll {
-            0..200 => self.fetch(),
+            0..200 if self.pending_get.is_some() => self.answer_get(),
+            0..200 => self.send_get(),
             200..300 => self.write_acks(),
             300..550 => {
                 let c = self.rng.below(CONSUMERS);
@@ -677,6 +743,11 @@ impl Sim {
             }
             _ => {}
         }
+        if self.draining && self.drain_ended.is_none() && self.window.drained() {
+            // the shell now stops the publisher and closes the session
+            self.log(format!("drain ended in epoch {}", self.window.epoch()));
+            self.drain_ended = Some(self.window.epoch());
+        }
         self.check_bounds();
     }
 
@@ -702,7 +773,7 @@ impl Sim {
         for _ in 0..200_000 {
             let done = match target {
                 Some(t) => self.server.acked_upto == t,
-                None => self.window.current_is_empty(),
+                None => self.window.drained() && self.pending_get.is_none(),
             };
             if done && self.unconfirmed.is_empty() && self.publisher.is_idle() {
                 return;

@@ -7,6 +7,8 @@
 //!   included until the subscriber releases them, stay within `max_batches` / `max_bytes`;
 //! - which acks may be written: only the finished prefix, so acks reach Canal in batch order;
 //! - what an ack or release means: one for an abandoned epoch is never written to Canal;
+//! - when a drain (graceful shutdown) may end: nothing of the epoch in flight and no GET on the
+//!   wire, since its answer can still bring a batch ([`BatchWindow::drained`]);
 //! - how the next GET asks ([`GetMode`]): while data keeps coming it takes what Canal has at once
 //!   (no server-side wait), so while rows flow latency has no fixed wait in it; only after a GET
 //!   showed that Canal had nothing more (it came back empty, or short: [`took_all`]) does it
@@ -150,6 +152,8 @@ pub struct BatchWindow {
     idle_period: u64,
     /// In this idle period the long poll no longer waits for the acks in flight.
     ack_wait_over: bool,
+    /// A GET of this epoch was written and its answer is not recorded yet: it may bring a batch.
+    get_outstanding: bool,
 }
 
 impl BatchWindow {
@@ -166,6 +170,7 @@ impl BatchWindow {
             idle: false,
             idle_period: 0,
             ack_wait_over: false,
+            get_outstanding: false,
         }
     }
 
@@ -199,6 +204,25 @@ impl BatchWindow {
     /// True if nothing of the current epoch is in flight.
     pub fn current_is_empty(&self) -> bool {
         self.inflight.is_empty()
+    }
+
+    /// A GET was written. Until [`Self::get_answered`] (or the epoch ends) a batch may still
+    /// arrive, so the window is not [`Self::drained`].
+    pub fn get_sent(&mut self) {
+        self.get_outstanding = true;
+    }
+
+    /// The GET's answer came back (the shell records its batch next, if it has one).
+    pub fn get_answered(&mut self) {
+        self.get_outstanding = false;
+    }
+
+    /// A drain (graceful shutdown) may end: nothing of this epoch is in flight, and no GET is
+    /// out whose answer could still bring a batch (one written just before the drain began;
+    /// the drain writes no new ones). Ending with one out would stop the publisher before its
+    /// batch is published: it would be fetched and not acked.
+    pub fn drained(&self) -> bool {
+        self.inflight.is_empty() && !self.get_outstanding
     }
 
     /// May another GET be issued?
@@ -268,6 +292,8 @@ impl BatchWindow {
             }
         }
         self.inflight_bytes = 0;
+        // the answer of a GET still on the wire belongs to the old epoch
+        self.get_outstanding = false;
         self.epoch += 1;
         // redelivery starts at once: Canal has the rolled-back batches ready
         self.idle = false;
@@ -383,6 +409,24 @@ impl BatchWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_get_on_the_wire_keeps_a_drain_from_ending() {
+        let mut w = BatchWindow::new(8, 1 << 20);
+        assert!(w.drained());
+        w.get_sent();
+        assert!(!w.drained(), "its answer may bring a batch");
+        w.get_answered();
+        let a = w.fetched(1, 10, None, true).batch;
+        assert!(!w.drained(), "a batch in flight");
+        w.ack(a);
+        assert_eq!(w.take_ackable().ids, vec![1]);
+        assert!(w.drained());
+        // a GET out when the epoch ends: its answer belongs to the old epoch and is dropped
+        w.get_sent();
+        w.begin_epoch(false);
+        assert!(w.drained());
+    }
 
     #[test]
     fn acks_leave_in_fetch_order() {

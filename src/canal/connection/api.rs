@@ -107,7 +107,8 @@ pub struct SetFilter {
     pub applied: Option<oneshot::Sender<()>>,
 }
 
-/// Stop fetching; resolves once every batch in flight has been acked or abandoned.
+/// Stop fetching; resolves once every batch in flight has been acked or abandoned, the batch
+/// of a GET already on the wire included (a long poll holds that up to `canal.fetch_wait`).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Drain;

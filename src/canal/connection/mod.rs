@@ -404,7 +404,7 @@ impl CanalConnection {
     }
 
     fn notify_drained(&mut self) {
-        if self.window.current_is_empty() && !self.decoding && !self.waiting_for_charsets() {
+        if self.window.drained() && !self.decoding && !self.waiting_for_charsets() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -456,6 +456,9 @@ impl CanalConnection {
                 .then(|| self.next_get())
                 .flatten()
                 .map(|mode| (self.window.epoch(), self.get_args(mode)));
+            if get.is_some() {
+                self.window.get_sent();
+            }
             op = Box::pin(async move {
                 for id in &ids {
                     if let Err(e) = may_write(&gate) {
@@ -498,6 +501,7 @@ impl CanalConnection {
                 (session, r)
             });
         } else if self.may_fetch() && self.skip_oversized {
+            self.window.get_sent();
             let epoch = self.window.epoch();
             let wait = self.cfg.fetch_wait;
             op = Box::pin(async move {
@@ -513,6 +517,7 @@ impl CanalConnection {
                 (session, r)
             });
         } else if let Some(mode) = self.next_get() {
+            self.window.get_sent();
             let epoch = self.window.epoch();
             let (size, wait) = self.get_args(mode);
             op = Box::pin(async move {
@@ -612,9 +617,11 @@ impl CanalConnection {
             Op::Fetched { epoch, raw } => {
                 // a GET answered: the server works at this position
                 self.attempt = 0;
+                self.window.get_answered();
                 self.on_fetched(epoch, raw, ctx)
             }
             Op::Skipped { epoch, skipped } => {
+                self.window.get_answered();
                 self.skip_oversized = false;
                 if epoch == self.window.epoch() {
                     let b = self.window.fetched(skipped.batch_id, 0, None, false);
@@ -642,8 +649,8 @@ impl CanalConnection {
                 self.consecutive_rollbacks = 0;
                 self.attempt = 0;
                 tracing::debug!(?ids, "canal batches acked");
-                self.notify_drained();
                 if let Some((epoch, raw)) = fetched {
+                    self.window.get_answered();
                     self.on_fetched(epoch, raw, ctx);
                 }
             }
@@ -656,6 +663,9 @@ impl CanalConnection {
             }
             Op::Closed => {}
         }
+        // after the answer is recorded: a batch it brought is in flight (decoding) by now, and
+        // an empty one may be what a drain waited for
+        self.notify_drained();
     }
 
     /// Name a Canal memunit larger than `canal.mem_unit`, once, if this answer shows one.
