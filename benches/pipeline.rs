@@ -528,6 +528,28 @@ fn insert_bulk(from: u64, to: u64) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// A throughput phase under way: its rows being inserted, and where the service's CPU, the
+/// machine's time and the clock stood at its start.
+struct Inserting {
+    cpu0: f64,
+    busy: Busy,
+    t0: Instant,
+    inserter: std::thread::JoinHandle<()>,
+}
+
+impl Inserting {
+    /// Start inserting `rows` rows from id `from` (the service is `pid`; `named` the processes
+    /// whose CPU the phase reports).
+    fn start(pid: u32, named: &[(&'static str, u32)], from: u64, rows: u64) -> Inserting {
+        Inserting {
+            cpu0: cpu_seconds(pid),
+            busy: Busy::start(named),
+            t0: Instant::now(),
+            inserter: insert_bulk(from, from + rows - 1),
+        }
+    }
+}
+
 /// Wait until the service has confirmed `n` triggers, emptying the sink meanwhile.
 async fn wait_confirmed(
     admin: &str,
@@ -1103,10 +1125,7 @@ async fn main() {
             .spawn()
             .expect("perf (BENCH_PERF)")
     });
-    let cpu0 = cpu_seconds(pid);
-    let busy = Busy::start(&named(Some(pid)));
-    let t0 = Instant::now();
-    let inserter = insert_bulk(id, id + o.rows - 1);
+    let run = Inserting::start(pid, &named(Some(pid)), id, o.rows);
     id += o.rows;
     done += o.rows;
     let (arrived, bulk_messages) = wait_rows(&mut sink, o.rows, o.bulk.is_some()).await;
@@ -1116,16 +1135,16 @@ async fn main() {
     } else {
         wait_all_confirmed(&admin, done).await
     };
-    let elapsed = finished - t0;
-    let cpu_tp = cpu_seconds(pid) - cpu0;
-    let tp_busy = busy.cores();
+    let elapsed = finished - run.t0;
+    let cpu_tp = cpu_seconds(pid) - run.cpu0;
+    let tp_busy = run.busy.cores();
     if let Some(mut perf) = perf {
         let _ = Command::new("kill")
             .args(["-INT", &perf.id().to_string()])
             .status();
         let _ = perf.wait();
     }
-    inserter.join().unwrap();
+    run.inserter.join().unwrap();
     empty_sink(&mut sink).await;
     let probe_after = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
     let broker = (probe_before + probe_after) / 2.0;
@@ -1271,17 +1290,14 @@ async fn main() {
             .await
             .unwrap();
         settle().await;
-        let cpu0 = cpu_seconds(pid);
-        let busy = Busy::start(&named(Some(pid)));
-        let t0 = Instant::now();
-        let inserter = insert_bulk(id, id + o.rows - 1);
+        let run = Inserting::start(pid, &named(Some(pid)), id, o.rows);
         id += o.rows;
         done += o.rows;
         wait_queued(&conn, QUEUE, o.rows).await;
-        let elapsed = wait_all_confirmed(&admin, done).await - t0;
-        let cpu = cpu_seconds(pid) - cpu0;
-        let pile_busy = busy.cores();
-        inserter.join().unwrap();
+        let elapsed = wait_all_confirmed(&admin, done).await - run.t0;
+        let cpu = cpu_seconds(pid) - run.cpu0;
+        let pile_busy = run.busy.cores();
+        run.inserter.join().unwrap();
         ch.queue_purge(QUEUE.into(), Default::default())
             .await
             .unwrap();
