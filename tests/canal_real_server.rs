@@ -290,6 +290,64 @@ async fn unacked_batches_are_redelivered_and_acked_ones_are_not() {
     assert_eq!(ids(&next), [4]);
 }
 
+/// What HA relies on when an active replica is frozen between its lease check and its ack
+/// write, a window `ha_real`'s SIGSTOP test cannot aim at: by the time the stale acks reach
+/// Canal, the replica that took over (same client identity) has subscribed, rolled back and
+/// fetched the same rows again. Canal never reuses a batch id while it runs and refuses an ack
+/// for one it no longer holds (`CanalServerWithEmbedded.ack`: "batchId ... is not exist"), so
+/// the stale acks ack nothing of the successor's: its rows are still there.
+#[tokio::test]
+async fn a_stale_ack_from_a_replaced_session_acks_nothing_of_its_successor() {
+    let _lock = canal_lock().await;
+    let table = "stale_ack";
+    setup_table(table, "(id INT PRIMARY KEY)");
+    let f = filter(table);
+    let mut old = Tap::clean(&f).await;
+    mysql(&format!("INSERT INTO {DB}.{table} VALUES (1),(2),(3)"));
+    let (first, old_batches) = old
+        .collect(table, false, Duration::from_secs(60), |ev| ev.len() >= 3)
+        .await;
+    assert_eq!(ids(&first), [1, 2, 3]);
+
+    // the successor takes over: subscribe and roll back, and the rows come again
+    let mut new = Tap::connect(&f).await;
+    let (again, new_batches) = new
+        .collect(table, false, Duration::from_secs(60), |ev| ev.len() >= 3)
+        .await;
+    assert_eq!(ids(&again), [1, 2, 3]);
+    assert!(
+        new_batches.iter().all(|b| !old_batches.contains(b)),
+        "batch ids reused: {old_batches:?} then {new_batches:?}"
+    );
+
+    // the frozen replica wakes and writes its acks; Canal handles a session's packets in
+    // order, so the answer to a GET behind them says what became of them
+    for b in &old_batches {
+        old.session.ack(*b).await.expect("ack written");
+    }
+    match old.session.get(1, Duration::from_millis(50)).await {
+        Err(e) => assert!(e.to_string().contains("is not exist"), "{e}"),
+        Ok(b) => panic!(
+            "Canal took the stale acks (then answered batch {})",
+            b.batch_id
+        ),
+    }
+
+    // nothing of the successor's was acked: the rows are still unacked for the next session
+    drop(old);
+    drop(new);
+    let mut next = Tap::connect(&f).await;
+    let (after, _) = next
+        .collect(table, true, Duration::from_secs(60), |ev| ev.len() >= 3)
+        .await;
+    assert_eq!(ids(&after), [1, 2, 3]);
+    // the acks above were handled before this session ends (see the test above)
+    next.session
+        .get(1000, Duration::from_millis(50))
+        .await
+        .expect("get");
+}
+
 #[tokio::test]
 async fn a_wrong_password_is_a_clear_error_naming_the_destination() {
     let _lock = canal_lock().await;
