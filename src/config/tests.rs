@@ -415,6 +415,20 @@ fn batch_size_is_sent_in_the_canal_servers_memory_units() {
         err.contains("key `canal.fetch_wait`: must be at most 10s") && err.ends_with("got 11s"),
         "{err}"
     );
+    // a graceful stop outlasts a long poll on the wire
+    let file = write(
+        &dir,
+        "z.toml",
+        "[canal]\nfetch_wait = \"5s\"\n[shutdown]\ndeadline = \"5s\"\n",
+    );
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("key `shutdown.deadline`: must be longer than canal.fetch_wait (5s)")
+            && err.ends_with("got 5s"),
+        "{err}"
+    );
     let file = write(
         &dir,
         "x.toml",

@@ -122,6 +122,19 @@ impl Config {
                 ),
             );
         }
+        if self.shutdown.deadline <= c.fetch_wait {
+            // a graceful stop waits for the answer of the GET on the wire, which a long poll
+            // holds up to `fetch_wait`: a shorter deadline would end every idle stop with exit 1
+            bad(
+                "shutdown.deadline",
+                format!(
+                    "must be longer than canal.fetch_wait ({}): a graceful stop waits for the \
+                     answer of the long poll on the wire; got {}",
+                    humantime::format_duration(c.fetch_wait),
+                    humantime::format_duration(self.shutdown.deadline)
+                ),
+            );
+        }
         for (key, d) in [
             ("canal.connect_timeout", c.connect_timeout),
             ("canal.read_timeout", c.read_timeout),
