@@ -243,18 +243,42 @@ fn ids(events: &[ChangeEvent]) -> Vec<i64> {
         .collect()
 }
 
-#[tokio::test]
-async fn unacked_batches_are_redelivered_and_acked_ones_are_not() {
-    let _lock = canal_lock().await;
-    let table = "redeliver";
+/// A fresh `table` whose rows 1-3 a clean tap has fetched and not acked: the tap, the table's
+/// filter, the rows' events and the ids of the batches they came in.
+async fn three_rows_fetched(table: &str) -> (Tap, String, Vec<ChangeEvent>, Vec<i64>) {
     setup_table(table, "(id INT PRIMARY KEY)");
     let f = filter(table);
     let mut tap = Tap::clean(&f).await;
     mysql(&format!("INSERT INTO {DB}.{table} VALUES (1),(2),(3)"));
-    let (first, _) = tap
+    let (first, batches) = tap
         .collect(table, false, Duration::from_secs(60), |ev| ev.len() >= 3)
         .await;
     assert_eq!(ids(&first), [1, 2, 3]);
+    (tap, f, first, batches)
+}
+
+/// A new session (subscribe, roll back) gets rows 1-3 of `table` again and acks them.
+async fn rows_1_to_3_come_again_and_are_acked(f: &str, table: &str) {
+    let mut tap = Tap::connect(f).await;
+    let (again, _) = tap
+        .collect(table, true, Duration::from_secs(60), |ev| ev.len() >= 3)
+        .await;
+    assert_eq!(ids(&again), [1, 2, 3]);
+    // Acks get no reply: a GET answered on the same session proves the server has handled
+    // them (it reads a session's packets in order). Without it the next session's rollback
+    // can overtake the acks still queued for this one, and rows 1-3 come again. (What this
+    // GET may fetch is unacked, so it comes again too: at most transaction boundaries.)
+    tap.session
+        .get(1000, Duration::from_millis(50))
+        .await
+        .expect("get");
+}
+
+#[tokio::test]
+async fn unacked_batches_are_redelivered_and_acked_ones_are_not() {
+    let _lock = canal_lock().await;
+    let table = "redeliver";
+    let (mut tap, f, first, _) = three_rows_fetched(table).await;
 
     // explicit rollback in the same session: delivered again
     tap.session.rollback(0).await.unwrap();
@@ -266,20 +290,7 @@ async fn unacked_batches_are_redelivered_and_acked_ones_are_not() {
 
     // the client dies without acking: a new connection gets them again, and acks them
     drop(tap);
-    let mut tap = Tap::connect(&f).await;
-    let (after_kill, _) = tap
-        .collect(table, true, Duration::from_secs(60), |ev| ev.len() >= 3)
-        .await;
-    assert_eq!(ids(&after_kill), [1, 2, 3]);
-    // Acks get no reply: a GET answered on the same session proves the server has handled
-    // them (it reads a session's packets in order). Without it the next session's rollback
-    // can overtake the acks still queued for this one, and rows 1-3 come again. (What this
-    // GET may fetch is unacked, so it comes again too: at most transaction boundaries.)
-    tap.session
-        .get(1000, Duration::from_millis(50))
-        .await
-        .expect("get");
-    drop(tap);
+    rows_1_to_3_come_again_and_are_acked(&f, table).await;
 
     // acked: a new connection does not see them, only what comes next
     let mut tap = Tap::connect(&f).await;
@@ -300,14 +311,7 @@ async fn unacked_batches_are_redelivered_and_acked_ones_are_not() {
 async fn a_stale_ack_from_a_replaced_session_acks_nothing_of_its_successor() {
     let _lock = canal_lock().await;
     let table = "stale_ack";
-    setup_table(table, "(id INT PRIMARY KEY)");
-    let f = filter(table);
-    let mut old = Tap::clean(&f).await;
-    mysql(&format!("INSERT INTO {DB}.{table} VALUES (1),(2),(3)"));
-    let (first, old_batches) = old
-        .collect(table, false, Duration::from_secs(60), |ev| ev.len() >= 3)
-        .await;
-    assert_eq!(ids(&first), [1, 2, 3]);
+    let (mut old, f, _, old_batches) = three_rows_fetched(table).await;
 
     // the successor takes over: subscribe and roll back, and the rows come again
     let mut new = Tap::connect(&f).await;
@@ -336,16 +340,7 @@ async fn a_stale_ack_from_a_replaced_session_acks_nothing_of_its_successor() {
     // nothing of the successor's was acked: the rows are still unacked for the next session
     drop(old);
     drop(new);
-    let mut next = Tap::connect(&f).await;
-    let (after, _) = next
-        .collect(table, true, Duration::from_secs(60), |ev| ev.len() >= 3)
-        .await;
-    assert_eq!(ids(&after), [1, 2, 3]);
-    // the acks above were handled before this session ends (see the test above)
-    next.session
-        .get(1000, Duration::from_millis(50))
-        .await
-        .expect("get");
+    rows_1_to_3_come_again_and_are_acked(&f, table).await;
 }
 
 #[tokio::test]
