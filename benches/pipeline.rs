@@ -528,23 +528,19 @@ fn insert_bulk(from: u64, to: u64) -> std::thread::JoinHandle<()> {
     })
 }
 
-/// A throughput phase under way: its rows being inserted, and where the service's CPU, the
-/// machine's time and the clock stood at its start.
+/// A throughput phase under way: its rows being inserted, and the machine's time (and the
+/// clock) from its start.
 struct Inserting {
-    cpu0: f64,
     busy: Busy,
-    t0: Instant,
     inserter: std::thread::JoinHandle<()>,
 }
 
 impl Inserting {
-    /// Start inserting `rows` rows from id `from` (the service is `pid`; `named` the processes
-    /// whose CPU the phase reports).
-    fn start(pid: u32, named: &[(&'static str, u32)], from: u64, rows: u64) -> Inserting {
+    /// Start inserting `rows` rows from id `from`; `named` are the processes whose CPU the
+    /// phase reports.
+    fn start(named: &[(&'static str, u32)], from: u64, rows: u64) -> Inserting {
         Inserting {
-            cpu0: cpu_seconds(pid),
             busy: Busy::start(named),
-            t0: Instant::now(),
             inserter: insert_bulk(from, from + rows - 1),
         }
     }
@@ -767,6 +763,14 @@ impl Busy {
         }
     }
 
+    /// CPU seconds the process named `name` has used since `start`, if it was named.
+    fn seconds(&self, name: &str) -> Option<f64> {
+        self.procs
+            .iter()
+            .find(|p| p.0 == name)
+            .map(|&(_, pid, c0)| cpu_seconds(pid) - c0)
+    }
+
     /// Cores busy since `start`: the machine's, and each named process's, with "other" last.
     fn cores(&self) -> (f64, Vec<(&'static str, f64)>) {
         let secs = self.t0.elapsed().as_secs_f64();
@@ -797,14 +801,14 @@ fn busy_json((machine, split): &(f64, Vec<(&'static str, f64)>)) -> serde_json::
     serde_json::Value::Object(m)
 }
 
-/// CPU seconds of the service (`pid`) and the local Canal server so far.
-fn cpu_now(pid: u32, canal: Option<u32>) -> (f64, Option<f64>) {
-    (cpu_seconds(pid), canal.map(cpu_seconds))
-}
-
-/// "service CPU 0.12s, Canal server CPU 0.30s" over a phase that started at `then`.
-fn cpu_since(then: (f64, Option<f64>), now: (f64, Option<f64>)) -> ((f64, Option<f64>), String) {
-    let d = (now.0 - then.0, now.1.zip(then.1).map(|(a, b)| a - b));
+/// CPU seconds of the service and of the local Canal server (if it runs here) since `busy`
+/// started (it names them "service" and "Canal"), and as text: "service CPU 0.12s, Canal
+/// server CPU 0.30s".
+fn service_and_canal_cpu(busy: &Busy) -> ((f64, Option<f64>), String) {
+    let d = (
+        busy.seconds("service").unwrap_or(0.0),
+        busy.seconds("Canal"),
+    );
     let text = match d.1 {
         Some(c) => format!("service CPU {:.2}s, Canal server CPU {c:.2}s", d.0),
         None => format!("service CPU {:.2}s", d.0),
@@ -1125,7 +1129,7 @@ async fn main() {
             .spawn()
             .expect("perf (BENCH_PERF)")
     });
-    let run = Inserting::start(pid, &named(Some(pid)), id, o.rows);
+    let run = Inserting::start(&named(Some(pid)), id, o.rows);
     id += o.rows;
     done += o.rows;
     let (arrived, bulk_messages) = wait_rows(&mut sink, o.rows, o.bulk.is_some()).await;
@@ -1135,8 +1139,8 @@ async fn main() {
     } else {
         wait_all_confirmed(&admin, done).await
     };
-    let elapsed = finished - run.t0;
-    let cpu_tp = cpu_seconds(pid) - run.cpu0;
+    let elapsed = finished - run.busy.t0;
+    let cpu_tp = run.busy.seconds("service").unwrap();
     let tp_busy = run.busy.cores();
     if let Some(mut perf) = perf {
         let _ = Command::new("kill")
@@ -1199,11 +1203,13 @@ async fn main() {
     // ---- latency at fixed rates
     let mut lats = Vec::new();
     let (reader, mut arrivals) = sink_arrivals(sink.clone());
-    let canal_pid = canal_server_pid();
+    let service_and_canal: Vec<(&'static str, u32)> = std::iter::once(("service", pid))
+        .chain(canal_server_pid().map(|c| ("Canal", c)))
+        .collect();
     for &rate in &o.rates {
-        let cpu0 = cpu_now(pid, canal_pid);
+        let busy = Busy::start(&service_and_canal);
         let mut l = latency(&mut arrivals, id, rate, o.seconds).await;
-        let (cpu, cpu_text) = cpu_since(cpu0, cpu_now(pid, canal_pid));
+        let (cpu, cpu_text) = service_and_canal_cpu(&busy);
         l.cpu = Some(cpu);
         id += rate * o.seconds;
         done += rate * o.seconds;
@@ -1225,9 +1231,9 @@ async fn main() {
     empty_sink(&mut sink).await;
 
     // ---- idle
-    let cpu0 = cpu_now(pid, canal_pid);
+    let busy = Busy::start(&service_and_canal);
     tokio::time::sleep(Duration::from_secs(o.idle_seconds)).await;
-    let ((idle_cpu, idle_canal), _) = cpu_since(cpu0, cpu_now(pid, canal_pid));
+    let ((idle_cpu, idle_canal), _) = service_and_canal_cpu(&busy);
     let per_min = 60.0 / o.idle_seconds as f64;
     let idle_per_min = idle_cpu * per_min;
     let idle_canal_per_min = idle_canal.map(|c| c * per_min);
@@ -1290,12 +1296,12 @@ async fn main() {
             .await
             .unwrap();
         settle().await;
-        let run = Inserting::start(pid, &named(Some(pid)), id, o.rows);
+        let run = Inserting::start(&named(Some(pid)), id, o.rows);
         id += o.rows;
         done += o.rows;
         wait_queued(&conn, QUEUE, o.rows).await;
-        let elapsed = wait_all_confirmed(&admin, done).await - run.t0;
-        let cpu = cpu_seconds(pid) - run.cpu0;
+        let elapsed = wait_all_confirmed(&admin, done).await - run.busy.t0;
+        let cpu = run.busy.seconds("service").unwrap();
         let pile_busy = run.busy.cores();
         run.inserter.join().unwrap();
         ch.queue_purge(QUEUE.into(), Default::default())
