@@ -260,17 +260,22 @@ fn cores() -> usize {
 /// The `[canal]` settings of the shipped example config (`config/canal-consumer.toml`), which
 /// match the local Canal server (its credentials and its memory unit, `mem_unit`), with the
 /// environment over it as the service has it (`CANAL_CONSUMER__CANAL__MEM_UNIT=1024` for a
-/// Canal server run with its default unit).
-fn local_canal() -> canal_consumer::config::CanalConfig {
-    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/canal-consumer.toml");
-    canal_consumer::config::load_from(
-        Some(&file),
-        std::path::Path::new("/nonexistent"),
-        std::env::vars(),
-        Default::default(),
-    )
-    .expect("config/canal-consumer.toml loads")
-    .canal
+/// Canal server run with its default unit). Loaded once per run.
+fn local_canal() -> &'static canal_consumer::config::CanalConfig {
+    static CANAL: std::sync::OnceLock<canal_consumer::config::CanalConfig> =
+        std::sync::OnceLock::new();
+    CANAL.get_or_init(|| {
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/canal-consumer.toml");
+        canal_consumer::config::load_from(
+            Some(&file),
+            std::path::Path::new("/nonexistent"),
+            std::env::vars(),
+            Default::default(),
+        )
+        .expect("config/canal-consumer.toml loads")
+        .canal
+    })
 }
 
 fn canal_session_config() -> SessionConfig {
