@@ -15,7 +15,7 @@
 //! the registry between scrapes. Nothing here fails.
 //!
 //! The exported names (what `deploy/grafana` and `deploy/prometheus` query):
-//! `canal_{batches,events,rollbacks,reconnects}_total`, `canal_inflight_batches`,
+//! `canal_{batches,events,rollbacks,reconnects,rewind_skipped}_total`, `canal_inflight_batches`,
 //! `canal_lag_seconds`, `publisher_{published,confirmed,returned,nacked,timeouts}_total`,
 //! `publisher_unconfirmed`, `publisher_blocked`, `ha_active` (1 active or no ZooKeeper, 0 standby),
 //! and per consumer
@@ -144,6 +144,7 @@ pub struct Metrics {
     pub canal_events_total: Counter,
     pub canal_rollbacks_total: Counter,
     pub canal_reconnects_total: Counter,
+    pub canal_rewind_skipped_total: Counter,
     pub canal_inflight_batches: Gauge,
     pub canal_lag_seconds: FloatGauge,
     pub publisher_published_total: Counter,
@@ -176,6 +177,7 @@ impl Default for Metrics {
             canal_events_total: Counter::default(),
             canal_rollbacks_total: Counter::default(),
             canal_reconnects_total: Counter::default(),
+            canal_rewind_skipped_total: Counter::default(),
             canal_inflight_batches: Gauge::default(),
             canal_lag_seconds: FloatGauge::default(),
             publisher_published_total: Counter::default(),
@@ -202,7 +204,7 @@ impl Metrics {
 
     fn register(&mut self) {
         let r = &mut self.registry;
-        let counters: [(&str, &str, &Counter); 9] = [
+        let counters: [(&str, &str, &Counter); 10] = [
             (
                 "canal_batches_total",
                 "Canal batches fetched.",
@@ -222,6 +224,11 @@ impl Metrics {
                 "canal_reconnects_total",
                 "Reconnections to the Canal server.",
                 &self.canal_reconnects_total,
+            ),
+            (
+                "canal_rewind_skipped_total",
+                "Events Canal sent again at or before the newest confirmed position (its cursor went backwards), acked without being delivered.",
+                &self.canal_rewind_skipped_total,
             ),
             (
                 "publisher_published_total",

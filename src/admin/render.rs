@@ -147,6 +147,12 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
     } else if let Some(e) = canal["last_error"].as_str() {
         let _ = writeln!(out, "        last error: {e}");
     }
+    if let Some(rewound) = canal["rewind_skipped"].as_u64().filter(|n| *n > 0) {
+        let _ = writeln!(
+            out,
+            "        canal rewound {rewound} rows (sent again at or before the confirmed position); skipped"
+        );
+    }
     if let Some(w) = canal["config_warning"].as_str() {
         let _ = writeln!(out, "        config: {w}");
     }

@@ -231,6 +231,10 @@ pub struct ConnectionStatus {
     pub batches_acked: u64,
     pub rollbacks: u64,
     pub reconnects: u64,
+    /// Events that came again at or before the newest confirmed position (Canal's cursor went
+    /// backwards) and were acked without being delivered (the rewind guard).
+    #[serde(default)]
+    pub rewind_skipped: u64,
     /// Times another process was seen fetching as this Canal client.
     #[serde(default)]
     pub conflicts: u64,
