@@ -252,6 +252,9 @@ pub struct ConnectionCore<R, E> {
     /// Bumped whenever a session is dropped outside an operation: answers of older ones are
     /// ignored.
     generation: u64,
+    /// The first epoch of the current session: batch ids of older epochs belong to another
+    /// session's numbering and are not observed.
+    session_epoch: u64,
     /// A fetched batch is being decoded (no GET until it is back).
     decoding: bool,
     /// The idle period whose ack wait has a timer armed.
@@ -295,6 +298,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             window: BatchWindow::new(cfg.max_inflight_batches, cfg.max_inflight_bytes),
             link: Link::None,
             generation: 0,
+            session_epoch: 0,
             decoding: false,
             ack_wait_timer: None,
             need_subscribe: false,
@@ -641,6 +645,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             return self.connect(now);
         }
         self.begin_epoch("new canal session", true);
+        self.session_epoch = self.window.epoch();
         self.state = ConnectionState::Connected;
         // the backoff is reset by a GET that is answered, not by a connect: a server that
         // fails every GET at the same position is retried ever more slowly
@@ -869,7 +874,14 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             if let Some((pos, at)) = ackable.last {
                 self.status.acked_position = Some(pos.clone());
                 self.status.acked_executed_at = Some(at);
-                self.confirmed = Some((pos, at));
+                // never backwards: acking rows Canal sent again does not lower the guard
+                if self
+                    .confirmed
+                    .as_ref()
+                    .is_none_or(|(c, c_at)| !(at <= *c_at && not_after(&pos, c)))
+                {
+                    self.confirmed = Some((pos, at));
+                }
             }
             // Acks get no reply, so a GET written right behind them costs no extra round trip.
             let then_get = if self.shutdown.is_none() && !self.need_subscribe && !self.skip_oversized
@@ -1027,7 +1039,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
         }
         if epoch != self.window.epoch() {
             // fetched before a rollback was requested: the rollback brings it again
-            self.window.observe_id(raw.batch_id());
+            self.observe_stale(epoch, raw.batch_id());
             tracing::debug!(
                 batch_id = raw.batch_id(),
                 "discarding batch fetched before rollback"
@@ -1044,7 +1056,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
         }
         if epoch != self.window.epoch() {
             // a rollback or reconnect began while it was decoded: the rows come again
-            self.window.observe_id(raw.batch_id());
+            self.observe_stale(epoch, raw.batch_id());
             return;
         }
         let mut events = match outcome {
@@ -1087,6 +1099,11 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             self.status.last_position = Some(pos.clone());
             self.status.last_executed_at = Some(*at);
         }
+        if let Some((expected, got)) = self.window.gap(raw.batch_id()) {
+            // recorded as not delivered: nothing downstream will release it
+            self.window.fetched(raw.batch_id(), raw.frame_bytes(), None, false);
+            return self.on_conflict(format!("canal's batch ids jumped from {expected} to {got}"));
+        }
         let deliver = events.count() > 0;
         let fetched = self
             .window
@@ -1112,6 +1129,14 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                 entries: raw.entry_sizes().len(),
                 events,
             });
+        }
+    }
+
+    /// A batch of an ended epoch: its id still counts in the numbering of its session (a
+    /// rollback does not restart it), but not in another session's.
+    fn observe_stale(&mut self, epoch: u64, id: i64) {
+        if epoch >= self.session_epoch {
+            self.window.observe_id(id);
         }
     }
 
