@@ -75,13 +75,7 @@ pub fn run(cfg: Config) -> i32 {
         }
     };
     // one instance per Canal client identity on this host, held until the process exits
-    let state_dir = cfg
-        .consumers
-        .state_file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."))
-        .to_path_buf();
+    let state_dir = state_dir(&cfg);
     // (in ZooKeeper mode keyed on the ensemble: two replicas on one host need their own state
     // files; which of them works is ZooKeeper's decision, see crate::ha)
     let _lock = match crate::instance::InstanceLock::acquire(
@@ -226,6 +220,14 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
     let manager = manager.start();
     tracing::info!(filter = %filter, "canal subscription filter");
     let mut conn_cfg = cfg.canal.connection(filter, true);
+    if cfg.canal.rewind_guard {
+        conn_cfg.confirmed_file = Some(crate::instance::confirmed_path(
+            &state_dir(&cfg),
+            &cfg.canal.lock_server(),
+            &cfg.canal.destination,
+            &cfg.canal.client_id,
+        ));
+    }
     let ha = cfg.canal.ha();
     let lease_tx = ha.as_ref().map(|_| {
         let (tx, rx) = crate::ha::zk::channel();
@@ -379,4 +381,15 @@ async fn shutdown_on_signal(
         h.stop(false).await;
     }
     System::current().stop_with_code(code);
+}
+
+/// The directory of `consumers.state_file`: the instance lock and the rewind guard's file live
+/// beside it.
+fn state_dir(cfg: &Config) -> std::path::PathBuf {
+    cfg.consumers
+        .state_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf()
 }

@@ -52,8 +52,8 @@
 
 use canal_consumer::canal::connection::ConnectionState;
 use canal_consumer::canal::connection::core::{
-    Action, ConnectionCore, CoreConfig, Decoded, Done, EventsView, Failure, FailureKind, Input,
-    Op, RawView, Timer,
+    Action, ConnectionCore, CoreConfig, Decoded, Done, EventsView, Failure, FailureKind, Input, Op,
+    RawView, Timer,
 };
 use canal_consumer::canal::window::BatchRef;
 use canal_consumer::event::{EventType, Position};
@@ -892,7 +892,8 @@ impl Sim {
                 }
             };
             for r in from..end {
-                if consumer.tables & (1 << self.server.rows[r]) != 0 && !self.skipped_rows.contains(&r)
+                if consumer.tables & (1 << self.server.rows[r]) != 0
+                    && !self.skipped_rows.contains(&r)
                 {
                     assert!(
                         self.accepted.contains(&row_id(r, c))
@@ -989,9 +990,7 @@ impl Sim {
             // (i) a row acked to Canal is not published again, whatever Canal sends again (a
             // row the filter held back then, and lets through after a restart, is not "again")
             // (a batch the operator skipped was acked with no position: not guarded)
-            if !parked
-                && msg.row < self.server.high_acked
-                && !self.skipped_rows.contains(&msg.row)
+            if !parked && msg.row < self.server.high_acked && !self.skipped_rows.contains(&msg.row)
             {
                 assert!(
                     !self.accepted.contains(&msg.id),
@@ -1303,7 +1302,9 @@ impl Sim {
             self.pending.len(),
             self.decoding.len(),
             self.timers,
-            (0..CONSUMERS).map(|c| self.router.queued(c)).collect::<Vec<_>>()
+            (0..CONSUMERS)
+                .map(|c| self.router.queued(c))
+                .collect::<Vec<_>>()
         )
     }
 

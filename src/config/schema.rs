@@ -50,6 +50,12 @@ pub struct CanalConfig {
     /// Extra Canal subscription filter ORed into the one built from consumer filters. Leave
     /// empty: the service subscribes to exactly what enabled consumers want.
     pub filter: String,
+    /// The rewind guard: keep the newest confirmed position (in a file beside
+    /// `consumers.state_file`) and ack without delivering what Canal sends again at or before
+    /// it, as after a Canal restart from a cursor older than our last ack. Turn it off (or
+    /// delete that file while the service is stopped) to replay on purpose by moving Canal's
+    /// cursor back.
+    pub rewind_guard: bool,
     /// How long an idle long poll (the GET after one that found nothing) waits on the server;
     /// GETs while rows flow never wait (`canal::window::GetMode`).
     #[serde(with = "humantime_serde")]
@@ -114,6 +120,7 @@ impl Default for CanalConfig {
             batch_size: 100,
             mem_unit: 1024,
             filter: String::new(),
+            rewind_guard: true,
             fetch_wait: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(30),
@@ -191,6 +198,7 @@ impl CanalConfig {
             reconnect_max: self.reconnect_max,
             fail_fast,
             lease: None,
+            confirmed_file: None,
             text: match self.connection_charset {
                 ConnectionCharset::Utf8 => crate::canal::TextSource::AsShipped,
                 ConnectionCharset::Iso8859_1 => crate::canal::TextSource::Raw {

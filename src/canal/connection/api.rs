@@ -40,6 +40,10 @@ pub struct ConnectionConfig {
     pub lease: Option<tokio::sync::watch::Receiver<crate::ha::Lease>>,
     /// How text columns arrive (`canal.connection_charset`).
     pub text: TextSource,
+    /// The rewind guard's file (`canal.rewind_guard`): the newest confirmed position, read at
+    /// start and written (at most once a second, and at shutdown) as it moves. None: the guard
+    /// keeps it in memory only.
+    pub confirmed_file: Option<std::path::PathBuf>,
 }
 
 /// How the destination ships text columns.

@@ -32,7 +32,9 @@
 
 use super::api::{ConnectionState, ConnectionStatus, ShutdownReport, StallInfo};
 use crate::backoff::Backoff;
-use crate::canal::window::{AckOutcome, BatchRef, BatchWindow, GetMode, server_unit_larger, took_all};
+use crate::canal::window::{
+    AckOutcome, BatchRef, BatchWindow, GetMode, server_unit_larger, took_all,
+};
 use crate::event::Position;
 use crate::ha::{Lease, Role};
 use std::time::{Duration, Instant};
@@ -103,7 +105,10 @@ pub enum Op {
         wait: Duration,
     },
     /// A GET that reads past a frame over the cap (the operator approved the skip).
-    GetSkipping { epoch: u64, wait: Duration },
+    GetSkipping {
+        epoch: u64,
+        wait: Duration,
+    },
     /// Write these acks in order, then (if given) a GET in the same turn.
     Ack {
         ids: Vec<i64>,
@@ -112,7 +117,9 @@ pub enum Op {
     Subscribe(String),
     Rollback,
     /// Close the session (rolling back what is outstanding first, if asked).
-    Close { rollback: bool },
+    Close {
+        rollback: bool,
+    },
 }
 
 /// What the core asks its shell to do, in order.
@@ -126,11 +133,17 @@ pub enum Action<R, E> {
         filter: String,
     },
     /// Run `op` on the session; answer with [`Input::Done`] or [`Input::Failed`].
-    Run { generation: u64, op: Op },
+    Run {
+        generation: u64,
+        op: Op,
+    },
     /// Drop the session (an operation still running on it answers with an old generation).
     DropSession,
     /// Decode `raw` (off the actors' thread) and answer with [`Input::Decoded`].
-    Decode { epoch: u64, raw: R },
+    Decode {
+        epoch: u64,
+        raw: R,
+    },
     /// Hand a batch to the subscriber.
     Deliver {
         batch: BatchRef,
@@ -139,9 +152,15 @@ pub enum Action<R, E> {
         entries: usize,
     },
     /// Tell the subscriber every batch before `epoch` was abandoned.
-    Reset { epoch: u64, reason: String },
+    Reset {
+        epoch: u64,
+        reason: String,
+    },
     /// Arm `timer` to fire after `after` (replacing an armed one of the same kind).
-    Timer { timer: Timer, after: Duration },
+    Timer {
+        timer: Timer,
+        after: Duration,
+    },
     CancelTimer(Timer),
     /// The current filter is in force: answer who waited for it.
     FilterApplied,
@@ -161,10 +180,19 @@ pub enum Input<R, E> {
     /// ZooKeeper mode: the lease changed.
     Lease(Lease),
     /// A session of `generation` is established with `filter`.
-    Connected { generation: u64, filter: String },
-    Done { generation: u64, done: Done<R> },
+    Connected {
+        generation: u64,
+        filter: String,
+    },
+    Done {
+        generation: u64,
+        done: Done<R>,
+    },
     /// A connect or an operation failed; the shell dropped the session.
-    Failed { generation: u64, failure: Failure },
+    Failed {
+        generation: u64,
+        failure: Failure,
+    },
     Decoded {
         epoch: u64,
         raw: R,
@@ -173,10 +201,15 @@ pub enum Input<R, E> {
     /// The subscriber finished a batch ([`super::AckBatch`]).
     Ack(BatchRef),
     Release(BatchRef),
-    Rollback { batch: BatchRef, reason: String },
+    Rollback {
+        batch: BatchRef,
+        reason: String,
+    },
     SetFilter(String),
     Drain,
-    Shutdown { rollback: bool },
+    Shutdown {
+        rollback: bool,
+    },
     Timer(Timer),
     /// The raw-text charset lookup failed (`Some`) or works again (`None`): for `last_error`.
     LookupError(Option<String>),
@@ -185,7 +218,10 @@ pub enum Input<R, E> {
 /// A finished operation.
 #[derive(Debug)]
 pub enum Done<R> {
-    Fetched { epoch: u64, raw: R },
+    Fetched {
+        epoch: u64,
+        raw: R,
+    },
     Skipped {
         epoch: u64,
         batch_id: i64,
@@ -438,7 +474,9 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                     AckOutcome::Abandoned => {
                         tracing::debug!(batch = %batch, "ack for an abandoned batch only releases it")
                     }
-                    AckOutcome::Unknown => tracing::warn!(batch = %batch, "ack for an unknown batch"),
+                    AckOutcome::Unknown => {
+                        tracing::warn!(batch = %batch, "ack for an unknown batch")
+                    }
                 }
                 self.drive(now);
             }
@@ -581,8 +619,9 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                     .is_none()
                 {
                     self.state = ConnectionState::Reconnecting;
-                    self.status.last_error =
-                        Some(format!("canal's running node names '{addr}', not host:port"));
+                    self.status.last_error = Some(format!(
+                        "canal's running node names '{addr}', not host:port"
+                    ));
                     return false;
                 }
                 self.status.server = addr.to_string();
@@ -667,8 +706,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
     }
 
     fn connect_failed(&mut self, now: Instant, failure: Failure) {
-        if failure.kind == FailureKind::Permanent && self.cfg.fail_fast && !self.ever_connected
-        {
+        if failure.kind == FailureKind::Permanent && self.cfg.fail_fast && !self.ever_connected {
             tracing::debug!(error = %failure.message, "canal connection failed permanently");
             self.actions.push(Action::Fatal(failure.message));
             self.state = ConnectionState::Stopped;
@@ -856,7 +894,8 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             && self.window.waiting_for_acks() != Some(period)
         {
             self.ack_wait_timer = None;
-            self.actions.push(Action::CancelTimer(Timer::AckWait(period)));
+            self.actions
+                .push(Action::CancelTimer(Timer::AckWait(period)));
         }
         let live = matches!(
             self.state,
@@ -884,16 +923,16 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                 }
             }
             // Acks get no reply, so a GET written right behind them costs no extra round trip.
-            let then_get = if self.shutdown.is_none() && !self.need_subscribe && !self.skip_oversized
-            {
-                self.next_get(now).map(|mode| {
-                    self.window.get_sent();
-                    let (size, wait) = self.get_args(mode);
-                    (self.window.epoch(), size, wait)
-                })
-            } else {
-                None
-            };
+            let then_get =
+                if self.shutdown.is_none() && !self.need_subscribe && !self.skip_oversized {
+                    self.next_get(now).map(|mode| {
+                        self.window.get_sent();
+                        let (size, wait) = self.get_args(mode);
+                        (self.window.epoch(), size, wait)
+                    })
+                } else {
+                    None
+                };
             Op::Ack {
                 ids: ackable.ids,
                 then_get,
@@ -971,8 +1010,9 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                 if epoch == self.window.epoch() {
                     let b = self.window.fetched(batch_id, 0, None, false);
                     if let Some((expected, got)) = b.gap {
-                        return self
-                            .on_conflict(format!("canal's batch ids jumped from {expected} to {got}"));
+                        return self.on_conflict(format!(
+                            "canal's batch ids jumped from {expected} to {got}"
+                        ));
                     }
                 }
                 let after = self
@@ -1014,7 +1054,8 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
     /// Name a Canal memunit larger than `canal.mem_unit`, once, if this answer shows one.
     fn check_unit(&mut self, raw: &R) {
         if self.status.config_warning.is_none()
-            && let Some(bytes) = server_unit_larger(raw.asked(), self.cfg.mem_unit, raw.entry_sizes())
+            && let Some(bytes) =
+                server_unit_larger(raw.asked(), self.cfg.mem_unit, raw.entry_sizes())
         {
             let w = format!(
                 "canal.mem_unit is {} bytes, but the Canal server answered a GET for one unit with \
@@ -1101,7 +1142,8 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
         }
         if let Some((expected, got)) = self.window.gap(raw.batch_id()) {
             // recorded as not delivered: nothing downstream will release it
-            self.window.fetched(raw.batch_id(), raw.frame_bytes(), None, false);
+            self.window
+                .fetched(raw.batch_id(), raw.frame_bytes(), None, false);
             return self.on_conflict(format!("canal's batch ids jumped from {expected} to {got}"));
         }
         let deliver = events.count() > 0;
@@ -1258,4 +1300,232 @@ pub fn not_after(p: &Position, q: &Position) -> bool {
 fn log_seq(name: &str) -> Option<(&str, u64)> {
     let (stem, n) = name.rsplit_once('.')?;
     Some((stem, n.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Raw(i64, usize);
+    impl RawView for Raw {
+        fn batch_id(&self) -> i64 {
+            self.0
+        }
+        fn frame_bytes(&self) -> usize {
+            self.1 * 100
+        }
+        fn asked(&self) -> i32 {
+            10
+        }
+        fn entry_sizes(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
+            (0..self.1).map(|_| 100)
+        }
+    }
+
+    #[derive(Debug)]
+    struct Rows(Vec<(Position, i64)>);
+    impl EventsView for Rows {
+        fn count(&self) -> usize {
+            self.0.len()
+        }
+        fn key(&self, i: usize) -> (&Position, i64) {
+            (&self.0[i].0, self.0[i].1)
+        }
+        fn drop_first(&mut self, n: usize) {
+            self.0.drain(..n);
+        }
+    }
+
+    fn pos(file: &str, offset: u64) -> Position {
+        Position {
+            log_file: file.into(),
+            offset,
+            row_index: 0,
+            server_id: 1,
+            gtid: None,
+        }
+    }
+
+    fn rows(offsets: std::ops::Range<u64>) -> Rows {
+        Rows(
+            offsets
+                .map(|o| (pos("mysql-bin.000002", o), o as i64))
+                .collect(),
+        )
+    }
+
+    fn core() -> (ConnectionCore<Raw, Rows>, Instant) {
+        let cfg = CoreConfig {
+            server: "canal:11111".into(),
+            destination: "example".into(),
+            client_id: "1001".into(),
+            filter: ".*".into(),
+            fetch_size: 10,
+            mem_unit: 100,
+            fetch_wait: Duration::from_millis(100),
+            max_inflight_batches: 8,
+            max_inflight_bytes: 1 << 20,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(1),
+            fail_fast: false,
+            jitter_seed: 1,
+        };
+        let now = Instant::now();
+        let mut c = ConnectionCore::new(cfg, false);
+        c.on(now, Input::Start);
+        c.on(
+            now,
+            Input::Connected {
+                generation: 0,
+                filter: ".*".into(),
+            },
+        );
+        c.take_actions();
+        (c, now)
+    }
+
+    /// Answer the GET on the wire with `raw`, decode it into `events`; the delivered batch.
+    fn fetch(
+        c: &mut ConnectionCore<Raw, Rows>,
+        now: Instant,
+        raw: Raw,
+        events: Rows,
+    ) -> Option<(BatchRef, usize)> {
+        let epoch = c.window().epoch();
+        c.on(
+            now,
+            Input::Done {
+                generation: c.generation(),
+                done: Done::Fetched { epoch, raw },
+            },
+        );
+        let raw = c.take_actions().into_iter().find_map(|a| match a {
+            Action::Decode { raw, .. } => Some(raw),
+            _ => None,
+        })?;
+        c.on(
+            now,
+            Input::Decoded {
+                epoch,
+                raw,
+                outcome: Decoded::Events(events),
+            },
+        );
+        let actions = c.take_actions();
+        // what else it decided (an ack of a batch with nothing to deliver) stays for `acks`
+        let delivered = actions.iter().find_map(|a| match a {
+            Action::Deliver { batch, events, .. } => Some((*batch, events.count())),
+            _ => None,
+        });
+        c.actions = actions;
+        delivered
+    }
+
+    /// The ack ids of the operation the core runs next, if it acks.
+    fn acks(c: &mut ConnectionCore<Raw, Rows>) -> Vec<i64> {
+        c.take_actions()
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Run {
+                    op: Op::Ack { ids, .. },
+                    ..
+                } => Some(ids),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn positions_compare_within_one_binlog_only() {
+        let a = pos("mysql-bin.000002", 500);
+        assert!(not_after(&a, &a));
+        assert!(not_after(&pos("mysql-bin.000002", 400), &a));
+        assert!(not_after(&pos("mysql-bin.000001", 900), &a));
+        assert!(!not_after(&pos("mysql-bin.000003", 4), &a));
+        // another stem or another server: never "before"
+        assert!(!not_after(&pos("other-bin.000001", 4), &a));
+        let mut other = pos("mysql-bin.000001", 4);
+        other.server_id = 2;
+        assert!(!not_after(&other, &a));
+        // rows of one event
+        let mut later_row = a.clone();
+        later_row.row_index = 1;
+        assert!(!not_after(&later_row, &a));
+    }
+
+    #[test]
+    fn rows_sent_again_at_or_before_the_confirmed_position_are_acked_not_delivered() {
+        let (mut c, now) = core();
+        // rows 10..15 delivered, confirmed, acked
+        let (b, n) = fetch(&mut c, now, Raw(1, 5), rows(10..15)).unwrap();
+        assert_eq!(n, 5);
+        c.on(now, Input::Ack(b));
+        assert_eq!(acks(&mut c), vec![1]);
+        assert_eq!(c.confirmed().unwrap().0.offset, 14);
+        c.on(
+            now,
+            Input::Done {
+                generation: c.generation(),
+                done: Done::Acked {
+                    ids: vec![1],
+                    fetched: None,
+                },
+            },
+        );
+        // Canal restarts from an older cursor: rows 12..14 again, then new rows 15..17
+        c.on(
+            now,
+            Input::Failed {
+                generation: c.generation(),
+                failure: Failure {
+                    kind: FailureKind::Transient,
+                    message: "canal closed the connection".into(),
+                },
+            },
+        );
+        c.on(now, Input::Timer(Timer::Reconnect));
+        c.on(
+            now,
+            Input::Connected {
+                generation: c.generation(),
+                filter: ".*".into(),
+            },
+        );
+        c.take_actions();
+        // entirely old: acked, nothing delivered, and the guard does not move back
+        assert_eq!(fetch(&mut c, now, Raw(1, 3), rows(12..15)), None);
+        assert_eq!(acks(&mut c), vec![1]);
+        assert_eq!(c.confirmed().unwrap().0.offset, 14);
+        c.on(
+            now,
+            Input::Done {
+                generation: c.generation(),
+                done: Done::Acked {
+                    ids: vec![1],
+                    fetched: None,
+                },
+            },
+        );
+        // partly old: only the new rows go on
+        let (_, n) = fetch(&mut c, now, Raw(2, 4), rows(13..17)).unwrap();
+        assert_eq!(n, 2, "rows 15 and 16");
+        assert_eq!(c.snapshot().rewind_skipped, 5);
+    }
+
+    #[test]
+    fn a_batch_whose_id_jumped_is_not_left_waiting_for_a_release() {
+        let (mut c, now) = core();
+        let (b, _) = fetch(&mut c, now, Raw(1, 1), rows(1..2)).unwrap();
+        c.on(now, Input::Ack(b));
+        c.take_actions();
+        // batch 5 after batch 1: someone else fetched 2..4
+        assert_eq!(fetch(&mut c, now, Raw(5, 1), rows(2..3)), None);
+        assert_eq!(c.state(), ConnectionState::Conflict);
+        assert_eq!(
+            c.window().abandoned_batches(),
+            0,
+            "nothing downstream holds it"
+        );
+    }
 }

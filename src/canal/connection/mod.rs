@@ -67,12 +67,13 @@ use tokio::sync::oneshot;
 
 mod api;
 mod charsets;
+mod confirmed;
 pub mod core;
 mod stall;
 pub use api::*;
 use core::{
-    Action, ConnectionCore, CoreConfig, Decoded, Done, EventsView, Failure, FailureKind, Input,
-    Op, RawView, Timer,
+    Action, ConnectionCore, CoreConfig, Decoded, Done, EventsView, Failure, FailureKind, Input, Op,
+    RawView, Timer,
 };
 
 impl RawView for RawBatch {
@@ -123,6 +124,10 @@ pub struct CanalConnection {
     shutdown_waiters: Vec<oneshot::Sender<ShutdownReport>>,
     /// Raw text mode (`TextSource::Raw`): column charsets and their lookups.
     raw_text: Option<charsets::RawText>,
+    /// The rewind guard's position as last written to `cfg.confirmed_file`, and whether a
+    /// write is due (at most one a second).
+    confirmed_saved: Option<(Position, i64)>,
+    confirmed_timer: bool,
 }
 
 impl CanalConnection {
@@ -145,6 +150,8 @@ impl CanalConnection {
             },
             cfg.lease.is_some(),
         );
+        let confirmed_saved = cfg.confirmed_file.as_deref().and_then(confirmed::load);
+        let core = core.with_confirmed(confirmed_saved.clone());
         CanalConnection {
             subscriber,
             core,
@@ -153,6 +160,8 @@ impl CanalConnection {
             filter_waiters: Vec::new(),
             drain_waiters: Vec::new(),
             shutdown_waiters: Vec::new(),
+            confirmed_saved,
+            confirmed_timer: false,
             raw_text: match &cfg.text {
                 TextSource::AsShipped => None,
                 TextSource::Raw { source_url } => Some(charsets::RawText::new(source_url)),
@@ -165,6 +174,26 @@ impl CanalConnection {
     fn feed(&mut self, input: Input<RawBatch, Vec<ChangeEvent>>, ctx: &mut Context<Self>) {
         self.core.on(Instant::now(), input);
         self.run_actions(ctx);
+        // the rewind guard moved: write it within a second
+        if self.cfg.confirmed_file.is_some()
+            && !self.confirmed_timer
+            && self.core.confirmed() != self.confirmed_saved.as_ref()
+        {
+            self.confirmed_timer = true;
+            ctx.run_later(std::time::Duration::from_secs(1), |act, _| {
+                act.confirmed_timer = false;
+                act.save_confirmed();
+            });
+        }
+    }
+
+    fn save_confirmed(&mut self) {
+        if let (Some(path), Some(c)) = (&self.cfg.confirmed_file, self.core.confirmed())
+            && self.confirmed_saved.as_ref() != Some(c)
+        {
+            confirmed::save(path, c);
+            self.confirmed_saved = Some(c.clone());
+        }
     }
 
     fn run_actions(&mut self, ctx: &mut Context<Self>) {
@@ -224,6 +253,7 @@ impl CanalConnection {
                 }
                 Action::Finished(report) => {
                     self.session = None;
+                    self.save_confirmed();
                     if let Some(last) = self.shutdown_waiters.pop() {
                         let _ = last.send(report);
                     }
@@ -451,7 +481,9 @@ impl CanalConnection {
     /// Delay before lookup retry number `attempt`.
     fn backoff(&self, attempt: u32) -> std::time::Duration {
         Backoff::new(
-            self.cfg.reconnect_min.max(std::time::Duration::from_millis(1)),
+            self.cfg
+                .reconnect_min
+                .max(std::time::Duration::from_millis(1)),
             self.cfg.reconnect_max,
         )
         .with_jitter(0.2)
