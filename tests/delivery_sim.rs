@@ -37,10 +37,12 @@
 //! - (h) once a drain has ended (the core said [`Action::Drained`]: the shell then stops the
 //!   publisher and closes the session), no batch of that epoch is delivered any more;
 //! - (i) a row Canal sends again after it was acked (a rewind) is not published again: no
-//!   channel write before the highest row ever acked to Canal repeats an accepted message;
+//!   channel write for a row at or before the newest row shipped in an acked batch repeats a
+//!   message the broker had accepted when its row was acked;
 //! - (j) the toggled consumer: once its `enable` has returned (the core said the filter is in
 //!   force), every row of its tables committed after that reaches it while it stays enabled;
-//! - (k) ZooKeeper seeds: no GET or ACK is written while the model ZooKeeper's lease is over.
+//! - (k) ZooKeeper seeds: no GET or ACK is written while the model ZooKeeper's lease is over;
+//! - (l) the model has one client: the connection never reports a conflict with another.
 //!
 //! A GET is two steps, as on the wire: written (the model server answers it then), and its
 //! answer read later, with other steps between; one operation is on the session at a time.
@@ -155,7 +157,8 @@ struct Server {
     /// `acked_upto` (Canal flushes periodically).
     saved_upto: usize,
     delivered_upto: usize,
-    outstanding: VecDeque<(i64, usize, usize)>,
+    /// Batches handed out and not acked: id, rows, and the last row it shipped.
+    outstanding: VecDeque<(i64, usize, usize, Option<usize>)>,
     next_id: i64,
     /// Accepting connections.
     up: bool,
@@ -188,19 +191,21 @@ impl Server {
         self.delivered_upto = end;
         let id = self.next_id;
         self.next_id += 1;
-        self.outstanding.push_back((id, start, end));
+        let shipped: Vec<usize> = (start..end).filter(|&r| self.parsed[r]).collect();
+        self.outstanding
+            .push_back((id, start, end, shipped.last().copied()));
         SimRaw {
             id,
             start,
             end,
             asked: asked as i32,
-            shipped: (start..end).filter(|&r| self.parsed[r]).collect(),
+            shipped,
         }
     }
 
     /// Canal refuses an ack that is not for its oldest outstanding batch.
-    fn ack(&mut self, id: i64) -> (usize, usize) {
-        let (first, start, end) = *self
+    fn ack(&mut self, id: i64) -> (usize, usize, Option<usize>) {
+        let (first, start, end, last_shipped) = *self
             .outstanding
             .front()
             .unwrap_or_else(|| panic!("ack of batch {id} with nothing outstanding"));
@@ -209,7 +214,7 @@ impl Server {
         assert_eq!(start, self.acked_upto);
         self.acked_upto = end;
         self.high_acked = self.high_acked.max(end);
-        (start, end)
+        (start, end, last_shipped)
     }
 
     fn rollback(&mut self) {
@@ -359,6 +364,10 @@ struct Sim {
     returned: BTreeSet<u64>,
     /// Ids of messages the broker accepted (acked without a return).
     accepted: BTreeSet<String>,
+    /// Ids of messages the broker had accepted when their row was acked to Canal, and the
+    /// newest row Canal shipped in an acked batch (i).
+    acked_msgs: BTreeSet<String>,
+    confirmed_row: Option<usize>,
     /// Per consumer: (epoch, row) of the last channel write.
     last_write: Vec<Option<(u64, usize)>>,
     /// Highest epoch with a settled (non-cancel) failure.
@@ -463,6 +472,8 @@ impl Sim {
             unconfirmed: BTreeMap::new(),
             returned: BTreeSet::new(),
             accepted: BTreeSet::new(),
+            acked_msgs: BTreeSet::new(),
+            confirmed_row: None,
             last_write: vec![None; CONSUMERS],
             failed_epoch: None,
             steps: 0,
@@ -658,9 +669,20 @@ impl Sim {
                 self.session_alive = false;
                 return Err(lost());
             }
-            let (start, end) = self.server.ack(id);
+            let (start, end, last_shipped) = self.server.ack(id);
+            if let Some(l) = last_shipped {
+                self.confirmed_row = self.confirmed_row.max(Some(l));
+            }
             self.log(format!("canal ack {id} rows {start}..{end}"));
             self.check_acked(end);
+            for r in start..end {
+                for c in 0..CONSUMERS {
+                    let id = row_id(r, c);
+                    if self.accepted.contains(&id) {
+                        self.acked_msgs.insert(id);
+                    }
+                }
+            }
         }
         let fetched = match then_get {
             Some((epoch, size, wait)) => {
@@ -987,14 +1009,16 @@ impl Sim {
                     );
                 }
             }
-            // (i) a row acked to Canal is not published again, whatever Canal sends again (a
-            // row the filter held back then, and lets through after a restart, is not "again")
-            // (a batch the operator skipped was acked with no position: not guarded)
-            if !parked && msg.row < self.server.high_acked && !self.skipped_rows.contains(&msg.row)
+            // (i) a message accepted before its row was acked to Canal is not published again,
+            // whatever Canal sends again (a batch the operator skipped was acked with no
+            // position: not guarded)
+            if !parked
+                && !self.skipped_rows.contains(&msg.row)
+                && self.confirmed_row.is_some_and(|c| msg.row <= c)
             {
                 assert!(
-                    !self.accepted.contains(&msg.id),
-                    "(i) row {} of consumer {} published again after canal acked up to row {}",
+                    !self.acked_msgs.contains(&msg.id),
+                    "(i) row {} of consumer {} published again after its batch was acked (canal acked up to row {})",
                     msg.row,
                     msg.consumer,
                     self.server.high_acked
@@ -1091,8 +1115,14 @@ impl Sim {
         }
     }
 
-    /// (e) bounds.
+    /// (e) bounds; (l) one client: no conflict is ever seen.
     fn check_bounds(&self) {
+        assert_eq!(
+            self.core.snapshot().conflicts,
+            0,
+            "(l) a conflict with another client, with one client: {:?}",
+            self.core.snapshot().last_error
+        );
         let w = self.core.window();
         assert!(
             w.inflight_batches() + w.abandoned_batches() <= MAX_BATCHES,

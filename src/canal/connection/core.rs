@@ -461,7 +461,11 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                 match outcome {
                     Decoded::Panicked(e) => {
                         tracing::error!(error = %e, "decoding a canal batch failed");
-                        self.request_rollback(now, "decoding a batch panicked");
+                        // its id counts in the session's numbering all the same
+                        self.observe_stale(epoch, raw.batch_id());
+                        if epoch == self.window.epoch() && self.state != ConnectionState::Stopped {
+                            self.request_rollback(now, "decoding a batch panicked");
+                        }
                     }
                     outcome => self.on_decoded(epoch, raw, outcome),
                 }
@@ -1153,9 +1157,6 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
         // a short answer: Canal had nothing more, so the next GET long-polls
         if took_all(raw.asked(), self.cfg.mem_unit, raw.entry_sizes()) {
             self.window.caught_up();
-        }
-        if let Some((expected, got)) = fetched.gap {
-            return self.on_conflict(format!("canal's batch ids jumped from {expected} to {got}"));
         }
         tracing::debug!(
             batch = %fetched.batch,

@@ -427,6 +427,7 @@ impl CanalConnection {
     fn decode(&mut self, epoch: u64, raw: RawBatch, ctx: &mut Context<Self>) {
         let destination = self.cfg.session.destination.clone();
         let charsets = self.charset_map();
+        let batch_id = raw.batch_id;
         let job = async move {
             tokio::task::spawn_blocking(move || {
                 let mut events = Vec::new();
@@ -459,7 +460,7 @@ impl CanalConnection {
                 // the decode panicked: a bug; the rows are redelivered after a rollback
                 Err(e) => {
                     let raw = RawBatch {
-                        batch_id: -1,
+                        batch_id,
                         entries: Vec::new(),
                         frame_bytes: 0,
                         asked: 0,
