@@ -65,8 +65,25 @@ pub fn load_consumers(cfg: &Config) -> Result<Vec<rules::ConsumerSpec>, StartErr
     Ok(specs)
 }
 
-/// Run the service until it is stopped. Returns the process exit code.
+/// Requests to stop, each named (a signal's name): the first starts a graceful shutdown, a
+/// second one during it exits at once.
+pub type StopRequests = futures::stream::BoxStream<'static, &'static str>;
+
+/// SIGTERM and SIGINT, as [`StopRequests`].
+pub fn os_signals() -> StopRequests {
+    Box::pin(futures::stream::unfold((), |()| async {
+        Some((signal().await, ()))
+    }))
+}
+
+/// Run the service until SIGTERM or SIGINT stops it. Returns the process exit code.
 pub fn run(cfg: Config) -> i32 {
+    run_until(cfg, os_signals)
+}
+
+/// Run the service until `stop` (made on the service's runtime) asks it to stop. Returns the
+/// process exit code: what a test drives in place of signals.
+pub fn run_until(cfg: Config, stop: impl FnOnce() -> StopRequests) -> i32 {
     let specs = match load_consumers(&cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -91,7 +108,7 @@ pub fn run(cfg: Config) -> i32 {
         }
     };
     let sys = System::new();
-    let started = sys.block_on(start(cfg, specs));
+    let started = sys.block_on(start(cfg, specs, stop));
     match started {
         Err(e) => {
             eprintln!("error: {e}");
@@ -172,7 +189,11 @@ async fn check_routes(cfg: &Config, specs: &[rules::ConsumerSpec]) -> Result<(),
     }
 }
 
-async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), StartError> {
+async fn start(
+    cfg: Config,
+    specs: Vec<rules::ConsumerSpec>,
+    stop: impl FnOnce() -> StopRequests,
+) -> Result<(), StartError> {
     let metrics = Metrics::new();
     check_routes(&cfg, &specs).await?;
     tracing::info!(
@@ -289,6 +310,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         admin_handle,
         cfg.shutdown.deadline,
         shutting_down,
+        stop(),
     ));
     Ok(())
 }
@@ -316,8 +338,12 @@ async fn shutdown_on_signal(
     admin: Option<actix_web::dev::ServerHandle>,
     deadline: Duration,
     shutting_down: Arc<AtomicBool>,
+    mut stop: StopRequests,
 ) {
-    let first = signal().await;
+    use futures::StreamExt;
+    let Some(first) = stop.next().await else {
+        return; // nobody can ask any more: run until the process ends
+    };
     shutting_down.store(true, Ordering::SeqCst);
 
     tracing::info!(signal = first, deadline = ?deadline, "shutdown requested: finishing batches in flight");
@@ -372,7 +398,7 @@ async fn shutdown_on_signal(
             );
             1
         }
-        second = signal() => {
+        Some(second) = stop.next() => {
             tracing::warn!(signal = second, "second signal: exiting now; unacked batches are redelivered later");
             1
         }

@@ -1061,3 +1061,68 @@ async fn a_canal_cursor_that_goes_back_costs_no_duplicate() {
     assert_eq!(ids_by_row(&got).len() as i64, written);
     svc.terminate(Duration::from_secs(30));
 }
+
+/// The service in this process, stopped by a request the test sends instead of a signal
+/// (`service::run_until`): it finishes what is in flight, acks it, and returns 0.
+#[tokio::test]
+async fn an_injected_stop_request_ends_the_service_in_process_with_everything_acked() {
+    let _lock = canal_lock().await;
+    let table = "inproc_rows";
+    note_table(DB, table);
+    drop(Tap::clean(&format!("{DB}\\.{table}")).await);
+    let queue = common::queue("cc_e2e_inproc");
+    delete_queue(&queue).await;
+    let dir = std::env::temp_dir().join(format!("cc-inproc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = write_config(&dir, &queue, &admin, "");
+    std::fs::write(
+        dir.join("consumers/c.toml"),
+        row_consumer("inproc", table, ""),
+    )
+    .unwrap();
+    let cfg = canal_consumer::config::load_from(
+        Some(&config),
+        std::path::Path::new("/nonexistent"),
+        Vec::<(String, String)>::new(),
+        Default::default(),
+    )
+    .unwrap();
+    let (stop_tx, stop_rx) = futures::channel::mpsc::unbounded::<&'static str>();
+    let service = std::thread::spawn(move || {
+        canal_consumer::service::run_until(cfg, move || Box::pin(stop_rx))
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while canal_consumer::admin::client::fetch_status(&admin)
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    insert_notes(DB, table, 1, 50);
+    let got = consume_until(&queue, Duration::from_secs(60), all_rows(50)).await;
+    assert_eq!(ids_by_row(&got).len(), 50);
+    stop_tx.unbounded_send("test stop").unwrap();
+    let code = tokio::task::spawn_blocking(move || service.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "a graceful stop with everything acked exits 0");
+    // the rewind guard's file was written at the stop: the position of the last row
+    let last = got
+        .iter()
+        .find(|g| g.body["payload"]["id"].as_i64() == Some(50))
+        .map(|g| source_of(&g.body["payload"]).position)
+        .unwrap();
+    let file = std::fs::read_dir(dir.join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".confirmed.json"))
+        .expect("the rewind guard's file");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    assert_eq!(saved["position"]["log_file"], last.log_file.to_string());
+    assert_eq!(saved["position"]["offset"], last.offset);
+}
