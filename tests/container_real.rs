@@ -10,8 +10,9 @@
 //! - `deploy/docker-compose.yml` from nothing: the whole stack up, a row end to end.
 //! - `deploy/docker-compose.ha.yml`: the active replica's container and then the running Canal
 //!   server's container killed while rows are written; every row arrives.
-//! - `deploy/k8s` and `deploy/k8s/ha` render with `kubectl kustomize`; the security context
-//!   matches the image's user and group.
+//! - `deploy/k8s` and `deploy/k8s/ha` render with `kubectl kustomize`, every document decodes
+//!   strictly into its Kubernetes API type (`deploy/container/build k8s-check`), and the security
+//!   context matches the image's user and group.
 //!
 //! Images come from `deploy/container/build` (deploy/local/test builds the base and service
 //! images before the tests; this file builds our image, seconds when cached). Containers,
@@ -774,6 +775,24 @@ fn the_k8s_manifests_render_and_run_as_the_images_user_and_group() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _serial = rt.block_on(serial());
     build_image();
+    // schema: every rendered document decodes strictly into its Kubernetes API type
+    let out = output_within(
+        "deploy/container/build k8s-check",
+        Command::new(repo_root().join("deploy/container/build"))
+            .args(["k8s-check", "deploy/k8s", "deploy/k8s/ha"])
+            .current_dir(repo_root()),
+        Duration::from_secs(600),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.code() {
+        Some(0) => assert_eq!(text.matches(": ok").count(), 13, "{text}"),
+        Some(3) => eprintln!("SKIPPED the schema check: {text}"),
+        _ => panic!("the manifests do not match the Kubernetes API types:\n{text}"),
+    }
     let uid = podman(&["run", "--rm", "--entrypoint", "id", IMAGE, "-u"]);
     let gid = podman(&["run", "--rm", "--entrypoint", "id", IMAGE, "-g"]);
     for dir in ["deploy/k8s", "deploy/k8s/ha"] {
