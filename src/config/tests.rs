@@ -590,7 +590,7 @@ fn shipped_config_files_are_valid() {
     assert_eq!(c.admin.bind, "0.0.0.0:9090");
     assert!(c.amqp.url.expose().contains("@rabbitmq:5672"));
     // The Kubernetes ConfigMap's embedded file, with the Secret's variables.
-    let cm = std::fs::read_to_string(root.join("deploy/k8s/configmap.yaml")).unwrap();
+    let cm = std::fs::read_to_string(root.join("deploy/k8s/base/configmap.yaml")).unwrap();
     let start = cm.find("canal-consumer.toml: |").expect("config key") + 1;
     let toml_text: String = cm[start..]
         .lines()
