@@ -149,6 +149,17 @@ fn positions_compare_within_one_binlog_only() {
     assert!(!not_after(&later_row, &a));
 }
 
+/// The acks `ids` were written (no GET behind them).
+fn written(c: &mut ConnectionCore<Raw, Rows>, now: Instant, ids: Vec<i64>) {
+    c.on(
+        now,
+        Input::Done {
+            generation: c.generation(),
+            done: Done::Acked { ids, fetched: None },
+        },
+    );
+}
+
 #[test]
 fn rows_sent_again_at_or_before_the_confirmed_position_are_acked_not_delivered() {
     let (mut c, now) = core();
@@ -158,16 +169,7 @@ fn rows_sent_again_at_or_before_the_confirmed_position_are_acked_not_delivered()
     c.on(now, Input::Ack(b));
     assert_eq!(acks(&mut c), vec![1]);
     assert_eq!(c.confirmed().unwrap().0.offset, 14);
-    c.on(
-        now,
-        Input::Done {
-            generation: c.generation(),
-            done: Done::Acked {
-                ids: vec![1],
-                fetched: None,
-            },
-        },
-    );
+    written(&mut c, now, vec![1]);
     // Canal restarts from an older cursor: rows 12..14 again, then new rows 15..17
     c.on(
         now,
@@ -192,16 +194,7 @@ fn rows_sent_again_at_or_before_the_confirmed_position_are_acked_not_delivered()
     assert_eq!(fetch(&mut c, now, Raw(1, 3), rows(12..15)), None);
     assert_eq!(acks(&mut c), vec![1]);
     assert_eq!(c.confirmed().unwrap().0.offset, 14);
-    c.on(
-        now,
-        Input::Done {
-            generation: c.generation(),
-            done: Done::Acked {
-                ids: vec![1],
-                fetched: None,
-            },
-        },
-    );
+    written(&mut c, now, vec![1]);
     // partly old: only the new rows go on
     let (_, n) = fetch(&mut c, now, Raw(2, 4), rows(13..17)).unwrap();
     assert_eq!(n, 2, "rows 15 and 16");
