@@ -266,12 +266,7 @@ async fn start(
         );
         let (release, release_rx) = tokio::sync::oneshot::channel();
         ha_release = Some(release);
-        actix::spawn(crate::ha::zk::run(
-            ha,
-            tx,
-            connection.clone().recipient(),
-            release_rx,
-        ));
+        actix::spawn(crate::ha::zk::run(ha, tx, release_rx));
     }
     manager.do_send(AttachConnection((&connection).into()));
 

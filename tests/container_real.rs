@@ -437,7 +437,10 @@ async fn run_image(tag: &str) -> ImageRun {
     }
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn the_image_runs_read_only_as_10001_answers_probes_and_delivers_a_row() {
     if skipped("the_image_runs_read_only_as_10001_answers_probes_and_delivers_a_row") {
@@ -500,7 +503,10 @@ async fn the_image_runs_read_only_as_10001_answers_probes_and_delivers_a_row() {
     delete_queue(&r.queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn podman_stop_mid_stream_drains_and_exits_0_within_the_default_grace_period() {
     if skipped("podman_stop_mid_stream_drains_and_exits_0_within_the_default_grace_period") {
@@ -581,7 +587,10 @@ fn insert_users(project: &str, from: i64, to: i64) {
     );
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn the_compose_file_brings_the_stack_up_from_nothing_and_a_row_goes_end_to_end() {
     if skipped("the_compose_file_brings_the_stack_up_from_nothing_and_a_row_goes_end_to_end") {
@@ -664,7 +673,10 @@ fn ip_of(container: &str) -> String {
     ])
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn the_ha_compose_file_survives_killing_the_active_replica_and_the_running_canal_server() {
     if skipped(
@@ -771,7 +783,10 @@ async fn the_ha_compose_file_survives_killing_the_active_replica_and_the_running
 }
 
 /// The rendered Kubernetes manifests, as far as this machine can check them.
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[test]
 fn the_k8s_manifests_render_and_run_as_the_images_user_and_group() {
     if skipped("the_k8s_manifests_render_and_run_as_the_images_user_and_group") {

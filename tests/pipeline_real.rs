@@ -111,7 +111,10 @@ fn consumer<'a>(status: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no consumer {name} in {status:#}"))
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn the_shipped_consumers_fire_the_plugins_the_reference_describes() {
     let _lock = canal_lock().await;
@@ -241,7 +244,10 @@ payload = { code = "${data.coupon_code}" }
     let (_, _) = svc.terminate(Duration::from_secs(30));
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_real_celery_worker_runs_every_rows_task_with_our_deterministic_id() {
     let _lock = canal_lock().await;
@@ -292,7 +298,10 @@ async fn a_real_celery_worker_runs_every_rows_task_with_our_deterministic_id() {
     svc.terminate(Duration::from_secs(30));
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn kill_9_mid_stream_then_restart_delivers_every_row_with_stable_ids() {
     let _lock = canal_lock().await;
@@ -353,7 +362,10 @@ impl Drop for AlarmGuard {
     }
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn broker_outage_and_memory_alarm_stall_the_stream_and_lose_nothing() {
     let _lock = canal_lock().await;
@@ -413,7 +425,10 @@ async fn broker_outage_and_memory_alarm_stall_the_stream_and_lose_nothing() {
     svc.terminate(Duration::from_secs(30));
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn an_unroutable_trigger_never_lets_its_batch_be_acked() {
     let _lock = canal_lock().await;
@@ -463,7 +478,10 @@ async fn an_unroutable_trigger_never_lets_its_batch_be_acked() {
     assert_eq!(events.len(), 3);
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn sigterm_mid_stream_exits_in_time_and_loses_nothing() {
     let _lock = canal_lock().await;
@@ -506,7 +524,10 @@ async fn sigterm_mid_stream_exits_in_time_and_loses_nothing() {
     svc.terminate(Duration::from_secs(30));
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn enable_and_disable_apply_live_and_survive_a_restart() {
     let _lock = canal_lock().await;
@@ -603,7 +624,10 @@ async fn enable_and_disable_apply_live_and_survive_a_restart() {
     svc.terminate(Duration::from_secs(30));
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn the_service_starts_with_the_compose_config_against_the_local_services() {
     let _lock = canal_lock().await;
@@ -688,7 +712,10 @@ async fn the_service_starts_with_the_compose_config_against_the_local_services()
 /// default `park` policy parks exactly that row in the dead-letter queue, while every other
 /// row reaches both consumers with no duplicate; once the rule is fixed, `dlq replay` delivers
 /// the parked row's trigger with the id it would have had.
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_poison_row_is_parked_alone_and_replayed_with_its_original_id() {
     let _lock = canal_lock().await;
@@ -814,7 +841,10 @@ payload = {{ id = "${{data.id}}", destination = "${{destination}}", server_id = 
 /// Issue 10: a frame over `canal.max_frame_bytes` used to be retried forever (79 reconnects in
 /// 20 s). Now the stream stalls once, says what and how in status and readiness, and
 /// `canal-consumer skip frame:<bytes>` reads past it; rows written after it arrive.
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn an_oversized_frame_stalls_once_and_skip_passes_it() {
     let _lock = canal_lock().await;
@@ -924,7 +954,10 @@ async fn an_oversized_frame_stalls_once_and_skip_passes_it() {
 /// Issue 8, defect 8: the shutdown log said "every fetched batch was confirmed and acked" even
 /// when batches had been abandoned. With the broker gone, the rows fetched cannot be confirmed:
 /// they are rolled back, and a SIGTERM then reports them as not acked.
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn shutdown_says_what_was_not_acked() {
     let _lock = canal_lock().await;
@@ -988,7 +1021,10 @@ impl Drop for CanalBackUp {
 /// cursor and it sends acked rows again. The rewind guard acks them without delivering them:
 /// every message id reaches the broker exactly once, and `status` says how many rows it
 /// skipped. (Retried up to five times in the rare case Canal had flushed just before the kill.)
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_canal_cursor_that_goes_back_costs_no_duplicate() {
     let _lock = canal_lock().await;
@@ -1076,7 +1112,10 @@ async fn a_canal_cursor_that_goes_back_costs_no_duplicate() {
 
 /// The service in this process, stopped by a request the test sends instead of a signal
 /// (`service::run_until`): it finishes what is in flight, acks it, and returns 0.
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn an_injected_stop_request_ends_the_service_in_process_with_everything_acked() {
     let _lock = canal_lock().await;

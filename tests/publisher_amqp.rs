@@ -268,7 +268,10 @@ fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn messages_arrive_with_ids_headers_priority_and_body() {
     let _shared = BROKER.read().await;
@@ -369,7 +372,10 @@ async fn messages_arrive_with_ids_headers_priority_and_body() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn unroutable_messages_fail_their_publish_and_are_counted() {
     let _shared = BROKER.read().await;
@@ -426,7 +432,10 @@ async fn unroutable_messages_fail_their_publish_and_are_counted() {
     delete_queue(&real).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn queue_argument_mismatch_names_the_argument() {
     let _shared = BROKER.read().await;
@@ -488,7 +497,10 @@ async fn queue_argument_mismatch_names_the_argument() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn high_priority_overtakes_a_backlog() {
     let _shared = BROKER.read().await;
@@ -550,7 +562,10 @@ async fn ctl(args: &'static [&'static str]) -> String {
         .expect("rabbitmqctl task")
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn broker_outage_fails_pending_publishes_and_publishing_resumes() {
     let _exclusive = BROKER.write().await;
@@ -672,7 +687,10 @@ async fn broker_outage_fails_pending_publishes_and_publishing_resumes() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn memory_alarm_shows_blocked_and_publishes_fail() {
     let _exclusive = BROKER.write().await;
@@ -771,7 +789,10 @@ async fn memory_alarm_shows_blocked_and_publishes_fail() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
     let celery_bin = common::celery_bin();
@@ -935,7 +956,10 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn window_bounds_unconfirmed_and_order_follows_arrival() {
     let _shared = BROKER.read().await;
@@ -1004,7 +1028,10 @@ async fn window_bounds_unconfirmed_and_order_follows_arrival() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     let _shared = BROKER.read().await;
@@ -1052,7 +1079,10 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn shutdown_drains_what_was_accepted() {
     let _shared = BROKER.read().await;
@@ -1098,7 +1128,10 @@ async fn shutdown_drains_what_was_accepted() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn returns_are_matched_to_their_publish_under_load() {
     let _shared = BROKER.read().await;
@@ -1152,7 +1185,10 @@ async fn returns_are_matched_to_their_publish_under_load() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn a_deleted_queue_is_declared_again() {
     let _shared = BROKER.read().await;
@@ -1203,7 +1239,10 @@ async fn a_deleted_queue_is_declared_again() {
     delete_queue(&queue).await;
 }
 
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn quorum_queues_are_declared_with_their_type() {
     let _shared = BROKER.read().await;
@@ -1287,7 +1326,10 @@ fn signal(pid: i32, sig: &str) {
 /// Issue 9: with the AMQP link frozen (no FIN, no RST) the publisher used to say `connected`
 /// and ready while confirms never came. Now the status says "stalled since ...: no confirm for
 /// N s" once the oldest message waits half the confirm timeout, and clears when confirms flow.
-#[cfg_attr(not(real_services), ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)")]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn a_frozen_link_shows_as_stalled_and_recovers() {
     let _exclusive = BROKER.write().await;

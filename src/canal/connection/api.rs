@@ -56,11 +56,6 @@ pub enum TextSource {
     Raw { source_url: crate::config::Secret },
 }
 
-/// The lease changed (ZooKeeper mode): connect, follow the Canal server, or stand by.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct LeaseChanged;
-
 /// A decoded batch.
 #[derive(Debug, Clone)]
 pub struct Batch {

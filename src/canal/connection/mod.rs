@@ -42,7 +42,7 @@
 //! ZooKeeper mode (`cfg.lease` set, see [`crate::ha`]): the lease names the Canal server and
 //! says whether this replica may work. Every GET and ACK is checked against it right before it
 //! is written (a lease that ran out, or a replica that lost its node, writes nothing more); a
-//! [`LeaseChanged`] makes the actor drop its session (standby, or the server moved) or connect
+//! change of the lease (watched) makes the actor drop its session (standby, or the server moved) or connect
 //! through the usual path (connect, subscribe, rollback). A dropped session is retired by a
 //! generation count, so an operation still running on it is ignored when it comes back.
 //!
@@ -536,13 +536,14 @@ fn may_write(
     }
 }
 
-impl Handler<LeaseChanged> for CanalConnection {
-    type Result = ();
+/// ZooKeeper mode: the lease changed (connect, follow the Canal server, or stand by).
+impl StreamHandler<crate::ha::Lease> for CanalConnection {
+    fn handle(&mut self, lease: crate::ha::Lease, ctx: &mut Context<Self>) {
+        self.feed(Input::Lease(lease), ctx);
+    }
 
-    fn handle(&mut self, _: LeaseChanged, ctx: &mut Context<Self>) {
-        if let Some(lease) = self.cfg.lease.as_ref().map(|l| l.borrow().clone()) {
-            self.feed(Input::Lease(lease), ctx);
-        }
+    fn finished(&mut self, _: &mut Context<Self>) {
+        // the ZooKeeper shell ended (the process is stopping): keep the last lease
     }
 }
 
@@ -551,8 +552,15 @@ impl Actor for CanalConnection {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(1024);
-        if let Some(lease) = self.cfg.lease.as_ref().map(|l| l.borrow().clone()) {
-            self.core.on(Instant::now(), Input::Lease(lease));
+        if let Some(rx) = self.cfg.lease.clone() {
+            self.core
+                .on(Instant::now(), Input::Lease(rx.borrow().clone()));
+            // every later change of the lease, as it happens
+            ctx.add_stream(futures::stream::unfold(rx, |mut rx| async move {
+                rx.changed().await.ok()?;
+                let lease = rx.borrow_and_update().clone();
+                Some((lease, rx))
+            }));
         }
         self.feed(Input::Start, ctx);
     }
