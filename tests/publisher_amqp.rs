@@ -540,6 +540,41 @@ impl Drop for AppGuard {
     }
 }
 
+/// Messages of `queue` ready for delivery and delivered but not yet acked, as the broker
+/// counts them (`rabbitmqctl list_queues`; a passive declare only tells the ready ones).
+async fn queue_depth(queue: &str) -> (u64, u64) {
+    let q = queue.to_string();
+    let vhost = amqp_url()
+        .parse::<lapin::uri::AMQPUri>()
+        .expect("the test broker URL parses")
+        .vhost;
+    tokio::task::spawn_blocking(move || {
+        let out = rabbitmqctl(&[
+            "-q",
+            "list_queues",
+            "-p",
+            &vhost,
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ]);
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(q.as_str()))
+            .unwrap_or_else(|| panic!("rabbitmqctl list_queues does not list {q}:\n{out}"));
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().expect("a message count"))
+            .collect();
+        assert_eq!(n.len(), 2, "unexpected list_queues line {line:?}");
+        (n[0], n[1])
+    })
+    .await
+    .expect("rabbitmqctl task")
+}
+
 async fn ctl(args: &'static [&'static str]) -> String {
     tokio::task::spawn_blocking(move || rabbitmqctl(args))
         .await
@@ -858,16 +893,33 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // No waiting for a duplicate that might come: the publisher sent exactly one message per
-    // trigger, and once the worker is dead (killed and reaped) its output file is final and
-    // any message it had taken but not run is back in the queue. So: an empty queue plus one
-    // line per trigger means each task ran exactly once.
+    // "Each task ran exactly once" means: one line per trigger, and the broker holds nothing
+    // more to run, neither ready nor taken and unacked. A line is written when the task has run,
+    // but the worker's ack of that message reaches the broker on its own: killed before it
+    // does, the worker leaves the message unacked and the broker puts it back in the queue
+    // (an at-least-once redelivery, not a second message from us). So wait until the broker
+    // has recorded the worker's acks, then stop the worker: from then on its output is final.
     let st = status(&addr).await;
     assert_eq!(
         (st.counters.published, st.counters.confirmed),
         (4, 4),
         "{st:#?}"
     );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ready, unacked) = queue_depth(&queue).await;
+        if (ready, unacked) == (0, 0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+            panic!(
+                "the worker ran every task but the broker still holds {ready} ready and \
+                 {unacked} unacked messages of {queue}; its log:\n{log}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     worker.kill();
     let text = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<Value> = text
