@@ -1049,7 +1049,8 @@ async fn window_bounds_unconfirmed_and_order_follows_arrival() {
 }
 
 #[actix_rt::test]
-async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
+async fn a_missing_exchange_closes_the_channel_once_then_its_messages_are_refused_until_it_is_back()
+{
     let _shared = BROKER.read().await;
     let queue = unique("noexchange");
     let addr = start_connected(config(&queue, DeclareMode::Declare, None)).await;
@@ -1060,27 +1061,38 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     assert!(matches!(res, Err(PublishError::Encode { .. })), "{res:?}");
     assert_eq!(status(&addr).await.connects, 1);
 
-    let exchange = "no_such_exchange_for_canal_consumer";
-    let mut t = trigger(1, &queue, Priority::Normal, MessageFormat::Envelope);
-    t.route.exchange = exchange.into();
-    let err = publish(&addr, vec![t]).await.expect_err("must fail");
+    let exchange = unique("gone_x");
+    let to_exchange = |n| {
+        let mut t = trigger(n, &queue, Priority::Normal, MessageFormat::Envelope);
+        t.route.exchange = exchange.clone();
+        t
+    };
+    let err = publish(&addr, vec![to_exchange(1)])
+        .await
+        .expect_err("must fail");
     // The broker answers by closing the channel (404 NOT_FOUND "no exchange '...'"). The
     // publisher may notice the closed channel before lapin hands over the broker's words; it
-    // waits for them, so the error always names the exchange.
+    // waits for them, so the error always names the exchange. What was unconfirmed on that
+    // channel is in doubt: a transient failure (rolled back and redelivered upstream).
     match &err {
         PublishError::ConnectionLost { reason, .. } => {
             assert!(
-                reason.contains(exchange),
+                reason.contains(&exchange),
                 "the error names the exchange: {err}"
             );
         }
         other => panic!("expected ConnectionLost, got {other:?}"),
     }
-    // the broker closed the channel; the publisher reconnects and goes on
-    wait_status(&addr, "reconnected", Duration::from_secs(20), |s| {
-        s.state == PublisherState::Connected && s.connects >= 2
-    })
-    .await;
+    assert!(err.is_transient());
+    // the route is broken; a new channel on the same connection carries everything else
+    let st = status(&addr).await;
+    assert_eq!(
+        (st.state, st.connects),
+        (PublisherState::Connected, 1),
+        "{st:#?}"
+    );
+    assert_eq!(st.broken_routes.len(), 1, "{st:#?}");
+    assert_eq!(st.broken_routes[0].exchange, exchange);
     publish(
         &addr,
         vec![trigger(
@@ -1092,6 +1104,66 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     )
     .await
     .expect("publishing works after the channel error");
+    // the broken route's messages are refused without a channel close: definite, parked
+    // upstream; the others of the same Publish are delivered
+    let ok = trigger(4, &queue, Priority::Normal, MessageFormat::Envelope);
+    let err = publish(&addr, vec![to_exchange(3), ok])
+        .await
+        .expect_err("refused");
+    match &err {
+        PublishError::Unroutable { returned } => {
+            assert_eq!(returned.len(), 1);
+            assert_eq!(returned[0].id, format!("{queue}-3"));
+            assert!(
+                returned[0]
+                    .reason
+                    .contains(&format!("exchange '{exchange}' is gone")),
+                "{err}"
+            );
+        }
+        other => panic!("expected Unroutable, got {other:?}"),
+    }
+    assert!(!err.is_transient());
+    let st = status(&addr).await;
+    assert_eq!(
+        (st.connects, st.counters.refused, st.counters.lost),
+        (1, 1, 1),
+        "{st:#?}"
+    );
+    // the exchange comes back (bound to our queue): found by a re-check, used again
+    let (conn, ch) = raw().await;
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        queue.as_str().into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    wait_status(
+        &addr,
+        "the route found again",
+        Duration::from_secs(20),
+        |s| s.broken_routes.is_empty(),
+    )
+    .await;
+    publish(&addr, vec![to_exchange(5)])
+        .await
+        .expect("published through the exchange again");
+    assert_eq!(status(&addr).await.connects, 1);
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
     delete_queue(&queue).await;
 }
 

@@ -421,37 +421,24 @@ impl Handler<PartDone> for Manager {
     type Result = ();
 
     fn handle(&mut self, msg: PartDone, ctx: &mut Context<Self>) {
-        let result = match msg.result {
-            Ok(()) => {
-                if let Some(at) = msg.executed_at {
-                    self.slots[msg.slot].stats.confirmed_executed_at = Some(at);
-                }
-                Ok(())
-            }
-            Err(PublishError::Cancelled { .. }) => Err(PartError::Transient(
-                "cancelled: its epoch ended".to_string(),
-            )),
-            Err(PublishError::Unroutable { returned }) => {
-                let slot = &mut self.slots[msg.slot];
-                let reason = PublishError::Unroutable {
-                    returned: returned.clone(),
-                }
-                .to_string();
-                slot.stats.last_error = Some(reason.clone());
+        if let Ok(()) = msg.result
+            && let Some(at) = msg.executed_at
+        {
+            self.slots[msg.slot].stats.confirmed_executed_at = Some(at);
+        }
+        if let Err(e) = &msg.result
+            && !matches!(e, PublishError::Cancelled { .. })
+        {
+            let slot = &mut self.slots[msg.slot];
+            slot.stats.last_error = Some(e.to_string());
+            if matches!(e, PublishError::Unroutable { .. }) {
                 tracing::warn!(
                     consumer = %slot.name,
                     batch = %msg.batch,
-                    error = %reason,
+                    error = %e,
                     "the broker could not route some triggers"
                 );
-                Err(PartError::Unroutable {
-                    ids: returned.into_iter().map(|r| r.id).collect(),
-                    reason,
-                })
-            }
-            Err(e) => {
-                let slot = &mut self.slots[msg.slot];
-                slot.stats.last_error = Some(e.to_string());
+            } else {
                 tracing::warn!(
                     consumer = %slot.name,
                     batch = %msg.batch,
@@ -459,9 +446,9 @@ impl Handler<PartDone> for Manager {
                     transient = e.is_transient(),
                     "publish failed; rolling back the batch"
                 );
-                Err(PartError::Transient(e.to_string()))
             }
-        };
+        }
+        let result = msg.result.map_err(PartError::from);
         self.router.confirmed(msg.slot, msg.batch, result);
         self.run(ctx);
     }
