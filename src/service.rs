@@ -218,6 +218,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
     let manager = Manager::new(
         ManagerConfig {
             extra_filter: cfg.canal.filter.clone(),
+            lossy_text: cfg.canal.lossy_text_check(),
         },
         entries,
     )

@@ -106,6 +106,7 @@ async fn part(h: &Harness, id: i64, events: &[ChangeEvent], mode: Mode) -> Vec<T
             mode,
             events: Arc::new(events.to_vec()),
             indices: Arc::new((0..events.len()).collect()),
+            park: Default::default(),
         })
         .await
         .unwrap()
@@ -228,6 +229,7 @@ async fn a_failed_part_sends_no_bulk_and_its_retry_sends_all_of_it() {
             mode: Mode::Normal,
             events: Arc::new(events.to_vec()),
             indices: Arc::new((0..events.len()).collect()),
+            park: Default::default(),
         })
         .await
         .unwrap();
@@ -247,6 +249,7 @@ async fn a_failed_part_sends_no_bulk_and_its_retry_sends_all_of_it() {
                 mode: Mode::Normal,
                 events: Arc::new(fixed.to_vec()),
                 indices: Arc::new((0..fixed.len()).collect()),
+                park: Default::default(),
             })
             .await
             .unwrap();
