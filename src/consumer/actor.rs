@@ -287,9 +287,12 @@ impl ConsumerActor {
             };
             let failure = |error| failure(&name, event, error);
             if let Some(reason) = msg.park.get(&i) {
-                self.ctx.begin_event(event);
-                self.ctx.park(failure(reason), None);
-                parked += 1;
+                // a ParkIds run repeats a normal run whose dead letters were confirmed already
+                if !matches!(msg.mode, Mode::ParkIds { .. }) {
+                    self.ctx.begin_event(event);
+                    self.ctx.park(failure(reason), None);
+                    parked += 1;
+                }
                 continue;
             }
             match &msg.mode {
