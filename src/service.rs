@@ -233,6 +233,7 @@ async fn start(
     let manager = Manager::new(
         ManagerConfig {
             extra_filter: cfg.canal.filter.clone(),
+            lossy_text: cfg.canal.lossy_text_check(),
         },
         entries,
     )

@@ -556,6 +556,41 @@ impl Drop for AppGuard {
     }
 }
 
+/// Messages of `queue` ready for delivery and delivered but not yet acked, as the broker
+/// counts them (`rabbitmqctl list_queues`; a passive declare only tells the ready ones).
+async fn queue_depth(queue: &str) -> (u64, u64) {
+    let q = queue.to_string();
+    let vhost = amqp_url()
+        .parse::<lapin::uri::AMQPUri>()
+        .expect("the test broker URL parses")
+        .vhost;
+    tokio::task::spawn_blocking(move || {
+        let out = rabbitmqctl(&[
+            "-q",
+            "list_queues",
+            "-p",
+            &vhost,
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ]);
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(q.as_str()))
+            .unwrap_or_else(|| panic!("rabbitmqctl list_queues does not list {q}:\n{out}"));
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().expect("a message count"))
+            .collect();
+        assert_eq!(n.len(), 2, "unexpected list_queues line {line:?}");
+        (n[0], n[1])
+    })
+    .await
+    .expect("rabbitmqctl task")
+}
+
 async fn ctl(args: &'static [&'static str]) -> String {
     tokio::task::spawn_blocking(move || rabbitmqctl(args))
         .await
@@ -886,16 +921,33 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // No waiting for a duplicate that might come: the publisher sent exactly one message per
-    // trigger, and once the worker is dead (killed and reaped) its output file is final and
-    // any message it had taken but not run is back in the queue. So: an empty queue plus one
-    // line per trigger means each task ran exactly once.
+    // "Each task ran exactly once" means: one line per trigger, and the broker holds nothing
+    // more to run, neither ready nor taken and unacked. A line is written when the task has run,
+    // but the worker's ack of that message reaches the broker on its own: killed before it
+    // does, the worker leaves the message unacked and the broker puts it back in the queue
+    // (an at-least-once redelivery, not a second message from us). So wait until the broker
+    // has recorded the worker's acks, then stop the worker: from then on its output is final.
     let st = status(&addr).await;
     assert_eq!(
         (st.counters.published, st.counters.confirmed),
         (4, 4),
         "{st:#?}"
     );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ready, unacked) = queue_depth(&queue).await;
+        if (ready, unacked) == (0, 0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+            panic!(
+                "the worker ran every task but the broker still holds {ready} ready and \
+                 {unacked} unacked messages of {queue}; its log:\n{log}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     worker.kill();
     let text = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<Value> = text
@@ -1033,7 +1085,8 @@ async fn window_bounds_unconfirmed_and_order_follows_arrival() {
     ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
 )]
 #[actix_rt::test]
-async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
+async fn a_missing_exchange_closes_the_channel_once_then_its_messages_are_refused_until_it_is_back()
+{
     let _shared = BROKER.read().await;
     let queue = unique("noexchange");
     let addr = start_connected(config(&queue, DeclareMode::Declare, None)).await;
@@ -1044,27 +1097,38 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     assert!(matches!(res, Err(PublishError::Encode { .. })), "{res:?}");
     assert_eq!(status(&addr).await.connects, 1);
 
-    let exchange = "no_such_exchange_for_canal_consumer";
-    let mut t = trigger(1, &queue, Priority::Normal, MessageFormat::Envelope);
-    t.route.exchange = exchange.into();
-    let err = publish(&addr, vec![t]).await.expect_err("must fail");
+    let exchange = unique("gone_x");
+    let to_exchange = |n| {
+        let mut t = trigger(n, &queue, Priority::Normal, MessageFormat::Envelope);
+        t.route.exchange = exchange.clone();
+        t
+    };
+    let err = publish(&addr, vec![to_exchange(1)])
+        .await
+        .expect_err("must fail");
     // The broker answers by closing the channel (404 NOT_FOUND "no exchange '...'"). The
     // publisher may notice the closed channel before lapin hands over the broker's words; it
-    // waits for them, so the error always names the exchange.
+    // waits for them, so the error always names the exchange. What was unconfirmed on that
+    // channel is in doubt: a transient failure (rolled back and redelivered upstream).
     match &err {
         PublishError::ConnectionLost { reason, .. } => {
             assert!(
-                reason.contains(exchange),
+                reason.contains(&exchange),
                 "the error names the exchange: {err}"
             );
         }
         other => panic!("expected ConnectionLost, got {other:?}"),
     }
-    // the broker closed the channel; the publisher reconnects and goes on
-    wait_status(&addr, "reconnected", Duration::from_secs(20), |s| {
-        s.state == PublisherState::Connected && s.connects >= 2
-    })
-    .await;
+    assert!(err.is_transient());
+    // the route is broken; a new channel on the same connection carries everything else
+    let st = status(&addr).await;
+    assert_eq!(
+        (st.state, st.connects),
+        (PublisherState::Connected, 1),
+        "{st:#?}"
+    );
+    assert_eq!(st.broken_routes.len(), 1, "{st:#?}");
+    assert_eq!(st.broken_routes[0].exchange, exchange);
     publish(
         &addr,
         vec![trigger(
@@ -1076,6 +1140,66 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     )
     .await
     .expect("publishing works after the channel error");
+    // the broken route's messages are refused without a channel close: definite, parked
+    // upstream; the others of the same Publish are delivered
+    let ok = trigger(4, &queue, Priority::Normal, MessageFormat::Envelope);
+    let err = publish(&addr, vec![to_exchange(3), ok])
+        .await
+        .expect_err("refused");
+    match &err {
+        PublishError::Unroutable { returned } => {
+            assert_eq!(returned.len(), 1);
+            assert_eq!(returned[0].id, format!("{queue}-3"));
+            assert!(
+                returned[0]
+                    .reason
+                    .contains(&format!("exchange '{exchange}' is gone")),
+                "{err}"
+            );
+        }
+        other => panic!("expected Unroutable, got {other:?}"),
+    }
+    assert!(!err.is_transient());
+    let st = status(&addr).await;
+    assert_eq!(
+        (st.connects, st.counters.refused, st.counters.lost),
+        (1, 1, 1),
+        "{st:#?}"
+    );
+    // the exchange comes back (bound to our queue): found by a re-check, used again
+    let (conn, ch) = raw().await;
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        queue.as_str().into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    wait_status(
+        &addr,
+        "the route found again",
+        Duration::from_secs(20),
+        |s| s.broken_routes.is_empty(),
+    )
+    .await;
+    publish(&addr, vec![to_exchange(5)])
+        .await
+        .expect("published through the exchange again");
+    assert_eq!(status(&addr).await.connects, 1);
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
     delete_queue(&queue).await;
 }
 

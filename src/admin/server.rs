@@ -255,6 +255,9 @@ pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
     if let Some(state) = b.get("state").and_then(serde_json::Value::as_str) {
         m.publisher_blocked.set_bool(state == "blocked");
     }
+    for c in &s.lossy_text {
+        m.observe_lossy_text(&c.database, &c.table, &c.column, c.rows);
+    }
     for cs in &s.consumers {
         let cm = m.consumer(&cs.name);
         cm.events_total.observe(cs.events);

@@ -91,6 +91,11 @@ pub struct CanalConfig {
     /// `mysql://user:password@host:port` of the database Canal reads, for column charsets
     /// (`information_schema`); required with `connection_charset = "ISO-8859-1"`.
     pub source_url: Secret,
+    /// `connection_charset = "UTF-8"` only: what to do with a row whose text arrived with
+    /// U+FFFD, the mark of a non-UTF-8 column Canal decoded lossily (`crate::canal::lossy`):
+    /// `deliver` it as it is (counted, warned once per column; the default) or `park` it in
+    /// the dead-letter queue instead of delivering changed data.
+    pub on_lossy_text: crate::canal::lossy::OnLossyText,
 }
 
 /// `canal.connection_charset`.
@@ -135,11 +140,21 @@ impl Default for CanalConfig {
             zk_session_timeout: Duration::from_secs(10),
             connection_charset: ConnectionCharset::Utf8,
             source_url: Secret::default(),
+            on_lossy_text: crate::canal::lossy::OnLossyText::Deliver,
         }
     }
 }
 
 impl CanalConfig {
+    /// The lossy-text check of UTF-8 mode (`on_lossy_text`), or None in raw text mode, where
+    /// the service decodes text itself and a U+FFFD is data.
+    pub fn lossy_text_check(&self) -> Option<crate::canal::lossy::OnLossyText> {
+        match self.connection_charset {
+            ConnectionCharset::Utf8 => Some(self.on_lossy_text),
+            ConnectionCharset::Iso8859_1 => None,
+        }
+    }
+
     /// ZooKeeper mode settings, or None in the simple mode.
     pub fn ha(&self) -> Option<crate::ha::HaConfig> {
         if self.zk_servers.trim().is_empty() {

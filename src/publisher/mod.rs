@@ -9,6 +9,7 @@
 pub mod amqp;
 pub mod celery;
 pub mod envelope;
+pub mod routes;
 mod session;
 pub mod topology;
 pub mod window;
