@@ -890,14 +890,9 @@ impl Sim {
             {
                 self.failed_epoch = Some(self.failed_epoch.map_or(epoch, |f| f.max(epoch)));
             }
-            let res = res.map_err(|e| match e {
-                PublishError::Unroutable { returned } => PartError::Unroutable {
-                    ids: returned.into_iter().map(|r| r.id).collect(),
-                    reason: "unroutable".into(),
-                },
-                e => PartError::Transient(e.to_string()),
-            });
-            self.router.confirmed(slot, batch, res);
+            // the Manager's own mapping
+            self.router
+                .confirmed(slot, batch, res.map_err(PartError::from));
         }
     }
 

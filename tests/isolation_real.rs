@@ -139,6 +139,10 @@ async fn delete_exchange(exchange: &str) {
 /// and the healthy consumer beside it received 0 of 50 rows in 33 s. Now the broken route's
 /// rows are parked with the reason, the healthy consumer gets every row, and the route is
 /// re-checked with backoff and used again once the exchange is back.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn an_exchange_deleted_at_run_time_parks_its_rows_and_the_others_flow_on() {
     let _lock = canal_lock().await;
@@ -247,6 +251,10 @@ async fn an_exchange_deleted_at_run_time_parks_its_rows_and_the_others_flow_on()
 /// Issue 20: in the default UTF-8 mode a latin1 column's non-ASCII characters arrive as
 /// U+FFFD, and nothing said so. Now the column is counted (status, /metrics), logged once with
 /// the fix; with `canal.on_lossy_text = "park"` the row is parked instead of delivered.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn lossy_latin1_text_is_counted_warned_and_parked_by_policy() {
     let _lock = canal_lock().await;
