@@ -38,6 +38,7 @@ pub mod manager;
 pub mod metrics;
 pub mod publisher;
 pub mod rules;
+pub mod secret;
 pub mod service;
 pub mod state;
 pub mod tap;

@@ -33,16 +33,16 @@ pub mod cli;
 pub mod error;
 pub mod load;
 pub mod schema;
-pub mod secret;
+
 #[cfg(test)]
 mod tests;
 pub mod validate;
 
+pub use crate::secret::{Secret, redact_url, string_or_scalar};
 pub use cli::{CanalFlags, CliOverrides, ServiceFlags};
 pub use error::{ConfigError, Origin};
 pub use load::{load, load_from};
 pub use schema::*;
-pub use secret::{Secret, redact_url, string_or_scalar};
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! defaults. Types carry what they can (enums for fixed choices, non-zero integers where zero
 //! is meaningless); [`super::validate`] checks the rest.
 
-use super::secret::{Secret, string_or_scalar};
+use crate::secret::{Secret, string_or_scalar};
 use serde::{Deserialize, Serialize};
 use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;

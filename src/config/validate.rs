@@ -3,7 +3,7 @@
 
 use super::error::{ConfigError, Origin};
 use super::schema::{Config, ConnectionCharset};
-use super::secret::Secret;
+use crate::secret::Secret;
 use std::path::Path;
 
 /// The longest `canal.fetch_wait` accepted (see its check).

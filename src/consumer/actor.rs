@@ -17,9 +17,9 @@
 
 use crate::backoff::Backoff;
 use crate::canal::connection::BatchRef;
+use crate::consumer::Mode;
 use crate::consumer::{Consumer, ConsumerContext, ConsumerError, Failure};
 use crate::event::ChangeEvent;
-use crate::manager::core::Mode;
 use crate::publisher::{Publish, PublishError};
 use crate::trigger::Trigger;
 use crate::trigger::{MessageFormat, Route};

@@ -12,8 +12,10 @@
 pub mod actor;
 pub mod canal_regex;
 pub mod filter;
+pub mod policy;
 
 pub use filter::TableFilter;
+pub use policy::{Mode, OnPoison, PoisonPolicy};
 
 use crate::event::ChangeEvent;
 use crate::trigger::{
@@ -59,10 +61,7 @@ pub fn default_dead_letter_route() -> Route {
     }
 }
 
-/// The dead-letter queue that goes with a worker queue: `<queue>.dead_letter`.
-pub fn dead_letter_queue(queue: &str) -> String {
-    format!("{queue}.dead_letter")
-}
+pub use crate::publisher::topology::dead_letter_queue;
 
 /// Where parked events go: the dead-letter queue of `default_route`'s queue, on the default
 /// exchange.

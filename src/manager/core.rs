@@ -27,6 +27,7 @@
 //!   roll the batch back (nothing is acked until an operator acts).
 
 use crate::canal::connection::BatchRef;
+pub use crate::consumer::policy::{Mode, OnPoison, PoisonPolicy};
 use crate::publisher::PublishError;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -64,55 +65,6 @@ impl ConsumerState {
 impl std::fmt::Display for ConsumerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// What a consumer does with failures it cannot get past.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnPoison {
-    /// Park the failing events (or unroutable triggers) in the dead-letter queue and go on.
-    #[default]
-    Park,
-    /// Retry forever / roll back; nothing of the batch is acked until it succeeds.
-    Stall,
-}
-
-/// A consumer's poison policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoisonPolicy {
-    pub on_poison: OnPoison,
-    /// Failures of the same part before it is parked (at least 1).
-    pub attempts: u32,
-}
-
-impl Default for PoisonPolicy {
-    fn default() -> Self {
-        PoisonPolicy {
-            on_poison: OnPoison::Park,
-            attempts: 3,
-        }
-    }
-}
-
-/// How a part is to be run.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// Run it; a failing event fails the part.
-    #[default]
-    Normal,
-    /// Run it; events that fail become dead letters (with `reason` if they fail no more).
-    ParkFailures { reason: String },
-    /// Run it again but publish only dead letters for these trigger ids (the broker could not
-    /// route them); its other triggers were confirmed already.
-    ParkIds { ids: Vec<String>, reason: String },
-    /// Do not run it: every event becomes a dead letter (the consumer is quarantined).
-    ParkAll { reason: String },
-}
-
-impl Mode {
-    pub fn is_park(&self) -> bool {
-        !matches!(self, Mode::Normal)
     }
 }
 

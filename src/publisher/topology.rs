@@ -82,7 +82,7 @@ pub async fn ensure_dead_letter_queue(
     q: &QueueConfig,
 ) -> Result<(), PublishError> {
     let dlq = QueueConfig {
-        name: crate::consumer::dead_letter_queue(&q.name),
+        name: dead_letter_queue(&q.name),
         declare: q.declare,
         durable: true,
         max_priority: None,
@@ -415,4 +415,9 @@ mod tests {
         );
         assert!(!a.inner().contains_key("x-max-priority"));
     }
+}
+
+/// The dead-letter queue that goes with a worker queue: `<queue>.dead_letter`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dead_letter")
 }

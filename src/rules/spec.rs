@@ -41,7 +41,7 @@ struct RawConsumer {
     /// `park` (default) or `stall`: what happens to a part that keeps failing or that the
     /// broker cannot route.
     #[serde(default)]
-    on_poison: Option<crate::manager::OnPoison>,
+    on_poison: Option<crate::consumer::OnPoison>,
     /// Failures of the same part before it is parked (default 3, at least 1).
     #[serde(default)]
     poison_attempts: Option<u32>,
@@ -170,7 +170,7 @@ pub struct ConsumerSpec {
     /// Where `dead_letter` sends failed rows.
     pub dead_letter_route: Route,
     /// What happens to parts that keep failing or cannot be routed.
-    pub poison: crate::manager::PoisonPolicy,
+    pub poison: crate::consumer::PoisonPolicy,
     pub rules: Vec<RuleSpec>,
 }
 
@@ -446,11 +446,11 @@ fn validate_consumer(
             .dead_letter_route
             .map(Route::from)
             .unwrap_or_else(default_dead_letter_route),
-        poison: crate::manager::PoisonPolicy {
+        poison: crate::consumer::PoisonPolicy {
             on_poison: c.on_poison.unwrap_or_default(),
             attempts: c
                 .poison_attempts
-                .unwrap_or(crate::manager::PoisonPolicy::default().attempts)
+                .unwrap_or(crate::consumer::PoisonPolicy::default().attempts)
                 .max(1),
         },
         rules,

@@ -53,7 +53,7 @@ pub enum TextSource {
     AsShipped,
     /// As raw bytes (connectionCharset ISO-8859-1): decoded with each column's charset, looked
     /// up in the source database at this URL.
-    Raw { source_url: crate::config::Secret },
+    Raw { source_url: crate::secret::Secret },
 }
 
 /// A decoded batch.

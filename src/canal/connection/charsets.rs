@@ -32,7 +32,7 @@ struct Wait {
 }
 
 impl RawText {
-    pub(super) fn new(source_url: &crate::config::Secret) -> RawText {
+    pub(super) fn new(source_url: &crate::secret::Secret) -> RawText {
         let source = SourceSchema::new(source_url.expose(), source_url.redacted())
             .map(Arc::new)
             .map_err(|e| e.to_string());
