@@ -318,6 +318,11 @@ pub fn explain_precondition_failed(q: &QueueConfig, text: &str) -> String {
     format!("{advice} (broker said: {text})")
 }
 
+/// The dead-letter queue that goes with a worker queue: `<queue>.dead_letter`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dead_letter")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,9 +420,4 @@ mod tests {
         );
         assert!(!a.inner().contains_key("x-max-priority"));
     }
-}
-
-/// The dead-letter queue that goes with a worker queue: `<queue>.dead_letter`.
-pub fn dead_letter_queue(queue: &str) -> String {
-    format!("{queue}.dead_letter")
 }
