@@ -162,9 +162,17 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
             "down"
         },
     );
+    // with several broker URLs (amqp.urls), which one is in use
+    let node = match (
+        broker.get("node").and_then(Value::as_u64),
+        broker.get("nodes").and_then(Value::as_u64),
+    ) {
+        (Some(n), Some(of)) if of > 1 => format!(" (node {n} of {of})"),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
-        "broker  {state:<12} {}  queue {}",
+        "broker  {state:<12} {}{node}  queue {}",
         s(broker, "broker"),
         s(broker, "queue")
     );

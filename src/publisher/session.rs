@@ -94,7 +94,6 @@ pub(super) struct Opened {
     channel: Channel,
 }
 
-/// Connect, check the topology, open the confirm-mode channel.
 /// The broker URL with a heartbeat, so a link that carries nothing is noticed: `heartbeat=10`
 /// is added unless the URL sets one (lapin reads it from the query).
 pub(super) fn with_heartbeat(url: &str) -> String {
@@ -108,17 +107,23 @@ pub(super) fn with_heartbeat(url: &str) -> String {
 /// Seconds between AMQP heartbeats unless the URL says otherwise.
 pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
 
-pub(super) async fn open(cfg: Arc<AmqpConfig>) -> Result<Opened, PublishError> {
-    let url = with_heartbeat(cfg.url.expose());
+/// Connect to `cfg.endpoints()[node]`, check the topology, open the confirm-mode channel.
+pub(super) async fn open(cfg: Arc<AmqpConfig>, node: usize) -> Result<Opened, PublishError> {
+    let endpoints = cfg.endpoints();
+    let url = endpoints
+        .get(node)
+        .or_else(|| endpoints.first())
+        .cloned()
+        .unwrap_or_default();
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from("canal-consumer publisher"));
     let limit = cfg.confirm_timeout.max(Duration::from_secs(5));
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-        PublishError::Unavailable(format!("{what} {}: {e}", redact_url(cfg.url.expose())))
+        PublishError::Unavailable(format!("{what} {}: {e}", redact_url(url.expose())))
     };
-    let conn = match tokio::time::timeout(limit, Connection::connect(&url, props)).await {
+    let conn = match tokio::time::timeout(limit, super::connect::connect(&cfg, &url, props)).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return Err(unavailable("cannot connect to", &e)),
+        Ok(Err(e)) => return Err(e),
         Err(_) => {
             return Err(unavailable(
                 "cannot connect to",
