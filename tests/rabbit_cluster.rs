@@ -408,10 +408,14 @@ async fn kill_9_of_the_queue_leader_loses_nothing() {
     let s = wait_status(&svc, "every batch acked", Duration::from_secs(60), settled).await;
     let leader = leader_of(queue);
     assert!(!leader.starts_with("ccq1@"), "new leader: {leader}");
+    assert_eq!(
+        s["broker"]["connects"], 1,
+        "the connection to node 2 was kept: {s:#}"
+    );
     eprintln!(
         "measured: kill -9 of the queue leader: new leader {leader}, all 1000 rows at the broker \
-         {all:?} after the kill; the service stayed on node {} (connects: {})",
-        s["broker"]["node"], s["broker"]["connects"]
+         {all:?} after the kill; the service stayed on {} (connects: {})",
+        s["broker"]["broker"], s["broker"]["connects"]
     );
     svc.terminate(Duration::from_secs(30));
 }
@@ -433,7 +437,7 @@ async fn two_of_three_nodes_down_stalls_without_an_ack_until_a_majority_is_back(
         |s| triggers(s) >= 100 && settled(s),
     )
     .await;
-    let acked = before["canal"]["batches_acked"].as_u64().unwrap();
+    assert!(settled(&before));
 
     ctl(&["kill", "2"]);
     ctl(&["kill", "3"]);
@@ -449,12 +453,10 @@ async fn two_of_three_nodes_down_stalls_without_an_ack_until_a_majority_is_back(
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     eprintln!("measured: two of three nodes down: /ready says {why}");
+    // the batch with the new rows waits unacked, and acks go in batch order: from now on not
+    // one batch is acked (batches without triggers, other tables' rows, were acked before)
     let s = svc.status().await;
-    assert_eq!(
-        s["canal"]["batches_acked"].as_u64().unwrap(),
-        acked,
-        "{s:#}"
-    );
+    let acked = s["canal"]["batches_acked"].as_u64().unwrap();
     assert!(s["batches_in_flight"].as_u64().unwrap() > 0, "{s:#}");
     // still nothing acked after a confirm timeout (5 s) and a retry
     let hold = Instant::now() + Duration::from_secs(8);
@@ -470,8 +472,10 @@ async fn two_of_three_nodes_down_stalls_without_an_ack_until_a_majority_is_back(
 
     let t0 = Instant::now();
     ctl(&["start", "2"]);
+    let started = t0.elapsed();
+    let t1 = Instant::now();
     let count = read_until(queue, Duration::from_secs(180), |c| c.has_all(200)).await;
-    let all = t0.elapsed();
+    let all = t1.elapsed();
     count.assert_exactly(200, "two of three nodes down, then a majority back");
     wait_status(
         &svc,

@@ -176,6 +176,8 @@ pub struct AmqpPublisher {
     shutting_down: bool,
     /// Which broker node to try next (`amqp.urls`).
     failover: Failover,
+    /// The queue topology was checked on an earlier connection (see [`session::open`]).
+    topology_verified: bool,
 }
 
 impl AmqpPublisher {
@@ -202,6 +204,7 @@ impl AmqpPublisher {
         };
         AmqpPublisher {
             failover: Failover::new(cfg.endpoints().len()),
+            topology_verified: false,
             attempt: 0,
             cfg: Arc::new(cfg),
             status: Arc::new(Mutex::new(status)),
@@ -243,7 +246,7 @@ impl AmqpPublisher {
         info!(broker = %broker, node = node + 1, nodes = self.failover.nodes(), "connecting to the broker");
         let cfg = self.cfg.clone();
         ctx.spawn(
-            session::open(cfg, node)
+            session::open(cfg, node, self.topology_verified)
                 .into_actor(self)
                 .map(|res, act, ctx| match res {
                     Ok(opened) => act.on_connected(opened, ctx),
@@ -263,6 +266,7 @@ impl AmqpPublisher {
         self.session = Some(tx);
         self.attempt = 0;
         self.failover.connected();
+        self.topology_verified = true;
         {
             let mut st = lock(&self.status);
             st.connects += 1;

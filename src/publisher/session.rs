@@ -107,8 +107,23 @@ pub(super) fn with_heartbeat(url: &str) -> String {
 /// Seconds between AMQP heartbeats unless the URL says otherwise.
 pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
 
+/// How long a reconnect waits for the topology re-check before it publishes anyway (see
+/// [`open`]).
+pub const TOPOLOGY_RECHECK: Duration = Duration::from_secs(2);
+
 /// Connect to `cfg.endpoints()[node]`, check the topology, open the confirm-mode channel.
-pub(super) async fn open(cfg: Arc<AmqpConfig>, node: usize) -> Result<Opened, PublishError> {
+///
+/// `verified`: this process has checked the topology on an earlier connection. A reconnect
+/// then waits at most [`TOPOLOGY_RECHECK`] for the check and publishes on without it: on a
+/// RabbitMQ cluster with a frozen node (SIGSTOP, a hung VM) a `queue.declare` waits for that
+/// node until the Erlang distribution gives up on it (`net_ticktime`, 60 s), while publishing
+/// to a quorum queue whose majority is up works. A queue that did vanish shows as returned
+/// messages, and the session declares it again.
+pub(super) async fn open(
+    cfg: Arc<AmqpConfig>,
+    node: usize,
+    verified: bool,
+) -> Result<Opened, PublishError> {
     let endpoints = cfg.endpoints();
     let url = endpoints
         .get(node)
@@ -132,8 +147,22 @@ pub(super) async fn open(cfg: Arc<AmqpConfig>, node: usize) -> Result<Opened, Pu
         }
     };
     let setup = async {
-        topology::ensure_queue(&conn, &cfg.queue).await?;
-        topology::ensure_dead_letter_queue(&conn, &cfg.queue).await?;
+        let check = async {
+            topology::ensure_queue(&conn, &cfg.queue).await?;
+            topology::ensure_dead_letter_queue(&conn, &cfg.queue).await
+        };
+        if verified {
+            match tokio::time::timeout(TOPOLOGY_RECHECK, check).await {
+                Ok(res) => res?,
+                Err(_) => warn!(
+                    broker = %redact_url(url.expose()),
+                    "the queue topology re-check got no answer within {TOPOLOGY_RECHECK:?} (is \
+                     a cluster node frozen?); publishing without it, as it was checked before"
+                ),
+            }
+        } else {
+            check.await?;
+        }
         let channel = conn
             .create_channel()
             .await
