@@ -487,7 +487,8 @@ async fn two_of_three_nodes_down_stalls_without_an_ack_until_a_majority_is_back(
     let (code, body) = svc.get("/ready").await;
     assert_eq!(code, 200, "{body}");
     eprintln!(
-        "measured: two of three nodes down: every row at the broker {all:?} after node 2 was started again"
+        "measured: two of three nodes down: node 2 back in {started:?}, every row at the broker \
+         {all:?} after that"
     );
     svc.terminate(Duration::from_secs(30));
 }
