@@ -400,6 +400,11 @@ impl Actor for AmqpPublisher {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(note) =
+            super::topology::quorum_priority_note(&self.cfg.queue, &self.cfg.priorities)
+        {
+            warn!("{note}");
+        }
         self.connect(ctx);
     }
 

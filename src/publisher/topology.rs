@@ -62,6 +62,37 @@ pub fn declare_arguments(q: &QueueConfig) -> FieldTable {
     args
 }
 
+/// What `amqp.priorities` mean on a quorum queue, when that differs from what they say: a
+/// warning for the log at start, `None` on classic queues (there `x-max-priority` and the
+/// config checks make them exact).
+///
+/// Quorum queues take no `x-max-priority`. RabbitMQ 3.x delivers them FIFO whatever the
+/// message priority; RabbitMQ 4.0+ has two levels, priority 0-4 (normal) and 5 and above
+/// (high, served first in a 2:1 ratio).
+pub fn quorum_priority_note(q: &QueueConfig, p: &crate::config::PriorityMap) -> Option<String> {
+    if q.queue_type != QueueType::Quorum {
+        return None;
+    }
+    let level = |v: u8| if v > 4 { "high" } else { "normal" };
+    Some(format!(
+        "quorum queue '{}': task priorities are not ordered on RabbitMQ 3.x (FIFO); RabbitMQ \
+         4.0+ has two levels, and amqp.priorities maps high={} ({}), normal={} ({}), low={} ({}) \
+         there{}",
+        q.name,
+        p.high,
+        level(p.high),
+        p.normal,
+        level(p.normal),
+        p.low,
+        level(p.low),
+        if level(p.normal) == level(p.high) {
+            "; set amqp.priorities.normal to 4 or less for high to go first"
+        } else {
+            ""
+        }
+    ))
+}
+
 /// The config key that sets an `x-` argument, for mismatch messages.
 pub fn config_key_of(arg: &str) -> Option<&'static str> {
     Some(match arg {
@@ -544,6 +575,37 @@ mod tests {
         let a = declare_arguments(&at_most);
         assert!(!a.inner().contains_key("x-dead-letter-strategy"));
         assert!(!a.inner().contains_key("x-overflow"));
+    }
+
+    #[test]
+    fn priorities_on_a_quorum_queue_are_explained() {
+        let quorum = QueueConfig {
+            queue_type: QueueType::Quorum,
+            max_priority: None,
+            ..QueueConfig::default()
+        };
+        let note = quorum_priority_note(&quorum, &crate::config::PriorityMap::default())
+            .expect("a note for quorum queues");
+        assert!(note.contains("not ordered on RabbitMQ 3.x"), "{note}");
+        assert!(
+            note.contains("high=9 (high), normal=5 (high), low=1 (normal)"),
+            "{note}"
+        );
+        assert!(
+            note.contains("set amqp.priorities.normal to 4 or less"),
+            "{note}"
+        );
+        let two_levels = crate::config::PriorityMap {
+            high: 9,
+            normal: 4,
+            low: 0,
+        };
+        let note = quorum_priority_note(&quorum, &two_levels).unwrap();
+        assert!(!note.contains("set amqp.priorities.normal"), "{note}");
+        assert_eq!(
+            quorum_priority_note(&q(Some(10)), &crate::config::PriorityMap::default()),
+            None
+        );
     }
 
     #[test]
