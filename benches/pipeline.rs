@@ -162,8 +162,7 @@ fn perftest(url: &str, size: usize, window: usize, seconds: u64) -> f64 {
         .output()
         .expect("java (PerfTest)");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let rate = text
-        .lines()
+    text.lines()
         .filter_map(|l| l.split("sending rate avg:").nth(1))
         .filter_map(|r| r.split_whitespace().next()?.parse::<f64>().ok())
         .next_back()
@@ -172,9 +171,9 @@ fn perftest(url: &str, size: usize, window: usize, seconds: u64) -> f64 {
                 "no rate in PerfTest's output: {text}{}",
                 String::from_utf8_lossy(&out.stderr)
             )
-        });
-    rate
+        })
 }
+
 const QUEUE: &str = "cc_bench";
 const PROBE_QUEUE: &str = "cc_bench_probe";
 
@@ -1211,9 +1210,13 @@ async fn main() {
         sample.0.len(),
         sample.1.delivery_mode(),
         sample.1.priority(),
-        o.max_priority
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "none".into())
+        if cluster() {
+            "none (quorum)".to_string()
+        } else {
+            o.max_priority
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "none".into())
+        }
     );
 
     // ---- broker probe, the service's throughput, broker probe again
