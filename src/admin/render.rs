@@ -375,6 +375,31 @@ mod tests {
         assert!(!render_status(&plain, 0).contains("replica"));
     }
     #[test]
+    fn names_the_broker_node_in_use_when_there_are_several() {
+        let mut v = serde_json::json!({
+            "version": "0.1.0", "uptime_seconds": 1,
+            "canal": {"state": "connected"},
+            "broker": {"state": "connected", "broker": "amqp://u:***@rabbit2:5672/%2f",
+                       "node": 2, "nodes": 3, "queue": "plugin_tasks"},
+            "broker_connected": true, "consumers": []
+        });
+        let text = render_status(&v, 2_000);
+        assert!(
+            text.contains(
+                "broker  connected    amqp://u:***@rabbit2:5672/%2f (node 2 of 3)  queue plugin_tasks"
+            ),
+            "{text}"
+        );
+        // one broker: no node count
+        v["broker"]["nodes"] = 1.into();
+        let text = render_status(&v, 2_000);
+        assert!(
+            text.contains("amqp://u:***@rabbit2:5672/%2f  queue plugin_tasks"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn renders_a_compact_status() {
         let v = serde_json::json!({
             "version": "0.1.0",
