@@ -62,6 +62,16 @@ pub fn lock_path(dir: &Path, server: &str, destination: &str, client_id: &str) -
     ))
 }
 
+/// The rewind guard's file for this Canal identity, in `dir` (beside the lock).
+pub fn confirmed_path(dir: &Path, server: &str, destination: &str, client_id: &str) -> PathBuf {
+    dir.join(format!(
+        ".canal-consumer-{}-{}-{}.confirmed.json",
+        sanitize(server),
+        sanitize(destination),
+        sanitize(client_id)
+    ))
+}
+
 impl InstanceLock {
     /// Take the lock or say who holds it.
     pub fn acquire(

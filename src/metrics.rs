@@ -15,12 +15,14 @@
 //! the registry between scrapes. Nothing here fails.
 //!
 //! The exported names (what `deploy/grafana` and `deploy/prometheus` query):
-//! `canal_{batches,events,rollbacks,reconnects}_total`, `canal_inflight_batches`,
+//! `canal_{batches,events,rollbacks,reconnects,rewind_skipped}_total`, `canal_inflight_batches`,
 //! `canal_lag_seconds`, `publisher_{published,confirmed,returned,nacked,timeouts}_total`,
 //! `publisher_unconfirmed`, `publisher_blocked`, `ha_active` (1 active or no ZooKeeper, 0 standby),
 //! and per consumer
 //! `consumer_{events,triggers,errors,restarts}_total`, `consumer_lag_seconds`,
-//! `consumer_enabled`.
+//! `consumer_enabled`; per table column whose text arrived with U+FFFD (UTF-8 mode, see
+//! `canal::lossy`) `canal_lossy_text_rows_total{database,table,column}` (bounded by the
+//! schema: one series per such column).
 
 use dashmap::DashMap;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -137,6 +139,13 @@ struct ConsumerFamilies {
     enabled: Family<ConsumerLabel, PromGauge<i64, AtomicI64>>,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ColumnLabel {
+    database: String,
+    table: String,
+    column: String,
+}
+
 /// Every metric of the service.
 #[derive(Debug)]
 pub struct Metrics {
@@ -144,6 +153,7 @@ pub struct Metrics {
     pub canal_events_total: Counter,
     pub canal_rollbacks_total: Counter,
     pub canal_reconnects_total: Counter,
+    pub canal_rewind_skipped_total: Counter,
     pub canal_inflight_batches: Gauge,
     pub canal_lag_seconds: FloatGauge,
     pub publisher_published_total: Counter,
@@ -157,6 +167,7 @@ pub struct Metrics {
     pub ha_active: Gauge,
     families: ConsumerFamilies,
     consumers: DashMap<String, Arc<ConsumerMetrics>>,
+    lossy_text_rows: Family<ColumnLabel, PromCounter<u64, AtomicU64>>,
     registry: Registry,
 }
 
@@ -176,6 +187,7 @@ impl Default for Metrics {
             canal_events_total: Counter::default(),
             canal_rollbacks_total: Counter::default(),
             canal_reconnects_total: Counter::default(),
+            canal_rewind_skipped_total: Counter::default(),
             canal_inflight_batches: Gauge::default(),
             canal_lag_seconds: FloatGauge::default(),
             publisher_published_total: Counter::default(),
@@ -188,6 +200,7 @@ impl Default for Metrics {
             ha_active: Gauge::default(),
             families: ConsumerFamilies::default(),
             consumers: DashMap::new(),
+            lossy_text_rows: Family::default(),
             registry: Registry::default(),
         };
         m.register();
@@ -202,7 +215,7 @@ impl Metrics {
 
     fn register(&mut self) {
         let r = &mut self.registry;
-        let counters: [(&str, &str, &Counter); 9] = [
+        let counters: [(&str, &str, &Counter); 10] = [
             (
                 "canal_batches_total",
                 "Canal batches fetched.",
@@ -222,6 +235,11 @@ impl Metrics {
                 "canal_reconnects_total",
                 "Reconnections to the Canal server.",
                 &self.canal_reconnects_total,
+            ),
+            (
+                "canal_rewind_skipped_total",
+                "Events Canal sent again at or before the newest confirmed position (its cursor went backwards), acked without being delivered.",
+                &self.canal_rewind_skipped_total,
             ),
             (
                 "publisher_published_total",
@@ -320,6 +338,26 @@ impl Metrics {
             help("1 when the consumer is enabled, 0 when disabled."),
             f.enabled.clone(),
         );
+        r.register(
+            counter_name("canal_lossy_text_rows_total"),
+            help(
+                "Rows whose text in this column arrived with U+FFFD: Canal decoded a non-UTF-8 column lossily (canal.connection_charset = UTF-8).",
+            ),
+            self.lossy_text_rows.clone(),
+        );
+    }
+
+    /// Catch up with the count of rows whose text in `database.table.column` arrived lossy.
+    pub fn observe_lossy_text(&self, database: &str, table: &str, column: &str, rows: u64) {
+        let label = ColumnLabel {
+            database: database.to_string(),
+            table: table.to_string(),
+            column: column.to_string(),
+        };
+        self.lossy_text_rows
+            .get_or_create(&label)
+            .inner()
+            .fetch_max(rows, Ordering::Relaxed);
     }
 
     /// The series of one consumer, created on first use.

@@ -65,8 +65,25 @@ pub fn load_consumers(cfg: &Config) -> Result<Vec<rules::ConsumerSpec>, StartErr
     Ok(specs)
 }
 
-/// Run the service until it is stopped. Returns the process exit code.
+/// Requests to stop, each named (a signal's name): the first starts a graceful shutdown, a
+/// second one during it exits at once.
+pub type StopRequests = futures::stream::BoxStream<'static, &'static str>;
+
+/// SIGTERM and SIGINT, as [`StopRequests`].
+pub fn os_signals() -> StopRequests {
+    Box::pin(futures::stream::unfold((), |()| async {
+        Some((signal().await, ()))
+    }))
+}
+
+/// Run the service until SIGTERM or SIGINT stops it. Returns the process exit code.
 pub fn run(cfg: Config) -> i32 {
+    run_until(cfg, os_signals)
+}
+
+/// Run the service until `stop` (made on the service's runtime) asks it to stop. Returns the
+/// process exit code: what a test drives in place of signals.
+pub fn run_until(cfg: Config, stop: impl FnOnce() -> StopRequests) -> i32 {
     let specs = match load_consumers(&cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -75,13 +92,7 @@ pub fn run(cfg: Config) -> i32 {
         }
     };
     // one instance per Canal client identity on this host, held until the process exits
-    let state_dir = cfg
-        .consumers
-        .state_file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."))
-        .to_path_buf();
+    let state_dir = state_dir(&cfg);
     // (in ZooKeeper mode keyed on the ensemble: two replicas on one host need their own state
     // files; which of them works is ZooKeeper's decision, see crate::ha)
     let _lock = match crate::instance::InstanceLock::acquire(
@@ -97,7 +108,7 @@ pub fn run(cfg: Config) -> i32 {
         }
     };
     let sys = System::new();
-    let started = sys.block_on(start(cfg, specs));
+    let started = sys.block_on(start(cfg, specs, stop));
     match started {
         Err(e) => {
             eprintln!("error: {e}");
@@ -178,7 +189,11 @@ async fn check_routes(cfg: &Config, specs: &[rules::ConsumerSpec]) -> Result<(),
     }
 }
 
-async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), StartError> {
+async fn start(
+    cfg: Config,
+    specs: Vec<rules::ConsumerSpec>,
+    stop: impl FnOnce() -> StopRequests,
+) -> Result<(), StartError> {
     let metrics = Metrics::new();
     check_routes(&cfg, &specs).await?;
     tracing::info!(
@@ -218,6 +233,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
     let manager = Manager::new(
         ManagerConfig {
             extra_filter: cfg.canal.filter.clone(),
+            lossy_text: cfg.canal.lossy_text_check(),
         },
         entries,
     )
@@ -226,6 +242,14 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
     let manager = manager.start();
     tracing::info!(filter = %filter, "canal subscription filter");
     let mut conn_cfg = cfg.canal.connection(filter, true);
+    if cfg.canal.rewind_guard {
+        conn_cfg.confirmed_file = Some(crate::instance::confirmed_path(
+            &state_dir(&cfg),
+            &cfg.canal.lock_server(),
+            &cfg.canal.destination,
+            &cfg.canal.client_id,
+        ));
+    }
     let ha = cfg.canal.ha();
     let lease_tx = ha.as_ref().map(|_| {
         let (tx, rx) = crate::ha::zk::channel();
@@ -243,12 +267,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         );
         let (release, release_rx) = tokio::sync::oneshot::channel();
         ha_release = Some(release);
-        actix::spawn(crate::ha::zk::run(
-            ha,
-            tx,
-            connection.clone().recipient(),
-            release_rx,
-        ));
+        actix::spawn(crate::ha::zk::run(ha, tx, release_rx));
     }
     manager.do_send(AttachConnection((&connection).into()));
 
@@ -287,6 +306,7 @@ async fn start(cfg: Config, specs: Vec<rules::ConsumerSpec>) -> Result<(), Start
         admin_handle,
         cfg.shutdown.deadline,
         shutting_down,
+        stop(),
     ));
     Ok(())
 }
@@ -314,8 +334,12 @@ async fn shutdown_on_signal(
     admin: Option<actix_web::dev::ServerHandle>,
     deadline: Duration,
     shutting_down: Arc<AtomicBool>,
+    mut stop: StopRequests,
 ) {
-    let first = signal().await;
+    use futures::StreamExt;
+    let Some(first) = stop.next().await else {
+        return; // nobody can ask any more: run until the process ends
+    };
     shutting_down.store(true, Ordering::SeqCst);
 
     tracing::info!(signal = first, deadline = ?deadline, "shutdown requested: finishing batches in flight");
@@ -370,7 +394,7 @@ async fn shutdown_on_signal(
             );
             1
         }
-        second = signal() => {
+        Some(second) = stop.next() => {
             tracing::warn!(signal = second, "second signal: exiting now; unacked batches are redelivered later");
             1
         }
@@ -379,4 +403,15 @@ async fn shutdown_on_signal(
         h.stop(false).await;
     }
     System::current().stop_with_code(code);
+}
+
+/// The directory of `consumers.state_file`: the instance lock and the rewind guard's file live
+/// beside it.
+fn state_dir(cfg: &Config) -> std::path::PathBuf {
+    cfg.consumers
+        .state_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf()
 }

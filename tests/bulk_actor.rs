@@ -15,6 +15,7 @@ use canal_consumer::publisher::RecordingSink;
 use canal_consumer::rules::{ConfigConsumer, parse_file};
 use canal_consumer::trigger::{Route, Trigger};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -98,6 +99,17 @@ fn harness_with(config: &'static str) -> Harness {
 
 /// Processes `events` as one part in `mode`; returns what was published for it.
 async fn part(h: &Harness, id: i64, events: &[ChangeEvent], mode: Mode) -> Vec<Trigger> {
+    part_parking(h, id, events, mode, BTreeMap::new()).await
+}
+
+/// [`part`] with rows to dead-letter unprocessed (`ProcessBatch::park`).
+async fn part_parking(
+    h: &Harness,
+    id: i64,
+    events: &[ChangeEvent],
+    mode: Mode,
+    park: BTreeMap<usize, String>,
+) -> Vec<Trigger> {
     h.recorded.lock().unwrap().clear();
     let processed = h
         .actor
@@ -106,6 +118,7 @@ async fn part(h: &Harness, id: i64, events: &[ChangeEvent], mode: Mode) -> Vec<T
             mode,
             events: Arc::new(events.to_vec()),
             indices: Arc::new((0..events.len()).collect()),
+            park: Arc::new(park),
         })
         .await
         .unwrap()
@@ -228,6 +241,7 @@ async fn a_failed_part_sends_no_bulk_and_its_retry_sends_all_of_it() {
             mode: Mode::Normal,
             events: Arc::new(events.to_vec()),
             indices: Arc::new((0..events.len()).collect()),
+            park: Default::default(),
         })
         .await
         .unwrap();
@@ -247,6 +261,7 @@ async fn a_failed_part_sends_no_bulk_and_its_retry_sends_all_of_it() {
                 mode: Mode::Normal,
                 events: Arc::new(fixed.to_vec()),
                 indices: Arc::new((0..fixed.len()).collect()),
+                park: Default::default(),
             })
             .await
             .unwrap();
@@ -261,5 +276,63 @@ async fn a_failed_part_sends_no_bulk_and_its_retry_sends_all_of_it() {
     assert_eq!(
         sent[0].payload,
         json!([{"id": 1, "x": 10}, {"id": 3, "x": 30}])
+    );
+}
+
+/// Rows the Manager marks to park (lossy text with `canal.on_lossy_text = "park"`) become dead
+/// letters with their reason instead of running their rules, in a normal run and in a park
+/// run; the other rows trigger as usual. A ParkIds re-run (some triggers of the normal run
+/// were refused) does not park them a second time: their dead letters went out with the
+/// normal run.
+#[actix_rt::test]
+async fn rows_marked_to_park_become_dead_letters_once() {
+    let h = harness();
+    let events = [event(1, true), event(2, true), event(3, true)];
+    let park = || BTreeMap::from([(1, "lossy text: column(s) x".to_string())]);
+    let normal = part_parking(&h, 1, &events, Mode::Normal, park()).await;
+    let plugins: Vec<&str> = normal.iter().map(|t| t.plugin.as_str()).collect();
+    assert_eq!(plugins, vec!["dead_letter", "p"], "{normal:#?}");
+    assert_eq!(normal[0].payload["event"]["data"]["id"], 2);
+    assert_eq!(normal[0].payload["error"], "lossy text: column(s) x");
+    assert_eq!(
+        normal[1].payload,
+        json!([{"id": 1, "x": 10}, {"id": 3, "x": 30}]),
+        "row 2 is in no bulk"
+    );
+    let failures = part_parking(
+        &h,
+        2,
+        &events,
+        Mode::ParkFailures {
+            reason: "test".into(),
+        },
+        park(),
+    )
+    .await;
+    assert_eq!(
+        failures.iter().map(|t| &t.id).collect::<Vec<_>>(),
+        normal.iter().map(|t| &t.id).collect::<Vec<_>>()
+    );
+    let rerun = part_parking(
+        &h,
+        3,
+        &events,
+        Mode::ParkIds {
+            ids: vec![normal[1].id.clone()],
+            reason: "unroutable".into(),
+        },
+        park(),
+    )
+    .await;
+    assert_eq!(
+        rerun.len(),
+        2,
+        "the refused bulk's two rows only: {rerun:#?}"
+    );
+    assert!(
+        rerun
+            .iter()
+            .all(|t| t.payload["original_id"] == json!(normal[1].id)),
+        "{rerun:#?}"
     );
 }

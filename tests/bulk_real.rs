@@ -46,6 +46,10 @@ fn row_counts(got: &[Got]) -> BTreeMap<i64, usize> {
     out
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_bulk_rule_delivers_every_row_exactly_once_in_list_payloads() {
     let _lock = canal_lock().await;
@@ -107,6 +111,10 @@ async fn a_bulk_rule_delivers_every_row_exactly_once_in_list_payloads() {
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_real_celery_worker_gets_each_bulk_as_a_list_argument() {
     let _lock = canal_lock().await;

@@ -29,6 +29,10 @@ fn text(s: &str) -> Value {
     Value::Text(s.to_string())
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn every_common_type_arrives_with_the_value_written() {
     let _lock = canal_lock().await;
@@ -149,6 +153,10 @@ async fn every_common_type_arrives_with_the_value_written() {
     assert!(del.position.offset > upd.position.offset);
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_multi_row_transaction_arrives_whole_and_in_order() {
     let _lock = canal_lock().await;
@@ -193,6 +201,10 @@ async fn a_multi_row_transaction_arrives_whole_and_in_order() {
     assert_eq!(positions.len(), 260, "positions are unique");
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn ddl_arrives_as_a_ddl_event() {
     let _lock = canal_lock().await;
@@ -274,6 +286,10 @@ async fn rows_1_to_3_come_again_and_are_acked(f: &str, table: &str) {
         .expect("get");
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn unacked_batches_are_redelivered_and_acked_ones_are_not() {
     let _lock = canal_lock().await;
@@ -307,6 +323,10 @@ async fn unacked_batches_are_redelivered_and_acked_ones_are_not() {
 /// fetched the same rows again. Canal never reuses a batch id while it runs and refuses an ack
 /// for one it no longer holds (`CanalServerWithEmbedded.ack`: "batchId ... is not exist"), so
 /// the stale acks ack nothing of the successor's: its rows are still there.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_stale_ack_from_a_replaced_session_acks_nothing_of_its_successor() {
     let _lock = canal_lock().await;
@@ -343,6 +363,10 @@ async fn a_stale_ack_from_a_replaced_session_acks_nothing_of_its_successor() {
     rows_1_to_3_come_again_and_are_acked(&f, table).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_wrong_password_is_a_clear_error_naming_the_destination() {
     let _lock = canal_lock().await;
@@ -430,6 +454,10 @@ impl actix::Handler<CanalEvent> for Collector {
     }
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn every_row_arrives_across_a_canal_server_restart() {
     let _lock = canal_lock().await;
@@ -525,6 +553,10 @@ fn tail(filter: &str, extra: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn tail_prints_json_lines_and_rolls_back_unless_told_to_ack() {
     let _lock = canal_lock().await;
@@ -569,6 +601,10 @@ async fn tail_prints_json_lines_and_rolls_back_unless_told_to_ack() {
 /// `deploy/local/canal/conf/canal.properties`) is smaller than the smallest transaction, so the
 /// wait here (10 minutes) is never what delivers the row. With Canal's default 1 KiB unit this
 /// row alone would not end the poll and the test would time out.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_lone_row_ends_a_long_poll_for_one_unit() {
     let _lock = canal_lock().await;
@@ -617,6 +653,10 @@ async fn a_lone_row_ends_a_long_poll_for_one_unit() {
 /// `canal.mem_unit` must be the server's memunit: one that is smaller is seen in the first
 /// long-poll answer (Canal took more than one of our units before its last entry) and named in
 /// the connection's status; the right one never is.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn a_memory_unit_smaller_than_the_servers_is_named_in_status() {
     let _lock = canal_lock().await;

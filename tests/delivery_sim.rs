@@ -1,12 +1,21 @@
-//! Deterministic simulation of the delivery path: the three sans-IO cores wired together
-//! (the connection's [`BatchWindow`], the Manager's [`Router`], the publisher's
-//! [`ConfirmWindow`]) with a model Canal server, model consumers and a model broker.
+//! Deterministic simulation of the delivery path: the sans-IO cores wired together (the Canal
+//! connection's [`ConnectionCore`] with its batch window, the Manager's [`Router`], the
+//! publisher's [`ConfirmWindow`]) with a model Canal server, model consumers, a model broker
+//! and a virtual clock.
 //!
-//! A seeded RNG picks, at every step, one of: fetch, write acks, a consumer answering (ok,
-//! error/panic → restart and retry, quarantine), a retry timer, publishing, a broker ack /
-//! multi-ack / nack / return / confirm timeout / connection loss, a Canal disconnect and
-//! reconnect, enable and disable of a consumer, and a drain (graceful shutdown). After every
-//! step the invariants are checked:
+//! A seeded RNG picks, at every step, one of: the answer of the operation on the Canal session
+//! (connect, GET, acks + GET, subscribe, rollback, close), the end of a batch's decoding
+//! (sometimes undecodable: a stall the operator skips; sometimes a panic: a rollback), a
+//! consumer answering (ok, error/panic → restart and retry, quarantine), a retry timer,
+//! publishing, a broker ack / multi-ack / nack / return / confirm timeout / connection loss,
+//! the Canal connection dropping, the Canal server restarting (its saved cursor may be older
+//! than the last ack: it **rewinds**; it numbers batches from 1 again), Canal flushing its
+//! cursor, an ack written but never received, the clock jumping to the next armed timer
+//! (reconnect backoff, the pause after a rollback, the ack wait), enable and disable of a
+//! consumer (which changes the subscription: the model server filters rows when it parses
+//! them, as Canal does), and a drain (graceful shutdown). In ZooKeeper seeds the connection
+//! also obeys a lease that the model ZooKeeper renews, lets run out, or hands to another
+//! replica. After every step the invariants are checked:
 //!
 //! - (a) Canal acks a batch only when, for every consumer that was never disabled, every row up
 //!   to the end of that batch has a message the broker accepted (acks also go in batch order:
@@ -23,23 +32,34 @@
 //!   what is there without waiting (so latency never depends on a fixed wait while rows keep
 //!   coming);
 //! - (g) a long poll is written with no batch of its epoch in flight (their acks went out
-//!   before it), unless the wait for those acks ended (the shell's `fetch_wait` timer, a step
-//!   here), so a batch stuck downstream does not stop the fetching;
-//! - (h) once a drain has ended (the window said [`BatchWindow::drained`]: the shell then stops
-//!   the publisher and closes the session), no batch of that epoch arrives any more: a GET
-//!   written before the drain began is answered before the drain ends.
+//!   before it), unless the wait for those acks ended (the `fetch_wait` timer fired), so a batch
+//!   stuck downstream does not stop the fetching;
+//! - (h) once a drain has ended (the core said [`Action::Drained`]: the shell then stops the
+//!   publisher and closes the session), no batch of that epoch is delivered any more;
+//! - (i) a row Canal sends again after it was acked (a rewind) is not published again: no
+//!   channel write for a row at or before the newest row shipped in an acked batch repeats a
+//!   message the broker had accepted when its row was acked;
+//! - (j) the toggled consumer: once its `enable` has returned (the core said the filter is in
+//!   force), every row of its tables committed after that reaches it while it stays enabled;
+//! - (k) ZooKeeper seeds: no GET or ACK is written while the model ZooKeeper's lease is over;
+//! - (l) the model has one client: the connection never reports a conflict with another.
 //!
-//! Rows are committed over time (a step commits a few more), so GETs also find nothing. A GET
-//! is two steps, as on the wire: written (the model server answers it then), and its answer
-//! read later, with other steps between; acks wait while it is out (one session, in order).
+//! A GET is two steps, as on the wire: written (the model server answers it then), and its
+//! answer read later, with other steps between; one operation is on the session at a time.
 //!
 //! A failing seed reproduces exactly: `SIM_SEED=1234 cargo test --test delivery_sim -- --nocapture`.
 //! More seeds: `SIM_SEEDS=1000000 cargo test --release --test delivery_sim` (see README).
 // Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
 
-use canal_consumer::canal::window::{BatchRef, BatchWindow, GetMode};
+use canal_consumer::canal::connection::ConnectionState;
+use canal_consumer::canal::connection::core::{
+    Action, ConnectionCore, CoreConfig, Decoded, Done, EventsView, Failure, FailureKind, Input, Op,
+    RawView, Timer,
+};
+use canal_consumer::canal::window::BatchRef;
 use canal_consumer::event::{EventType, Position};
+use canal_consumer::ha::{Lease, Role, ZkSession};
 use canal_consumer::manager::core::{
     Command, Mode, OnPoison, PartError, PoisonPolicy, Processed, Router,
 };
@@ -51,45 +71,141 @@ use std::time::{Duration, Instant};
 
 const MAX_BATCHES: usize = 4;
 const ROW_BYTES: usize = 100;
-const MAX_ROWS_PER_BATCH: usize = 5;
+/// GET size in rows (one row, one Canal unit of ROW_BYTES).
+const FETCH_ROWS: usize = 5;
 const MAX_BYTES: usize = 8 * ROW_BYTES;
 const MAX_UNCONFIRMED: usize = 6;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+const FETCH_WAIT: Duration = Duration::from_millis(100);
+const LEASE: Duration = Duration::from_secs(2);
 const CONSUMERS: usize = 3;
+const TABLES: usize = 4;
+/// The toggled consumer.
+const TOGGLED: usize = 2;
+const BASE_MS: i64 = 1_700_000_000_000;
 
 #[path = "support/rng.rs"]
 mod rng;
 use rng::Rng;
 
+fn position(row: usize) -> Position {
+    Position {
+        log_file: "mysql-bin.000001".into(),
+        offset: 4 + 100 * row as u64,
+        row_index: 0,
+        server_id: 1,
+        gtid: None,
+    }
+}
+
+/// A GET's answer as the model server sends it: rows `start..end`, one entry each; `events`
+/// are the rows its filter let through (when it parsed them).
+#[derive(Debug, Clone)]
+struct SimRaw {
+    id: i64,
+    start: usize,
+    end: usize,
+    asked: i32,
+    shipped: Vec<usize>,
+}
+
+impl RawView for SimRaw {
+    fn batch_id(&self) -> i64 {
+        self.id
+    }
+    fn frame_bytes(&self) -> usize {
+        (self.end - self.start) * ROW_BYTES
+    }
+    fn asked(&self) -> i32 {
+        self.asked
+    }
+    fn entry_sizes(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
+        (self.start..self.end).map(|_| ROW_BYTES)
+    }
+}
+
+/// Decoded rows: (row, position, executed at).
+#[derive(Debug, Clone, Default)]
+struct SimEvents(Vec<(usize, Position, i64)>);
+
+impl EventsView for SimEvents {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn key(&self, i: usize) -> (&Position, i64) {
+        (&self.0[i].1, self.0[i].2)
+    }
+    fn drop_first(&mut self, n: usize) {
+        self.0.drain(..n);
+    }
+}
+
+type Core = ConnectionCore<SimRaw, SimEvents>;
+
 /// The model Canal server: one client identity, a cursor, batches handed out in order.
 struct Server {
-    /// Table (0..3) of each row of the binlog.
+    /// Table of each row of the binlog.
     rows: Vec<u8>,
     /// Rows committed so far (the rest are not in the binlog yet).
     committed: usize,
+    /// Whether the filter in force when the row was parsed let it through.
+    parsed: Vec<bool>,
+    /// The subscription filter in force (a table mask).
+    filter: u8,
     acked_upto: usize,
+    /// The cursor as last flushed to its meta store: a restart resumes anywhere from here to
+    /// `acked_upto` (Canal flushes periodically).
+    saved_upto: usize,
     delivered_upto: usize,
-    outstanding: VecDeque<(i64, usize, usize)>,
+    /// Batches handed out and not acked: id, rows, and the last row it shipped.
+    outstanding: VecDeque<(i64, usize, usize, Option<usize>)>,
     next_id: i64,
+    /// Accepting connections.
+    up: bool,
+    /// The highest row ever acked (the cursor may go back; this does not).
+    high_acked: usize,
 }
 
 impl Server {
-    fn get(&mut self, max_rows: usize) -> Option<(i64, usize, usize)> {
-        if self.delivered_upto >= self.committed {
-            return None;
+    fn commit(&mut self, n: usize) {
+        let to = (self.committed + n).min(self.rows.len());
+        for r in self.committed..to {
+            self.parsed[r] = self.filter & (1 << self.rows[r]) != 0;
         }
+        self.committed = to;
+    }
+
+    fn get(&mut self, asked: usize, overshoot: bool) -> SimRaw {
         let start = self.delivered_upto;
-        let end = (start + max_rows).min(self.committed);
+        if start >= self.committed {
+            return SimRaw {
+                id: -1,
+                start,
+                end: start,
+                asked: asked as i32,
+                shipped: Vec::new(),
+            };
+        }
+        // Canal takes entries while it has taken at most `asked` units: one more may ride along
+        let end = (start + asked + usize::from(overshoot)).min(self.committed);
         self.delivered_upto = end;
         let id = self.next_id;
         self.next_id += 1;
-        self.outstanding.push_back((id, start, end));
-        Some((id, start, end))
+        let shipped: Vec<usize> = (start..end).filter(|&r| self.parsed[r]).collect();
+        self.outstanding
+            .push_back((id, start, end, shipped.last().copied()));
+        SimRaw {
+            id,
+            start,
+            end,
+            asked: asked as i32,
+            shipped,
+        }
     }
 
     /// Canal refuses an ack that is not for its oldest outstanding batch.
-    fn ack(&mut self, id: i64) -> (usize, usize) {
-        let (first, start, end) = *self
+    fn ack(&mut self, id: i64) -> (usize, usize, Option<usize>) {
+        let (first, start, end, last_shipped) = *self
             .outstanding
             .front()
             .unwrap_or_else(|| panic!("ack of batch {id} with nothing outstanding"));
@@ -97,12 +213,26 @@ impl Server {
         self.outstanding.pop_front();
         assert_eq!(start, self.acked_upto);
         self.acked_upto = end;
-        (start, end)
+        self.high_acked = self.high_acked.max(end);
+        (start, end, last_shipped)
     }
 
     fn rollback(&mut self) {
         self.outstanding.clear();
         self.delivered_upto = self.acked_upto;
+    }
+
+    /// A restart: the cursor comes back from the meta store (possibly older than the last
+    /// ack), batch ids start again at 1, rows are parsed again with the filter in force.
+    fn restart(&mut self, cursor: usize) {
+        self.acked_upto = cursor;
+        self.saved_upto = cursor;
+        self.outstanding.clear();
+        self.delivered_upto = cursor;
+        self.next_id = 1;
+        for r in cursor..self.committed {
+            self.parsed[r] = self.filter & (1 << self.rows[r]) != 0;
+        }
     }
 }
 
@@ -162,34 +292,70 @@ fn row_id(row: usize, consumer: usize) -> String {
     message_id(&source, &name(consumer), Some("r"), "p", 0)
 }
 
-/// A GET on the wire: the epoch it was written in, how it asked, and the model server's answer.
-struct PendingGet {
-    epoch: u64,
-    mode: GetMode,
-    max: usize,
-    answer: Option<(i64, usize, usize)>,
+/// The model ZooKeeper (ZooKeeper seeds): the lease the connection obeys, and until when the
+/// client running node is really ours (another replica could take it after that).
+struct Zk {
+    lease: Lease,
+    truth_until: Instant,
+}
+
+/// An operation on the session, written; its answer is read by a later step.
+enum Pending {
+    Connect {
+        generation: u64,
+        filter: String,
+    },
+    Op {
+        generation: u64,
+        result: Result<Done<SimRaw>, Failure>,
+        /// The GET in it: its epoch, how many rows it asked for and got (for (f) and (g)).
+        get: Option<(u64, usize, usize)>,
+    },
+}
+
+fn lost() -> Failure {
+    Failure {
+        kind: FailureKind::Transient,
+        message: "canal connection lost".into(),
+    }
+}
+
+fn mask_filter(mask: u8) -> String {
+    mask.to_string()
 }
 
 struct Sim {
     rng: Rng,
-    /// The GET written and not yet answered (one session: at most one).
-    pending_get: Option<PendingGet>,
-    /// The epoch in which the drain ended (invariant (h)).
-    drain_ended: Option<u64>,
     faults: bool,
     now: Instant,
     server: Server,
-    connected: bool,
+    core: Core,
+    zk: Option<Zk>,
+    /// The TCP connection to the model server is alive.
+    session_alive: bool,
+    /// Operations written and not answered yet: the one on the current session, and ones
+    /// still running on sessions the core retired (their answers carry an old generation).
+    pending: Vec<Pending>,
+    /// Batches being decoded, oldest first.
+    decoding: VecDeque<(u64, SimRaw)>,
+    timers: Vec<(Timer, Instant)>,
+    /// The last answered GET of this epoch found nothing more (the model of (f)).
+    last_get_short: bool,
+    /// The ack-wait timer of this idle period fired (the model of (g)).
+    ack_wait_fired: bool,
     draining: bool,
-    window: BatchWindow,
-    /// The last answered GET of this epoch found nothing (the model of (f)).
-    last_get_empty: bool,
-    /// The shell's timer ended this idle period's wait for acks (invariant (g)).
-    ack_wait_ended: bool,
+    /// The epoch in which the drain ended (invariant (h)).
+    drain_ended: Option<u64>,
+    stopped: bool,
+    /// The rows of the batch the connection is stalled on, and rows the operator skipped.
+    stalled_rows: Option<(usize, usize)>,
+    skipped_rows: BTreeSet<usize>,
+    /// (j): the toggled consumer's enable is in force since this many rows were committed.
+    toggled_since: Option<usize>,
+    toggled_enable_pending: bool,
     router: Router<SimPart>,
     publisher: ConfirmWindow<Msg>,
     consumers: Vec<Consumer>,
-    batch_rows: HashMap<BatchRef, (usize, usize)>,
     jobs: HashMap<JobNo, (usize, BatchRef, u64)>,
     retries: Vec<usize>,
     /// Published and not yet confirmed, by publish sequence number.
@@ -198,6 +364,10 @@ struct Sim {
     returned: BTreeSet<u64>,
     /// Ids of messages the broker accepted (acked without a return).
     accepted: BTreeSet<String>,
+    /// Ids of messages the broker had accepted when their row was acked to Canal, and the
+    /// newest row Canal shipped in an acked batch (i).
+    acked_msgs: BTreeSet<String>,
+    confirmed_row: Option<usize>,
     /// Per consumer: (epoch, row) of the last channel write.
     last_write: Vec<Option<(u64, usize)>>,
     /// Highest epoch with a settled (non-cancel) failure.
@@ -210,37 +380,77 @@ impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = Rng(seed);
         let rows = (0..20 + rng.below(40))
-            .map(|_| rng.below(3) as u8)
+            .map(|_| rng.below(TABLES) as u8)
             .collect::<Vec<u8>>();
-        let committed = rng.below(rows.len() + 1);
         let consumers: Vec<Consumer> = (0..CONSUMERS)
             .map(|c| Consumer {
-                tables: [0b011, 0b110, 0b101][c],
-                // consumer 2 is the one the operator toggles
-                stable: c != 2,
+                // table 3 is wanted by the toggled consumer alone: disabling it changes what
+                // the server ships
+                tables: [0b0011, 0b0110, 0b1001][c],
+                stable: c != TOGGLED,
                 inbox: None,
                 poisoned: false,
             })
             .collect();
-        Sim {
-            rng,
-            pending_get: None,
-            drain_ended: None,
-            faults: true,
-            now: Instant::now(),
-            server: Server {
-                committed,
-                rows,
-                acked_upto: 0,
-                delivered_upto: 0,
-                outstanding: VecDeque::new(),
-                next_id: 1,
+        let all: u8 = consumers.iter().fold(0, |m, c| m | c.tables);
+        let zookeeper = seed % 4 == 3;
+        let now = Instant::now();
+        let core = ConnectionCore::new(
+            CoreConfig {
+                server: "canal:11111".into(),
+                destination: "example".into(),
+                client_id: "1001".into(),
+                filter: mask_filter(all),
+                fetch_size: FETCH_ROWS as i32,
+                mem_unit: ROW_BYTES as u32,
+                fetch_wait: FETCH_WAIT,
+                max_inflight_batches: MAX_BATCHES,
+                max_inflight_bytes: MAX_BYTES,
+                reconnect_min: Duration::from_millis(100),
+                reconnect_max: Duration::from_secs(5),
+                fail_fast: false,
+                jitter_seed: seed,
             },
-            connected: true,
+            zookeeper,
+        );
+        let mut server = Server {
+            parsed: vec![false; rows.len()],
+            rows,
+            committed: 0,
+            filter: all,
+            acked_upto: 0,
+            saved_upto: 0,
+            delivered_upto: 0,
+            outstanding: VecDeque::new(),
+            next_id: 1,
+            up: true,
+            high_acked: 0,
+        };
+        let initial = rng.below(server.rows.len() + 1);
+        server.commit(initial);
+        let mut sim = Sim {
+            rng,
+            faults: true,
+            now,
+            server,
+            core,
+            zk: zookeeper.then(|| Zk {
+                lease: Lease::default(),
+                truth_until: now,
+            }),
+            session_alive: false,
+            pending: Vec::new(),
+            decoding: VecDeque::new(),
+            timers: Vec::new(),
+            last_get_short: false,
+            ack_wait_fired: false,
             draining: false,
-            window: BatchWindow::new(MAX_BATCHES, MAX_BYTES),
-            last_get_empty: false,
-            ack_wait_ended: false,
+            drain_ended: None,
+            stopped: false,
+            stalled_rows: None,
+            skipped_rows: BTreeSet::new(),
+            toggled_since: Some(0),
+            toggled_enable_pending: false,
             // both poison policies are exercised: consumer 1 stalls, the others park
             router: Router::with_policies((0..CONSUMERS).map(|c| {
                 (
@@ -257,17 +467,23 @@ impl Sim {
             })),
             publisher: ConfirmWindow::new(MAX_UNCONFIRMED, CONFIRM_TIMEOUT),
             consumers,
-            batch_rows: HashMap::new(),
             jobs: HashMap::new(),
             retries: Vec::new(),
             unconfirmed: BTreeMap::new(),
             returned: BTreeSet::new(),
             accepted: BTreeSet::new(),
+            acked_msgs: BTreeSet::new(),
+            confirmed_row: None,
             last_write: vec![None; CONSUMERS],
             failed_epoch: None,
             steps: 0,
             trace: Vec::new(),
+        };
+        if sim.zk.is_some() {
+            sim.claim();
         }
+        sim.feed(Input::Start);
+        sim
     }
 
     fn log(&mut self, s: String) {
@@ -277,16 +493,353 @@ impl Sim {
         self.trace.push(format!("{:>5} {s}", self.steps));
     }
 
-    fn new_epoch(&mut self, new_session: bool) {
-        if new_session {
-            // the GET on the wire died with the session
-            self.pending_get = None;
+    /// Feed the connection core and carry out what it decides, like its actor does.
+    fn feed(&mut self, input: Input<SimRaw, SimEvents>) {
+        self.core.on(self.now, input);
+        self.run_actions();
+    }
+
+    fn run_actions(&mut self) {
+        loop {
+            let actions = self.core.take_actions();
+            if actions.is_empty() {
+                return;
+            }
+            for a in actions {
+                self.action(a);
+            }
         }
-        let (epoch, _) = self.window.begin_epoch(new_session);
-        self.last_get_empty = false;
-        self.ack_wait_ended = false;
-        self.router.reset(epoch);
-        self.server.rollback();
+    }
+
+    fn action(&mut self, a: Action<SimRaw, SimEvents>) {
+        match a {
+            Action::Connect {
+                generation, filter, ..
+            } => {
+                self.log(format!("connect (generation {generation})"));
+                self.assert_idle(generation);
+                self.pending.push(Pending::Connect { generation, filter });
+            }
+            Action::Run { generation, op } => self.write(generation, op),
+            Action::DropSession => {
+                self.log("session dropped".into());
+                self.session_alive = false;
+            }
+            Action::Decode { epoch, raw } => self.decoding.push_back((epoch, raw)),
+            Action::Deliver { batch, events, .. } => self.deliver(batch, events),
+            Action::Reset { epoch, reason } => {
+                self.log(format!("epoch {epoch}: {reason}"));
+                self.last_get_short = false;
+                self.ack_wait_fired = false;
+                self.router.reset(epoch);
+                self.run_commands();
+            }
+            Action::Timer { timer, after } => {
+                self.timers.retain(|(t, _)| *t != timer);
+                self.timers.push((timer, self.now + after));
+            }
+            Action::CancelTimer(timer) => self.timers.retain(|(t, _)| *t != timer),
+            Action::FilterApplied => {
+                if self.toggled_enable_pending && self.router.is_enabled(TOGGLED) {
+                    self.toggled_enable_pending = false;
+                    self.toggled_since = Some(self.server.committed);
+                    self.log(format!(
+                        "c{TOGGLED} enabled: its rows from {} on must reach it",
+                        self.server.committed
+                    ));
+                }
+            }
+            Action::Drained => {
+                let epoch = self.core.window().epoch();
+                self.log(format!("drain ended in epoch {epoch}"));
+                self.drain_ended = Some(epoch);
+            }
+            Action::Finished(_) => self.stopped = true,
+            Action::Fatal(e) => panic!("the connection gave up: {e}"),
+        }
+    }
+
+    /// The shell's gate: the newest lease, right before a write.
+    fn gate(&self) -> Result<(), Failure> {
+        match &self.zk {
+            Some(zk) if !zk.lease.may_write(self.now) => Err(Failure {
+                kind: FailureKind::NotActive,
+                message: "not the active replica".into(),
+            }),
+            Some(zk) => {
+                assert!(
+                    self.now < zk.truth_until,
+                    "(k) a write while another replica could hold the node"
+                );
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Write a GET for `size` rows (the model server answers it now).
+    fn write_get(&mut self, epoch: u64, size: i32, wait: Duration) -> Result<SimRaw, Failure> {
+        self.gate()?;
+        let long_poll = size == 1 && !wait.is_zero();
+        assert_eq!(
+            long_poll, self.last_get_short,
+            "(f) a GET waits exactly when the last one of this epoch found nothing more"
+        );
+        if long_poll {
+            assert!(
+                self.core.window().current_is_empty() || self.ack_wait_fired,
+                "(g) a long poll with {} batches in flight before the ack wait ended",
+                self.core.window().inflight_batches()
+            );
+        }
+        let overshoot = self.rng.chance(300);
+        let raw = self.server.get(size as usize, overshoot);
+        self.log(format!(
+            "get {} rows (epoch {epoch}, long poll {long_poll}): batch {} rows {}..{}",
+            size, raw.id, raw.start, raw.end
+        ));
+        Ok(raw)
+    }
+
+    /// An operation is written: the model server acts on it now; its answer comes later.
+    fn write(&mut self, generation: u64, op: Op) {
+        self.assert_idle(generation);
+        let mut get = None;
+        let result = if !self.session_alive {
+            Err(lost())
+        } else {
+            match op {
+                Op::Get { epoch, size, wait } => self.write_get(epoch, size, wait).map(|raw| {
+                    get = Some((epoch, size as usize, raw.end - raw.start));
+                    Done::Fetched { epoch, raw }
+                }),
+                Op::GetSkipping { epoch, wait } => self.write_get(epoch, 1, wait).map(|raw| {
+                    get = Some((epoch, 1, raw.end - raw.start));
+                    Done::Fetched { epoch, raw }
+                }),
+                Op::Ack { ids, then_get } => self.write_acks(ids, then_get, &mut get),
+                Op::Subscribe(filter) => {
+                    self.server.filter = filter.parse().unwrap();
+                    self.log(format!("subscribe {filter}"));
+                    Ok(Done::Subscribed(filter))
+                }
+                Op::Rollback => {
+                    self.log("rollback".into());
+                    self.server.rollback();
+                    Ok(Done::RolledBack)
+                }
+                Op::Close { rollback } => {
+                    if rollback {
+                        self.server.rollback();
+                    }
+                    self.session_alive = false;
+                    Ok(Done::Closed)
+                }
+            }
+        };
+        self.pending.push(Pending::Op {
+            generation,
+            result,
+            get,
+        });
+    }
+
+    /// One operation at a time on a session.
+    fn assert_idle(&self, generation: u64) {
+        assert!(
+            !self.pending.iter().any(|p| match p {
+                Pending::Connect { generation: g, .. } | Pending::Op { generation: g, .. } =>
+                    *g == generation,
+            }),
+            "two operations on the session of generation {generation} at once"
+        );
+    }
+
+    fn write_acks(
+        &mut self,
+        ids: Vec<i64>,
+        then_get: Option<(u64, i32, Duration)>,
+        get: &mut Option<(u64, usize, usize)>,
+    ) -> Result<Done<SimRaw>, Failure> {
+        for &id in &ids {
+            self.gate()?;
+            if self.faults && self.rng.chance(20) {
+                // the connection died as the ack was written: Canal never got it
+                self.log(format!("ack {id} lost on the wire"));
+                self.session_alive = false;
+                return Err(lost());
+            }
+            let (start, end, last_shipped) = self.server.ack(id);
+            if let Some(l) = last_shipped {
+                self.confirmed_row = self.confirmed_row.max(Some(l));
+            }
+            self.log(format!("canal ack {id} rows {start}..{end}"));
+            self.check_acked(end);
+            for r in start..end {
+                for c in 0..CONSUMERS {
+                    let id = row_id(r, c);
+                    if self.accepted.contains(&id) {
+                        self.acked_msgs.insert(id);
+                    }
+                }
+            }
+        }
+        let fetched = match then_get {
+            Some((epoch, size, wait)) => {
+                let raw = self.write_get(epoch, size, wait)?;
+                *get = Some((epoch, size as usize, raw.end - raw.start));
+                Some((epoch, raw))
+            }
+            None => None,
+        };
+        Ok(Done::Acked { ids, fetched })
+    }
+
+    /// Read the answer of the operation on the session.
+    fn answer(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let i = self.rng.below(self.pending.len());
+        let pending = self.pending.remove(i);
+        match pending {
+            Pending::Connect { generation, filter } => {
+                if generation != self.core.generation() {
+                    // a connect of a retired session: the shell drops what it opened
+                    return self.feed(Input::Failed {
+                        generation,
+                        failure: lost(),
+                    });
+                }
+                if self.server.up && (!self.faults || !self.rng.chance(100)) {
+                    self.server.filter = filter.parse().unwrap();
+                    self.server.rollback();
+                    self.session_alive = true;
+                    self.log(format!("connected with filter {filter}"));
+                    self.feed(Input::Connected { generation, filter });
+                } else {
+                    self.log("connect failed".into());
+                    self.feed(Input::Failed {
+                        generation,
+                        failure: lost(),
+                    });
+                }
+            }
+            Pending::Op {
+                generation,
+                result,
+                get,
+            } => {
+                if let (Ok(_), Some((epoch, asked, got))) = (&result, get)
+                    && epoch == self.core.window().epoch()
+                    && generation == self.core.generation()
+                {
+                    // what the window learns from this answer (the model of (f) and (g))
+                    if got == 0 {
+                        if !self.last_get_short {
+                            self.ack_wait_fired = false; // a new idle period
+                        }
+                        self.last_get_short = true;
+                    } else {
+                        self.ack_wait_fired = false;
+                        self.last_get_short = got < asked;
+                    }
+                }
+                match result {
+                    Ok(done) => self.feed(Input::Done { generation, done }),
+                    Err(failure) => {
+                        self.log(format!("operation failed: {}", failure.message));
+                        self.session_alive = false;
+                        self.feed(Input::Failed {
+                            generation,
+                            failure,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connection drops: the operation on the wire gets no answer but an error.
+    fn connection_lost(&mut self) {
+        self.session_alive = false;
+        for p in &mut self.pending {
+            if let Pending::Op { result, .. } = p {
+                *result = Err(lost());
+            }
+        }
+    }
+
+    /// A decoding job ends.
+    fn decoded(&mut self) {
+        let Some((epoch, raw)) = self.decoding.pop_front() else {
+            return;
+        };
+        let roll = self.rng.below(1000);
+        let outcome = if self.faults && roll < 6 && self.stalled_rows.is_none() {
+            self.log(format!("batch {} undecodable", raw.id));
+            if epoch == self.core.window().epoch() {
+                self.stalled_rows = Some((raw.start, raw.end));
+                // a held batch is a batch that came: the next GET drains
+                self.last_get_short = false;
+            }
+            Decoded::Undecodable("model: undecodable entry".into())
+        } else if self.faults && roll < 10 {
+            self.log(format!("decoding batch {} panicked", raw.id));
+            Decoded::Panicked("model panic".into())
+        } else {
+            Decoded::Events(SimEvents(
+                raw.shipped
+                    .iter()
+                    .map(|&r| (r, position(r), BASE_MS + r as i64))
+                    .collect(),
+            ))
+        };
+        self.feed(Input::Decoded {
+            epoch,
+            raw,
+            outcome,
+        });
+    }
+
+    /// The operator skips what the stream is stalled at.
+    fn operator_skip(&mut self) {
+        if self.core.state() != ConnectionState::Stalled {
+            return;
+        }
+        let Some(stall) = self.core.snapshot().stall else {
+            return;
+        };
+        let r = self.core.skip(self.now, &stall.token);
+        self.log(format!("operator skip {}: {r:?}", stall.token));
+        if r.is_ok()
+            && stall.token.starts_with("batch:")
+            && let Some((start, end)) = self.stalled_rows.take()
+        {
+            self.skipped_rows.extend(start..end);
+        }
+        self.run_actions();
+    }
+
+    fn deliver(&mut self, batch: BatchRef, events: SimEvents) {
+        assert_ne!(
+            self.drain_ended,
+            Some(batch.epoch),
+            "(h) batch {batch} delivered after the drain had ended"
+        );
+        let rows: Vec<usize> = events.0.iter().map(|e| e.0).collect();
+        self.log(format!("deliver {batch} rows {rows:?}"));
+        let parts = (0..CONSUMERS)
+            .filter_map(|c| {
+                let mine: Vec<usize> = rows
+                    .iter()
+                    .copied()
+                    .filter(|&r| self.consumers[c].tables & (1 << self.server.rows[r]) != 0)
+                    .collect();
+                (!mine.is_empty()).then_some((c, SimPart { rows: mine }))
+            })
+            .collect();
+        self.router.route(batch, parts);
         self.run_commands();
     }
 
@@ -312,18 +865,12 @@ impl Sim {
                         self.consumers[slot].inbox = Some((batch, part, mode));
                     }
                     Command::RetryAfter { slot, .. } => self.retries.push(slot),
-                    Command::Ack(b) => {
-                        self.window.ack(b);
-                    }
+                    Command::Ack(b) => self.feed(Input::Ack(b)),
                     Command::Rollback { batch, reason } => {
-                        if batch.epoch == self.window.epoch() {
-                            self.log(format!("rollback {batch}: {reason}"));
-                            self.new_epoch(false);
-                        }
+                        self.log(format!("rollback {batch}: {reason}"));
+                        self.feed(Input::Rollback { batch, reason });
                     }
-                    Command::Release(b) => {
-                        self.window.release(b);
-                    }
+                    Command::Release(b) => self.feed(Input::Release(b)),
                     Command::CancelBefore(e) => self.publisher.cancel_before(e),
                 }
             }
@@ -343,150 +890,38 @@ impl Sim {
             {
                 self.failed_epoch = Some(self.failed_epoch.map_or(epoch, |f| f.max(epoch)));
             }
-            let res = res.map_err(|e| match e {
-                PublishError::Unroutable { returned } => PartError::Unroutable {
-                    ids: returned.into_iter().map(|r| r.id).collect(),
-                    reason: "unroutable".into(),
-                },
-                e => PartError::Transient(e.to_string()),
-            });
-            self.router.confirmed(slot, batch, res);
+            // the Manager's own mapping
+            self.router
+                .confirmed(slot, batch, res.map_err(PartError::from));
         }
     }
 
-    /// Write a GET; the model server answers it now, the answer is read by [`Self::answer_get`].
-    fn send_get(&mut self) {
-        if !self.connected || self.draining || self.pending_get.is_some() {
-            return;
-        }
-        let Some(mode) = self.window.next_get() else {
-            return;
-        };
-        assert_eq!(
-            mode == GetMode::LongPoll,
-            self.last_get_empty,
-            "(f) a GET waits exactly when the last one of this epoch found nothing more"
-        );
-        if mode == GetMode::LongPoll {
-            assert!(
-                self.window.current_is_empty() || self.ack_wait_ended,
-                "(g) a long poll with {} batches in flight before the ack wait ended",
-                self.window.inflight_batches()
-            );
-        }
-        let max = match mode {
-            // the smallest batch Canal makes: one unit, and it may overshoot by an entry
-            GetMode::LongPoll => 1 + self.rng.below(2),
-            GetMode::Drain => 1 + self.rng.below(MAX_ROWS_PER_BATCH),
-        };
-        let answer = self.server.get(max);
-        self.window.get_sent();
-        let epoch = self.window.epoch();
-        self.log(format!("get ({mode:?}) written in epoch {epoch}"));
-        self.pending_get = Some(PendingGet {
-            epoch,
-            mode,
-            max,
-            answer,
-        });
-    }
-
-    /// Read the answer of the GET on the wire.
-    fn answer_get(&mut self) {
-        let Some(PendingGet {
-            epoch,
-            mode,
-            max,
-            answer,
-        }) = self.pending_get.take()
-        else {
-            return;
-        };
-        if epoch != self.window.epoch() {
-            // written before a rollback: the shell drops it (the rollback returns its rows) but
-            // notes its batch id, which the server's numbering counted
-            if let Some((id, _, _)) = answer {
-                self.window.observe_id(id);
-            }
-            self.log(format!(
-                "get of epoch {epoch} answered after the epoch ended: dropped"
-            ));
-            return;
-        }
-        self.window.get_answered();
-        let Some((id, start, end)) = answer else {
-            // a long poll that saw nothing until its wait ran out, or a GET that found nothing
-            self.log(format!("get ({mode:?}) found nothing"));
-            if !self.last_get_empty {
-                self.ack_wait_ended = false; // a new idle period
-            }
-            self.window.caught_up();
-            self.last_get_empty = true;
-            return;
-        };
-        assert_ne!(
-            self.drain_ended,
-            Some(epoch),
-            "(h) batch {epoch}/{id} arrived after the drain had ended"
-        );
-        self.ack_wait_ended = false;
-        let fetched = self
-            .window
-            .fetched(id, (end - start) * ROW_BYTES, None, true);
-        // a short answer (the server ran out before `max` when it answered): the connection
-        // tells it with `took_all` and the next GET long-polls; an answer of exactly `max` is
-        // taken as cut even when nothing was left, and the next GET drains (and finds nothing)
-        self.last_get_empty = end - start < max;
-        if self.last_get_empty {
-            self.window.caught_up();
-        }
-        assert_eq!(fetched.gap, None, "one client: batch ids are consecutive");
-        self.batch_rows.insert(fetched.batch, (start, end));
-        let parts = (0..CONSUMERS)
-            .filter_map(|c| {
-                let rows: Vec<usize> = (start..end)
-                    .filter(|&r| self.consumers[c].tables & (1 << self.server.rows[r]) != 0)
-                    .collect();
-                (!rows.is_empty()).then_some((c, SimPart { rows }))
-            })
-            .collect();
-        self.log(format!("fetch {} rows {start}..{end}", fetched.batch));
-        self.router.route(fetched.batch, parts);
-        self.run_commands();
-    }
-
-    fn write_acks(&mut self) {
-        // one session: acks wait while a GET is out
-        if !self.connected || self.pending_get.is_some() {
-            return;
-        }
-        let ackable = self.window.take_ackable();
-        let epoch = self.window.epoch();
-        for id in ackable.ids {
-            let (start, end) = self.server.ack(id);
-            self.log(format!("canal ack {epoch}/{id} rows {start}..{end}"));
-            self.check_acked(end);
-        }
-    }
-
-    /// (a): everything up to `end` reached the broker for every stable consumer.
+    /// (a): everything up to `end` reached the broker for every stable consumer; (j): and for
+    /// the toggled one, from where its enable was in force.
     fn check_acked(&self, end: usize) {
         for (c, consumer) in self.consumers.iter().enumerate() {
-            if !consumer.stable {
-                continue;
-            }
-            for r in 0..end {
-                if consumer.tables & (1 << self.server.rows[r]) != 0 {
+            let from = if consumer.stable {
+                0
+            } else {
+                match self.toggled_since {
+                    Some(from) => from,
+                    None => continue,
+                }
+            };
+            for r in from..end {
+                if consumer.tables & (1 << self.server.rows[r]) != 0
+                    && !self.skipped_rows.contains(&r)
+                {
                     assert!(
                         self.accepted.contains(&row_id(r, c))
                             || self.accepted.contains(&parked_id(r, c)),
-                        "(a) batch acked up to row {end} but row {r} of consumer {c} was never accepted by the broker"
+                        "({}) batch acked up to row {end} but row {r} of consumer {c} was never accepted by the broker",
+                        if consumer.stable { "a" } else { "j" }
                     );
                 }
             }
         }
     }
-
     fn consumer_step(&mut self, c: usize) {
         let Some((batch, part, mode)) = self.consumers[c].inbox.take() else {
             return;
@@ -568,6 +1003,21 @@ impl Sim {
                         msg.row
                     );
                 }
+            }
+            // (i) a message accepted before its row was acked to Canal is not published again,
+            // whatever Canal sends again (a batch the operator skipped was acked with no
+            // position: not guarded)
+            if !parked
+                && !self.skipped_rows.contains(&msg.row)
+                && self.confirmed_row.is_some_and(|c| msg.row <= c)
+            {
+                assert!(
+                    !self.acked_msgs.contains(&msg.id),
+                    "(i) row {} of consumer {} published again after its batch was acked (canal acked up to row {})",
+                    msg.row,
+                    msg.consumer,
+                    self.server.high_acked
+                );
             }
             // (d) every copy carries the id of the original
             assert!(
@@ -660,17 +1110,24 @@ impl Sim {
         }
     }
 
-    /// (e) bounds.
+    /// (e) bounds; (l) one client: no conflict is ever seen.
     fn check_bounds(&self) {
-        assert!(
-            self.window.inflight_batches() + self.window.abandoned_batches() <= MAX_BATCHES,
-            "(e) batches in flight {} + abandoned {} > {MAX_BATCHES}",
-            self.window.inflight_batches(),
-            self.window.abandoned_batches()
+        assert_eq!(
+            self.core.snapshot().conflicts,
+            0,
+            "(l) a conflict with another client, with one client: {:?}",
+            self.core.snapshot().last_error
         );
-        let bytes = self.window.inflight_bytes() + self.window.abandoned_bytes();
+        let w = self.core.window();
         assert!(
-            bytes < MAX_BYTES + MAX_ROWS_PER_BATCH * ROW_BYTES,
+            w.inflight_batches() + w.abandoned_batches() <= MAX_BATCHES,
+            "(e) batches in flight {} + abandoned {} > {MAX_BATCHES}",
+            w.inflight_batches(),
+            w.abandoned_batches()
+        );
+        let bytes = w.inflight_bytes() + w.abandoned_bytes();
+        assert!(
+            bytes < MAX_BYTES + (FETCH_ROWS + 1) * ROW_BYTES,
             "(e) bytes in flight {bytes}"
         );
         assert!(
@@ -678,102 +1135,174 @@ impl Sim {
             "(e) unconfirmed"
         );
         assert!(
-            self.publisher.queued() <= MAX_BATCHES * MAX_ROWS_PER_BATCH * CONSUMERS,
+            self.publisher.queued() <= MAX_BATCHES * (FETCH_ROWS + 1) * CONSUMERS,
             "(e) publisher backlog {}",
             self.publisher.queued()
         );
+    }
+
+    /// ZooKeeper seeds: the replica (re)claims the node, or renews its lease.
+    fn claim(&mut self) {
+        let Some(zk) = &mut self.zk else { return };
+        zk.lease = Lease {
+            role: Role::Active,
+            session: ZkSession::Connected,
+            canal: Some("canal:11111".into()),
+            valid_until: Some(self.now + LEASE),
+            holder: None,
+            reason: None,
+        };
+        // the node outlives the lease: ZooKeeper keeps it a session timeout after the last answer
+        zk.truth_until = self.now + LEASE * 3 / 2;
+        let lease = zk.lease.clone();
+        self.log("zookeeper: active, lease renewed".into());
+        self.feed(Input::Lease(lease));
+    }
+
+    /// ZooKeeper seeds: the session is lost, or another replica holds the node.
+    fn lose_lease(&mut self, standby: bool) {
+        let Some(zk) = &mut self.zk else { return };
+        zk.lease = Lease {
+            role: if standby { Role::Standby } else { Role::Active },
+            session: if standby {
+                ZkSession::Connected
+            } else {
+                ZkSession::Disconnected
+            },
+            canal: Some("canal:11111".into()),
+            valid_until: None,
+            holder: standby.then(|| "other".into()),
+            reason: Some("model".into()),
+        };
+        let lease = zk.lease.clone();
+        self.log(format!("zookeeper: lease lost (standby {standby})"));
+        self.feed(Input::Lease(lease));
+    }
+
+    /// The clock jumps to the next armed timer, which fires.
+    fn fire_timer(&mut self) {
+        let Some(i) = (0..self.timers.len()).min_by_key(|&i| self.timers[i].1) else {
+            return;
+        };
+        let (timer, at) = self.timers.swap_remove(i);
+        self.now = self.now.max(at);
+        if let Timer::AckWait(p) = timer
+            && self.core.window().waiting_for_acks() == Some(p)
+        {
+            self.ack_wait_fired = true;
+        }
+        self.log(format!("timer {timer:?} fired"));
+        self.feed(Input::Timer(timer));
+    }
+
+    /// The operator toggles the toggled consumer; the Manager changes the subscription.
+    fn toggle(&mut self) {
+        let enable = !self.router.is_enabled(TOGGLED);
+        self.log(format!("set c{TOGGLED} enabled={enable}"));
+        self.toggled_since = None;
+        self.toggled_enable_pending = enable;
+        self.router.set_enabled(TOGGLED, enable);
+        self.run_commands();
+        let mask = (0..CONSUMERS)
+            .filter(|&c| self.router.is_enabled(c))
+            .fold(0u8, |m, c| m | self.consumers[c].tables);
+        self.feed(Input::SetFilter(mask_filter(mask)));
     }
 
     fn step(&mut self) {
         self.steps += 1;
         let roll = self.rng.below(1000);
         match roll {
-            0..200 if self.pending_get.is_some() => self.answer_get(),
-            0..200 => self.send_get(),
-            200..300 => self.write_acks(),
-            300..550 => {
+            0..150 => self.answer(),
+            150..200 => self.decoded(),
+            200..450 => {
                 let c = self.rng.below(CONSUMERS);
                 self.consumer_step(c);
             }
-            550..600 if !self.retries.is_empty() => {
+            450..500 if !self.retries.is_empty() => {
                 let i = self.rng.below(self.retries.len());
                 let slot = self.retries.swap_remove(i);
                 self.router.retry(slot);
                 self.run_commands();
             }
-            600..700 => self.publish(),
-            700..900 => self.broker_step(),
-            900..930 if self.faults => {
-                if self.connected {
-                    self.log("canal disconnect".into());
-                    self.connected = false;
-                    self.new_epoch(true);
-                } else {
-                    self.log("canal reconnect".into());
-                    self.connected = true;
-                    self.new_epoch(true);
-                }
-            }
-            930..960 if self.faults => {
-                let enable = !self.router.is_enabled(2);
-                self.log(format!("set c2 enabled={enable}"));
-                self.router.set_enabled(2, enable);
-                self.run_commands();
-            }
-            960..965 if self.faults => {
-                // a poison row: consumer 2 quarantines on its next part
-                self.consumers[2].poisoned = true;
-            }
-            967..990 => {
+            500..600 => self.publish(),
+            600..780 => self.broker_step(),
+            780..830 => self.fire_timer(),
+            830..880 => {
                 let n = 1 + self.rng.below(4);
-                self.server.committed = (self.server.committed + n).min(self.server.rows.len());
-                self.log(format!("commit up to row {}", self.server.committed));
-            }
-            990..1000 => {
-                // the shell's timer: the long poll has waited `fetch_wait` for acks
-                if let Some(period) = self.window.waiting_for_acks() {
-                    self.log("ack wait over".into());
-                    self.window.end_ack_wait(period);
-                    self.ack_wait_ended = true;
+                if self.server.committed < self.server.rows.len() {
+                    self.server.commit(n);
+                    self.log(format!("commit up to row {}", self.server.committed));
                 }
             }
-            965..967 if self.faults && !self.draining => {
+            880..890 if self.faults => {
+                self.log("canal connection lost".into());
+                self.connection_lost();
+            }
+            890..894 if self.faults && self.server.up => {
+                // a restart from the cursor last flushed, or any later one up to the last ack
+                let from = self.server.saved_upto;
+                let cursor = from + self.rng.below(self.server.acked_upto - from + 1);
+                self.log(format!(
+                    "canal server restarts at row {cursor} (acked up to {})",
+                    self.server.acked_upto
+                ));
+                self.server.up = false;
+                self.server.restart(cursor);
+                self.connection_lost();
+            }
+            894..910 if !self.server.up => {
+                self.log("canal server up".into());
+                self.server.up = true;
+            }
+            910..920 => self.server.saved_upto = self.server.acked_upto,
+            920..940 if self.faults => self.toggle(),
+            940..945 if self.faults => {
+                // a poison row: the toggled consumer quarantines on its next part
+                self.consumers[TOGGLED].poisoned = true;
+            }
+            945..955 => self.operator_skip(),
+            955..975 if self.zk.is_some() => self.claim(),
+            975..980 if self.faults && self.zk.is_some() => {
+                let standby = self.rng.chance(500);
+                self.lose_lease(standby);
+            }
+            980..982 if self.faults && !self.draining => {
                 self.log("drain (shutdown)".into());
                 self.draining = true;
+                self.feed(Input::Drain);
             }
             _ => {}
-        }
-        if self.draining && self.drain_ended.is_none() && self.window.drained() {
-            // the shell now stops the publisher and closes the session
-            self.log(format!("drain ended in epoch {}", self.window.epoch()));
-            self.drain_ended = Some(self.window.epoch());
         }
         self.check_bounds();
     }
 
-    /// Faults stop: reconnect, lift quarantines, and run until everything is delivered.
+    /// Faults stop: the server comes back, the operator lifts what stalls, and everything
+    /// runs until delivered.
     fn quiesce(&mut self) {
         self.faults = false;
-        if !self.connected {
-            self.connected = true;
-            self.new_epoch(true);
-        }
-        self.consumers[2].poisoned = false;
+        self.server.up = true;
+        self.consumers[TOGGLED].poisoned = false;
         // the rest of the binlog arrives
-        self.server.committed = self.server.rows.len();
-        if !self.router.is_enabled(2) || self.router.state(2) != Default::default() {
-            self.router.set_enabled(2, true);
+        let rest = self.server.rows.len();
+        self.server.commit(rest);
+        if !self.router.is_enabled(TOGGLED) {
+            self.toggle();
+        }
+        if self.router.state(TOGGLED) != Default::default() {
+            self.router.set_enabled(TOGGLED, true);
             self.run_commands();
         }
-        let target = if self.draining {
-            None
-        } else {
-            Some(self.server.rows.len())
-        };
         for _ in 0..200_000 {
-            let done = match target {
-                Some(t) => self.server.acked_upto == t,
-                None => self.window.drained() && self.pending_get.is_none(),
+            if let Some(zk) = &self.zk
+                && !zk.lease.may_write(self.now + LEASE / 2)
+            {
+                self.claim();
+            }
+            let done = if self.draining {
+                self.drain_ended.is_some()
+            } else {
+                self.server.acked_upto == self.server.rows.len()
             };
             if done && self.unconfirmed.is_empty() && self.publisher.is_idle() {
                 return;
@@ -781,13 +1310,27 @@ impl Sim {
             self.step();
         }
         panic!(
-            "(b) no progress once faults stopped: acked {} of {} rows, window {} batches, {} abandoned, publisher idle {}",
+            "(b) no progress once faults stopped: acked {} of {} rows, state {}, window {} batches, {} abandoned, publisher idle {}",
             self.server.acked_upto,
             self.server.rows.len(),
-            self.window.inflight_batches(),
-            self.window.abandoned_batches(),
+            self.core.state(),
+            self.core.window().inflight_batches(),
+            self.core.window().abandoned_batches(),
             self.publisher.is_idle()
         );
+    }
+
+    fn dump(&self) -> String {
+        format!(
+            "core {:?}\npending {}, decoding {}, timers {:?}, router queued {:?}",
+            self.core,
+            self.pending.len(),
+            self.decoding.len(),
+            self.timers,
+            (0..CONSUMERS)
+                .map(|c| self.router.queued(c))
+                .collect::<Vec<_>>()
+        )
     }
 
     /// (b): every row up to the acked cursor reached the broker for every stable consumer.
@@ -810,7 +1353,7 @@ fn run_seed(seed: u64) {
         sim.check_delivered();
     }));
     if let Err(e) = result {
-        let trace = sim.trace.join("\n");
+        let trace = format!("{}\n{}", sim.trace.join("\n"), sim.dump());
         let msg = e
             .downcast_ref::<String>()
             .cloned()

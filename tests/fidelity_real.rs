@@ -23,6 +23,10 @@ fn tables(events: &[ChangeEvent]) -> BTreeSet<String> {
 /// One database per pattern form, so one form cannot hide another's failure: every table is
 /// created, one row inserted into each (matching ones and not), then a marker row into the
 /// last matching table. The subscription is the union of the filters, as the service sends it.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn every_table_a_pattern_matches_is_delivered_by_canal() {
     let _lock = canal_lock().await;
@@ -147,6 +151,10 @@ async fn collect_until_id(tap: &mut Tap, table: &str, last: i64) -> Vec<ChangeEv
     events
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn binary_n_arrives_padded_as_mariadb_returns_it() {
     let _lock = canal_lock().await;
@@ -183,6 +191,10 @@ fn hex(b: &[u8]) -> String {
 
 /// The case: rows written before an ALTER that Canal only reads after it (Canal was
 /// down) must keep their values under their own names.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn rows_written_before_a_ddl_made_while_canal_was_down_keep_their_names() {
     let _lock = canal_lock().await;
@@ -255,6 +267,10 @@ async fn rows_written_before_a_ddl_made_while_canal_was_down_keep_their_names() 
 /// A 20 MiB BLOB with the default frame cap and the local Canal heap: the UPDATE that writes
 /// it, an UPDATE of another column (the row twice in one entry), the DELETE and a backlog of
 /// four more such rows arrive byte-exact.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_20_mib_blob_passes_with_the_default_settings() {
     let _lock = canal_lock().await;

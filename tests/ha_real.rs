@@ -345,6 +345,10 @@ fn conflicts(s: &Value) -> u64 {
     s["canal"]["conflicts"].as_u64().unwrap_or(0)
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_second_replica_or_a_java_client_holding_the_destination_means_standby() {
     let _lock = canal_lock().await;
@@ -434,6 +438,10 @@ async fn a_second_replica_or_a_java_client_holding_the_destination_means_standby
     b.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn kill_9_of_the_running_canal_server_mid_stream_the_service_follows_and_loses_nothing() {
     let _lock = canal_lock().await;
@@ -517,6 +525,10 @@ async fn active_standby_under_load(tag: &str, table: &'static str) -> Loaded {
     }
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn kill_9_of_the_active_replica_mid_stream_the_standby_takes_over() {
     let _lock = canal_lock().await;
@@ -552,6 +564,10 @@ async fn kill_9_of_the_active_replica_mid_stream_the_standby_takes_over() {
     b.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_frozen_active_replica_never_acks_after_waking() {
     let _lock = canal_lock().await;
@@ -606,6 +622,10 @@ async fn a_frozen_active_replica_never_acks_after_waking() {
     a.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_zookeeper_restart_with_two_replicas_loses_nothing_and_leaves_one_active() {
     let _lock = canal_lock().await;

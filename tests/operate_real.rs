@@ -109,6 +109,10 @@ fn cli(svc: &ServiceProc, args: &[&str]) -> Command {
     c
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn returned_row_values_never_reach_the_logs_at_the_default_level() {
     let _lock = canal_lock().await;
@@ -249,6 +253,10 @@ impl RawTap {
     }
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn the_tap_streams_what_the_consumers_process_and_cannot_slow_the_pipeline() {
     let _lock = canal_lock().await;

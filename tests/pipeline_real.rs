@@ -111,6 +111,10 @@ fn consumer<'a>(status: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no consumer {name} in {status:#}"))
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn the_shipped_consumers_fire_the_plugins_the_reference_describes() {
     let _lock = canal_lock().await;
@@ -240,6 +244,10 @@ payload = { code = "${data.coupon_code}" }
     let (_, _) = svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_real_celery_worker_runs_every_rows_task_with_our_deterministic_id() {
     let _lock = canal_lock().await;
@@ -290,6 +298,10 @@ async fn a_real_celery_worker_runs_every_rows_task_with_our_deterministic_id() {
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn kill_9_mid_stream_then_restart_delivers_every_row_with_stable_ids() {
     let _lock = canal_lock().await;
@@ -350,6 +362,10 @@ impl Drop for AlarmGuard {
     }
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn broker_outage_and_memory_alarm_stall_the_stream_and_lose_nothing() {
     let _lock = canal_lock().await;
@@ -409,6 +425,10 @@ async fn broker_outage_and_memory_alarm_stall_the_stream_and_lose_nothing() {
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn an_unroutable_trigger_never_lets_its_batch_be_acked() {
     let _lock = canal_lock().await;
@@ -458,6 +478,10 @@ async fn an_unroutable_trigger_never_lets_its_batch_be_acked() {
     assert_eq!(events.len(), 3);
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn sigterm_mid_stream_exits_in_time_and_loses_nothing() {
     let _lock = canal_lock().await;
@@ -500,6 +524,10 @@ async fn sigterm_mid_stream_exits_in_time_and_loses_nothing() {
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn enable_and_disable_apply_live_and_survive_a_restart() {
     let _lock = canal_lock().await;
@@ -596,6 +624,10 @@ async fn enable_and_disable_apply_live_and_survive_a_restart() {
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn the_service_starts_with_the_compose_config_against_the_local_services() {
     let _lock = canal_lock().await;
@@ -680,6 +712,10 @@ async fn the_service_starts_with_the_compose_config_against_the_local_services()
 /// default `park` policy parks exactly that row in the dead-letter queue, while every other
 /// row reaches both consumers with no duplicate; once the rule is fixed, `dlq replay` delivers
 /// the parked row's trigger with the id it would have had.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_poison_row_is_parked_alone_and_replayed_with_its_original_id() {
     let _lock = canal_lock().await;
@@ -805,6 +841,10 @@ payload = {{ id = "${{data.id}}", destination = "${{destination}}", server_id = 
 /// Issue 10: a frame over `canal.max_frame_bytes` used to be retried forever (79 reconnects in
 /// 20 s). Now the stream stalls once, says what and how in status and readiness, and
 /// `canal-consumer skip frame:<bytes>` reads past it; rows written after it arrive.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn an_oversized_frame_stalls_once_and_skip_passes_it() {
     let _lock = canal_lock().await;
@@ -914,6 +954,10 @@ async fn an_oversized_frame_stalls_once_and_skip_passes_it() {
 /// Issue 8, defect 8: the shutdown log said "every fetched batch was confirmed and acked" even
 /// when batches had been abandoned. With the broker gone, the rows fetched cannot be confirmed:
 /// they are rolled back, and a SIGTERM then reports them as not acked.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn shutdown_says_what_was_not_acked() {
     let _lock = canal_lock().await;
@@ -962,4 +1006,175 @@ async fn shutdown_says_what_was_not_acked() {
     .await;
     assert!(ids_by_row(&got).keys().all(|k| (3..=5).contains(k)));
     svc.terminate(Duration::from_secs(30));
+}
+
+/// Starts Canal again if the test ends (or panics) while it is down.
+struct CanalBackUp;
+impl Drop for CanalBackUp {
+    fn drop(&mut self) {
+        script("deploy/local/canal-ctl", &["start"]);
+    }
+}
+
+/// Canal's cursor goes backwards: Canal flushes its saved cursor once a second
+/// (`canal.file.flush.period`), so a kill -9 right after our acks restarts it from an older
+/// cursor and it sends acked rows again. The rewind guard acks them without delivering them:
+/// every message id reaches the broker exactly once, and `status` says how many rows it
+/// skipped. (Retried up to five times in the rare case Canal had flushed just before the kill.)
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+#[tokio::test]
+async fn a_canal_cursor_that_goes_back_costs_no_duplicate() {
+    let _lock = canal_lock().await;
+    let _back = CanalBackUp;
+    let table = "rewind_rows";
+    note_table(DB, table);
+    drop(Tap::clean(&format!("{DB}\\.{table}")).await);
+    let queue = &common::queue("cc_e2e_rewind");
+    delete_queue(queue).await;
+    let mut svc = ServiceProc::prepare(
+        "rewind",
+        queue,
+        &[("c.toml", &row_consumer("rewound", table, ""))],
+        "",
+    );
+    svc.start().await;
+    let mut written = 0;
+    let mut skipped = 0;
+    for round in 1..=5 {
+        for _ in 0..20 {
+            insert_notes(DB, table, written + 1, written + 10);
+            written += 10;
+        }
+        // everything fetched is confirmed and acked: nothing Canal sends again is unconfirmed
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let s = svc.status().await;
+            let c = &s["canal"];
+            if consumer(&s, "rewound")["triggers"].as_i64() == Some(written)
+                && c["inflight_batches"] == 0
+                && c["acked_position"] == c["last_position"]
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never acked all: {s:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        script("deploy/local/canal-ctl", &["kill"]);
+        script("deploy/local/canal-ctl", &["start"]);
+        // a row after the restart: once it is through, whatever Canal sent again was handled
+        insert_notes(DB, table, written + 1, written + 1);
+        written += 1;
+        let s = wait_status(&svc, "the row after the restart", |s| {
+            consumer(s, "rewound")["triggers"].as_i64() == Some(written)
+                && s["canal"]["acked_position"] == s["canal"]["last_position"]
+        })
+        .await;
+        skipped = s["canal"]["rewind_skipped"].as_u64().unwrap();
+        eprintln!("round {round}: canal rewound {skipped} rows so far");
+        if skipped > 0 {
+            let (_, text) = svc.get("/metrics").await;
+            let metric = text
+                .lines()
+                .find_map(|l| l.strip_prefix("canal_rewind_skipped_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok());
+            assert_eq!(
+                metric,
+                Some(skipped as f64),
+                "the metric says what status says:\n{text}"
+            );
+            break;
+        }
+    }
+    assert!(
+        skipped > 0,
+        "Canal never went back in five kill -9s (its cursor was always flushed); nothing tested"
+    );
+    let got = consume_until(queue, Duration::from_secs(60), all_rows(written)).await;
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for g in &got {
+        *seen.entry(g.message_id.as_str()).or_default() += 1;
+        assert_eq!(g.message_id, expected_id(g, "rewound"));
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "rows Canal sent again after their acks were delivered again: {twice:?}"
+    );
+    assert_eq!(ids_by_row(&got).len() as i64, written);
+    svc.terminate(Duration::from_secs(30));
+}
+
+/// The service in this process, stopped by a request the test sends instead of a signal
+/// (`service::run_until`): it finishes what is in flight, acks it, and returns 0.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+#[tokio::test]
+async fn an_injected_stop_request_ends_the_service_in_process_with_everything_acked() {
+    let _lock = canal_lock().await;
+    let table = "inproc_rows";
+    note_table(DB, table);
+    drop(Tap::clean(&format!("{DB}\\.{table}")).await);
+    let queue = common::queue("cc_e2e_inproc");
+    delete_queue(&queue).await;
+    let dir = std::env::temp_dir().join(format!("cc-inproc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = write_config(&dir, &queue, &admin, "");
+    std::fs::write(
+        dir.join("consumers/c.toml"),
+        row_consumer("inproc", table, ""),
+    )
+    .unwrap();
+    let cfg = canal_consumer::config::load_from(
+        Some(&config),
+        std::path::Path::new("/nonexistent"),
+        Vec::<(String, String)>::new(),
+        Default::default(),
+    )
+    .unwrap();
+    let (stop_tx, stop_rx) = futures::channel::mpsc::unbounded::<&'static str>();
+    let service = std::thread::spawn(move || {
+        canal_consumer::service::run_until(cfg, move || Box::pin(stop_rx))
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while canal_consumer::admin::client::fetch_status(&admin)
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    insert_notes(DB, table, 1, 50);
+    let got = consume_until(&queue, Duration::from_secs(60), all_rows(50)).await;
+    assert_eq!(ids_by_row(&got).len(), 50);
+    stop_tx.unbounded_send("test stop").unwrap();
+    let code = tokio::task::spawn_blocking(move || service.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "a graceful stop with everything acked exits 0");
+    // the rewind guard's file was written at the stop: the position of the last row
+    let last = got
+        .iter()
+        .find(|g| g.body["payload"]["id"].as_i64() == Some(50))
+        .map(|g| source_of(&g.body["payload"]).position)
+        .unwrap();
+    let file = std::fs::read_dir(dir.join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".confirmed.json"))
+        .expect("the rewind guard's file");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    assert_eq!(saved["position"]["log_file"], last.log_file.to_string());
+    assert_eq!(saved["position"]["offset"], last.offset);
 }

@@ -269,6 +269,10 @@ fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn messages_arrive_with_ids_headers_priority_and_body() {
     let _shared = BROKER.read().await;
@@ -369,6 +373,10 @@ async fn messages_arrive_with_ids_headers_priority_and_body() {
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn unroutable_messages_fail_their_publish_and_are_counted() {
     let _shared = BROKER.read().await;
@@ -425,6 +433,10 @@ async fn unroutable_messages_fail_their_publish_and_are_counted() {
     delete_queue(&real).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn queue_argument_mismatch_names_the_argument() {
     let _shared = BROKER.read().await;
@@ -486,6 +498,10 @@ async fn queue_argument_mismatch_names_the_argument() {
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn high_priority_overtakes_a_backlog() {
     let _shared = BROKER.read().await;
@@ -541,12 +557,51 @@ impl Drop for AppGuard {
     }
 }
 
+/// Messages of `queue` ready for delivery and delivered but not yet acked, as the broker
+/// counts them (`rabbitmqctl list_queues`; a passive declare only tells the ready ones).
+async fn queue_depth(queue: &str) -> (u64, u64) {
+    let q = queue.to_string();
+    let vhost = amqp_url()
+        .parse::<lapin::uri::AMQPUri>()
+        .expect("the test broker URL parses")
+        .vhost;
+    tokio::task::spawn_blocking(move || {
+        let out = rabbitmqctl(&[
+            "-q",
+            "list_queues",
+            "-p",
+            &vhost,
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ]);
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(q.as_str()))
+            .unwrap_or_else(|| panic!("rabbitmqctl list_queues does not list {q}:\n{out}"));
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().expect("a message count"))
+            .collect();
+        assert_eq!(n.len(), 2, "unexpected list_queues line {line:?}");
+        (n[0], n[1])
+    })
+    .await
+    .expect("rabbitmqctl task")
+}
+
 async fn ctl(args: &'static [&'static str]) -> String {
     tokio::task::spawn_blocking(move || rabbitmqctl(args))
         .await
         .expect("rabbitmqctl task")
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn broker_outage_fails_pending_publishes_and_publishing_resumes() {
     let _exclusive = BROKER.write().await;
@@ -668,6 +723,10 @@ async fn broker_outage_fails_pending_publishes_and_publishing_resumes() {
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn memory_alarm_shows_blocked_and_publishes_fail() {
     let _exclusive = BROKER.write().await;
@@ -766,6 +825,10 @@ async fn memory_alarm_shows_blocked_and_publishes_fail() {
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
     let celery_bin = common::celery_bin();
@@ -859,16 +922,33 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // No waiting for a duplicate that might come: the publisher sent exactly one message per
-    // trigger, and once the worker is dead (killed and reaped) its output file is final and
-    // any message it had taken but not run is back in the queue. So: an empty queue plus one
-    // line per trigger means each task ran exactly once.
+    // "Each task ran exactly once" means: one line per trigger, and the broker holds nothing
+    // more to run, neither ready nor taken and unacked. A line is written when the task has run,
+    // but the worker's ack of that message reaches the broker on its own: killed before it
+    // does, the worker leaves the message unacked and the broker puts it back in the queue
+    // (an at-least-once redelivery, not a second message from us). So wait until the broker
+    // has recorded the worker's acks, then stop the worker: from then on its output is final.
     let st = status(&addr).await;
     assert_eq!(
         (st.counters.published, st.counters.confirmed),
         (4, 4),
         "{st:#?}"
     );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ready, unacked) = queue_depth(&queue).await;
+        if (ready, unacked) == (0, 0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+            panic!(
+                "the worker ran every task but the broker still holds {ready} ready and \
+                 {unacked} unacked messages of {queue}; its log:\n{log}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     worker.kill();
     let text = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<Value> = text
@@ -929,6 +1009,10 @@ async fn a_real_celery_worker_runs_our_tasks_with_our_ids() {
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn window_bounds_unconfirmed_and_order_follows_arrival() {
     let _shared = BROKER.read().await;
@@ -997,8 +1081,13 @@ async fn window_bounds_unconfirmed_and_order_follows_arrival() {
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
-async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
+async fn a_missing_exchange_closes_the_channel_once_then_its_messages_are_refused_until_it_is_back()
+{
     let _shared = BROKER.read().await;
     let queue = unique("noexchange");
     let addr = start_connected(config(&queue, DeclareMode::Declare, None)).await;
@@ -1009,27 +1098,38 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     assert!(matches!(res, Err(PublishError::Encode { .. })), "{res:?}");
     assert_eq!(status(&addr).await.connects, 1);
 
-    let exchange = "no_such_exchange_for_canal_consumer";
-    let mut t = trigger(1, &queue, Priority::Normal, MessageFormat::Envelope);
-    t.route.exchange = exchange.into();
-    let err = publish(&addr, vec![t]).await.expect_err("must fail");
+    let exchange = unique("gone_x");
+    let to_exchange = |n| {
+        let mut t = trigger(n, &queue, Priority::Normal, MessageFormat::Envelope);
+        t.route.exchange = exchange.clone();
+        t
+    };
+    let err = publish(&addr, vec![to_exchange(1)])
+        .await
+        .expect_err("must fail");
     // The broker answers by closing the channel (404 NOT_FOUND "no exchange '...'"). The
     // publisher may notice the closed channel before lapin hands over the broker's words; it
-    // waits for them, so the error always names the exchange.
+    // waits for them, so the error always names the exchange. What was unconfirmed on that
+    // channel is in doubt: a transient failure (rolled back and redelivered upstream).
     match &err {
         PublishError::ConnectionLost { reason, .. } => {
             assert!(
-                reason.contains(exchange),
+                reason.contains(&exchange),
                 "the error names the exchange: {err}"
             );
         }
         other => panic!("expected ConnectionLost, got {other:?}"),
     }
-    // the broker closed the channel; the publisher reconnects and goes on
-    wait_status(&addr, "reconnected", Duration::from_secs(20), |s| {
-        s.state == PublisherState::Connected && s.connects >= 2
-    })
-    .await;
+    assert!(err.is_transient());
+    // the route is broken; a new channel on the same connection carries everything else
+    let st = status(&addr).await;
+    assert_eq!(
+        (st.state, st.connects),
+        (PublisherState::Connected, 1),
+        "{st:#?}"
+    );
+    assert_eq!(st.broken_routes.len(), 1, "{st:#?}");
+    assert_eq!(st.broken_routes[0].exchange, exchange);
     publish(
         &addr,
         vec![trigger(
@@ -1041,9 +1141,73 @@ async fn a_missing_exchange_fails_the_publish_and_the_publisher_recovers() {
     )
     .await
     .expect("publishing works after the channel error");
+    // the broken route's messages are refused without a channel close: definite, parked
+    // upstream; the others of the same Publish are delivered
+    let ok = trigger(4, &queue, Priority::Normal, MessageFormat::Envelope);
+    let err = publish(&addr, vec![to_exchange(3), ok])
+        .await
+        .expect_err("refused");
+    match &err {
+        PublishError::Unroutable { returned } => {
+            assert_eq!(returned.len(), 1);
+            assert_eq!(returned[0].id, format!("{queue}-3"));
+            assert!(
+                returned[0]
+                    .reason
+                    .contains(&format!("exchange '{exchange}' is gone")),
+                "{err}"
+            );
+        }
+        other => panic!("expected Unroutable, got {other:?}"),
+    }
+    assert!(!err.is_transient());
+    let st = status(&addr).await;
+    assert_eq!(
+        (st.connects, st.counters.refused, st.counters.lost),
+        (1, 1, 1),
+        "{st:#?}"
+    );
+    // the exchange comes back (bound to our queue): found by a re-check, used again
+    let (conn, ch) = raw().await;
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        queue.as_str().into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    wait_status(
+        &addr,
+        "the route found again",
+        Duration::from_secs(20),
+        |s| s.broken_routes.is_empty(),
+    )
+    .await;
+    publish(&addr, vec![to_exchange(5)])
+        .await
+        .expect("published through the exchange again");
+    assert_eq!(status(&addr).await.connects, 1);
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn shutdown_drains_what_was_accepted() {
     let _shared = BROKER.read().await;
@@ -1089,6 +1253,10 @@ async fn shutdown_drains_what_was_accepted() {
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn returns_are_matched_to_their_publish_under_load() {
     let _shared = BROKER.read().await;
@@ -1142,6 +1310,10 @@ async fn returns_are_matched_to_their_publish_under_load() {
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn a_deleted_queue_is_declared_again() {
     let _shared = BROKER.read().await;
@@ -1192,6 +1364,10 @@ async fn a_deleted_queue_is_declared_again() {
     delete_queue(&queue).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn quorum_queues_are_declared_with_their_type() {
     let _shared = BROKER.read().await;
@@ -1275,6 +1451,10 @@ fn signal(pid: i32, sig: &str) {
 /// Issue 9: with the AMQP link frozen (no FIN, no RST) the publisher used to say `connected`
 /// and ready while confirms never came. Now the status says "stalled since ...: no confirm for
 /// N s" once the oldest message waits half the confirm timeout, and clears when confirms flow.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn a_frozen_link_shows_as_stalled_and_recovers() {
     let _exclusive = BROKER.write().await;

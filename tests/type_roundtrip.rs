@@ -254,6 +254,10 @@ fn compare(table: &str, cols: &[Col], events: &[ChangeEvent], via_json: bool) ->
     mismatches
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn every_column_type_arrives_as_mariadb_renders_it() {
     let _lock = canal_lock().await;
@@ -361,6 +365,10 @@ impl RawTail {
 
 /// Raw text mode follows DDL: a column added later, and a column whose charset an ALTER
 /// changes, are decoded with the charsets in force after the DDL; the rows before it keep theirs.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn raw_text_charsets_follow_ddl() {
     let _lock = canal_lock().await;
@@ -405,6 +413,10 @@ async fn raw_text_charsets_follow_ddl() {
 /// Every charset MariaDB offers for a text column (and, in the same table, every other type)
 /// through a destination that ships text as raw bytes, read by `canal-consumer tail` with
 /// `canal.connection_charset = "ISO-8859-1"`: each value as MariaDB renders it.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn every_charset_arrives_as_written_through_a_raw_text_destination() {
     let _lock = canal_lock().await;

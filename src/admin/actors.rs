@@ -153,6 +153,7 @@ pub fn assemble(
                 st
             })
             .collect(),
+        lossy_text: manager.lossy_text,
     }
 }
 
@@ -179,6 +180,7 @@ mod tests {
                 ..Default::default()
             }],
             filter: String::new(),
+            lossy_text: Vec::new(),
         };
         let s = assemble(canal, manager, None, Duration::from_secs(9), false, 3_500);
         assert_eq!(s.uptime_seconds, 9);

@@ -74,6 +74,9 @@ pub struct ServiceStatus {
     /// Readers attached to `GET /tap` (filled in by the admin server).
     pub tap_listeners: usize,
     pub consumers: Vec<ConsumerStatus>,
+    /// Columns whose text arrived with U+FFFD (UTF-8 mode: Canal decoded them lossily), with
+    /// their row counts, the policy applied and the fix; empty when none did.
+    pub lossy_text: Vec<crate::canal::lossy::LossyColumn>,
 }
 
 impl ServiceStatus {

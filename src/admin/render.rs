@@ -2,6 +2,8 @@
 //! `watch -n 5`) and the `list` table. Pure functions of the JSON and the clock, so they are
 //! tested on fixed inputs; the HTTP side is in [`super::client`].
 
+use crate::canal::lossy::{LossyColumn, OnLossyText};
+use crate::publisher::routes::BrokenRoute;
 use serde_json::Value;
 use std::fmt::Write as _;
 
@@ -147,6 +149,12 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
     } else if let Some(e) = canal["last_error"].as_str() {
         let _ = writeln!(out, "        last error: {e}");
     }
+    if let Some(rewound) = canal["rewind_skipped"].as_u64().filter(|n| *n > 0) {
+        let _ = writeln!(
+            out,
+            "        canal rewound {rewound} rows (sent again at or before the confirmed position); skipped"
+        );
+    }
     if let Some(w) = canal["config_warning"].as_str() {
         let _ = writeln!(out, "        config: {w}");
     }
@@ -154,6 +162,7 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
         let last = skipped.last().and_then(Value::as_str).unwrap_or("-");
         let _ = writeln!(out, "        skipped {} (last: {last})", skipped.len());
     }
+    lossy_text(&mut out, &v["lossy_text"]);
     let broker = &v["broker"];
     let state = broker.get("state").and_then(Value::as_str).unwrap_or(
         if v["broker_connected"].as_bool() == Some(true) {
@@ -210,6 +219,7 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
                 / 1000
         );
     }
+    broken_routes(&mut out, &broker["broken_routes"]);
     for key in ["blocked_reason", "last_error"] {
         if let Some(e) = broker.get(key).and_then(Value::as_str) {
             let _ = writeln!(out, "        {}: {e}", key.replace('_', " "));
@@ -218,6 +228,45 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
     out.push('\n');
     out.push_str(&consumer_table(&v["consumers"], true));
     out
+}
+
+/// The routes the publisher found gone while running (typed from the status, not read by
+/// key).
+fn broken_routes(out: &mut String, v: &Value) {
+    let Ok(routes) = serde_json::from_value::<Vec<BrokenRoute>>(v.clone()) else {
+        return;
+    };
+    for r in &routes {
+        let _ = writeln!(
+            out,
+            "        ROUTE GONE exchange '{}': {} messages parked, next check in {}: {}",
+            r.exchange,
+            r.refused,
+            short_duration(r.next_check_in_ms as f64 / 1000.0),
+            r.reason
+        );
+    }
+}
+
+/// The columns whose text arrived lossy (typed from the status, not read by key).
+fn lossy_text(out: &mut String, v: &Value) {
+    let Ok(columns) = serde_json::from_value::<Vec<LossyColumn>>(v.clone()) else {
+        return;
+    };
+    for c in &columns {
+        let done = match c.policy {
+            OnLossyText::Deliver => "delivered as they arrived",
+            OnLossyText::Park => "parked",
+        };
+        let _ = writeln!(
+            out,
+            "        LOSSY TEXT {}.{}.{}: {} rows with U+FFFD since {} ({done})",
+            c.database, c.table, c.column, c.rows, c.first_position
+        );
+    }
+    if let Some(c) = columns.first() {
+        let _ = writeln!(out, "        fix: {}", c.fix);
+    }
 }
 
 fn consumer_table(consumers: &Value, counters: bool) -> String {
@@ -395,6 +444,47 @@ mod tests {
         let text = render_status(&v, 2_000);
         assert!(
             text.contains("amqp://u:***@rabbit2:5672/%2f  queue plugin_tasks"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_broken_route_and_lossy_text_are_shown_with_what_to_do() {
+        let v = serde_json::json!({
+            "version": "0.2.0", "uptime_seconds": 5,
+            "canal": {"state": "connected", "server": "127.0.0.1:11111", "destination": "example",
+                      "inflight_batches": 0},
+            "broker": {"state": "connected", "broken_routes": [
+                {"exchange": "orders", "reason": "NOT_FOUND - no exchange 'orders' in vhost '/'",
+                 "refused": 50, "checks": 2, "next_check_in_ms": 1500}]},
+            "broker_connected": true, "consumers": [],
+            "lossy_text": [{"database": "shop", "table": "users", "column": "name", "rows": 7,
+                            "first_position": {"log_file": "mysql-bin.000001", "offset": 4,
+                                               "row_index": 1},
+                            "policy": "park", "fix": "use the raw-text mode"}]
+        });
+        let text = render_status(&v, 0);
+        assert!(
+            text.contains(
+                "        ROUTE GONE exchange 'orders': 50 messages parked, next check in 1.5s: \
+                 NOT_FOUND - no exchange 'orders' in vhost '/'\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "        LOSSY TEXT shop.users.name: 7 rows with U+FFFD since \
+                 mysql-bin.000001:4#1 (parked)\n        fix: use the raw-text mode\n"
+            ),
+            "{text}"
+        );
+        // none: no such lines
+        let mut clean = v.clone();
+        clean["broker"]["broken_routes"] = serde_json::json!([]);
+        clean["lossy_text"] = serde_json::json!([]);
+        let text = render_status(&clean, 0);
+        assert!(
+            !text.contains("ROUTE GONE") && !text.contains("LOSSY"),
             "{text}"
         );
     }

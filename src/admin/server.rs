@@ -225,6 +225,7 @@ pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
     m.canal_events_total.observe(c.events_received);
     m.canal_rollbacks_total.observe(c.rollbacks);
     m.canal_reconnects_total.observe(c.reconnects);
+    m.canal_rewind_skipped_total.observe(c.rewind_skipped);
     m.canal_inflight_batches
         .set(s.batches_in_flight.max(c.inflight_batches) as i64);
     m.ha_active.set_bool(
@@ -253,6 +254,9 @@ pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
     }
     if let Some(state) = b.get("state").and_then(serde_json::Value::as_str) {
         m.publisher_blocked.set_bool(state == "blocked");
+    }
+    for c in &s.lossy_text {
+        m.observe_lossy_text(&c.database, &c.table, &c.column, c.rows);
     }
     for cs in &s.consumers {
         let cm = m.consumer(&cs.name);

@@ -1104,9 +1104,18 @@ fn enum_label(labels: &[String], v: &str) -> Option<String> {
     labels.get(index - 1).cloned()
 }
 
+/// MySQL and MariaDB allow at most 64 members in a SET (one bit each of a u64).
+const MAX_SET_MEMBERS: usize = 64;
+
+/// The labels of a SET bitmask, `None` when the mask names a member the type does not have,
+/// or when the declared type lists more members than a SET can have (then it is not a SET
+/// MySQL would accept, and the labels could not be trusted to match the bits).
 fn set_labels(labels: &[String], v: &str) -> Option<String> {
     let mask: u64 = v.parse().ok()?;
-    if labels.len() < 64 && mask >> labels.len() != 0 {
+    if labels.len() > MAX_SET_MEMBERS {
+        return None;
+    }
+    if labels.len() < MAX_SET_MEMBERS && mask >> labels.len() != 0 {
         return None;
     }
     let mut out = String::new();
@@ -1628,6 +1637,37 @@ mod tests {
             column_value(&col("a", "json", Some("{\"k\": [1]}"))),
             Value::Json(serde_json::json!({"k": [1]}))
         );
+    }
+
+    /// `set('m0','m1',...)` with `n` members.
+    fn set_type(n: usize) -> String {
+        let labels: Vec<String> = (0..n).map(|i| format!("'m{i}'")).collect();
+        format!("set({})", labels.join(","))
+    }
+
+    #[test]
+    fn set_masks_use_all_64_members_and_no_more() {
+        // 64 members: the top bit is the 64th label
+        let top = (1u64 << 63).to_string();
+        assert_eq!(
+            column_value(&col("a", &set_type(64), Some(&top))),
+            Value::Text("m63".into())
+        );
+        assert_eq!(
+            column_value(&col("a", &set_type(64), Some("3"))),
+            Value::Text("m0,m1".into())
+        );
+        // A declared type with more members than a SET can have (a corrupt or hostile table
+        // meta) must neither overflow the shift nor invent labels: the mask is kept as sent.
+        for n in [65, 70, 200] {
+            for mask in ["1", "5", &top, "18446744073709551615"] {
+                assert_eq!(
+                    column_value(&col("a", &set_type(n), Some(mask))),
+                    Value::Text(mask.to_string()),
+                    "set of {n} members, mask {mask}"
+                );
+            }
+        }
     }
 
     fn header(event_type: Option<WireEventType>) -> Header {

@@ -7,6 +7,7 @@
 //! - [`decode`]: entries to [`ChangeEvent`]s.
 //! - [`charset`], [`source`]: column charsets for a destination that ships text as raw bytes
 //!   (`canal.connection_charset = "ISO-8859-1"`), and their lookup in the source database.
+//! - [`lossy`]: text Canal decoded lossily (U+FFFD in UTF-8 mode), counted per column.
 //! - [`connection`]: the `CanalConnection` actor that owns the session, fetches batches, acks
 //!   them in order, rolls back, and reconnects with backoff.
 //!
@@ -21,6 +22,7 @@ pub mod codec;
 pub mod connection;
 pub mod decode;
 pub mod fuzz;
+pub mod lossy;
 pub mod proto;
 pub mod session;
 pub mod source;

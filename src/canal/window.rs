@@ -348,15 +348,21 @@ impl BatchWindow {
         }
     }
 
+    /// Would batch id `id` be a jump in this session's sequence? (`(expected, got)`, as
+    /// [`Fetched::gap`]; nothing is recorded.)
+    pub fn gap(&self, id: i64) -> Option<(i64, i64)> {
+        match self.last_id {
+            Some(prev) if id != prev + 1 => Some((prev + 1, id)),
+            _ => None,
+        }
+    }
+
     /// Note a batch id Canal handed out in this session (also one whose batch is discarded);
     /// returns `(expected, got)` if ids were skipped.
     pub fn observe_id(&mut self, id: i64) -> Option<(i64, i64)> {
         // a batch came: more may be waiting, take it without waiting
         self.idle = false;
-        let gap = match self.last_id {
-            Some(prev) if id != prev + 1 => Some((prev + 1, id)),
-            _ => None,
-        };
+        let gap = self.gap(id);
         self.last_id = Some(id);
         gap
     }

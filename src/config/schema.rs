@@ -50,6 +50,12 @@ pub struct CanalConfig {
     /// Extra Canal subscription filter ORed into the one built from consumer filters. Leave
     /// empty: the service subscribes to exactly what enabled consumers want.
     pub filter: String,
+    /// The rewind guard: keep the newest confirmed position (in a file beside
+    /// `consumers.state_file`) and ack without delivering what Canal sends again at or before
+    /// it, as after a Canal restart from a cursor older than our last ack. Turn it off (or
+    /// delete that file while the service is stopped) to replay on purpose by moving Canal's
+    /// cursor back.
+    pub rewind_guard: bool,
     /// How long an idle long poll (the GET after one that found nothing) waits on the server;
     /// GETs while rows flow never wait (`canal::window::GetMode`).
     #[serde(with = "humantime_serde")]
@@ -85,6 +91,11 @@ pub struct CanalConfig {
     /// `mysql://user:password@host:port` of the database Canal reads, for column charsets
     /// (`information_schema`); required with `connection_charset = "ISO-8859-1"`.
     pub source_url: Secret,
+    /// `connection_charset = "UTF-8"` only: what to do with a row whose text arrived with
+    /// U+FFFD, the mark of a non-UTF-8 column Canal decoded lossily (`crate::canal::lossy`):
+    /// `deliver` it as it is (counted, warned once per column; the default) or `park` it in
+    /// the dead-letter queue instead of delivering changed data.
+    pub on_lossy_text: crate::canal::lossy::OnLossyText,
 }
 
 /// `canal.connection_charset`.
@@ -114,6 +125,7 @@ impl Default for CanalConfig {
             batch_size: 100,
             mem_unit: 1024,
             filter: String::new(),
+            rewind_guard: true,
             fetch_wait: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(30),
@@ -128,11 +140,21 @@ impl Default for CanalConfig {
             zk_session_timeout: Duration::from_secs(10),
             connection_charset: ConnectionCharset::Utf8,
             source_url: Secret::default(),
+            on_lossy_text: crate::canal::lossy::OnLossyText::Deliver,
         }
     }
 }
 
 impl CanalConfig {
+    /// The lossy-text check of UTF-8 mode (`on_lossy_text`), or None in raw text mode, where
+    /// the service decodes text itself and a U+FFFD is data.
+    pub fn lossy_text_check(&self) -> Option<crate::canal::lossy::OnLossyText> {
+        match self.connection_charset {
+            ConnectionCharset::Utf8 => Some(self.on_lossy_text),
+            ConnectionCharset::Iso8859_1 => None,
+        }
+    }
+
     /// ZooKeeper mode settings, or None in the simple mode.
     pub fn ha(&self) -> Option<crate::ha::HaConfig> {
         if self.zk_servers.trim().is_empty() {
@@ -191,6 +213,7 @@ impl CanalConfig {
             reconnect_max: self.reconnect_max,
             fail_fast,
             lease: None,
+            confirmed_file: None,
             text: match self.connection_charset {
                 ConnectionCharset::Utf8 => crate::canal::TextSource::AsShipped,
                 ConnectionCharset::Iso8859_1 => crate::canal::TextSource::Raw {

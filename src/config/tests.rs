@@ -590,7 +590,7 @@ fn shipped_config_files_are_valid() {
     assert_eq!(c.admin.bind, "0.0.0.0:9090");
     assert!(c.amqp.url.expose().contains("@rabbitmq:5672"));
     // The Kubernetes ConfigMap's embedded file, with the Secret's variables.
-    let cm = std::fs::read_to_string(root.join("deploy/k8s/configmap.yaml")).unwrap();
+    let cm = std::fs::read_to_string(root.join("deploy/k8s/base/configmap.yaml")).unwrap();
     let start = cm.find("canal-consumer.toml: |").expect("config key") + 1;
     let toml_text: String = cm[start..]
         .lines()
@@ -836,4 +836,29 @@ fn tls_files_must_be_readable_and_a_certificate_needs_its_key() {
         text.contains("key `amqp.tls.ca_file`: /nonexistent/ca.pem cannot be read"),
         "{text}"
     );
+}
+
+#[test]
+fn on_lossy_text_is_a_utf8_mode_policy_named_in_errors() {
+    use crate::canal::lossy::OnLossyText;
+    let dir = tempfile::tempdir().unwrap();
+    // the default: check, and deliver
+    let c = load_from(None, nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.lossy_text_check(), Some(OnLossyText::Deliver));
+    let file = write(&dir, "park.toml", "[canal]\non_lossy_text = \"park\"\n");
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.lossy_text_check(), Some(OnLossyText::Park));
+    // raw text mode decodes text itself: a U+FFFD there is data, no check
+    let vars = env(&[
+        ("CANAL_CONSUMER__CANAL__CONNECTION_CHARSET", "ISO-8859-1"),
+        ("CANAL_CONSUMER__CANAL__SOURCE_URL", "mysql://u:p@h:3306"),
+    ]);
+    let c = load_from(Some(&file), nowhere(), vars, CliOverrides::default()).unwrap();
+    assert_eq!(c.canal.lossy_text_check(), None);
+    // a wrong value names the file and the key
+    let file = write(&dir, "bad.toml", "[canal]\non_lossy_text = \"drop\"\n");
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("bad.toml"), "{text}");
+    assert!(text.contains("on_lossy_text"), "{text}");
 }

@@ -24,7 +24,7 @@ use crate::publisher::{Publish, PublishError};
 use crate::trigger::Trigger;
 use crate::trigger::{MessageFormat, Route};
 use actix::prelude::*;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +60,9 @@ pub struct ProcessBatch {
     pub mode: Mode,
     pub events: Arc<Vec<ChangeEvent>>,
     pub indices: Arc<Vec<usize>>,
+    /// Events (indices into `events`) to dead-letter unprocessed with the reason, in any mode
+    /// (lossy text with `canal.on_lossy_text = "park"`); usually empty.
+    pub park: Arc<BTreeMap<usize, String>>,
 }
 
 /// The batch was processed and its triggers handed to the publisher.
@@ -283,6 +286,15 @@ impl ConsumerActor {
                 continue;
             };
             let failure = |error| failure(&name, event, error);
+            if let Some(reason) = msg.park.get(&i) {
+                // a ParkIds run repeats a normal run whose dead letters were confirmed already
+                if !matches!(msg.mode, Mode::ParkIds { .. }) {
+                    self.ctx.begin_event(event);
+                    self.ctx.park(failure(reason), None);
+                    parked += 1;
+                }
+                continue;
+            }
             match &msg.mode {
                 Mode::Normal => {}
                 Mode::ParkAll { reason } => {
@@ -448,10 +460,18 @@ impl Handler<ProcessBatch> for ConsumerActor {
             self.retry_at = None;
         }
         let mut failed = None;
+        let mut parked = 0;
+        let name = self.consumer.name().to_string();
         for &i in msg.indices.iter() {
             let Some(event) = msg.events.get(i) else {
                 continue;
             };
+            if let Some(reason) = msg.park.get(&i) {
+                self.ctx.begin_event(event);
+                self.ctx.park(failure(&name, event, reason), None);
+                parked += 1;
+                continue;
+            }
             if let Err(error) = process_event(self.consumer.as_mut(), &mut self.ctx, event) {
                 tracing::error!(
                     consumer = self.consumer.name(),
@@ -487,7 +507,15 @@ impl Handler<ProcessBatch> for ConsumerActor {
                 retry_in,
             });
         }
-        Ok(self.publish(&msg, 0))
+        if parked > 0 {
+            tracing::warn!(
+                consumer = %name,
+                parked,
+                batch = %msg.batch,
+                "events parked in the dead-letter queue"
+            );
+        }
+        Ok(self.publish(&msg, parked))
     }
 }
 

@@ -1,7 +1,7 @@
 //! The ZooKeeper shell of [`super::core`]: one session at a time, the claim of the client
 //! running node, the watches, the heartbeats. Every observation goes into [`HaCore`]; after each
 //! one the resulting [`Lease`] is published on a watch channel (the connection reads it before
-//! every write) and, when it changed, the connection is told with [`LeaseChanged`].
+//! every write), which the connection also watches for changes.
 //!
 //! Failures: a session that cannot be opened is retried with backoff (standby meanwhile); an
 //! expired or closed session is dropped and a new one opened; a failed request is logged and
@@ -10,9 +10,7 @@
 use super::HaConfig;
 use super::core::{Action, Event, HaCore, Lease};
 use crate::backoff::Backoff;
-use crate::canal::connection::LeaseChanged;
 
-use actix::Recipient;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -37,13 +35,13 @@ pub type Release = tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>
 pub async fn run(
     cfg: HaConfig,
     tx: watch::Sender<Lease>,
-    notify: Recipient<LeaseChanged>,
     mut release: tokio::sync::oneshot::Receiver<tokio::sync::oneshot::Sender<()>>,
 ) {
     let mut core = HaCore::new(cfg.session_timeout);
     let publish = |core: &HaCore| {
         let lease = core.lease();
-        let changed = tx.send_if_modified(|old| {
+        // receivers (the connection watches it) see only real changes
+        tx.send_if_modified(|old| {
             if *old == lease {
                 false
             } else {
@@ -51,9 +49,6 @@ pub async fn run(
                 true
             }
         });
-        if changed {
-            notify.do_send(LeaseChanged);
-        }
     };
     let backoff =
         Backoff::new(Duration::from_millis(200), Duration::from_secs(10)).with_jitter(0.2);

@@ -27,6 +27,7 @@
 //!   roll the batch back (nothing is acked until an operator acts).
 
 use crate::canal::connection::BatchRef;
+use crate::publisher::PublishError;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -133,6 +134,28 @@ pub enum PartError {
     Transient(String),
     /// The broker could not route these triggers (a rule's exchange or queue does not exist).
     Unroutable { ids: Vec<String>, reason: String },
+}
+
+/// How a failed publish bears on its part: messages the broker could not route as configured
+/// (returned, or refused because their exchange is gone) are [`PartError::Unroutable`], to be
+/// parked by policy; every other failure is transient (the batch rolls back and comes again).
+/// One mapping for the Manager and the delivery simulation.
+impl From<PublishError> for PartError {
+    fn from(e: PublishError) -> Self {
+        match e {
+            PublishError::Unroutable { returned } => {
+                let reason = PublishError::Unroutable {
+                    returned: returned.clone(),
+                }
+                .to_string();
+                PartError::Unroutable {
+                    ids: returned.into_iter().map(|r| r.id).collect(),
+                    reason,
+                }
+            }
+            e => PartError::Transient(e.to_string()),
+        }
+    }
 }
 
 impl PartError {
@@ -563,6 +586,36 @@ mod tests {
                 _ => None,
             })
             .expect("a Process command")
+    }
+
+    #[test]
+    fn publish_errors_map_to_part_errors() {
+        let returned = crate::publisher::Returned {
+            id: "m1".into(),
+            exchange: "cc_gone".into(),
+            routing_key: "k".into(),
+            reason: "exchange 'cc_gone' is gone".into(),
+        };
+        match PartError::from(PublishError::Unroutable {
+            returned: vec![returned],
+        }) {
+            PartError::Unroutable { ids, reason } => {
+                assert_eq!(ids, ["m1"]);
+                assert!(reason.contains("exchange 'cc_gone'"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        for e in [
+            PublishError::Cancelled { epoch: 3 },
+            PublishError::Nacked { id: "m2".into() },
+            PublishError::ConnectionLost {
+                unconfirmed: 2,
+                reason: "publishing channel closed".into(),
+            },
+        ] {
+            let text = e.to_string();
+            assert_eq!(PartError::from(e), PartError::Transient(text));
+        }
     }
 
     fn unroutable() -> PartError {

@@ -21,12 +21,18 @@
 //!
 //! The Canal subscription filter is the union of the enabled consumers' filters. `enable` and
 //! `disable` answer only once Canal has accepted the new subscription.
+//!
+//! Lossy text (UTF-8 mode, [`ManagerConfig::lossy_text`]): every batch is scanned for text that
+//! carries U+FFFD ([`crate::canal::lossy`]); such rows are counted per table and column, each
+//! column is logged once, and with `canal.on_lossy_text = "park"` the rows go to the
+//! dead-letter queue (through their consumers, like a poison row) instead of being delivered.
 
 pub mod core;
 
 use crate::canal::connection::{
     AckBatch, Batch, BatchRef, CanalConnection, CanalEvent, ReleaseBatch, RollbackBatch, SetFilter,
 };
+use crate::canal::lossy::{self, LossyColumn, LossyText, OnLossyText};
 use crate::consumer::TableFilter;
 use crate::consumer::actor::{ConsumerActor, ProcessBatch, ProcessFailure, Reinstate};
 use crate::consumer::filter::canal_filter;
@@ -37,6 +43,7 @@ pub use core::ConsumerState;
 use core::{Command, Mode, PartError, Processed, Router};
 pub use core::{OnPoison, PoisonPolicy};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +64,9 @@ pub struct ConsumerEntry {
 pub struct Part {
     pub events: Arc<Vec<ChangeEvent>>,
     pub indices: Arc<Vec<usize>>,
+    /// Events of the batch (indices into `events`) to dead-letter unprocessed, with the reason,
+    /// whatever the mode (lossy text with `canal.on_lossy_text = "park"`).
+    pub park: Arc<BTreeMap<usize, String>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -82,6 +92,9 @@ pub struct ConsumerStats {
 pub struct ManagerConfig {
     /// Extra Canal filter ORed into the consumers' one.
     pub extra_filter: String,
+    /// Check text for Canal's lossy decoding, and what to do with such rows (UTF-8 mode,
+    /// `canal.on_lossy_text`); None: no check (raw text mode, where U+FFFD is data).
+    pub lossy_text: Option<OnLossyText>,
 }
 
 /// Give the Manager its connection (the connection is created with the Manager's address).
@@ -144,6 +157,9 @@ pub struct ManagerStatus {
     pub batches_in_flight: usize,
     pub consumers: Vec<ConsumerStats>,
     pub filter: String,
+    /// Columns whose text arrived with U+FFFD (UTF-8 mode), with their counts and the fix.
+    #[serde(default)]
+    pub lossy_text: Vec<LossyColumn>,
 }
 
 /// A part's publish settled (internal).
@@ -170,6 +186,7 @@ pub struct Manager {
     publisher: Option<Recipient<CancelBefore>>,
     slots: Vec<Slot>,
     router: Router<Part>,
+    lossy: Option<LossyText>,
 }
 
 impl Manager {
@@ -188,6 +205,7 @@ impl Manager {
             })
             .collect();
         Manager {
+            lossy: cfg.lossy_text.map(LossyText::new),
             cfg,
             connection: None,
             publisher: None,
@@ -219,7 +237,41 @@ impl Manager {
         parts.join(",")
     }
 
+    /// Lossy text in `events`: counted, new columns logged; with the park policy, the rows to
+    /// dead-letter with their reason.
+    fn check_lossy(&mut self, events: &[ChangeEvent]) -> BTreeMap<usize, String> {
+        let Some(tracker) = self.lossy.as_mut() else {
+            return BTreeMap::new();
+        };
+        let found = lossy::scan(events);
+        if found.is_empty() {
+            return BTreeMap::new();
+        }
+        for c in tracker.record(events, &found) {
+            tracing::warn!(
+                table = %format!("{}.{}", c.database, c.table),
+                column = %c.column,
+                position = %c.first_position,
+                policy = ?c.policy,
+                fix = lossy::LOSSY_FIX,
+                "text arrived with U+FFFD: canal decoded a non-UTF-8 column lossily"
+            );
+        }
+        if tracker.policy() != OnLossyText::Park {
+            return BTreeMap::new();
+        }
+        found
+            .rows
+            .iter()
+            .filter_map(|(i, cols)| {
+                let e = events.get(*i)?;
+                Some((*i, LossyText::park_reason(e, cols)))
+            })
+            .collect()
+    }
+
     fn route(&mut self, batch: Batch, ctx: &mut Context<Self>) {
+        let park = Arc::new(self.check_lossy(&batch.events));
         let mut parts = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if !self.router.is_enabled(i) {
@@ -241,6 +293,7 @@ impl Manager {
                 Part {
                     events: batch.events.clone(),
                     indices: Arc::new(indices),
+                    park: park.clone(),
                 },
             ));
         }
@@ -306,6 +359,7 @@ impl Manager {
             mode,
             events: part.events,
             indices: part.indices,
+            park: part.park,
         };
         let fut = self.slots[i].addr.send(msg);
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
@@ -421,37 +475,24 @@ impl Handler<PartDone> for Manager {
     type Result = ();
 
     fn handle(&mut self, msg: PartDone, ctx: &mut Context<Self>) {
-        let result = match msg.result {
-            Ok(()) => {
-                if let Some(at) = msg.executed_at {
-                    self.slots[msg.slot].stats.confirmed_executed_at = Some(at);
-                }
-                Ok(())
-            }
-            Err(PublishError::Cancelled { .. }) => Err(PartError::Transient(
-                "cancelled: its epoch ended".to_string(),
-            )),
-            Err(PublishError::Unroutable { returned }) => {
-                let slot = &mut self.slots[msg.slot];
-                let reason = PublishError::Unroutable {
-                    returned: returned.clone(),
-                }
-                .to_string();
-                slot.stats.last_error = Some(reason.clone());
+        if let Ok(()) = msg.result
+            && let Some(at) = msg.executed_at
+        {
+            self.slots[msg.slot].stats.confirmed_executed_at = Some(at);
+        }
+        if let Err(e) = &msg.result
+            && !matches!(e, PublishError::Cancelled { .. })
+        {
+            let slot = &mut self.slots[msg.slot];
+            slot.stats.last_error = Some(e.to_string());
+            if matches!(e, PublishError::Unroutable { .. }) {
                 tracing::warn!(
                     consumer = %slot.name,
                     batch = %msg.batch,
-                    error = %reason,
+                    error = %e,
                     "the broker could not route some triggers"
                 );
-                Err(PartError::Unroutable {
-                    ids: returned.into_iter().map(|r| r.id).collect(),
-                    reason,
-                })
-            }
-            Err(e) => {
-                let slot = &mut self.slots[msg.slot];
-                slot.stats.last_error = Some(e.to_string());
+            } else {
                 tracing::warn!(
                     consumer = %slot.name,
                     batch = %msg.batch,
@@ -459,9 +500,9 @@ impl Handler<PartDone> for Manager {
                     transient = e.is_transient(),
                     "publish failed; rolling back the batch"
                 );
-                Err(PartError::Transient(e.to_string()))
             }
-        };
+        }
+        let result = msg.result.map_err(PartError::from);
         self.router.confirmed(msg.slot, msg.batch, result);
         self.run(ctx);
     }
@@ -524,6 +565,11 @@ impl Handler<GetManagerStatus> for Manager {
             batches_in_flight: self.router.batches_in_flight(),
             consumers,
             filter: self.filter(),
+            lossy_text: self
+                .lossy
+                .as_ref()
+                .map(LossyText::columns)
+                .unwrap_or_default(),
         })
     }
 }

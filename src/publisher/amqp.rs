@@ -107,6 +107,10 @@ pub struct PublisherStatus {
     /// nothing (frozen network, blocked broker). Not ready while set.
     #[serde(default)]
     pub stalled_since: Option<String>,
+    /// Routes (exchanges) that broke while connected: their messages are refused (parked
+    /// upstream) and they are re-checked with backoff ([`super::routes`]).
+    #[serde(default)]
+    pub broken_routes: Vec<super::routes::BrokenRoute>,
     /// Successful connections since start.
     pub connects: u64,
     pub last_error: Option<String>,
@@ -198,6 +202,7 @@ impl AmqpPublisher {
             counters: WindowStats::default(),
             oldest_unconfirmed_ms: None,
             stalled_since: None,
+            broken_routes: Vec::new(),
             connects: 0,
             last_error: None,
             state_since: now_rfc3339(),

@@ -11,6 +11,7 @@ pub mod celery;
 pub mod connect;
 pub mod envelope;
 pub mod failover;
+pub mod routes;
 mod session;
 pub mod topology;
 pub mod window;

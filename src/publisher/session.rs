@@ -8,10 +8,15 @@
 //!
 //! How it fails: when the channel or connection dies, the window fails every job
 //! ([`PublishError::ConnectionLost`]), queued jobs are refused, and `run` returns the reason;
-//! the actor then reconnects with backoff.
+//! the actor then reconnects with backoff. One exception: a channel the broker closed because
+//! an exchange a rule publishes to is gone ([`super::routes`]). Then the unconfirmed jobs fail
+//! the same way, but the session opens a new channel on the same connection and goes on, and
+//! from then on messages to that exchange are refused as unroutable (parked upstream) until a
+//! re-check with backoff finds it again.
 
+use super::routes::{self, BrokenRoutes, ChannelFault};
 use super::window::{ConfirmWindow, JobNo, Outgoing};
-use super::{PublishError, topology};
+use super::{PublishError, Returned, topology};
 use crate::config::{AmqpConfig, DeclareMode, redact_url};
 use futures::{FutureExt, Stream, StreamExt, future::LocalBoxFuture, stream::FuturesUnordered};
 use lapin::{
@@ -163,15 +168,9 @@ pub(super) async fn open(
         } else {
             check.await?;
         }
-        let channel = conn
-            .create_channel()
+        confirm_channel(&conn)
             .await
-            .map_err(|e| unavailable("cannot open a channel on", &e))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| unavailable("cannot enable publisher confirms on", &e))?;
-        Ok(channel)
+            .map_err(|e| PublishError::Unavailable(format!("{e} {}", redact_url(url.expose()))))
     };
     match tokio::time::timeout(limit, setup).await {
         Ok(Ok(channel)) => Ok(Opened { conn, channel }),
@@ -187,6 +186,49 @@ pub(super) async fn open(
             ))
         }
     }
+}
+
+/// A new channel in confirm mode; the error says which step failed ("... on", the broker's
+/// address follows).
+async fn confirm_channel(conn: &Connection) -> Result<Channel, String> {
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| format!("cannot open a channel ({e}) on"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| format!("cannot enable publisher confirms ({e}) on"))?;
+    Ok(channel)
+}
+
+/// The broker's reply code and text when `e` is a close by the broker.
+fn close_reason(e: &lapin::Error) -> Option<(u16, String)> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            Some((amqp.get_id(), amqp.get_message().to_string()))
+        }
+        _ => None,
+    }
+}
+
+/// `m` is not published while its exchange is known broken: it is reported as unroutable.
+fn refused(routes: &mut BrokenRoutes, m: &Prepared) -> Option<Returned> {
+    if m.exchange.is_empty() {
+        return None;
+    }
+    routes.refusal(&m.exchange).map(|reason| Returned {
+        id: m.id.clone(),
+        exchange: m.exchange.clone(),
+        routing_key: m.routing_key.clone(),
+        reason,
+    })
+}
+
+/// Why the publishing channel failed: our words, and the broker's error if it gave one.
+struct ChannelFailed {
+    reason: String,
+    error: Option<lapin::Error>,
 }
 
 pub(super) async fn close_quietly(conn: &Connection) {
@@ -218,6 +260,8 @@ pub(super) struct Session {
     /// us. In `declare` mode it is declared again (at most once a second).
     redeclare: bool,
     last_redeclare: Option<Instant>,
+    /// Exchanges found gone while connected (see the module docs).
+    routes: BrokenRoutes,
 }
 
 impl Session {
@@ -235,6 +279,7 @@ impl Session {
             events,
             jobs,
             window: ConfirmWindow::new(cfg.max_unconfirmed.get(), cfg.confirm_timeout),
+            routes: BrokenRoutes::new(cfg.reconnect_min, cfg.reconnect_max),
             cfg,
             status,
             generation,
@@ -261,7 +306,15 @@ impl Session {
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut jobs_closed = false;
         loop {
-            while let Some((seq, msg)) = self.window.poll_publish(Instant::now().into_std()) {
+            let now = Instant::now().into_std();
+            loop {
+                let routes = &mut self.routes;
+                let Some((seq, msg)) = self
+                    .window
+                    .poll_publish_or_refuse(now, |m| refused(routes, m))
+                else {
+                    break;
+                };
                 self.publish_one(seq, msg).await;
             }
             self.flush();
@@ -278,35 +331,36 @@ impl Session {
             // accept more work only while the backlog is within one window
             let room = self.window.queued() < self.cfg.max_unconfirmed.get();
             let deadline = self.window.next_deadline().map(Instant::from_std);
+            let route_check = self.routes.next_check().map(Instant::from_std);
             tokio::select! {
                 ev = self.events.next() => match ev {
                     Some(Event::ConnectionBlocked(reason)) => self.on_blocked(reason),
                     Some(Event::ConnectionUnblocked) => self.on_unblocked(),
                     Some(Event::Error(e)) => {
                         if let Some(reason) = self.broken() {
-                            return format!("{reason}: {e}");
+                            let failed = ChannelFailed {
+                                reason: format!("{reason}: {e}"),
+                                error: Some(e),
+                            };
+                            if let Err(reason) = self.channel_failed(failed).await {
+                                return reason;
+                            }
+                        } else {
+                            debug!(error = %e, "connection event error on another channel");
                         }
-                        debug!(error = %e, "connection event error on another channel");
                     }
                     Some(_) => {}
                     None => return "connection closed".into(),
                 },
                 Some((seq, res)) = self.confirms.next(), if !self.confirms.is_empty() => {
-                    if let Err(reason) = self.on_confirm(seq, res) {
+                    if let Err(failed) = self.on_confirms(seq, res)
+                        && let Err(reason) = self.channel_failed(failed).await
+                    {
                         return reason;
                     }
-                    // Barrier: lapin resolves all tags of one multi-ack under its
-                    // acknowledgements lock, and `wait_for_confirms` takes that lock on its
-                    // first poll; once it returns, every confirm of that ack is resolved, so
-                    // a returned message riding on a later tag is seen before we settle.
-                    let _ = self.channel.wait_for_confirms().now_or_never();
-                    while let Some(Some((seq, res))) = self.confirms.next().now_or_never() {
-                        if let Err(reason) = self.on_confirm(seq, res) {
-                            return reason;
-                        }
-                    }
-                    self.window.settle(Instant::now().into_std());
                 }
+                _ = tokio::time::sleep_until(route_check.unwrap_or_else(Instant::now)),
+                    if route_check.is_some() => self.check_routes().await,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
                     if deadline.is_some() => self.window.settle(Instant::now().into_std()),
                 job = self.jobs.recv(), if !jobs_closed && room => {
@@ -321,7 +375,10 @@ impl Session {
                 }
                 _ = health.tick() => {
                     if let Some(reason) = self.broken() {
-                        return self.explain(reason).await;
+                        let failed = self.explain(reason).await;
+                        if let Err(reason) = self.channel_failed(failed).await {
+                            return reason;
+                        }
                     }
                     let blocked = self.conn.status().blocked();
                     let shown = lock(&self.status).state == PublisherState::Blocked;
@@ -336,6 +393,113 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Feed a confirm, and every other one already resolved, into the window and settle.
+    fn on_confirms(
+        &mut self,
+        seq: u64,
+        res: lapin::Result<Confirmation>,
+    ) -> Result<(), ChannelFailed> {
+        self.on_confirm(seq, res)?;
+        // Barrier: lapin resolves all tags of one multi-ack under its acknowledgements lock,
+        // and `wait_for_confirms` takes that lock on its first poll; once it returns, every
+        // confirm of that ack is resolved, so a returned message riding on a later tag is seen
+        // before we settle.
+        let _ = self.channel.wait_for_confirms().now_or_never();
+        while let Some(Some((seq, res))) = self.confirms.next().now_or_never() {
+            self.on_confirm(seq, res)?;
+        }
+        self.window.settle(Instant::now().into_std());
+        Ok(())
+    }
+
+    /// The publishing channel failed. If the broker closed it because an exchange is gone
+    /// (and the connection is up), that route is marked broken, what was unconfirmed fails
+    /// (its batches roll back and come again), and a new channel carries on for everyone:
+    /// `Ok`. Otherwise `Err` with the reason: the session ends.
+    async fn channel_failed(&mut self, failed: ChannelFailed) -> Result<(), String> {
+        let failed = match failed.error {
+            Some(_) => failed,
+            // the broker's words come as an event or a failed confirm: wait briefly for them
+            None => self.explain(failed.reason).await,
+        };
+        let Some((code, text)) = failed.error.as_ref().and_then(close_reason) else {
+            return Err(failed.reason);
+        };
+        let ChannelFault::RouteGone { exchange } = routes::classify_close(code, &text) else {
+            return Err(failed.reason);
+        };
+        if !self.conn.status().connected() {
+            return Err(failed.reason);
+        }
+        self.routes
+            .route_gone(&exchange, &text, Instant::now().into_std());
+        warn!(
+            exchange = %exchange,
+            reason = %text,
+            unconfirmed = self.window.unconfirmed(),
+            "the broker closed the publishing channel: a rule's exchange is gone; its messages \
+             are parked from now on (re-checked with backoff), the unconfirmed ones are retried, \
+             and the others go on on a new channel"
+        );
+        // whatever was unconfirmed on the closed channel is in doubt, whichever its route
+        self.window
+            .connection_lost(&format!("publishing channel closed: {text}"));
+        self.confirms = FuturesUnordered::new();
+        self.flush();
+        let limit = self.cfg.confirm_timeout.max(Duration::from_secs(5));
+        match tokio::time::timeout(limit, confirm_channel(&self.conn)).await {
+            Ok(Ok(channel)) => {
+                self.channel = Rc::new(channel);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("{}; then {e} the broker", failed.reason)),
+            Err(_) => Err(format!(
+                "{}; then no new channel within {limit:?}",
+                failed.reason
+            )),
+        }
+    }
+
+    /// Check the broken routes that are due, each with a passive declare on a channel of its
+    /// own (a missing exchange closes that channel, not ours).
+    async fn check_routes(&mut self) {
+        for exchange in self.routes.due(Instant::now().into_std()) {
+            let check = async {
+                let channel = self.conn.create_channel().await?;
+                let res = channel
+                    .exchange_declare(
+                        exchange.as_str().into(),
+                        lapin::ExchangeKind::Direct,
+                        lapin::options::ExchangeDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await;
+                if channel.status().connected() {
+                    let _ = channel.close(200, "route checked".into()).await;
+                }
+                res
+            };
+            let limit = self.cfg.confirm_timeout.max(Duration::from_secs(5));
+            let exists = match tokio::time::timeout(limit, check).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    debug!(exchange = %exchange, error = %e, "a broken route is still missing");
+                    false
+                }
+                Err(_) => false,
+            };
+            if exists {
+                info!(exchange = %exchange, "a broken route is back: publishing to it again");
+            }
+            self.routes
+                .checked(&exchange, exists, Instant::now().into_std());
+        }
+        self.flush();
     }
 
     /// Send the answers the window decided, log failures, and copy its counters into status.
@@ -364,6 +528,7 @@ impl Session {
         let oldest = self.window.oldest_unconfirmed_at();
         let mut st = lock(&self.status);
         st.counters = stats;
+        st.broken_routes = self.routes.snapshot(Instant::now().into_std());
         st.unconfirmed = self.window.unconfirmed();
         st.oldest_unconfirmed_ms = oldest.map(|t| t.elapsed().as_millis() as u64);
         let stall = super::amqp::stall_after(self.cfg.confirm_timeout);
@@ -413,21 +578,33 @@ impl Session {
     /// Add the broker's own words to `reason` (e.g. `NOT_FOUND - no exchange 'x'`): the channel
     /// or connection status flips before lapin delivers the close reason, as an error event or
     /// a failed confirm, so wait briefly for it.
-    async fn explain(&mut self, reason: String) -> String {
+    async fn explain(&mut self, reason: String) -> ChannelFailed {
         let deadline = Instant::now() + EXPLAIN_WAIT;
+        let without = |reason| ChannelFailed {
+            reason,
+            error: None,
+        };
         loop {
             tokio::select! {
                 ev = self.events.next() => match ev {
-                    Some(Event::Error(e)) => return format!("{reason}: {e}"),
+                    Some(Event::Error(e)) => return ChannelFailed {
+                        reason: format!("{reason}: {e}"),
+                        error: Some(e),
+                    },
                     Some(_) => {}
-                    None => return reason,
+                    None => return without(reason),
                 },
                 Some((_, res)) = self.confirms.next(), if !self.confirms.is_empty() => {
-                    if let Err(e) = res {
-                        return format!("{reason}: {e}");
+                    if let Err(e) = res
+                        && close_reason(&e).is_some()
+                    {
+                        return ChannelFailed {
+                            reason: format!("{reason}: {e}"),
+                            error: Some(e),
+                        };
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => return reason,
+                _ = tokio::time::sleep_until(deadline) => return without(reason),
             }
         }
     }
@@ -507,14 +684,27 @@ impl Session {
 
     /// Feed one confirm (and the return lapin attached to it) into the window. `Err` means the
     /// channel is gone.
-    fn on_confirm(&mut self, seq: u64, res: lapin::Result<Confirmation>) -> Result<(), String> {
+    fn on_confirm(
+        &mut self,
+        seq: u64,
+        res: lapin::Result<Confirmation>,
+    ) -> Result<(), ChannelFailed> {
         let (ack, returned) = match res {
             Ok(Confirmation::Ack(ret)) => (true, ret),
             Ok(Confirmation::Nack(ret)) => (false, ret),
             Ok(Confirmation::NotRequested) => {
-                return Err("the publishing channel is not in confirm mode".into());
+                return Err(ChannelFailed {
+                    reason: "the publishing channel is not in confirm mode".into(),
+                    error: None,
+                });
             }
-            Err(e) => return Err(format!("publishing channel failed: {e}")),
+            Err(e) => {
+                let protocol = close_reason(&e).is_some();
+                return Err(ChannelFailed {
+                    reason: format!("publishing channel failed: {e}"),
+                    error: protocol.then_some(e),
+                });
+            }
         };
         // lapin may hand a return over on another publish's confirm; the tag names the
         // publish it belongs to, and a return always precedes that publish's own ack

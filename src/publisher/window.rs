@@ -95,6 +95,10 @@ pub struct WindowStats {
     /// or reconnect; Canal redelivers those rows) or an earlier message of it failed.
     #[serde(default)]
     pub cancelled: u64,
+    /// Messages not published because their route is known to be broken (an exchange deleted
+    /// while the service runs, [`super::routes`]): reported as unroutable, so they are parked.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// A settled failure, for the session's log line.
@@ -207,11 +211,33 @@ impl<M: Outgoing> ConfirmWindow<M> {
     /// The next message to publish, if the window has room. The caller must publish it (or
     /// report [`Self::connection_lost`]); its confirm is then expected under `seq`.
     pub fn poll_publish(&mut self, now: Instant) -> Option<(u64, M)> {
+        self.poll_publish_or_refuse(now, |_| None)
+    }
+
+    /// [`Self::poll_publish`], but a message for which `refuse` gives a [`super::Returned`]
+    /// (its route is known to be broken) is not published: its job reports it as unroutable
+    /// when it ends, exactly like a message the broker returned, and the next one is taken.
+    pub fn poll_publish_or_refuse(
+        &mut self,
+        now: Instant,
+        mut refuse: impl FnMut(&M) -> Option<super::Returned>,
+    ) -> Option<(u64, M)> {
         if !self.has_room() {
             return None;
         }
-        let job = self.jobs.iter_mut().find(|j| !j.pending.is_empty())?;
-        let msg = job.pending.pop_front()?;
+        let (job, msg) = loop {
+            let job = self.jobs.iter_mut().find(|j| !j.pending.is_empty())?;
+            let msg = job.pending.pop_front()?;
+            match refuse(&msg) {
+                None => break (job, msg),
+                Some(returned) => {
+                    // not logged per message: the session said once that the route broke
+                    self.stats.refused += 1;
+                    job.unroutable.push(returned);
+                    self.drop_finished();
+                }
+            }
+        };
         job.unsettled += 1;
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -507,6 +533,53 @@ mod tests {
         fn eq(&self, other: &Self) -> bool {
             self.to_string() == other.to_string()
         }
+    }
+
+    /// A message whose route is known broken is not published; its job goes on with the
+    /// others and reports it as unroutable at its end (so it is parked upstream), and jobs of
+    /// other routes are answered Ok.
+    #[test]
+    fn refused_messages_are_reported_unroutable_without_being_published() {
+        let now = t0();
+        let mut w = ConfirmWindow::new(8, Duration::from_secs(5));
+        let mixed = w.submit(1, vec![M("ok-1"), M("gone-1"), M("ok-2")]);
+        let healthy = w.submit(1, vec![M("ok-3")]);
+        let refuse = |m: &M| {
+            m.0.starts_with("gone").then(|| crate::publisher::Returned {
+                id: m.0.to_string(),
+                exchange: "cc_gone".into(),
+                routing_key: "k".into(),
+                reason: "exchange 'cc_gone' is gone".into(),
+            })
+        };
+        let sent: Vec<(u64, M)> =
+            std::iter::from_fn(|| w.poll_publish_or_refuse(now, refuse)).collect();
+        let ids: Vec<&str> = sent.iter().map(|(_, m)| m.0).collect();
+        assert_eq!(ids, ["ok-1", "ok-2", "ok-3"]);
+        assert_eq!((w.stats().published, w.stats().refused), (3, 1));
+        for (seq, _) in &sent {
+            w.on_confirm(*seq, true, false);
+        }
+        w.settle(now);
+        let replies = w.take_replies();
+        assert_eq!(replies.len(), 2);
+        assert_eq!(replies[0].0, mixed);
+        match &replies[0].1 {
+            Err(PublishError::Unroutable { returned }) => {
+                let ids: Vec<&str> = returned.iter().map(|r| r.id.as_str()).collect();
+                assert_eq!(ids, ["gone-1"]);
+            }
+            other => panic!("expected Unroutable, got {other:?}"),
+        }
+        assert_eq!(replies[1], (healthy, Ok(())));
+        // a job of refused messages only is answered at once
+        let only = w.submit(1, vec![M("gone-2")]);
+        assert_eq!(w.poll_publish_or_refuse(now, refuse), None);
+        let replies = w.take_replies();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].0, only);
+        assert!(matches!(replies[0].1, Err(PublishError::Unroutable { .. })));
+        assert!(w.is_idle());
     }
 
     #[test]

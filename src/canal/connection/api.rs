@@ -40,6 +40,10 @@ pub struct ConnectionConfig {
     pub lease: Option<tokio::sync::watch::Receiver<crate::ha::Lease>>,
     /// How text columns arrive (`canal.connection_charset`).
     pub text: TextSource,
+    /// The rewind guard's file (`canal.rewind_guard`): the newest confirmed position, read at
+    /// start and written (at most once a second, and at shutdown) as it moves. None: the guard
+    /// keeps it in memory only.
+    pub confirmed_file: Option<std::path::PathBuf>,
 }
 
 /// How the destination ships text columns.
@@ -51,11 +55,6 @@ pub enum TextSource {
     /// up in the source database at this URL.
     Raw { source_url: crate::config::Secret },
 }
-
-/// The lease changed (ZooKeeper mode): connect, follow the Canal server, or stand by.
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct LeaseChanged;
 
 /// A decoded batch.
 #[derive(Debug, Clone)]
@@ -231,6 +230,10 @@ pub struct ConnectionStatus {
     pub batches_acked: u64,
     pub rollbacks: u64,
     pub reconnects: u64,
+    /// Events that came again at or before the newest confirmed position (Canal's cursor went
+    /// backwards) and were acked without being delivered (the rewind guard).
+    #[serde(default)]
+    pub rewind_skipped: u64,
     /// Times another process was seen fetching as this Canal client.
     #[serde(default)]
     pub conflicts: u64,

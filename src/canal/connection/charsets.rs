@@ -6,7 +6,7 @@
 //! for a lookup, so no consumer sees a duplicate because of one. A failed lookup is retried with
 //! backoff and shown as the connection's `last_error`.
 
-use super::CanalConnection;
+use super::{CanalConnection, core};
 use crate::canal::charset::{CharsetMap, Need, TableCharsets};
 use crate::canal::session::RawBatch;
 use crate::canal::source::{SourceError, SourceSchema};
@@ -44,8 +44,6 @@ impl RawText {
     }
 }
 
-const LOOKUP_MARK: &str = "column charset lookup failed";
-
 #[derive(Debug, thiserror::Error)]
 enum LookupError {
     #[error("{0}")]
@@ -55,11 +53,6 @@ enum LookupError {
 }
 
 impl CanalConnection {
-    /// Whether a batch waits for a charset lookup (which holds fetching back).
-    pub(super) fn waiting_for_charsets(&self) -> bool {
-        self.raw_text.as_ref().is_some_and(|r| r.wait.is_some())
-    }
-
     /// The charset map for the next decoding job (raw text mode only).
     pub(super) fn charset_map(&self) -> Option<Arc<CharsetMap>> {
         self.raw_text.as_ref().map(|r| r.map.clone())
@@ -148,18 +141,9 @@ impl CanalConnection {
                 let Some(wait) = rt.wait.take() else {
                     return;
                 };
-                if self
-                    .status
-                    .last_error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with(LOOKUP_MARK))
-                {
-                    self.status.last_error = None;
-                }
-                // decode it again (dropped there if a rollback or reconnect came meanwhile)
-                self.on_fetched(wait.epoch, wait.batch, ctx);
-                self.notify_drained();
-                self.drive(ctx);
+                self.feed(core::Input::LookupError(None), ctx);
+                // decode it again (dropped by the core if a rollback or reconnect came meanwhile)
+                self.decode(wait.epoch, wait.batch, ctx);
             }
             Err(e) => {
                 let attempt = rt.wait.as_ref().map_or(0, |w| w.attempt);
@@ -168,7 +152,10 @@ impl CanalConnection {
                 }
                 let delay = self.backoff(attempt);
                 tracing::warn!(error = %e, retry_in = ?delay, "column charset lookup failed; fetching paused");
-                self.status.last_error = Some(format!("{LOOKUP_MARK}: {e}; retrying in {delay:?}"));
+                self.feed(
+                    core::Input::LookupError(Some(format!("{e}; retrying in {delay:?}"))),
+                    ctx,
+                );
                 ctx.run_later(delay, |act, ctx| act.look_up(ctx));
             }
         }

@@ -42,130 +42,126 @@
 //! ZooKeeper mode (`cfg.lease` set, see [`crate::ha`]): the lease names the Canal server and
 //! says whether this replica may work. Every GET and ACK is checked against it right before it
 //! is written (a lease that ran out, or a replica that lost its node, writes nothing more); a
-//! [`LeaseChanged`] makes the actor drop its session (standby, or the server moved) or connect
+//! change of the lease (watched) makes the actor drop its session (standby, or the server moved) or connect
 //! through the usual path (connect, subscribe, rollback). A dropped session is retired by a
 //! generation count, so an operation still running on it is ignored when it comes back.
 //!
 //! [`ChangeEvent`]: crate::event::ChangeEvent
 
+//! The decisions are in [`core::ConnectionCore`] (sans-IO, driven by the delivery simulation
+//! too); this actor carries out its [`Action`]s: it owns the session and lends it to one
+//! operation at a time, runs the decoding on tokio's blocking pool, arms the timers, and
+//! answers the waiters.
+
 use crate::backoff::Backoff;
 use crate::canal::CanalError;
 use crate::canal::decode::{DecodeError, Decoder};
-use crate::canal::session::{Fetch, RawBatch, Session, SkippedFrame};
-use crate::canal::window::{AckOutcome, BatchWindow, GetMode, server_unit_larger, took_all};
-use crate::event::ChangeEvent;
+use crate::canal::session::{Fetch, RawBatch, Session};
+use crate::event::{ChangeEvent, Position};
 
 use actix::prelude::*;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::oneshot;
 
 mod api;
 mod charsets;
+mod confirmed;
+pub mod core;
 mod stall;
 pub use api::*;
+use core::{
+    Action, ConnectionCore, CoreConfig, Decoded, Done, EventsView, Failure, FailureKind, Input, Op,
+    RawView, Timer,
+};
+
+impl RawView for RawBatch {
+    fn batch_id(&self) -> i64 {
+        self.batch_id
+    }
+    fn frame_bytes(&self) -> usize {
+        self.frame_bytes
+    }
+    fn asked(&self) -> i32 {
+        self.asked
+    }
+    fn entry_sizes(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
+        self.entries.iter().map(|e| e.len())
+    }
+}
+
+impl EventsView for Vec<ChangeEvent> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn key(&self, i: usize) -> (&Position, i64) {
+        (&self[i].position, self[i].executed_at)
+    }
+    fn drop_first(&mut self, n: usize) {
+        self.drain(..n.min(self.len()));
+    }
+}
+
+type Core = ConnectionCore<RawBatch, Vec<ChangeEvent>>;
 
 /// An operation on the lent session; it hands the session back with its result.
-type SessionOp = std::pin::Pin<Box<dyn Future<Output = (Session, Result<Op, CanalError>)>>>;
-
-/// What an operation on the session did.
-enum Op {
-    Fetched {
-        epoch: u64,
-        raw: RawBatch,
-    },
-    Skipped {
-        epoch: u64,
-        skipped: SkippedFrame,
-    },
-    /// Acks written, and the answer of the GET that followed them in the same turn, if any.
-    Acked {
-        ids: Vec<i64>,
-        fetched: Option<(u64, RawBatch)>,
-    },
-    Subscribed {
-        filter: String,
-    },
-    RolledBack,
-    Closed,
-}
+type SessionOp =
+    std::pin::Pin<Box<dyn Future<Output = (Session, Result<Done<RawBatch>, CanalError>)>>>;
 
 /// The Canal connection actor. See the module docs.
 pub struct CanalConnection {
     cfg: ConnectionConfig,
     subscriber: Recipient<CanalEvent>,
-    state: ConnectionState,
+    core: Core,
     session: Option<Session>,
-    /// The session is lent to an operation.
-    busy: bool,
-    /// A fetched batch is being decoded on the blocking pool (no GET until it is back, so
-    /// batches reach the window in fetch order).
-    decoding: bool,
-    /// The idle period whose wait for acks has a timer (`BatchWindow::waiting_for_acks`), and
-    /// the timer (cancelled once the wait is over, so it costs no wakeup).
-    ack_wait_timer: Option<(u64, SpawnHandle)>,
-    window: BatchWindow,
-    need_subscribe: bool,
+    /// The armed ack-wait timer (cancelled once the wait is over, so it costs no wakeup).
+    ack_wait_timer: Option<(Timer, SpawnHandle)>,
     /// Who waits for the current filter to be in force.
     filter_waiters: Vec<oneshot::Sender<()>>,
-    /// The batch held back by an undecodable entry, while stalled on it.
-    held: Option<BatchRef>,
-    /// Skip the next frame over the cap (the operator approved it with `skip`).
-    skip_oversized: bool,
-    /// Stalls so far (names the `frame-N` skip token).
-    stall_seq: u64,
-    need_rollback: bool,
-    paused_until: Option<Instant>,
-    /// A timer to resume fetching after `paused_until` is set.
-    resume_scheduled: bool,
-    consecutive_rollbacks: u32,
-    attempt: u32,
-    ever_connected: bool,
-    draining: bool,
     drain_waiters: Vec<oneshot::Sender<()>>,
-    /// A requested shutdown (rollback first?) and who waits for it.
-    shutdown: Option<(bool, oneshot::Sender<ShutdownReport>)>,
-    status: ConnectionStatus,
-    /// Bumped whenever the session is dropped from outside an operation (ZooKeeper mode): an
-    /// operation that started on an older generation is ignored when it returns.
-    generation: u64,
+    /// Who waits for the shutdown report.
+    shutdown_waiters: Vec<oneshot::Sender<ShutdownReport>>,
     /// Raw text mode (`TextSource::Raw`): column charsets and their lookups.
     raw_text: Option<charsets::RawText>,
+    /// The rewind guard's position as last written to `cfg.confirmed_file`, and whether a
+    /// write is due (at most one a second).
+    confirmed_saved: Option<(Position, i64)>,
+    confirmed_timer: bool,
 }
 
 impl CanalConnection {
     pub fn new(cfg: ConnectionConfig, subscriber: Recipient<CanalEvent>) -> Self {
-        let status = ConnectionStatus {
-            server: cfg.session.addr(),
-            destination: cfg.session.destination.clone(),
-            filter: cfg.filter.clone(),
-            ..Default::default()
-        };
+        let core = ConnectionCore::new(
+            CoreConfig {
+                server: cfg.session.addr(),
+                destination: cfg.session.destination.clone(),
+                client_id: cfg.session.client_id.clone(),
+                filter: cfg.filter.clone(),
+                fetch_size: cfg.fetch_size,
+                mem_unit: cfg.mem_unit,
+                fetch_wait: cfg.fetch_wait,
+                max_inflight_batches: cfg.max_inflight_batches,
+                max_inflight_bytes: cfg.max_inflight_bytes,
+                reconnect_min: cfg.reconnect_min,
+                reconnect_max: cfg.reconnect_max,
+                fail_fast: cfg.fail_fast,
+                jitter_seed: fastrand::u64(..),
+            },
+            cfg.lease.is_some(),
+        );
+        let confirmed_saved = cfg.confirmed_file.as_deref().and_then(confirmed::load);
+        let core = core.with_confirmed(confirmed_saved.clone());
         CanalConnection {
             subscriber,
-            state: ConnectionState::Connecting,
+            core,
             session: None,
-            busy: false,
-            decoding: false,
             ack_wait_timer: None,
-            window: BatchWindow::new(cfg.max_inflight_batches, cfg.max_inflight_bytes),
-            need_subscribe: false,
             filter_waiters: Vec::new(),
-            held: None,
-            skip_oversized: false,
-            stall_seq: 0,
-            need_rollback: false,
-            paused_until: None,
-            resume_scheduled: false,
-            consecutive_rollbacks: 0,
-            attempt: 0,
-            ever_connected: false,
-            draining: false,
             drain_waiters: Vec::new(),
-            shutdown: None,
-            status,
-            generation: 0,
+            shutdown_waiters: Vec::new(),
+            confirmed_saved,
+            confirmed_timer: false,
             raw_text: match &cfg.text {
                 TextSource::AsShipped => None,
                 TextSource::Raw { source_url } => Some(charsets::RawText::new(source_url)),
@@ -174,85 +170,118 @@ impl CanalConnection {
         }
     }
 
-    /// ZooKeeper mode: the current lease (None in the simple mode).
-    fn lease(&self) -> Option<crate::ha::Lease> {
-        self.cfg.lease.as_ref().map(|l| l.borrow().clone())
+    /// Feed the core one input and carry out what it decides.
+    fn feed(&mut self, input: Input<RawBatch, Vec<ChangeEvent>>, ctx: &mut Context<Self>) {
+        self.core.on(Instant::now(), input);
+        self.run_actions(ctx);
+        // the rewind guard moved: write it within a second
+        if self.cfg.confirmed_file.is_some()
+            && !self.confirmed_timer
+            && self.core.confirmed() != self.confirmed_saved.as_ref()
+        {
+            self.confirmed_timer = true;
+            ctx.run_later(std::time::Duration::from_secs(1), |act, _| {
+                act.confirmed_timer = false;
+                act.save_confirmed();
+            });
+        }
     }
 
-    /// ZooKeeper mode: point the session settings at the server the lease names, or say why
-    /// there is none (and set the state to show it). True when a connect may go ahead.
-    fn follow_lease(&mut self) -> bool {
-        let Some(lease) = self.lease() else {
-            return true;
-        };
-        self.status.ha = Some((&lease).into());
-        match lease.target(Instant::now()) {
-            Some(addr) => {
-                let Some((host, port)) = addr
-                    .rsplit_once(':')
-                    .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-                else {
-                    self.state = ConnectionState::Reconnecting;
-                    self.status.last_error = Some(format!(
-                        "canal's running node names '{addr}', not host:port"
-                    ));
-                    return false;
-                };
-                self.cfg.session.host = host;
-                self.cfg.session.port = port;
-                self.status.server = addr.to_string();
-                true
-            }
-            None => {
-                if let Some(canal) = &lease.canal {
-                    self.status.server = canal.clone();
+    fn save_confirmed(&mut self) {
+        if let (Some(path), Some(c)) = (&self.cfg.confirmed_file, self.core.confirmed())
+            && self.confirmed_saved.as_ref() != Some(c)
+        {
+            confirmed::save(path, c);
+            self.confirmed_saved = Some(c.clone());
+        }
+    }
+
+    fn run_actions(&mut self, ctx: &mut Context<Self>) {
+        for action in self.core.take_actions() {
+            match action {
+                Action::Connect {
+                    generation,
+                    server,
+                    filter,
+                } => self.connect(generation, &server, filter, ctx),
+                Action::Run { generation, op } => self.run(generation, op, ctx),
+                Action::DropSession => self.session = None,
+                Action::Decode { epoch, raw } => self.decode(epoch, raw, ctx),
+                Action::Deliver {
+                    batch,
+                    events,
+                    bytes,
+                    entries,
+                } => self.subscriber.do_send(CanalEvent::Batch(Batch {
+                    batch,
+                    events: Arc::new(events),
+                    bytes,
+                    entries,
+                })),
+                Action::Reset { epoch, reason } => {
+                    self.subscriber.do_send(CanalEvent::Reset { epoch, reason })
                 }
-                self.state = if lease.role == crate::ha::Role::Standby {
-                    ConnectionState::Standby
-                } else {
-                    // active, but suspended (zookeeper disconnected) or no canal server runs it
-                    ConnectionState::Reconnecting
-                };
-                self.status.last_error = lease.reason.clone();
-                false
+                Action::Timer { timer, after } => {
+                    let handle = ctx.run_later(after, move |act, ctx| {
+                        if matches!(&act.ack_wait_timer, Some((t, _)) if *t == timer) {
+                            act.ack_wait_timer = None;
+                        }
+                        act.feed(Input::Timer(timer), ctx)
+                    });
+                    if let Timer::AckWait(_) = timer
+                        && let Some((_, old)) = self.ack_wait_timer.replace((timer, handle))
+                    {
+                        ctx.cancel_future(old);
+                    }
+                }
+                Action::CancelTimer(timer) => {
+                    if matches!(&self.ack_wait_timer, Some((t, _)) if *t == timer)
+                        && let Some((_, handle)) = self.ack_wait_timer.take()
+                    {
+                        ctx.cancel_future(handle);
+                    }
+                }
+                Action::FilterApplied => {
+                    for w in self.filter_waiters.drain(..) {
+                        let _ = w.send(());
+                    }
+                }
+                Action::Drained => {
+                    for w in self.drain_waiters.drain(..) {
+                        let _ = w.send(());
+                    }
+                }
+                Action::Finished(report) => {
+                    self.session = None;
+                    self.save_confirmed();
+                    if let Some(last) = self.shutdown_waiters.pop() {
+                        let _ = last.send(report);
+                    }
+                    // an earlier request was replaced by the last one
+                    for w in self.shutdown_waiters.drain(..) {
+                        let _ = w.send(ShutdownReport::default());
+                    }
+                    ctx.stop();
+                }
+                Action::Fatal(error) => {
+                    self.subscriber.do_send(CanalEvent::Fatal { error });
+                    ctx.stop();
+                }
             }
         }
     }
 
-    /// Drop the session from outside an operation (the lease moved or ended).
-    fn retire_session(&mut self, reason: &str) {
-        self.generation += 1;
-        self.busy = false;
-        self.session = None;
-        self.begin_epoch(reason, true);
-        self.held = None;
-        self.skip_oversized = false;
-        self.need_rollback = false;
-    }
-
-    /// Delay before reconnect (or redelivery) number `attempt`: up to 20% jitter so restarts
-    /// of several instances do not synchronise.
-    fn backoff(&self, attempt: u32) -> Duration {
-        Backoff::new(
-            self.cfg.reconnect_min.max(Duration::from_millis(1)),
-            self.cfg.reconnect_max,
-        )
-        .with_jitter(0.2)
-        .delay(attempt)
-    }
-
-    fn connect(&mut self, ctx: &mut Context<Self>) {
-        if self.state == ConnectionState::Stopped || self.busy || self.session.is_some() {
-            return;
+    /// Open a session: connect, subscribe, roll back what an earlier session left outstanding.
+    fn connect(&mut self, generation: u64, server: &str, filter: String, ctx: &mut Context<Self>) {
+        let mut cfg = self.cfg.session.clone();
+        if let Some((host, port)) = server
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        {
+            cfg.host = host;
+            cfg.port = port;
         }
-        if !self.follow_lease() {
-            return;
-        }
-        self.state = ConnectionState::Connecting;
-        self.busy = true;
-        let generation = self.generation;
-        let cfg = self.cfg.session.clone();
-        let filter = self.cfg.filter.clone();
+        self.cfg.session = cfg.clone();
         let gate = self.cfg.lease.clone();
         let fut = async move {
             let mut session = Session::connect(&cfg).await?;
@@ -266,200 +295,49 @@ impl CanalConnection {
             Ok::<_, CanalError>((session, filter))
         };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-            if act.generation != generation {
-                return; // the lease moved meanwhile; that path connects anew
-            }
-            act.busy = false;
-            if act.state == ConnectionState::Stopped {
-                return;
-            }
-            if let (Ok(_), Some(lease)) = (&res, act.lease())
-                && lease.target(Instant::now()) != Some(act.cfg.session.addr().as_str())
-            {
-                // no longer ours, or the server moved, while we connected
-                drop(res);
-                act.state = ConnectionState::Reconnecting;
-                act.connect(ctx);
-                return;
+            if generation != act.core.generation() {
+                return; // retired meanwhile; that path connects anew
             }
             match res {
                 Ok((session, filter)) => {
-                    act.begin_epoch("new canal session", true);
                     act.session = Some(session);
-                    act.state = ConnectionState::Connected;
-                    // the backoff is reset by a GET that is answered, not by a connect: a server that fails every GET at the same position (out of
-                    // memory, say) is retried ever more slowly instead of several times a second
-                    act.ever_connected = true;
-                    act.status.last_error = None;
-                    tracing::info!(
-                        server = %act.cfg.session.addr(),
-                        destination = %act.cfg.session.destination,
-                        epoch = act.window.epoch(),
-                        "canal session established"
-                    );
-                    act.filter_applied(&filter);
-                    act.drive(ctx);
+                    act.feed(Input::Connected { generation, filter }, ctx);
                 }
-                Err(e) => {
-                    if e.is_permanent() && act.cfg.fail_fast && !act.ever_connected {
-                        tracing::debug!(error = %e, "canal connection failed permanently");
-                        act.subscriber.do_send(CanalEvent::Fatal {
-                            error: e.to_string(),
-                        });
-                        act.state = ConnectionState::Stopped;
-                        ctx.stop();
-                        return;
-                    }
-                    act.schedule_reconnect(e, ctx);
-                }
+                Err(e) => act.feed(
+                    Input::Failed {
+                        generation,
+                        failure: failure(&e),
+                    },
+                    ctx,
+                ),
             }
         }));
     }
 
-    /// A subscription with `filter` is in force: answer who waited for it.
-    fn filter_applied(&mut self, filter: &str) {
-        if filter == self.cfg.filter {
-            for w in self.filter_waiters.drain(..) {
-                let _ = w.send(());
-            }
-        }
-    }
-
-    fn schedule_reconnect(&mut self, e: CanalError, ctx: &mut Context<Self>) {
-        let delay = self.backoff(self.attempt);
-        self.attempt = self.attempt.saturating_add(1);
-        self.status.reconnects += 1;
-        self.status.last_error = Some(e.to_string());
-        if e.is_permanent() {
-            tracing::error!(error = %e, retry_in = ?delay, "canal connection failed");
-        } else {
-            tracing::warn!(error = %e, retry_in = ?delay, "canal connection failed");
-        }
-        self.state = ConnectionState::Reconnecting;
-        ctx.run_later(delay, |act, ctx| act.connect(ctx));
-    }
-
-    /// Drop the session after an error: everything in flight is abandoned.
-    fn fail(&mut self, e: CanalError, ctx: &mut Context<Self>) {
-        self.session = None;
-        let reason = e.to_string();
-        self.begin_epoch(&reason, true);
-        self.held = None;
-        // a skip that did not happen is not retried blindly: the next fetch stalls again
-        self.skip_oversized = false;
-        if self.state == ConnectionState::Stopped {
-            return;
-        }
-        if self.shutdown.is_some() {
-            tracing::warn!(error = %e, "canal session failed during shutdown");
-            self.finish_shutdown(ctx);
-            return;
-        }
-        if let CanalError::Frame(crate::canal::codec::FrameError::TooLarge { len, max }) = &e {
-            // retrying cannot help: Canal sends the same frame again
-            let (len, max) = (*len, *max);
-            self.stall_seq += 1;
-            let token = format!("frame-{}", self.stall_seq);
-            self.stall(
-                token.clone(),
-                format!("the next batch is a {len}-byte frame, over canal.max_frame_bytes ({max})"),
-                format!(
-                    "raise canal.max_frame_bytes above {len} and restart, or run `canal-consumer skip {token}` to ack that batch without delivering its rows"
-                ),
-            );
-            return;
-        }
-        if let Some(evidence) = Self::vanished_batch(&e) {
-            return self.on_conflict(evidence, ctx);
-        }
-        if let CanalError::NotActive { .. } = &e {
-            // the lease ended under an operation: wait for it to come back (LeaseChanged)
-            tracing::warn!(error = %e, "stopped fetching and acking");
-            self.status.last_error = Some(e.to_string());
-            if self.follow_lease() {
-                self.connect(ctx);
-            }
-            return;
-        }
-        self.schedule_reconnect(e, ctx);
-    }
-
-    /// Start a new epoch: the subscriber forgets older batches and acks for them are not
-    /// written.
-    fn begin_epoch(&mut self, reason: &str, new_session: bool) {
-        let (epoch, abandoned) = self.window.begin_epoch(new_session);
-        self.status.abandoned_total += abandoned as u64;
-        if abandoned > 0 {
-            tracing::warn!(
-                batches = abandoned,
-                reason,
-                "abandoning unacked canal batches; they will be redelivered"
-            );
-        }
-        self.subscriber.do_send(CanalEvent::Reset {
-            epoch,
-            reason: reason.to_string(),
-        });
-        self.notify_drained();
-    }
-
-    fn notify_drained(&mut self) {
-        if self.window.drained() && !self.decoding && !self.waiting_for_charsets() {
-            for w in self.drain_waiters.drain(..) {
-                let _ = w.send(());
-            }
-        }
-    }
-
-    /// Run the next operation on the session, if it is free.
-    fn drive(&mut self, ctx: &mut Context<Self>) {
-        // the wait for acks is over (they came, or data did): its timer would only wake us
-        if let Some((period, _)) = &self.ack_wait_timer
-            && self.window.waiting_for_acks() != Some(*period)
-            && let Some((_, timer)) = self.ack_wait_timer.take()
-        {
-            ctx.cancel_future(timer);
-        }
-        let live = matches!(
-            self.state,
-            ConnectionState::Connected | ConnectionState::Stalled
-        );
-        if self.busy || !live || self.session.is_none() {
-            return;
-        }
+    /// Lend the session to `op`.
+    fn run(&mut self, generation: u64, op: Op, ctx: &mut Context<Self>) {
         let Some(mut session) = self.session.take() else {
-            return;
+            // cannot happen: the core runs an operation only on an idle session
+            tracing::error!(?op, "no canal session for an operation; reconnecting");
+            let failure = Failure {
+                kind: FailureKind::Transient,
+                message: "no canal session".into(),
+            };
+            return self.feed(
+                Input::Failed {
+                    generation,
+                    failure,
+                },
+                ctx,
+            );
         };
-        let op: SessionOp;
         let gate = self.cfg.lease.clone();
-        let generation = self.generation;
-        let ackable = if self.need_rollback {
-            Default::default()
-        } else {
-            self.window.take_ackable()
-        };
-        if self.need_rollback {
-            self.need_rollback = false;
-            op = Box::pin(async move {
-                let r = session.rollback(0).await.map(|_| Op::RolledBack);
+        let fut: SessionOp = match op {
+            Op::Rollback => Box::pin(async move {
+                let r = session.rollback(0).await.map(|_| Done::RolledBack);
                 (session, r)
-            });
-        } else if !ackable.ids.is_empty() {
-            if let Some((pos, at)) = ackable.last {
-                self.status.acked_position = Some(pos);
-                self.status.acked_executed_at = Some(at);
-            }
-            let ids = ackable.ids;
-            // Acks get no reply, so a GET written right behind them costs no extra round trip:
-            // one turn of the session instead of two.
-            let get = (self.shutdown.is_none() && !self.need_subscribe && !self.skip_oversized)
-                .then(|| self.next_get())
-                .flatten()
-                .map(|mode| (self.window.epoch(), self.get_args(mode)));
-            if get.is_some() {
-                self.window.get_sent();
-            }
-            op = Box::pin(async move {
+            }),
+            Op::Ack { ids, then_get } => Box::pin(async move {
                 for id in &ids {
                     if let Err(e) = may_write(&gate) {
                         return (session, Err(e));
@@ -469,250 +347,89 @@ impl CanalConnection {
                         return (session, Err(e));
                     }
                 }
-                let Some((epoch, (size, wait))) = get else {
-                    return (session, Ok(Op::Acked { ids, fetched: None }));
+                let Some((epoch, size, wait)) = then_get else {
+                    return (session, Ok(Done::Acked { ids, fetched: None }));
                 };
                 if let Err(e) = may_write(&gate) {
                     return (session, Err(e));
                 }
-                let r = session.get(size, wait).await.map(|raw| Op::Acked {
+                let r = session.get(size, wait).await.map(|raw| Done::Acked {
                     ids,
                     fetched: Some((epoch, raw)),
                 });
                 (session, r)
-            });
-        } else if let Some((rollback, _)) = &self.shutdown {
-            // every acked batch has been written; close (rolling back the rest if asked)
-            let rollback = *rollback;
-            op = Box::pin(async move {
+            }),
+            Op::Close { rollback } => Box::pin(async move {
                 if rollback && let Err(e) = session.rollback(0).await {
                     tracing::warn!(error = %e, "rollback on shutdown failed");
                 }
-                (session, Ok(Op::Closed))
-            });
-        } else if self.need_subscribe {
-            self.need_subscribe = false;
-            let filter = self.cfg.filter.clone();
-            op = Box::pin(async move {
+                (session, Ok(Done::Closed))
+            }),
+            Op::Subscribe(filter) => Box::pin(async move {
                 let r = session
                     .subscribe(&filter)
                     .await
-                    .map(|_| Op::Subscribed { filter });
+                    .map(|_| Done::Subscribed(filter));
                 (session, r)
-            });
-        } else if self.may_fetch() && self.skip_oversized {
-            self.window.get_sent();
-            let epoch = self.window.epoch();
-            let wait = self.cfg.fetch_wait;
-            op = Box::pin(async move {
+            }),
+            Op::GetSkipping { epoch, wait } => Box::pin(async move {
                 if let Err(e) = may_write(&gate) {
                     return (session, Err(e));
                 }
                 // the smallest batch Canal makes: the oversized entry and as little else as it can
                 let (session, r) = session.get_skipping_oversized(1, wait, None).await;
                 let r = r.map(|f| match f {
-                    Fetch::Batch(raw) => Op::Fetched { epoch, raw },
-                    Fetch::Skipped(skipped) => Op::Skipped { epoch, skipped },
+                    Fetch::Batch(raw) => Done::Fetched { epoch, raw },
+                    Fetch::Skipped(s) => Done::Skipped {
+                        epoch,
+                        batch_id: s.batch_id,
+                        frame_bytes: s.frame_bytes,
+                    },
                 });
                 (session, r)
-            });
-        } else if let Some(mode) = self.next_get() {
-            self.window.get_sent();
-            let epoch = self.window.epoch();
-            let (size, wait) = self.get_args(mode);
-            op = Box::pin(async move {
+            }),
+            Op::Get { epoch, size, wait } => Box::pin(async move {
                 if let Err(e) = may_write(&gate) {
                     return (session, Err(e));
                 }
                 let r = session
                     .get(size, wait)
                     .await
-                    .map(|raw| Op::Fetched { epoch, raw });
+                    .map(|raw| Done::Fetched { epoch, raw });
                 (session, r)
-            });
-        } else {
-            self.session = Some(session);
-            // caught up with batches in flight: the long poll waits for their acks, at most
-            // `fetch_wait` (see `BatchWindow::next_get`)
-            if let Some(period) = self.window.waiting_for_acks()
-                && self.ack_wait_timer.as_ref().map(|t| t.0) != Some(period)
-            {
-                let timer = ctx.run_later(self.cfg.fetch_wait, move |act, ctx| {
-                    act.ack_wait_timer = None;
-                    act.window.end_ack_wait(period);
-                    act.drive(ctx);
-                });
-                if let Some((_, old)) = self.ack_wait_timer.replace((period, timer)) {
-                    ctx.cancel_future(old);
-                }
-            }
-            if let Some(until) = self.paused_until {
-                let now = Instant::now();
-                if until <= now {
-                    self.paused_until = None;
-                    self.drive(ctx);
-                } else if !self.resume_scheduled {
-                    self.resume_scheduled = true;
-                    ctx.run_later(until - now, |act, ctx| {
-                        act.resume_scheduled = false;
-                        act.drive(ctx)
-                    });
-                }
-            }
-            return;
-        }
-        self.busy = true;
-        ctx.spawn(op.into_actor(self).map(move |(session, res), act, ctx| {
-            if act.generation != generation {
-                return; // retired while it ran (see retire_session)
-            }
-            act.busy = false;
-            if act.state == ConnectionState::Stopped {
-                return;
+            }),
+        };
+        ctx.spawn(fut.into_actor(self).map(move |(session, res), act, ctx| {
+            if generation != act.core.generation() {
+                return; // retired while it ran
             }
             match res {
-                Ok(Op::Closed) => {
-                    drop(session);
-                    act.finish_shutdown(ctx);
-                }
-                Ok(op) => {
+                Ok(done) => {
                     act.session = Some(session);
-                    act.completed(op, ctx);
-                    act.drive(ctx);
+                    act.feed(Input::Done { generation, done }, ctx);
                 }
-                Err(e) => act.fail(e, ctx),
+                Err(e) => {
+                    drop(session);
+                    act.feed(
+                        Input::Failed {
+                            generation,
+                            failure: failure(&e),
+                        },
+                        ctx,
+                    );
+                }
             }
         }));
     }
 
-    /// GET size and server-side wait for `mode`.
-    fn get_args(&self, mode: GetMode) -> (i32, Duration) {
-        match mode {
-            GetMode::Drain => (self.cfg.fetch_size, Duration::ZERO),
-            // the smallest batch Canal makes: answered as soon as there is that much
-            GetMode::LongPoll => (1, self.cfg.fetch_wait),
-        }
-    }
-
-    fn may_fetch(&self) -> bool {
-        self.next_get().is_some()
-    }
-
-    /// The GET to issue now, if any: the window decides how it asks (see [`GetMode`]).
-    fn next_get(&self) -> Option<GetMode> {
-        if self.state == ConnectionState::Connected
-            && !self.decoding
-            && !self.waiting_for_charsets()
-            && !self.draining
-            && self.paused_until.is_none_or(|t| t <= Instant::now())
-        {
-            self.window.next_get()
-        } else {
-            None
-        }
-    }
-
-    fn completed(&mut self, op: Op, ctx: &mut Context<Self>) {
-        match op {
-            Op::Fetched { epoch, raw } => {
-                // a GET answered: the server works at this position
-                self.attempt = 0;
-                self.window.get_answered();
-                self.on_fetched(epoch, raw, ctx)
-            }
-            Op::Skipped { epoch, skipped } => {
-                self.window.get_answered();
-                self.skip_oversized = false;
-                if epoch == self.window.epoch() {
-                    let b = self.window.fetched(skipped.batch_id, 0, None, false);
-                    if let Some((expected, got)) = b.gap {
-                        self.on_conflict(
-                            format!("canal's batch ids jumped from {expected} to {got}"),
-                            ctx,
-                        );
-                        return;
-                    }
-                }
-                self.record_skip(format!(
-                    "frame of {} bytes (canal batch {}) after {}",
-                    skipped.frame_bytes,
-                    skipped.batch_id,
-                    self.status
-                        .acked_position
-                        .as_ref()
-                        .map(|p| p.to_string())
-                        .unwrap_or_else(|| "the start".into())
-                ));
-            }
-            Op::Acked { ids, fetched } => {
-                self.status.batches_acked += ids.len() as u64;
-                self.consecutive_rollbacks = 0;
-                self.attempt = 0;
-                tracing::debug!(?ids, "canal batches acked");
-                if let Some((epoch, raw)) = fetched {
-                    self.window.get_answered();
-                    self.on_fetched(epoch, raw, ctx);
-                }
-            }
-            Op::Subscribed { filter } => {
-                tracing::info!(filter = %filter, "canal subscription updated");
-                self.filter_applied(&filter);
-            }
-            Op::RolledBack => {
-                tracing::info!(epoch = self.window.epoch(), "canal batches rolled back")
-            }
-            Op::Closed => {}
-        }
-        // after the answer is recorded: a batch it brought is in flight (decoding) by now, and
-        // an empty one may be what a drain waited for
-        self.notify_drained();
-    }
-
-    /// Name a Canal memunit larger than `canal.mem_unit`, once, if this answer shows one.
-    fn check_unit(&mut self, raw: &RawBatch) {
-        if self.status.config_warning.is_none()
-            && let Some(bytes) = server_unit_larger(
-                raw.asked,
-                self.cfg.mem_unit,
-                raw.entries.iter().map(|e| e.len()),
-            )
-        {
-            let w = format!(
-                "canal.mem_unit is {} bytes, but the Canal server answered a GET for one unit with \
-                 {bytes} bytes before its last entry: its canal.instance.memory.buffer.memunit is \
-                 larger. GETs are larger than canal.batch_size means, and a quiet table's change \
-                 waits for the long poll to time out (canal.fetch_wait); set canal.mem_unit to the \
-                 server's memunit",
-                self.cfg.mem_unit
-            );
-            tracing::warn!("{w}");
-            self.status.config_warning = Some(w);
-        }
-    }
-
-    fn on_fetched(&mut self, epoch: u64, raw: RawBatch, ctx: &mut Context<Self>) {
-        self.check_unit(&raw);
-        if raw.is_empty() {
-            if epoch == self.window.epoch() {
-                self.window.caught_up();
-            }
-            return;
-        }
-        if epoch != self.window.epoch() {
-            // Fetched before a rollback was requested: the pending rollback drops it.
-            self.window.observe_id(raw.batch_id);
-            tracing::debug!(
-                batch_id = raw.batch_id,
-                "discarding batch fetched before rollback"
-            );
-            return;
-        }
-        // Decoding is CPU work: it runs on the blocking pool, off the thread the actors share.
-        self.decoding = true;
+    /// Decode a batch on the blocking pool (decoding is CPU work, kept off the thread the
+    /// actors share); in raw-text mode a batch may first wait for column charsets.
+    fn decode(&mut self, epoch: u64, raw: RawBatch, ctx: &mut Context<Self>) {
         let destination = self.cfg.session.destination.clone();
         let charsets = self.charset_map();
-        let decode = async move {
-            let job = tokio::task::spawn_blocking(move || {
+        let batch_id = raw.batch_id;
+        let job = async move {
+            tokio::task::spawn_blocking(move || {
                 let mut events = Vec::new();
                 let mut decoder = Decoder::new(&destination);
                 if let Some(map) = charsets {
@@ -720,157 +437,80 @@ impl CanalConnection {
                 }
                 let r = decoder.decode_entries(&raw.entries, &mut events);
                 (raw, r.map(|_| events))
-            });
-            job.await
+            })
+            .await
         };
-        ctx.spawn(decode.into_actor(self).map(move |done, act, ctx| {
-            act.decoding = false;
-            match done {
-                Ok((raw, decoded)) => act.on_decoded(epoch, raw, decoded, ctx),
-                // the decode panicked: a bug; the batch is redelivered after a rollback
-                Err(e) => {
-                    tracing::error!(error = %e, "decoding a canal batch failed");
-                    act.request_rollback("decoding a batch panicked");
+        ctx.spawn(job.into_actor(self).map(move |done, act, ctx| {
+            let (raw, outcome) = match done {
+                Ok((raw, Ok(events))) => {
+                    act.ddls_passed(&events);
+                    (raw, Decoded::Events(events))
                 }
-            }
-            act.notify_drained();
-            act.drive(ctx);
+                Ok((raw, Err(DecodeError::CharsetsNeeded(needs)))) => {
+                    return act.wait_for_charsets(epoch, raw, needs, ctx);
+                }
+                Ok((raw, Err(source))) => {
+                    let e = CanalError::Decode {
+                        destination: act.cfg.session.destination.clone(),
+                        batch_id: raw.batch_id,
+                        source,
+                    };
+                    (raw, Decoded::Undecodable(e.to_string()))
+                }
+                // the decode panicked: a bug; the rows are redelivered after a rollback
+                Err(e) => {
+                    let raw = RawBatch {
+                        batch_id,
+                        entries: Vec::new(),
+                        frame_bytes: 0,
+                        asked: 0,
+                    };
+                    (raw, Decoded::Panicked(e.to_string()))
+                }
+            };
+            act.feed(
+                Input::Decoded {
+                    epoch,
+                    raw,
+                    outcome,
+                },
+                ctx,
+            );
         }));
     }
 
-    fn on_decoded(
-        &mut self,
-        epoch: u64,
-        raw: RawBatch,
-        decoded: Result<Vec<ChangeEvent>, DecodeError>,
-        ctx: &mut Context<Self>,
-    ) {
-        if self.state == ConnectionState::Stopped {
-            return;
-        }
-        if epoch != self.window.epoch() {
-            // A rollback or reconnect began while it was decoded: the rows come again.
-            self.window.observe_id(raw.batch_id);
-            return;
-        }
-        let events = match decoded {
-            Ok(events) => {
-                self.ddls_passed(&events);
-                events
-            }
-            Err(DecodeError::CharsetsNeeded(needs)) => {
-                return self.wait_for_charsets(epoch, raw, needs, ctx);
-            }
-            Err(source) => {
-                let e = CanalError::Decode {
-                    destination: self.cfg.session.destination.clone(),
-                    batch_id: raw.batch_id,
-                    source,
-                };
-                // retrying cannot help either: hold it (no later batch is acked past it) and
-                // stall
-                let batch = self.window.hold(raw.batch_id, raw.frame_bytes);
-                self.held = Some(batch);
-                self.stall(
-                    format!("batch:{}", raw.batch_id),
-                    e.to_string(),
-                    format!(
-                        "run `canal-consumer skip batch:{}` to ack it without delivering its {} \
-                         entries",
-                        raw.batch_id,
-                        raw.entries.len()
-                    ),
-                );
-                return;
-            }
-        };
-        self.status.batches_received += 1;
-        self.status.events_received += events.len() as u64;
-        let last = events.last().map(|e| (e.position.clone(), e.executed_at));
-        if let Some((pos, at)) = &last {
-            self.status.last_position = Some(pos.clone());
-            self.status.last_executed_at = Some(*at);
-        }
-        let deliver = !events.is_empty();
-        let fetched = self
-            .window
-            .fetched(raw.batch_id, raw.frame_bytes, last, deliver);
-        // a short answer: Canal had nothing more, so the next GET long-polls
-        if took_all(
-            raw.asked,
-            self.cfg.mem_unit,
-            raw.entries.iter().map(|e| e.len()),
-        ) {
-            self.window.caught_up();
-        }
-        if let Some((expected, got)) = fetched.gap {
-            self.on_conflict(
-                format!("canal's batch ids jumped from {expected} to {got}"),
-                ctx,
-            );
-            return;
-        }
-        tracing::debug!(
-            batch = %fetched.batch,
-            entries = raw.entries.len(),
-            events = events.len(),
-            bytes = raw.frame_bytes,
-            "canal batch fetched"
-        );
-        if deliver {
-            self.subscriber.do_send(CanalEvent::Batch(Batch {
-                batch: fetched.batch,
-                events: Arc::new(events),
-                bytes: raw.frame_bytes,
-                entries: raw.entries.len(),
-            }));
-        }
+    /// Delay before lookup retry number `attempt`.
+    fn backoff(&self, attempt: u32) -> std::time::Duration {
+        Backoff::new(
+            self.cfg
+                .reconnect_min
+                .max(std::time::Duration::from_millis(1)),
+            self.cfg.reconnect_max,
+        )
+        .with_jitter(0.2)
+        .delay(attempt)
     }
+}
 
-    fn request_rollback(&mut self, reason: &str) {
-        self.status.rollbacks += 1;
-        self.need_rollback = true;
-        self.begin_epoch(reason, false);
-        // Back off before redelivery so a persistent failure does not spin.
-        let delay = self.backoff(self.consecutive_rollbacks);
-        self.consecutive_rollbacks = self.consecutive_rollbacks.saturating_add(1);
-        self.paused_until = Some(Instant::now() + delay);
-    }
-
-    /// Stop for good: drop the session, release waiters, answer the shutdown request.
-    fn finish_shutdown(&mut self, ctx: &mut Context<Self>) {
-        self.state = ConnectionState::Stopped;
-        self.session = None;
-        let unacked = self.window.inflight_batches();
-        if unacked > 0 {
-            tracing::info!(
-                batches = unacked,
-                "canal connection closed with unacked batches; canal redelivers them"
-            );
+/// What the core needs to know of a session error.
+fn failure(e: &CanalError) -> Failure {
+    let kind = match e {
+        CanalError::Frame(crate::canal::codec::FrameError::TooLarge { len, max }) => {
+            FailureKind::TooLarge {
+                len: *len,
+                max: *max,
+            }
         }
-        self.window.begin_epoch(true);
-        self.notify_drained();
-        if let Some((_, reply)) = self.shutdown.take() {
-            let _ = reply.send(ShutdownReport {
-                acked: self.status.batches_acked,
-                unacked,
-                abandoned_total: self.status.abandoned_total,
-                fetched_position: self.status.last_position.clone(),
-                acked_position: self.status.acked_position.clone(),
-            });
-        }
-        ctx.stop();
-    }
-
-    fn snapshot(&self) -> ConnectionStatus {
-        let mut s = self.status.clone();
-        s.state = self.state;
-        s.epoch = self.window.epoch();
-        s.inflight_batches = self.window.inflight_batches();
-        s.inflight_bytes = self.window.inflight_bytes();
-        s.abandoned_batches = self.window.abandoned_batches();
-        s.filter = self.cfg.filter.clone();
-        s
+        CanalError::NotActive { .. } => FailureKind::NotActive,
+        e => match stall::vanished_batch(e) {
+            Some(evidence) => FailureKind::Vanished { evidence },
+            None if e.is_permanent() => FailureKind::Permanent,
+            None => FailureKind::Transient,
+        },
+    };
+    Failure {
+        kind,
+        message: e.to_string(),
     }
 }
 
@@ -896,43 +536,14 @@ fn may_write(
     }
 }
 
-impl Handler<LeaseChanged> for CanalConnection {
-    type Result = ();
+/// ZooKeeper mode: the lease changed (connect, follow the Canal server, or stand by).
+impl StreamHandler<crate::ha::Lease> for CanalConnection {
+    fn handle(&mut self, lease: crate::ha::Lease, ctx: &mut Context<Self>) {
+        self.feed(Input::Lease(lease), ctx);
+    }
 
-    fn handle(&mut self, _: LeaseChanged, ctx: &mut Context<Self>) {
-        if self.state == ConnectionState::Stopped {
-            return;
-        }
-        let Some(lease) = self.lease() else {
-            return;
-        };
-        self.status.ha = Some((&lease).into());
-        let target = lease.target(Instant::now()).map(str::to_string);
-        let current = self.cfg.session.addr();
-        let has_session = self.session.is_some() || self.busy;
-        match target {
-            None => {
-                if has_session {
-                    let reason = lease
-                        .reason
-                        .clone()
-                        .unwrap_or_else(|| "the zookeeper lease ended".into());
-                    tracing::warn!(reason = %reason, "leaving the canal server: not the active replica now");
-                    self.retire_session(&reason);
-                }
-                self.follow_lease();
-            }
-            Some(addr) => {
-                if has_session && addr != current {
-                    tracing::warn!(from = %current, to = %addr, "canal server moved; following it");
-                    self.retire_session(&format!("canal server moved from {current} to {addr}"));
-                }
-                let idle = self.session.is_none() && !self.busy;
-                if idle && self.state != ConnectionState::Conflict {
-                    self.connect(ctx);
-                }
-            }
-        }
+    fn finished(&mut self, _: &mut Context<Self>) {
+        // the ZooKeeper shell ended (the process is stopping): keep the last lease
     }
 }
 
@@ -941,7 +552,17 @@ impl Actor for CanalConnection {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(1024);
-        self.connect(ctx);
+        if let Some(rx) = self.cfg.lease.clone() {
+            self.core
+                .on(Instant::now(), Input::Lease(rx.borrow().clone()));
+            // every later change of the lease, as it happens
+            ctx.add_stream(futures::stream::unfold(rx, |mut rx| async move {
+                rx.changed().await.ok()?;
+                let lease = rx.borrow_and_update().clone();
+                Some((lease, rx))
+            }));
+        }
+        self.feed(Input::Start, ctx);
     }
 }
 
@@ -949,14 +570,7 @@ impl Handler<AckBatch> for CanalConnection {
     type Result = ();
 
     fn handle(&mut self, msg: AckBatch, ctx: &mut Context<Self>) {
-        match self.window.ack(msg.0) {
-            AckOutcome::Recorded => {}
-            AckOutcome::Abandoned => {
-                tracing::debug!(batch = %msg.0, "ack for an abandoned batch only releases it")
-            }
-            AckOutcome::Unknown => tracing::warn!(batch = %msg.0, "ack for an unknown batch"),
-        }
-        self.drive(ctx);
+        self.feed(Input::Ack(msg.0), ctx);
     }
 }
 
@@ -964,14 +578,7 @@ impl Handler<ReleaseBatch> for CanalConnection {
     type Result = ();
 
     fn handle(&mut self, msg: ReleaseBatch, ctx: &mut Context<Self>) {
-        if msg.0.epoch == self.window.epoch() {
-            // a batch of the current epoch can only be given up through a rollback
-            tracing::warn!(batch = %msg.0, "release of a live batch; rolling back");
-            self.request_rollback("a batch was released before it was acked");
-        } else {
-            self.window.release(msg.0);
-        }
-        self.drive(ctx);
+        self.feed(Input::Release(msg.0), ctx);
     }
 }
 
@@ -979,12 +586,13 @@ impl Handler<RollbackBatch> for CanalConnection {
     type Result = ();
 
     fn handle(&mut self, msg: RollbackBatch, ctx: &mut Context<Self>) {
-        if msg.batch.epoch != self.window.epoch() {
-            return;
-        }
-        tracing::warn!(batch = %msg.batch, reason = %msg.reason, "rolling back canal batches");
-        self.request_rollback(&msg.reason);
-        self.drive(ctx);
+        self.feed(
+            Input::Rollback {
+                batch: msg.batch,
+                reason: msg.reason,
+            },
+            ctx,
+        );
     }
 }
 
@@ -995,26 +603,17 @@ impl Handler<SetFilter> for CanalConnection {
         if let Some(w) = msg.applied {
             self.filter_waiters.push(w);
         }
-        if msg.filter != self.cfg.filter {
-            self.cfg.filter = msg.filter;
-            self.need_subscribe = self.state == ConnectionState::Connected || self.busy;
-            self.drive(ctx);
-        } else if self.state == ConnectionState::Connected && !self.need_subscribe {
-            // already in force (no subscribe pending for it)
-            let f = self.cfg.filter.clone();
-            self.filter_applied(&f);
-        }
+        self.feed(Input::SetFilter(msg.filter), ctx);
     }
 }
 
 impl Handler<Drain> for CanalConnection {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        self.draining = true;
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         self.drain_waiters.push(tx);
-        self.notify_drained();
+        self.feed(Input::Drain, ctx);
         Box::pin(async move {
             let _ = rx.await;
         })
@@ -1025,19 +624,25 @@ impl Handler<Shutdown> for CanalConnection {
     type Result = ResponseFuture<ShutdownReport>;
 
     fn handle(&mut self, msg: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
-        self.draining = true;
         let (tx, rx) = oneshot::channel();
-        if let Some((_, earlier)) = self.shutdown.replace((msg.rollback, tx)) {
-            let _ = earlier.send(ShutdownReport::default());
-        }
-        if self.state == ConnectionState::Connected {
-            // runs after the operation in progress and after writing every acked batch
-            self.drive(ctx);
-        } else {
-            // no session: nothing to flush or roll back
-            self.finish_shutdown(ctx);
-        }
+        self.shutdown_waiters.push(tx);
+        self.feed(
+            Input::Shutdown {
+                rollback: msg.rollback,
+            },
+            ctx,
+        );
         Box::pin(async move { rx.await.unwrap_or_default() })
+    }
+}
+
+impl Handler<SkipStalled> for CanalConnection {
+    type Result = Result<String, String>;
+
+    fn handle(&mut self, msg: SkipStalled, ctx: &mut Context<Self>) -> Self::Result {
+        let r = self.core.skip(Instant::now(), &msg.0);
+        self.run_actions(ctx);
+        r
     }
 }
 
@@ -1045,6 +650,6 @@ impl Handler<GetConnectionStatus> for CanalConnection {
     type Result = MessageResult<GetConnectionStatus>;
 
     fn handle(&mut self, _: GetConnectionStatus, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.snapshot())
+        MessageResult(self.core.snapshot())
     }
 }

@@ -1,0 +1,218 @@
+//! Unit tests of the connection core.
+use super::*;
+
+#[derive(Debug)]
+struct Raw(i64, usize);
+impl RawView for Raw {
+    fn batch_id(&self) -> i64 {
+        self.0
+    }
+    fn frame_bytes(&self) -> usize {
+        self.1 * 100
+    }
+    fn asked(&self) -> i32 {
+        10
+    }
+    fn entry_sizes(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
+        (0..self.1).map(|_| 100)
+    }
+}
+
+#[derive(Debug)]
+struct Rows(Vec<(Position, i64)>);
+impl EventsView for Rows {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn key(&self, i: usize) -> (&Position, i64) {
+        (&self.0[i].0, self.0[i].1)
+    }
+    fn drop_first(&mut self, n: usize) {
+        self.0.drain(..n);
+    }
+}
+
+fn pos(file: &str, offset: u64) -> Position {
+    Position {
+        log_file: file.into(),
+        offset,
+        row_index: 0,
+        server_id: 1,
+        gtid: None,
+    }
+}
+
+fn rows(offsets: std::ops::Range<u64>) -> Rows {
+    Rows(
+        offsets
+            .map(|o| (pos("mysql-bin.000002", o), o as i64))
+            .collect(),
+    )
+}
+
+fn core() -> (ConnectionCore<Raw, Rows>, Instant) {
+    let cfg = CoreConfig {
+        server: "canal:11111".into(),
+        destination: "example".into(),
+        client_id: "1001".into(),
+        filter: ".*".into(),
+        fetch_size: 10,
+        mem_unit: 100,
+        fetch_wait: Duration::from_millis(100),
+        max_inflight_batches: 8,
+        max_inflight_bytes: 1 << 20,
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(1),
+        fail_fast: false,
+        jitter_seed: 1,
+    };
+    let now = Instant::now();
+    let mut c = ConnectionCore::new(cfg, false);
+    c.on(now, Input::Start);
+    c.on(
+        now,
+        Input::Connected {
+            generation: 0,
+            filter: ".*".into(),
+        },
+    );
+    c.take_actions();
+    (c, now)
+}
+
+/// Answer the GET on the wire with `raw`, decode it into `events`; the delivered batch.
+fn fetch(
+    c: &mut ConnectionCore<Raw, Rows>,
+    now: Instant,
+    raw: Raw,
+    events: Rows,
+) -> Option<(BatchRef, usize)> {
+    let epoch = c.window().epoch();
+    c.on(
+        now,
+        Input::Done {
+            generation: c.generation(),
+            done: Done::Fetched { epoch, raw },
+        },
+    );
+    let raw = c.take_actions().into_iter().find_map(|a| match a {
+        Action::Decode { raw, .. } => Some(raw),
+        _ => None,
+    })?;
+    c.on(
+        now,
+        Input::Decoded {
+            epoch,
+            raw,
+            outcome: Decoded::Events(events),
+        },
+    );
+    let actions = c.take_actions();
+    // what else it decided (an ack of a batch with nothing to deliver) stays for `acks`
+    let delivered = actions.iter().find_map(|a| match a {
+        Action::Deliver { batch, events, .. } => Some((*batch, events.count())),
+        _ => None,
+    });
+    c.actions = actions;
+    delivered
+}
+
+/// The ack ids of the operation the core runs next, if it acks.
+fn acks(c: &mut ConnectionCore<Raw, Rows>) -> Vec<i64> {
+    c.take_actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Run {
+                op: Op::Ack { ids, .. },
+                ..
+            } => Some(ids),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn positions_compare_within_one_binlog_only() {
+    let a = pos("mysql-bin.000002", 500);
+    assert!(not_after(&a, &a));
+    assert!(not_after(&pos("mysql-bin.000002", 400), &a));
+    assert!(not_after(&pos("mysql-bin.000001", 900), &a));
+    assert!(!not_after(&pos("mysql-bin.000003", 4), &a));
+    // another stem or another server: never "before"
+    assert!(!not_after(&pos("other-bin.000001", 4), &a));
+    let mut other = pos("mysql-bin.000001", 4);
+    other.server_id = 2;
+    assert!(!not_after(&other, &a));
+    // rows of one event
+    let mut later_row = a.clone();
+    later_row.row_index = 1;
+    assert!(!not_after(&later_row, &a));
+}
+
+/// The acks `ids` were written (no GET behind them).
+fn written(c: &mut ConnectionCore<Raw, Rows>, now: Instant, ids: Vec<i64>) {
+    c.on(
+        now,
+        Input::Done {
+            generation: c.generation(),
+            done: Done::Acked { ids, fetched: None },
+        },
+    );
+}
+
+#[test]
+fn rows_sent_again_at_or_before_the_confirmed_position_are_acked_not_delivered() {
+    let (mut c, now) = core();
+    // rows 10..15 delivered, confirmed, acked
+    let (b, n) = fetch(&mut c, now, Raw(1, 5), rows(10..15)).unwrap();
+    assert_eq!(n, 5);
+    c.on(now, Input::Ack(b));
+    assert_eq!(acks(&mut c), vec![1]);
+    assert_eq!(c.confirmed().unwrap().0.offset, 14);
+    written(&mut c, now, vec![1]);
+    // Canal restarts from an older cursor: rows 12..14 again, then new rows 15..17
+    c.on(
+        now,
+        Input::Failed {
+            generation: c.generation(),
+            failure: Failure {
+                kind: FailureKind::Transient,
+                message: "canal closed the connection".into(),
+            },
+        },
+    );
+    c.on(now, Input::Timer(Timer::Reconnect));
+    c.on(
+        now,
+        Input::Connected {
+            generation: c.generation(),
+            filter: ".*".into(),
+        },
+    );
+    c.take_actions();
+    // entirely old: acked, nothing delivered, and the guard does not move back
+    assert_eq!(fetch(&mut c, now, Raw(1, 3), rows(12..15)), None);
+    assert_eq!(acks(&mut c), vec![1]);
+    assert_eq!(c.confirmed().unwrap().0.offset, 14);
+    written(&mut c, now, vec![1]);
+    // partly old: only the new rows go on
+    let (_, n) = fetch(&mut c, now, Raw(2, 4), rows(13..17)).unwrap();
+    assert_eq!(n, 2, "rows 15 and 16");
+    assert_eq!(c.snapshot().rewind_skipped, 5);
+}
+
+#[test]
+fn a_batch_whose_id_jumped_is_not_left_waiting_for_a_release() {
+    let (mut c, now) = core();
+    let (b, _) = fetch(&mut c, now, Raw(1, 1), rows(1..2)).unwrap();
+    c.on(now, Input::Ack(b));
+    c.take_actions();
+    // batch 5 after batch 1: someone else fetched 2..4
+    assert_eq!(fetch(&mut c, now, Raw(5, 1), rows(2..3)), None);
+    assert_eq!(c.state(), ConnectionState::Conflict);
+    assert_eq!(
+        c.window().abandoned_batches(),
+        0,
+        "nothing downstream holds it"
+    );
+}
