@@ -251,6 +251,10 @@ async fn publish_one(addr: &Addr<AmqpPublisher>, n: u64) -> Result<(), PublishEr
         .expect("reply")
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[actix_rt::test]
 async fn amqps_with_our_ca_and_client_certificate_publishes_and_wrong_ca_or_host_is_named() {
     let dir = std::env::temp_dir().join(format!("cc-tls-{}", std::process::id()));

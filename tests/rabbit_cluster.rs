@@ -330,6 +330,10 @@ fn writer(table: &str, from: i64, to: i64, step: i64) -> std::thread::JoinHandle
     })
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn kill_9_of_the_connected_node_fails_over_and_loses_nothing() {
     let _lock = canal_lock().await;
@@ -375,6 +379,10 @@ async fn kill_9_of_the_connected_node_fails_over_and_loses_nothing() {
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn kill_9_of_the_queue_leader_loses_nothing() {
     let _lock = canal_lock().await;
@@ -420,6 +428,10 @@ async fn kill_9_of_the_queue_leader_loses_nothing() {
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn two_of_three_nodes_down_stalls_without_an_ack_until_a_majority_is_back() {
     let _lock = canal_lock().await;
@@ -493,6 +505,10 @@ async fn two_of_three_nodes_down_stalls_without_an_ack_until_a_majority_is_back(
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_frozen_node_past_the_heartbeat_fails_over_and_loses_nothing() {
     let _lock = canal_lock().await;
@@ -540,6 +556,10 @@ async fn a_frozen_node_past_the_heartbeat_fails_over_and_loses_nothing() {
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_rolling_restart_under_load_loses_nothing() {
     let _lock = canal_lock().await;
@@ -571,6 +591,10 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     svc.terminate(Duration::from_secs(30));
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn the_quorum_queue_dead_letters_to_its_quorum_dead_letter_queue_and_mismatches_are_named() {
     // the others kill nodes: one test at a time
@@ -703,6 +727,10 @@ async fn the_quorum_queue_dead_letters_to_its_quorum_dead_letter_queue_and_misma
     let _ = conn.close(200, "bye".into()).await;
 }
 
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
 #[tokio::test]
 async fn a_celery_worker_runs_every_task_from_the_quorum_queue() {
     let _lock = canal_lock().await;
