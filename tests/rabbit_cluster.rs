@@ -141,6 +141,35 @@ async fn fresh_queue(queue: &str, n: usize) {
     topology::ensure_queue(&conn, &q).await.unwrap();
     topology::ensure_dead_letter_queue(&conn, &q).await.unwrap();
     let _ = conn.close(200, "bye".into()).await;
+    // a member on a node that was still booting (right after a restart) joins later: the
+    // faults below assume all three members are up
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let line = queue_line(queue);
+        let online = line.as_deref().and_then(|l| l.split(" online ").nth(1));
+        if online.is_some_and(|o| o.matches("ccq").count() == 3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "quorum queue {queue} never had three members online: {line:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `queue NAME leader NODE members [..] online [..]` for `queue`, from `rabbit-cluster-ctl
+/// leaders`.
+fn queue_line(queue: &str) -> Option<String> {
+    let out = proc::output_within(
+        CTL,
+        std::process::Command::new(repo_root().join(CTL)).arg("leaders"),
+        Duration::from_secs(60),
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(queue))
+        .map(str::to_string)
 }
 
 /// The node that leads `queue` now (from `rabbit-cluster-ctl leaders`).
