@@ -74,6 +74,106 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// `BENCH_CLUSTER=1`: the three-node cluster of `deploy/local/rabbit-cluster-ctl` and a quorum
+/// queue (README "RabbitMQ cluster" topology) instead of the single node and a classic queue;
+/// the run ends after the throughput phase with RabbitMQ PerfTest's confirmed-publish rate to
+/// the same kind of queue (`deploy/local/perftest`).
+fn cluster() -> bool {
+    std::env::var("BENCH_CLUSTER").is_ok_and(|v| v == "1")
+}
+
+/// The cluster's node URLs (`CC_TEST_AMQP_CLUSTER_URLS`, comma-separated).
+fn cluster_urls() -> Vec<String> {
+    std::env::var("CC_TEST_AMQP_CLUSTER_URLS")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| {
+            "amqp://guest:guest@127.0.0.1:5781/%2f,amqp://guest:guest@127.0.0.1:5782/%2f,amqp://guest:guest@127.0.0.1:5783/%2f".into()
+        })
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .collect()
+}
+
+/// The broker the bench itself talks to: the single node, or the cluster's first node.
+fn amqp_url() -> String {
+    if cluster() {
+        cluster_urls()[0].clone()
+    } else {
+        AMQP.to_string()
+    }
+}
+
+/// The quorum queue settings of the cluster mode, for the service and the probes alike.
+fn quorum_queue() -> canal_consumer::config::QueueConfig {
+    canal_consumer::config::QueueConfig {
+        name: QUEUE.into(),
+        max_priority: None,
+        queue_type: canal_consumer::config::QueueType::Quorum,
+        dead_letter_exchange: format!("{QUEUE}.dlx"),
+        dead_letter_strategy: canal_consumer::config::DeadLetterStrategy::AtLeastOnce,
+        delivery_limit: Some(5),
+        ..Default::default()
+    }
+}
+
+/// RabbitMQ PerfTest (from Maven Central, `deploy/local/perftest/fetch`): one producer with
+/// `window` unconfirmed, persistent `size`-byte messages to a fresh quorum queue drained by one
+/// consumer, for `seconds`. Its average confirmed-publish rate, msg/s.
+fn perftest(url: &str, size: usize, window: usize, seconds: u64) -> f64 {
+    let fetch =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/perftest/fetch");
+    let out = Command::new(&fetch)
+        .output()
+        .expect("deploy/local/perftest/fetch");
+    assert!(
+        out.status.success(),
+        "fetching PerfTest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lib = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{lib}/*"))
+        .arg("com.rabbitmq.perf.PerfTest")
+        .args([
+            "--uri",
+            url,
+            "--queue",
+            "cc_bench_perftest",
+            "--quorum-queue",
+        ])
+        .args([
+            "--flag",
+            "persistent",
+            "--producers",
+            "1",
+            "--consumers",
+            "1",
+        ])
+        .args([
+            "--confirm",
+            &window.to_string(),
+            "--size",
+            &size.to_string(),
+        ])
+        .args(["--time", &seconds.to_string(), "--auto-delete", "false"])
+        .output()
+        .expect("java (PerfTest)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .filter_map(|l| l.split("sending rate avg:").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+        .next_back()
+        .unwrap_or_else(|| {
+            panic!(
+                "no rate in PerfTest's output: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
 const QUEUE: &str = "cc_bench";
 const PROBE_QUEUE: &str = "cc_bench_probe";
 
@@ -382,7 +482,16 @@ payload = {{ id = "${{data.id}}", user_id = "${{data.user_id}}", email = "${{dat
     .unwrap();
     let config = dir.join("bench.toml");
     // the queue's priority levels, and the message priorities within them
+    let urls = if cluster() {
+        format!("urls = {:?}", cluster_urls())
+    } else {
+        String::new()
+    };
     let queue_priority = match max_priority {
+        _ if cluster() => format!(
+            "queue_type = \"quorum\"\nmax_priority = 0\ndead_letter_exchange = \"{QUEUE}.dlx\"\n\
+             dead_letter_strategy = \"at-least-once\"\ndelivery_limit = 5\n"
+        ),
         Some(p) => format!(
             "max_priority = {p}\n[amqp.priorities]\nhigh = {}\nnormal = {}\nlow = 1\n",
             p.min(9),
@@ -406,11 +515,13 @@ bind = "{admin}"
 [log]
 level = "warn"
 [amqp]
-url = "{AMQP}"
+url = "{amqp}"
+{urls}
 [amqp.queue]
 name = "{QUEUE}"
 {queue_priority}
 "#,
+            amqp = amqp_url(),
             consumers = dir.join("consumers").display(),
             state = dir.join("state.json").display(),
             mem_unit = local_canal().mem_unit,
@@ -591,6 +702,9 @@ async fn empty_sink(sink: &mut lapin::Consumer) {
 }
 
 fn queue_args(max_priority: Option<u8>) -> FieldTable {
+    if cluster() {
+        return canal_consumer::publisher::topology::declare_arguments(&quorum_queue());
+    }
     let mut q = canal_consumer::config::Config::default().amqp.queue;
     q.max_priority = max_priority;
     canal_consumer::publisher::topology::declare_arguments(&q)
@@ -1033,7 +1147,7 @@ async fn main() {
     let _ = reader.await;
     create_table();
     drain_canal().await;
-    let conn = Connection::connect(AMQP, ConnectionProperties::default())
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("rabbitmq");
     let ch = conn.create_channel().await.unwrap();
@@ -1096,9 +1210,13 @@ async fn main() {
         sample.0.len(),
         sample.1.delivery_mode(),
         sample.1.priority(),
-        o.max_priority
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "none".into())
+        if cluster() {
+            "none (quorum)".to_string()
+        } else {
+            o.max_priority
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "none".into())
+        }
     );
 
     // ---- broker probe, the service's throughput, broker probe again
@@ -1179,6 +1297,31 @@ async fn main() {
         throughput / broker * 100.0,
         throughput / canal_rate * 100.0
     );
+    if cluster() {
+        // cluster mode ends here: the service and the bare lapin probe against PerfTest's
+        // confirmed-publish rate to a quorum queue, in the same run
+        let pt = perftest(&amqp_url(), sample.0.len(), window, 15);
+        println!(
+            "cluster (3 nodes, quorum queue, at-least-once dead lettering){}: PerfTest {pt:.0} msg/s \
+             ({} bytes, confirm window {window}, persistent, 1 consumer); service {throughput:.0} \
+             rows/s = {:.1}% of PerfTest; broker probe (lapin) {broker:.0} msg/s = {:.1}% of PerfTest",
+            o.bulk
+                .map(|n| format!(", bulk max_rows {n} ({bulk_messages} messages)"))
+                .unwrap_or_default(),
+            sample.0.len(),
+            throughput / pt * 100.0,
+            broker / pt * 100.0
+        );
+        drop(service);
+        let _ = ch
+            .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = ch
+            .queue_delete("cc_bench_perftest".into(), QueueDeleteOptions::default())
+            .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if let Some(max_rows) = o.bulk {
         // bulk mode ends here: the later phases count messages, one per row
         println!(

@@ -168,8 +168,8 @@ async fn check_routes(cfg: &Config, specs: &[rules::ConsumerSpec]) -> Result<(),
     if uses.is_empty() {
         return Ok(());
     }
-    let url = cfg.amqp.url.expose().to_string();
-    let connect = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
+    let connect =
+        crate::publisher::connect::connect_any(&cfg.amqp, lapin::ConnectionProperties::default());
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(conn)) => {
             let res = topology::check_routes(&conn, &uses).await;

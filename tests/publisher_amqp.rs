@@ -88,6 +88,7 @@ fn config(queue: &str, declare: DeclareMode, max_priority: Option<u8>) -> AmqpCo
             durable: true,
             max_priority,
             queue_type: QueueType::Classic,
+            ..QueueConfig::default()
         },
         ..AmqpConfig::default()
     }

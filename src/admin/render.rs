@@ -171,9 +171,17 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
             "down"
         },
     );
+    // with several broker URLs (amqp.urls), which one is in use
+    let node = match (
+        broker.get("node").and_then(Value::as_u64),
+        broker.get("nodes").and_then(Value::as_u64),
+    ) {
+        (Some(n), Some(of)) if of > 1 => format!(" (node {n} of {of})"),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
-        "broker  {state:<12} {}  queue {}",
+        "broker  {state:<12} {}{node}  queue {}",
         s(broker, "broker"),
         s(broker, "queue")
     );
@@ -415,6 +423,31 @@ mod tests {
         plain["canal"]["state"] = "connected".into();
         assert!(!render_status(&plain, 0).contains("replica"));
     }
+    #[test]
+    fn names_the_broker_node_in_use_when_there_are_several() {
+        let mut v = serde_json::json!({
+            "version": "0.1.0", "uptime_seconds": 1,
+            "canal": {"state": "connected"},
+            "broker": {"state": "connected", "broker": "amqp://u:***@rabbit2:5672/%2f",
+                       "node": 2, "nodes": 3, "queue": "plugin_tasks"},
+            "broker_connected": true, "consumers": []
+        });
+        let text = render_status(&v, 2_000);
+        assert!(
+            text.contains(
+                "broker  connected    amqp://u:***@rabbit2:5672/%2f (node 2 of 3)  queue plugin_tasks"
+            ),
+            "{text}"
+        );
+        // one broker: no node count
+        v["broker"]["nodes"] = 1.into();
+        let text = render_status(&v, 2_000);
+        assert!(
+            text.contains("amqp://u:***@rabbit2:5672/%2f  queue plugin_tasks"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn a_broken_route_and_lossy_text_are_shown_with_what_to_do() {
         let v = serde_json::json!({

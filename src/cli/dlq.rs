@@ -53,9 +53,9 @@ impl Parked {
 
 async fn open(cfg: &Config) -> Result<(Connection, Channel), String> {
     let broker = redact_url(cfg.amqp.url.expose());
-    let conn = Connection::connect(cfg.amqp.url.expose(), ConnectionProperties::default())
+    let conn = crate::publisher::connect::connect_any(&cfg.amqp, ConnectionProperties::default())
         .await
-        .map_err(|e| format!("cannot connect to the broker {broker}: {e}"))?;
+        .map_err(|e| format!("cannot connect to the broker: {e}"))?;
     let channel = conn
         .create_channel()
         .await

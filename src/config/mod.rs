@@ -61,7 +61,12 @@ pub const REFERENCE_ENV: &[(&str, &str)] = &[
 ];
 
 /// Keys whose values are secrets: never echoed in errors.
-const SECRET_KEYS: &[&str] = &["canal.password", "canal.source_url", "amqp.url"];
+const SECRET_KEYS: &[&str] = &[
+    "canal.password",
+    "canal.source_url",
+    "amqp.url",
+    "amqp.urls",
+];
 
 /// Load, validate and render the effective configuration (secrets redacted): what
 /// `canal-consumer check-config` prints.
@@ -93,6 +98,18 @@ impl Config {
         }
         if let Some(t) = value.get_mut("amqp").and_then(|v| v.as_table_mut()) {
             t.insert("url".into(), toml::Value::String(self.amqp.url.redacted()));
+            if !self.amqp.urls.is_empty() {
+                t.insert(
+                    "urls".into(),
+                    toml::Value::Array(
+                        self.amqp
+                            .urls
+                            .iter()
+                            .map(|u| toml::Value::String(u.redacted()))
+                            .collect(),
+                    ),
+                );
+            }
         }
         toml::to_string(&value).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }

@@ -230,6 +230,16 @@ impl CanalConfig {
 pub struct AmqpConfig {
     /// `amqp://user:pass@host:port/vhost`; the password part is redacted when shown.
     pub url: Secret,
+    /// Several brokers (the nodes of one cluster), tried in order; when set, `url` is unused.
+    /// A list, or one string of comma-separated URLs (the environment:
+    /// `CANAL_CONSUMER__AMQP__URLS=amqp://a,amqp://b`). See [`AmqpConfig::endpoints`].
+    #[serde(
+        deserialize_with = "secret_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub urls: Vec<Secret>,
+    /// TLS for `amqps://` URLs: the CA to trust and an optional client certificate.
+    pub tls: TlsConfig,
     /// Most messages published but not yet confirmed.
     pub max_unconfirmed: NonZeroUsize,
     #[serde(with = "humantime_serde")]
@@ -248,6 +258,8 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            urls: Vec::new(),
+            tls: TlsConfig::default(),
             max_unconfirmed: nz(512),
             confirm_timeout: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(200),
@@ -256,6 +268,49 @@ impl Default for AmqpConfig {
             priorities: PriorityMap::default(),
         }
     }
+}
+
+impl AmqpConfig {
+    /// The brokers to connect to, in order: `urls` when set, else `url`.
+    pub fn endpoints(&self) -> Vec<Secret> {
+        if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        }
+    }
+}
+
+/// `[amqp.tls]`: how an `amqps://` connection is verified. The broker's certificate must chain
+/// to `ca_file` (PEM; empty = the system's roots) and name the URL's host.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA certificate(s) that signed the broker's certificate.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM file of our client certificate (for brokers that require one); needs `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM file of the client certificate's private key (PKCS#8); never logged.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+/// A list of secrets from a TOML array, or from one comma-separated string.
+fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<Secret>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(Secret::new)
+            .collect(),
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// The worker queue, declared to match what the workers declare.
@@ -272,6 +327,33 @@ pub struct QueueConfig {
     pub max_priority: Option<u8>,
     /// `classic` or `quorum`.
     pub queue_type: QueueType,
+    /// `x-dead-letter-exchange`: where the broker dead-letters messages (rejected, or over
+    /// `delivery_limit`). In `declare` mode the exchange (fanout, durable) and the dead-letter
+    /// queue `<name>.dead_letter` bound to it are declared too. Empty: none.
+    pub dead_letter_exchange: String,
+    /// `x-dead-letter-strategy` (quorum only): `at-least-once` (the broker keeps a message
+    /// until the dead-letter queue confirms it; implies `x-overflow = reject-publish`) or
+    /// `at-most-once` (RabbitMQ's default).
+    pub dead_letter_strategy: DeadLetterStrategy,
+    /// `x-delivery-limit` (quorum only): deliveries before the broker dead-letters a message.
+    pub delivery_limit: Option<u32>,
+}
+
+/// `amqp.queue.dead_letter_strategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadLetterStrategy {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+impl DeadLetterStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterStrategy::AtMostOnce => "at-most-once",
+            DeadLetterStrategy::AtLeastOnce => "at-least-once",
+        }
+    }
 }
 
 impl Default for QueueConfig {
@@ -282,6 +364,9 @@ impl Default for QueueConfig {
             durable: true,
             max_priority: Some(10),
             queue_type: QueueType::Classic,
+            dead_letter_exchange: String::new(),
+            dead_letter_strategy: DeadLetterStrategy::AtMostOnce,
+            delivery_limit: None,
         }
     }
 }

@@ -719,6 +719,126 @@ fn max_priority_zero_means_a_queue_without_priorities() {
 }
 
 #[test]
+fn several_broker_urls_from_a_file_or_one_environment_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "u.toml",
+        "[amqp]\nurls = [\"amqp://u:s3cret@n1:5781/%2f\", \"amqp://u:s3cret@n2:5782/%2f\"]\n",
+    );
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    let shown: Vec<String> = c.amqp.endpoints().iter().map(|u| u.redacted()).collect();
+    assert_eq!(
+        shown,
+        ["amqp://u:***@n1:5781/%2f", "amqp://u:***@n2:5782/%2f"]
+    );
+    let rendered = c.to_redacted_toml();
+    assert!(!rendered.contains("s3cret"), "{rendered}");
+    assert!(rendered.contains("amqp://u:***@n2:5782/%2f"), "{rendered}");
+    let vars = env(&[(
+        "CANAL_CONSUMER__AMQP__URLS",
+        "amqp://a:5781/%2f, amqp://b:5782/%2f,amqp://c:5783/%2f",
+    )]);
+    let c = load_from(None, nowhere(), vars, CliOverrides::default()).unwrap();
+    assert_eq!(c.amqp.endpoints().len(), 3);
+    // without urls, url is the one endpoint
+    assert_eq!(
+        Config::default().amqp.endpoints(),
+        vec![Config::default().amqp.url]
+    );
+    // a bad entry is named, its password hidden
+    let vars = env(&[(
+        "CANAL_CONSUMER__AMQP__URLS",
+        "amqp://a:5781/%2f,amqp://bob:s3cret@b:99999/%2f",
+    )]);
+    let text = load_from(None, nowhere(), vars, CliOverrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("key `amqp.urls`: entry 2: "), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}
+
+#[test]
+fn quorum_queue_arguments_are_checked_against_the_queue_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |text: &str| {
+        let file = write(&dir, "q.toml", text);
+        load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default())
+    };
+    // the default max_priority on a quorum queue: refused with the reason
+    let text = load("[amqp.queue]\nqueue_type = \"quorum\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("key `amqp.queue.max_priority`"), "{text}");
+    assert!(
+        text.contains("a quorum queue takes no x-max-priority"),
+        "{text}"
+    );
+    let c = load(
+        "[amqp.queue]\nqueue_type = \"quorum\"\nmax_priority = 0\n\
+         dead_letter_exchange = \"dlx\"\ndead_letter_strategy = \"at-least-once\"\n\
+         delivery_limit = 5\n",
+    )
+    .unwrap();
+    assert_eq!(c.amqp.queue.delivery_limit, Some(5));
+    assert_eq!(
+        c.amqp.queue.dead_letter_strategy,
+        DeadLetterStrategy::AtLeastOnce
+    );
+    let text = load(
+        "[amqp.queue]\nqueue_type = \"quorum\"\nmax_priority = 0\n\
+         dead_letter_strategy = \"at-least-once\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        text.contains("key `amqp.queue.dead_letter_strategy`: at-least-once needs"),
+        "{text}"
+    );
+    let text = load("[amqp.queue]\ndelivery_limit = 3\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("key `amqp.queue.delivery_limit`: x-delivery-limit exists only for quorum"),
+        "{text}"
+    );
+}
+
+#[test]
+fn tls_files_must_be_readable_and_a_certificate_needs_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write(&dir, "ca.pem", "-----BEGIN CERTIFICATE-----\n");
+    let file = write(
+        &dir,
+        "t.toml",
+        &format!(
+            "[amqp.tls]\nca_file = \"{}\"\ncert_file = \"{}\"\n",
+            ca.display(),
+            ca.display()
+        ),
+    );
+    let text = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("key `amqp.tls.key_file`: must be set"),
+        "{text}"
+    );
+    let file = write(
+        &dir,
+        "t2.toml",
+        "[amqp.tls]\nca_file = \"/nonexistent/ca.pem\"\n",
+    );
+    let text = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("key `amqp.tls.ca_file`: /nonexistent/ca.pem cannot be read"),
+        "{text}"
+    );
+}
+
+#[test]
 fn on_lossy_text_is_a_utf8_mode_policy_named_in_errors() {
     use crate::canal::lossy::OnLossyText;
     let dir = tempfile::tempdir().unwrap();

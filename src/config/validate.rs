@@ -178,9 +178,20 @@ impl Config {
         if let Err(m) = check_amqp_url(&self.amqp.url) {
             bad("amqp.url", m);
         }
+        for (i, url) in self.amqp.urls.iter().enumerate() {
+            if let Err(m) = check_amqp_url(url) {
+                bad("amqp.urls", format!("entry {}: {m}", i + 1));
+            }
+        }
+        for (key, m) in check_tls(&self.amqp.tls) {
+            bad(key, m);
+        }
         let q = &self.amqp.queue;
         if q.name.trim().is_empty() {
             bad("amqp.queue.name", "must not be empty".into());
+        }
+        for (key, m) in check_queue_type_arguments(q) {
+            bad(key, m);
         }
         if let Some(max) = q.max_priority {
             let p = &self.amqp.priorities;
@@ -242,6 +253,92 @@ fn check_amqp_url(url: &Secret) -> Result<(), String> {
         return Err(format!("`{shown}` names no host"));
     }
     Ok(())
+}
+
+/// `[amqp.tls]`: the files must be readable; a client certificate needs its key.
+fn check_tls(tls: &super::schema::TlsConfig) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    for (key, file) in [
+        ("amqp.tls.ca_file", &tls.ca_file),
+        ("amqp.tls.cert_file", &tls.cert_file),
+        ("amqp.tls.key_file", &tls.key_file),
+    ] {
+        if let Some(path) = file
+            && let Err(e) = std::fs::File::open(path)
+        {
+            out.push((key, format!("{} cannot be read: {e}", path.display())));
+        }
+    }
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(_), None) => out.push((
+            "amqp.tls.key_file",
+            "must be set with amqp.tls.cert_file (the client certificate's private key)".into(),
+        )),
+        (None, Some(_)) => out.push((
+            "amqp.tls.cert_file",
+            "must be set with amqp.tls.key_file (the client certificate)".into(),
+        )),
+        _ => {}
+    }
+    out
+}
+
+/// What a queue type allows: quorum queues have no `x-max-priority` (RabbitMQ before 4.0
+/// ignores message priorities on them, 4.0+ knows two levels), and the quorum-only arguments
+/// (`x-delivery-limit`, at-least-once dead lettering) are refused on classic queues.
+pub fn check_queue_type_arguments(q: &super::schema::QueueConfig) -> Vec<(&'static str, String)> {
+    use super::schema::{DeadLetterStrategy, QueueType};
+    let mut out = Vec::new();
+    match q.queue_type {
+        QueueType::Quorum => {
+            if let Some(p) = q.max_priority {
+                out.push((
+                    "amqp.queue.max_priority",
+                    format!(
+                        "is {p}, but a quorum queue takes no x-max-priority (the broker refuses \
+                         it): RabbitMQ 3.x quorum queues ignore message priorities (FIFO), 4.0+ \
+                         serve priority 5 and above before the rest (two levels). Set \
+                         max_priority = 0, and declare the workers' queue without \
+                         x-max-priority (Celery: no task_queue_max_priority)"
+                    ),
+                ));
+            }
+            if q.dead_letter_strategy == DeadLetterStrategy::AtLeastOnce
+                && q.dead_letter_exchange.is_empty()
+            {
+                out.push((
+                    "amqp.queue.dead_letter_strategy",
+                    "at-least-once needs amqp.queue.dead_letter_exchange (where to dead-letter)"
+                        .into(),
+                ));
+            }
+        }
+        QueueType::Classic => {
+            if q.dead_letter_strategy == DeadLetterStrategy::AtLeastOnce {
+                out.push((
+                    "amqp.queue.dead_letter_strategy",
+                    "at-least-once dead lettering exists only for quorum queues; set \
+                     amqp.queue.queue_type = \"quorum\" or use at-most-once"
+                        .into(),
+                ));
+            }
+            if q.delivery_limit.is_some() {
+                out.push((
+                    "amqp.queue.delivery_limit",
+                    "x-delivery-limit exists only for quorum queues; set \
+                     amqp.queue.queue_type = \"quorum\" or remove it"
+                        .into(),
+                ));
+            }
+        }
+    }
+    if q.delivery_limit == Some(0) {
+        out.push((
+            "amqp.queue.delivery_limit",
+            "must be at least 1 (leave it out for no limit)".into(),
+        ));
+    }
+    out
 }
 
 /// The password part of `scheme://user:password@host...`, if any.

@@ -35,6 +35,7 @@
 //! lapin's own auto-recovery is not used: it never republishes, and the upstream must roll
 //! back anyway. The URL's password never reaches logs or status ([`redact_url`]).
 
+use super::failover::{Failover, Next};
 use super::session::{
     self, Job, Prepared, Session, SharedStatus, ToSession, lock, now_rfc3339, set_state,
 };
@@ -80,8 +81,13 @@ impl std::fmt::Display for PublisherState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublisherStatus {
     pub state: PublisherState,
-    /// The broker URL with the password replaced by `***`.
+    /// The broker URL in use (or being tried) with the password replaced by `***`.
     pub broker: String,
+    /// Which of the `amqp.urls` that is (1-based), and how many there are.
+    #[serde(default)]
+    pub node: usize,
+    #[serde(default)]
+    pub nodes: usize,
     pub queue: String,
     /// The broker's reason while `state` is `blocked`.
     pub blocked_reason: Option<String>,
@@ -172,13 +178,23 @@ pub struct AmqpPublisher {
     /// Resolves when the current session task has ended.
     session_done: Option<oneshot::Receiver<()>>,
     shutting_down: bool,
+    /// Which broker node to try next (`amqp.urls`).
+    failover: Failover,
+    /// The queue topology was checked on an earlier connection (see [`session::open`]).
+    topology_verified: bool,
 }
 
 impl AmqpPublisher {
     pub fn new(cfg: AmqpConfig) -> Self {
         let status = PublisherStatus {
             state: PublisherState::Connecting,
-            broker: redact_url(cfg.url.expose()),
+            broker: cfg
+                .endpoints()
+                .first()
+                .map(|u| redact_url(u.expose()))
+                .unwrap_or_default(),
+            node: 1,
+            nodes: cfg.endpoints().len(),
             queue: cfg.queue.name.clone(),
             blocked_reason: None,
             unconfirmed: 0,
@@ -192,6 +208,8 @@ impl AmqpPublisher {
             state_since: now_rfc3339(),
         };
         AmqpPublisher {
+            failover: Failover::new(cfg.endpoints().len()),
+            topology_verified: false,
             attempt: 0,
             cfg: Arc::new(cfg),
             status: Arc::new(Mutex::new(status)),
@@ -213,7 +231,7 @@ impl AmqpPublisher {
         publisher.ready = Some(tx);
         let addr = publisher.start();
         match rx.await {
-            Ok(Err(e @ PublishError::Topology(_))) => Err(e),
+            Ok(Err(e @ (PublishError::Topology(_) | PublishError::Tls(_)))) => Err(e),
             _ => Ok(addr),
         }
     }
@@ -223,10 +241,17 @@ impl AmqpPublisher {
             return;
         }
         set_state(&self.status, PublisherState::Connecting);
-        info!(broker = %redact_url(self.cfg.url.expose()), "connecting to the broker");
+        let node = self.failover.target();
+        let broker = self.node_url(node);
+        {
+            let mut st = lock(&self.status);
+            st.broker = broker.clone();
+            st.node = node + 1;
+        }
+        info!(broker = %broker, node = node + 1, nodes = self.failover.nodes(), "connecting to the broker");
         let cfg = self.cfg.clone();
         ctx.spawn(
-            session::open(cfg)
+            session::open(cfg, node, self.topology_verified)
                 .into_actor(self)
                 .map(|res, act, ctx| match res {
                     Ok(opened) => act.on_connected(opened, ctx),
@@ -245,13 +270,16 @@ impl AmqpPublisher {
         let (tx, rx) = mpsc::unbounded_channel();
         self.session = Some(tx);
         self.attempt = 0;
+        self.failover.connected();
+        self.topology_verified = true;
         {
             let mut st = lock(&self.status);
             st.connects += 1;
         }
         set_state(&self.status, PublisherState::Connected);
         info!(
-            broker = %redact_url(self.cfg.url.expose()),
+            broker = %self.node_url(self.failover.target()),
+            node = self.failover.target() + 1,
             queue = %self.cfg.queue.name,
             max_unconfirmed = self.cfg.max_unconfirmed,
             "connected to the broker"
@@ -284,9 +312,9 @@ impl AmqpPublisher {
         }
         set_state(&self.status, PublisherState::Disconnected);
         lock(&self.status).last_error = Some(e.to_string());
-        let topology = matches!(e, PublishError::Topology(_));
+        let topology = matches!(e, PublishError::Topology(_) | PublishError::Tls(_));
         if topology {
-            error!(error = %e, "queue topology does not match the configuration");
+            error!(error = %e, "the broker cannot be used as configured");
         }
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Err(e.clone()));
@@ -295,11 +323,30 @@ impl AmqpPublisher {
                 return;
             }
         }
-        let delay =
-            Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max).delay(self.attempt);
-        self.attempt = self.attempt.saturating_add(1);
-        warn!(error = %e, retry_in = ?delay, "cannot connect to the broker; retrying");
-        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+        let failed = self.failover.target();
+        match self.failover.attempt_failed() {
+            Next::TryNow => {
+                warn!(error = %e, node = failed + 1, next = self.failover.target() + 1,
+                      "cannot connect to this broker node; trying the next");
+                ctx.run_later(Duration::ZERO, |act, ctx| act.connect(ctx));
+            }
+            Next::BackOff { round } => {
+                self.attempt = round;
+                let delay =
+                    Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max).delay(round);
+                warn!(error = %e, retry_in = ?delay, "cannot connect to the broker; retrying");
+                ctx.run_later(delay, |act, ctx| act.connect(ctx));
+            }
+        }
+    }
+
+    /// The URL of node `i` (0-based) of `amqp.urls`, password redacted.
+    fn node_url(&self, i: usize) -> String {
+        self.cfg
+            .endpoints()
+            .get(i)
+            .map(|u| redact_url(u.expose()))
+            .unwrap_or_default()
     }
 
     fn prepare(&self, t: &Trigger) -> Result<Prepared, PublishError> {
@@ -358,6 +405,11 @@ impl Actor for AmqpPublisher {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(note) =
+            super::topology::quorum_priority_note(&self.cfg.queue, &self.cfg.priorities)
+        {
+            warn!("{note}");
+        }
         self.connect(ctx);
     }
 
@@ -493,8 +545,11 @@ impl Handler<SessionEnded> for AmqpPublisher {
         set_state(&self.status, PublisherState::Disconnected);
         lock(&self.status).last_error = Some(msg.reason.clone());
         self.attempt = 0;
+        let lost = self.failover.target();
+        self.failover.connection_lost();
         let delay = self.cfg.reconnect_min;
-        warn!(reason = %msg.reason, retry_in = ?delay, "broker session ended; reconnecting");
+        warn!(reason = %msg.reason, node = lost + 1, next = self.failover.target() + 1,
+              retry_in = ?delay, "broker session ended; reconnecting");
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
     }
 }

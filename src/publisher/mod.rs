@@ -8,7 +8,9 @@
 
 pub mod amqp;
 pub mod celery;
+pub mod connect;
 pub mod envelope;
+pub mod failover;
 pub mod routes;
 mod session;
 pub mod topology;
@@ -52,6 +54,11 @@ pub enum PublishError {
     /// argument differs and what to set. Retrying does not help.
     #[error("queue topology mismatch: {0}")]
     Topology(String),
+    /// The TLS handshake failed on the broker's certificate (another CA, another host name,
+    /// expired) or the `[amqp.tls]` files are unusable; the text says which setting to fix.
+    /// Retrying does not help.
+    #[error("{0}")]
+    Tls(String),
     /// Some messages of the job could not be routed as configured (their exchange or queue
     /// does not exist); the others were confirmed. Retrying alone does not help: they are
     /// parked (or the batch stalls, with `on_poison = "stall"`).
@@ -81,7 +88,8 @@ impl PublishError {
             | PublishError::Cancelled { .. } => true,
             PublishError::Unroutable { .. }
             | PublishError::Encode { .. }
-            | PublishError::Topology(_) => false,
+            | PublishError::Topology(_)
+            | PublishError::Tls(_) => false,
         }
     }
 }

@@ -99,7 +99,6 @@ pub(super) struct Opened {
     channel: Channel,
 }
 
-/// Connect, check the topology, open the confirm-mode channel.
 /// The broker URL with a heartbeat, so a link that carries nothing is noticed: `heartbeat=10`
 /// is added unless the URL sets one (lapin reads it from the query).
 pub(super) fn with_heartbeat(url: &str) -> String {
@@ -113,17 +112,38 @@ pub(super) fn with_heartbeat(url: &str) -> String {
 /// Seconds between AMQP heartbeats unless the URL says otherwise.
 pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
 
-pub(super) async fn open(cfg: Arc<AmqpConfig>) -> Result<Opened, PublishError> {
-    let url = with_heartbeat(cfg.url.expose());
+/// How long a reconnect waits for the topology re-check before it publishes anyway (see
+/// [`open`]).
+pub const TOPOLOGY_RECHECK: Duration = Duration::from_secs(2);
+
+/// Connect to `cfg.endpoints()[node]`, check the topology, open the confirm-mode channel.
+///
+/// `verified`: this process has checked the topology on an earlier connection. A reconnect
+/// then waits at most [`TOPOLOGY_RECHECK`] for the check and publishes on without it: on a
+/// RabbitMQ cluster with a frozen node (SIGSTOP, a hung VM) a `queue.declare` waits for that
+/// node until the Erlang distribution gives up on it (`net_ticktime`, 60 s), while publishing
+/// to a quorum queue whose majority is up works. A queue that did vanish shows as returned
+/// messages, and the session declares it again.
+pub(super) async fn open(
+    cfg: Arc<AmqpConfig>,
+    node: usize,
+    verified: bool,
+) -> Result<Opened, PublishError> {
+    let endpoints = cfg.endpoints();
+    let url = endpoints
+        .get(node)
+        .or_else(|| endpoints.first())
+        .cloned()
+        .unwrap_or_default();
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from("canal-consumer publisher"));
     let limit = cfg.confirm_timeout.max(Duration::from_secs(5));
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-        PublishError::Unavailable(format!("{what} {}: {e}", redact_url(cfg.url.expose())))
+        PublishError::Unavailable(format!("{what} {}: {e}", redact_url(url.expose())))
     };
-    let conn = match tokio::time::timeout(limit, Connection::connect(&url, props)).await {
+    let conn = match tokio::time::timeout(limit, super::connect::connect(&cfg, &url, props)).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return Err(unavailable("cannot connect to", &e)),
+        Ok(Err(e)) => return Err(e),
         Err(_) => {
             return Err(unavailable(
                 "cannot connect to",
@@ -132,11 +152,25 @@ pub(super) async fn open(cfg: Arc<AmqpConfig>) -> Result<Opened, PublishError> {
         }
     };
     let setup = async {
-        topology::ensure_queue(&conn, &cfg.queue).await?;
-        topology::ensure_dead_letter_queue(&conn, &cfg.queue).await?;
+        let check = async {
+            topology::ensure_queue(&conn, &cfg.queue).await?;
+            topology::ensure_dead_letter_queue(&conn, &cfg.queue).await
+        };
+        if verified {
+            match tokio::time::timeout(TOPOLOGY_RECHECK, check).await {
+                Ok(res) => res?,
+                Err(_) => warn!(
+                    broker = %redact_url(url.expose()),
+                    "the queue topology re-check got no answer within {TOPOLOGY_RECHECK:?} (is \
+                     a cluster node frozen?); publishing without it, as it was checked before"
+                ),
+            }
+        } else {
+            check.await?;
+        }
         confirm_channel(&conn)
             .await
-            .map_err(|e| PublishError::Unavailable(format!("{e} {}", redact_url(cfg.url.expose()))))
+            .map_err(|e| PublishError::Unavailable(format!("{e} {}", redact_url(url.expose()))))
     };
     match tokio::time::timeout(limit, setup).await {
         Ok(Ok(channel)) => Ok(Opened { conn, channel }),

@@ -14,7 +14,7 @@
 //! declare are [`PublishError::Unavailable`], worth retrying.
 
 use super::PublishError;
-use crate::config::{DeclareMode, QueueConfig, QueueType};
+use crate::config::{DeadLetterStrategy, DeclareMode, QueueConfig, QueueType};
 use lapin::{
     Connection, ErrorKind,
     options::QueueDeclareOptions,
@@ -35,7 +35,74 @@ pub fn declare_arguments(q: &QueueConfig) -> FieldTable {
             AMQPValue::LongString(LongString::from(q.queue_type.as_str().as_bytes())),
         );
     }
+    let text = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes()));
+    if !q.dead_letter_exchange.is_empty() {
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            text(&q.dead_letter_exchange),
+        );
+    }
+    if q.queue_type == QueueType::Quorum {
+        if q.dead_letter_strategy == DeadLetterStrategy::AtLeastOnce {
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                text(DeadLetterStrategy::AtLeastOnce.as_str()),
+            );
+            // RabbitMQ requires it: with drop-head a dropped message could not wait for the
+            // dead-letter queue's confirm
+            args.insert("x-overflow".into(), text("reject-publish"));
+        }
+        if let Some(limit) = q.delivery_limit {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(i32::try_from(limit).unwrap_or(i32::MAX)),
+            );
+        }
+    }
     args
+}
+
+/// What `amqp.priorities` mean on a quorum queue, when that differs from what they say: a
+/// warning for the log at start, `None` on classic queues (there `x-max-priority` and the
+/// config checks make them exact).
+///
+/// Quorum queues take no `x-max-priority`. RabbitMQ 3.x delivers them FIFO whatever the
+/// message priority; RabbitMQ 4.0+ has two levels, priority 0-4 (normal) and 5 and above
+/// (high, served first in a 2:1 ratio).
+pub fn quorum_priority_note(q: &QueueConfig, p: &crate::config::PriorityMap) -> Option<String> {
+    if q.queue_type != QueueType::Quorum {
+        return None;
+    }
+    let level = |v: u8| if v > 4 { "high" } else { "normal" };
+    Some(format!(
+        "quorum queue '{}': task priorities are not ordered on RabbitMQ 3.x (FIFO); RabbitMQ \
+         4.0+ has two levels, and amqp.priorities maps high={} ({}), normal={} ({}), low={} ({}) \
+         there{}",
+        q.name,
+        p.high,
+        level(p.high),
+        p.normal,
+        level(p.normal),
+        p.low,
+        level(p.low),
+        if level(p.normal) == level(p.high) {
+            "; set amqp.priorities.normal to 4 or less for high to go first"
+        } else {
+            ""
+        }
+    ))
+}
+
+/// The config key that sets an `x-` argument, for mismatch messages.
+pub fn config_key_of(arg: &str) -> Option<&'static str> {
+    Some(match arg {
+        "x-max-priority" => "amqp.queue.max_priority",
+        "x-queue-type" => "amqp.queue.queue_type",
+        "x-dead-letter-exchange" => "amqp.queue.dead_letter_exchange",
+        "x-dead-letter-strategy" | "x-overflow" => "amqp.queue.dead_letter_strategy",
+        "x-delivery-limit" => "amqp.queue.delivery_limit",
+        _ => return None,
+    })
 }
 
 /// Declare or check the queue per `q.declare`, on a channel of its own.
@@ -86,9 +153,17 @@ pub async fn ensure_dead_letter_queue(
         declare: q.declare,
         durable: true,
         max_priority: None,
+        // a quorum queue's dead letters are kept as safely as the queue itself
+        queue_type: q.queue_type,
         ..QueueConfig::default()
     };
-    match (ensure_queue(conn, &dlq).await, q.declare) {
+    let res = match ensure_queue(conn, &dlq).await {
+        Ok(()) if q.declare == DeclareMode::Declare && !q.dead_letter_exchange.is_empty() => {
+            bind_dead_letter_exchange(conn, &q.dead_letter_exchange, &dlq.name).await
+        }
+        res => res,
+    };
+    match (res, q.declare) {
         (Err(e), DeclareMode::Passive) => {
             tracing::error!(
                 queue = %dlq.name,
@@ -99,6 +174,64 @@ pub async fn ensure_dead_letter_queue(
         }
         (res, _) => res,
     }
+}
+
+/// Declare the dead-letter exchange (fanout, durable) and bind the dead-letter queue to it, so
+/// what the broker dead-letters from the worker queue lands in `<queue>.dead_letter`.
+async fn bind_dead_letter_exchange(
+    conn: &Connection,
+    exchange: &str,
+    dlq: &str,
+) -> Result<(), PublishError> {
+    let channel = conn.create_channel().await.map_err(|e| {
+        PublishError::Unavailable(format!("cannot open a channel to declare queues: {e}"))
+    })?;
+    let res = async {
+        channel
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Fanout,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                dlq.into(),
+                exchange.into(),
+                "".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+    .await;
+    if channel.status().connected() {
+        let _ = channel
+            .close(200, "dead-letter exchange declared".into())
+            .await;
+    }
+    res.map_err(|e| match e.kind() {
+        ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            ) =>
+        {
+            PublishError::Topology(format!(
+                "exchange '{exchange}' (amqp.queue.dead_letter_exchange) exists with other \
+                 properties than a durable fanout exchange; delete it or name another one \
+                 (broker said: {})",
+                amqp.get_message()
+            ))
+        }
+        _ => PublishError::Unavailable(format!(
+            "declaring the dead-letter exchange '{exchange}' failed: {e}"
+        )),
+    })
 }
 
 /// Where one rule (or consumer default) routes, for [`check_routes`].
@@ -302,6 +435,19 @@ pub fn explain_precondition_failed(q: &QueueConfig, text: &str) -> String {
             d.arg,
             current.unwrap_or_else(|| "?".into())
         ),
+        other if config_key_of(other).is_some() => {
+            let key = config_key_of(other).unwrap_or("amqp.queue");
+            let c = current.map_or_else(|| "no value".to_string(), |c| format!("'{c}'"));
+            let r = d
+                .received
+                .clone()
+                .map_or_else(|| "no value".to_string(), |r| format!("'{r}'"));
+            format!(
+                "queue '{name}' exists with {other} = {c} but this service declares {r}; set \
+                 {key} to match the queue (and the workers' declaration), or set \
+                 amqp.queue.declare = \"passive\" to use the queue as it is"
+            )
+        }
         other => {
             let c = current.map_or_else(|| "no value".to_string(), |c| format!("'{c}'"));
             let r = d
@@ -398,6 +544,95 @@ mod tests {
             "{msg}"
         );
         assert_eq!(parse_invalid_arg("inequivalent arg 'x' for"), None);
+    }
+
+    #[test]
+    fn quorum_arguments_follow_the_config() {
+        let quorum = QueueConfig {
+            queue_type: QueueType::Quorum,
+            max_priority: None,
+            dead_letter_exchange: "plugin_tasks.dlx".into(),
+            dead_letter_strategy: DeadLetterStrategy::AtLeastOnce,
+            delivery_limit: Some(5),
+            ..QueueConfig::default()
+        };
+        let a = declare_arguments(&quorum);
+        let text = |v: &str| Some(AMQPValue::LongString(v.into()));
+        assert_eq!(a.inner().get("x-queue-type").cloned(), text("quorum"));
+        assert_eq!(
+            a.inner().get("x-dead-letter-exchange").cloned(),
+            text("plugin_tasks.dlx")
+        );
+        assert_eq!(
+            a.inner().get("x-dead-letter-strategy").cloned(),
+            text("at-least-once")
+        );
+        assert_eq!(a.inner().get("x-overflow").cloned(), text("reject-publish"));
+        assert_eq!(
+            a.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongInt(5))
+        );
+        // at-most-once is RabbitMQ's default: nothing to declare, and no overflow either
+        let at_most = QueueConfig {
+            dead_letter_strategy: DeadLetterStrategy::AtMostOnce,
+            ..quorum
+        };
+        let a = declare_arguments(&at_most);
+        assert!(!a.inner().contains_key("x-dead-letter-strategy"));
+        assert!(!a.inner().contains_key("x-overflow"));
+    }
+
+    #[test]
+    fn priorities_on_a_quorum_queue_are_explained() {
+        let quorum = QueueConfig {
+            queue_type: QueueType::Quorum,
+            max_priority: None,
+            ..QueueConfig::default()
+        };
+        let note = quorum_priority_note(&quorum, &crate::config::PriorityMap::default())
+            .expect("a note for quorum queues");
+        assert!(note.contains("not ordered on RabbitMQ 3.x"), "{note}");
+        assert!(
+            note.contains("high=9 (high), normal=5 (high), low=1 (normal)"),
+            "{note}"
+        );
+        assert!(
+            note.contains("set amqp.priorities.normal to 4 or less"),
+            "{note}"
+        );
+        let two_levels = crate::config::PriorityMap {
+            high: 9,
+            normal: 4,
+            low: 0,
+        };
+        let note = quorum_priority_note(&quorum, &two_levels).unwrap();
+        assert!(!note.contains("set amqp.priorities.normal"), "{note}");
+        assert_eq!(
+            quorum_priority_note(&q(Some(10)), &crate::config::PriorityMap::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn a_quorum_argument_mismatch_names_the_argument_and_the_key() {
+        let t = "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in \
+                 vhost '/': received the value '5' of type 'signedint' but current is the \
+                 value '3' of type 'signedint'";
+        let q = QueueConfig {
+            name: "q".into(),
+            queue_type: QueueType::Quorum,
+            max_priority: None,
+            delivery_limit: Some(5),
+            ..QueueConfig::default()
+        };
+        let msg = explain_precondition_failed(&q, t);
+        assert!(
+            msg.starts_with(
+                "queue 'q' exists with x-delivery-limit = '3' but this service declares '5'; \
+                 set amqp.queue.delivery_limit"
+            ),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -19,6 +19,13 @@ Settings:
   TASKS_OUT          output file; lines are written with one write() each and fsync'ed, so a
                      test that sees a line knows the worker ran the task. Unset: nothing is written.
 
+  CC_QUEUE, CC_QUEUE_ARGUMENTS
+                     when both are set, the worker declares queue CC_QUEUE with exactly these
+                     arguments (a JSON object, e.g. a quorum queue's {"x-queue-type": "quorum",
+                     "x-dead-letter-exchange": ..., ...}) and no x-max-priority: what a worker
+                     must declare to share a quorum queue with canal-consumer (README "RabbitMQ
+                     cluster").
+
 task_queue_max_priority = 10 makes the worker declare its queues with x-max-priority=10; a
 publisher that declares plugin_tasks itself must use the same arguments, or one of the two gets
 406 PRECONDITION_FAILED.
@@ -33,7 +40,15 @@ app = Celery(
     "canal_consumer_workers",
     broker=os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
 )
-app.conf.task_queue_max_priority = 10
+if os.environ.get("CC_QUEUE") and os.environ.get("CC_QUEUE_ARGUMENTS"):
+    from kombu import Queue
+
+    _name = os.environ["CC_QUEUE"]
+    app.conf.task_queues = [
+        Queue(_name, routing_key=_name, queue_arguments=json.loads(os.environ["CC_QUEUE_ARGUMENTS"]))
+    ]
+else:
+    app.conf.task_queue_max_priority = 10
 
 
 def _append_line(path, record):
