@@ -330,6 +330,18 @@ fn settled(s: &Value) -> bool {
     s["batches_in_flight"] == 0 && s["broker"]["unconfirmed"] == 0
 }
 
+/// Writes rows 1..=`n` and waits until the service confirmed and acked them all.
+async fn first_rows(svc: &ServiceProc, table: &str, n: i64) -> Value {
+    insert_notes(DB, table, 1, n);
+    wait_status(
+        svc,
+        "the first rows confirmed",
+        Duration::from_secs(60),
+        |s| triggers(s) >= n as u64 && settled(s),
+    )
+    .await
+}
+
 /// Starts the service on a fresh table and quorum queue, with `urls` in that order.
 async fn service(name: &str, table: &str, queue: &str, urls: &[String]) -> ServiceProc {
     note_table(DB, table);
@@ -372,14 +384,7 @@ async fn kill_9_of_the_connected_node_fails_over_and_loses_nothing() {
     let table = "qq_kill_connected";
     let urls = node_urls();
     let mut svc = service("qq-kill-connected", table, queue, &urls).await;
-    insert_notes(DB, table, 1, 200);
-    let s = wait_status(
-        &svc,
-        "the first rows confirmed",
-        Duration::from_secs(60),
-        |s| triggers(s) >= 200 && settled(s),
-    )
-    .await;
+    let s = first_rows(&svc, table, 200).await;
     assert_eq!(s["broker"]["node"], 1, "{s:#}");
 
     let load = writer(table, 201, 1000, 20);
@@ -427,14 +432,7 @@ async fn kill_9_of_the_queue_leader_loses_nothing() {
     let table = "qq_kill_leader";
     let urls = vec![node_url(2), node_url(3), node_url(1)];
     let mut svc = service("qq-kill-leader", table, queue, &urls).await;
-    insert_notes(DB, table, 1, 200);
-    wait_status(
-        &svc,
-        "the first rows confirmed",
-        Duration::from_secs(60),
-        |s| triggers(s) >= 200 && settled(s),
-    )
-    .await;
+    first_rows(&svc, table, 200).await;
     let load = writer(table, 201, 1000, 20);
     let t0 = Instant::now();
     ctl(&["kill", "1"]);
@@ -470,14 +468,7 @@ async fn two_of_three_nodes_down_stalls_without_an_ack_until_a_majority_is_back(
     let table = "qq_majority";
     let urls = node_urls();
     let mut svc = service("qq-majority", table, queue, &urls).await;
-    insert_notes(DB, table, 1, 100);
-    let before = wait_status(
-        &svc,
-        "the first rows confirmed",
-        Duration::from_secs(60),
-        |s| triggers(s) >= 100 && settled(s),
-    )
-    .await;
+    let before = first_rows(&svc, table, 100).await;
     assert!(settled(&before));
 
     ctl(&["kill", "2"]);
@@ -551,14 +542,7 @@ async fn a_frozen_node_past_the_heartbeat_fails_over_and_loses_nothing() {
         .map(|u| format!("{u}?heartbeat=2"))
         .collect();
     let mut svc = service("qq-frozen", table, queue, &urls).await;
-    insert_notes(DB, table, 1, 100);
-    wait_status(
-        &svc,
-        "the first rows confirmed",
-        Duration::from_secs(60),
-        |s| triggers(s) >= 100 && settled(s),
-    )
-    .await;
+    first_rows(&svc, table, 100).await;
     let load = writer(table, 101, 600, 20);
     let t0 = Instant::now();
     ctl(&["freeze", "1"]);
@@ -786,30 +770,14 @@ async fn a_celery_worker_runs_every_task_from_the_quorum_queue() {
         "x-overflow": "reject-publish",
         "x-delivery-limit": 5,
     });
-    let out = svc.dir.join("tasks.jsonl");
-    let mut worker = proc::ChildGuard::spawn(
-        "celery worker",
-        std::process::Command::new(celery_bin())
-            .args([
-                "-A",
-                "tasks",
-                "worker",
-                "-Q",
-                queue,
-                "-c",
-                "1",
-                "--pool",
-                "solo",
-                "--loglevel",
-                "WARNING",
-            ])
-            .current_dir(repo_root().join("tests/workers"))
-            .env("TASKS_OUT", &out)
-            .env("CELERY_BROKER_URL", node_urls().join(";"))
-            .env("CC_QUEUE", queue)
-            .env("CC_QUEUE_ARGUMENTS", args.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(svc.dir.join("worker.log")).unwrap()),
+    let (mut worker, out) = celery_worker_on(
+        queue,
+        &svc.dir,
+        &node_urls().join(";"),
+        &[
+            ("CC_QUEUE", queue.to_string()),
+            ("CC_QUEUE_ARGUMENTS", args.to_string()),
+        ],
     );
     let n = 50;
     insert_notes(DB, table, 1, n);

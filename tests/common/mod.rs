@@ -273,10 +273,22 @@ pub fn script(path: &str, args: &[&str]) {
 /// every task it runs is appended to `<dir>/tasks.jsonl` (returned), its log goes to
 /// `<dir>/worker.log`. Killed when the guard drops.
 pub fn celery_worker(queue: &str, dir: &std::path::Path) -> (proc::ChildGuard, std::path::PathBuf) {
+    celery_worker_on(queue, dir, &amqp_url(), &[])
+}
+
+/// [`celery_worker`] on the broker at `broker_url` (Celery's `;`-separated failover list), with
+/// more environment for `tests/workers/tasks.py`.
+pub fn celery_worker_on(
+    queue: &str,
+    dir: &std::path::Path,
+    broker_url: &str,
+    env: &[(&str, String)],
+) -> (proc::ChildGuard, std::path::PathBuf) {
     let out = dir.join("tasks.jsonl");
     let worker = proc::ChildGuard::spawn(
         "celery worker",
         Command::new(celery_bin())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args([
                 "-A",
                 "tasks",
@@ -292,7 +304,7 @@ pub fn celery_worker(queue: &str, dir: &std::path::Path) -> (proc::ChildGuard, s
             ])
             .current_dir(repo_root().join("tests/workers"))
             .env("TASKS_OUT", &out)
-            .env("CELERY_BROKER_URL", amqp_url())
+            .env("CELERY_BROKER_URL", broker_url)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.join("worker.log")).expect("worker log file")),
     );
