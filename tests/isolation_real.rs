@@ -17,36 +17,10 @@ use common::service::*;
 use common::*;
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions};
 use lapin::types::FieldTable;
-use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 const DB: &str = "cc_it";
-
-async fn wait_status(svc: &ServiceProc, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = svc.status().await;
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "status never showed {what}: {s:#}\n{}",
-            svc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn consumer<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no consumer {name} in {status:#}"))
-}
 
 /// A consumer of INSERTs into cc_it.`table` triggering `row_task {id, note}`, through `route`
 /// (a TOML inline table) when given.

@@ -70,22 +70,6 @@ payload = {{ id = "${{data.id}}" }}
     ]
 }
 
-async fn wait_status(svc: &ServiceProc, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = svc.status().await;
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status never showed {what}: {s:#}\n{}",
-            svc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A child process killed when the test ends, however it ends.
 struct Reaped(Option<Child>);
 

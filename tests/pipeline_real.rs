@@ -86,31 +86,6 @@ fn expected_id(g: &Got, consumer: &str) -> String {
     )
 }
 
-async fn wait_status(svc: &ServiceProc, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = svc.status().await;
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "status never showed {what}: {s:#}\n{}",
-            svc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn consumer<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no consumer {name} in {status:#}"))
-}
-
 #[cfg_attr(
     not(real_services),
     ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"

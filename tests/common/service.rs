@@ -319,3 +319,31 @@ pub async fn consume_until(
     let _ = conn.close(200, "bye".into()).await;
     got
 }
+
+/// Polls the service's `/status` until `ok` holds; fails (with the status and the service's
+/// log) after 90 s.
+pub async fn wait_status(svc: &ServiceProc, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = svc.status().await;
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed {what}: {s:#}\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Consumer `name` in a status document.
+pub fn consumer<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["consumers"]
+        .as_array()
+        .expect("consumers in status")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no consumer {name} in {status:#}"))
+}
