@@ -104,6 +104,7 @@ fn event(i: usize) -> ChangeEvent {
         executed_at: 1_700_000_000_000,
         is_ddl: false,
         sql: None,
+        snapshot: None,
     }
 }
 

@@ -38,10 +38,14 @@ pub enum EventType {
     Xacommit,
     Xarollback,
     Mheartbeat,
+    /// A row read by a backfill (`crate::backfill`), not a binlog change: the full row as it
+    /// was when its chunk was read. Never routed to a filter that does not name it.
+    Snapshot,
 }
 
 impl EventType {
-    /// Every kind, in Canal's numbering order.
+    /// Every kind Canal sends, in Canal's numbering order (not [`EventType::Snapshot`], which
+    /// only a backfill makes).
     pub const ALL: [EventType; 15] = [
         EventType::Insert,
         EventType::Update,
@@ -78,14 +82,15 @@ impl EventType {
             EventType::Xacommit => "XACOMMIT",
             EventType::Xarollback => "XAROLLBACK",
             EventType::Mheartbeat => "MHEARTBEAT",
+            EventType::Snapshot => "SNAPSHOT",
         }
     }
 
-    /// True for INSERT, UPDATE and DELETE.
+    /// True for INSERT, UPDATE, DELETE and SNAPSHOT: the events that carry a row.
     pub fn is_row(self) -> bool {
         matches!(
             self,
-            EventType::Insert | EventType::Update | EventType::Delete
+            EventType::Insert | EventType::Update | EventType::Delete | EventType::Snapshot
         )
     }
 
@@ -93,7 +98,10 @@ impl EventType {
     /// [`EventType::DDL`]).
     pub fn parse(name: &str) -> Option<EventType> {
         let upper = name.trim().to_ascii_uppercase();
-        EventType::ALL.into_iter().find(|t| t.as_str() == upper)
+        EventType::ALL
+            .into_iter()
+            .chain([EventType::Snapshot])
+            .find(|t| t.as_str() == upper)
     }
 
     /// The statement kinds Canal reports for schema changes.
@@ -799,6 +807,22 @@ pub struct ChangeEvent {
     /// The statement text for DDL and query events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<String>,
+    /// SNAPSHOT events only: the backfill that read the row, and its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Arc<SnapshotOrigin>>,
+}
+
+/// Where a SNAPSHOT event comes from: which backfill read it, and the row's primary key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotOrigin {
+    /// The backfill's id.
+    pub backfill: ArcStr,
+    /// The primary key's values, as a JSON array in key column order (e.g. `[42]`,
+    /// `["eu",7]`): with the backfill, table and consumer, what the message id is made of.
+    pub key: String,
+    /// The consumer the backfill is for; `None`: every consumer whose filters name SNAPSHOT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<ArcStr>,
 }
 
 impl ChangeEvent {

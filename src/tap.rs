@@ -271,6 +271,7 @@ mod tests {
             executed_at: 0,
             is_ddl: false,
             sql: None,
+            snapshot: None,
         }
     }
 

@@ -8,9 +8,10 @@
 //! offset, row index, event time), the consumer, the rule and the plugin (see [`message_id`]), so
 //! a redelivered change produces byte-identical ids and workers can drop duplicates.
 
-use crate::event::{ArcStr, ChangeEvent, EventType, Position};
+use crate::event::{ArcStr, ChangeEvent, EventType, Position, SnapshotOrigin};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// Task priority as the reference system names it. Mapped to AMQP priorities by the publisher.
@@ -103,6 +104,10 @@ pub struct SourceRef {
     pub event_type: EventType,
     pub position: Position,
     pub executed_at: i64,
+    /// SNAPSHOT events: the backfill and the row's key (the message id is made of these
+    /// instead of the position, see [`message_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Arc<SnapshotOrigin>>,
 }
 
 impl From<&ChangeEvent> for SourceRef {
@@ -114,6 +119,7 @@ impl From<&ChangeEvent> for SourceRef {
             event_type: e.event_type,
             position: e.position.clone(),
             executed_at: e.executed_at,
+            snapshot: e.snapshot.clone(),
         }
     }
 }
@@ -177,6 +183,10 @@ const ID_NAMESPACE: Uuid = Uuid::from_bytes([
 /// first delivery and a redelivery after a Canal restart. The scheme is pinned by golden values
 /// computed independently (Python's `uuid.uuid5`) in the tests below: changing it changes every
 /// id and breaks duplicate detection across versions.
+///
+/// A SNAPSHOT event (a row a backfill read) has no binlog event of its own: its id (scheme
+/// `snap-v1`) is the UUIDv5 of `snap-v1, database, table, backfill id, key, consumer, rule,
+/// plugin, seq`, so a chunk read again after a crash or a rollback gives the same ids.
 pub fn message_id(
     source: &SourceRef,
     consumer: &str,
@@ -184,6 +194,15 @@ pub fn message_id(
     plugin: &str,
     seq: u32,
 ) -> String {
+    if let Some(snap) = &source.snapshot {
+        let mut key = IdKey::new("snap-v1", 96 + snap.key.len());
+        key.snapshot(source, snap);
+        key.text(consumer);
+        key.text(rule.unwrap_or(""));
+        key.text(plugin);
+        key.num(seq);
+        return key.uuid();
+    }
     let p = &source.position;
     let mut key = IdKey::new(
         "v2",
@@ -235,6 +254,14 @@ impl IdKey {
         self.num(s.executed_at);
     }
 
+    /// database, table, backfill id, key.
+    fn snapshot(&mut self, s: &SourceRef, snap: &SnapshotOrigin) {
+        self.text(&s.database);
+        self.text(&s.table);
+        self.text(&snap.backfill);
+        self.text(&snap.key);
+    }
+
     fn uuid(self) -> String {
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         Uuid::new_v5(&ID_NAMESPACE, &self.key)
@@ -261,6 +288,18 @@ pub fn bulk_message_id(
     rule: &str,
     plugin: &str,
 ) -> String {
+    if let (Some(a), Some(b)) = (&first.snapshot, &last.snapshot) {
+        // SNAPSHOT rows: `snap-bulk-v1, first row's database, table, backfill, key, then the
+        // last row's, rows, consumer, rule, plugin`
+        let mut key = IdKey::new("snap-bulk-v1", 160 + a.key.len() + b.key.len());
+        key.snapshot(first, a);
+        key.snapshot(last, b);
+        key.num(rows);
+        key.text(consumer);
+        key.text(rule);
+        key.text(plugin);
+        return key.uuid();
+    }
     let mut key = IdKey::new("bulk-v1", 160);
     key.text(&first.destination);
     key.position(first);
@@ -290,6 +329,7 @@ mod tests {
                 gtid: None,
             },
             executed_at,
+            snapshot: None,
         }
     }
 
@@ -363,6 +403,50 @@ mod tests {
         assert_ne!(
             bulk_message_id(&first, &first, 1, "c", "r", "p"),
             message_id(&first, "c", Some("r"), "p", 0)
+        );
+    }
+
+    fn snap(key: &str, position_offset: u64, executed_at: i64) -> SourceRef {
+        let mut s = src("example", 1, executed_at);
+        s.position.offset = position_offset;
+        s.event_type = EventType::Snapshot;
+        s.snapshot = Some(Arc::new(SnapshotOrigin {
+            backfill: "bf-1".into(),
+            key: key.into(),
+            consumer: Some("c".into()),
+        }));
+        s
+    }
+
+    /// SNAPSHOT ids: golden values from Python's `uuid.uuid5` over the documented key; the
+    /// position and time of the high watermark a row was emitted at are not part of them, so a
+    /// chunk read again gives the same ids.
+    #[test]
+    fn snapshot_ids_match_the_golden_values_and_ignore_where_they_were_emitted() {
+        let a = snap("[42]", 4242, 1_700_000_000_000);
+        assert_eq!(
+            message_id(&a, "c", Some("r"), "p", 0),
+            "bac68d2d-26fb-57a8-b941-3b01fe664abe"
+        );
+        let again = snap("[42]", 999_999, 1_800_000_000_000);
+        assert_eq!(
+            message_id(&again, "c", Some("r"), "p", 0),
+            message_id(&a, "c", Some("r"), "p", 0)
+        );
+        assert_eq!(
+            message_id(&snap("[\"eu\",7]", 1, 1), "c", None, "p", 0),
+            "a0742ae7-68dd-517e-8d9e-cef152d40096"
+        );
+        assert_eq!(
+            bulk_message_id(&snap("[1]", 1, 1), &snap("[9]", 2, 2), 5, "c", "r", "p"),
+            "724dada6-ca3a-5a44-b0bc-ac349a9f8f90"
+        );
+        // a live event at the same position keeps the position-based id
+        let mut live = a.clone();
+        live.snapshot = None;
+        assert_ne!(
+            message_id(&live, "c", Some("r"), "p", 0),
+            message_id(&a, "c", Some("r"), "p", 0)
         );
     }
 

@@ -211,6 +211,7 @@ fn trigger(n: u64, queue: &str) -> Trigger {
                 gtid: None,
             },
             executed_at: 1_700_000_000_000,
+            snapshot: None,
         },
         route: Route {
             exchange: String::new(),

@@ -57,6 +57,7 @@ fn event(id: i64, with_x: bool) -> ChangeEvent {
         executed_at: 1_700_000_000_000 + id,
         is_ddl: false,
         sql: None,
+        snapshot: None,
     }
 }
 

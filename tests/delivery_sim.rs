@@ -288,6 +288,7 @@ fn row_id(row: usize, consumer: usize) -> String {
             gtid: None,
         },
         executed_at: 1_700_000_000_000,
+        snapshot: None,
     };
     message_id(&source, &name(consumer), Some("r"), "p", 0)
 }

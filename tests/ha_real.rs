@@ -253,6 +253,7 @@ fn check_rows(got: &[Got], n: i64, consumer: &str) {
                 gtid: None,
             },
             executed_at: p["executed_at"].as_i64().unwrap(),
+            snapshot: None,
         };
         assert_eq!(
             g.message_id,

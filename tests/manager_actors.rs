@@ -177,6 +177,7 @@ fn event(table: &str, id: i64, offset: u64) -> ChangeEvent {
         executed_at: 1_700_000_000_000,
         is_ddl: false,
         sql: None,
+        snapshot: None,
     }
 }
 

@@ -72,6 +72,7 @@ fn source_of(p: &Value) -> SourceRef {
             gtid: None,
         },
         executed_at: p["executed_at"].as_i64().unwrap(),
+        snapshot: None,
     }
 }
 

@@ -115,6 +115,7 @@ fn trigger(n: u64, queue: &str, priority: Priority, format: MessageFormat) -> Tr
                 gtid: None,
             },
             executed_at: 1_700_000_000_000,
+            snapshot: None,
         },
         route: Route {
             exchange: String::new(),

@@ -489,6 +489,7 @@ impl Decoder {
                 executed_at: header.execute_time,
                 is_ddl,
                 sql: (!change.sql.is_empty()).then(|| change.sql.to_string()),
+                snapshot: None,
             });
             return Ok(true);
         }
@@ -601,6 +602,7 @@ impl Decoder {
                     executed_at: header.execute_time,
                     is_ddl: false,
                     sql: None,
+                    snapshot: None,
                 }),
                 Err(e) => {
                     result = Err(e);

@@ -174,6 +174,7 @@ fn reference_row_entry(
             executed_at: header.execute_time,
             is_ddl,
             sql: (!change.sql.is_empty()).then(|| change.sql.clone()),
+            snapshot: None,
         });
         return Ok(true);
     }
@@ -220,6 +221,7 @@ fn reference_row_entry(
             executed_at: header.execute_time,
             is_ddl: false,
             sql: None,
+            snapshot: None,
         });
     }
     Ok(true)

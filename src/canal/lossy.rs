@@ -190,6 +190,7 @@ mod tests {
             executed_at: 0,
             is_ddl: false,
             sql: None,
+            snapshot: None,
         }
     }
 

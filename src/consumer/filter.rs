@@ -75,7 +75,8 @@ impl NameMatch {
 pub struct TableFilter {
     pub database: NameMatch,
     pub table: NameMatch,
-    /// Empty means every event type.
+    /// Empty means every event type Canal sends; SNAPSHOT (rows a backfill read) only when
+    /// named.
     pub event_types: BTreeSet<EventType>,
 }
 
@@ -90,7 +91,12 @@ impl TableFilter {
     }
 
     pub fn matches(&self, event: &ChangeEvent) -> bool {
-        (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
+        let by_type = if self.event_types.is_empty() {
+            event.event_type != EventType::Snapshot
+        } else {
+            self.event_types.contains(&event.event_type)
+        };
+        by_type
             && self.database.matches(&event.database)
             && self.table.matches(&event.table)
     }

@@ -171,6 +171,7 @@ mod tests {
                     gtid: None,
                 },
                 executed_at: 0,
+                snapshot: None,
             },
             route: Route::default(),
             format: MessageFormat::Celery {

@@ -66,6 +66,10 @@ pub struct EnvelopeSource {
     pub position: EnvelopePosition,
     /// When MySQL executed the change, milliseconds since the Unix epoch.
     pub executed_at: i64,
+    /// `SNAPSHOT` events only: the backfill that read the row and its key (`position` and
+    /// `executed_at` are then those of the high watermark the row was emitted at).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<crate::event::SnapshotOrigin>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +109,7 @@ impl Envelope {
                     gtid: s.position.gtid.as_ref().map(|g| g.to_string()),
                 },
                 executed_at: s.executed_at,
+                snapshot: s.snapshot.as_deref().cloned(),
             },
             published_at: published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             bulk: trigger.bulk.as_ref().map(|b| EnvelopeBulk {
@@ -154,6 +159,8 @@ struct SourceRef<'a> {
     event_type: &'a str,
     position: PositionRef<'a>,
     executed_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<&'a crate::event::SnapshotOrigin>,
 }
 
 #[derive(Serialize)]
@@ -192,6 +199,7 @@ pub fn encode(
                 gtid: s.position.gtid.as_deref(),
             },
             executed_at: s.executed_at,
+            snapshot: s.snapshot.as_deref(),
         },
         published_at: published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         bulk: trigger.bulk.as_ref().map(|b| BulkRef {
@@ -250,6 +258,7 @@ mod tests {
                     gtid: None,
                 },
                 executed_at: 1_700_000_000_123,
+                snapshot: None,
             },
             route: Route::default(),
             format: MessageFormat::Envelope,

@@ -253,6 +253,7 @@ pub fn sample_events(spec: &ConsumerSpec) -> Vec<ChangeEvent> {
                 executed_at: 1_700_000_000_000,
                 is_ddl: !t.is_row(),
                 sql: (!t.is_row()).then(|| format!("-- sample {t} on {database}.{table}")),
+                snapshot: None,
             });
         }
     }

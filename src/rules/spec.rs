@@ -543,7 +543,7 @@ fn parse_events(v: &toml::Value) -> Result<BTreeSet<EventType>, String> {
             _ => {
                 out.insert(EventType::parse(n).ok_or_else(|| {
                     format!(
-                        "unknown event type {n:?} (use INSERT, UPDATE, DELETE, DDL, ROW, ALL or one of {})",
+                        "unknown event type {n:?} (use INSERT, UPDATE, DELETE, SNAPSHOT, DDL, ROW, ALL or one of {})",
                         EventType::ALL.map(|t| t.as_str()).join(", ")
                     )
                 })?);

@@ -78,6 +78,7 @@ fn event(db: &str, table: &str, t: EventType, data: Row, old: Option<Row>) -> Ch
         executed_at: 1_700_000_000_123,
         is_ddl: false,
         sql: None,
+        snapshot: None,
     }
 }
 
