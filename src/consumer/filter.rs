@@ -96,9 +96,7 @@ impl TableFilter {
         } else {
             self.event_types.contains(&event.event_type)
         };
-        by_type
-            && self.database.matches(&event.database)
-            && self.table.matches(&event.table)
+        by_type && self.database.matches(&event.database) && self.table.matches(&event.table)
     }
 
     /// This filter as one Canal subscription regex on `schema.table`.

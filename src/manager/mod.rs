@@ -28,6 +28,7 @@
 //! dead-letter queue (through their consumers, like a poison row) instead of being delivered.
 
 pub mod core;
+pub mod snapshot;
 
 use crate::canal::connection::{
     AckBatch, Batch, BatchRef, CanalConnection, CanalEvent, ReleaseBatch, RollbackBatch, SetFilter,
