@@ -25,6 +25,7 @@
 //! the running service), [`backoff`] (the one exponential-backoff policy).
 
 pub mod admin;
+pub mod backfill;
 pub mod backoff;
 pub mod canal;
 pub mod cli;

@@ -114,6 +114,15 @@ enum Command {
         #[command(flatten)]
         service: ServiceFlags,
     },
+    /// Backfills: bring existing rows (or those matching --where) through the consumers as
+    /// SNAPSHOT events while the live stream keeps flowing (start, list, status, pause,
+    /// resume, cancel; needs the admin token)
+    Backfill {
+        #[command(subcommand)]
+        action: BackfillCmd,
+        #[command(flatten)]
+        service: ServiceFlags,
+    },
     /// The dead-letter queue: parked events (list, show, replay, purge)
     Dlq {
         #[command(subcommand)]
@@ -130,6 +139,48 @@ enum Command {
         #[command(flatten)]
         service: ServiceFlags,
     },
+}
+
+#[derive(Subcommand)]
+enum BackfillCmd {
+    /// Start a backfill of TABLE (database.table) and follow its progress; prints its id
+    Start {
+        table: String,
+        /// Deliver only to this consumer (its rule on the table must list SNAPSHOT in events)
+        #[arg(long, value_name = "NAME")]
+        consumer: Option<String>,
+        /// Only rows matching this SQL condition, e.g. "updated_at >= '2026-12-01'"
+        #[arg(long = "where", value_name = "SQL")]
+        condition: Option<String>,
+        /// Rows per chunk (default backfill.chunk)
+        #[arg(long, value_name = "N")]
+        chunk: Option<usize>,
+        /// At most R rows per second
+        #[arg(long, value_name = "R")]
+        rate: Option<f64>,
+        /// Print the id and return without following the progress
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Every backfill of this service
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One backfill; --follow draws its progress until it ends
+    Status {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Pause after the chunk in flight
+    Pause { id: String },
+    /// Go on from the last confirmed chunk
+    Resume { id: String },
+    /// Stop for good after the chunk in flight
+    Cancel { id: String },
 }
 
 #[derive(Subcommand)]
@@ -353,6 +404,41 @@ fn run(cli: Cli) -> Result<i32, i32> {
                 auth.as_ref().ok().and_then(Option::as_ref),
                 &token,
             )))
+        }
+        Command::Backfill { action, service } => {
+            let cfg = load(file, overrides(&CanalFlags::default(), &service))?;
+            let token = Token::read(&token_path(&cfg));
+            let action = match action {
+                BackfillCmd::Start {
+                    table,
+                    consumer,
+                    condition,
+                    chunk,
+                    rate,
+                    detach,
+                } => cli::backfill::Action::Start {
+                    req: canal_consumer::backfill::StartRequest {
+                        table,
+                        consumer,
+                        condition,
+                        chunk,
+                        rate,
+                    },
+                    detach,
+                },
+                BackfillCmd::List { json } => cli::backfill::Action::List { json },
+                BackfillCmd::Status { id, json, follow } => {
+                    cli::backfill::Action::Status { id, json, follow }
+                }
+                BackfillCmd::Pause { id } => cli::backfill::Action::Pause(id),
+                BackfillCmd::Resume { id } => cli::backfill::Action::Resume(id),
+                BackfillCmd::Cancel { id } => cli::backfill::Action::Cancel(id),
+            };
+            block_on(cli::backfill::run(
+                &cfg.admin.bind,
+                token.as_ref().ok().and_then(Option::as_ref),
+                action,
+            ))
         }
         Command::Dlq { action, service } => {
             let cfg = load(file, overrides(&CanalFlags::default(), &service))?;

@@ -38,6 +38,8 @@ pub enum StartError {
     Publisher(#[from] crate::publisher::PublishError),
     #[error("admin endpoint: {0}")]
     Admin(#[from] AdminError),
+    #[error("backfill: {0}")]
+    Backfill(String),
 }
 
 /// The default route of every trigger: the configured queue on the default exchange.
@@ -230,10 +232,21 @@ async fn start(
             }
         })
         .collect();
+    // backfills need the source database; without canal.source_url there are none
+    let watermark = (!cfg.canal.source_url.is_empty())
+        .then(|| cfg.backfill.watermark().ok())
+        .flatten();
+    let backfill_consumers: crate::backfill::ConsumerFilters = entries
+        .iter()
+        .map(|e| (e.name.clone(), e.filters.clone()))
+        .collect();
     let manager = Manager::new(
         ManagerConfig {
             extra_filter: cfg.canal.filter.clone(),
             lossy_text: cfg.canal.lossy_text_check(),
+            watermark: watermark
+                .clone()
+                .map(|(database, table)| crate::manager::WatermarkTable { database, table }),
         },
         entries,
     )
@@ -270,6 +283,31 @@ async fn start(
         actix::spawn(crate::ha::zk::run(ha, tx, release_rx));
     }
     manager.do_send(AttachConnection((&connection).into()));
+    let backfills = match watermark {
+        Some(wm) => {
+            let source = crate::backfill::source::Source::new(
+                cfg.canal.source_url.expose(),
+                cfg.canal.source_url.redacted(),
+                wm,
+            )
+            .map_err(StartError::Backfill)?;
+            let b = Arc::new(crate::backfill::Backfills::new(
+                source,
+                crate::backfill::Settings {
+                    chunk: cfg.backfill.chunk.get(),
+                    chunk_timeout: cfg.backfill.chunk_timeout,
+                    max_live_batches: cfg.backfill.max_live_batches,
+                    owner: format!("{}/{}", cfg.canal.destination, cfg.canal.client_id),
+                },
+                backfill_consumers,
+                manager.clone(),
+                connection.clone().recipient(),
+            ));
+            actix::spawn(b.clone().run());
+            Some(b)
+        }
+        None => None,
+    };
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let control = ActorControl {
@@ -284,7 +322,8 @@ async fn start(
     let admin_handle = if cfg.admin.enabled {
         // issue 9: token, Host/Origin rules and the tap come with the admin state
         let state =
-            admin::server::AdminState::for_service(&cfg, Arc::new(control), metrics.clone())?;
+            admin::server::AdminState::for_service(&cfg, Arc::new(control), metrics.clone())?
+                .with_backfills(backfills);
         let server = admin::serve(&cfg.admin.bind, state)?;
         let handle = server.handle.clone();
         actix::spawn(async move {

@@ -22,6 +22,7 @@ fn token() -> Token {
 
 fn state(control: Arc<Fake>, state_file: Option<StateFile>, tap: Tap) -> AdminState {
     AdminState {
+        backfills: None,
         control,
         metrics: Metrics::new(),
         state_file,

@@ -140,6 +140,7 @@ pub fn assemble(
         broker_connected,
         shutting_down,
         batches_in_flight: manager.batches_in_flight,
+        backfills: Vec::new(),
         tap_listeners: 0,
         consumers: manager
             .consumers

@@ -49,6 +49,9 @@ pub enum ClientError {
     Http { status: u16, body: String },
     #[error("admin endpoint sent an answer that cannot be read: {0}")]
     BadResponse(String),
+    /// The service refused the request, and said why.
+    #[error("refused ({status}): {reason}")]
+    Refused { status: u16, reason: String },
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -178,6 +181,30 @@ fn ok_json(r: Response) -> Result<Value, ClientError> {
             body: r.body.trim().to_string(),
         }),
     }
+}
+
+/// A backfill call (`/backfills...`, with the token): its JSON answer, or why it was refused.
+pub async fn backfill_call(
+    bind: &str,
+    token: Option<&Token>,
+    verb: &str,
+    path: &str,
+) -> Result<Value, ClientError> {
+    let addr = connect_addr(bind);
+    let r = request_with(&addr, verb, path, token).await?;
+    match r.status {
+        200 => serde_json::from_str(&r.body).map_err(|e| ClientError::BadResponse(e.to_string())),
+        401 => Err(ClientError::Unauthorized(reason(&r.body))),
+        status => Err(ClientError::Refused {
+            status,
+            reason: reason(&r.body),
+        }),
+    }
+}
+
+/// `s` for a URL path segment or query value.
+pub fn encode(s: &str) -> String {
+    percent_encode(s)
 }
 
 /// `GET /status` as JSON.

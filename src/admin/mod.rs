@@ -71,6 +71,9 @@ pub struct ServiceStatus {
     pub shutting_down: bool,
     /// Canal batches fetched and not yet acked.
     pub batches_in_flight: usize,
+    /// The backfills as the runner last read them (filled in by the admin server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backfills: Vec<crate::backfill::BackfillView>,
     /// Readers attached to `GET /tap` (filled in by the admin server).
     pub tap_listeners: usize,
     pub consumers: Vec<ConsumerStatus>,

@@ -24,6 +24,8 @@
 use super::access::{Access, Need, Token, check_bind, token_path};
 use super::now_ms;
 use super::{AdminError, Control, ServiceStatus};
+use crate::backfill::record::Action;
+use crate::backfill::{BackfillError, Backfills, StartRequest};
 use crate::config::Config;
 use crate::metrics::{CONTENT_TYPE, Metrics, MetricsHandle};
 use crate::state::StateFile;
@@ -46,6 +48,8 @@ pub struct AdminState {
     pub access: Access,
     /// What `GET /tap` serves.
     pub tap: Tap,
+    /// The service's backfills; `None` without `canal.source_url`.
+    pub backfills: Option<Arc<Backfills>>,
 }
 
 impl AdminState {
@@ -71,7 +75,14 @@ impl AdminState {
             state_file: Some(StateFile::new(&cfg.consumers.state_file)),
             access: Access::new(token, bound),
             tap: tap::global().clone(),
+            backfills: None,
         })
+    }
+
+    /// Serve `backfills` on `/backfills`.
+    pub fn with_backfills(mut self, backfills: Option<Arc<Backfills>>) -> AdminState {
+        self.backfills = backfills;
+        self
     }
 }
 
@@ -96,7 +107,11 @@ pub fn configure(state: AdminState) -> impl FnOnce(&mut web::ServiceConfig) {
             .route("/tap", web::get().to(tap_stream))
             .route("/consumers/{name}/enable", web::post().to(enable))
             .route("/consumers/{name}/disable", web::post().to(disable))
-            .route("/canal/skip/{token}", web::post().to(skip));
+            .route("/canal/skip/{token}", web::post().to(skip))
+            .route("/backfills", web::get().to(backfill_list))
+            .route("/backfills", web::post().to(backfill_start))
+            .route("/backfills/{id}", web::get().to(backfill_get))
+            .route("/backfills/{id}/{action}", web::post().to(backfill_act));
     }
 }
 
@@ -207,6 +222,9 @@ async fn status(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
     }
     let mut s = state.control.status().await;
     s.tap_listeners = state.tap.listeners();
+    if let Some(b) = &state.backfills {
+        s.backfills = b.seen();
+    }
     HttpResponse::Ok().json(s)
 }
 
@@ -423,4 +441,121 @@ async fn tap_stream(
         .content_type("application/x-ndjson")
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .streaming(body)
+}
+
+fn backfill_error(e: &BackfillError) -> HttpResponse {
+    let status = match e {
+        BackfillError::Invalid(_) => StatusCode::BAD_REQUEST,
+        BackfillError::NotFound(_) => StatusCode::NOT_FOUND,
+        BackfillError::Conflict(_) | BackfillError::NotConfigured => StatusCode::CONFLICT,
+        BackfillError::Source { .. } => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e.to_string())
+}
+
+/// The backfills, or the answer when the service has none; every backfill route needs the
+/// token (records carry `where` conditions, and starting one reads the source database).
+fn backfills<'a>(
+    req: &HttpRequest,
+    state: &'a AdminState,
+) -> Result<&'a Arc<Backfills>, HttpResponse> {
+    if let Some(r) = refused(req, state, Need::Token) {
+        return Err(r);
+    }
+    state
+        .backfills
+        .as_ref()
+        .ok_or_else(|| backfill_error(&BackfillError::NotConfigured))
+}
+
+/// A backfill id as the service makes them (`bf-` and letters, digits, `-`).
+fn bad_backfill_id(id: &str) -> Option<HttpResponse> {
+    let ok = id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    (!ok).then(|| error(StatusCode::BAD_REQUEST, "invalid backfill id"))
+}
+
+async fn backfill_list(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    let b = match backfills(&req, &state) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match b.list().await {
+        Ok(all) => HttpResponse::Ok().json(all),
+        Err(e) => backfill_error(&e),
+    }
+}
+
+async fn backfill_start(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+    query: Result<web::Query<StartRequest>, actix_web::Error>,
+) -> HttpResponse {
+    let b = match backfills(&req, &state) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let query = match query {
+        Ok(q) => q.into_inner(),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad backfill request: {e}"),
+            );
+        }
+    };
+    match b.start(query).await {
+        Ok(started) => HttpResponse::Ok().json(started),
+        Err(e) => {
+            tracing::warn!(error = %e, "backfill start refused");
+            backfill_error(&e)
+        }
+    }
+}
+
+async fn backfill_get(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    let b = match backfills(&req, &state) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if let Some(r) = bad_backfill_id(&id) {
+        return r;
+    }
+    match b.get(&id).await {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(e) => backfill_error(&e),
+    }
+}
+
+async fn backfill_act(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
+    let b = match backfills(&req, &state) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let (id, action) = path.into_inner();
+    if let Some(r) = bad_backfill_id(&id) {
+        return r;
+    }
+    let action = match action.as_str() {
+        "pause" => Action::Pause,
+        "resume" => Action::Resume,
+        "cancel" => Action::Cancel,
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no such backfill action (pause, resume, cancel)",
+            );
+        }
+    };
+    match b.act(&id, action).await {
+        Ok(v) => HttpResponse::Ok().json(v),
+        Err(e) => backfill_error(&e),
+    }
 }

@@ -961,6 +961,45 @@ impl Kind {
     }
 }
 
+/// A column's declared type, parsed once, for values read straight from MySQL (a backfill's
+/// SELECT over the text protocol) rather than from Canal: the same [`Value`] a binlog change
+/// of the same value decodes to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeclaredType(Kind);
+
+impl DeclaredType {
+    /// `mysql_type` as `information_schema.COLUMNS.COLUMN_TYPE` spells it (`int(11) unsigned`,
+    /// `enum('a','b')`), which is also what Canal reports.
+    pub fn parse(mysql_type: &str) -> DeclaredType {
+        DeclaredType(Kind::of(mysql_type))
+    }
+
+    /// The value of MySQL's text-protocol rendering `bytes` (`None` for NULL). Where MySQL's
+    /// rendering differs from Canal's, this follows what [`Kind::value`] makes of Canal's: BIT
+    /// arrives as its bytes (Canal: the number), ENUM and SET as their labels (Canal: index
+    /// and bitmask), binary types as their bytes (Canal: one char per byte).
+    pub fn from_mysql_text(&self, bytes: Option<&[u8]>) -> Value {
+        let Some(b) = bytes else {
+            return Value::Null;
+        };
+        let text = || String::from_utf8_lossy(b);
+        match &self.0 {
+            Kind::Bit => Value::UInt(b.iter().fold(0u64, |n, x| (n << 8) | u64::from(*x))),
+            Kind::Binary { len } => Value::Bytes(padded(b.to_vec(), *len)),
+            Kind::Bytes => Value::Bytes(b.to_vec()),
+            Kind::Enum(_) | Kind::Set(_) => Value::Text(text().into_owned()),
+            Kind::BlobText { json: true } => {
+                let t = text();
+                serde_json::from_str(&t)
+                    .map(Value::Json)
+                    .unwrap_or_else(|_| Value::Text(t.into_owned()))
+            }
+            Kind::BySqlType => Value::Text(text().into_owned()),
+            kind => kind.value(0, &text()),
+        }
+    }
+}
+
 /// Restores a typed value from Canal's string rendering of one column (parsing its declared
 /// type; the decoder does that once per layout instead).
 pub fn column_value(col: &Column) -> Value {

@@ -25,6 +25,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub backfill: BackfillConfig,
 }
 
 /// `[canal]`: the Canal server and the fetch loop.
@@ -529,6 +530,56 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
             deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[backfill]`: reading existing rows through the consumers (`crate::backfill`). Backfills
+/// read and write the source database through `canal.source_url`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackfillConfig {
+    /// `database.table` of the watermark table: created on first use, the only table the
+    /// service writes to on the source, and where backfills and their progress are kept. Canal's
+    /// instance filter must include it.
+    pub watermark_table: String,
+    /// Rows per chunk when `backfill start` gives no `--chunk`.
+    pub chunk: NonZeroUsize,
+    /// How long a chunk's rows may take to come back through Canal and be confirmed before it
+    /// is read again.
+    #[serde(with = "humantime_serde")]
+    pub chunk_timeout: Duration,
+    /// Start a chunk only while at most this many live batches are in flight (live changes go
+    /// first).
+    pub max_live_batches: usize,
+}
+
+impl BackfillConfig {
+    /// `watermark_table` split into database and table.
+    pub fn watermark(&self) -> Result<(String, String), String> {
+        let name = self.watermark_table.trim();
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 64
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+        };
+        match name.split_once('.') {
+            Some((db, t)) if ok(db) && ok(t) => Ok((db.to_string(), t.to_string())),
+            _ => Err(format!(
+                "must be database.table (letters, digits, _ and $), got {name:?}"
+            )),
+        }
+    }
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            watermark_table: "canal_consumer.watermark".into(),
+            chunk: nz(1000),
+            chunk_timeout: Duration::from_secs(60),
+            max_live_batches: 2,
         }
     }
 }

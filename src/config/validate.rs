@@ -82,6 +82,9 @@ impl Config {
             }
             (ConnectionCharset::Utf8, true) => {}
         }
+        if let Err(e) = self.backfill.watermark() {
+            bad("backfill.watermark_table", e);
+        }
         if c.batch_size <= 0 {
             bad(
                 "canal.batch_size",

@@ -44,6 +44,8 @@ pub use core::ConsumerState;
 use core::{Command, Mode, PartError, Processed, Router};
 pub use core::{OnPoison, PoisonPolicy};
 use serde::{Deserialize, Serialize};
+use snapshot::Windows;
+pub use snapshot::{ChunkPlan, Outcome, WatermarkTable};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,6 +95,9 @@ pub struct ConsumerStats {
 pub struct ManagerConfig {
     /// Extra Canal filter ORed into the consumers' one.
     pub extra_filter: String,
+    /// The backfills' watermark table: its changes are watched for watermarks (and it is
+    /// added to the subscription).
+    pub watermark: Option<WatermarkTable>,
     /// Check text for Canal's lossy decoding, and what to do with such rows (UTF-8 mode,
     /// `canal.on_lossy_text`); None: no check (raw text mode, where U+FFFD is data).
     pub lossy_text: Option<OnLossyText>,
@@ -163,6 +168,29 @@ pub struct ManagerStatus {
     pub lossy_text: Vec<LossyColumn>,
 }
 
+/// Announce a backfill's read of one chunk (before its low watermark is written); `done`
+/// gets how it ended (see [`snapshot`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ExpectChunk {
+    pub plan: ChunkPlan,
+    pub done: tokio::sync::oneshot::Sender<Outcome>,
+}
+
+/// The rows a read's SELECT returned (before its high watermark is written). Answers false if
+/// the read is not known (forgotten, or the service has no watermark table).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct ChunkRows {
+    pub nonce: String,
+    pub rows: Vec<crate::event::Row>,
+}
+
+/// Give up on a read (its backfill stopped waiting).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetChunk(pub String);
+
 /// A part's publish settled (internal).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -188,6 +216,12 @@ pub struct Manager {
     slots: Vec<Slot>,
     router: Router<Part>,
     lossy: Option<LossyText>,
+    /// Backfill reads in progress (when the service has a watermark table).
+    windows: Option<Windows>,
+    /// How each announced read is reported back.
+    reads: BTreeMap<String, tokio::sync::oneshot::Sender<Outcome>>,
+    /// Reads whose rows ride in a batch, with their counts: done when it is acked.
+    read_batches: BTreeMap<BatchRef, Vec<(String, u64, u64)>>,
 }
 
 impl Manager {
@@ -207,11 +241,38 @@ impl Manager {
             .collect();
         Manager {
             lossy: cfg.lossy_text.map(LossyText::new),
+            windows: cfg.watermark.clone().map(Windows::new),
             cfg,
             connection: None,
             publisher: None,
             slots,
             router,
+            reads: BTreeMap::new(),
+            read_batches: BTreeMap::new(),
+        }
+    }
+
+    /// Tell the backfill how read `nonce` ended, and forget it.
+    fn settle_read(&mut self, nonce: &str, outcome: Outcome) {
+        if let Some(w) = self.windows.as_mut() {
+            w.forget(nonce);
+        }
+        if let Some(tx) = self.reads.remove(nonce) {
+            let _ = tx.send(outcome);
+        }
+    }
+
+    /// Reads whose rows rode in `batch`: confirmed if it was acked, to be read again if not.
+    fn settle_batch(&mut self, batch: BatchRef, acked: bool) {
+        for (nonce, emitted, dropped) in self.read_batches.remove(&batch).unwrap_or_default() {
+            let outcome = if acked {
+                Outcome::Confirmed { emitted, dropped }
+            } else {
+                Outcome::Failed(format!(
+                    "batch {batch} with the chunk's rows was rolled back"
+                ))
+            };
+            self.settle_read(&nonce, outcome);
         }
     }
 
@@ -233,6 +294,13 @@ impl Manager {
         )];
         if !self.cfg.extra_filter.is_empty() {
             parts.push(self.cfg.extra_filter.clone());
+        }
+        if let Some(w) = &self.cfg.watermark {
+            parts.push(format!(
+                "{}\\.{}",
+                crate::consumer::canal_regex::literal(&w.database.to_lowercase()),
+                crate::consumer::canal_regex::literal(&w.table.to_lowercase())
+            ));
         }
         parts.retain(|p| !p.is_empty());
         parts.join(",")
@@ -271,7 +339,19 @@ impl Manager {
             .collect()
     }
 
-    fn route(&mut self, batch: Batch, ctx: &mut Context<Self>) {
+    fn route(&mut self, mut batch: Batch, ctx: &mut Context<Self>) {
+        if let Some(w) = self.windows.as_mut() {
+            let scan = w.scan(&batch.events);
+            if let Some(events) = scan.events {
+                batch.events = Arc::new(events);
+            }
+            for (nonce, why) in scan.failed {
+                self.settle_read(&nonce, Outcome::Failed(why));
+            }
+            if !scan.emitted.is_empty() {
+                self.read_batches.insert(batch.batch, scan.emitted);
+            }
+        }
         let park = Arc::new(self.check_lossy(&batch.events));
         let mut parts = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
@@ -282,6 +362,12 @@ impl Manager {
                 .events
                 .iter()
                 .enumerate()
+                .filter(|(_, e)| {
+                    e.snapshot
+                        .as_ref()
+                        .and_then(|s| s.consumer.as_ref())
+                        .is_none_or(|c| *c == slot.name)
+                })
                 .filter(|(_, e)| slot.filters.iter().any(|f| f.matches(e)))
                 .map(|(i, _)| i)
                 .collect();
@@ -319,6 +405,7 @@ impl Manager {
                     });
                 }
                 Command::Ack(b) => {
+                    self.settle_batch(b, true);
                     if let Some(c) = &self.connection {
                         c.ack.do_send(AckBatch(b));
                     }
@@ -329,6 +416,7 @@ impl Manager {
                     }
                 }
                 Command::Release(b) => {
+                    self.settle_batch(b, false);
                     if let Some(c) = &self.connection {
                         c.release.do_send(ReleaseBatch(b));
                     }
@@ -469,6 +557,45 @@ impl Handler<CanalEvent> for Manager {
                 System::current().stop_with_code(2);
             }
         }
+    }
+}
+
+impl Handler<ExpectChunk> for Manager {
+    type Result = ();
+
+    fn handle(&mut self, msg: ExpectChunk, _: &mut Context<Self>) {
+        match self.windows.as_mut() {
+            Some(w) => {
+                self.reads.insert(msg.plan.nonce.clone(), msg.done);
+                w.expect(msg.plan);
+            }
+            None => {
+                let _ = msg.done.send(Outcome::Failed(
+                    "the service watches no watermark table".into(),
+                ));
+            }
+        }
+    }
+}
+
+impl Handler<ChunkRows> for Manager {
+    type Result = bool;
+
+    fn handle(&mut self, msg: ChunkRows, _: &mut Context<Self>) -> bool {
+        self.windows
+            .as_mut()
+            .is_some_and(|w| w.rows(&msg.nonce, msg.rows))
+    }
+}
+
+impl Handler<ForgetChunk> for Manager {
+    type Result = ();
+
+    fn handle(&mut self, msg: ForgetChunk, _: &mut Context<Self>) {
+        if let Some(w) = self.windows.as_mut() {
+            w.forget(&msg.0);
+        }
+        self.reads.remove(&msg.0);
     }
 }
 

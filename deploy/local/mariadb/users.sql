@@ -15,4 +15,16 @@ ALTER USER 'test'@'localhost' IDENTIFIED BY 'test';
 ALTER USER 'test'@'127.0.0.1' IDENTIFIED BY 'test';
 GRANT ALL PRIVILEGES ON *.* TO 'test'@'localhost';
 GRANT ALL PRIVILEGES ON *.* TO 'test'@'127.0.0.1';
+-- backfill: the grants README "Backfill" documents for canal.source_url when backfills run:
+-- read the tables, create and write the watermark table (backfill.watermark_table, by default
+-- canal_consumer.watermark) in a database of its own. The backfill tests run as this account.
+CREATE DATABASE IF NOT EXISTS canal_consumer;
+CREATE USER IF NOT EXISTS 'backfill'@'localhost' IDENTIFIED BY 'backfill';
+CREATE USER IF NOT EXISTS 'backfill'@'127.0.0.1' IDENTIFIED BY 'backfill';
+ALTER USER 'backfill'@'localhost' IDENTIFIED BY 'backfill';
+ALTER USER 'backfill'@'127.0.0.1' IDENTIFIED BY 'backfill';
+GRANT SELECT ON *.* TO 'backfill'@'localhost';
+GRANT SELECT ON *.* TO 'backfill'@'127.0.0.1';
+GRANT CREATE, INSERT, UPDATE ON canal_consumer.* TO 'backfill'@'localhost';
+GRANT CREATE, INSERT, UPDATE ON canal_consumer.* TO 'backfill'@'127.0.0.1';
 FLUSH PRIVILEGES;

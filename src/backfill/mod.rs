@@ -1,0 +1,661 @@
+//! Backfills: existing rows (all of a table, or those a `--where` picks) brought through the
+//! consumers as SNAPSHOT events while the live stream keeps flowing, with no table lock.
+//!
+//! The algorithm is DBLog's (Andreakis & Papapanagiotou, 2020): the table is read in
+//! primary-key chunks, each chunk between a low and a high watermark written to the watermark
+//! table; the watermarks come back through Canal in binlog order, and the Manager emits the
+//! chunk's rows at the high watermark, except those whose key changed between the two (their
+//! live event is newer). The window logic is [`crate::manager::snapshot`] (pure, simulated);
+//! this module owns the rest:
+//! - [`Backfills::start`] and the operator's actions (`pause`, `resume`, `cancel`), checked
+//!   here (a table without a primary key, a consumer that does not take SNAPSHOT events of the
+//!   table and a `where` the server refuses are refused with what to do);
+//! - the runner ([`Backfills::run`]): one chunk at a time, only while this replica's Canal
+//!   connection streams (so only the active HA replica reads), and only while the live stream
+//!   has at most `backfill.max_live_batches` batches in flight (live changes go first), at most
+//!   `rate` rows per second;
+//! - the records: every backfill is a row of the watermark table ([`record`]), so a restarted
+//!   service or the other replica finds it; its progress moves only once a chunk's triggers are
+//!   all confirmed, so after a crash the last chunk is read again and its messages carry the
+//!   same ids (made of backfill, table and key).
+//!
+//! How it fails: a request the source cannot serve is [`BackfillError::Invalid`] (definite,
+//! nothing stored); the source database failing on the way is [`BackfillError::Source`]
+//! (transient: the runner waits and tries the chunk again). A chunk whose rows do not come
+//! back confirmed within `backfill.chunk_timeout` (a rolled-back batch, a DDL on the table
+//! inside the window, a stream that does not move) is read again; a table that loses its
+//! primary key, changes it or disappears fails the backfill with that reason.
+
+pub mod record;
+pub mod source;
+
+use crate::canal::connection::{ConnectionState, GetConnectionStatus};
+use crate::consumer::TableFilter;
+use crate::event::{ArcStr, EventType, Value};
+use crate::manager::{ChunkPlan, ChunkRows, ExpectChunk, ForgetChunk, Manager, Outcome};
+use actix::{Addr, Recipient};
+use record::{Action, Backfill, Progress, Spec, State};
+use serde::{Deserialize, Serialize};
+use source::{Source, TableMeta, key_values};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a backfill request or step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    /// The request cannot be served as asked (definite; nothing was stored).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no backfill {0}")]
+    NotFound(String),
+    /// The action does not fit the backfill's state (definite).
+    #[error("{0}")]
+    Conflict(String),
+    /// The service has no source database to read (definite until configured).
+    #[error(
+        "backfills need canal.source_url: a MySQL account that can SELECT the tables and create and write backfill.watermark_table"
+    )]
+    NotConfigured,
+    /// The source database failed on the way (transient).
+    #[error("{what}: {source}")]
+    Source {
+        what: String,
+        source: mysql_async::Error,
+    },
+}
+
+impl BackfillError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BackfillError::Source { .. })
+    }
+}
+
+/// What `backfill start` asks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StartRequest {
+    /// `database.table`.
+    pub table: String,
+    #[serde(default)]
+    pub consumer: Option<String>,
+    #[serde(default, rename = "where")]
+    pub condition: Option<String>,
+    #[serde(default)]
+    pub chunk: Option<usize>,
+    #[serde(default)]
+    pub rate: Option<f64>,
+}
+
+/// A backfill as the admin API and `status` show it: its record, and while it runs here,
+/// its rate and the time it still needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackfillView {
+    #[serde(flatten)]
+    pub backfill: Backfill,
+    /// Rows per second over the last chunks (this replica, while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_per_second: Option<f64>,
+    /// Seconds left at that rate, from the estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
+    /// This replica is reading (or waiting for the confirms of) one of its chunks now: a
+    /// pause or cancel takes effect once that chunk is done.
+    #[serde(default)]
+    pub reading: bool,
+}
+
+/// Settings of the runner.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub chunk: usize,
+    pub chunk_timeout: Duration,
+    pub max_live_batches: usize,
+    /// `destination/client_id`: the stream these backfills ride on.
+    pub owner: String,
+}
+
+/// The consumers a backfill may be for: their names and filters.
+pub type ConsumerFilters = Vec<(String, Vec<TableFilter>)>;
+
+/// Live figures per backfill (this replica).
+#[derive(Debug, Default, Clone)]
+struct Rate {
+    /// Exponentially weighted rows per second.
+    rows_per_second: f64,
+}
+
+/// The backfills of one service: control and runner.
+pub struct Backfills {
+    source: Source,
+    settings: Settings,
+    consumers: ConsumerFilters,
+    manager: Addr<Manager>,
+    connection: Recipient<GetConnectionStatus>,
+    rates: Mutex<HashMap<String, Rate>>,
+    /// The records as the runner last read them (for `status` without a query).
+    seen: Mutex<Vec<Backfill>>,
+    /// The backfill whose chunk is in flight.
+    reading: Mutex<Option<String>>,
+    wake: tokio::sync::Notify,
+}
+
+/// `--where` must be one condition: no statement separator, no comment that could hide the
+/// rest of the query, balanced parentheses (outside quotes).
+pub fn check_condition(c: &str) -> Result<(), String> {
+    let mut depth = 0i32;
+    let mut quote: Option<char> = None;
+    let mut chars = c.chars().peekable();
+    while let Some(ch) = chars.next() {
+        if let Some(q) = quote {
+            if ch == '\\' {
+                chars.next();
+            } else if ch == q {
+                quote = None;
+            }
+            continue;
+        }
+        match ch {
+            '\'' | '"' | '`' => quote = Some(ch),
+            ';' => {
+                return Err("--where must not contain `;` (one condition, not statements)".into());
+            }
+            '#' => return Err("--where must not contain a `#` comment".into()),
+            '-' if chars.peek() == Some(&'-') => {
+                return Err("--where must not contain a `--` comment".into());
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                return Err("--where must not contain a `/* */` comment".into());
+            }
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err("--where has a `)` without its `(`".into());
+                }
+            }
+            _ => {}
+        }
+    }
+    if quote.is_some() {
+        return Err("--where has an unterminated quote".into());
+    }
+    if depth != 0 {
+        return Err("--where has a `(` without its `)`".into());
+    }
+    if c.trim().is_empty() {
+        return Err("--where is empty".into());
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Backfills {
+    pub fn new(
+        source: Source,
+        settings: Settings,
+        consumers: ConsumerFilters,
+        manager: Addr<Manager>,
+        connection: Recipient<GetConnectionStatus>,
+    ) -> Backfills {
+        Backfills {
+            source,
+            settings,
+            consumers,
+            manager,
+            connection,
+            rates: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Vec::new()),
+            reading: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The consumers that would get SNAPSHOT rows of `database.table`.
+    fn takers(&self, database: &str, table: &str) -> Vec<&str> {
+        self.consumers
+            .iter()
+            .filter(|(_, filters)| {
+                filters.iter().any(|f| {
+                    f.event_types.contains(&EventType::Snapshot)
+                        && f.database.matches(database)
+                        && f.table.matches(table)
+                })
+            })
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// Check and store a new backfill; it starts with the runner's next round.
+    pub async fn start(&self, req: StartRequest) -> Result<Backfill, BackfillError> {
+        let (database, table) = req
+            .table
+            .trim()
+            .split_once('.')
+            .filter(|(d, t)| !d.is_empty() && !t.is_empty())
+            .ok_or_else(|| {
+                BackfillError::Invalid(format!(
+                    "the table must be given as database.table, got {:?}",
+                    req.table
+                ))
+            })?;
+        let takers = self.takers(database, table);
+        match &req.consumer {
+            Some(c) if !self.consumers.iter().any(|(n, _)| n == c) => {
+                return Err(BackfillError::Invalid(format!(
+                    "no consumer named `{c}` (see `canal-consumer list`)"
+                )));
+            }
+            Some(c) if !takers.contains(&c.as_str()) => {
+                return Err(BackfillError::Invalid(format!(
+                    "consumer `{c}` takes no SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of its rule on that table"
+                )));
+            }
+            None if takers.is_empty() => {
+                return Err(BackfillError::Invalid(format!(
+                    "no consumer takes SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of a rule on that table"
+                )));
+            }
+            _ => {}
+        }
+        let condition = req
+            .condition
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        if let Some(c) = condition {
+            check_condition(c).map_err(BackfillError::Invalid)?;
+        }
+        let chunk = req.chunk.unwrap_or(self.settings.chunk);
+        if chunk == 0 || chunk > 100_000 {
+            return Err(BackfillError::Invalid(format!(
+                "--chunk must be between 1 and 100000 rows, got {chunk}"
+            )));
+        }
+        if let Some(r) = req.rate
+            && (!r.is_finite() || r <= 0.0)
+        {
+            return Err(BackfillError::Invalid(format!(
+                "--rate must be a positive number of rows per second, got {r}"
+            )));
+        }
+        self.source.ensure_table().await?;
+        let meta = self.source.table_meta(database, table).await?;
+        let estimate = self.source.estimate(&meta, condition).await?;
+        let max_key = self.source.max_key(&meta, condition).await?;
+        let now = chrono::Utc::now();
+        let id = format!(
+            "bf-{}-{:04x}",
+            now.format("%Y%m%d%H%M%S"),
+            fastrand::u16(..)
+        );
+        let nothing = max_key.is_none();
+        let b = Backfill {
+            id,
+            state: if nothing { State::Done } else { State::Running },
+            spec: Spec {
+                database: database.into(),
+                table: table.into(),
+                consumer: req.consumer.clone(),
+                condition: condition.map(str::to_string),
+                chunk,
+                rate: req.rate,
+                owner: self.settings.owner.clone(),
+                key_columns: meta.key.iter().map(|k| k.to_string()).collect(),
+            },
+            progress: Progress {
+                max_key,
+                estimate: if nothing { 0 } else { estimate },
+                started_at: now.timestamp_millis(),
+                finished_at: nothing.then_some(now.timestamp_millis()),
+                ..Default::default()
+            },
+        };
+        self.source.insert(&b).await?;
+        tracing::info!(
+            backfill = %b.id,
+            table = %b.spec.full_table(),
+            consumer = b.spec.consumer.as_deref().unwrap_or("*"),
+            condition = b.spec.condition.as_deref().unwrap_or(""),
+            estimate = b.progress.estimate,
+            state = %b.state,
+            "backfill started"
+        );
+        self.wake.notify_one();
+        Ok(b)
+    }
+
+    /// Every backfill of this service, with live figures.
+    pub async fn list(&self) -> Result<Vec<BackfillView>, BackfillError> {
+        let all = self.source.list(&self.settings.owner).await?;
+        Ok(all.into_iter().map(|b| self.view(b)).collect())
+    }
+
+    /// One backfill, with live figures.
+    pub async fn get(&self, id: &str) -> Result<BackfillView, BackfillError> {
+        let b = self.source.get(&self.settings.owner, id).await?;
+        Ok(self.view(b))
+    }
+
+    /// The records as the runner last saw them (no query), for `status`.
+    pub fn seen(&self) -> Vec<BackfillView> {
+        let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        seen.into_iter().map(|b| self.view(b)).collect()
+    }
+
+    fn view(&self, b: Backfill) -> BackfillView {
+        let rate = (b.state == State::Running)
+            .then(|| {
+                self.rates
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.get(&b.id).map(|r| r.rows_per_second))
+            })
+            .flatten()
+            .filter(|r| *r > 0.0);
+        let eta = rate.map(|r| {
+            (b.progress.estimate.saturating_sub(b.progress.rows_read) as f64 / r).ceil() as u64
+        });
+        let reading = self
+            .reading
+            .lock()
+            .is_ok_and(|r| r.as_deref() == Some(b.id.as_str()));
+        BackfillView {
+            backfill: b,
+            rows_per_second: rate,
+            eta_seconds: eta,
+            reading,
+        }
+    }
+
+    /// Pause, resume or cancel backfill `id`.
+    pub async fn act(&self, id: &str, action: Action) -> Result<BackfillView, BackfillError> {
+        let b = self.source.get(&self.settings.owner, id).await?;
+        let to = action.apply(b.state).map_err(BackfillError::Conflict)?;
+        let mut progress = b.progress.clone();
+        if to == State::Cancelled {
+            progress.finished_at = Some(now_ms());
+        }
+        if !self
+            .source
+            .set_state(id, b.state, to, Some(&progress))
+            .await?
+        {
+            return Err(BackfillError::Conflict(format!(
+                "backfill {id} changed state meanwhile; look again"
+            )));
+        }
+        tracing::info!(backfill = %id, from = %b.state, to = %to, "backfill {}", action.as_str());
+        self.wake.notify_one();
+        self.get(id).await
+    }
+
+    /// The runner: run chunks of running backfills, one at a time, for as long as the service
+    /// runs.
+    pub async fn run(self: Arc<Self>) {
+        let backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut failures = 0u32;
+        let mut turn = 0usize;
+        loop {
+            match self.round(&mut turn).await {
+                Ok(true) => failures = 0,
+                Ok(false) => {
+                    failures = 0;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), self.wake.notified()).await;
+                }
+                Err(e) => {
+                    let wait = backoff.delay(failures);
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, retry_in = ?wait, transient = e.is_transient(), "backfill runner: the source database failed; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Whether this replica streams and the live stream leaves room for a chunk.
+    async fn may_read(&self) -> bool {
+        match self.connection.send(GetConnectionStatus).await {
+            Ok(st) => {
+                st.state == ConnectionState::Connected
+                    && st.inflight_batches <= self.settings.max_live_batches
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// One chunk of the next running backfill. Ok(false): nothing to do now.
+    async fn round(&self, turn: &mut usize) -> Result<bool, BackfillError> {
+        if !self.may_read().await {
+            return Ok(false);
+        }
+        let all = self.source.list(&self.settings.owner).await?;
+        if let Ok(mut s) = self.seen.lock() {
+            *s = all.clone();
+        }
+        let running: Vec<Backfill> = all
+            .into_iter()
+            .filter(|b| b.state == State::Running)
+            .collect();
+        if running.is_empty() {
+            return Ok(false);
+        }
+        *turn = (*turn + 1) % running.len();
+        let b = running[*turn].clone();
+        if let Ok(mut r) = self.reading.lock() {
+            *r = Some(b.id.clone());
+        }
+        let res = self.chunk(b).await;
+        if let Ok(mut r) = self.reading.lock() {
+            *r = None;
+        }
+        res?;
+        Ok(true)
+    }
+
+    /// Read, emit and confirm one chunk of `b`, then store its progress.
+    async fn chunk(&self, mut b: Backfill) -> Result<(), BackfillError> {
+        let started = Instant::now();
+        let meta = match self
+            .source
+            .table_meta(&b.spec.database, &b.spec.table)
+            .await
+        {
+            Ok(m) => m,
+            Err(BackfillError::Invalid(why)) => return self.fail(&b, why).await,
+            Err(e) => return Err(e),
+        };
+        let key: Vec<String> = meta.key.iter().map(|k| k.to_string()).collect();
+        if key != b.spec.key_columns {
+            let why = format!(
+                "the primary key of {} changed from ({}) to ({}) during the backfill; start a new one",
+                b.spec.full_table(),
+                b.spec.key_columns.join(", "),
+                key.join(", ")
+            );
+            return self.fail(&b, why).await;
+        }
+        let Some(max) = b.progress.max_key.clone() else {
+            return self.finish(&b, b.progress.clone()).await;
+        };
+        let nonce = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let plan = ChunkPlan {
+            nonce: nonce.clone(),
+            backfill: ArcStr::from(b.id.as_str()),
+            database: ArcStr::from(meta.database.as_str()),
+            table: ArcStr::from(meta.table.as_str()),
+            key_columns: meta.key.clone(),
+            consumer: b.spec.consumer.as_deref().map(ArcStr::from),
+        };
+        if self
+            .manager
+            .send(ExpectChunk {
+                plan,
+                done: done_tx,
+            })
+            .await
+            .is_err()
+        {
+            return Ok(()); // the service is stopping
+        }
+        let read = async {
+            self.source
+                .write_watermark(&b.id, &format!("low:{nonce}"))
+                .await?;
+            let rows = self
+                .source
+                .read_chunk(
+                    &meta,
+                    b.spec.condition.as_deref(),
+                    b.progress.last_key.as_deref(),
+                    &max,
+                    b.spec.chunk,
+                )
+                .await?;
+            Ok::<_, BackfillError>(rows)
+        };
+        let rows = match read.await {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.manager.do_send(ForgetChunk(nonce));
+                return Err(e);
+            }
+        };
+        let n = rows.len();
+        let last = rows.last().map(|r| key_values(r, &meta.key));
+        let handed = self
+            .manager
+            .send(ChunkRows {
+                nonce: nonce.clone(),
+                rows,
+            })
+            .await
+            .unwrap_or(false);
+        if !handed {
+            return Ok(());
+        }
+        if let Err(e) = self
+            .source
+            .write_watermark(&b.id, &format!("high:{nonce}"))
+            .await
+        {
+            self.manager.do_send(ForgetChunk(nonce));
+            return Err(e);
+        }
+        let outcome = match tokio::time::timeout(self.settings.chunk_timeout, done_rx).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(_)) => Outcome::Failed("the service dropped the chunk".into()),
+            Err(_) => {
+                self.manager.do_send(ForgetChunk(nonce));
+                Outcome::Failed(format!(
+                    "its rows were not confirmed within backfill.chunk_timeout ({:?})",
+                    self.settings.chunk_timeout
+                ))
+            }
+        };
+        match outcome {
+            Outcome::Confirmed { emitted, dropped } => {
+                let last_chunk = b
+                    .progress
+                    .chunk_done(n, b.spec.chunk, last, emitted, dropped);
+                self.note_rate(&b.id, n, started.elapsed());
+                if last_chunk {
+                    return self.finish(&b, b.progress.clone()).await;
+                }
+                self.source.save_progress(&b.id, &b.progress).await?;
+                if let Some(rate) = b.spec.rate {
+                    let want = Duration::from_secs_f64(n as f64 / rate);
+                    if let Some(left) = want.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(left).await;
+                    }
+                }
+            }
+            Outcome::Failed(why) => {
+                tracing::info!(backfill = %b.id, table = %b.spec.full_table(), reason = %why, "backfill chunk read again");
+                b.progress.rereads += 1;
+                b.progress.error = Some(format!("chunk read again: {why}"));
+                self.source.save_progress(&b.id, &b.progress).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn note_rate(&self, id: &str, rows: usize, took: Duration) {
+        let now = rows as f64 / took.as_secs_f64().max(1e-3);
+        if let Ok(mut r) = self.rates.lock() {
+            let e = r.entry(id.to_string()).or_default();
+            e.rows_per_second = if e.rows_per_second == 0.0 {
+                now
+            } else {
+                0.7 * e.rows_per_second + 0.3 * now
+            };
+        }
+    }
+
+    async fn finish(&self, b: &Backfill, mut p: Progress) -> Result<(), BackfillError> {
+        p.finished_at = Some(now_ms());
+        p.error = None;
+        self.source
+            .set_state(&b.id, State::Running, State::Done, Some(&p))
+            .await?;
+        tracing::info!(
+            backfill = %b.id,
+            table = %b.spec.full_table(),
+            rows_read = p.rows_read,
+            rows_emitted = p.rows_emitted,
+            rows_dropped = p.rows_dropped,
+            chunks = p.chunks,
+            "backfill done"
+        );
+        Ok(())
+    }
+
+    async fn fail(&self, b: &Backfill, why: String) -> Result<(), BackfillError> {
+        let mut p = b.progress.clone();
+        p.error = Some(why.clone());
+        self.source
+            .set_state(&b.id, State::Running, State::Failed, Some(&p))
+            .await?;
+        tracing::error!(backfill = %b.id, table = %b.spec.full_table(), error = %why, "backfill failed");
+        Ok(())
+    }
+
+    /// The source's table layout (for tests and `status`).
+    pub async fn table_meta(
+        &self,
+        database: &str,
+        table: &str,
+    ) -> Result<TableMeta, BackfillError> {
+        self.source.table_meta(database, table).await
+    }
+}
+
+/// A key as JSON text (for messages).
+pub fn key_json(key: &[Value]) -> String {
+    serde_json::to_string(key).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn where_conditions_cannot_smuggle_statements_or_comments() {
+        assert!(check_condition("updated_at >= '2026-12-01'").is_ok());
+        assert!(check_condition("name = 'a;b' AND (x > 1)").is_ok());
+        assert!(check_condition("note = 'it''s -- fine'").is_ok());
+        assert!(check_condition("1); DROP TABLE t; --").is_err());
+        assert!(check_condition("1 -- LIMIT").is_err());
+        assert!(check_condition("1 /* x */").is_err());
+        assert!(check_condition("1 # x").is_err());
+        assert!(check_condition("(1").is_err());
+        assert!(check_condition("1)").is_err());
+        assert!(check_condition("'open").is_err());
+        assert!(check_condition("  ").is_err());
+    }
+}

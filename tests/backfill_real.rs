@@ -1,0 +1,630 @@
+//! Backfills end to end against the real services (the `canal-consumer` binary, Canal,
+//! MariaDB, RabbitMQ; `deploy/local/up`), counted at the broker. The service reads the source
+//! as the `backfill` account of deploy/local/mariadb/users.sql, which has exactly the grants
+//! the README documents.
+//!
+//! The expected values come from the table itself at the end: for every key, the last message
+//! a consumer got must carry the row's final state, and a key that is gone must end with a
+//! message that removes it.
+// Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::service::*;
+use common::*;
+use mysql_async::prelude::Queryable as _;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+const DB: &str = "cc_bf";
+
+/// The service's `canal.source_url` for backfills (`CC_TEST_BACKFILL_URL`).
+fn backfill_url() -> String {
+    env_or(
+        "CC_TEST_BACKFILL_URL",
+        &format!(
+            "mysql://backfill:backfill@{}:{}",
+            mysql_host(),
+            mysql_port()
+        ),
+    )
+}
+
+/// A connection pool as the test user (ALL privileges).
+fn pool() -> mysql_async::Pool {
+    mysql_async::Pool::new(
+        format!(
+            "mysql://{}:{}@{}:{}/{DB}",
+            mysql_user(),
+            mysql_password(),
+            mysql_host(),
+            mysql_port()
+        )
+        .as_str(),
+    )
+}
+
+/// Closes `pool` (every connection taken from it must be dropped first, or this waits).
+async fn disconnect(pool: mysql_async::Pool) {
+    tokio::time::timeout(Duration::from_secs(10), pool.disconnect())
+        .await
+        .expect("a connection of the pool was still held")
+        .unwrap();
+}
+
+/// `extra` config for a service whose backfills use watermark table `wm`.
+fn backfill_config(wm: &str) -> String {
+    format!(
+        r#"
+[backfill]
+watermark_table = "canal_consumer.{wm}"
+chunk_timeout = "30s"
+"#
+    )
+}
+
+/// A consumer of every change and SNAPSHOT of `DB.table`: `row {{key, v}}` for rows that exist,
+/// `gone {{key}}` for keys that stop existing. `key` is the template of the key.
+fn state_consumer(name: &str, table: &str, key: &str, old_key: &str, key_changed: &str) -> String {
+    format!(
+        r#"
+[consumers.{name}]
+[[consumers.{name}.filters]]
+database = "{DB}"
+table = "{table}"
+events = ["INSERT", "UPDATE", "DELETE", "SNAPSHOT"]
+
+[[consumers.{name}.rules]]
+name = "row"
+when = {{ events = ["INSERT", "UPDATE", "SNAPSHOT"] }}
+plugin = "row"
+payload = {{ key = "{key}", v = "${{data.v}}" }}
+
+[[consumers.{name}.rules]]
+name = "moved"
+when = {{ events = ["UPDATE"], condition = "{key_changed}" }}
+plugin = "gone"
+payload = {{ key = "{old_key}" }}
+
+[[consumers.{name}.rules]]
+name = "deleted"
+when = {{ events = ["DELETE"] }}
+plugin = "gone"
+payload = {{ key = "{key}" }}
+"#
+    )
+}
+
+/// Starts a backfill through the admin API; returns its id.
+async fn start_backfill(svc: &ServiceProc, query: &str) -> String {
+    let token = svc.token();
+    let r = canal_consumer::admin::client::request_with(
+        &svc.admin,
+        "POST",
+        &format!("/backfills?{query}"),
+        Some(&token),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}\n{}", r.body, svc.logs());
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+async fn backfill(svc: &ServiceProc, id: &str) -> Value {
+    let r = canal_consumer::admin::client::request_with(
+        &svc.admin,
+        "GET",
+        &format!("/backfills/{id}"),
+        Some(&svc.token()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    serde_json::from_str(&r.body).unwrap()
+}
+
+async fn wait_backfill(svc: &ServiceProc, id: &str, state: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let b = backfill(svc, id).await;
+        if b["state"] == state {
+            return b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backfill {id} not {state} in time: {b}\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What a consumer saw last per key, in arrival order: Some(v) for a row, None for gone.
+fn last_seen(got: &[Got], consumer: &str) -> BTreeMap<String, Option<i64>> {
+    let mut seen = BTreeMap::new();
+    for g in got {
+        if g.body["consumer"].as_str() != Some(consumer) {
+            continue;
+        }
+        let key = match &g.body["payload"]["key"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        match g.body["plugin"].as_str() {
+            Some("row") => {
+                seen.insert(key, g.body["payload"]["v"].as_i64());
+            }
+            Some("gone") => {
+                seen.insert(key, None);
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
+/// Compares what the consumer saw with the table's final state.
+fn assert_final_state(
+    seen: &BTreeMap<String, Option<i64>>,
+    table: &BTreeMap<String, i64>,
+    what: &str,
+) {
+    let mut wrong = Vec::new();
+    for (k, v) in table {
+        if seen.get(k) != Some(&Some(*v)) {
+            wrong.push(format!(
+                "row {k}: table has v={v}, last message {:?}",
+                seen.get(k)
+            ));
+        }
+    }
+    for (k, v) in seen {
+        // the sentinel (v = -1) is not part of the tables' rows
+        if v.is_some() && *v != Some(-1) && !table.contains_key(k) {
+            wrong.push(format!("row {k} is gone, last message says v={v:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{what}: {} keys wrong, first: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+}
+
+/// A sentinel change after everything else; its message arrives after every earlier one.
+async fn sentinel(pool: &mysql_async::Pool, table: &str, key_sql: &str) {
+    let mut c = pool.get_conn().await.unwrap();
+    c.query_drop(format!("INSERT INTO {table} VALUES ({key_sql}, -1)"))
+        .await
+        .unwrap();
+}
+
+fn is_sentinel(g: &Got) -> bool {
+    g.body["plugin"] == "row" && g.body["payload"]["v"] == -1
+}
+
+/// 100,000 rows (fewer with `CC_TEST_BACKFILL_ROWS`) backfilled while a writer inserts,
+/// updates (also the key) and deletes rows of the same table: every row that exists at the end
+/// arrives, and for each key the last message carries the row's final state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn a_backfill_under_concurrent_writes_ends_in_the_tables_final_state() {
+    let _canal = canal_lock().await;
+    let rows: i64 = env_or("CC_TEST_BACKFILL_ROWS", "100000").parse().unwrap();
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.big; \
+         CREATE TABLE {DB}.big (id BIGINT PRIMARY KEY, v BIGINT NOT NULL); \
+         DROP TABLE IF EXISTS canal_consumer.wm_big;"
+    ));
+    // the existing rows never pass through the binlog: only the backfill can bring them
+    mysql(&format!(
+        "USE {DB}; SET SESSION sql_log_bin = 0; INSERT INTO {DB}.big SELECT seq, seq FROM seq_1_to_{rows};"
+    ));
+    let queue = queue("backfill-big");
+    delete_queue(&queue).await;
+    let consumer = state_consumer("big", "big", "${data.id}", "${old.id}", "changed('id')");
+    let mut svc = ServiceProc::prepare(
+        "backfill-big",
+        &queue,
+        &[("big.toml", &consumer)],
+        &backfill_config("wm_big"),
+    );
+    svc.env
+        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
+    svc.start().await;
+
+    let pool = pool();
+    let id = start_backfill(&svc, &format!("table={DB}.big&chunk=2000")).await;
+    // the writer: inserts, updates, key changes and deletes all over the key range
+    let writer = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut c = pool.get_conn().await.unwrap();
+            let mut rng = fastrand::Rng::with_seed(7);
+            let mut ops = 0u32;
+            let mut next = rows + 1;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(600) && ops < 3000 {
+                let k = rng.i64(1..=rows);
+                let sql = match rng.u8(0..4) {
+                    0 => {
+                        next += 1;
+                        format!("INSERT INTO big VALUES ({next}, {})", rng.i64(1..1_000_000))
+                    }
+                    1 => format!(
+                        "UPDATE big SET v = {} WHERE id = {k}",
+                        rng.i64(1..1_000_000)
+                    ),
+                    2 => {
+                        next += 1;
+                        format!("UPDATE IGNORE big SET id = {next} WHERE id = {k}")
+                    }
+                    _ => format!("DELETE FROM big WHERE id = {k}"),
+                };
+                c.query_drop(sql).await.unwrap();
+                ops += 1;
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..4))).await;
+            }
+            ops
+        })
+    };
+    let done = wait_backfill(&svc, &id, "done", Duration::from_secs(600)).await;
+    let ops = writer.await.unwrap();
+    sentinel(&pool, "big", "-1").await;
+    let got = consume_until(&queue, Duration::from_secs(300), |g| {
+        g.iter().any(is_sentinel)
+    })
+    .await;
+    let mut c = pool.get_conn().await.unwrap();
+    let table: Vec<(i64, i64)> = c.query("SELECT id, v FROM big WHERE id > 0").await.unwrap();
+    let table: BTreeMap<String, i64> = table.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    drop(c);
+    let seen = last_seen(&got, "big");
+    assert_final_state(&seen, &table, "backfill under writes");
+    let p = &done["progress"];
+    assert!(p["rows_emitted"].as_u64().unwrap() > 0, "{done}");
+    assert_eq!(
+        p["rows_read"].as_u64().unwrap(),
+        p["rows_emitted"].as_u64().unwrap() + p["rows_dropped"].as_u64().unwrap(),
+        "{done}"
+    );
+    // SNAPSHOT messages say where they come from
+    let snap = got
+        .iter()
+        .find(|g| g.body["source"]["event_type"] == "SNAPSHOT")
+        .expect("SNAPSHOT messages");
+    assert_eq!(snap.body["source"]["snapshot"]["backfill"], id.as_str());
+    eprintln!(
+        "backfill of {rows} rows with {ops} concurrent writes: {} messages, {done}",
+        got.len()
+    );
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+    disconnect(pool).await;
+}
+
+/// Requests a backfill cannot serve are refused with what to do, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn requests_a_backfill_cannot_serve_are_refused_with_the_reason() {
+    let _canal = canal_lock().await;
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.nokey, {DB}.keyed; \
+         CREATE TABLE {DB}.nokey (v INT); CREATE TABLE {DB}.keyed (id INT PRIMARY KEY, v INT); \
+         DROP TABLE IF EXISTS canal_consumer.wm_refuse;"
+    ));
+    let queue = queue("backfill-refuse");
+    delete_queue(&queue).await;
+    let takes = state_consumer("takes", "nokey", "${data.v}", "${old.v}", "false");
+    let keyed = state_consumer("keyed", "keyed", "${data.id}", "${old.id}", "changed('id')");
+    let live_only = r#"
+[consumers.live_only]
+[[consumers.live_only.filters]]
+database = "cc_bf"
+table = "keyed"
+events = ["INSERT"]
+[[consumers.live_only.rules]]
+name = "r"
+plugin = "p"
+payload = { id = "${data.id}" }
+"#;
+    let mut svc = ServiceProc::prepare(
+        "backfill-refuse",
+        &queue,
+        &[
+            ("a.toml", &takes),
+            ("b.toml", &keyed),
+            ("c.toml", live_only),
+        ],
+        &backfill_config("wm_refuse"),
+    );
+    svc.env
+        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
+    svc.start().await;
+    let token = svc.token();
+    let call = |q: String| {
+        let admin = svc.admin.clone();
+        let token = token.clone();
+        async move {
+            let r = canal_consumer::admin::client::request_with(
+                &admin,
+                "POST",
+                &format!("/backfills?{q}"),
+                Some(&token),
+            )
+            .await
+            .unwrap();
+            let why = serde_json::from_str::<Value>(&r.body).unwrap()["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (r.status, why)
+        }
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (format!("table={DB}.nokey"), "has no primary key"),
+        (
+            format!("table={DB}.missing&consumer=takes"),
+            "takes no SNAPSHOT events of cc_bf.missing",
+        ),
+        (
+            format!("table={DB}.keyed&consumer=live_only"),
+            "consumer `live_only` takes no SNAPSHOT events of cc_bf.keyed",
+        ),
+        (
+            format!("table={DB}.keyed&consumer=nobody"),
+            "no consumer named `nobody`",
+        ),
+        ("table=keyed".into(), "database.table"),
+        (
+            format!("table={DB}.keyed&where=no_such_column%3D1"),
+            "refuses --where",
+        ),
+        (
+            format!("table={DB}.keyed&where=1%3B%20DROP%20TABLE%20x"),
+            "must not contain `;`",
+        ),
+        (
+            format!("table={DB}.keyed&chunk=0"),
+            "--chunk must be between",
+        ),
+        (
+            format!("table={DB}.keyed&rate=-1"),
+            "--rate must be a positive number",
+        ),
+    ];
+    for (q, want) in cases {
+        let (status, why) = call(q.clone()).await;
+        assert_eq!(status, 400, "{q}: {why}");
+        assert!(why.contains(want), "{q}: {why:?} should say {want:?}");
+    }
+    // without the token
+    let r = canal_consumer::admin::client::request(&svc.admin, "GET", "/backfills")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
+    // nothing was stored
+    let r =
+        canal_consumer::admin::client::request_with(&svc.admin, "GET", "/backfills", Some(&token))
+            .await
+            .unwrap();
+    assert_eq!(r.body.trim(), "[]", "{}", r.body);
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+}
+
+/// A composite key with a string part and a string key, backfilled at once; one of them
+/// paused, resumed and its twin cancelled; a `where` that matches nothing is done at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn composite_and_string_keys_pause_resume_cancel_and_an_empty_where() {
+    let _canal = canal_lock().await;
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.comp, {DB}.strk; \
+         CREATE TABLE {DB}.comp (region VARCHAR(8), id INT, v INT NOT NULL, PRIMARY KEY (region, id)); \
+         CREATE TABLE {DB}.strk (code VARCHAR(32) COLLATE utf8mb4_general_ci PRIMARY KEY, v INT NOT NULL); \
+         DROP TABLE IF EXISTS canal_consumer.wm_keys;"
+    ));
+    mysql(&format!(
+        "USE {DB}; SET SESSION sql_log_bin = 0; \
+         INSERT INTO {DB}.comp SELECT ELT(1 + seq % 3, 'eu', 'us', 'Ásia'), seq, seq * 10 FROM seq_1_to_600; \
+         INSERT INTO {DB}.strk SELECT CONCAT(ELT(1 + seq % 4, 'a', 'B', 'ä', 'x y'), '-', seq), seq FROM seq_1_to_500;"
+    ));
+    let queue = queue("backfill-keys");
+    delete_queue(&queue).await;
+    let comp = state_consumer(
+        "comp",
+        "comp",
+        "${data.region}/${data.id}",
+        "${old.region}/${old.id}",
+        "changed('id') || changed('region')",
+    );
+    let strk = state_consumer(
+        "strk",
+        "strk",
+        "${data.code}",
+        "${old.code}",
+        "changed('code')",
+    );
+    let mut svc = ServiceProc::prepare(
+        "backfill-keys",
+        &queue,
+        &[("comp.toml", &comp), ("strk.toml", &strk)],
+        &backfill_config("wm_keys"),
+    );
+    svc.env
+        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
+    svc.start().await;
+
+    let empty = start_backfill(&svc, &format!("table={DB}.comp&where=v%20%3C%200")).await;
+    let b = backfill(&svc, &empty).await;
+    assert_eq!(b["state"], "done", "{b}");
+    assert_eq!(b["progress"]["rows_read"], 0, "{b}");
+
+    // two at once, slowed down so pause and cancel land mid-way
+    let c = start_backfill(&svc, &format!("table={DB}.comp&chunk=20&rate=200")).await;
+    let s = start_backfill(&svc, &format!("table={DB}.strk&chunk=25&rate=200")).await;
+    let twin = start_backfill(&svc, &format!("table={DB}.strk&chunk=5&rate=20")).await;
+    assert_eq!(svc.post(&format!("/backfills/{twin}/cancel")).await, 200);
+    // a cancelled backfill cannot be resumed
+    assert_eq!(svc.post(&format!("/backfills/{twin}/resume")).await, 409);
+    assert_eq!(svc.post(&format!("/backfills/{c}/pause")).await, 200);
+    wait_backfill(&svc, &c, "paused", Duration::from_secs(10)).await;
+    // the chunk in flight when it was paused still finishes
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let paused = loop {
+        let b = backfill(&svc, &c).await;
+        if b["reading"] == false {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "chunk in flight forever: {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let read = paused["progress"]["rows_read"].as_u64().unwrap();
+    assert!(read < 600, "{paused}");
+    // paused means no more chunks: what it read does not move while the other one runs
+    wait_backfill(&svc, &s, "done", Duration::from_secs(120)).await;
+    let still = backfill(&svc, &c).await;
+    assert_eq!(
+        still["progress"]["rows_read"].as_u64().unwrap(),
+        read,
+        "{still}"
+    );
+    assert_eq!(svc.post(&format!("/backfills/{c}/resume")).await, 200);
+    wait_backfill(&svc, &c, "done", Duration::from_secs(120)).await;
+    let twin = backfill(&svc, &twin).await;
+    assert_eq!(twin["state"], "cancelled", "{twin}");
+
+    let pool = pool();
+    sentinel(&pool, "comp", "'zz', -1").await;
+    sentinel(&pool, "strk", "'zz-sentinel'").await;
+    let got = consume_until(&queue, Duration::from_secs(120), |g| {
+        g.iter().filter(|g| is_sentinel(g)).count() == 2
+    })
+    .await;
+    let mut conn = pool.get_conn().await.unwrap();
+    let comp_rows: Vec<(String, i64, i64)> = conn
+        .query("SELECT region, id, v FROM comp WHERE id > 0")
+        .await
+        .unwrap();
+    let comp_table: BTreeMap<String, i64> = comp_rows
+        .into_iter()
+        .map(|(r, id, v)| (format!("{r}/{id}"), v))
+        .collect();
+    assert_eq!(comp_table.len(), 600);
+    assert_final_state(&last_seen(&got, "comp"), &comp_table, "composite key");
+    let strk_rows: Vec<(String, i64)> = conn
+        .query("SELECT code, v FROM strk WHERE v > 0")
+        .await
+        .unwrap();
+    let strk_table: BTreeMap<String, i64> = strk_rows.into_iter().collect();
+    drop(conn);
+    assert_final_state(&last_seen(&got, "strk"), &strk_table, "string key");
+    // each row once per backfill: the comp rows came once, the strk rows once from `s` (the
+    // cancelled twin may have sent a few before it stopped; they carry their own ids)
+    let mut ids: HashMap<&str, u32> = HashMap::new();
+    for g in &got {
+        *ids.entry(g.message_id.as_str()).or_default() += 1;
+    }
+    assert!(ids.values().all(|n| *n == 1), "a message id came twice");
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+    disconnect(pool).await;
+}
+
+/// kill -9 of the service mid-backfill: the restarted service resumes from the last confirmed
+/// chunk; every row arrives, and rows sent twice carry the same message id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn a_backfill_resumes_after_kill_9_with_the_same_ids() {
+    let _canal = canal_lock().await;
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.crash; \
+         CREATE TABLE {DB}.crash (id INT PRIMARY KEY, v INT NOT NULL); \
+         DROP TABLE IF EXISTS canal_consumer.wm_crash;"
+    ));
+    mysql(&format!(
+        "USE {DB}; SET SESSION sql_log_bin = 0; INSERT INTO {DB}.crash SELECT seq, seq FROM seq_1_to_3000;"
+    ));
+    let queue = queue("backfill-crash");
+    delete_queue(&queue).await;
+    let consumer = state_consumer("crash", "crash", "${data.id}", "${old.id}", "changed('id')");
+    let mut svc = ServiceProc::prepare(
+        "backfill-crash",
+        &queue,
+        &[("crash.toml", &consumer)],
+        &backfill_config("wm_crash"),
+    );
+    svc.env
+        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
+    svc.start().await;
+    let id = start_backfill(&svc, &format!("table={DB}.crash&chunk=100&rate=1000")).await;
+    // wait for some chunks, then kill it
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let b = backfill(&svc, &id).await;
+        if b["progress"]["chunks"].as_u64().unwrap() >= 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {b}\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    svc.kill9();
+    svc.start().await;
+    let done = wait_backfill(&svc, &id, "done", Duration::from_secs(120)).await;
+    assert_eq!(done["progress"]["rows_read"], 3000, "{done}");
+    let pool = pool();
+    sentinel(&pool, "crash", "-1").await;
+    let got = consume_until(&queue, Duration::from_secs(120), |g| {
+        g.iter().any(is_sentinel)
+    })
+    .await;
+    let mut conn = pool.get_conn().await.unwrap();
+    let rows: Vec<(i64, i64)> = conn
+        .query("SELECT id, v FROM crash WHERE id > 0")
+        .await
+        .unwrap();
+    drop(conn);
+    let table: BTreeMap<String, i64> = rows.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    assert_final_state(&last_seen(&got, "crash"), &table, "after kill -9");
+    // a row sent twice (its chunk read again after the restart) has one id
+    let mut ids_of: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+    for g in got.iter().filter(|g| g.body["plugin"] == "row") {
+        ids_of
+            .entry(g.body["payload"]["key"].to_string())
+            .or_default()
+            .insert(g.message_id.clone());
+    }
+    let twice = got.len().saturating_sub(ids_of.len());
+    assert!(
+        ids_of.values().all(|ids| ids.len() == 1),
+        "a row arrived under two ids"
+    );
+    eprintln!(
+        "after kill -9: {} messages, {twice} of them again",
+        got.len()
+    );
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+    disconnect(pool).await;
+}
