@@ -458,14 +458,14 @@ fn backfill_error(e: &BackfillError) -> HttpResponse {
 fn backfills<'a>(
     req: &HttpRequest,
     state: &'a AdminState,
-) -> Result<&'a Arc<Backfills>, HttpResponse> {
+) -> Result<&'a Arc<Backfills>, Box<HttpResponse>> {
     if let Some(r) = refused(req, state, Need::Token) {
-        return Err(r);
+        return Err(Box::new(r));
     }
     state
         .backfills
         .as_ref()
-        .ok_or_else(|| backfill_error(&BackfillError::NotConfigured))
+        .ok_or_else(|| Box::new(backfill_error(&BackfillError::NotConfigured)))
 }
 
 /// A backfill id as the service makes them (`bf-` and letters, digits, `-`).
@@ -477,7 +477,7 @@ fn bad_backfill_id(id: &str) -> Option<HttpResponse> {
 async fn backfill_list(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     let b = match backfills(&req, &state) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match b.list().await {
         Ok(all) => HttpResponse::Ok().json(all),
@@ -492,7 +492,7 @@ async fn backfill_start(
 ) -> HttpResponse {
     let b = match backfills(&req, &state) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let query = match query {
         Ok(q) => q.into_inner(),
@@ -519,7 +519,7 @@ async fn backfill_get(
 ) -> HttpResponse {
     let b = match backfills(&req, &state) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Some(r) = bad_backfill_id(&id) {
         return r;
@@ -537,7 +537,7 @@ async fn backfill_act(
 ) -> HttpResponse {
     let b = match backfills(&req, &state) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (id, action) = path.into_inner();
     if let Some(r) = bad_backfill_id(&id) {

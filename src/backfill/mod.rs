@@ -114,6 +114,9 @@ pub struct Settings {
     pub owner: String,
 }
 
+/// The longest a chunk waits for the live stream to leave room.
+pub const MAX_YIELD: Duration = Duration::from_secs(1);
+
 /// The consumers a backfill may be for: their names and filters.
 pub type ConsumerFilters = Vec<(String, Vec<TableFilter>)>;
 
@@ -136,6 +139,8 @@ pub struct Backfills {
     seen: Mutex<Vec<Backfill>>,
     /// The backfill whose chunk is in flight.
     reading: Mutex<Option<String>>,
+    /// Since when the live stream has had no room for a chunk.
+    busy_since: Mutex<Option<Instant>>,
     wake: tokio::sync::Notify,
 }
 
@@ -209,6 +214,7 @@ impl Backfills {
             rates: Mutex::new(HashMap::new()),
             seen: Mutex::new(Vec::new()),
             reading: Mutex::new(None),
+            busy_since: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -417,20 +423,36 @@ impl Backfills {
         }
     }
 
-    /// Whether this replica streams and the live stream leaves room for a chunk.
+    /// Whether this replica streams and the live stream leaves room for a chunk. Live batches
+    /// go first, but a stream that never leaves room does not starve the backfill: after
+    /// [`MAX_YIELD`] of waiting a chunk goes anyway.
     async fn may_read(&self) -> bool {
-        match self.connection.send(GetConnectionStatus).await {
-            Ok(st) => {
-                st.state == ConnectionState::Connected
-                    && st.inflight_batches <= self.settings.max_live_batches
-            }
-            Err(_) => false,
+        let st = match self.connection.send(GetConnectionStatus).await {
+            Ok(st) if st.state == ConnectionState::Connected => st,
+            _ => return false,
+        };
+        let Ok(mut busy) = self.busy_since.lock() else {
+            return false;
+        };
+        if st.inflight_batches <= self.settings.max_live_batches {
+            *busy = None;
+            return true;
         }
+        let since = *busy.get_or_insert_with(Instant::now);
+        if since.elapsed() >= MAX_YIELD {
+            *busy = None;
+            return true;
+        }
+        false
     }
 
     /// One chunk of the next running backfill. Ok(false): nothing to do now.
     async fn round(&self, turn: &mut usize) -> Result<bool, BackfillError> {
         if !self.may_read().await {
+            if self.busy_since.lock().is_ok_and(|b| b.is_some()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return Ok(true);
+            }
             return Ok(false);
         }
         let all = self.source.list(&self.settings.owner).await?;
