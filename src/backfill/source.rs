@@ -373,6 +373,9 @@ impl Source {
         };
         let mut out = Vec::new();
         for (id, state, spec, progress) in rows {
+            if !id.starts_with("bf-") {
+                continue; // not a backfill (a heartbeat row)
+            }
             let (Some(state), Ok(spec), Ok(progress)) = (
                 State::parse(&state),
                 serde_json::from_str::<Spec>(&spec),
