@@ -22,7 +22,10 @@
 //! `consumer_{events,triggers,errors,restarts}_total`, `consumer_lag_seconds`,
 //! `consumer_enabled`; per table column whose text arrived with U+FFFD (UTF-8 mode, see
 //! `canal::lossy`) `canal_lossy_text_rows_total{database,table,column}` (bounded by the
-//! schema: one series per such column).
+//! schema: one series per such column); per backfill that is not done or cancelled
+//! `backfill_rows_{read,emitted,estimated,per_second}{backfill,table}` and
+//! `backfill_rereads{backfill,table}`, and `backfills{state}` (bounded by the backfills an
+//! operator keeps running).
 
 use dashmap::DashMap;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -168,7 +171,44 @@ pub struct Metrics {
     families: ConsumerFamilies,
     consumers: DashMap<String, Arc<ConsumerMetrics>>,
     lossy_text_rows: Family<ColumnLabel, PromCounter<u64, AtomicU64>>,
+    backfills: BackfillFamilies,
     registry: Registry,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackfillLabel {
+    backfill: String,
+    table: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+/// Backfill series: per backfill that is not done or cancelled (label `backfill`, `table`),
+/// and a count per state. Rebuilt at every scrape, so a finished backfill leaves them.
+#[derive(Debug, Default)]
+struct BackfillFamilies {
+    rows_read: Family<BackfillLabel, PromGauge<i64, AtomicI64>>,
+    rows_emitted: Family<BackfillLabel, PromGauge<i64, AtomicI64>>,
+    rows_estimated: Family<BackfillLabel, PromGauge<i64, AtomicI64>>,
+    rows_per_second: Family<BackfillLabel, PromGauge<f64, AtomicU64>>,
+    rereads: Family<BackfillLabel, PromGauge<i64, AtomicI64>>,
+    by_state: Family<StateLabel, PromGauge<i64, AtomicI64>>,
+}
+
+/// What the backfill series show of one backfill.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackfillFigures {
+    pub id: String,
+    pub table: String,
+    pub state: &'static str,
+    pub rows_read: u64,
+    pub rows_emitted: u64,
+    pub rows_estimated: u64,
+    pub rows_per_second: Option<f64>,
+    pub rereads: u64,
 }
 
 /// `prometheus-client` adds `_total` to counter names and a full stop to help texts.
@@ -201,6 +241,7 @@ impl Default for Metrics {
             families: ConsumerFamilies::default(),
             consumers: DashMap::new(),
             lossy_text_rows: Family::default(),
+            backfills: BackfillFamilies::default(),
             registry: Registry::default(),
         };
         m.register();
@@ -345,6 +386,70 @@ impl Metrics {
             ),
             self.lossy_text_rows.clone(),
         );
+        let b = &self.backfills;
+        r.register(
+            "backfill_rows_read",
+            help("Rows a backfill has read in confirmed chunks (backfills not done or cancelled)."),
+            b.rows_read.clone(),
+        );
+        r.register(
+            "backfill_rows_emitted",
+            help("Rows a backfill emitted as SNAPSHOT events, confirmed."),
+            b.rows_emitted.clone(),
+        );
+        r.register(
+            "backfill_rows_estimated",
+            help("The source's estimate of the rows a backfill reads, when it started."),
+            b.rows_estimated.clone(),
+        );
+        r.register(
+            "backfill_rows_per_second",
+            help("A running backfill's recent rate on this replica."),
+            b.rows_per_second.clone(),
+        );
+        r.register(
+            "backfill_rereads",
+            help("Chunks a backfill had to read again (timeouts, rollbacks, DDL)."),
+            b.rereads.clone(),
+        );
+        r.register(
+            "backfills",
+            help("Backfills of this service by state."),
+            b.by_state.clone(),
+        );
+    }
+
+    /// Replace the backfill series with `all` (every backfill of the service).
+    pub fn observe_backfills(&self, all: &[BackfillFigures]) {
+        let b = &self.backfills;
+        b.rows_read.clear();
+        b.rows_emitted.clear();
+        b.rows_estimated.clear();
+        b.rows_per_second.clear();
+        b.rereads.clear();
+        b.by_state.clear();
+        for f in all {
+            b.by_state
+                .get_or_create(&StateLabel {
+                    state: f.state.to_string(),
+                })
+                .inc();
+            if matches!(f.state, "done" | "cancelled") {
+                continue;
+            }
+            let l = BackfillLabel {
+                backfill: f.id.clone(),
+                table: f.table.clone(),
+            };
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            b.rows_read.get_or_create(&l).set(n(f.rows_read));
+            b.rows_emitted.get_or_create(&l).set(n(f.rows_emitted));
+            b.rows_estimated.get_or_create(&l).set(n(f.rows_estimated));
+            b.rereads.get_or_create(&l).set(n(f.rereads));
+            if let Some(r) = f.rows_per_second {
+                b.rows_per_second.get_or_create(&l).set(r);
+            }
+        }
     }
 
     /// Catch up with the count of rows whose text in `database.table.column` arrived lossy.

@@ -498,6 +498,26 @@ async fn composite_and_string_keys_pause_resume_cancel_and_an_empty_where() {
     };
     let read = paused["progress"]["rows_read"].as_u64().unwrap();
     assert!(read < 600, "{paused}");
+    // the status and the metrics show it as the record has it
+    let status = wait_status(&svc, "backfills in status", |s| {
+        s["backfills"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|b| b["id"] == c.as_str() && b["state"] == "paused")
+        })
+    })
+    .await;
+    assert!(
+        status["backfills"].as_array().unwrap().len() >= 3,
+        "{status}"
+    );
+    let (code, metrics) = svc.get("/metrics").await;
+    assert_eq!(code, 200);
+    let series = format!("backfill_rows_read{{backfill=\"{c}\",table=\"cc_bf.comp\"}} {read}");
+    assert!(metrics.contains(&series), "{series} not in\n{metrics}");
+    assert!(
+        metrics.contains("backfills{state=\"cancelled\"} 1"),
+        "{metrics}"
+    );
     // paused means no more chunks: what it read does not move while the other one runs
     wait_backfill(&svc, &s, "done", Duration::from_secs(120)).await;
     let still = backfill(&svc, &c).await;

@@ -25,7 +25,7 @@ use super::access::{Access, Need, Token, check_bind, token_path};
 use super::now_ms;
 use super::{AdminError, Control, ServiceStatus};
 use crate::backfill::record::Action;
-use crate::backfill::{BackfillError, Backfills, StartRequest};
+use crate::backfill::{BackfillError, BackfillView, Backfills, StartRequest};
 use crate::config::Config;
 use crate::metrics::{CONTENT_TYPE, Metrics, MetricsHandle};
 use crate::state::StateFile;
@@ -296,6 +296,10 @@ async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse
     }
     let snapshot = state.control.status().await;
     observe(&state.metrics, &snapshot, now_ms());
+    if let Some(b) = &state.backfills {
+        let figures: Vec<_> = b.seen().iter().map(BackfillView::figures).collect();
+        state.metrics.observe_backfills(&figures);
+    }
     HttpResponse::Ok()
         .content_type(CONTENT_TYPE)
         .body(state.metrics.render())

@@ -104,6 +104,23 @@ pub struct BackfillView {
     pub reading: bool,
 }
 
+impl BackfillView {
+    /// What `/metrics` shows of it.
+    pub fn figures(&self) -> crate::metrics::BackfillFigures {
+        let b = &self.backfill;
+        crate::metrics::BackfillFigures {
+            id: b.id.clone(),
+            table: b.spec.full_table(),
+            state: b.state.as_str(),
+            rows_read: b.progress.rows_read,
+            rows_emitted: b.progress.rows_emitted,
+            rows_estimated: b.progress.estimate,
+            rows_per_second: self.rows_per_second,
+            rereads: b.progress.rereads,
+        }
+    }
+}
+
 /// Settings of the runner.
 #[derive(Debug, Clone)]
 pub struct Settings {
