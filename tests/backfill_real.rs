@@ -651,3 +651,187 @@ async fn a_backfill_resumes_after_kill_9_with_the_same_ids() {
     delete_queue(&queue).await;
     disconnect(pool).await;
 }
+
+/// Starts Canal again if the test ends (or panics) while it is down.
+struct CanalBackUp;
+impl Drop for CanalBackUp {
+    fn drop(&mut self) {
+        script("deploy/local/canal-ctl", &["start"]);
+    }
+}
+
+/// Waits until backfill `id` has confirmed at least `chunks` chunks.
+async fn wait_chunks(svc: &ServiceProc, id: &str, chunks: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let b = backfill(svc, id).await;
+        if b["progress"]["chunks"].as_u64().unwrap() >= chunks {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {b}\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The Canal server killed and started again mid-backfill: the backfill goes on (the chunk in
+/// flight is read again), every row arrives, and a row sent twice keeps its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn a_canal_restart_mid_backfill_loses_nothing() {
+    let _canal = canal_lock().await;
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.cr; \
+         CREATE TABLE {DB}.cr (id INT PRIMARY KEY, v INT NOT NULL); \
+         DROP TABLE IF EXISTS canal_consumer.wm_cr;"
+    ));
+    mysql(&format!(
+        "USE {DB}; SET SESSION sql_log_bin = 0; INSERT INTO {DB}.cr SELECT seq, seq FROM seq_1_to_4000;"
+    ));
+    let queue = queue("backfill-canal");
+    delete_queue(&queue).await;
+    let consumer = state_consumer("cr", "cr", "${data.id}", "${old.id}", "changed('id')");
+    let mut svc = ServiceProc::prepare(
+        "backfill-canal",
+        &queue,
+        &[("cr.toml", &consumer)],
+        &backfill_config("wm_cr"),
+    );
+    svc.env
+        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
+    svc.start().await;
+    let id = start_backfill(&svc, &format!("table={DB}.cr&chunk=100&rate=1000")).await;
+    wait_chunks(&svc, &id, 5).await;
+    {
+        let _back = CanalBackUp;
+        script("deploy/local/canal-ctl", &["kill"]);
+    }
+    let done = wait_backfill(&svc, &id, "done", Duration::from_secs(180)).await;
+    assert_eq!(done["progress"]["rows_read"], 4000, "{done}");
+    let pool = pool();
+    sentinel(&pool, "cr", "-1").await;
+    let got = consume_until(&queue, Duration::from_secs(120), |g| {
+        g.last().is_some_and(is_sentinel)
+    })
+    .await;
+    let mut conn = pool.get_conn().await.unwrap();
+    let rows: Vec<(i64, i64)> = conn
+        .query("SELECT id, v FROM cr WHERE id > 0")
+        .await
+        .unwrap();
+    drop(conn);
+    let table: BTreeMap<String, i64> = rows.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    assert_final_state(&last_seen(&got, "cr"), &table, "after a Canal restart");
+    let mut ids_of: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+    for g in got.iter().filter(|g| g.body["plugin"] == "row") {
+        ids_of
+            .entry(g.body["payload"]["key"].to_string())
+            .or_default()
+            .insert(g.message_id.clone());
+    }
+    assert!(
+        ids_of.values().all(|ids| ids.len() == 1),
+        "a row arrived under two ids"
+    );
+    eprintln!(
+        "canal restart: {} messages for {} keys, {done}",
+        got.len(),
+        ids_of.len()
+    );
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+    disconnect(pool).await;
+}
+
+/// DDL on a table while it is backfilled (README "Backfill"): a new column is picked up from
+/// the next chunk on and the backfill finishes with every row; a changed primary key or a
+/// dropped table fails the backfill with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn ddl_during_a_backfill_has_a_clear_outcome() {
+    let _canal = canal_lock().await;
+    let tables = ["ddl_add", "ddl_key", "ddl_drop"];
+    for t in tables {
+        mysql(&format!(
+            "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{t}; \
+             CREATE TABLE {DB}.{t} (id INT PRIMARY KEY, v INT NOT NULL); \
+             USE {DB}; SET SESSION sql_log_bin = 0; INSERT INTO {DB}.{t} SELECT seq, seq FROM seq_1_to_2000;"
+        ));
+    }
+    mysql("DROP TABLE IF EXISTS canal_consumer.wm_ddl;");
+    let queue = queue("backfill-ddl");
+    delete_queue(&queue).await;
+    let files: Vec<(String, String)> = tables
+        .iter()
+        .map(|t| {
+            (
+                format!("{t}.toml"),
+                state_consumer(t, t, "${data.id}", "${old.id}", "changed('id')"),
+            )
+        })
+        .collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let mut svc = ServiceProc::prepare("backfill-ddl", &queue, &files, &backfill_config("wm_ddl"));
+    svc.env
+        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
+    svc.start().await;
+    let mut ids = Vec::new();
+    for t in tables {
+        ids.push(start_backfill(&svc, &format!("table={DB}.{t}&chunk=50&rate=600")).await);
+    }
+    wait_chunks(&svc, &ids[0], 2).await;
+    mysql(&format!(
+        "ALTER TABLE {DB}.ddl_add ADD COLUMN note VARCHAR(8) NOT NULL DEFAULT 'new'; \
+         ALTER TABLE {DB}.ddl_key DROP PRIMARY KEY, ADD PRIMARY KEY (id, v); \
+         DROP TABLE {DB}.ddl_drop;"
+    ));
+    let added = wait_backfill(&svc, &ids[0], "done", Duration::from_secs(120)).await;
+    assert_eq!(added["progress"]["rows_read"], 2000, "{added}");
+    let key = wait_backfill(&svc, &ids[1], "failed", Duration::from_secs(60)).await;
+    let why = key["progress"]["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("the primary key of cc_bf.ddl_key changed from (id) to (id, v)"),
+        "{key}"
+    );
+    let dropped = wait_backfill(&svc, &ids[2], "failed", Duration::from_secs(60)).await;
+    let why = dropped["progress"]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("no table cc_bf.ddl_drop"), "{dropped}");
+    // every row of the table that took a new column arrived
+    let pool = pool();
+    let mut conn = pool.get_conn().await.unwrap();
+    conn.query_drop("INSERT INTO ddl_add (id, v) VALUES (-1, -1)")
+        .await
+        .unwrap();
+    drop(conn);
+    let got = consume_until(&queue, Duration::from_secs(120), |g| {
+        g.last().is_some_and(is_sentinel)
+    })
+    .await;
+    let mut conn = pool.get_conn().await.unwrap();
+    let rows: Vec<(i64, i64)> = conn
+        .query("SELECT id, v FROM ddl_add WHERE id > 0")
+        .await
+        .unwrap();
+    drop(conn);
+    let table: BTreeMap<String, i64> = rows.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    assert_final_state(
+        &last_seen(&got, "ddl_add"),
+        &table,
+        "a column added mid-backfill",
+    );
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+    disconnect(pool).await;
+}
