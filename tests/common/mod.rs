@@ -9,6 +9,7 @@
 //! ends, pass or fail.
 #![allow(dead_code)]
 
+pub mod backfill;
 pub mod proc;
 pub mod promql;
 pub mod service;
