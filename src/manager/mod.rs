@@ -220,8 +220,6 @@ pub struct Manager {
     windows: Option<Windows>,
     /// How each announced read is reported back.
     reads: BTreeMap<String, tokio::sync::oneshot::Sender<Outcome>>,
-    /// Reads whose rows ride in a batch, with their counts: done when it is acked.
-    read_batches: BTreeMap<BatchRef, Vec<(String, u64, u64)>>,
 }
 
 impl Manager {
@@ -248,7 +246,6 @@ impl Manager {
             slots,
             router,
             reads: BTreeMap::new(),
-            read_batches: BTreeMap::new(),
         }
     }
 
@@ -264,14 +261,11 @@ impl Manager {
 
     /// Reads whose rows rode in `batch`: confirmed if it was acked, to be read again if not.
     fn settle_batch(&mut self, batch: BatchRef, acked: bool) {
-        for (nonce, emitted, dropped) in self.read_batches.remove(&batch).unwrap_or_default() {
-            let outcome = if acked {
-                Outcome::Confirmed { emitted, dropped }
-            } else {
-                Outcome::Failed(format!(
-                    "batch {batch} with the chunk's rows was rolled back"
-                ))
-            };
+        let settled = match self.windows.as_mut() {
+            Some(w) => w.settled(batch, acked),
+            None => return,
+        };
+        for (nonce, outcome) in settled {
             self.settle_read(&nonce, outcome);
         }
     }
@@ -341,15 +335,12 @@ impl Manager {
 
     fn route(&mut self, mut batch: Batch, ctx: &mut Context<Self>) {
         if let Some(w) = self.windows.as_mut() {
-            let scan = w.scan(&batch.events);
+            let scan = w.route(batch.batch, &batch.events);
             if let Some(events) = scan.events {
                 batch.events = Arc::new(events);
             }
             for (nonce, why) in scan.failed {
                 self.settle_read(&nonce, Outcome::Failed(why));
-            }
-            if !scan.emitted.is_empty() {
-                self.read_batches.insert(batch.batch, scan.emitted);
             }
         }
         let park = Arc::new(self.check_lossy(&batch.events));

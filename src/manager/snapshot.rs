@@ -26,8 +26,9 @@
 //! abandoned, is read again under a new nonce; a watermark whose nonce is unknown (a
 //! redelivery of an old read, another replica's read) is ignored.
 
+use crate::canal::connection::BatchRef;
 use crate::event::{ArcStr, ChangeEvent, EventType, Row, SnapshotOrigin, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 /// One read of one chunk, announced before its low watermark is written.
@@ -108,6 +109,9 @@ pub struct Scan {
 pub struct Windows {
     table: WatermarkTable,
     reads: HashMap<String, Read>,
+    /// Reads whose rows ride in a batch, with their counts: settled when it is acked or
+    /// abandoned.
+    batches: BTreeMap<BatchRef, Vec<(String, u64, u64)>>,
 }
 
 impl Windows {
@@ -115,6 +119,7 @@ impl Windows {
         Windows {
             table,
             reads: HashMap::new(),
+            batches: BTreeMap::new(),
         }
     }
 
@@ -157,6 +162,37 @@ impl Windows {
     /// Drop a read (the backfill gave up waiting for it, or its batch was settled).
     pub fn forget(&mut self, nonce: &str) {
         self.reads.remove(nonce);
+    }
+
+    /// Look at batch `batch` in binlog order (see the module docs): the events to route in its
+    /// place, and the reads that failed in it. The reads whose rows it carries are settled by
+    /// [`Windows::settled`] once the batch is acked or abandoned.
+    pub fn route(&mut self, batch: BatchRef, events: &[ChangeEvent]) -> Scan {
+        let scan = self.scan(events);
+        if !scan.emitted.is_empty() {
+            self.batches.insert(batch, scan.emitted.clone());
+        }
+        scan
+    }
+
+    /// `batch` was acked (every trigger of it confirmed) or abandoned (rolled back, its epoch
+    /// ended): how each read whose rows it carried ended. The reads are forgotten.
+    pub fn settled(&mut self, batch: BatchRef, acked: bool) -> Vec<(String, Outcome)> {
+        let mut out = Vec::new();
+        for (nonce, emitted, dropped) in self.batches.remove(&batch).unwrap_or_default() {
+            self.reads.remove(&nonce);
+            out.push((
+                nonce,
+                if acked {
+                    Outcome::Confirmed { emitted, dropped }
+                } else {
+                    Outcome::Failed(format!(
+                        "batch {batch} with the chunk's rows was rolled back"
+                    ))
+                },
+            ));
+        }
+        out
     }
 
     /// Look at one batch in binlog order; see the module docs.

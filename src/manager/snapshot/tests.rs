@@ -1,11 +1,13 @@
 //! The watermark windows against a model table: a seeded simulation of DBLog's algorithm with a
 //! writer that inserts, updates (also the key) and deletes while a backfill reads chunks, the
-//! binlog cut into random batches, redelivered from random points, reads lost and spoiled by
-//! DDL. After each run, for every key, the last event a consumer saw must carry the row's final
+//! binlog cut into random batches, some of them abandoned (their publish failed: the stream
+//! comes again from the last ack and the reads whose rows they carried are read again), reads
+//! whose rows were lost. After each run, for every key, the last event a consumer saw must carry the row's final
 //! state (a deleted key's last event removes it), and every row of the final table must have
 //! been seen: the table's final state is the independent expectation.
 
 use super::*;
+use crate::canal::connection::BatchRef;
 use crate::event::{Columns, Position};
 use std::collections::BTreeMap;
 
@@ -123,8 +125,9 @@ fn run(seed: u64) {
     let mut windows = Windows::new(wm_table());
     // consumer side
     let mut seen = Seen::new();
-    let mut delivered = 0usize; // log events handed to scan (the stream's cursor)
+    let mut delivered = 0usize; // log events handed to the windows (the stream's cursor)
     let mut acked = 0usize; // the cursor a redelivery restarts from
+    let (mut epoch, mut batch_id) = (1u64, 0i64);
     // backfill side: keyset pagination over `id`
     let mut last_key: Option<i64> = None;
     let mut done = false;
@@ -240,21 +243,36 @@ fn run(seed: u64) {
                 }
             },
             // the stream: deliver a batch
-            6..=8 if delivered < log.len() => {
+            6..=9 if delivered < log.len() => {
                 let size = rng.usize(1..=(log.len() - delivered).min(6));
+                batch_id += 1;
+                let b = BatchRef {
+                    epoch,
+                    id: batch_id,
+                };
                 let batch = &log[delivered..delivered + size];
-                let scan = windows.scan(batch);
+                let scan = windows.route(b, batch);
                 let events = scan.events.as_deref().unwrap_or(batch);
+                // what a consumer saw, whether the batch is then acked or rolled back
                 for e in events {
                     apply_seen(&mut seen, e);
                 }
-                delivered += size;
-                for (nonce, _, _) in scan.emitted {
-                    // acked at once in this model (its triggers confirmed)
-                    windows.forget(&nonce);
-                    let rows = pending_rows.remove(&nonce).unwrap();
+                for (nonce, _) in scan.failed {
+                    pending_rows.remove(&nonce);
                     if read.as_ref().is_some_and(|(r, _)| *r == nonce) {
-                        read = None;
+                        read = None; // read the chunk again
+                    }
+                }
+                // a publish fails now and then: the batch is abandoned and the stream comes
+                // again from the last ack (a new epoch); else it is acked
+                let acked_now = rng.u8(0..6) != 0;
+                for (nonce, outcome) in windows.settled(b, acked_now) {
+                    let rows = pending_rows.remove(&nonce).unwrap();
+                    if !read.as_ref().is_some_and(|(r, _)| *r == nonce) {
+                        continue;
+                    }
+                    read = None;
+                    if let Outcome::Confirmed { .. } = outcome {
                         match rows.last() {
                             Some(r) if rows.len() == chunk => {
                                 last_key = Some(match r.get("id") {
@@ -266,19 +284,13 @@ fn run(seed: u64) {
                         }
                     }
                 }
-                for (nonce, _) in scan.failed {
-                    pending_rows.remove(&nonce);
-                    if read.as_ref().is_some_and(|(r, _)| *r == nonce) {
-                        read = None; // read the chunk again
-                    }
+                if acked_now {
+                    delivered += size;
+                } else {
+                    epoch += 1;
+                    delivered = acked;
                 }
-                if rng.bool() {
-                    acked = delivered;
-                }
-            }
-            // a rollback: the stream comes again from the last ack
-            9 if rng.u8(0..4) == 0 => {
-                delivered = acked;
+                acked = delivered;
             }
             _ => {}
         }
