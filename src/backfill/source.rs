@@ -4,7 +4,7 @@
 //!
 //! Values are read over MySQL's text protocol and typed by each column's declared type
 //! ([`DeclaredType`]), so a SNAPSHOT row holds the same [`Value`]s as a binlog change of the same
-//! row. Key values go back into SQL as literals: numbers as digits, text as a hex literal with a
+//! row (the session's time zone is UTC, as Canal renders TIMESTAMP values). Key values go back into SQL as literals: numbers as digits, text as a hex literal with a
 //! `utf8mb4` introducer (compared under the column's own collation, whatever the server's
 //! `sql_mode`), bytes as a hex literal.
 //!
@@ -96,10 +96,14 @@ impl Source {
     pub fn new(url: &str, shown: String, watermark: (String, String)) -> Result<Source, String> {
         crate::canal::source::check_url(url).map_err(|e| e.to_string())?;
         let opts = mysql_async::Opts::from_url(url).map_err(|e| e.to_string())?;
-        let opts = mysql_async::OptsBuilder::from_opts(opts).pool_opts(
-            mysql_async::PoolOpts::default()
-                .with_constraints(mysql_async::PoolConstraints::new(0, 4).expect("0 <= 4")),
-        );
+        // TIMESTAMP values as Canal renders them (in UTC); `--where` conditions on TIMESTAMP
+        // columns are read in UTC too
+        let opts = mysql_async::OptsBuilder::from_opts(opts)
+            .init(vec!["SET SESSION time_zone = '+00:00'"])
+            .pool_opts(
+                mysql_async::PoolOpts::default()
+                    .with_constraints(mysql_async::PoolConstraints::new(0, 4).expect("0 <= 4")),
+            );
         Ok(Source {
             pool: mysql_async::Pool::new(opts),
             shown,
