@@ -225,6 +225,17 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
             let _ = writeln!(out, "        {}: {e}", key.replace('_', " "));
         }
     }
+    if let Some(all) = v["backfills"].as_array() {
+        for b in all
+            .iter()
+            .filter(|b| !matches!(b["state"].as_str(), Some("done" | "cancelled")))
+        {
+            let _ = writeln!(out, "backfill {}", backfill_bar(b));
+            if let Some(e) = b["progress"]["error"].as_str() {
+                let _ = writeln!(out, "        {e}");
+            }
+        }
+    }
     out.push('\n');
     out.push_str(&consumer_table(&v["consumers"], true));
     out
@@ -344,6 +355,68 @@ fn consumer_table(consumers: &Value, counters: bool) -> String {
 /// The human list of consumers (`GET /consumers`).
 pub fn render_list(consumers: &Value) -> String {
     consumer_table(consumers, false)
+}
+
+fn num(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// `[#######-------]  45%  45000/100000 rows  1234 rows/s  ETA 44s  running`
+pub fn backfill_bar(b: &Value) -> String {
+    let p = &b["progress"];
+    let read = num(&p["rows_read"]);
+    let estimate = num(&p["estimate"]).max(read);
+    let state = b["state"].as_str().unwrap_or("?");
+    let frac = if state == "done" {
+        1.0
+    } else if estimate == 0 {
+        0.0
+    } else {
+        read as f64 / estimate as f64
+    };
+    let width = 30usize;
+    let filled = ((frac * width as f64).round() as usize).min(width);
+    let mut s = format!(
+        "{} [{}{}] {:>3.0}%  {read}/{estimate} rows",
+        b["id"].as_str().unwrap_or("?"),
+        "#".repeat(filled),
+        "-".repeat(width - filled),
+        frac * 100.0
+    );
+    if let Some(r) = b["rows_per_second"].as_f64() {
+        let _ = write!(s, "  {r:.0} rows/s");
+    }
+    if let Some(eta) = b["eta_seconds"].as_u64() {
+        let _ = write!(
+            s,
+            "  ETA {}",
+            humantime::format_duration(std::time::Duration::from_secs(eta))
+        );
+    }
+    let _ = write!(s, "  {state}");
+    s
+}
+
+/// One line: id, table, state, counts.
+pub fn backfill_line(b: &Value) -> String {
+    let p = &b["progress"];
+    let spec = &b["spec"];
+    let mut s = format!(
+        "{} {}.{} {}: {} rows read of ~{}, {} emitted, {} left to live changes, {} chunks",
+        b["id"].as_str().unwrap_or("?"),
+        spec["database"].as_str().unwrap_or("?"),
+        spec["table"].as_str().unwrap_or("?"),
+        b["state"].as_str().unwrap_or("?"),
+        num(&p["rows_read"]),
+        num(&p["estimate"]),
+        num(&p["rows_emitted"]),
+        num(&p["rows_dropped"]),
+        num(&p["chunks"]),
+    );
+    if let Some(e) = p["error"].as_str() {
+        let _ = write!(s, " ({e})");
+    }
+    s
 }
 
 #[cfg(test)]
@@ -561,6 +634,25 @@ mod tests {
         assert!(
             list.contains("teacher_consumer  no       disabled"),
             "{list}"
+        );
+    }
+    #[test]
+    fn the_bar_shows_share_rate_and_time_left() {
+        let b = serde_json::json!({
+            "id": "bf-1", "state": "running",
+            "spec": {"database": "d", "table": "t"},
+            "progress": {"rows_read": 250, "estimate": 1000},
+            "rows_per_second": 50.0, "eta_seconds": 15
+        });
+        assert_eq!(
+            backfill_bar(&b),
+            "bf-1 [########----------------------]  25%  250/1000 rows  50 rows/s  ETA 15s  running"
+        );
+        let done = serde_json::json!({"id": "bf-1", "state": "done", "progress": {"rows_read": 3, "estimate": 0}});
+        assert!(
+            backfill_bar(&done).contains("100%"),
+            "{}",
+            backfill_bar(&done)
         );
     }
 }

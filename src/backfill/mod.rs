@@ -273,12 +273,12 @@ impl Backfills {
             }
             Some(c) if !takers.contains(&c.as_str()) => {
                 return Err(BackfillError::Invalid(format!(
-                    "consumer `{c}` takes no SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of its rule on that table"
+                    "consumer `{c}` takes no SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of its filter on that table (and of its rules' `when`, where they list events)"
                 )));
             }
             None if takers.is_empty() => {
                 return Err(BackfillError::Invalid(format!(
-                    "no consumer takes SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of a rule on that table"
+                    "no consumer takes SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of a consumer's filter on that table (and of its rules' `when`, where they list events)"
                 )));
             }
             _ => {}

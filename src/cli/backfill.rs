@@ -11,6 +11,7 @@
 
 use crate::admin::access::Token;
 use crate::admin::client::{self, ClientError};
+use crate::admin::render::{backfill_bar as bar, backfill_line as line};
 use crate::backfill::StartRequest;
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -150,68 +151,6 @@ async fn follow(bind: &str, token: Option<&Token>, id: &str) -> Result<i32, Clie
     }
 }
 
-fn n(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
-
-/// `[#######-------]  45%  45000/100000 rows  1234 rows/s  ETA 44s  running`
-pub fn bar(b: &Value) -> String {
-    let p = &b["progress"];
-    let read = n(&p["rows_read"]);
-    let estimate = n(&p["estimate"]).max(read);
-    let state = b["state"].as_str().unwrap_or("?");
-    let frac = if state == "done" {
-        1.0
-    } else if estimate == 0 {
-        0.0
-    } else {
-        read as f64 / estimate as f64
-    };
-    let width = 30usize;
-    let filled = ((frac * width as f64).round() as usize).min(width);
-    let mut s = format!(
-        "{} [{}{}] {:>3.0}%  {read}/{estimate} rows",
-        b["id"].as_str().unwrap_or("?"),
-        "#".repeat(filled),
-        "-".repeat(width - filled),
-        frac * 100.0
-    );
-    if let Some(r) = b["rows_per_second"].as_f64() {
-        let _ = write!(s, "  {r:.0} rows/s");
-    }
-    if let Some(eta) = b["eta_seconds"].as_u64() {
-        let _ = write!(
-            s,
-            "  ETA {}",
-            humantime::format_duration(Duration::from_secs(eta))
-        );
-    }
-    let _ = write!(s, "  {state}");
-    s
-}
-
-/// One line: id, table, state, counts.
-pub fn line(b: &Value) -> String {
-    let p = &b["progress"];
-    let spec = &b["spec"];
-    let mut s = format!(
-        "{} {}.{} {}: {} rows read of ~{}, {} emitted, {} left to live changes, {} chunks",
-        b["id"].as_str().unwrap_or("?"),
-        spec["database"].as_str().unwrap_or("?"),
-        spec["table"].as_str().unwrap_or("?"),
-        b["state"].as_str().unwrap_or("?"),
-        n(&p["rows_read"]),
-        n(&p["estimate"]),
-        n(&p["rows_emitted"]),
-        n(&p["rows_dropped"]),
-        n(&p["chunks"]),
-    );
-    if let Some(e) = p["error"].as_str() {
-        let _ = write!(s, " ({e})");
-    }
-    s
-}
-
 fn render_one(b: &Value) -> String {
     let spec = &b["spec"];
     let mut s = format!("{}\n{}\n", line(b), bar(b));
@@ -230,25 +169,4 @@ fn render_list(all: &Value) -> String {
         return "no backfills\n".into();
     }
     items.iter().map(|b| line(b) + "\n").collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bar_shows_share_rate_and_time_left() {
-        let b = serde_json::json!({
-            "id": "bf-1", "state": "running",
-            "spec": {"database": "d", "table": "t"},
-            "progress": {"rows_read": 250, "estimate": 1000},
-            "rows_per_second": 50.0, "eta_seconds": 15
-        });
-        assert_eq!(
-            bar(&b),
-            "bf-1 [########----------------------]  25%  250/1000 rows  50 rows/s  ETA 15s  running"
-        );
-        let done = serde_json::json!({"id": "bf-1", "state": "done", "progress": {"rows_read": 3, "estimate": 0}});
-        assert!(bar(&done).contains("100%"), "{}", bar(&done));
-    }
 }

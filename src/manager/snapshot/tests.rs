@@ -268,7 +268,7 @@ fn run(seed: u64) {
                 let acked_now = rng.u8(0..6) != 0;
                 for (nonce, outcome) in windows.settled(b, acked_now) {
                     let rows = pending_rows.remove(&nonce).unwrap();
-                    if !read.as_ref().is_some_and(|(r, _)| *r == nonce) {
+                    if read.as_ref().is_none_or(|(r, _)| *r != nonce) {
                         continue;
                     }
                     read = None;
