@@ -602,7 +602,6 @@ impl Backfills {
                 let last_chunk = b
                     .progress
                     .chunk_done(n, b.spec.chunk, last, emitted, dropped);
-                self.note_rate(&b.id, n, started.elapsed());
                 if last_chunk {
                     return self.finish(&b, b.progress.clone()).await;
                 }
@@ -613,6 +612,8 @@ impl Backfills {
                         tokio::time::sleep(left).await;
                     }
                 }
+                // the rate as it is: with the pause the rate limit makes
+                self.note_rate(&b.id, n, started.elapsed());
             }
             Outcome::Failed(why) => {
                 tracing::info!(backfill = %b.id, table = %b.spec.full_table(), reason = %why, "backfill chunk read again");
