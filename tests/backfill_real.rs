@@ -274,10 +274,16 @@ async fn composite_and_string_keys_pause_resume_cancel_and_an_empty_where() {
         "${old.code}",
         "changed('code')",
     );
+    // takes SNAPSHOT events of comp too, but the comp backfill is for `comp` alone
+    let other = state_consumer("other", "comp", "${data.id}", "${old.id}", "false");
     let mut svc = ServiceProc::prepare(
         "backfill-keys",
         &queue,
-        &[("comp.toml", &comp), ("strk.toml", &strk)],
+        &[
+            ("comp.toml", &comp),
+            ("strk.toml", &strk),
+            ("other.toml", &other),
+        ],
         &backfill_config("wm_keys"),
     );
     svc.env
@@ -290,7 +296,11 @@ async fn composite_and_string_keys_pause_resume_cancel_and_an_empty_where() {
     assert_eq!(b["progress"]["rows_read"], 0, "{b}");
 
     // two at once, slowed down so pause and cancel land mid-way
-    let c = start_backfill(&svc, &format!("table={DB}.comp&chunk=20&rate=200")).await;
+    let c = start_backfill(
+        &svc,
+        &format!("table={DB}.comp&chunk=20&rate=200&consumer=comp"),
+    )
+    .await;
     let s = start_backfill(&svc, &format!("table={DB}.strk&chunk=25&rate=200")).await;
     let twin = start_backfill(&svc, &format!("table={DB}.strk&chunk=5&rate=20")).await;
     assert_eq!(svc.post(&format!("/backfills/{twin}/cancel")).await, 200);
@@ -347,7 +357,7 @@ async fn composite_and_string_keys_pause_resume_cancel_and_an_empty_where() {
     sentinel(&pool, "comp", "'zz', -1").await;
     sentinel(&pool, "strk", "'zz-sentinel'").await;
     let got = consume_until(&queue, Duration::from_secs(120), |g| {
-        g.last().is_some_and(is_sentinel) && g.iter().filter(|g| is_sentinel(g)).count() == 2
+        g.last().is_some_and(is_sentinel) && g.iter().filter(|g| is_sentinel(g)).count() == 3
     })
     .await;
     let mut conn = pool.get_conn().await.unwrap();
@@ -370,6 +380,19 @@ async fn composite_and_string_keys_pause_resume_cancel_and_an_empty_where() {
     assert_final_state(&last_seen(&got, "strk"), &strk_table, "string key");
     // each row once per backfill: the comp rows came once, the strk rows once from `s` (the
     // cancelled twin may have sent a few before it stopped; they carry their own ids)
+    // --consumer: the other consumer of the table got none of its rows
+    let leaked = got
+        .iter()
+        .filter(|g| g.body["consumer"] == "other" && g.body["source"]["event_type"] == "SNAPSHOT")
+        .count();
+    assert_eq!(
+        leaked, 0,
+        "SNAPSHOT rows of a --consumer backfill went to another consumer"
+    );
+    assert!(
+        got.iter().any(|g| g.body["consumer"] == "other"),
+        "the other consumer got its live rows"
+    );
     let mut ids: HashMap<&str, u32> = HashMap::new();
     for g in &got {
         *ids.entry(g.message_id.as_str()).or_default() += 1;
