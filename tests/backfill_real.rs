@@ -653,3 +653,70 @@ async fn ddl_during_a_backfill_has_a_clear_outcome() {
     delete_queue(&queue).await;
     disconnect(pool).await;
 }
+
+/// A watermark table Canal does not send (its instance filter leaves it out, as the local
+/// `raw` destination's `cc_types\..*` does): the chunk is read again after
+/// `backfill.chunk_timeout`, and `status` says what to check, naming the filter and the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn a_watermark_table_outside_canals_filter_is_named_in_the_status() {
+    let _canal = canal_lock().await;
+    mysql(
+        "CREATE DATABASE IF NOT EXISTS cc_types; DROP TABLE IF EXISTS cc_types.bf_unseen; \
+         CREATE TABLE cc_types.bf_unseen (id INT PRIMARY KEY, v INT NOT NULL); \
+         USE cc_types; SET SESSION sql_log_bin = 0; INSERT INTO cc_types.bf_unseen SELECT seq, seq FROM seq_1_to_10; \
+         DROP TABLE IF EXISTS canal_consumer.wm_unseen;",
+    );
+    let queue = queue("backfill-unseen");
+    delete_queue(&queue).await;
+    let consumer = state_consumer("unseen", "bf_unseen", "${data.id}", "${old.id}", "false")
+        .replace("database = \"cc_bf\"", "database = \"cc_types\"");
+    let mut svc = ServiceProc::prepare(
+        "backfill-unseen",
+        &queue,
+        &[("u.toml", &consumer)],
+        &format!(
+            "{}chunk_timeout = \"2s\"\n",
+            backfill_config("wm_unseen").replace("chunk_timeout = \"30s\"\n", "")
+        ),
+    );
+    svc.env
+        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
+    svc.env.push((
+        "CANAL_CONSUMER__CANAL__DESTINATION".into(),
+        env_or("CC_TEST_CANAL_RAW_DESTINATION", "raw"),
+    ));
+    svc.env.push((
+        "CANAL_CONSUMER__CANAL__CONNECTION_CHARSET".into(),
+        "ISO-8859-1".into(),
+    ));
+    svc.env
+        .push(("CANAL_CONSUMER__CANAL__CLIENT_ID".into(), "1102".into()));
+    svc.start().await;
+    let id = start_backfill(&svc, "table=cc_types.bf_unseen").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let b = loop {
+        let b = backfill(&svc, &id).await;
+        if b["progress"]["rereads"].as_u64().unwrap_or(0) >= 1 {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never read again: {b}\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let why = b["progress"]["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("canal.instance.filter.regex") && why.contains("canal_consumer.wm_unseen"),
+        "{b}"
+    );
+    assert_eq!(b["state"], "running", "{b}");
+    assert_eq!(svc.post(&format!("/backfills/{id}/cancel")).await, 200);
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+}

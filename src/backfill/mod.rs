@@ -590,9 +590,15 @@ impl Backfills {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::Failed("the service dropped the chunk".into()),
             Err(_) => {
-                self.manager.do_send(ForgetChunk(nonce));
+                let why = self
+                    .manager
+                    .send(ForgetChunk(nonce))
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| "it was not done".into());
                 Outcome::Failed(format!(
-                    "its rows were not confirmed within backfill.chunk_timeout ({:?})",
+                    "{why} (backfill.chunk_timeout {:?})",
                     self.settings.chunk_timeout
                 ))
             }

@@ -186,9 +186,10 @@ pub struct ChunkRows {
     pub rows: Vec<crate::event::Row>,
 }
 
-/// Give up on a read (its backfill stopped waiting).
+/// Give up on a read (its backfill stopped waiting); answers why it was not done, when the
+/// read was still known.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Option<String>")]
 pub struct ForgetChunk(pub String);
 
 /// A part's publish settled (internal).
@@ -580,13 +581,13 @@ impl Handler<ChunkRows> for Manager {
 }
 
 impl Handler<ForgetChunk> for Manager {
-    type Result = ();
+    type Result = Option<String>;
 
-    fn handle(&mut self, msg: ForgetChunk, _: &mut Context<Self>) {
-        if let Some(w) = self.windows.as_mut() {
-            w.forget(&msg.0);
-        }
+    fn handle(&mut self, msg: ForgetChunk, _: &mut Context<Self>) -> Option<String> {
         self.reads.remove(&msg.0);
+        let w = self.windows.as_mut()?;
+        let phase = w.forget(&msg.0)?;
+        Some(phase.explain(w.table()))
     }
 }
 

@@ -71,6 +71,33 @@ impl WatermarkTable {
     }
 }
 
+/// How far a read had come when it was given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPhase {
+    /// Neither watermark came through.
+    NoWatermark,
+    /// The low watermark came, the high one did not.
+    LowOnly,
+    /// Its rows were emitted; their confirms were still out.
+    Emitted,
+}
+
+impl ReadPhase {
+    /// Why a read in this phase was not done in time, for the operator.
+    pub fn explain(self, watermark: &WatermarkTable) -> String {
+        match self {
+            ReadPhase::NoWatermark => format!(
+                "its low watermark never came back through Canal: check that Canal's instance filter (canal.instance.filter.regex) includes {}.{}, and that the stream is moving",
+                watermark.database, watermark.table
+            ),
+            ReadPhase::LowOnly => {
+                "its high watermark did not come back through Canal in time (is the stream stalled or far behind?)".into()
+            }
+            ReadPhase::Emitted => "its rows were not confirmed in time (is the broker slow or refusing?)".into(),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Phase {
     /// Announced; its low watermark has not come through yet.
@@ -159,9 +186,14 @@ impl Windows {
         }
     }
 
-    /// Drop a read (the backfill gave up waiting for it, or its batch was settled).
-    pub fn forget(&mut self, nonce: &str) {
-        self.reads.remove(nonce);
+    /// Drop a read (the backfill gave up waiting for it, or its batch was settled); says how
+    /// far it had come.
+    pub fn forget(&mut self, nonce: &str) -> Option<ReadPhase> {
+        self.reads.remove(nonce).map(|r| match r.phase {
+            Phase::Expecting => ReadPhase::NoWatermark,
+            Phase::Open => ReadPhase::LowOnly,
+            Phase::Emitted => ReadPhase::Emitted,
+        })
     }
 
     /// Look at batch `batch` in binlog order (see the module docs): the events to route in its
