@@ -38,7 +38,7 @@ pub enum EventType {
     Xacommit,
     Xarollback,
     Mheartbeat,
-    /// A row read by a backfill (`crate::backfill`), not a binlog change: the full row as it
+    /// A row read by a backfill (the `backfill` module), not a binlog change: the full row as it
     /// was when its chunk was read. Never routed to a filter that does not name it.
     Snapshot,
 }

@@ -1,6 +1,6 @@
 //! Text the command line prints from the admin endpoint's JSON: the `status` screen (fit for
 //! `watch -n 5`) and the `list` table. Pure functions of the JSON and the clock, so they are
-//! tested on fixed inputs; the HTTP side is in [`super::client`].
+//! tested on fixed inputs; the HTTP side is in the `client` module.
 
 use crate::canal::lossy::{LossyColumn, OnLossyText};
 use crate::publisher::routes::BrokenRoute;

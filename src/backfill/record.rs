@@ -1,6 +1,6 @@
 //! A backfill as it is stored (one row of the watermark table) and shown: what was asked
 //! ([`Spec`]), how far it got ([`Progress`]), and its [`State`] with the operator's transitions.
-//! Pure data; [`super::source`] reads and writes it.
+//! Pure data; the `source` module reads and writes it.
 
 use crate::event::Value;
 use serde::{Deserialize, Serialize};

@@ -534,7 +534,7 @@ impl Default for ShutdownConfig {
     }
 }
 
-/// `[backfill]`: reading existing rows through the consumers (`crate::backfill`). Backfills
+/// `[backfill]`: reading existing rows through the consumers (the `backfill` module). Backfills
 /// read and write the source database through `canal.source_url`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -1,7 +1,7 @@
 //! Where a backfill's rows enter the stream: the watermark windows of DBLog, as a plain state
 //! machine (no I/O, no actix).
 //!
-//! A backfill (`crate::backfill`) reads a table in primary-key chunks. For each chunk it
+//! A backfill (the `backfill` module) reads a table in primary-key chunks. For each chunk it
 //! announces a *read* ([`ChunkPlan`], with a fresh nonce), writes a low watermark
 //! (`low:<nonce>`) to the watermark table, SELECTs the chunk, hands the rows here
 //! ([`Windows::rows`]), then writes a high watermark (`high:<nonce>`). Both watermark writes
