@@ -412,26 +412,16 @@ async fn composite_and_string_keys_pause_resume_cancel_and_an_empty_where() {
 )]
 async fn a_backfill_resumes_after_kill_9_with_the_same_ids() {
     let _canal = canal_lock().await;
-    mysql(&format!(
-        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.crash; \
-         CREATE TABLE {DB}.crash (id INT PRIMARY KEY, v INT NOT NULL); \
-         DROP TABLE IF EXISTS canal_consumer.wm_crash;"
-    ));
-    mysql(&format!(
-        "USE {DB}; SET SESSION sql_log_bin = 0; INSERT INTO {DB}.crash SELECT seq, seq FROM seq_1_to_6000;"
-    ));
+    keyed_table("crash", 6000);
     let queue = queue("backfill-crash");
-    delete_queue(&queue).await;
     let consumer = state_consumer("crash", "crash", "${data.id}", "${old.id}", "changed('id')");
-    let mut svc = ServiceProc::prepare(
+    let mut svc = backfill_service(
         "backfill-crash",
         &queue,
         &[("crash.toml", &consumer)],
-        &backfill_config("wm_crash"),
-    );
-    svc.env
-        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
-    svc.start().await;
+        "wm_crash",
+    )
+    .await;
     let id = start_backfill(&svc, &format!("table={DB}.crash&chunk=1000")).await;
     // after a confirmed chunk, kill it while it reads (or publishes) the next
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -451,40 +441,14 @@ async fn a_backfill_resumes_after_kill_9_with_the_same_ids() {
     svc.start().await;
     let done = wait_backfill(&svc, &id, "done", Duration::from_secs(120)).await;
     assert_eq!(done["progress"]["rows_read"], 6000, "{done}");
-    let pool = pool();
-    sentinel(&pool, "crash", "-1").await;
-    let got = consume_until(&queue, Duration::from_secs(120), |g| {
-        g.last().is_some_and(is_sentinel)
-    })
-    .await;
-    let mut conn = pool.get_conn().await.unwrap();
-    let rows: Vec<(i64, i64)> = conn
-        .query("SELECT id, v FROM crash WHERE id > 0")
-        .await
-        .unwrap();
-    drop(conn);
-    let table: BTreeMap<String, i64> = rows.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-    assert_final_state(&last_seen(&got, "crash"), &table, "after kill -9");
-    // a row sent twice (its chunk read again after the restart) has one id
-    let mut ids_of: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
-    for g in got.iter().filter(|g| g.body["plugin"] == "row") {
-        ids_of
-            .entry(g.body["payload"]["key"].to_string())
-            .or_default()
-            .insert(g.message_id.clone());
-    }
-    let twice = got.len().saturating_sub(ids_of.len());
-    assert!(
-        ids_of.values().all(|ids| ids.len() == 1),
-        "a row arrived under two ids"
-    );
+    let got = check_final_state(&queue, "crash", "crash", "after kill -9").await;
+    let again = assert_one_id_per_key(&got);
     eprintln!(
-        "after kill -9: {} messages, {twice} of them again",
+        "after kill -9: {} messages, {again} of them again",
         got.len()
     );
     let _ = svc.terminate(Duration::from_secs(30));
     delete_queue(&queue).await;
-    disconnect(pool).await;
 }
 
 /// Starts Canal again if the test ends (or panics) while it is down.
@@ -504,26 +468,10 @@ impl Drop for CanalBackUp {
 )]
 async fn a_canal_restart_mid_backfill_loses_nothing() {
     let _canal = canal_lock().await;
-    mysql(&format!(
-        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.cr; \
-         CREATE TABLE {DB}.cr (id INT PRIMARY KEY, v INT NOT NULL); \
-         DROP TABLE IF EXISTS canal_consumer.wm_cr;"
-    ));
-    mysql(&format!(
-        "USE {DB}; SET SESSION sql_log_bin = 0; INSERT INTO {DB}.cr SELECT seq, seq FROM seq_1_to_4000;"
-    ));
+    keyed_table("cr", 4000);
     let queue = queue("backfill-canal");
-    delete_queue(&queue).await;
     let consumer = state_consumer("cr", "cr", "${data.id}", "${old.id}", "changed('id')");
-    let mut svc = ServiceProc::prepare(
-        "backfill-canal",
-        &queue,
-        &[("cr.toml", &consumer)],
-        &backfill_config("wm_cr"),
-    );
-    svc.env
-        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
-    svc.start().await;
+    let svc = backfill_service("backfill-canal", &queue, &[("cr.toml", &consumer)], "wm_cr").await;
     let id = start_backfill(&svc, &format!("table={DB}.cr&chunk=100&rate=1000")).await;
     wait_chunks(&svc, &id, 5).await;
     {
@@ -532,39 +480,15 @@ async fn a_canal_restart_mid_backfill_loses_nothing() {
     }
     let done = wait_backfill(&svc, &id, "done", Duration::from_secs(180)).await;
     assert_eq!(done["progress"]["rows_read"], 4000, "{done}");
-    let pool = pool();
-    sentinel(&pool, "cr", "-1").await;
-    let got = consume_until(&queue, Duration::from_secs(120), |g| {
-        g.last().is_some_and(is_sentinel)
-    })
-    .await;
-    let mut conn = pool.get_conn().await.unwrap();
-    let rows: Vec<(i64, i64)> = conn
-        .query("SELECT id, v FROM cr WHERE id > 0")
-        .await
-        .unwrap();
-    drop(conn);
-    let table: BTreeMap<String, i64> = rows.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-    assert_final_state(&last_seen(&got, "cr"), &table, "after a Canal restart");
-    let mut ids_of: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
-    for g in got.iter().filter(|g| g.body["plugin"] == "row") {
-        ids_of
-            .entry(g.body["payload"]["key"].to_string())
-            .or_default()
-            .insert(g.message_id.clone());
-    }
-    assert!(
-        ids_of.values().all(|ids| ids.len() == 1),
-        "a row arrived under two ids"
-    );
+    let got = check_final_state(&queue, "cr", "cr", "after a Canal restart").await;
+    let again = assert_one_id_per_key(&got);
     eprintln!(
-        "canal restart: {} messages for {} keys, {done}",
-        got.len(),
-        ids_of.len()
+        "canal restart: {} messages, {again} again, {done}",
+        got.len()
     );
+    let mut svc = svc;
     let _ = svc.terminate(Duration::from_secs(30));
     delete_queue(&queue).await;
-    disconnect(pool).await;
 }
 
 /// DDL on a table while it is backfilled (README "Backfill"): a new column is picked up from

@@ -677,44 +677,30 @@ async fn a_zookeeper_restart_with_two_replicas_loses_nothing_and_leaves_one_acti
 #[tokio::test]
 async fn a_backfill_survives_the_active_replica_and_finishes_on_the_standby() {
     use common::backfill::{self as bf, DB as BF_DB};
-    use mysql_async::prelude::Queryable as _;
     let _lock = canal_lock().await;
     let _cluster = ClusterGuard::new();
     wait_destination_ready().await;
-    mysql(&format!(
-        "CREATE DATABASE IF NOT EXISTS {BF_DB}; DROP TABLE IF EXISTS {BF_DB}.ha_bf; \
-         CREATE TABLE {BF_DB}.ha_bf (id INT PRIMARY KEY, v INT NOT NULL); \
-         USE {BF_DB}; SET SESSION sql_log_bin = 0; INSERT INTO {BF_DB}.ha_bf SELECT seq, seq FROM seq_1_to_5000; \
-         DROP TABLE IF EXISTS canal_consumer.wm_ha;"
-    ));
+    bf::keyed_table("ha_bf", 5000);
     let queue = common::queue("cc_ha_bf");
-    delete_queue(&queue).await;
     let consumer = bf::state_consumer("habf", "ha_bf", "${data.id}", "${old.id}", "changed('id')");
-    let replica = |name: &str| {
-        let mut svc = ServiceProc::prepare(
-            name,
-            &queue,
-            &[("c.toml", &consumer)],
-            &bf::backfill_config("wm_ha"),
-        );
-        svc.env = vec![
-            ("CANAL_CONSUMER__CANAL__ZK_SERVERS".into(), zk_servers()),
-            (
-                "CANAL_CONSUMER__CANAL__ZK_SESSION_TIMEOUT".into(),
-                SESSION.into(),
-            ),
-            ("CANAL_CONSUMER__CANAL__CLIENT_ID".into(), CLIENT_ID.into()),
-            (
-                "CANAL_CONSUMER__CANAL__SOURCE_URL".into(),
-                bf::backfill_url(),
-            ),
-        ];
-        svc
-    };
-    let mut a = replica("ha-bf-a");
+    let mut a = bf::backfill_proc("ha-bf-a", &queue, &[("c.toml", &consumer)], "wm_ha").await;
+    a.env.extend([
+        ("CANAL_CONSUMER__CANAL__ZK_SERVERS".into(), zk_servers()),
+        (
+            "CANAL_CONSUMER__CANAL__ZK_SESSION_TIMEOUT".into(),
+            SESSION.into(),
+        ),
+        ("CANAL_CONSUMER__CANAL__CLIENT_ID".into(), CLIENT_ID.into()),
+    ]);
     a.start().await;
     wait_status(&a, "active", Duration::from_secs(20), working).await;
-    let mut b = replica("ha-bf-b");
+    let mut b = ServiceProc::prepare(
+        "ha-bf-b",
+        &queue,
+        &[("c.toml", &consumer)],
+        &bf::backfill_config("wm_ha"),
+    );
+    b.env = a.env.clone();
     b.start().await;
     wait_status(&b, "standby", Duration::from_secs(20), standby).await;
     let id = bf::start_backfill(&a, &format!("table={BF_DB}.ha_bf&chunk=100&rate=1000")).await;
@@ -727,41 +713,12 @@ async fn a_backfill_survives_the_active_replica_and_finishes_on_the_standby() {
     wait_status(&b, "active", Duration::from_secs(30), working).await;
     let done = bf::wait_backfill(&b, &id, "done", Duration::from_secs(120)).await;
     assert_eq!(done["progress"]["rows_read"], 5000, "{done}");
-    let pool = bf::pool();
-    bf::sentinel(&pool, "ha_bf", "-1").await;
-    let got = consume_until(&queue, Duration::from_secs(120), |g| {
-        g.last().is_some_and(bf::is_sentinel)
-    })
-    .await;
-    let mut conn = pool.get_conn().await.unwrap();
-    let rows: Vec<(i64, i64)> = conn
-        .query("SELECT id, v FROM ha_bf WHERE id > 0")
-        .await
-        .unwrap();
-    drop(conn);
-    let table: BTreeMap<String, i64> = rows.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-    bf::assert_final_state(
-        &bf::last_seen(&got, "habf"),
-        &table,
-        "after a replica failover",
-    );
-    let mut ids_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for g in got.iter().filter(|g| g.body["plugin"] == "row") {
-        ids_of
-            .entry(g.body["payload"]["key"].to_string())
-            .or_default()
-            .insert(g.message_id.clone());
-    }
-    assert!(
-        ids_of.values().all(|ids| ids.len() == 1),
-        "a row arrived under two ids"
-    );
+    let got = bf::check_final_state(&queue, "ha_bf", "habf", "after a replica failover").await;
+    let again = bf::assert_one_id_per_key(&got);
     eprintln!(
-        "measured: backfill across a replica failover: {} messages for {} keys",
-        got.len(),
-        ids_of.len()
+        "measured: backfill across a replica failover: {} messages, {again} of them again",
+        got.len()
     );
     b.terminate(Duration::from_secs(30));
     delete_queue(&queue).await;
-    bf::disconnect(pool).await;
 }

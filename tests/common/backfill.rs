@@ -222,3 +222,86 @@ pub async fn wait_chunks(svc: &ServiceProc, id: &str, chunks: u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `DB.table (id INT PRIMARY KEY, v INT)` holding rows 1..=rows with v = id, written without
+/// the binlog: only a backfill can bring them.
+pub fn keyed_table(table: &str, rows: u64) {
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.{table}; \
+         CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, v INT NOT NULL); \
+         USE {DB}; SET SESSION sql_log_bin = 0; \
+         INSERT INTO {DB}.{table} SELECT seq, seq FROM seq_1_to_{rows};"
+    ));
+}
+
+/// A service (not started) on a fresh `queue`, whose backfills read the source as the
+/// `backfill` account and keep their records in a fresh watermark table `canal_consumer.wm`.
+pub async fn backfill_proc(
+    name: &str,
+    queue: &str,
+    consumers: &[(&str, &str)],
+    wm: &str,
+) -> ServiceProc {
+    mysql(&format!("DROP TABLE IF EXISTS canal_consumer.{wm};"));
+    delete_queue(queue).await;
+    let mut svc = ServiceProc::prepare(name, queue, consumers, &backfill_config(wm));
+    svc.env
+        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
+    svc
+}
+
+/// [`backfill_proc`], started.
+pub async fn backfill_service(
+    name: &str,
+    queue: &str,
+    consumers: &[(&str, &str)],
+    wm: &str,
+) -> ServiceProc {
+    let mut svc = backfill_proc(name, queue, consumers, wm).await;
+    svc.start().await;
+    svc
+}
+
+/// Writes a sentinel row (key -1) to `DB.table`, reads `queue` up to its message, and checks
+/// that `consumer` saw every key of the table in its final state. Returns the messages.
+pub async fn check_final_state(queue: &str, table: &str, consumer: &str, what: &str) -> Vec<Got> {
+    let pool = pool();
+    sentinel(&pool, table, "-1").await;
+    let got = consume_until(queue, Duration::from_secs(120), |g| {
+        g.last().is_some_and(is_sentinel)
+    })
+    .await;
+    let mut conn = pool.get_conn().await.unwrap();
+    let rows: Vec<(i64, i64)> = conn
+        .query(format!("SELECT id, v FROM {table} WHERE id > 0"))
+        .await
+        .unwrap();
+    drop(conn);
+    disconnect(pool).await;
+    let state: BTreeMap<String, i64> = rows.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    assert_final_state(&last_seen(&got, consumer), &state, what);
+    got
+}
+
+/// Every key's "row" messages carry one message id (a row sent again keeps its id); returns
+/// how many messages were repeats.
+pub fn assert_one_id_per_key(got: &[Got]) -> usize {
+    let mut ids_of: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    let rows: Vec<&Got> = got.iter().filter(|g| g.body["plugin"] == "row").collect();
+    for g in &rows {
+        ids_of
+            .entry(g.body["payload"]["key"].to_string())
+            .or_default()
+            .insert(g.message_id.clone());
+    }
+    let twice: Vec<&String> = ids_of
+        .iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "rows that arrived under two ids: {twice:?}"
+    );
+    rows.len() - ids_of.len()
+}
