@@ -1,6 +1,6 @@
 //! The configuration's shape: one [`Config`] with a section per pipeline stage, each with its
 //! defaults. Types carry what they can (enums for fixed choices, non-zero integers where zero
-//! is meaningless); [`super::validate`] checks the rest.
+//! is meaningless); `validate.rs` checks the rest.
 
 use crate::secret::{Secret, string_or_scalar};
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! The checks types cannot express. Each error names the key; [`super::load`] adds where the
+//! The checks types cannot express. Each error names the key; `load.rs` adds where the
 //! value came from.
 
 use super::error::{ConfigError, Origin};

@@ -1,6 +1,6 @@
 //! The active/standby decision, sans-IO: what this replica may do given what ZooKeeper said.
 //!
-//! [`HaCore`] is fed what the ZooKeeper shell ([`super::zk`]) observed, with the time it
+//! [`HaCore`] is fed what the ZooKeeper shell (`zk.rs`) observed, with the time it
 //! observed it, and answers two things: the [`Lease`] the Canal connection obeys (connect to
 //! which Canal server, and until when acks and fetches may be written), and the next
 //! [`Action`]s for the shell (claim the client running node, wait for it to go, open a new

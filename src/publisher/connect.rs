@@ -49,7 +49,7 @@ pub async fn connect(
     url: &Secret,
     props: ConnectionProperties,
 ) -> Result<Connection, PublishError> {
-    let raw = super::session::with_heartbeat(url.expose());
+    let raw = with_heartbeat(url.expose());
     let tls = tls_config(&cfg.tls)?;
     let runtime = lapin::runtime::default_runtime().map_err(|e| {
         PublishError::Unavailable(format!("no async runtime for the AMQP client: {e}"))
@@ -129,6 +129,19 @@ fn host_of(url: &str) -> String {
         _ => authority.to_string(),
     }
 }
+
+/// The broker URL with a heartbeat, so a link that carries nothing is noticed: `heartbeat=10`
+/// is added unless the URL sets one (lapin reads it from the query).
+pub(super) fn with_heartbeat(url: &str) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_string();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={DEFAULT_HEARTBEAT_SECS}")
+}
+
+/// Seconds between AMQP heartbeats unless the URL says otherwise.
+pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod failover;
 pub mod routes;
 mod session;
+pub mod status;
 pub mod topology;
 pub mod window;
 

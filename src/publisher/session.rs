@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::amqp::{PublisherState, PublisherStatus};
+use super::status::{PublisherState, PublisherStatus};
 
 /// How long a broken session waits for the broker's reason before it reports the failure.
 const EXPLAIN_WAIT: Duration = Duration::from_secs(1);
@@ -98,19 +98,6 @@ pub(super) struct Opened {
     pub conn: Connection,
     channel: Channel,
 }
-
-/// The broker URL with a heartbeat, so a link that carries nothing is noticed: `heartbeat=10`
-/// is added unless the URL sets one (lapin reads it from the query).
-pub(super) fn with_heartbeat(url: &str) -> String {
-    if url.contains("heartbeat=") {
-        return url.to_string();
-    }
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}heartbeat={DEFAULT_HEARTBEAT_SECS}")
-}
-
-/// Seconds between AMQP heartbeats unless the URL says otherwise.
-pub const DEFAULT_HEARTBEAT_SECS: u32 = 10;
 
 /// How long a reconnect waits for the topology re-check before it publishes anyway (see
 /// [`open`]).
@@ -531,7 +518,7 @@ impl Session {
         st.broken_routes = self.routes.snapshot(Instant::now().into_std());
         st.unconfirmed = self.window.unconfirmed();
         st.oldest_unconfirmed_ms = oldest.map(|t| t.elapsed().as_millis() as u64);
-        let stall = super::amqp::stall_after(self.cfg.confirm_timeout);
+        let stall = super::status::stall_after(self.cfg.confirm_timeout);
         st.stalled_since = oldest.filter(|t| t.elapsed() >= stall).map(|t| {
             let ago = chrono::Duration::from_std(t.elapsed()).unwrap_or_default();
             (chrono::Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -779,7 +766,7 @@ mod tests {
 
     #[test]
     fn urls_get_a_heartbeat_unless_they_set_one() {
-        use super::with_heartbeat;
+        use super::super::connect::with_heartbeat;
         assert_eq!(
             with_heartbeat("amqp://h:5672/%2f"),
             "amqp://h:5672/%2f?heartbeat=10"

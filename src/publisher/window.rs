@@ -2,7 +2,7 @@
 //!
 //! [`ConfirmWindow`] decides what is published next, what a confirm, a return, a nack, a
 //! timeout or a lost connection means, and when a job (one `Publish`) is answered. The AMQP
-//! session ([`super::amqp`]) turns channel events into calls on it and its answers into replies;
+//! session (`session.rs`) turns channel events into calls on it and its answers into replies;
 //! the delivery simulation (`tests/delivery_sim.rs`) drives it the same way with a fake broker.
 //!
 //! Rules it enforces:
