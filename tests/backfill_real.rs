@@ -644,3 +644,71 @@ async fn a_watermark_table_outside_canals_filter_is_named_in_the_status() {
     let _ = svc.terminate(Duration::from_secs(30));
     delete_queue(&queue).await;
 }
+
+/// A bulk rule on SNAPSHOT events: the backfill's rows come as bulk messages of at most
+/// `max_rows` rows (a bulk never spans a chunk, whose rows ride in one Canal batch), every row
+/// exactly once, in key order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn a_bulk_rule_gets_the_backfill_in_bulk_messages() {
+    let _canal = canal_lock().await;
+    keyed_table("bulk", 1000);
+    let queue = queue("backfill-bulk");
+    let consumer = format!(
+        r#"
+[consumers.bulk]
+[[consumers.bulk.filters]]
+database = "{DB}"
+table = "bulk"
+events = ["SNAPSHOT"]
+
+[[consumers.bulk.rules]]
+name = "rows"
+plugin = "index"
+payload = {{ key = "${{data.id}}", v = "${{data.v}}" }}
+batch = {{ max_rows = 64 }}
+"#
+    );
+    let mut svc = backfill_service(
+        "backfill-bulk",
+        &queue,
+        &[("bulk.toml", &consumer)],
+        "wm_bulk",
+    )
+    .await;
+    let id = start_backfill(&svc, &format!("table={DB}.bulk&chunk=300")).await;
+    wait_backfill(&svc, &id, "done", Duration::from_secs(120)).await;
+    let got = consume_until(&queue, Duration::from_secs(60), |g| {
+        g.iter()
+            .map(|m| m.body["payload"].as_array().map_or(0, Vec::len))
+            .sum::<usize>()
+            >= 1000
+    })
+    .await;
+    let mut keys = Vec::new();
+    for m in &got {
+        let rows = m.body["payload"]
+            .as_array()
+            .expect("a bulk payload is a list");
+        assert!(rows.len() <= 64, "{} rows in one message", rows.len());
+        assert_eq!(m.body["bulk"]["rows"].as_u64(), Some(rows.len() as u64));
+        assert_eq!(m.body["source"]["event_type"], "SNAPSHOT");
+        keys.extend(rows.iter().map(|r| r["key"].as_i64().unwrap()));
+    }
+    assert_eq!(
+        keys,
+        (1..=1000).collect::<Vec<i64>>(),
+        "every row once, in key order"
+    );
+    // chunks of 300, 300, 300 and 100 rows, each cut in bulks of at most 64
+    let expected: usize = [300usize, 300, 300, 100]
+        .iter()
+        .map(|n| n.div_ceil(64))
+        .sum();
+    assert_eq!(got.len(), expected, "{} messages", got.len());
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+}
