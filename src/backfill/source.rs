@@ -346,6 +346,23 @@ impl Source {
         .map_err(self.err("writing a watermark (needs UPDATE on the watermark table)"))
     }
 
+    /// Write heartbeat row `id` (state 'heartbeat') with `value` in its watermark column:
+    /// created on its first write, updated after.
+    pub async fn write_heartbeat(&self, id: &str, value: &str) -> Result<(), BackfillError> {
+        let mut c = self.conn().await?;
+        c.exec_drop(
+            format!(
+                "INSERT INTO {} (id, state, spec, progress, watermark) \
+                 VALUES (?, 'heartbeat', '{{}}', '{{}}', ?) \
+                 ON DUPLICATE KEY UPDATE watermark = VALUES(watermark)",
+                self.wm()
+            ),
+            (id, value),
+        )
+        .await
+        .map_err(self.err("writing a heartbeat (needs INSERT and UPDATE on the watermark table)"))
+    }
+
     /// Store a new backfill.
     pub async fn insert(&self, b: &Backfill) -> Result<(), BackfillError> {
         let mut c = self.conn().await?;
