@@ -36,6 +36,20 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// What a tick at `now` does in connection state `state`: write (`Written`) only while
+/// connected; a replica that does not stream owes nothing (`Idle`); otherwise the stream
+/// should run and does not (`Missed`).
+pub fn decide(state: ConnectionState, now: i64) -> Note {
+    match state {
+        ConnectionState::Connected => Note::Written(now),
+        ConnectionState::Standby | ConnectionState::Stopped => Note::Idle,
+        ConnectionState::Connecting
+        | ConnectionState::Reconnecting
+        | ConnectionState::Conflict
+        | ConnectionState::Stalled => Note::Missed(now),
+    }
+}
+
 /// Write heartbeats every `interval` for as long as the connection actor lives.
 pub async fn run(
     source: Source,
@@ -54,19 +68,12 @@ pub async fn run(
             return; // the connection is gone: the service is stopping
         };
         let now = now_ms();
-        match status.state {
-            ConnectionState::Connected => {}
-            ConnectionState::Standby | ConnectionState::Stopped => {
-                manager.do_send(HeartbeatNote(Note::Idle));
-                continue;
-            }
-            _ => {
-                manager.do_send(HeartbeatNote(Note::Missed(now)));
-                continue;
-            }
-        }
+        let note = decide(status.state, now);
         // announced first: the note is in the Manager's mailbox before the row can come back
-        manager.do_send(HeartbeatNote(Note::Written(now)));
+        manager.do_send(HeartbeatNote(note));
+        if !matches!(note, Note::Written(_)) {
+            continue;
+        }
         let written = async {
             if !table_ready {
                 source.ensure_table().await?;
@@ -101,5 +108,16 @@ mod tests {
         let id = row_id("example", "1001");
         assert_eq!(id, "heartbeat:example/1001");
         assert!(!id.starts_with("bf-"));
+    }
+
+    #[test]
+    fn only_a_connected_replica_writes_and_a_standby_owes_nothing() {
+        use ConnectionState::*;
+        assert_eq!(decide(Connected, 5), Note::Written(5));
+        assert_eq!(decide(Standby, 5), Note::Idle);
+        assert_eq!(decide(Stopped, 5), Note::Idle);
+        for s in [Connecting, Reconnecting, Conflict, Stalled] {
+            assert_eq!(decide(s, 5), Note::Missed(5), "{s:?}");
+        }
     }
 }

@@ -17,6 +17,8 @@
 //! - a tick at which the stream was not connected (reconnecting, stalled, in conflict) or the
 //!   write failed counts as a heartbeat written and not seen ([`Tracker::missed`]), so the lag
 //!   grows while Canal is down too; the next heartbeat that comes through clears it;
+//! - a replica that does not stream (ZooKeeper standby) owes nothing and has no lag
+//!   ([`Note::Idle`]: `None` until it streams and a heartbeat comes through again);
 //! - then the smaller of that and the age of the newest change that came through (`now` minus
 //!   its `executed_at`): a change committed after the oldest unseen heartbeat shows the stream
 //!   got at least that far. `executed_at` is the binlog's second, so that age is never below the
@@ -44,7 +46,8 @@ pub enum Note {
     Written(i64),
     /// A tick at `ms` at which no heartbeat could be written while the stream should run.
     Missed(i64),
-    /// This replica does not stream (ZooKeeper standby, stopped): nothing is owed.
+    /// This replica does not stream (ZooKeeper standby, stopped): nothing is owed, and what
+    /// it measured while it streamed no longer says anything (the lag is unknown again).
     Idle,
 }
 
@@ -85,7 +88,11 @@ impl Tracker {
         match note {
             Note::Written(ms) => self.written(ms),
             Note::Missed(ms) => self.missed(ms),
-            Note::Idle => self.pending.clear(),
+            Note::Idle => {
+                self.pending.clear();
+                self.last_trip = None;
+                self.newest_change = None;
+            }
         }
     }
 
@@ -224,8 +231,13 @@ mod tests {
         t.seen(10_000, 10_020);
         assert_eq!(t.lag_ms(10_500), Some(20));
         t.missed(13_000);
-        t.note(Note::Idle); // a standby owes nothing
-        assert_eq!(t.lag_ms(60_000), Some(20));
+        t.note(Note::Idle); // a standby owes nothing and knows no lag
+        assert_eq!(t.lag_ms(60_000), None);
+        assert_eq!(t.status(60_000).trips, 2);
+        // active again: the first heartbeat through gives the lag
+        t.written(61_000);
+        t.seen(61_000, 61_007);
+        assert_eq!(t.lag_ms(62_000), Some(7));
     }
 
     #[test]
