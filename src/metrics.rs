@@ -11,12 +11,16 @@
 //! Who updates them: the actors keep their own counts in their status snapshots, and the
 //! admin endpoint copies a fresh snapshot into the registry at every scrape
 //! (`admin::server::observe`): counters catch up with the actors' totals
-//! ([`Counter::observe`], never backwards), gauges take the snapshot's values. Nothing updates
-//! the registry between scrapes. Nothing here fails.
+//! ([`Counter::observe`], never backwards), gauges take the snapshot's values. The one series
+//! updated between scrapes is the histogram `canal_commit_to_confirm_seconds`
+//! ([`LatencyHistogram`]), which the Manager observes as parts are confirmed (a distribution
+//! cannot be copied from a snapshot). Nothing here fails.
 //!
 //! The exported names (what `deploy/grafana` and `deploy/prometheus` query):
 //! `canal_{batches,events,rollbacks,reconnects,rewind_skipped}_total`, `canal_inflight_batches`,
-//! `canal_lag_seconds`, `publisher_{published,confirmed,returned,nacked,timeouts}_total`,
+//! `canal_lag_seconds`, `canal_commit_to_confirm_seconds` (histogram),
+//! `canal_heartbeat_trips_total`, `canal_heartbeat_trip_seconds`,
+//! `publisher_{published,confirmed,returned,nacked,timeouts}_total`,
 //! `publisher_unconfirmed`, `publisher_blocked`, `ha_active` (1 active or no ZooKeeper, 0 standby),
 //! and per consumer
 //! `consumer_{events,triggers,errors,restarts}_total`, `consumer_lag_seconds`,
@@ -32,6 +36,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge as PromGauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -107,6 +112,27 @@ impl FloatGauge {
     }
 }
 
+/// The buckets of `canal_commit_to_confirm_seconds`: 1 ms to 60 s.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// A latency distribution in seconds (a registered `prometheus-client` histogram).
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram(Histogram);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram(Histogram::new(LATENCY_BUCKETS))
+    }
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, seconds: f64) {
+        self.0.observe(seconds);
+    }
+}
+
 /// One consumer's series (label `consumer`): handles into the registry's families.
 #[derive(Debug, Clone, Default)]
 pub struct ConsumerMetrics {
@@ -159,6 +185,10 @@ pub struct Metrics {
     pub canal_rewind_skipped_total: Counter,
     pub canal_inflight_batches: Gauge,
     pub canal_lag_seconds: FloatGauge,
+    /// Commit on the source to confirmed by the broker, per live event (observed by the Manager).
+    pub canal_commit_to_confirm_seconds: LatencyHistogram,
+    pub canal_heartbeat_trips_total: Counter,
+    pub canal_heartbeat_trip_seconds: FloatGauge,
     pub publisher_published_total: Counter,
     pub publisher_confirmed_total: Counter,
     pub publisher_returned_total: Counter,
@@ -230,6 +260,9 @@ impl Default for Metrics {
             canal_rewind_skipped_total: Counter::default(),
             canal_inflight_batches: Gauge::default(),
             canal_lag_seconds: FloatGauge::default(),
+            canal_commit_to_confirm_seconds: LatencyHistogram::default(),
+            canal_heartbeat_trips_total: Counter::default(),
+            canal_heartbeat_trip_seconds: FloatGauge::default(),
             publisher_published_total: Counter::default(),
             publisher_confirmed_total: Counter::default(),
             publisher_returned_total: Counter::default(),
@@ -256,7 +289,7 @@ impl Metrics {
 
     fn register(&mut self) {
         let r = &mut self.registry;
-        let counters: [(&str, &str, &Counter); 10] = [
+        let counters: [(&str, &str, &Counter); 11] = [
             (
                 "canal_batches_total",
                 "Canal batches fetched.",
@@ -281,6 +314,11 @@ impl Metrics {
                 "canal_rewind_skipped_total",
                 "Events Canal sent again at or before the newest confirmed position (its cursor went backwards), acked without being delivered.",
                 &self.canal_rewind_skipped_total,
+            ),
+            (
+                "canal_heartbeat_trips_total",
+                "Heartbeat rows ([heartbeat] enabled) written by this process that came back through Canal.",
+                &self.canal_heartbeat_trips_total,
             ),
             (
                 "publisher_published_total",
@@ -338,8 +376,24 @@ impl Metrics {
         }
         r.register(
             "canal_lag_seconds",
-            help("Seconds between now and the source time of the newest fetched event."),
+            help(
+                "How far the stream is behind the source, in seconds. With [heartbeat] enabled: the trip time of the newest heartbeat when every heartbeat written came through (near 0 when idle), else now minus the write time of the oldest one not yet seen (a tick missed while Canal was not connected counts), and at most the age of the newest change that came through. Without heartbeats: now minus the source time of the newest fetched event (grows on an idle database).",
+            ),
             self.canal_lag_seconds.0.clone(),
+        );
+        r.register(
+            "canal_heartbeat_trip_seconds",
+            help(
+                "Trip time of the newest heartbeat: written to the watermark table until it came through Canal to the service.",
+            ),
+            self.canal_heartbeat_trip_seconds.0.clone(),
+        );
+        r.register(
+            "canal_commit_to_confirm_seconds",
+            help(
+                "Per live event (SNAPSHOT rows left out): from its commit on the source to the broker's confirm of its consumer's triggers. The commit time is the binlog's, in whole seconds, so each observation is up to 1 s high.",
+            ),
+            self.canal_commit_to_confirm_seconds.0.clone(),
         );
         let f = &self.families;
         r.register(
@@ -614,6 +668,42 @@ mod tests {
         // The same handle is returned for the same name.
         m.consumer("example_consumer").events_total.inc();
         assert_eq!(a.events_total.get(), 8);
+    }
+
+    #[test]
+    fn commit_to_confirm_is_a_histogram_from_1ms_to_60s() {
+        let m = Metrics::new();
+        m.canal_commit_to_confirm_seconds.observe(0.003);
+        m.canal_commit_to_confirm_seconds.observe(0.7);
+        m.canal_commit_to_confirm_seconds.observe(90.0);
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE canal_commit_to_confirm_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains("canal_commit_to_confirm_seconds_bucket{le=\"0.001\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("canal_commit_to_confirm_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("canal_commit_to_confirm_seconds_bucket{le=\"60\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("canal_commit_to_confirm_seconds_bucket{le=\"+Inf\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("canal_commit_to_confirm_seconds_count 3"),
+            "{text}"
+        );
+        let s = parse(&text);
+        assert!(s.docs.contains_key("canal_commit_to_confirm_seconds"));
+        assert!(s.docs.contains_key("canal_heartbeat_trips_total"));
     }
 
     #[test]

@@ -247,6 +247,8 @@ async fn start(
             watermark: watermark
                 .clone()
                 .map(|(database, table)| crate::manager::WatermarkTable { database, table }),
+            heartbeat: cfg.heartbeat.enabled && watermark.is_some(),
+            commit_to_confirm: Some(metrics.canal_commit_to_confirm_seconds.clone()),
         },
         entries,
     )
@@ -283,6 +285,23 @@ async fn start(
         actix::spawn(crate::ha::zk::run(ha, tx, release_rx));
     }
     manager.do_send(AttachConnection((&connection).into()));
+    if let (true, Some(wm)) = (cfg.heartbeat.enabled, watermark.clone()) {
+        let source = crate::backfill::source::Source::new(
+            cfg.canal.source_url.expose(),
+            cfg.canal.source_url.redacted(),
+            wm,
+        )
+        .map_err(StartError::Backfill)?;
+        let id = crate::backfill::heartbeat::row_id(&cfg.canal.destination, &cfg.canal.client_id);
+        tracing::info!(row = %id, interval = ?cfg.heartbeat.interval, "heartbeats on: lag is measured by their trips");
+        actix::spawn(crate::backfill::heartbeat::run(
+            source,
+            id,
+            cfg.heartbeat.interval,
+            manager.clone().recipient(),
+            connection.clone().recipient(),
+        ));
+    }
     let backfills = match watermark {
         Some(wm) => {
             let source = crate::backfill::source::Source::new(

@@ -11,14 +11,21 @@ use common::promql::*;
 use std::collections::BTreeSet;
 
 /// The metric names in the service's exposition, with one consumer so per-consumer series
-/// have samples.
+/// have samples; a histogram's series are its `_bucket`, `_sum` and `_count`.
 fn exported() -> BTreeSet<String> {
     let m = canal_consumer::metrics::Metrics::new();
     m.consumer("probe").events_total.inc();
     let text = m.render();
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("the exposition parses");
-    scrape.samples.into_iter().map(|s| s.metric).collect()
+    let names = served_names(&scrape);
+    for n in names.iter().filter(|n| n.ends_with("_bucket")) {
+        assert!(
+            text.contains(&format!("\n{n}{{")),
+            "{n} not in the exposition"
+        );
+    }
+    names
 }
 
 #[test]
@@ -62,6 +69,7 @@ fn every_metric_the_dashboard_and_alerts_query_is_exported() {
         "canal_rollbacks_total",
         "consumer_parked_total",
         "consumer_restarts_total",
+        "canal_commit_to_confirm_seconds_bucket",
         "publisher_unconfirmed",
         "publisher_blocked",
     ] {

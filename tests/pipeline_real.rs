@@ -586,11 +586,11 @@ async fn enable_and_disable_apply_live_and_survive_a_restart() {
             .any(|s| s.metric == "canal_batches_total")
     );
     // every metric the shipped dashboard and alert rules query is served by the real service
-    let served: BTreeSet<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    let served: BTreeSet<String> = common::promql::served_names(&scrape);
     for (where_, expr) in common::promql::operator_queries() {
         for name in common::promql::metric_names(&expr) {
             assert!(
-                served.contains(name.as_str())
+                served.contains(&name)
                     || common::promql::PROMETHEUS_OWN.contains(&name.as_str())
                     || common::promql::PENDING.contains(&name.as_str()),
                 "{where_}: `{name}` is not in /metrics"

@@ -155,6 +155,7 @@ pub fn assemble(
             })
             .collect(),
         lossy_text: manager.lossy_text,
+        heartbeat: manager.heartbeat,
     }
 }
 
@@ -182,6 +183,7 @@ mod tests {
             }],
             filter: String::new(),
             lossy_text: Vec::new(),
+            heartbeat: None,
         };
         let s = assemble(canal, manager, None, Duration::from_secs(9), false, 3_500);
         assert_eq!(s.uptime_seconds, 9);

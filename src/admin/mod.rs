@@ -80,6 +80,10 @@ pub struct ServiceStatus {
     /// Columns whose text arrived with U+FFFD (UTF-8 mode: Canal decoded them lossily), with
     /// their row counts, the policy applied and the fix; empty when none did.
     pub lossy_text: Vec<crate::canal::lossy::LossyColumn>,
+    /// With `[heartbeat] enabled`: the lag the heartbeats measure (what `status` and
+    /// `canal_lag_seconds` show), and their trips.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<crate::manager::HeartbeatStatus>,
 }
 
 impl ServiceStatus {

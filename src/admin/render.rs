@@ -82,8 +82,11 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
         s(v, "version"),
         short_duration(n(v, "uptime_seconds") as f64)
     );
-    // Nothing in flight: caught up with everything Canal has served.
-    let lag = if canal["inflight_batches"].as_u64() == Some(0) {
+    // With heartbeats: the lag they measure. Without: nothing in flight means caught up with
+    // everything Canal has served.
+    let lag = if let Some(hb) = v["heartbeat"]["lag_seconds"].as_f64() {
+        format!("{} (heartbeat)", short_duration(hb))
+    } else if canal["inflight_batches"].as_u64() == Some(0) {
         "0s".to_string()
     } else {
         canal["last_executed_at"]
@@ -595,6 +598,14 @@ mod tests {
         );
         assert!(text.contains("connected"), "{text}");
         assert!(text.contains("destination example  lag 2.5s"), "{text}");
+        // with heartbeats, their lag
+        let mut hb = v.clone();
+        hb["heartbeat"] = serde_json::json!({"lag_seconds": 0.004, "trips": 3});
+        let text_hb = render_status(&hb, 9_000_000);
+        assert!(
+            text_hb.contains("destination example  lag 4ms (heartbeat)"),
+            "{text_hb}"
+        );
         assert!(
             text.contains("fetched mysql-bin.000003:4567#2  acked -"),
             "{text}"

@@ -250,8 +250,19 @@ pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
         c.ha.as_ref()
             .is_none_or(|h| h.role == crate::ha::Role::Active),
     );
-    if let Some(t) = c.last_executed_at {
-        m.canal_lag_seconds.set((now_ms - t).max(0) as f64 / 1000.0);
+    // heartbeats on: their lag once there is one (see manager::heartbeat); else the age of
+    // the newest fetched event
+    let heartbeat_lag = s.heartbeat.as_ref().and_then(|hb| hb.lag_seconds);
+    match (heartbeat_lag, c.last_executed_at) {
+        (Some(lag), _) => m.canal_lag_seconds.set(lag),
+        (None, Some(t)) => m.canal_lag_seconds.set((now_ms - t).max(0) as f64 / 1000.0),
+        (None, None) => {}
+    }
+    if let Some(hb) = &s.heartbeat {
+        m.canal_heartbeat_trips_total.observe(hb.trips);
+        if let Some(trip) = hb.last_trip_ms {
+            m.canal_heartbeat_trip_seconds.set(trip as f64 / 1000.0);
+        }
     }
     let b = &s.broker;
     let num = |k: &str| b.get(k).and_then(serde_json::Value::as_u64);
@@ -561,5 +572,36 @@ async fn backfill_act(
     match b.act(&id, action).await {
         Ok(v) => HttpResponse::Ok().json(v),
         Err(e) => backfill_error(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::HeartbeatStatus;
+
+    #[test]
+    fn lag_comes_from_heartbeats_when_they_are_on() {
+        let m = Metrics::new();
+        let mut s = ServiceStatus::new();
+        s.canal.last_executed_at = Some(1_000);
+        // without heartbeats: the age of the newest fetched event
+        observe(&m, &s, 7_000);
+        assert_eq!(m.canal_lag_seconds.get(), 6.0);
+        // with them, before the first one came through: the same
+        s.heartbeat = Some(HeartbeatStatus::default());
+        observe(&m, &s, 8_000);
+        assert_eq!(m.canal_lag_seconds.get(), 7.0);
+        // then their lag, however long the database has been idle
+        s.heartbeat = Some(HeartbeatStatus {
+            lag_seconds: Some(0.004),
+            trips: 5,
+            last_trip_ms: Some(4),
+            ..Default::default()
+        });
+        observe(&m, &s, 60_000);
+        assert_eq!(m.canal_lag_seconds.get(), 0.004);
+        assert_eq!(m.canal_heartbeat_trips_total.get(), 5);
+        assert_eq!(m.canal_heartbeat_trip_seconds.get(), 0.004);
     }
 }

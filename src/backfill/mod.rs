@@ -26,6 +26,7 @@
 //! inside the window, a stream that does not move) is read again; a table that loses its
 //! primary key, changes it or disappears fails the backfill with that reason.
 
+pub mod heartbeat;
 pub mod record;
 pub mod source;
 

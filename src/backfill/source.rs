@@ -1,6 +1,6 @@
 //! The backfill's side of the source database (`canal.source_url`): the table's layout and
-//! primary key, its chunks in key order, and the watermark table (watermarks, and every
-//! backfill's record).
+//! primary key, its chunks in key order, and the watermark table (watermarks, every
+//! backfill's record, and the heartbeat row of [`super::heartbeat`]).
 //!
 //! Values are read over MySQL's text protocol and typed by each column's declared type
 //! ([`DeclaredType`]), so a SNAPSHOT row holds the same [`Value`]s as a binlog change of the same
@@ -344,6 +344,23 @@ impl Source {
         )
         .await
         .map_err(self.err("writing a watermark (needs UPDATE on the watermark table)"))
+    }
+
+    /// Write heartbeat row `id` (state 'heartbeat') with `value` in its watermark column:
+    /// created on its first write, updated after.
+    pub async fn write_heartbeat(&self, id: &str, value: &str) -> Result<(), BackfillError> {
+        let mut c = self.conn().await?;
+        c.exec_drop(
+            format!(
+                "INSERT INTO {} (id, state, spec, progress, watermark) \
+                 VALUES (?, 'heartbeat', '{{}}', '{{}}', ?) \
+                 ON DUPLICATE KEY UPDATE watermark = VALUES(watermark)",
+                self.wm()
+            ),
+            (id, value),
+        )
+        .await
+        .map_err(self.err("writing a heartbeat (needs INSERT and UPDATE on the watermark table)"))
     }
 
     /// Store a new backfill.

@@ -26,6 +26,7 @@ pub struct Config {
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     pub backfill: BackfillConfig,
+    pub heartbeat: HeartbeatConfig,
 }
 
 /// `[canal]`: the Canal server and the fetch loop.
@@ -580,6 +581,33 @@ impl Default for BackfillConfig {
             chunk: nz(1000),
             chunk_timeout: Duration::from_secs(60),
             max_live_batches: 2,
+        }
+    }
+}
+
+/// `[heartbeat]`: honest lag. While this replica streams, the service writes a heartbeat row
+/// (`heartbeat:<destination>/<client_id>`) to `backfill.watermark_table` every `interval`
+/// through `canal.source_url` and measures how long it takes to come back through Canal
+/// (`crate::manager::heartbeat`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    pub enabled: bool,
+    /// Time between two heartbeats (at least 100 ms).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl HeartbeatConfig {
+    /// The shortest `interval` accepted.
+    pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            enabled: false,
+            interval: Duration::from_secs(3),
         }
     }
 }

@@ -465,6 +465,52 @@ fn an_amqp_url_with_a_bad_port_is_refused_with_the_password_hidden() {
 }
 
 #[test]
+fn heartbeats_need_the_source_and_a_sane_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "hb.toml",
+        "[heartbeat]\nenabled = true\ninterval = \"50ms\"\n",
+    );
+    let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("key `heartbeat.enabled`: needs canal.source_url"),
+        "{text}"
+    );
+    assert!(
+        text.contains("key `heartbeat.interval`: must be at least 100ms, got 50ms"),
+        "{text}"
+    );
+    let file = write(
+        &dir,
+        "hb-ok.toml",
+        "[canal]\nsource_url = \"mysql://u:p@db:3306\"\n[heartbeat]\nenabled = true\ninterval = \"250ms\"\n",
+    );
+    let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert!(c.heartbeat.enabled);
+    assert_eq!(c.heartbeat.interval, std::time::Duration::from_millis(250));
+    // off by default, every 3 s when on
+    let d = Config::default().heartbeat;
+    assert!(!d.enabled);
+    assert_eq!(d.interval, std::time::Duration::from_secs(3));
+    // the row's id must fit the watermark table's id column
+    let long = "d".repeat(60);
+    let vars = env(&[
+        ("CANAL_CONSUMER__CANAL__SOURCE_URL", "mysql://u:p@db:3306"),
+        ("CANAL_CONSUMER__HEARTBEAT__ENABLED", "true"),
+        ("CANAL_DESTINATION", &long),
+    ]);
+    let text = load_from(None, nowhere(), vars, CliOverrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("longer than the watermark table's id column"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_log_file_that_cannot_be_written_is_refused_naming_key_and_path() {
     let dir = tempfile::tempdir().unwrap();
     let a_file = write(&dir, "plain.txt", "x");

@@ -85,6 +85,38 @@ impl Config {
         if let Err(e) = self.backfill.watermark() {
             bad("backfill.watermark_table", e);
         }
+        let hb = &self.heartbeat;
+        if hb.enabled {
+            if c.source_url.is_empty() {
+                bad(
+                    "heartbeat.enabled",
+                    "needs canal.source_url: heartbeats are written to backfill.watermark_table \
+                     on the source (mysql://user:password@host:port, with INSERT and UPDATE on it)"
+                        .into(),
+                );
+            }
+            if hb.interval < super::schema::HeartbeatConfig::MIN_INTERVAL {
+                bad(
+                    "heartbeat.interval",
+                    format!(
+                        "must be at least 100ms, got {}",
+                        humantime::format_duration(hb.interval)
+                    ),
+                );
+            }
+            let id = crate::backfill::heartbeat::row_id(&c.destination, &c.client_id);
+            if id.chars().count() > crate::backfill::heartbeat::MAX_ID {
+                bad(
+                    "heartbeat.enabled",
+                    format!(
+                        "the heartbeat row's id `{id}` (from canal.destination and \
+                         canal.client_id) is longer than the watermark table's id column ({} \
+                         characters)",
+                        crate::backfill::heartbeat::MAX_ID
+                    ),
+                );
+            }
+        }
         if c.batch_size <= 0 {
             bad(
                 "canal.batch_size",

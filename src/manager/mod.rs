@@ -26,8 +26,17 @@
 //! carries U+FFFD ([`crate::canal::lossy`]); such rows are counted per table and column, each
 //! column is logged once, and with `canal.on_lossy_text = "park"` the rows go to the
 //! dead-letter queue (through their consumers, like a poison row) instead of being delivered.
+//!
+//! Heartbeats (`[heartbeat] enabled`, [`ManagerConfig::heartbeat`]): the heartbeat writer
+//! announces each heartbeat row ([`HeartbeatNote`]) before writing it to the watermark table;
+//! every batch is scanned for those rows and for the changes that came through
+//! ([`heartbeat::Tracker`]), which gives the lag `status` and `canal_lag_seconds` show. When a
+//! part's triggers are confirmed, the time from each of its live events' commit to now is
+//! observed in [`ManagerConfig::commit_to_confirm`] (SNAPSHOT events are left out: a backfill's
+//! row was not committed then).
 
 pub mod core;
+pub mod heartbeat;
 pub mod snapshot;
 
 use crate::canal::connection::{
@@ -43,6 +52,7 @@ use actix::prelude::*;
 pub use core::ConsumerState;
 use core::{Command, Mode, PartError, Processed, Router};
 pub use core::{OnPoison, PoisonPolicy};
+pub use heartbeat::HeartbeatStatus;
 use serde::{Deserialize, Serialize};
 use snapshot::Windows;
 pub use snapshot::{ChunkPlan, Outcome, WatermarkTable};
@@ -101,6 +111,10 @@ pub struct ManagerConfig {
     /// Check text for Canal's lossy decoding, and what to do with such rows (UTF-8 mode,
     /// `canal.on_lossy_text`); None: no check (raw text mode, where U+FFFD is data).
     pub lossy_text: Option<OnLossyText>,
+    /// Track heartbeats (`[heartbeat] enabled`; needs `watermark`).
+    pub heartbeat: bool,
+    /// Where commit-to-confirm latencies are observed (`canal_commit_to_confirm_seconds`).
+    pub commit_to_confirm: Option<crate::metrics::LatencyHistogram>,
 }
 
 /// Give the Manager its connection (the connection is created with the Manager's address).
@@ -166,7 +180,15 @@ pub struct ManagerStatus {
     /// Columns whose text arrived with U+FFFD (UTF-8 mode), with their counts and the fix.
     #[serde(default)]
     pub lossy_text: Vec<LossyColumn>,
+    /// With heartbeats on: the lag they measure, and their trips.
+    #[serde(default)]
+    pub heartbeat: Option<HeartbeatStatus>,
 }
+
+/// What the heartbeat writer did (or could not do) at a tick; see [`heartbeat`].
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HeartbeatNote(pub heartbeat::Note);
 
 /// Announce a backfill's read of one chunk (before its low watermark is written); `done`
 /// gets how it ended (see [`snapshot`]).
@@ -200,6 +222,8 @@ struct PartDone {
     batch: BatchRef,
     result: Result<(), PublishError>,
     executed_at: Option<i64>,
+    /// The part's live events by commit time: (executed_at, events), for the latency histogram.
+    commits: Vec<(i64, u32)>,
 }
 
 struct Slot {
@@ -221,6 +245,8 @@ pub struct Manager {
     windows: Option<Windows>,
     /// How each announced read is reported back.
     reads: BTreeMap<String, tokio::sync::oneshot::Sender<Outcome>>,
+    /// Heartbeats and the lag they give (`[heartbeat] enabled`).
+    heartbeat: Option<heartbeat::Tracker>,
 }
 
 impl Manager {
@@ -241,6 +267,7 @@ impl Manager {
         Manager {
             lossy: cfg.lossy_text.map(LossyText::new),
             windows: cfg.watermark.clone().map(Windows::new),
+            heartbeat: (cfg.heartbeat && cfg.watermark.is_some()).then(heartbeat::Tracker::new),
             cfg,
             connection: None,
             publisher: None,
@@ -335,6 +362,9 @@ impl Manager {
     }
 
     fn route(&mut self, mut batch: Batch, ctx: &mut Context<Self>) {
+        if let (Some(t), Some(wm)) = (self.heartbeat.as_mut(), &self.cfg.watermark) {
+            t.scan(wm, &batch.events, now_ms());
+        }
         if let Some(w) = self.windows.as_mut() {
             let scan = w.route(batch.batch, &batch.events);
             if let Some(events) = scan.events {
@@ -435,6 +465,11 @@ impl Manager {
             .last()
             .and_then(|&j| part.events.get(j))
             .map(|e| e.executed_at);
+        let commits = if self.cfg.commit_to_confirm.is_some() {
+            commit_times(&part)
+        } else {
+            Vec::new()
+        };
         let msg = ProcessBatch {
             batch,
             mode,
@@ -466,6 +501,7 @@ impl Manager {
                             batch,
                             result,
                             executed_at: last_at,
+                            commits,
                         });
                     });
                     Processed::Published
@@ -515,6 +551,27 @@ impl Manager {
             }
         }
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (what `executed_at` is measured in).
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The live (not SNAPSHOT) events of a part by commit time: `(executed_at, count)`, in order.
+/// `executed_at` has the binlog's one-second resolution, so a part has few distinct values.
+fn commit_times(part: &Part) -> Vec<(i64, u32)> {
+    let mut out: Vec<(i64, u32)> = Vec::new();
+    for e in part.indices.iter().filter_map(|&i| part.events.get(i)) {
+        if e.event_type == crate::event::EventType::Snapshot || e.executed_at <= 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some((at, n)) if *at == e.executed_at => *n += 1,
+            _ => out.push((e.executed_at, 1)),
+        }
+    }
+    out
 }
 
 impl Actor for Manager {
@@ -591,6 +648,16 @@ impl Handler<ForgetChunk> for Manager {
     }
 }
 
+impl Handler<HeartbeatNote> for Manager {
+    type Result = ();
+
+    fn handle(&mut self, msg: HeartbeatNote, _: &mut Context<Self>) {
+        if let Some(t) = self.heartbeat.as_mut() {
+            t.note(msg.0);
+        }
+    }
+}
+
 impl Handler<PartDone> for Manager {
     type Result = ();
 
@@ -599,6 +666,17 @@ impl Handler<PartDone> for Manager {
             && let Some(at) = msg.executed_at
         {
             self.slots[msg.slot].stats.confirmed_executed_at = Some(at);
+        }
+        if msg.result.is_ok()
+            && let Some(h) = &self.cfg.commit_to_confirm
+        {
+            let now = now_ms();
+            for &(at, n) in &msg.commits {
+                let secs = (now - at).max(0) as f64 / 1000.0;
+                for _ in 0..n {
+                    h.observe(secs);
+                }
+            }
         }
         if let Err(e) = &msg.result
             && !matches!(e, PublishError::Cancelled { .. })
@@ -690,6 +768,7 @@ impl Handler<GetManagerStatus> for Manager {
                 .as_ref()
                 .map(LossyText::columns)
                 .unwrap_or_default(),
+            heartbeat: self.heartbeat.as_ref().map(|t| t.status(now_ms())),
         })
     }
 }

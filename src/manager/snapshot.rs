@@ -66,7 +66,8 @@ impl WatermarkTable {
     /// The column of the watermark table that carries `low:<nonce>` / `high:<nonce>`.
     pub const COLUMN: &'static str = "watermark";
 
-    fn is(&self, e: &ChangeEvent) -> bool {
+    /// Whether `e` is a change of this table.
+    pub(crate) fn is(&self, e: &ChangeEvent) -> bool {
         e.database == self.database.as_str() && e.table == self.table.as_str()
     }
 }

@@ -13,6 +13,22 @@ pub const PROMETHEUS_OWN: &[&str] = &["up"];
 /// not be exported, so the list cannot go stale.
 pub const PENDING: &[&str] = &[];
 
+/// The series names a scrape serves: each sample's name, and for a histogram the `_bucket`,
+/// `_sum` and `_count` series PromQL asks for (the parser folds them into one sample).
+pub fn served_names(scrape: &prometheus_parse::Scrape) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for s in &scrape.samples {
+        if matches!(s.value, prometheus_parse::Value::Histogram(_)) {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{}{suffix}", s.metric));
+            }
+        } else {
+            names.insert(s.metric.clone());
+        }
+    }
+    names
+}
+
 const KEYWORDS: &[&str] = &[
     "by",
     "without",
