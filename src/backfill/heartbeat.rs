@@ -3,7 +3,7 @@
 //! `heartbeat:<destination>/<client_id>` (state `heartbeat`, watermark `hb:<unix ms>`, with
 //! `INSERT ... ON DUPLICATE KEY UPDATE`) and tells the Manager first
 //! ([`crate::manager::HeartbeatNote`]), which measures the row's trip back through Canal
-//! ([`crate::manager::heartbeat`]). Backfill listings skip the row (its id has no `bf-`).
+//! (the manager's heartbeat tracker). Backfill listings skip the row (its id has no `bf-`).
 //!
 //! It writes only while this replica's Canal connection is `connected`: a ZooKeeper standby
 //! (or a stopped connection) writes nothing and owes nothing. A tick while the connection is
@@ -21,16 +21,10 @@ use crate::manager::heartbeat::{Note, PREFIX};
 use actix::Recipient;
 use std::time::Duration;
 
-/// The longest row id of the watermark table (its `id` column is `VARCHAR(64)`).
-pub const MAX_ID: usize = 64;
+pub use crate::config::{HEARTBEAT_MAX_ID as MAX_ID, heartbeat_row_id as row_id};
 
 /// A run of failed writes is logged again every this many ticks.
 pub const LOG_EVERY: u32 = 100;
-
-/// The heartbeat row's id for a Canal destination and client id.
-pub fn row_id(destination: &str, client_id: &str) -> String {
-    format!("heartbeat:{destination}/{client_id}")
-}
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

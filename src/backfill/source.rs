@@ -1,6 +1,6 @@
 //! The backfill's side of the source database (`canal.source_url`): the table's layout and
 //! primary key, its chunks in key order, and the watermark table (watermarks, every
-//! backfill's record, and the heartbeat row of [`super::heartbeat`]).
+//! backfill's record, and the heartbeat row).
 //!
 //! Values are read over MySQL's text protocol and typed by each column's declared type
 //! ([`DeclaredType`]), so a SNAPSHOT row holds the same [`Value`]s as a binlog change of the same

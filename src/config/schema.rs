@@ -585,10 +585,18 @@ impl Default for BackfillConfig {
     }
 }
 
+/// The longest row id of the watermark table (its `id` column is `VARCHAR(64)`).
+pub const HEARTBEAT_MAX_ID: usize = 64;
+
+/// The heartbeat row's id for a Canal destination and client id.
+pub fn heartbeat_row_id(destination: &str, client_id: &str) -> String {
+    format!("heartbeat:{destination}/{client_id}")
+}
+
 /// `[heartbeat]`: honest lag. While this replica streams, the service writes a heartbeat row
 /// (`heartbeat:<destination>/<client_id>`) to `backfill.watermark_table` every `interval`
-/// through `canal.source_url` and measures how long it takes to come back through Canal
-/// (`crate::manager::heartbeat`).
+/// through `canal.source_url` and measures how long it takes to come back through Canal (the
+/// manager's heartbeat tracker).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HeartbeatConfig {

@@ -104,15 +104,15 @@ impl Config {
                     ),
                 );
             }
-            let id = crate::backfill::heartbeat::row_id(&c.destination, &c.client_id);
-            if id.chars().count() > crate::backfill::heartbeat::MAX_ID {
+            let id = super::schema::heartbeat_row_id(&c.destination, &c.client_id);
+            if id.chars().count() > super::schema::HEARTBEAT_MAX_ID {
                 bad(
                     "heartbeat.enabled",
                     format!(
                         "the heartbeat row's id `{id}` (from canal.destination and \
                          canal.client_id) is longer than the watermark table's id column ({} \
                          characters)",
-                        crate::backfill::heartbeat::MAX_ID
+                        super::schema::HEARTBEAT_MAX_ID
                     ),
                 );
             }

@@ -1,7 +1,7 @@
 //! Honest lag from heartbeats: a pure tracker (no I/O, no clock of its own; every call gets
 //! `now` in ms since the epoch).
 //!
-//! With `[heartbeat] enabled`, the heartbeat writer (`crate::backfill::heartbeat`) writes the
+//! With `[heartbeat] enabled`, the heartbeat writer (in the backfill module) writes the
 //! row `heartbeat:<destination>/<client_id>` of the watermark table every `interval`, its
 //! `watermark` column set to `hb:<unix ms when written>`. It tells the Manager *before* each
 //! write ([`Tracker::written`]), so the note is always in the Manager's mailbox ahead of the
