@@ -205,6 +205,25 @@ async fn start(
     );
     let publisher = AmqpPublisher::start_checked(cfg.amqp.clone()).await?;
 
+    // who a backfill can be for: the consumers whose filters and rules take SNAPSHOT events
+    let backfill_consumers: Vec<crate::backfill::Taker> = specs
+        .iter()
+        .map(|s| crate::backfill::Taker {
+            name: s.name.clone(),
+            filters: s.filters.clone(),
+            rules: s
+                .rules
+                .iter()
+                .map(|r| {
+                    (
+                        r.when.database.clone(),
+                        r.when.table.clone(),
+                        r.when.events.clone(),
+                    )
+                })
+                .collect(),
+        })
+        .collect();
     let supervision = SupervisionConfig::from(&cfg.consumers);
     let route = default_route(&cfg);
     let entries: Vec<ConsumerEntry> = specs
@@ -236,10 +255,6 @@ async fn start(
     let watermark = (!cfg.canal.source_url.is_empty())
         .then(|| cfg.backfill.watermark().ok())
         .flatten();
-    let backfill_consumers: crate::backfill::ConsumerFilters = entries
-        .iter()
-        .map(|e| (e.name.clone(), e.filters.clone()))
-        .collect();
     let manager = Manager::new(
         ManagerConfig {
             extra_filter: cfg.canal.filter.clone(),

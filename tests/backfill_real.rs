@@ -136,6 +136,9 @@ async fn requests_a_backfill_cannot_serve_are_refused_with_the_reason() {
     mysql(&format!(
         "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.nokey, {DB}.keyed; \
          CREATE TABLE {DB}.nokey (v INT); CREATE TABLE {DB}.keyed (id INT PRIMARY KEY, v INT); \
+         DROP TABLE IF EXISTS {DB}.fkey, {DB}.ekey; \
+         CREATE TABLE {DB}.fkey (id FLOAT PRIMARY KEY, v INT); \
+         CREATE TABLE {DB}.ekey (id ENUM('z','a') PRIMARY KEY, v INT); \
          DROP TABLE IF EXISTS canal_consumer.wm_refuse;"
     ));
     let queue = queue("backfill-refuse");
@@ -153,6 +156,21 @@ name = "r"
 plugin = "p"
 payload = { id = "${data.id}" }
 "#;
+    let fkey = state_consumer("fkey", "fkey", "${data.id}", "${old.id}", "false");
+    let ekey = state_consumer("ekey", "ekey", "${data.id}", "${old.id}", "false");
+    // its filter lets SNAPSHOT events through, but no rule fires on them
+    let filter_only = r#"
+[consumers.filter_only]
+[[consumers.filter_only.filters]]
+database = "cc_bf"
+table = "keyed"
+events = ["INSERT", "SNAPSHOT"]
+[[consumers.filter_only.rules]]
+name = "r"
+when = { events = ["INSERT"] }
+plugin = "p"
+payload = { id = "${data.id}" }
+"#;
     let mut svc = ServiceProc::prepare(
         "backfill-refuse",
         &queue,
@@ -160,6 +178,9 @@ payload = { id = "${data.id}" }
             ("a.toml", &takes),
             ("b.toml", &keyed),
             ("c.toml", live_only),
+            ("d.toml", filter_only),
+            ("f.toml", &fkey),
+            ("e.toml", &ekey),
         ],
         &backfill_config("wm_refuse"),
     );
@@ -197,6 +218,10 @@ payload = { id = "${data.id}" }
             "consumer `live_only` takes no SNAPSHOT events of cc_bf.keyed",
         ),
         (
+            format!("table={DB}.keyed&consumer=filter_only"),
+            "consumer `filter_only` takes no SNAPSHOT events of cc_bf.keyed",
+        ),
+        (
             format!("table={DB}.keyed&consumer=nobody"),
             "no consumer named `nobody`",
         ),
@@ -215,7 +240,23 @@ payload = { id = "${data.id}" }
         ),
         (
             format!("table={DB}.keyed&rate=-1"),
-            "--rate must be a positive number",
+            "--rate must be between",
+        ),
+        (
+            format!("table={DB}.keyed&rate=1e-300"),
+            "--rate must be between",
+        ),
+        (
+            format!("table={DB}.keyed&where=v%20LIKE%20%27a%5C%5C%27"),
+            "must not contain a backslash",
+        ),
+        (
+            format!("table={DB}.fkey&consumer=fkey"),
+            "has a FLOAT/DOUBLE column `id`",
+        ),
+        (
+            format!("table={DB}.ekey&consumer=ekey"),
+            "has a ENUM column `id`",
         ),
     ];
     for (q, want) in cases {
@@ -709,6 +750,55 @@ batch = {{ max_rows = 64 }}
         .map(|n| n.div_ceil(64))
         .sum();
     assert_eq!(got.len(), expected, "{} messages", got.len());
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+}
+
+/// A backfill whose consumer is disabled waits (its rows would reach nobody) and says so; it
+/// goes on once the consumer is enabled, and every row arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn a_backfill_for_a_disabled_consumer_waits_for_it() {
+    let _canal = canal_lock().await;
+    keyed_table("held", 300);
+    let queue = queue("backfill-held");
+    let consumer = state_consumer("held", "held", "${data.id}", "${old.id}", "false");
+    let mut svc = backfill_service(
+        "backfill-held",
+        &queue,
+        &[("held.toml", &consumer)],
+        "wm_held",
+    )
+    .await;
+    assert_eq!(svc.post("/consumers/held/disable").await, 200);
+    let id = start_backfill(&svc, &format!("table={DB}.held&chunk=50&consumer=held")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let b = backfill(&svc, &id).await;
+        if b["progress"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("every consumer it is for is disabled (held)"))
+        {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not waiting: {b}\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(waiting["progress"]["rows_read"], 0, "{waiting}");
+    assert_eq!(waiting["state"], "running", "{waiting}");
+    assert_eq!(svc.post("/consumers/held/enable").await, 200);
+    let done = wait_backfill(&svc, &id, "done", Duration::from_secs(60)).await;
+    assert_eq!(done["progress"]["rows_emitted"], 300, "{done}");
+    assert!(done["progress"]["error"].is_null(), "{done}");
+    let got = check_final_state(&queue, "held", "held", "after the wait").await;
+    assert_eq!(assert_one_id_per_key(&got), 0);
     let _ = svc.terminate(Duration::from_secs(30));
     delete_queue(&queue).await;
 }

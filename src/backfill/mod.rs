@@ -32,13 +32,16 @@ pub mod source;
 
 use crate::canal::connection::{ConnectionState, GetConnectionStatus};
 use crate::consumer::TableFilter;
+use crate::consumer::filter::NameMatch;
 use crate::event::{ArcStr, EventType, Value};
-use crate::manager::{ChunkPlan, ChunkRows, ExpectChunk, ForgetChunk, Manager, Outcome};
+use crate::manager::{
+    ChunkPlan, ChunkRows, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
+};
 use actix::{Addr, Recipient};
 use record::{Action, Backfill, Progress, Spec, State};
 use serde::{Deserialize, Serialize};
 use source::{Source, TableMeta, key_values};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -132,11 +135,38 @@ pub struct Settings {
     pub owner: String,
 }
 
+/// The smallest `--rate` (rows per second).
+pub const MIN_RATE: f64 = 0.01;
+
 /// The longest a chunk waits for the live stream to leave room.
 pub const MAX_YIELD: Duration = Duration::from_secs(1);
 
-/// The consumers a backfill may be for: their names and filters.
-pub type ConsumerFilters = Vec<(String, Vec<TableFilter>)>;
+/// A consumer a backfill may be for: its filters, and the names and event types of its rules
+/// (`when`), which must take SNAPSHOT events of the table too.
+#[derive(Debug, Clone)]
+pub struct Taker {
+    pub name: String,
+    pub filters: Vec<TableFilter>,
+    /// Per rule: `when.database`, `when.table`, `when.events` (empty: any).
+    pub rules: Vec<(Option<NameMatch>, Option<NameMatch>, BTreeSet<EventType>)>,
+}
+
+impl Taker {
+    /// Whether SNAPSHOT events of `database.table` reach this consumer and fire a rule.
+    pub fn takes(&self, database: &str, table: &str) -> bool {
+        let filtered = self.filters.iter().any(|f| {
+            f.event_types.contains(&EventType::Snapshot)
+                && f.database.matches(database)
+                && f.table.matches(table)
+        });
+        let fires = self.rules.iter().any(|(d, t, events)| {
+            (events.is_empty() || events.contains(&EventType::Snapshot))
+                && d.as_ref().is_none_or(|d| d.matches(database))
+                && t.as_ref().is_none_or(|t| t.matches(table))
+        });
+        filtered && fires
+    }
+}
 
 /// Live figures per backfill (this replica).
 #[derive(Debug, Default, Clone)]
@@ -149,7 +179,7 @@ struct Rate {
 pub struct Backfills {
     source: Source,
     settings: Settings,
-    consumers: ConsumerFilters,
+    consumers: Vec<Taker>,
     manager: Addr<Manager>,
     connection: Recipient<GetConnectionStatus>,
     rates: Mutex<HashMap<String, Rate>>,
@@ -159,6 +189,9 @@ pub struct Backfills {
     reading: Mutex<Option<String>>,
     /// Since when the live stream has had no room for a chunk.
     busy_since: Mutex<Option<Instant>>,
+    /// When each backfill may read its next chunk (its `--rate`, or a wait for a disabled
+    /// consumer); the others go on meanwhile.
+    next_at: Mutex<HashMap<String, Instant>>,
     wake: tokio::sync::Notify,
 }
 
@@ -169,10 +202,13 @@ pub fn check_condition(c: &str) -> Result<(), String> {
     let mut quote: Option<char> = None;
     let mut chars = c.chars().peekable();
     while let Some(ch) = chars.next() {
+        if ch == '\\' {
+            // whether a backslash escapes depends on the server's sql_mode
+            // (NO_BACKSLASH_ESCAPES) and the quote it is in: refuse it rather than guess
+            return Err("--where must not contain a backslash".into());
+        }
         if let Some(q) = quote {
-            if ch == '\\' {
-                chars.next();
-            } else if ch == q {
+            if ch == q {
                 quote = None;
             }
             continue;
@@ -219,7 +255,7 @@ impl Backfills {
     pub fn new(
         source: Source,
         settings: Settings,
-        consumers: ConsumerFilters,
+        consumers: Vec<Taker>,
         manager: Addr<Manager>,
         connection: Recipient<GetConnectionStatus>,
     ) -> Backfills {
@@ -233,6 +269,7 @@ impl Backfills {
             seen: Mutex::new(Vec::new()),
             reading: Mutex::new(None),
             busy_since: Mutex::new(None),
+            next_at: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -241,14 +278,8 @@ impl Backfills {
     fn takers(&self, database: &str, table: &str) -> Vec<&str> {
         self.consumers
             .iter()
-            .filter(|(_, filters)| {
-                filters.iter().any(|f| {
-                    f.event_types.contains(&EventType::Snapshot)
-                        && f.database.matches(database)
-                        && f.table.matches(table)
-                })
-            })
-            .map(|(n, _)| n.as_str())
+            .filter(|c| c.takes(database, table))
+            .map(|c| c.name.as_str())
             .collect()
     }
 
@@ -267,19 +298,19 @@ impl Backfills {
             })?;
         let takers = self.takers(database, table);
         match &req.consumer {
-            Some(c) if !self.consumers.iter().any(|(n, _)| n == c) => {
+            Some(c) if !self.consumers.iter().any(|t| t.name == *c) => {
                 return Err(BackfillError::Invalid(format!(
                     "no consumer named `{c}` (see `canal-consumer list`)"
                 )));
             }
             Some(c) if !takers.contains(&c.as_str()) => {
                 return Err(BackfillError::Invalid(format!(
-                    "consumer `{c}` takes no SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of its filter on that table (and of its rules' `when`, where they list events)"
+                    "consumer `{c}` takes no SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of its filter on that table and of a rule's `when` (where it lists events)"
                 )));
             }
             None if takers.is_empty() => {
                 return Err(BackfillError::Invalid(format!(
-                    "no consumer takes SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of a consumer's filter on that table (and of its rules' `when`, where they list events)"
+                    "no consumer takes SNAPSHOT events of {database}.{table}: add SNAPSHOT to the `events` of a consumer's filter on that table and of a rule's `when` (where it lists events)"
                 )));
             }
             _ => {}
@@ -299,10 +330,10 @@ impl Backfills {
             )));
         }
         if let Some(r) = req.rate
-            && (!r.is_finite() || r <= 0.0)
+            && !(MIN_RATE..=1e9).contains(&r)
         {
             return Err(BackfillError::Invalid(format!(
-                "--rate must be a positive number of rows per second, got {r}"
+                "--rate must be between {MIN_RATE} and 1e9 rows per second, got {r}"
             )));
         }
         self.source.ensure_table().await?;
@@ -484,8 +515,25 @@ impl Backfills {
         if running.is_empty() {
             return Ok(false);
         }
-        *turn = (*turn + 1) % running.len();
-        let b = running[*turn].clone();
+        let now = Instant::now();
+        let (ready, soonest) = {
+            let next = self.next_at.lock().map(|n| n.clone()).unwrap_or_default();
+            let ready: Vec<Backfill> = running
+                .into_iter()
+                .filter(|b| next.get(&b.id).is_none_or(|t| *t <= now))
+                .collect();
+            (ready, next.values().filter(|t| **t > now).min().copied())
+        };
+        if ready.is_empty() {
+            // every running backfill waits (its rate, a disabled consumer): until the first
+            // may go on, or an operator's action
+            let wait = soonest.map_or(Duration::from_secs(1), |t| t - now);
+            let _ =
+                tokio::time::timeout(wait.min(Duration::from_secs(1)), self.wake.notified()).await;
+            return Ok(true);
+        }
+        *turn = (*turn + 1) % ready.len();
+        let b = ready[*turn].clone();
         if let Ok(mut r) = self.reading.lock() {
             *r = Some(b.id.clone());
         }
@@ -500,6 +548,17 @@ impl Backfills {
     /// Read, emit and confirm one chunk of `b`, then store its progress.
     async fn chunk(&self, mut b: Backfill) -> Result<(), BackfillError> {
         let started = Instant::now();
+        if let Some(why) = self.no_taker_enabled(&b).await {
+            // hold: rows emitted now would reach nobody
+            if b.progress.error.as_deref() != Some(why.as_str()) {
+                b.progress.error = Some(why);
+                self.source.save_progress(&b.id, &b.progress).await?;
+            }
+            if let Ok(mut next) = self.next_at.lock() {
+                next.insert(b.id.clone(), started + Duration::from_secs(2));
+            }
+            return Ok(());
+        }
         let meta = match self
             .source
             .table_meta(&b.spec.database, &b.spec.table)
@@ -606,6 +665,7 @@ impl Backfills {
         };
         match outcome {
             Outcome::Confirmed { emitted, dropped } => {
+                b.progress.error = None;
                 let last_chunk = b
                     .progress
                     .chunk_done(n, b.spec.chunk, last, emitted, dropped);
@@ -613,14 +673,18 @@ impl Backfills {
                     return self.finish(&b, b.progress.clone()).await;
                 }
                 self.source.save_progress(&b.id, &b.progress).await?;
+                // the rate limit: this backfill's next chunk waits; the others go on
+                let mut took = started.elapsed();
                 if let Some(rate) = b.spec.rate {
-                    let want = Duration::from_secs_f64(n as f64 / rate);
-                    if let Some(left) = want.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(left).await;
+                    let want = Duration::try_from_secs_f64(n.max(1) as f64 / rate)
+                        .unwrap_or(Duration::from_secs(86_400))
+                        .min(Duration::from_secs(86_400));
+                    took = took.max(want);
+                    if let Ok(mut next) = self.next_at.lock() {
+                        next.insert(b.id.clone(), started + want);
                     }
                 }
-                // the rate as it is: with the pause the rate limit makes
-                self.note_rate(&b.id, n, started.elapsed());
+                self.note_rate(&b.id, n, took);
             }
             Outcome::Failed(why) => {
                 tracing::info!(backfill = %b.id, table = %b.spec.full_table(), reason = %why, "backfill chunk read again");
@@ -630,6 +694,25 @@ impl Backfills {
             }
         }
         Ok(())
+    }
+
+    /// Why `b` must wait: every consumer it is for is disabled (its rows would reach nobody).
+    async fn no_taker_enabled(&self, b: &Backfill) -> Option<String> {
+        let status = self.manager.send(GetManagerStatus).await.ok()?;
+        let targets: Vec<&str> = match &b.spec.consumer {
+            Some(c) => vec![c.as_str()],
+            None => self.takers(&b.spec.database, &b.spec.table),
+        };
+        let enabled = status
+            .consumers
+            .iter()
+            .any(|c| c.enabled && targets.contains(&c.name.as_str()));
+        (!enabled).then(|| {
+            format!(
+                "waiting: every consumer it is for is disabled ({}); enable one to go on",
+                targets.join(", ")
+            )
+        })
     }
 
     fn note_rate(&self, id: &str, rows: usize, took: Duration) {
@@ -704,5 +787,10 @@ mod tests {
         assert!(check_condition("1)").is_err());
         assert!(check_condition("'open").is_err());
         assert!(check_condition("  ").is_err());
+        // a backslash inside backticks escapes nothing for MySQL: refused, not guessed at
+        let smuggled = "1 = (SELECT 1 AS `a\\`)) ; UPDATE t SET v = 1 WHERE ((1 #`\n)";
+        assert!(check_condition(smuggled).is_err());
+        assert!(check_condition("name LIKE 'a\\_b'").is_err());
+        assert!(check_condition("`we``ird` = 1").is_ok());
     }
 }

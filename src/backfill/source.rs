@@ -192,6 +192,14 @@ impl Source {
                 "table {database}.{table} has no primary key: a backfill reads a table in primary-key order and matches live changes to read rows by it; give the table a primary key"
             )));
         }
+        for k in &key {
+            let declared = cols.iter().find(|(n, _)| n == k).map(|(_, t)| t.as_str());
+            if let Some(kind) = declared.and_then(|t| DeclaredType::parse(t).unfit_for_paging()) {
+                return Err(BackfillError::Invalid(format!(
+                    "the primary key of {database}.{table} has a {kind} column `{k}`: a backfill pages through the key with exact comparisons, which a {kind} key does not give (rows would be missed)"
+                )));
+            }
+        }
         Ok(TableMeta {
             database: database.into(),
             table: table.into(),

@@ -974,6 +974,19 @@ impl DeclaredType {
         DeclaredType(Kind::of(mysql_type))
     }
 
+    /// Whether rows can be paged through by this column in key order with exact comparisons
+    /// of the values read back: not for FLOAT/DOUBLE (their text is rounded), ENUM/SET (they
+    /// sort by index but compare as text) or JSON; `None` when it can, else the type's name.
+    pub fn unfit_for_paging(&self) -> Option<&'static str> {
+        match &self.0 {
+            Kind::Float => Some("FLOAT/DOUBLE"),
+            Kind::Enum(_) => Some("ENUM"),
+            Kind::Set(_) => Some("SET"),
+            Kind::BlobText { json: true } => Some("JSON"),
+            _ => None,
+        }
+    }
+
     /// The value of MySQL's text-protocol rendering `bytes` (`None` for NULL). Where MySQL's
     /// rendering differs from Canal's, this follows what [`Kind::value`] makes of Canal's: BIT
     /// arrives as its bytes (Canal: the number), ENUM and SET as their labels (Canal: index

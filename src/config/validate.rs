@@ -85,6 +85,21 @@ impl Config {
         if let Err(e) = self.backfill.watermark() {
             bad("backfill.watermark_table", e);
         }
+        if self.backfill.chunk.get() > 100_000 {
+            bad(
+                "backfill.chunk",
+                format!("must be at most 100000 rows, got {}", self.backfill.chunk),
+            );
+        }
+        if self.backfill.chunk_timeout < std::time::Duration::from_secs(1) {
+            bad(
+                "backfill.chunk_timeout",
+                format!(
+                    "must be at least 1s (a chunk's rows come back through Canal and are confirmed in it), got {}",
+                    humantime::format_duration(self.backfill.chunk_timeout)
+                ),
+            );
+        }
         let hb = &self.heartbeat;
         if hb.enabled {
             if c.source_url.is_empty() {

@@ -375,6 +375,7 @@ impl Manager {
             }
         }
         let park = Arc::new(self.check_lossy(&batch.events));
+        let watermark = self.cfg.watermark.as_ref();
         let mut parts = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if !self.router.is_enabled(i) {
@@ -390,6 +391,8 @@ impl Manager {
                         .and_then(|s| s.consumer.as_ref())
                         .is_none_or(|c| *c == slot.name)
                 })
+                // the watermark table's changes are the service's own bookkeeping
+                .filter(|(_, e)| watermark.is_none_or(|w| !w.is(e)))
                 .filter(|(_, e)| slot.filters.iter().any(|f| f.matches(e)))
                 .map(|(i, _)| i)
                 .collect();
