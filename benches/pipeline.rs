@@ -48,6 +48,12 @@
 //! runs only the probes and the throughput phase, timed until every row has arrived at the
 //! queue's consumer (`target/bench-pipeline-bulk.json`).
 //!
+//! `BENCH_BACKFILL=1` runs the backfill phases instead (issue 21; `pipeline/backfill.rs`): per-row
+//! and bulk backfill throughput against the broker probe, and the live latency phase without
+//! and with a backfill running (`target/bench-pipeline-backfill.json`; knobs
+//! `BENCH_BACKFILL_ROWS`, `BENCH_BACKFILL_CHUNK`, `BENCH_BACKFILL_BULK`, `BENCH_BACKFILL_RATES`,
+//! `BENCH_BACKFILL_THROTTLE`).
+//!
 //! Knobs: `BENCH_QUICK`, `BENCH_ROWS`, `BENCH_RATES`, `BENCH_SECONDS`, `BENCH_IDLE_SECONDS`,
 //! `BENCH_BIG_TX`, `BENCH_MAX_PRIORITY` (`none` or a number: the bench queue's
 //! `amqp.queue.max_priority`), `BENCH_PRIORITY_PROBES` (0/1), `BENCH_BULK`. The service
