@@ -48,6 +48,12 @@
 //! runs only the probes and the throughput phase, timed until every row has arrived at the
 //! queue's consumer (`target/bench-pipeline-bulk.json`).
 //!
+//! `BENCH_BACKFILL=1` runs the backfill phases instead (issue 21; `pipeline/backfill.rs`): per-row
+//! and bulk backfill throughput against the broker probe, and the live latency phase without
+//! and with a backfill running (`target/bench-pipeline-backfill.json`; knobs
+//! `BENCH_BACKFILL_ROWS`, `BENCH_BACKFILL_CHUNK`, `BENCH_BACKFILL_BULK`, `BENCH_BACKFILL_RATES`,
+//! `BENCH_BACKFILL_THROTTLE`).
+//!
 //! Knobs: `BENCH_QUICK`, `BENCH_ROWS`, `BENCH_RATES`, `BENCH_SECONDS`, `BENCH_IDLE_SECONDS`,
 //! `BENCH_BIG_TX`, `BENCH_MAX_PRIORITY` (`none` or a number: the bench queue's
 //! `amqp.queue.max_priority`), `BENCH_PRIORITY_PROBES` (0/1), `BENCH_BULK`. The service
@@ -174,7 +180,13 @@ fn perftest(url: &str, size: usize, window: usize, seconds: u64) -> f64 {
         })
 }
 
+#[path = "pipeline/backfill.rs"]
+mod backfill;
+
 const QUEUE: &str = "cc_bench";
+/// `canal.source_url` of a service with backfills: the `backfill` account of
+/// deploy/local/mariadb/users.sql (the grants the README documents).
+const BACKFILL_SOURCE: &str = "mysql://backfill:backfill@127.0.0.1:3306";
 const PROBE_QUEUE: &str = "cc_bench_probe";
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -196,6 +208,31 @@ struct Opts {
     /// `BENCH_BULK=<max_rows>`: the bench rule batches rows into bulk messages; only the probes
     /// and the throughput phase run.
     bulk: Option<u64>,
+    /// `BENCH_BACKFILL=1`: only the backfill phases run ([`backfill`]).
+    backfill: bool,
+    /// `BENCH_BACKFILL_ROWS`: rows in the table the backfills read.
+    backfill_rows: u64,
+    /// `BENCH_BACKFILL_CHUNK`: `chunk` of the backfills (the service's default without).
+    backfill_chunk: Option<u64>,
+    /// `BENCH_BACKFILL_BULK`: `max_rows` of the bulk consumer's rule.
+    backfill_bulk: u64,
+    /// `BENCH_BACKFILL_RATES`: live rows/s of the latency phases with and without a backfill.
+    backfill_rates: Vec<u64>,
+    /// `BENCH_BACKFILL_THROTTLE=<chunk>,<rate>`: the throttled per-row backfill of the latency
+    /// phases.
+    backfill_throttle: (u64, u64),
+}
+
+fn rates_env(name: &str, default: &str) -> Vec<u64> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|r| {
+            r.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: rows/s, comma separated"))
+        })
+        .collect()
 }
 
 impl Opts {
@@ -210,15 +247,7 @@ impl Opts {
         Opts {
             quick,
             rows: env_num("BENCH_ROWS", if quick { 5_000 } else { 50_000 }),
-            rates: std::env::var("BENCH_RATES")
-                .unwrap_or_else(|_| "5,200,1000".into())
-                .split(',')
-                .map(|r| {
-                    r.trim()
-                        .parse()
-                        .expect("BENCH_RATES: rows/s, comma separated")
-                })
-                .collect(),
+            rates: rates_env("BENCH_RATES", "5,200,1000"),
             seconds: env_num("BENCH_SECONDS", if quick { 3 } else { 10 }),
             idle_seconds: env_num("BENCH_IDLE_SECONDS", if quick { 5 } else { 20 }),
             big_tx: env_num("BENCH_BIG_TX", if quick { 20_000 } else { 500_000 }),
@@ -228,6 +257,19 @@ impl Opts {
                 v.parse()
                     .expect("BENCH_BULK: rows per bulk message (max_rows)")
             }),
+            backfill: env_num("BENCH_BACKFILL", 0) != 0,
+            backfill_rows: env_num("BENCH_BACKFILL_ROWS", if quick { 50_000 } else { 500_000 }),
+            backfill_chunk: std::env::var("BENCH_BACKFILL_CHUNK").ok().map(|v| {
+                v.parse()
+                    .expect("BENCH_BACKFILL_CHUNK: rows per chunk (1..=100000)")
+            }),
+            backfill_bulk: env_num("BENCH_BACKFILL_BULK", 500),
+            backfill_rates: rates_env("BENCH_BACKFILL_RATES", "200,1000"),
+            backfill_throttle: {
+                let v = rates_env("BENCH_BACKFILL_THROTTLE", "100,1000");
+                assert!(v.len() == 2, "BENCH_BACKFILL_THROTTLE: <chunk>,<rows/s>");
+                (v[0], v[1])
+            },
         }
     }
 }
@@ -453,16 +495,61 @@ impl Drop for Service {
     }
 }
 
+/// What a service with backfills gets besides the bench consumer (`BENCH_BACKFILL`).
+struct BackfillService {
+    /// `database.table` of its watermark table.
+    watermark_table: String,
+    /// `max_rows` of the bulk consumer's rule.
+    bulk_max_rows: u64,
+}
+
+/// The service's consumer files and config in `dir`, and the process started on them. With
+/// `backfill`, the `bench` consumer takes SNAPSHOT rows too, a `bulk` consumer takes only
+/// SNAPSHOT rows (one bulk rule), and the service reads the source as the `backfill` account.
 fn start_service(
     dir: &std::path::Path,
     admin: &str,
     max_priority: Option<u8>,
     bulk: Option<u64>,
+    backfill: Option<&BackfillService>,
 ) -> Service {
     std::fs::create_dir_all(dir.join("consumers")).unwrap();
     let batch = bulk
         .map(|n| format!("batch = {{ max_rows = {n}, max_wait = \"50ms\" }}\n"))
         .unwrap_or_default();
+    let events = if backfill.is_some() {
+        r#"["INSERT", "SNAPSHOT"]"#
+    } else {
+        r#"["INSERT"]"#
+    };
+    let (source_url, backfill_section) = match backfill {
+        Some(b) => {
+            std::fs::write(
+                dir.join("consumers/bulk.toml"),
+                format!(
+                    r#"
+[consumers.bulk]
+[[consumers.bulk.filters]]
+database = "cc_bench"
+table = "rows"
+events = ["SNAPSHOT"]
+[[consumers.bulk.rules]]
+name = "rows"
+plugin = "bench_task"
+payload = {{ id = "${{data.id}}", user_id = "${{data.user_id}}", email = "${{data.email}}", amount = "${{data.amount}}", score = "${{data.score}}" }}
+batch = {{ max_rows = {}, max_wait = "50ms" }}
+"#,
+                    b.bulk_max_rows
+                ),
+            )
+            .unwrap();
+            (
+                format!("source_url = \"{BACKFILL_SOURCE}\"\n"),
+                format!("[backfill]\nwatermark_table = \"{}\"\n", b.watermark_table),
+            )
+        }
+        None => (String::new(), String::new()),
+    };
     std::fs::write(
         dir.join("consumers/bench.toml"),
         format!(
@@ -471,7 +558,7 @@ fn start_service(
 [[consumers.bench.filters]]
 database = "cc_bench"
 table = "rows"
-events = ["INSERT"]
+events = {events}
 [[consumers.bench.rules]]
 name = "row"
 plugin = "bench_task"
@@ -507,6 +594,7 @@ payload = {{ id = "${{data.id}}", user_id = "${{data.user_id}}", email = "${{dat
 username = "canal"
 password = "canal"
 mem_unit = {mem_unit}
+{source_url}
 [consumers]
 dir = "{consumers}"
 state_file = "{state}"
@@ -520,6 +608,7 @@ url = "{amqp}"
 [amqp.queue]
 name = "{QUEUE}"
 {queue_priority}
+{backfill_section}
 "#,
             amqp = amqp_url(),
             consumers = dir.join("consumers").display(),
@@ -1103,6 +1192,48 @@ fn uptime_load() -> String {
         .join(" ")
 }
 
+fn create_table() {
+    mysql(
+        "CREATE DATABASE IF NOT EXISTS cc_bench; DROP TABLE IF EXISTS cc_bench.rows;
+         CREATE TABLE cc_bench.rows (id BIGINT PRIMARY KEY, user_id INT, email VARCHAR(128),
+           name VARCHAR(64), amount DECIMAL(12,2), status VARCHAR(16), created DATETIME,
+           score DOUBLE, note TEXT, flag TINYINT) DEFAULT CHARSET=utf8mb4",
+    )
+}
+
+/// The service's directory (fresh) and a free admin address.
+fn service_dir() -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("cc-bench-pipeline-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let admin = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
+    (dir, admin)
+}
+
+/// Wait (at most 60 s) until the service answers `/ready` with 200.
+async fn wait_ready(admin: &str, service: &mut Service, dir: &std::path::Path) {
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while canal_consumer::admin::client::request(admin, "GET", "/ready")
+        .await
+        .map(|r| r.status)
+        .unwrap_or(0)
+        != 200
+    {
+        assert!(
+            Instant::now() < ready_by && service.0.try_wait().unwrap().is_none(),
+            "service not ready; see {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -1123,14 +1254,10 @@ async fn main() {
         );
     }
 
-    let create_table = || {
-        mysql(
-            "CREATE DATABASE IF NOT EXISTS cc_bench; DROP TABLE IF EXISTS cc_bench.rows;
-             CREATE TABLE cc_bench.rows (id BIGINT PRIMARY KEY, user_id INT, email VARCHAR(128),
-               name VARCHAR(64), amount DECIMAL(12,2), status VARCHAR(16), created DATETIME,
-               score DOUBLE, note TEXT, flag TINYINT) DEFAULT CHARSET=utf8mb4",
-        )
-    };
+    if o.backfill {
+        backfill::run(&o, load_before).await;
+        return;
+    }
     create_table();
     drain_canal().await;
     // ---- the source's limit: Canal's delivery of the same rows to a bare client
@@ -1155,32 +1282,10 @@ async fn main() {
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
         .await;
 
-    let dir = std::env::temp_dir().join(format!("cc-bench-pipeline-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let admin = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
-    let mut service = start_service(&dir, &admin, o.max_priority, o.bulk);
+    let (dir, admin) = service_dir();
+    let mut service = start_service(&dir, &admin, o.max_priority, o.bulk, None);
     let pid = service.0.id();
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while canal_consumer::admin::client::request(&admin, "GET", "/ready")
-        .await
-        .map(|r| r.status)
-        .unwrap_or(0)
-        != 200
-    {
-        assert!(
-            Instant::now() < ready_by && service.0.try_wait().unwrap().is_none(),
-            "service not ready; see {}",
-            dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&admin, &mut service, &dir).await;
     let mut sink = ch
         .basic_consume(
             QUEUE.into(),
