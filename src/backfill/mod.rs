@@ -33,7 +33,7 @@ pub mod source;
 use crate::canal::connection::{ConnectionState, GetConnectionStatus};
 use crate::consumer::TableFilter;
 use crate::consumer::filter::NameMatch;
-use crate::event::{ArcStr, EventType, Value};
+use crate::event::{ArcStr, EventType};
 use crate::manager::{
     ChunkPlan, ChunkRows, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
 };
@@ -728,11 +728,18 @@ impl Backfills {
     }
 
     async fn finish(&self, b: &Backfill, mut p: Progress) -> Result<(), BackfillError> {
-        p.finished_at = Some(now_ms());
         p.error = None;
-        self.source
-            .set_state(&b.id, State::Running, State::Done, Some(&p))
-            .await?;
+        let mut done = p.clone();
+        done.finished_at = Some(now_ms());
+        if !self
+            .source
+            .set_state(&b.id, State::Running, State::Done, Some(&done))
+            .await?
+        {
+            // paused or cancelled while its last chunk was in flight: keep what it did
+            return self.source.save_progress(&b.id, &p).await;
+        }
+        let p = done;
         tracing::info!(
             backfill = %b.id,
             table = %b.spec.full_table(),
@@ -763,11 +770,6 @@ impl Backfills {
     ) -> Result<TableMeta, BackfillError> {
         self.source.table_meta(database, table).await
     }
-}
-
-/// A key as JSON text (for messages).
-pub fn key_json(key: &[Value]) -> String {
-    serde_json::to_string(key).unwrap_or_default()
 }
 
 #[cfg(test)]

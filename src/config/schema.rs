@@ -541,8 +541,8 @@ impl Default for ShutdownConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct BackfillConfig {
     /// `database.table` of the watermark table: created on first use, the only table the
-    /// service writes to on the source, and where backfills and their progress are kept. Canal's
-    /// instance filter must include it.
+    /// service writes to on the source, and where backfills and their progress are kept. The
+    /// service subscribes to it; Canal's black filter must not exclude it.
     pub watermark_table: String,
     /// Rows per chunk when `backfill start` gives no `--chunk`.
     pub chunk: NonZeroUsize,

@@ -88,7 +88,7 @@ impl ReadPhase {
     pub fn explain(self, watermark: &WatermarkTable) -> String {
         match self {
             ReadPhase::NoWatermark => format!(
-                "its low watermark never came back through Canal: check that Canal's instance filter (canal.instance.filter.regex) includes {}.{}, and that the stream is moving",
+                "its low watermark never came back through Canal: check that Canal sends {}.{} (the service subscribes to it; canal.instance.filter.black.regex must not exclude it) and that the stream is moving",
                 watermark.database, watermark.table
             ),
             ReadPhase::LowOnly => {
