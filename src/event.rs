@@ -812,6 +812,15 @@ pub struct ChangeEvent {
     pub snapshot: Option<Arc<SnapshotOrigin>>,
 }
 
+/// Wall-clock milliseconds since the Unix epoch: the unit of [`ChangeEvent::executed_at`], for
+/// ages and lags measured against it.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Where a SNAPSHOT event comes from: which backfill read it, and the row's primary key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotOrigin {

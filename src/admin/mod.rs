@@ -28,13 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use actors::ActorControl;
 pub use server::{AdminServer, AdminState, serve};
 
-/// Wall-clock milliseconds since the Unix epoch (what `executed_at` is measured in).
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::event::now_ms;
 
 /// What the admin endpoint needs from the running service.
 ///

@@ -16,6 +16,7 @@
 
 use super::source::Source;
 use crate::canal::connection::{ConnectionState, GetConnectionStatus};
+use crate::event::now_ms;
 use crate::manager::HeartbeatNote;
 use crate::manager::heartbeat::{Note, PREFIX};
 use actix::Recipient;
@@ -25,10 +26,6 @@ pub use crate::config::{HEARTBEAT_MAX_ID as MAX_ID, heartbeat_row_id as row_id};
 
 /// A run of failed writes is logged again every this many ticks.
 pub const LOG_EVERY: u32 = 100;
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
 
 /// What a tick at `now` does in connection state `state`: write (`Written`) only while
 /// connected; a replica that does not stream owes nothing (`Idle`); otherwise the stream

@@ -33,7 +33,7 @@ pub mod source;
 use crate::canal::connection::{ConnectionState, GetConnectionStatus};
 use crate::consumer::TableFilter;
 use crate::consumer::filter::NameMatch;
-use crate::event::{ArcStr, EventType};
+use crate::event::{ArcStr, EventType, now_ms};
 use crate::manager::{
     ChunkPlan, ChunkRows, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
 };
@@ -245,10 +245,6 @@ pub fn check_condition(c: &str) -> Result<(), String> {
         return Err("--where is empty".into());
     }
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 impl Backfills {

@@ -29,7 +29,7 @@
 //! seen is bounded ([`MAX_PENDING`]: past it the oldest and the newest are kept).
 
 use super::snapshot::WatermarkTable;
-use crate::event::{ChangeEvent, EventType, Value};
+use crate::event::{ChangeEvent, EventType};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -169,13 +169,7 @@ impl Tracker {
 
 /// `hb:<ms>` in a watermark-table row's `watermark` column.
 fn heartbeat_value(e: &ChangeEvent) -> Option<i64> {
-    if !matches!(e.event_type, EventType::Insert | EventType::Update) {
-        return None;
-    }
-    match e.data.get(WatermarkTable::COLUMN) {
-        Some(Value::Text(v)) => v.strip_prefix(PREFIX)?.parse().ok(),
-        _ => None,
-    }
+    WatermarkTable::mark(e)?.strip_prefix(PREFIX)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -274,7 +268,7 @@ mod tests {
 
     #[test]
     fn scan_reads_heartbeat_rows_of_the_watermark_table_only() {
-        use crate::event::{Columns, Position, Row};
+        use crate::event::{Columns, Position, Row, Value};
         use std::sync::Arc;
         let table = WatermarkTable {
             database: "canal_consumer".into(),

@@ -46,7 +46,7 @@ use crate::canal::lossy::{self, LossyColumn, LossyText, OnLossyText};
 use crate::consumer::TableFilter;
 use crate::consumer::actor::{ConsumerActor, ProcessBatch, ProcessFailure, Reinstate};
 use crate::consumer::filter::canal_filter;
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, now_ms};
 use crate::publisher::{CancelBefore, PublishError};
 use actix::prelude::*;
 pub use core::ConsumerState;
@@ -318,11 +318,7 @@ impl Manager {
             parts.push(self.cfg.extra_filter.clone());
         }
         if let Some(w) = &self.cfg.watermark {
-            parts.push(format!(
-                "{}\\.{}",
-                crate::consumer::canal_regex::literal(&w.database.to_lowercase()),
-                crate::consumer::canal_regex::literal(&w.table.to_lowercase())
-            ));
+            parts.push(TableFilter::new(&w.database, &w.table, &[]).canal_regex());
         }
         parts.retain(|p| !p.is_empty());
         parts.join(",")
@@ -554,11 +550,6 @@ impl Manager {
             }
         }
     }
-}
-
-/// Wall-clock milliseconds since the Unix epoch (what `executed_at` is measured in).
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// The live (not SNAPSHOT) events of a part by commit time: `(executed_at, count)`, in order.

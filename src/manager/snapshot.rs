@@ -70,6 +70,18 @@ impl WatermarkTable {
     pub(crate) fn is(&self, e: &ChangeEvent) -> bool {
         e.database == self.database.as_str() && e.table == self.table.as_str()
     }
+
+    /// The text an INSERT or UPDATE of a watermark-table row carries in [`Self::COLUMN`]
+    /// (`low:`/`high:` watermarks, `hb:` heartbeats); the caller checks [`Self::is`].
+    pub(crate) fn mark(e: &ChangeEvent) -> Option<&str> {
+        if !matches!(e.event_type, EventType::Insert | EventType::Update) {
+            return None;
+        }
+        match e.data.get(Self::COLUMN) {
+            Some(Value::Text(v)) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 /// How far a read had come when it was given up.
@@ -344,12 +356,7 @@ impl Windows {
 
 /// The watermark an event of the watermark table carries: (is high, nonce).
 fn watermark(e: &ChangeEvent) -> Option<(bool, String)> {
-    if !matches!(e.event_type, EventType::Insert | EventType::Update) {
-        return None;
-    }
-    let Some(Value::Text(v)) = e.data.get(WatermarkTable::COLUMN) else {
-        return None;
-    };
+    let v = WatermarkTable::mark(e)?;
     if let Some(n) = v.strip_prefix("low:") {
         Some((false, n.to_string()))
     } else {
