@@ -7,7 +7,8 @@
 //! (connect, GET, acks + GET, subscribe, rollback, close), the end of a batch's decoding
 //! (sometimes undecodable: a stall the operator skips; sometimes a panic: a rollback), a
 //! consumer answering (ok, error/panic → restart and retry, quarantine), a retry timer,
-//! publishing, a broker ack / multi-ack / nack / return / confirm timeout / connection loss,
+//! publishing, a broker ack / multi-ack / nack / return / confirm timeout / connection loss / a
+//! channel gone stale (nacks everything until replaced),
 //! the Canal connection dropping, the Canal server restarting (its saved cursor may be older
 //! than the last ack: it **rewinds**; it numbers batches from 1 again), Canal flushing its
 //! cursor, an ack written but never received, the clock jumping to the next armed timer
@@ -42,7 +43,11 @@
 //! - (j) the toggled consumer: once its `enable` has returned (the core said the filter is in
 //!   force), every row of its tables committed after that reaches it while it stays enabled;
 //! - (k) ZooKeeper seeds: no GET or ACK is written while the model ZooKeeper's lease is over;
-//! - (l) the model has one client: the connection never reports a conflict with another.
+//! - (l) the model has one client: the connection never reports a conflict with another;
+//! - (m) nothing more is written on a publishing channel once it nacked a publish or lost a
+//!   confirm, until the publisher renewed the channel (a channel's state at the broker can go
+//!   stale: on RabbitMQ 3.x, a channel that first published to a quorum queue while its leader
+//!   was down nacks every later publish; the model broker's stale channel does the same).
 //!
 //! A GET is two steps, as on the wire: written (the model server answers it then), and its
 //! answer read later, with other steps between; one operation is on the session at a time.
@@ -363,6 +368,11 @@ struct Sim {
     unconfirmed: BTreeMap<u64, Msg>,
     /// Publishes the broker returned (their ack follows).
     returned: BTreeSet<u64>,
+    /// The channel's state at the broker went stale (RabbitMQ 3.x after a quorum queue's
+    /// leader changed): every publish on it is nacked until the shell opens a new channel.
+    channel_stale: bool,
+    /// A nack or confirm timeout happened on the current channel (invariant (m)).
+    channel_in_doubt: bool,
     /// Ids of messages the broker accepted (acked without a return).
     accepted: BTreeSet<String>,
     /// Ids of messages the broker had accepted when their row was acked to Canal, and the
@@ -472,6 +482,8 @@ impl Sim {
             retries: Vec::new(),
             unconfirmed: BTreeMap::new(),
             returned: BTreeSet::new(),
+            channel_stale: false,
+            channel_in_doubt: false,
             accepted: BTreeSet::new(),
             acked_msgs: BTreeSet::new(),
             confirmed_row: None,
@@ -977,7 +989,21 @@ impl Sim {
     }
 
     fn publish(&mut self) {
+        if self.publisher.wants_new_channel() {
+            // the old channel closes: publishes that timed out may or may not have been taken
+            self.lose_unconfirmed();
+            self.log("new publishing channel".into());
+            self.channel_stale = false;
+            self.channel_in_doubt = false;
+            self.publisher.channel_renewed();
+        }
         while let Some((seq, msg)) = self.publisher.poll_publish(self.now) {
+            // (m) nothing more is written on a channel that nacked or lost a confirm
+            assert!(
+                !self.channel_in_doubt,
+                "(m) row {} written on a channel that nacked or timed out",
+                msg.row
+            );
             // (c) order of channel writes
             if let Some(f) = self.failed_epoch {
                 assert!(
@@ -1057,6 +1083,23 @@ impl Sim {
         self.settle();
     }
 
+    /// The channel closes: the broker may or may not have taken what was unconfirmed on it.
+    fn lose_unconfirmed(&mut self) {
+        let lost: Vec<(u64, Msg)> = std::mem::take(&mut self.unconfirmed).into_iter().collect();
+        for (s, m) in lost {
+            if !self.returned.remove(&s) && self.rng.chance(500) {
+                self.accepted.insert(m.id);
+            }
+        }
+    }
+
+    fn nack(&mut self, seq: u64) {
+        self.unconfirmed.remove(&seq);
+        self.channel_in_doubt = true;
+        self.publisher.on_confirm(seq, false, false);
+        self.settle();
+    }
+
     fn settle(&mut self) {
         self.publisher.settle(self.now);
         self.flush_publisher();
@@ -1070,7 +1113,10 @@ impl Sim {
         let seqs: Vec<u64> = self.unconfirmed.keys().copied().collect();
         let any = seqs[self.rng.below(seqs.len())];
         let roll = self.rng.below(1000);
-        if !self.faults || roll < 600 {
+        if self.channel_stale {
+            self.log(format!("broker nack #{first} (stale channel)"));
+            self.nack(first);
+        } else if !self.faults || roll < 600 {
             self.log(format!("broker ack #{first}"));
             self.broker_ack(first, false);
         } else if roll < 800 {
@@ -1079,11 +1125,13 @@ impl Sim {
         } else if roll < 860 {
             self.log(format!("broker ack #{any} (out of order)"));
             self.broker_ack(any, false);
-        } else if roll < 900 {
+        } else if roll < 890 {
             self.log(format!("broker nack #{any}"));
-            self.unconfirmed.remove(&any);
-            self.publisher.on_confirm(any, false, false);
-            self.settle();
+            self.nack(any);
+        } else if roll < 900 {
+            self.log(format!("channel goes stale; broker nack #{any}"));
+            self.channel_stale = true;
+            self.nack(any);
         } else if roll < 940 {
             // unroutable: the return comes first, then the ack of the same publish
             let transient = self.rng.chance(500);
@@ -1094,18 +1142,17 @@ impl Sim {
             self.broker_ack(any, false);
         } else if roll < 970 {
             self.log("confirm timeout".into());
+            self.channel_in_doubt = true;
             self.now += CONFIRM_TIMEOUT + Duration::from_millis(1);
             self.settle();
         } else {
             // connection loss: the broker may or may not have taken what was unconfirmed
             self.log("broker connection lost".into());
-            let lost: Vec<(u64, Msg)> = std::mem::take(&mut self.unconfirmed).into_iter().collect();
-            for (s, m) in lost {
-                if !self.returned.remove(&s) && self.rng.chance(500) {
-                    self.accepted.insert(m.id);
-                }
-            }
+            self.lose_unconfirmed();
             self.publisher.connection_lost("simulated");
+            // a new connection comes with a new channel
+            self.channel_stale = false;
+            self.channel_in_doubt = false;
             self.flush_publisher();
             self.run_commands();
         }

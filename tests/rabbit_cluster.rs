@@ -525,6 +525,71 @@ async fn two_of_three_nodes_down_stalls_without_an_ack_until_a_majority_is_back(
     svc.terminate(Duration::from_secs(30));
 }
 
+/// The queue's leader and one more node down before the service's first publish on the third:
+/// no leader can be elected, so publishes find none (they time out, or are nacked: on RabbitMQ
+/// 3.x a channel whose first publish to a quorum queue met a dead leader nacks every later
+/// publish for as long as it lives, which made `kill_9_of_the_connected_node...` fail now and
+/// then). Nothing is lost, and once a majority is back every row arrives, on a publishing
+/// channel opened after the one that failed.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+#[tokio::test]
+async fn the_leader_and_another_node_down_before_the_first_publish_loses_nothing_once_a_majority_is_back()
+ {
+    let _lock = canal_lock().await;
+    let _cluster = Cluster::up();
+    let queue = &common::queue("cc_qq_no_leader");
+    fresh_queue(queue, 1).await;
+    assert!(
+        leader_of(queue).starts_with("ccq1@"),
+        "the queue is led by the node it was declared on"
+    );
+    let table = "qq_no_leader";
+    let urls = [node_url(2), node_url(1), node_url(3)];
+    let mut svc = service("qq-no-leader", table, queue, &urls).await;
+    wait_status(&svc, "connected to node 2", Duration::from_secs(60), |s| {
+        s["broker"]["state"] == "connected" && s["broker"]["node"] == 1
+    })
+    .await;
+
+    ctl(&["kill", "1"]);
+    ctl(&["kill", "3"]);
+    insert_notes(DB, table, 1, 50);
+    wait_status(
+        &svc,
+        "a publish nacked by node 2, or its confirm lost",
+        Duration::from_secs(60),
+        |s| {
+            s["broker"]["nacked"].as_u64().unwrap_or(0)
+                + s["broker"]["timeouts"].as_u64().unwrap_or(0)
+                > 0
+        },
+    )
+    .await;
+
+    let t0 = Instant::now();
+    ctl(&["start", "3"]);
+    let count = read_until(queue, Duration::from_secs(180), |c| c.has_all(50)).await;
+    let all = t0.elapsed();
+    count.assert_exactly(
+        50,
+        "the leader and another node down before the first publish",
+    );
+    let s = wait_status(&svc, "every batch acked", Duration::from_secs(60), settled).await;
+    assert!(
+        s["broker"]["renewed_channels"].as_u64().unwrap_or(0) > 0,
+        "rows arrived on the channel that failed: {s:#}"
+    );
+    eprintln!(
+        "measured: no leader at the first publish: every row at the broker {all:?} after node 3 \
+         was started ({} channels renewed, {} nacks, {} lost confirms)",
+        s["broker"]["renewed_channels"], s["broker"]["nacked"], s["broker"]["timeouts"]
+    );
+    svc.terminate(Duration::from_secs(30));
+}
+
 #[cfg_attr(
     not(real_services),
     ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"

@@ -107,11 +107,11 @@ mariadb_start() {
   fi
   log "starting MariaDB"
   if have_service_script mariadb; then
-    service mariadb start >/dev/null 2>&1 || true
+    (close_inherited_fds; service mariadb start >/dev/null 2>&1) || true
   fi
   if ! mariadb_alive; then
     # no init script or it gave up: run the server the way the init script does
-    (setsid nohup /usr/bin/mysqld_safe >/dev/null 2>&1 </dev/null &)
+    (close_inherited_fds; setsid nohup /usr/bin/mysqld_safe >/dev/null 2>&1 </dev/null &)
   fi
   if ! wait_until 90 "MariaDB to answer ping" mariadb_alive; then
     tail -n 40 /var/log/mysql/error.log >&2 2>/dev/null || true
@@ -208,15 +208,23 @@ spawn_daemon() {
   mkdir -p "$(dirname "$pidfile")" "$(dirname "$logfile")" "$dir"
   (
     cd "$dir"
-    for fd in /proc/$BASHPID/fd/*; do
-      fd=${fd##*/}
-      if [ "$fd" -gt 2 ] && [ "$fd" -ne 255 ]; then
-        eval "exec $fd>&-" 2>/dev/null || true
-      fi
-    done
+    close_inherited_fds
     LANG=C.UTF-8 setsid nohup "$@" >>"$logfile" 2>&1 </dev/null &
     echo $! >"$pidfile"
   )
+}
+
+# close_inherited_fds: in a subshell that starts a daemon, closes every descriptor above 2 (a
+# caller's `flock FILE deploy/local/up` lock among them: a daemon holding it would keep the
+# lock taken for as long as it runs).
+close_inherited_fds() {
+  local fd
+  for fd in /proc/$BASHPID/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ] && [ "$fd" -ne 255 ]; then
+      eval "exec $fd>&-" 2>/dev/null || true
+    fi
+  done
 }
 
 # pid_from_file PIDFILE MARKER: prints the pid in PIDFILE if that process runs and its command

@@ -293,6 +293,11 @@ impl Session {
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut jobs_closed = false;
         loop {
+            if self.window.wants_new_channel()
+                && let Err(reason) = self.renew_channel().await
+            {
+                return reason;
+            }
             let now = Instant::now().into_std();
             loop {
                 let routes = &mut self.routes;
@@ -447,6 +452,39 @@ impl Session {
                 failed.reason
             )),
         }
+    }
+
+    /// The channel nacked a publish or lost a confirm, and nothing is in flight on it: open a
+    /// new one and close the old (see [`ConfirmWindow::wants_new_channel`]). `Err` ends the
+    /// session (the actor reconnects).
+    async fn renew_channel(&mut self) -> Result<(), String> {
+        let limit = self.cfg.confirm_timeout.max(Duration::from_secs(5));
+        let channel = match tokio::time::timeout(limit, confirm_channel(&self.conn)).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "{e} the broker, to replace a publishing channel that nacked or lost a confirm"
+                ));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "no new publishing channel within {limit:?}, to replace one that nacked or \
+                     lost a confirm"
+                ));
+            }
+        };
+        let old = std::mem::replace(&mut self.channel, Rc::new(channel));
+        // confirms still owed on the old channel are of publishes that already timed out
+        self.confirms = FuturesUnordered::new();
+        self.window.channel_renewed();
+        info!(
+            renewed = self.window.stats().renewed_channels,
+            "opened a new publishing channel after a nack or a lost confirm (on RabbitMQ 3.x a \
+             channel that met a quorum queue without a leader keeps nacking; a new one asks again)"
+        );
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), old.close(200, "renewed".into())).await;
+        Ok(())
     }
 
     /// Check the broken routes that are due, each with a passive declare on a channel of its

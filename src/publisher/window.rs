@@ -15,6 +15,13 @@
 //!   only add duplicates and let stale rows overtake their redelivered predecessors;
 //! - a failure settles the whole epoch: once a message of epoch `e` failed, nothing else of epoch
 //!   `e` (or older) is published, so a worker never sees row r4 before the redelivered r3;
+//! - a channel that nacked a publish or lost a confirm is in doubt: nothing more is published on
+//!   it; once its last publish settled the window asks for a new channel
+//!   ([`ConfirmWindow::wants_new_channel`]) and publishing goes on after
+//!   [`ConfirmWindow::channel_renewed`]. A channel's state at the broker can go stale: on
+//!   RabbitMQ 3.x a channel whose first publish to a quorum queue met a dead leader nacks every
+//!   later publish to it, for as long as the channel lives; a new channel asks for the leader
+//!   again;
 //! - returns are matched to the exact publish (its sequence number, carried on the wire in a
 //!   header), never by message id: the same id is legitimately in flight twice when a batch is
 //!   redelivered while its first copy still awaits its confirm.
@@ -91,6 +98,9 @@ pub struct WindowStats {
     pub lost: u64,
     /// Confirms that arrived after their message had timed out.
     pub late_confirms: u64,
+    /// Publishing channels replaced after a nack or a lost confirm.
+    #[serde(default)]
+    pub renewed_channels: u64,
     /// Accepted messages never published because their Canal epoch was abandoned (a rollback
     /// or reconnect; Canal redelivers those rows) or an earlier message of it failed.
     #[serde(default)]
@@ -122,6 +132,8 @@ pub struct ConfirmWindow<M> {
     replies: Vec<(JobNo, Result<(), PublishError>)>,
     failures: Vec<Settled>,
     stats: WindowStats,
+    /// The channel nacked a publish or lost a confirm: nothing more goes out on it.
+    in_doubt: bool,
 }
 
 impl<M: Outgoing> ConfirmWindow<M> {
@@ -137,6 +149,7 @@ impl<M: Outgoing> ConfirmWindow<M> {
             replies: Vec::new(),
             failures: Vec::new(),
             stats: WindowStats::default(),
+            in_doubt: false,
         }
     }
 
@@ -203,9 +216,25 @@ impl<M: Outgoing> ConfirmWindow<M> {
         self.drop_finished();
     }
 
-    /// True while the window has room for another publish.
+    /// True while the window has room for another publish (and the channel is trusted).
     pub fn has_room(&self) -> bool {
-        self.inflight.len() < self.max_unconfirmed
+        self.inflight.len() < self.max_unconfirmed && !self.in_doubt
+    }
+
+    /// The channel nacked or lost a confirm and nothing is in flight on it any more: the
+    /// caller should open a new channel and call [`Self::channel_renewed`] (or
+    /// [`Self::connection_lost`] if it cannot).
+    pub fn wants_new_channel(&self) -> bool {
+        self.in_doubt && self.inflight.is_empty()
+    }
+
+    /// A new channel replaced the one in doubt: publishing goes on.
+    pub fn channel_renewed(&mut self) {
+        debug_assert!(self.inflight.is_empty(), "renewed with publishes in flight");
+        if self.in_doubt {
+            self.in_doubt = false;
+            self.stats.renewed_channels += 1;
+        }
     }
 
     /// The next message to publish, if the window has room. The caller must publish it (or
@@ -262,6 +291,9 @@ impl<M: Outgoing> ConfirmWindow<M> {
     /// earlier one). Call [`Self::settle`] afterwards.
     pub fn on_confirm(&mut self, seq: u64, ack: bool, multiple: bool) {
         let outcome = if ack { Outcome::Acked } else { Outcome::Nacked };
+        if !ack {
+            self.in_doubt = true;
+        }
         if multiple {
             let mut any = false;
             for f in self.inflight.iter_mut().filter(|f| f.seq <= seq) {
@@ -358,6 +390,7 @@ impl<M: Outgoing> ConfirmWindow<M> {
                 }
                 None => {
                     self.stats.timeouts += 1;
+                    self.in_doubt = true;
                     Some(PublishError::ConfirmTimeout {
                         id: f.id,
                         timeout: self.confirm_timeout,
@@ -447,6 +480,8 @@ impl<M: Outgoing> ConfirmWindow<M> {
             }
         }
         self.inflight.clear();
+        // whatever comes next comes on a new channel
+        self.in_doubt = false;
     }
 
     /// Answers decided since the last call, in the order they were decided.
@@ -527,6 +562,48 @@ mod tests {
             w.take_replies(),
             vec![(job, Ok(()))].into_iter().collect::<Vec<_>>()
         );
+    }
+
+    /// After a nack nothing more goes out on that channel; once its last publish settled the
+    /// window asks for a new channel, and publishing goes on after it is renewed. A lost
+    /// confirm does the same; a lost connection brings a new channel anyway.
+    #[test]
+    fn a_channel_that_nacked_or_lost_a_confirm_is_replaced_before_anything_else_goes_out() {
+        let now = t0();
+        let timeout = Duration::from_secs(5);
+        let mut w = ConfirmWindow::new(8, timeout);
+        w.submit(1, vec![M("a"), M("b")]);
+        let sent = publish_all(&mut w, now);
+        w.on_confirm(sent[1].0, false, false);
+        w.submit(2, vec![M("a"), M("b"), M("c")]);
+        assert!(
+            w.poll_publish(now).is_none(),
+            "published on a channel that nacked"
+        );
+        assert!(
+            !w.wants_new_channel(),
+            "renewal asked with a publish in flight"
+        );
+        w.on_confirm(sent[0].0, true, false);
+        w.settle(now);
+        assert!(w.wants_new_channel());
+        w.channel_renewed();
+        assert_eq!(w.stats().renewed_channels, 1);
+        let sent = publish_all(&mut w, now);
+        assert_eq!(sent.len(), 3);
+
+        // a lost confirm
+        w.on_confirm(sent[0].0, true, false);
+        w.settle(now + timeout + Duration::from_millis(1));
+        assert_eq!(w.stats().timeouts, 2);
+        assert!(w.wants_new_channel());
+        w.submit(3, vec![M("d")]);
+        assert!(w.poll_publish(now).is_none());
+        // ... or the connection goes: its new channel is trusted
+        w.connection_lost("gone");
+        assert!(!w.wants_new_channel());
+        w.submit(4, vec![M("e")]);
+        assert_eq!(publish_all(&mut w, now).len(), 1);
     }
 
     impl PartialEq for PublishError {
