@@ -21,6 +21,7 @@ pub mod charset;
 pub mod codec;
 pub mod connection;
 pub mod decode;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod lossy;
 pub mod proto;

@@ -10,6 +10,7 @@
 use crate::canal::CanalError;
 use crate::canal::auth::scramble;
 use crate::canal::codec::FrameCodec;
+use crate::canal::decode::wire;
 use crate::canal::proto::packet::{
     Ack, ClientAck, ClientAuth, ClientRollback, Compression, Get, Handshake, Messages, Packet,
     PacketType, Sub,
@@ -130,7 +131,8 @@ async fn skip_frame(
             return Err(closed());
         }
     }
-    let batch_id = batch_id_from_head(&buf[4..4 + head_len]).ok_or(CanalError::SkipNoBatchId)?;
+    let batch_id =
+        wire::batch_id_from_head(&buf[4..4 + head_len]).ok_or(CanalError::SkipNoBatchId)?;
     // drop what is buffered of this frame, then read and discard the rest
     let buffered = (buf.len() - 4).min(len);
     buf.advance(4 + buffered);
@@ -152,45 +154,6 @@ async fn skip_frame(
 
 fn io_error(e: std::io::Error) -> CanalError {
     CanalError::Frame(crate::canal::codec::FrameError::Io(e))
-}
-
-/// The batch id from the first bytes of a MESSAGES packet: `Packet.body` (field 5) holds
-/// `Messages`, whose `batch_id` (field 1) comes first. Canal, like every protobuf writer, writes
-/// fields in number order, so it is within the first few bytes.
-pub fn batch_id_from_head(head: &[u8]) -> Option<i64> {
-    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *b.get(*i)?;
-            *i += 1;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
-    let mut i = 0;
-    // Packet: skip to field 5 (length-delimited)
-    loop {
-        let key = varint(head, &mut i)?;
-        match (key >> 3, key & 7) {
-            (5, 2) => {
-                varint(head, &mut i)?; // body length
-                break;
-            }
-            (_, 0) => {
-                varint(head, &mut i)?;
-            }
-            _ => return None,
-        }
-    }
-    // Messages: field 1 varint first
-    let key = varint(head, &mut i)?;
-    if key != (1 << 3) {
-        return None;
-    }
-    varint(head, &mut i).map(|v| v as i64)
 }
 
 impl RawBatch {
@@ -546,8 +509,11 @@ mod skip_tests {
             ..Default::default()
         }
         .encode_to_vec();
-        assert_eq!(batch_id_from_head(&packet[..64]), Some(123_456_789));
-        assert_eq!(batch_id_from_head(&packet[..3]), None);
-        assert_eq!(batch_id_from_head(b"garbage that is not a packet"), None);
+        assert_eq!(wire::batch_id_from_head(&packet[..64]), Some(123_456_789));
+        assert_eq!(wire::batch_id_from_head(&packet[..3]), None);
+        assert_eq!(
+            wire::batch_id_from_head(b"garbage that is not a packet"),
+            None
+        );
     }
 }
