@@ -147,22 +147,10 @@ impl Value {
         matches!(self, Value::Null)
     }
 
-    /// The value as JSON (see the type-level docs for the mapping).
+    /// The value as JSON (see the type-level docs for the mapping): what its `Serialize` writes,
+    /// the one place that spells the rule for bytes and non-finite floats.
     pub fn to_json(&self) -> serde_json::Value {
-        use base64::Engine as _;
-        match self {
-            Value::Null => serde_json::Value::Null,
-            Value::Int(i) => (*i).into(),
-            Value::UInt(u) => (*u).into(),
-            Value::Float(f) => serde_json::Number::from_f64(*f)
-                .map(serde_json::Value::Number)
-                .unwrap_or_else(|| serde_json::Value::String(f.to_string())),
-            Value::Text(s) => serde_json::Value::String(s.clone()),
-            Value::Bytes(b) => serde_json::json!({
-                "base64": base64::engine::general_purpose::STANDARD.encode(b)
-            }),
-            Value::Json(j) => j.clone(),
-        }
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 
     /// A plain-text rendering: the text itself, the number, `None` for NULL; bytes as lossy
@@ -181,7 +169,8 @@ impl Value {
 }
 
 impl Serialize for Value {
-    /// The same JSON as [`Value::to_json`], written without building it first.
+    /// Bytes as `{"base64": ...}` (so binary data never masquerades as text), non-finite floats
+    /// as their text (JSON has no NaN or infinity); the rest as JSON has it.
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use base64::Engine as _;
         use serde::ser::SerializeMap;

@@ -592,19 +592,14 @@ fn json_value(j: &serde_json::Value) -> Value {
 /// `{"base64": ...}`, non-finite floats their text. Map keys become strings. Map entries are
 /// sorted by key so the output is deterministic.
 pub fn to_json(v: &Value) -> Result<serde_json::Value, String> {
-    use base64::Engine as _;
     Ok(match v {
         Value::Null => serde_json::Value::Null,
         Value::Bool(b) => (*b).into(),
         Value::Int(i) => (*i).into(),
         Value::UInt(u) => (*u).into(),
-        Value::Float(f) => serde_json::Number::from_f64(*f)
-            .map(serde_json::Value::Number)
-            .unwrap_or_else(|| serde_json::Value::String(f.to_string())),
+        Value::Float(f) => crate::event::Value::Float(*f).to_json(),
         Value::String(s) => serde_json::Value::String(s.to_string()),
-        Value::Bytes(b) => serde_json::json!({
-            "base64": base64::engine::general_purpose::STANDARD.encode(b.as_slice())
-        }),
+        Value::Bytes(b) => crate::event::Value::Bytes(b.to_vec()).to_json(),
         Value::List(items) => {
             serde_json::Value::Array(items.iter().map(to_json).collect::<Result<Vec<_>, _>>()?)
         }
