@@ -211,7 +211,20 @@ spawn_daemon() {
     close_inherited_fds
     LANG=C.UTF-8 setsid nohup "$@" >>"$logfile" 2>&1 </dev/null &
     echo $! >"$pidfile"
+    wait_exec $!
   )
+}
+
+# wait_exec PID: waits (up to 5 s) until the child forked by this shell has exec'd its command.
+# Until then its command line is still the script's, and a check by command line
+# (pid_from_file) would take a starting daemon for one that died (seen on a loaded machine).
+wait_exec() {
+  local self i
+  self=$(readlink "/proc/$BASHPID/exe")
+  for ((i = 0; i < 100; i++)); do
+    [ "$(readlink "/proc/$1/exe" 2>/dev/null)" != "$self" ] && return 0
+    sleep 0.05
+  done
 }
 
 # close_inherited_fds: in a subshell that starts a daemon, closes every descriptor above 2 (a
