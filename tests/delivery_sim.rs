@@ -44,8 +44,8 @@
 //!   force), every row of its tables committed after that reaches it while it stays enabled;
 //! - (k) ZooKeeper seeds: no GET or ACK is written while the model ZooKeeper's lease is over;
 //! - (l) the model has one client: the connection never reports a conflict with another;
-//! - (m) nothing more is written on a publishing channel once it nacked a publish or lost a
-//!   confirm, until the publisher renewed the channel (a channel's state at the broker can go
+//! - (m) nothing more is written on a publishing channel once it nacked a publish, until the
+//!   publisher renewed the channel (a channel's state at the broker can go
 //!   stale: on RabbitMQ 3.x, a channel that first published to a quorum queue while its leader
 //!   was down nacks every later publish; the model broker's stale channel does the same).
 //!
@@ -371,7 +371,7 @@ struct Sim {
     /// The channel's state at the broker went stale (RabbitMQ 3.x after a quorum queue's
     /// leader changed): every publish on it is nacked until the shell opens a new channel.
     channel_stale: bool,
-    /// A nack or confirm timeout happened on the current channel (invariant (m)).
+    /// A nack happened on the current channel (invariant (m)).
     channel_in_doubt: bool,
     /// Ids of messages the broker accepted (acked without a return).
     accepted: BTreeSet<String>,
@@ -990,7 +990,7 @@ impl Sim {
 
     fn publish(&mut self) {
         if self.publisher.wants_new_channel() {
-            // the old channel closes: publishes that timed out may or may not have been taken
+            // the old channel closes: publishes on it that timed out may or may not have been taken
             self.lose_unconfirmed();
             self.log("new publishing channel".into());
             self.channel_stale = false;
@@ -998,10 +998,10 @@ impl Sim {
             self.publisher.channel_renewed();
         }
         while let Some((seq, msg)) = self.publisher.poll_publish(self.now) {
-            // (m) nothing more is written on a channel that nacked or lost a confirm
+            // (m) nothing more is written on a channel that nacked
             assert!(
                 !self.channel_in_doubt,
-                "(m) row {} written on a channel that nacked or timed out",
+                "(m) row {} written on a channel that nacked",
                 msg.row
             );
             // (c) order of channel writes
@@ -1142,7 +1142,6 @@ impl Sim {
             self.broker_ack(any, false);
         } else if roll < 970 {
             self.log("confirm timeout".into());
-            self.channel_in_doubt = true;
             self.now += CONFIRM_TIMEOUT + Duration::from_millis(1);
             self.settle();
         } else {

@@ -529,8 +529,8 @@ async fn two_of_three_nodes_down_stalls_without_an_ack_until_a_majority_is_back(
 /// no leader can be elected, so publishes find none (they time out, or are nacked: on RabbitMQ
 /// 3.x a channel whose first publish to a quorum queue met a dead leader nacks every later
 /// publish for as long as it lives, which made `kill_9_of_the_connected_node...` fail now and
-/// then). Nothing is lost, and once a majority is back every row arrives, on a publishing
-/// channel opened after the one that failed.
+/// then). Nothing is lost, and once a majority is back every row arrives; after nacks, on a
+/// publishing channel opened after the one that nacked.
 #[cfg_attr(
     not(real_services),
     ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
@@ -578,10 +578,13 @@ async fn the_leader_and_another_node_down_before_the_first_publish_loses_nothing
         "the leader and another node down before the first publish",
     );
     let s = wait_status(&svc, "every batch acked", Duration::from_secs(60), settled).await;
-    assert!(
-        s["broker"]["renewed_channels"].as_u64().unwrap_or(0) > 0,
-        "rows arrived on the channel that failed: {s:#}"
-    );
+    // which of the two RabbitMQ takes varies from run to run
+    if s["broker"]["nacked"].as_u64().unwrap_or(0) > 0 {
+        assert!(
+            s["broker"]["renewed_channels"].as_u64().unwrap_or(0) > 0,
+            "rows arrived on the channel that nacked: {s:#}"
+        );
+    }
     eprintln!(
         "measured: no leader at the first publish: every row at the broker {all:?} after node 3 \
          was started ({} channels renewed, {} nacks, {} lost confirms)",

@@ -293,7 +293,9 @@ impl Session {
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut jobs_closed = false;
         loop {
+            // not while the broker blocks the connection: it would not answer the channel.open
             if self.window.wants_new_channel()
+                && !self.conn.status().blocked()
                 && let Err(reason) = self.renew_channel().await
             {
                 return reason;
@@ -454,7 +456,7 @@ impl Session {
         }
     }
 
-    /// The channel nacked a publish or lost a confirm, and nothing is in flight on it: open a
+    /// The channel nacked a publish, and nothing is in flight on it: open a
     /// new one and close the old (see [`ConfirmWindow::wants_new_channel`]). `Err` ends the
     /// session (the actor reconnects).
     async fn renew_channel(&mut self) -> Result<(), String> {
@@ -463,13 +465,12 @@ impl Session {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => {
                 return Err(format!(
-                    "{e} the broker, to replace a publishing channel that nacked or lost a confirm"
+                    "{e} the broker, to replace a publishing channel that nacked"
                 ));
             }
             Err(_) => {
                 return Err(format!(
-                    "no new publishing channel within {limit:?}, to replace one that nacked or \
-                     lost a confirm"
+                    "no new publishing channel within {limit:?}, to replace one that nacked"
                 ));
             }
         };
@@ -479,7 +480,7 @@ impl Session {
         self.window.channel_renewed();
         info!(
             renewed = self.window.stats().renewed_channels,
-            "opened a new publishing channel after a nack or a lost confirm (on RabbitMQ 3.x a \
+            "opened a new publishing channel after a nack (on RabbitMQ 3.x a \
              channel that met a quorum queue without a leader keeps nacking; a new one asks again)"
         );
         let _ =

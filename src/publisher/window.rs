@@ -15,13 +15,14 @@
 //!   only add duplicates and let stale rows overtake their redelivered predecessors;
 //! - a failure settles the whole epoch: once a message of epoch `e` failed, nothing else of epoch
 //!   `e` (or older) is published, so a worker never sees row r4 before the redelivered r3;
-//! - a channel that nacked a publish or lost a confirm is in doubt: nothing more is published on
-//!   it; once its last publish settled the window asks for a new channel
+//! - a channel that nacked a publish is in doubt: nothing more is published on it; once its last
+//!   publish settled the window asks for a new channel
 //!   ([`ConfirmWindow::wants_new_channel`]) and publishing goes on after
 //!   [`ConfirmWindow::channel_renewed`]. A channel's state at the broker can go stale: on
 //!   RabbitMQ 3.x a channel whose first publish to a quorum queue met a dead leader nacks every
 //!   later publish to it, for as long as the channel lives; a new channel asks for the leader
-//!   again;
+//!   again. (A lost confirm does not: the broker is slow, blocked or without a majority, and a
+//!   new channel would not help; opening one on a blocked connection waits for the block);
 //! - returns are matched to the exact publish (its sequence number, carried on the wire in a
 //!   header), never by message id: the same id is legitimately in flight twice when a batch is
 //!   redelivered while its first copy still awaits its confirm.
@@ -98,7 +99,7 @@ pub struct WindowStats {
     pub lost: u64,
     /// Confirms that arrived after their message had timed out.
     pub late_confirms: u64,
-    /// Publishing channels replaced after a nack or a lost confirm.
+    /// Publishing channels replaced after a nack.
     #[serde(default)]
     pub renewed_channels: u64,
     /// Accepted messages never published because their Canal epoch was abandoned (a rollback
@@ -132,7 +133,7 @@ pub struct ConfirmWindow<M> {
     replies: Vec<(JobNo, Result<(), PublishError>)>,
     failures: Vec<Settled>,
     stats: WindowStats,
-    /// The channel nacked a publish or lost a confirm: nothing more goes out on it.
+    /// The channel nacked a publish: nothing more goes out on it.
     in_doubt: bool,
 }
 
@@ -221,7 +222,7 @@ impl<M: Outgoing> ConfirmWindow<M> {
         self.inflight.len() < self.max_unconfirmed && !self.in_doubt
     }
 
-    /// The channel nacked or lost a confirm and nothing is in flight on it any more: the
+    /// The channel nacked and nothing is in flight on it any more: the
     /// caller should open a new channel and call [`Self::channel_renewed`] (or
     /// [`Self::connection_lost`] if it cannot).
     pub fn wants_new_channel(&self) -> bool {
@@ -390,7 +391,6 @@ impl<M: Outgoing> ConfirmWindow<M> {
                 }
                 None => {
                     self.stats.timeouts += 1;
-                    self.in_doubt = true;
                     Some(PublishError::ConfirmTimeout {
                         id: f.id,
                         timeout: self.confirm_timeout,
@@ -566,9 +566,9 @@ mod tests {
 
     /// After a nack nothing more goes out on that channel; once its last publish settled the
     /// window asks for a new channel, and publishing goes on after it is renewed. A lost
-    /// confirm does the same; a lost connection brings a new channel anyway.
+    /// confirm does not ask for one; a lost connection brings a new channel anyway.
     #[test]
-    fn a_channel_that_nacked_or_lost_a_confirm_is_replaced_before_anything_else_goes_out() {
+    fn a_channel_that_nacked_is_replaced_before_anything_else_goes_out() {
         let now = t0();
         let timeout = Duration::from_secs(5);
         let mut w = ConfirmWindow::new(8, timeout);
@@ -592,17 +592,21 @@ mod tests {
         let sent = publish_all(&mut w, now);
         assert_eq!(sent.len(), 3);
 
-        // a lost confirm
+        // a lost confirm: the epoch fails, the channel stays
         w.on_confirm(sent[0].0, true, false);
         w.settle(now + timeout + Duration::from_millis(1));
         assert_eq!(w.stats().timeouts, 2);
-        assert!(w.wants_new_channel());
+        assert!(!w.wants_new_channel());
         w.submit(3, vec![M("d")]);
-        assert!(w.poll_publish(now).is_none());
-        // ... or the connection goes: its new channel is trusted
+        assert_eq!(publish_all(&mut w, now).len(), 1);
+
+        // a nack, then the connection goes: its new channel is trusted
+        w.submit(4, vec![M("e"), M("f")]);
+        let sent = publish_all(&mut w, now);
+        w.on_confirm(sent[0].0, false, false);
         w.connection_lost("gone");
         assert!(!w.wants_new_channel());
-        w.submit(4, vec![M("e")]);
+        w.submit(5, vec![M("g")]);
         assert_eq!(publish_all(&mut w, now).len(), 1);
     }
 
