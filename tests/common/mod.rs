@@ -171,12 +171,16 @@ impl Tap {
         tap
     }
 
-    /// Connects, subscribes and rolls back (what every (re)connect does).
+    /// Connects, subscribes and rolls back (what every (re)connect does). The subscription
+    /// also takes `cc_tap.marker`, the table [`Tap::drain`] writes its marker to.
     pub async fn connect(filter: &str) -> Tap {
         let mut session = Session::connect(&session_config())
             .await
             .unwrap_or_else(|e| panic!("canal server reachable (run deploy/local/up): {e}"));
-        session.subscribe(filter).await.expect("subscribe");
+        session
+            .subscribe(&format!("{filter},{MARKER_TABLE_REGEX}"))
+            .await
+            .expect("subscribe");
         session.rollback(0).await.expect("rollback");
         Tap {
             session,
@@ -184,18 +188,35 @@ impl Tap {
         }
     }
 
-    /// Acks everything currently available.
+    /// Acks everything up to the binlog's end as it is now: a marker row is written (to
+    /// `cc_tap.marker`, which every tap subscribes to and no test reads), and batches are acked
+    /// until one reaches the end of its transaction. (An empty GET is no proof: on a loaded
+    /// machine Canal may not have parsed the last transactions yet, and a test then saw its own
+    /// set-up rows.)
     pub async fn drain(&mut self) {
+        let target = binlog_marker();
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
+            assert!(
+                Instant::now() < deadline,
+                "Canal did not ship the binlog up to {target:?} within 90 s"
+            );
             let b = self
                 .session
                 .get(1000, Duration::from_millis(300))
                 .await
                 .expect("get");
             if b.is_empty() {
+                continue;
+            }
+            let reached = b
+                .entries
+                .iter()
+                .any(|e| entry_end(e) >= Some(target.clone()));
+            self.session.ack(b.batch_id).await.expect("ack");
+            if reached {
                 return;
             }
-            self.session.ack(b.batch_id).await.expect("ack");
         }
     }
 
@@ -253,6 +274,35 @@ impl Tap {
         }
         (events, ids)
     }
+}
+
+/// The table of [`binlog_marker`], as a Canal filter.
+const MARKER_TABLE_REGEX: &str = "cc_tap\\.marker";
+
+/// Writes a marker row (`cc_tap.marker`: only taps subscribe to it) and returns the binlog
+/// position after its transaction: `(file, offset)`.
+fn binlog_marker() -> (String, i64) {
+    let out = mysql(
+        "CREATE DATABASE IF NOT EXISTS cc_tap;
+         CREATE TABLE IF NOT EXISTS cc_tap.marker (id INT PRIMARY KEY AUTO_INCREMENT);
+         INSERT INTO cc_tap.marker () VALUES ();
+         SHOW MASTER STATUS;",
+    );
+    let line = out.lines().last().unwrap_or_default();
+    let mut f = line.split('\t');
+    let (Some(file), Some(pos)) = (f.next(), f.next().and_then(|p| p.parse().ok())) else {
+        panic!("SHOW MASTER STATUS gave {out:?}");
+    };
+    (file.to_string(), pos)
+}
+
+/// Where an entry ends in the binlog: `(file, offset + length)`.
+fn entry_end(entry: &[u8]) -> Option<(String, i64)> {
+    use prost::Message as _;
+    let h = canal_consumer::canal::proto::entry::Entry::decode(entry)
+        .ok()?
+        .header?;
+    Some((h.logfile_name, h.logfile_offset + h.event_length))
 }
 
 /// Runs a project script (e.g. `deploy/local/canal-ctl stop`), killing it after 5 minutes.
