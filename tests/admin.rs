@@ -65,7 +65,14 @@ impl Fake {
         let mut s = self.0.lock().unwrap();
         s.canal.state = canal_consumer::canal::connection::ConnectionState::Connected;
         s.broker_connected = true;
-        s.broker = serde_json::json!({"state": "connected"});
+        let mut broker = canal_consumer::publisher::PublisherStatus::connecting(
+            "amqp://127.0.0.1:5672/%2f".into(),
+            1,
+            "plugin_tasks".into(),
+            8,
+        );
+        broker.state = canal_consumer::publisher::PublisherState::Connected;
+        s.broker = Some(broker);
     }
 }
 

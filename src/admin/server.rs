@@ -264,25 +264,16 @@ pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
             m.canal_heartbeat_trip_seconds.set(trip as f64 / 1000.0);
         }
     }
-    let b = &s.broker;
-    let num = |k: &str| b.get(k).and_then(serde_json::Value::as_u64);
-    let pairs = [
-        ("published", &m.publisher_published_total),
-        ("confirmed", &m.publisher_confirmed_total),
-        ("returned", &m.publisher_returned_total),
-        ("nacked", &m.publisher_nacked_total),
-        ("timeouts", &m.publisher_timeouts_total),
-    ];
-    for (key, counter) in pairs {
-        if let Some(v) = num(key) {
-            counter.observe(v);
-        }
-    }
-    if let Some(v) = num("unconfirmed") {
-        m.publisher_unconfirmed.set(v as i64);
-    }
-    if let Some(state) = b.get("state").and_then(serde_json::Value::as_str) {
-        m.publisher_blocked.set_bool(state == "blocked");
+    if let Some(b) = &s.broker {
+        let c = &b.counters;
+        m.publisher_published_total.observe(c.published);
+        m.publisher_confirmed_total.observe(c.confirmed);
+        m.publisher_returned_total.observe(c.returned);
+        m.publisher_nacked_total.observe(c.nacked);
+        m.publisher_timeouts_total.observe(c.timeouts);
+        m.publisher_unconfirmed.set(b.unconfirmed as i64);
+        m.publisher_blocked
+            .set_bool(b.state == crate::publisher::PublisherState::Blocked);
     }
     for c in &s.lossy_text {
         m.observe_lossy_text(&c.database, &c.table, &c.column, c.rows);

@@ -82,22 +82,32 @@ pub struct Part {
     pub park: Arc<BTreeMap<usize, String>>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ConsumerStats {
+/// One consumer as `status`, `list` and `/metrics` show it: the one place its counters are
+/// spelled. The Manager keeps one per consumer and updates it in place; `GET /status` serves it
+/// as it is (the JSON field names are what `tests/` and `deploy/` rely on), the command line
+/// reads it back typed, and the admin endpoint encodes its metrics from it at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerStatus {
     pub name: String,
     pub enabled: bool,
     pub state: ConsumerState,
+    /// Events routed to it.
     pub events: u64,
+    /// Plugin triggers it emitted.
     pub triggers: u64,
+    /// Events it failed to handle.
     pub errors: u64,
-    pub restarts: u32,
+    /// Supervisor restarts.
+    pub restarts: u64,
     /// Events (or refused triggers) parked in the dead-letter queue.
     #[serde(default)]
     pub parked: u64,
-    pub queued_parts: usize,
+    /// Seconds between now and the source time of the newest event whose triggers were
+    /// confirmed; 0 when nothing is queued or unconfirmed anywhere (caught up).
+    #[serde(default)]
+    pub lag_seconds: Option<f64>,
+    #[serde(default)]
     pub last_error: Option<String>,
-    /// Source execution time of the newest event whose triggers were confirmed (ms).
-    pub confirmed_executed_at: Option<i64>,
 }
 
 /// Manager settings.
@@ -175,7 +185,7 @@ pub struct GetManagerStatus;
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ManagerStatus {
     pub batches_in_flight: usize,
-    pub consumers: Vec<ConsumerStats>,
+    pub consumers: Vec<ConsumerStatus>,
     pub filter: String,
     /// Columns whose text arrived with U+FFFD (UTF-8 mode), with their counts and the fix.
     #[serde(default)]
@@ -230,7 +240,11 @@ struct Slot {
     name: String,
     filters: Vec<TableFilter>,
     addr: Addr<ConsumerActor>,
-    stats: ConsumerStats,
+    /// Its counters and last error (`enabled`, `state` and `lag_seconds` are filled in from
+    /// the router when a snapshot is taken).
+    stats: ConsumerStatus,
+    /// Source execution time of the newest event whose triggers were confirmed (ms).
+    confirmed_executed_at: Option<i64>,
 }
 
 /// The Manager actor.
@@ -255,10 +269,11 @@ impl Manager {
         let slots = consumers
             .into_iter()
             .map(|c| Slot {
-                stats: ConsumerStats {
+                stats: ConsumerStatus {
                     name: c.name.clone(),
                     ..Default::default()
                 },
+                confirmed_executed_at: None,
                 name: c.name,
                 filters: c.filters,
                 addr: c.addr,
@@ -529,7 +544,7 @@ impl Manager {
                 retry_in,
             } => {
                 stats.errors += 1;
-                stats.restarts = restarts;
+                stats.restarts = u64::from(restarts);
                 stats.last_error = Some(error.clone());
                 Processed::Failed { retry_in, error }
             }
@@ -544,7 +559,7 @@ impl Manager {
                 restarts,
                 last_error,
             } => {
-                stats.restarts = restarts;
+                stats.restarts = u64::from(restarts);
                 stats.last_error = Some(last_error);
                 Processed::Quarantined
             }
@@ -659,7 +674,7 @@ impl Handler<PartDone> for Manager {
         if let Ok(()) = msg.result
             && let Some(at) = msg.executed_at
         {
-            self.slots[msg.slot].stats.confirmed_executed_at = Some(at);
+            self.slots[msg.slot].confirmed_executed_at = Some(at);
         }
         if msg.result.is_ok()
             && let Some(h) = &self.cfg.commit_to_confirm
@@ -741,6 +756,8 @@ impl Handler<GetManagerStatus> for Manager {
     type Result = MessageResult<GetManagerStatus>;
 
     fn handle(&mut self, _: GetManagerStatus, _: &mut Context<Self>) -> Self::Result {
+        let now = now_ms();
+        let in_flight = self.router.batches_in_flight();
         let consumers = self
             .slots
             .iter()
@@ -748,13 +765,21 @@ impl Handler<GetManagerStatus> for Manager {
             .map(|(i, s)| {
                 let mut st = s.stats.clone();
                 st.enabled = self.router.is_enabled(i);
-                st.queued_parts = self.router.queued(i);
                 st.state = self.router.state(i);
+                // nothing queued or unconfirmed anywhere: the consumer is caught up
+                let caught_up = in_flight == 0 && self.router.queued(i) == 0;
+                st.lag_seconds = s.confirmed_executed_at.map(|t| {
+                    if caught_up {
+                        0.0
+                    } else {
+                        (now - t).max(0) as f64 / 1000.0
+                    }
+                });
                 st
             })
             .collect();
         MessageResult(ManagerStatus {
-            batches_in_flight: self.router.batches_in_flight(),
+            batches_in_flight: in_flight,
             consumers,
             filter: self.filter(),
             lossy_text: self
@@ -762,7 +787,7 @@ impl Handler<GetManagerStatus> for Manager {
                 .as_ref()
                 .map(LossyText::columns)
                 .unwrap_or_default(),
-            heartbeat: self.heartbeat.as_ref().map(|t| t.status(now_ms())),
+            heartbeat: self.heartbeat.as_ref().map(|t| t.status(now)),
         })
     }
 }

@@ -36,10 +36,7 @@
 //! back anyway. The URL's password never reaches logs or status ([`redact_url`]).
 
 use super::failover::{Failover, Next};
-use super::session::{
-    self, Job, Prepared, Session, SharedStatus, ToSession, lock, now_rfc3339, set_state,
-};
-use super::window::WindowStats;
+use super::session::{self, Job, Prepared, Session, SharedStatus, ToSession, lock, set_state};
 use super::{CancelBefore, Publish, PublishError, celery, envelope};
 use crate::backoff::Backoff;
 use crate::config::{AmqpConfig, redact_url};
@@ -100,27 +97,15 @@ pub struct AmqpPublisher {
 
 impl AmqpPublisher {
     pub fn new(cfg: AmqpConfig) -> Self {
-        let status = PublisherStatus {
-            state: PublisherState::Connecting,
-            broker: cfg
-                .endpoints()
+        let status = PublisherStatus::connecting(
+            cfg.endpoints()
                 .first()
                 .map(|u| redact_url(u.expose()))
                 .unwrap_or_default(),
-            node: 1,
-            nodes: cfg.endpoints().len(),
-            queue: cfg.queue.name.clone(),
-            blocked_reason: None,
-            unconfirmed: 0,
-            max_unconfirmed: cfg.max_unconfirmed.get(),
-            counters: WindowStats::default(),
-            oldest_unconfirmed_ms: None,
-            stalled_since: None,
-            broken_routes: Vec::new(),
-            connects: 0,
-            last_error: None,
-            state_since: now_rfc3339(),
-        };
+            cfg.endpoints().len(),
+            cfg.queue.name.clone(),
+            cfg.max_unconfirmed.get(),
+        );
         AmqpPublisher {
             failover: Failover::new(cfg.endpoints().len()),
             topology_verified: false,

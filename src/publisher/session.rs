@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::status::{PublisherState, PublisherStatus};
+use super::status::{PublisherState, PublisherStatus, now_rfc3339};
 
 /// How long a broken session waits for the broker's reason before it reports the failure.
 const EXPLAIN_WAIT: Duration = Duration::from_secs(1);
@@ -57,10 +57,6 @@ pub(super) fn set_state(s: &SharedStatus, state: PublisherState) {
     if state != PublisherState::Blocked {
         st.blocked_reason = None;
     }
-}
-
-pub(super) fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// One message ready to go.

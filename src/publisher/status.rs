@@ -69,6 +69,11 @@ pub struct PublisherStatus {
     pub state_since: String,
 }
 
+/// Now as RFC 3339 with milliseconds (`state_since`, `stalled_since`).
+pub(super) fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// How long the oldest unconfirmed message may wait before the publisher reports a stall:
 /// half the confirm timeout, at most 5 s (a healthy broker confirms in milliseconds).
 pub fn stall_after(confirm_timeout: Duration) -> Duration {
@@ -76,6 +81,34 @@ pub fn stall_after(confirm_timeout: Duration) -> Duration {
 }
 
 impl PublisherStatus {
+    /// The status of a publisher that starts connecting to `broker` (redacted), node 1 of
+    /// `nodes`.
+    pub fn connecting(broker: String, nodes: usize, queue: String, max_unconfirmed: usize) -> Self {
+        PublisherStatus {
+            state: PublisherState::Connecting,
+            broker,
+            node: 1,
+            nodes,
+            queue,
+            blocked_reason: None,
+            unconfirmed: 0,
+            max_unconfirmed,
+            counters: WindowStats::default(),
+            oldest_unconfirmed_ms: None,
+            stalled_since: None,
+            broken_routes: Vec::new(),
+            connects: 0,
+            last_error: None,
+            state_since: now_rfc3339(),
+        }
+    }
+
+    /// The publisher carries messages: connected, and no confirm overdue (what
+    /// `broker_connected` says).
+    pub fn carries(&self) -> bool {
+        self.state == PublisherState::Connected && self.stalled_since.is_none()
+    }
+
     /// Why the publisher cannot carry messages now, if it cannot.
     pub fn unavailable(&self) -> Option<String> {
         if self.state != PublisherState::Connected {
