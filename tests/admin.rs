@@ -109,7 +109,7 @@ async fn routes_answer_as_documented() {
     let dir = tempfile::tempdir().unwrap();
     let fake = Fake::new();
     let metrics = Metrics::new();
-    metrics.canal_batches_total.add(5);
+    fake.0.lock().unwrap().canal.batches_received = 5;
     let state_file = StateFile::new(dir.path().join("state/consumers.json"));
     let mut st = state(fake.clone(), Some(state_file.clone()), Tap::new());
     st.metrics = metrics.clone();
@@ -161,12 +161,11 @@ async fn routes_answer_as_documented() {
             .value
             .clone()
     };
-    // Counted by an actor directly.
+    // Every figure is taken from the status snapshot at scrape time.
     assert_eq!(
         sample("canal_batches_total"),
         prometheus_parse::Value::Counter(5.0)
     );
-    // Taken from the status snapshot at scrape time.
     assert_eq!(
         sample("consumer_events_total"),
         prometheus_parse::Value::Counter(4.0)

@@ -18,6 +18,9 @@
 pub mod access;
 pub mod actors;
 pub mod client;
+#[cfg(test)]
+mod coverage;
+pub mod exposition;
 pub mod render;
 pub mod server;
 
@@ -53,7 +56,8 @@ pub trait Control: Send + Sync + 'static {
 /// Everything `GET /status` reports: the one status model, typed from the actors' snapshots
 /// to the screen. The admin endpoint serves it as JSON, the command line reads it back into
 /// this type ([`client::fetch`]) and renders it ([`render::render_status`]), `/ready` judges
-/// it ([`ServiceStatus::readiness`]) and `/metrics` is taken from it at scrape time. The JSON field names are an interface (`tests/`, `deploy/`, scripts).
+/// it ([`ServiceStatus::readiness`]) and `/metrics` is encoded from it at scrape time
+/// ([`exposition`]); `coverage` checks that every figure has a metric and a line of `status`. The JSON field names are an interface (`tests/`, `deploy/`, scripts).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ServiceStatus {
     /// The crate version.

@@ -201,6 +201,11 @@ fn broker(out: &mut String, b: &PublisherStatus) {
         c.timeouts,
         c.lost
     );
+    let _ = writeln!(
+        out,
+        "        connects {}  channels renewed {}  late confirms {}  cancelled {}  refused {}",
+        b.connects, c.renewed_channels, c.late_confirms, c.cancelled, c.refused
+    );
     if let Some(since) = &b.stalled_since {
         let _ = writeln!(
             out,
