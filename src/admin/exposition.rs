@@ -234,33 +234,40 @@ fn by_consumer<V: Copy>(
     out
 }
 
+/// A per-consumer counter: its name, help and field.
+type ConsumerCounter = (&'static str, &'static str, fn(&ConsumerStatus) -> u64);
+
 fn consumers(out: &mut Sink, list: &[ConsumerStatus]) -> Result {
-    let sum = |a: u64, b: u64| a.saturating_add(b);
-    out.counters(
-        "consumer_events_total",
-        "Events routed to the consumer.",
-        by_consumer(list, |c| c.events, sum),
-    )?;
-    out.counters(
-        "consumer_triggers_total",
-        "Plugin triggers emitted by the consumer.",
-        by_consumer(list, |c| c.triggers, sum),
-    )?;
-    out.counters(
-        "consumer_errors_total",
-        "Events the consumer failed to handle.",
-        by_consumer(list, |c| c.errors, sum),
-    )?;
-    out.counters(
-        "consumer_restarts_total",
-        "Supervisor restarts of the consumer.",
-        by_consumer(list, |c| c.restarts, sum),
-    )?;
-    out.counters(
-        "consumer_parked_total",
-        "Events (or refused triggers) the consumer parked in the dead-letter queue.",
-        by_consumer(list, |c| c.parked, sum),
-    )?;
+    let counters: [ConsumerCounter; 5] = [
+        (
+            "consumer_events_total",
+            "Events routed to the consumer.",
+            |c| c.events,
+        ),
+        (
+            "consumer_triggers_total",
+            "Plugin triggers emitted by the consumer.",
+            |c| c.triggers,
+        ),
+        (
+            "consumer_errors_total",
+            "Events the consumer failed to handle.",
+            |c| c.errors,
+        ),
+        (
+            "consumer_restarts_total",
+            "Supervisor restarts of the consumer.",
+            |c| c.restarts,
+        ),
+        (
+            "consumer_parked_total",
+            "Events (or refused triggers) the consumer parked in the dead-letter queue.",
+            |c| c.parked,
+        ),
+    ];
+    for (name, help, value) in counters {
+        out.counters(name, help, by_consumer(list, value, u64::saturating_add))?;
+    }
     out.gauges(
         "consumer_lag_seconds",
         "Seconds between now and the source time of the newest event the consumer handled.",
