@@ -9,9 +9,10 @@
 //! publisher) and feeds the answers back in.
 //!
 //! Failures:
-//! - a consumer that fails a part is restarted by its supervisor; the router retries that same
-//!   part after the consumer's backoff. Other consumers keep going (up to the Canal in-flight
-//!   window), so one slow or failing consumer does not stop the rest;
+//! - a consumer that fails a part is restarted by its supervisor (a fresh instance); the router,
+//!   the one owner of supervision, counts the restart and retries that same part after a
+//!   backoff, or quarantines the consumer (see [`core`]). Other consumers keep going (up to the
+//!   Canal in-flight window), so one slow or failing consumer does not stop the rest;
 //! - a quarantined consumer, or a publish that fails (nack, return, timeout, lost broker),
 //!   rolls the batch back: Canal redelivers it and every consumer sees it again (duplicates
 //!   carry the same message ids);
@@ -44,14 +45,14 @@ use crate::canal::connection::{
 };
 use crate::canal::lossy::{self, LossyColumn, LossyText, OnLossyText};
 use crate::consumer::TableFilter;
-use crate::consumer::actor::{ConsumerActor, ProcessBatch, ProcessFailure, Reinstate};
+use crate::consumer::actor::{ConsumerActor, ProcessBatch, ProcessFailure};
 use crate::consumer::filter::canal_filter;
 use crate::event::{ChangeEvent, now_ms};
 use crate::publisher::{CancelBefore, PublishError};
 use actix::prelude::*;
 pub use core::ConsumerState;
 use core::{Command, Mode, PartError, Processed, Router};
-pub use core::{OnPoison, PoisonPolicy};
+pub use core::{OnPoison, PoisonPolicy, SupervisionConfig};
 pub use heartbeat::HeartbeatStatus;
 use serde::{Deserialize, Serialize};
 use snapshot::Windows;
@@ -69,6 +70,8 @@ pub struct ConsumerEntry {
     pub filters: Vec<TableFilter>,
     pub enabled: bool,
     pub poison: PoisonPolicy,
+    /// When its failures are retried and when it is quarantined (the router keeps the count).
+    pub supervision: SupervisionConfig,
     pub addr: Addr<ConsumerActor>,
 }
 
@@ -265,7 +268,11 @@ pub struct Manager {
 
 impl Manager {
     pub fn new(cfg: ManagerConfig, consumers: Vec<ConsumerEntry>) -> Self {
-        let router = Router::with_policies(consumers.iter().map(|c| (c.enabled, c.poison)));
+        let router = Router::with_policies(
+            consumers
+                .iter()
+                .map(|c| (c.enabled, c.poison, c.supervision.clone())),
+        );
         let slots = consumers
             .into_iter()
             .map(|c| Slot {
@@ -524,45 +531,45 @@ impl Manager {
                 Err(mailbox) => {
                     // the actor stopped while handling it (restart in progress)
                     tracing::debug!(error = %mailbox, "consumer mailbox error");
-                    Processed::Failed {
+                    Processed::Unavailable {
                         retry_in: Duration::from_millis(50),
                         error: format!("consumer mailbox: {mailbox}"),
                     }
                 }
             };
-            act.router.processed(i, batch, outcome);
+            let failed = matches!(outcome, Processed::Failed { .. });
+            act.router
+                .processed(i, batch, outcome, std::time::Instant::now());
+            if failed {
+                act.log_restart(i);
+            }
             act.run(ctx);
         }));
     }
 
     fn part_failed(&mut self, i: usize, failure: ProcessFailure) -> Processed {
         let stats = &mut self.slots[i].stats;
-        match failure {
-            ProcessFailure::Failed {
+        stats.errors += 1;
+        stats.last_error = Some(failure.error.clone());
+        Processed::Failed {
+            error: failure.error,
+        }
+    }
+
+    /// Say what the router decided about a consumer that failed.
+    fn log_restart(&self, i: usize) {
+        let slot = &self.slots[i];
+        let restarts = self.router.restarts(i);
+        let error = slot.stats.last_error.as_deref().unwrap_or("-");
+        if self.router.state(i) == ConsumerState::Quarantined {
+            tracing::error!(
+                consumer = %slot.name,
+                restarts,
                 error,
-                restarts,
-                retry_in,
-            } => {
-                stats.errors += 1;
-                stats.restarts = u64::from(restarts);
-                stats.last_error = Some(error.clone());
-                Processed::Failed { retry_in, error }
-            }
-            ProcessFailure::Restarting { retry_in } => Processed::Failed {
-                retry_in,
-                error: stats
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "restarting".into()),
-            },
-            ProcessFailure::Quarantined {
-                restarts,
-                last_error,
-            } => {
-                stats.restarts = u64::from(restarts);
-                stats.last_error = Some(last_error);
-                Processed::Quarantined
-            }
+                "consumer quarantined: its batches are parked or rolled back (on_poison) until it is enabled again"
+            );
+        } else {
+            tracing::warn!(consumer = %slot.name, restarts, error, "consumer failed; retrying its part after a backoff");
         }
     }
 }
@@ -723,9 +730,6 @@ impl Handler<SetEnabled> for Manager {
             return Box::pin(async move { Err(SetEnabledError::UnknownConsumer(msg.name)) });
         };
         self.router.set_enabled(i, msg.enabled);
-        if msg.enabled {
-            self.slots[i].addr.do_send(Reinstate);
-        }
         tracing::info!(consumer = %msg.name, enabled = msg.enabled, "consumer state changed");
         self.run(ctx);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -766,6 +770,7 @@ impl Handler<GetManagerStatus> for Manager {
                 let mut st = s.stats.clone();
                 st.enabled = self.router.is_enabled(i);
                 st.state = self.router.state(i);
+                st.restarts = u64::from(self.router.restarts(i));
                 // nothing queued or unconfirmed anywhere: the consumer is caught up
                 let caught_up = in_flight == 0 && self.router.queued(i) == 0;
                 st.lag_seconds = s.confirmed_executed_at.map(|t| {
