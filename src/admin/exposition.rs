@@ -207,7 +207,7 @@ fn lag(out: &mut Sink, s: &ServiceStatus, now_ms: i64) -> Result {
     )
 }
 
-/// One value per consumer label: the first [`MAX_CONSUMER_SERIES`] consumers by name, the
+/// One value per consumer label: the first [`MAX_CONSUMER_SERIES`] consumers of the status, the
 /// rest merged into [`OVERFLOW_CONSUMER`] with `merge`.
 fn by_consumer<V: Copy>(
     list: &[ConsumerStatus],
