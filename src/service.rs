@@ -14,8 +14,8 @@
 use crate::admin::{self, AdminError, actors::ActorControl};
 use crate::canal::connection::{self as conn, CanalConnection};
 use crate::config::Config;
-use crate::consumer::actor::{ConsumerActor, SupervisionConfig};
-use crate::manager::{AttachConnection, ConsumerEntry, Manager, ManagerConfig};
+use crate::consumer::actor::ConsumerActor;
+use crate::manager::{AttachConnection, ConsumerEntry, Manager, ManagerConfig, SupervisionConfig};
 use crate::metrics::Metrics;
 use crate::publisher::amqp::{self as amqp, AmqpPublisher};
 use crate::publisher::topology::{self, RouteUse};
@@ -238,7 +238,6 @@ async fn start(
                 publisher.clone().recipient(),
                 route.clone(),
                 MessageFormat::Envelope,
-                supervision.clone(),
             )
             .start_supervised();
             tracing::info!(consumer = %name, enabled, "consumer started");
@@ -247,6 +246,7 @@ async fn start(
                 filters,
                 enabled,
                 poison,
+                supervision: supervision.clone(),
                 addr,
             }
         })

@@ -65,7 +65,14 @@ impl Fake {
         let mut s = self.0.lock().unwrap();
         s.canal.state = canal_consumer::canal::connection::ConnectionState::Connected;
         s.broker_connected = true;
-        s.broker = serde_json::json!({"state": "connected"});
+        let mut broker = canal_consumer::publisher::PublisherStatus::connecting(
+            "amqp://127.0.0.1:5672/%2f".into(),
+            1,
+            "plugin_tasks".into(),
+            8,
+        );
+        broker.state = canal_consumer::publisher::PublisherState::Connected;
+        s.broker = Some(broker);
     }
 }
 
@@ -102,7 +109,7 @@ async fn routes_answer_as_documented() {
     let dir = tempfile::tempdir().unwrap();
     let fake = Fake::new();
     let metrics = Metrics::new();
-    metrics.canal_batches_total.add(5);
+    fake.0.lock().unwrap().canal.batches_received = 5;
     let state_file = StateFile::new(dir.path().join("state/consumers.json"));
     let mut st = state(fake.clone(), Some(state_file.clone()), Tap::new());
     st.metrics = metrics.clone();
@@ -154,12 +161,11 @@ async fn routes_answer_as_documented() {
             .value
             .clone()
     };
-    // Counted by an actor directly.
+    // Every figure is taken from the status snapshot at scrape time.
     assert_eq!(
         sample("canal_batches_total"),
         prometheus_parse::Value::Counter(5.0)
     );
-    // Taken from the status snapshot at scrape time.
     assert_eq!(
         sample("consumer_events_total"),
         prometheus_parse::Value::Counter(4.0)

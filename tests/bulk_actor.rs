@@ -8,7 +8,7 @@
 
 use actix::prelude::*;
 use canal_consumer::canal::connection::BatchRef;
-use canal_consumer::consumer::actor::{ConsumerActor, ProcessBatch, SupervisionConfig};
+use canal_consumer::consumer::actor::{ConsumerActor, ProcessBatch};
 use canal_consumer::event::{ChangeEvent, EventType, Position, Row, Value};
 use canal_consumer::manager::core::Mode;
 use canal_consumer::publisher::RecordingSink;
@@ -87,12 +87,6 @@ fn harness_with(config: &'static str) -> Harness {
         sink.recipient(),
         Route::default(),
         Default::default(),
-        SupervisionConfig {
-            restart_min: Duration::from_millis(10),
-            restart_max: Duration::from_millis(50),
-            max_restarts: 10,
-            quarantine_window: Duration::from_secs(60),
-        },
     )
     .start_supervised();
     Harness { actor, recorded }

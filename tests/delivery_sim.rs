@@ -6,7 +6,8 @@
 //! A seeded RNG picks, at every step, one of: the answer of the operation on the Canal session
 //! (connect, GET, acks + GET, subscribe, rollback, close), the end of a batch's decoding
 //! (sometimes undecodable: a stall the operator skips; sometimes a panic: a rollback), a
-//! consumer answering (ok, error/panic → restart and retry, quarantine), a retry timer,
+//! consumer answering (ok, error/panic → restart and retry; a poisoned consumer fails until the
+//! router quarantines it), a retry timer,
 //! publishing, a broker ack / multi-ack / nack / return / confirm timeout / connection loss / a
 //! channel gone stale (nacks everything until replaced),
 //! the Canal connection dropping, the Canal server restarting (its saved cursor may be older
@@ -66,7 +67,8 @@ use canal_consumer::canal::window::BatchRef;
 use canal_consumer::event::{EventType, Position};
 use canal_consumer::ha::{Lease, Role, ZkSession};
 use canal_consumer::manager::core::{
-    Command, Mode, OnPoison, PartError, PoisonPolicy, Processed, Router,
+    Command, ConsumerState, Mode, OnPoison, PartError, PoisonPolicy, Processed, Router,
+    SupervisionConfig,
 };
 use canal_consumer::publisher::PublishError;
 use canal_consumer::publisher::window::{ConfirmWindow, JobNo, Outgoing};
@@ -266,7 +268,8 @@ struct Consumer {
     /// Never disabled, enabled or quarantined in this run: the strong checks apply to it.
     stable: bool,
     inbox: Option<(BatchRef, SimPart, Mode)>,
-    /// The next answer is a quarantine (a poison fault), for non-stable consumers.
+    /// A poison fault, for non-stable consumers: it fails every normal part until the router
+    /// quarantines it.
     poisoned: bool,
 }
 
@@ -462,7 +465,8 @@ impl Sim {
             skipped_rows: BTreeSet::new(),
             toggled_since: Some(0),
             toggled_enable_pending: false,
-            // both poison policies are exercised: consumer 1 stalls, the others park
+            // both poison policies are exercised: consumer 1 stalls, the others park; only the
+            // toggled consumer is ever quarantined (its third restart within the hour)
             router: Router::with_policies((0..CONSUMERS).map(|c| {
                 (
                     true,
@@ -473,6 +477,12 @@ impl Sim {
                             OnPoison::Park
                         },
                         attempts: 2,
+                    },
+                    SupervisionConfig {
+                        restart_min: Duration::from_millis(10),
+                        restart_max: Duration::from_millis(100),
+                        max_restarts: if c == TOGGLED { 2 } else { u32::MAX },
+                        quarantine_window: Duration::from_secs(3600),
                     },
                 )
             })),
@@ -947,12 +957,10 @@ impl Sim {
         };
         let fails = |rng: &mut Rng, faults: bool| faults && rng.chance(150);
         let outcome = match &mode {
-            Mode::Normal if self.consumers[c].poisoned => {
-                self.consumers[c].poisoned = false;
-                Processed::Quarantined
-            }
+            Mode::Normal if self.consumers[c].poisoned => Processed::Failed {
+                error: "poison".into(),
+            },
             Mode::Normal if fails(&mut self.rng, self.faults) => Processed::Failed {
-                retry_in: Duration::from_millis(10),
                 error: "boom".into(),
             },
             mode => {
@@ -983,7 +991,10 @@ impl Sim {
             }
         };
         self.log(format!("consumer {c} {batch} {mode:?}: {outcome:?}"));
-        self.router.processed(c, batch, outcome);
+        self.router.processed(c, batch, outcome, self.now);
+        if self.router.state(c) == ConsumerState::Quarantined {
+            self.consumers[c].poisoned = false;
+        }
         self.flush_publisher();
         self.run_commands();
     }
@@ -1305,7 +1316,7 @@ impl Sim {
             910..920 => self.server.saved_upto = self.server.acked_upto,
             920..940 if self.faults => self.toggle(),
             940..945 if self.faults => {
-                // a poison row: the toggled consumer quarantines on its next part
+                // a poison row: the toggled consumer fails until it is quarantined
                 self.consumers[TOGGLED].poisoned = true;
             }
             945..955 => self.operator_skip(),

@@ -321,14 +321,17 @@ struct Seen(std::cell::RefCell<Vec<String>>);
 
 impl Seen {
     fn record(&self, s: &Value) {
-        let line = canal_consumer::admin::render::render_status(s, 0)
-            .lines()
-            .filter(|l| {
-                l.starts_with("canal ") || l.starts_with("replica ") || l.contains("last error")
-            })
-            .map(|l| l.split("  lag").next().unwrap_or(l).trim().to_string())
-            .collect::<Vec<_>>()
-            .join(" | ");
+        let line = canal_consumer::admin::render::render_status(
+            &serde_json::from_value(s.clone()).unwrap(),
+            0,
+        )
+        .lines()
+        .filter(|l| {
+            l.starts_with("canal ") || l.starts_with("replica ") || l.contains("last error")
+        })
+        .map(|l| l.split("  lag").next().unwrap_or(l).trim().to_string())
+        .collect::<Vec<_>>()
+        .join(" | ");
         let mut seen = self.0.borrow_mut();
         if seen.last() != Some(&line) {
             seen.push(line);

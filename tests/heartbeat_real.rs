@@ -171,7 +171,7 @@ interval = "1s"
         assert!(m < 2.0, "canal_lag_seconds {m} while idle\n{status:#}");
         assert!(s < 2.0, "status lag {s} while idle\n{status:#}");
         let text = canal_consumer::admin::render::render_status(
-            &status,
+            &serde_json::from_value(status.clone()).unwrap(),
             chrono::Utc::now().timestamp_millis(),
         );
         assert!(text.contains("(heartbeat)"), "{text}");

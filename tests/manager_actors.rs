@@ -8,9 +8,10 @@ use actix::prelude::*;
 use canal_consumer::canal::connection::{
     AckBatch, Batch, BatchRef, CanalEvent, ReleaseBatch, RollbackBatch, SetFilter,
 };
-use canal_consumer::consumer::actor::{ConsumerActor, SupervisionConfig};
+use canal_consumer::consumer::actor::ConsumerActor;
 use canal_consumer::consumer::{Consumer, ConsumerContext, ConsumerError, TableFilter};
 use canal_consumer::event::{ChangeEvent, EventType, Position, Row, Value};
+use canal_consumer::manager::SupervisionConfig;
 use canal_consumer::manager::{
     AttachConnection, ConnectionLink, ConsumerEntry, GetManagerStatus, Manager, ManagerConfig,
     OnPoison, PoisonPolicy,
@@ -230,13 +231,13 @@ fn harness(consumers: Vec<TestConsumer>, hold: &[&str], max_restarts: u32) -> Ha
                 sink.clone().recipient(),
                 Route::default(),
                 MessageFormat::Envelope,
-                supervision(max_restarts),
             )
             .start_supervised();
             ConsumerEntry {
                 name,
                 filters,
                 poison,
+                supervision: supervision(max_restarts),
                 enabled: true,
                 addr,
             }

@@ -1,6 +1,7 @@
 //! What operators look at: `deploy/grafana/canal-consumer.json` and
 //! `deploy/prometheus/alerts.yml` ask only for metrics the service's `/metrics` serves (the
-//! exposition `admin::server` sends is `Metrics::render`), and the alert rules are complete.
+//! exposition `admin::server` sends is `admin::exposition::render` of a status snapshot), and
+//! the alert rules are complete.
 //! `tests/pipeline_real.rs` checks the same names against a running service's `/metrics`.
 // Test code: a failed unwrap is a failed test (lint policy: Cargo.toml [lints], clippy.toml).
 #![allow(clippy::unwrap_used)]
@@ -11,11 +12,22 @@ use common::promql::*;
 use std::collections::BTreeSet;
 
 /// The metric names in the service's exposition, with one consumer so per-consumer series
-/// have samples; a histogram's series are its `_bucket`, `_sum` and `_count`.
+/// have samples and a publisher; a histogram's series are its `_bucket`, `_sum` and `_count`.
 fn exported() -> BTreeSet<String> {
     let m = canal_consumer::metrics::Metrics::new();
-    m.consumer("probe").events_total.inc();
-    let text = m.render();
+    let mut s = canal_consumer::admin::ServiceStatus::new();
+    s.consumers.push(canal_consumer::admin::ConsumerStatus {
+        name: "probe".into(),
+        events: 1,
+        ..Default::default()
+    });
+    s.broker = Some(canal_consumer::publisher::PublisherStatus::connecting(
+        "amqp://127.0.0.1:5672/%2f".into(),
+        1,
+        "plugin_tasks".into(),
+        8,
+    ));
+    let text = canal_consumer::admin::exposition::render(&m, s, 0);
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("the exposition parses");
     let names = served_names(&scrape);

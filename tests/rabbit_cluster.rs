@@ -578,10 +578,12 @@ async fn the_leader_and_another_node_down_before_the_first_publish_loses_nothing
         "the leader and another node down before the first publish",
     );
     let s = wait_status(&svc, "every batch acked", Duration::from_secs(60), settled).await;
-    // which of the two RabbitMQ takes varies from run to run
+    // which of the two RabbitMQ takes varies from run to run; the counters are the process's,
+    // so a channel that nacked was replaced by a renewal or went with its connection
     if s["broker"]["nacked"].as_u64().unwrap_or(0) > 0 {
         assert!(
-            s["broker"]["renewed_channels"].as_u64().unwrap_or(0) > 0,
+            s["broker"]["renewed_channels"].as_u64().unwrap_or(0) > 0
+                || s["broker"]["connects"].as_u64().unwrap_or(0) > 1,
             "rows arrived on the channel that nacked: {s:#}"
         );
     }

@@ -4,16 +4,15 @@
 //! publisher ([`GetPublisherStatus`]) for snapshots and assembles a [`ServiceStatus`]; enabling
 //! and disabling is the Manager's [`SetEnabled`]. Nothing here holds state of its own besides
 //! the start time and the shutdown flag. How it fails: an actor that is gone or does not answer
-//! within [`ASK_TIMEOUT`] shows as an unknown/stopped part of the status (never an error of
-//! `/status`), and a `SetEnabled` that cannot be delivered is [`AdminError::Unavailable`].
+//! within [`ASK_TIMEOUT`] shows as a placeholder part of the status, named in
+//! [`ServiceStatus::unanswered`] (never an error of `/status`), and a `SetEnabled` that cannot be delivered is [`AdminError::Unavailable`].
 
-use super::now_ms;
-use super::{AdminError, ConsumerStatus, Control, ServiceStatus};
+use super::{AdminError, Control, Part, ServiceStatus};
 use crate::canal::connection::{
     ConnectionState, ConnectionStatus, GetConnectionStatus, SkipStalled,
 };
-use crate::manager::{ConsumerStats, GetManagerStatus, ManagerStatus, SetEnabled, SetEnabledError};
-use crate::publisher::{GetPublisherStatus, PublisherState, PublisherStatus};
+use crate::manager::{GetManagerStatus, ManagerStatus, SetEnabled, SetEnabledError};
+use crate::publisher::{GetPublisherStatus, PublisherStatus};
 use actix::Recipient;
 use futures::future::BoxFuture;
 use std::sync::Arc;
@@ -51,17 +50,32 @@ impl Control for ActorControl {
             let canal = connection.send(GetConnectionStatus).timeout(ASK_TIMEOUT);
             let mgr = manager.send(GetManagerStatus).timeout(ASK_TIMEOUT);
             let (canal, mgr) = futures::join!(canal, mgr);
-            let canal = canal.unwrap_or_else(|e| ConnectionStatus {
-                state: ConnectionState::Stopped,
-                last_error: Some(format!("connection actor did not answer: {e}")),
-                ..Default::default()
+            let mut unanswered = Vec::new();
+            let canal = canal.unwrap_or_else(|e| {
+                unanswered.push(Part::Canal);
+                ConnectionStatus {
+                    state: ConnectionState::Stopped,
+                    last_error: Some(format!("connection actor did not answer: {e}")),
+                    ..Default::default()
+                }
             });
-            let mgr = mgr.unwrap_or_default();
+            let mgr = mgr.unwrap_or_else(|_| {
+                unanswered.push(Part::Manager);
+                ManagerStatus::default()
+            });
             let publisher = match publisher {
-                Some(p) => p.send(GetPublisherStatus).timeout(ASK_TIMEOUT).await.ok(),
+                Some(p) => {
+                    let answer = p.send(GetPublisherStatus).timeout(ASK_TIMEOUT).await.ok();
+                    if answer.is_none() {
+                        unanswered.push(Part::Publisher);
+                    }
+                    answer
+                }
                 None => None,
             };
-            assemble(canal, mgr, publisher, uptime, shutting_down, now_ms())
+            let mut s = assemble(canal, mgr, publisher, uptime, shutting_down);
+            s.unanswered = unanswered;
+            s
         })
     }
 
@@ -97,72 +111,36 @@ impl Control for ActorControl {
     }
 }
 
-/// One consumer's line of the status; `now_ms` for its lag.
-pub fn consumer_status(s: &ConsumerStats, now_ms: i64) -> ConsumerStatus {
-    ConsumerStatus {
-        name: s.name.clone(),
-        enabled: s.enabled,
-        state: s.state,
-        events: s.events,
-        triggers: s.triggers,
-        errors: s.errors,
-        restarts: u64::from(s.restarts),
-        parked: s.parked,
-        lag_seconds: s
-            .confirmed_executed_at
-            .map(|t| (now_ms - t).max(0) as f64 / 1000.0),
-        last_error: s.last_error.clone(),
-    }
-}
-
-/// The service status from the actors' snapshots.
+/// The service status from the actors' snapshots (each part as its owner reported it).
 pub fn assemble(
     canal: ConnectionStatus,
     manager: ManagerStatus,
     publisher: Option<PublisherStatus>,
     uptime: Duration,
     shutting_down: bool,
-    now_ms: i64,
 ) -> ServiceStatus {
-    // connected *and* carrying messages: a stalled link is not ready
-    let broker_connected = publisher
-        .as_ref()
-        .is_some_and(|p| p.state == PublisherState::Connected && p.stalled_since.is_none());
-    let broker = match &publisher {
-        Some(p) => serde_json::to_value(p).unwrap_or_default(),
-        None => serde_json::json!({ "state": "none" }),
-    };
     ServiceStatus {
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_seconds: uptime.as_secs(),
         canal,
-        broker,
-        broker_connected,
+        // connected *and* carrying messages: a stalled link is not ready
+        broker_connected: publisher.as_ref().is_some_and(PublisherStatus::carries),
+        broker: publisher,
         shutting_down,
         batches_in_flight: manager.batches_in_flight,
         backfills: Vec::new(),
         tap_listeners: 0,
-        consumers: manager
-            .consumers
-            .iter()
-            .map(|c| {
-                let mut st = consumer_status(c, now_ms);
-                // nothing queued or unconfirmed anywhere: the consumer is caught up
-                if manager.batches_in_flight == 0 && c.queued_parts == 0 {
-                    st.lag_seconds = st.lag_seconds.map(|_| 0.0);
-                }
-                st
-            })
-            .collect(),
+        consumers: manager.consumers,
         lossy_text: manager.lossy_text,
         heartbeat: manager.heartbeat,
+        unanswered: Vec::new(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::ConsumerState;
+    use crate::admin::{ConsumerState, ConsumerStatus};
 
     #[test]
     fn assembles_from_snapshots() {
@@ -172,24 +150,24 @@ mod tests {
         };
         let manager = ManagerStatus {
             batches_in_flight: 2,
-            consumers: vec![ConsumerStats {
+            consumers: vec![ConsumerStatus {
                 name: "example_consumer".into(),
                 enabled: true,
                 state: ConsumerState::Restarting,
                 events: 5,
                 restarts: 1,
-                confirmed_executed_at: Some(1_000),
+                lag_seconds: Some(2.5),
                 ..Default::default()
             }],
             filter: String::new(),
             lossy_text: Vec::new(),
             heartbeat: None,
         };
-        let s = assemble(canal, manager, None, Duration::from_secs(9), false, 3_500);
+        let s = assemble(canal, manager, None, Duration::from_secs(9), false);
         assert_eq!(s.uptime_seconds, 9);
         assert_eq!(s.batches_in_flight, 2);
         assert!(!s.broker_connected);
-        assert_eq!(s.broker["state"], "none");
+        assert!(s.broker.is_none());
         let c = &s.consumers[0];
         assert_eq!(c.state, ConsumerState::Restarting);
         assert_eq!(c.restarts, 1);

@@ -18,6 +18,7 @@
 use super::access::Token;
 use super::now_ms;
 use super::render::{render_list, render_status};
+use super::{ConsumerStatus, ServiceStatus};
 use crate::state::{StateError, StateFile};
 use awc::error::{ConnectError, SendRequestError};
 use awc::http::Method;
@@ -207,10 +208,22 @@ pub fn encode(s: &str) -> String {
     percent_encode(s)
 }
 
-/// `GET /status` as JSON.
+/// `GET /status` as JSON, as the service sent it (for scripts and tests that look at the
+/// wire format; the command line reads it typed with [`fetch`]).
 pub async fn fetch_status(addr: &str) -> Result<Value, ClientError> {
     let r = request(addr, "GET", "/status").await?;
     ok_json(r)
+}
+
+/// `GET /status`, read into the status model. An answer that does not fit it (a field
+/// missing, renamed or of another type) is [`ClientError::BadResponse`] naming the field.
+pub async fn fetch(addr: &str) -> Result<ServiceStatus, ClientError> {
+    typed(fetch_status(addr).await?)
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ClientError> {
+    serde_path_to_error::deserialize(v)
+        .map_err(|e| ClientError::BadResponse(format!("{}: {}", e.path(), e.inner())))
 }
 
 /// `canal-consumer status [--json]`: the rendered status (or its JSON, pretty-printed).
@@ -220,7 +233,7 @@ pub async fn status(bind: &str, json: bool) -> Result<String, ClientError> {
     if json {
         Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
     } else {
-        Ok(render_status(&v, now_ms()))
+        Ok(render_status(&typed(v)?, now_ms()))
     }
 }
 
@@ -232,7 +245,8 @@ pub async fn list(bind: &str, json: bool) -> Result<String, ClientError> {
     if json {
         Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
     } else {
-        Ok(render_list(&v))
+        let consumers: Vec<ConsumerStatus> = typed(v)?;
+        Ok(render_list(&consumers))
     }
 }
 

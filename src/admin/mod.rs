@@ -18,10 +18,14 @@
 pub mod access;
 pub mod actors;
 pub mod client;
+#[cfg(test)]
+mod coverage;
+pub mod exposition;
 pub mod render;
 pub mod server;
 
 use crate::canal::connection::{ConnectionState, ConnectionStatus};
+use crate::publisher::PublisherStatus;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
@@ -49,16 +53,22 @@ pub trait Control: Send + Sync + 'static {
     }
 }
 
-/// Everything `GET /status` reports.
-#[derive(Debug, Clone, Serialize, Default)]
+/// Everything `GET /status` reports: the one status model, typed from the actors' snapshots
+/// to the screen. The admin endpoint serves it as JSON, the command line reads it back into
+/// this type ([`client::fetch`]) and renders it ([`render::render_status`]), `/ready` judges
+/// it ([`ServiceStatus::readiness`]) and `/metrics` is encoded from it at scrape time
+/// ([`exposition`]); `coverage` checks that every figure has a metric and a line of `status`. The JSON field names are an interface (`tests/`, `deploy/`, scripts).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ServiceStatus {
     /// The crate version.
     pub version: String,
     pub uptime_seconds: u64,
     /// The Canal connection.
     pub canal: ConnectionStatus,
-    /// The publisher's status, as it reports it (at least a `state` string).
-    pub broker: serde_json::Value,
+    /// The publisher's status; `None` (served as `{"state": "none"}`) when the service runs
+    /// without a publisher or it did not answer in time.
+    #[serde(with = "broker_json")]
+    pub broker: Option<PublisherStatus>,
     /// The publisher has a usable channel to the broker.
     pub broker_connected: bool,
     /// A graceful shutdown is under way.
@@ -78,6 +88,58 @@ pub struct ServiceStatus {
     /// `canal_lag_seconds` show), and their trips.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat: Option<crate::manager::HeartbeatStatus>,
+    /// Parts of the service whose actor did not answer within [`actors::ASK_TIMEOUT`]
+    /// (`canal`, `manager`, `publisher`): their figures in this snapshot are placeholders, so
+    /// `/metrics` leaves their series out (a counter must not drop to 0 and back). Absent
+    /// when every part answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unanswered: Vec<Part>,
+}
+
+/// A part of the service that answers for its own piece of the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Part {
+    Canal,
+    Manager,
+    Publisher,
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Part::Canal => "canal connection",
+            Part::Manager => "manager",
+            Part::Publisher => "publisher",
+        })
+    }
+}
+
+/// `broker` in JSON: the publisher's status, or `{"state": "none"}` without one. Anything
+/// else is an error naming what does not fit (a missing or renamed field fails loudly instead
+/// of showing as `-`).
+mod broker_json {
+    use crate::publisher::PublisherStatus;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<PublisherStatus>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(p) => serde::Serialize::serialize(p, s),
+            None => serde::Serialize::serialize(&serde_json::json!({ "state": "none" }), s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<PublisherStatus>, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        if v == serde_json::json!({ "state": "none" }) {
+            return Ok(None);
+        }
+        serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("broker: {e}")))
+    }
 }
 
 impl ServiceStatus {
@@ -85,7 +147,6 @@ impl ServiceStatus {
     pub fn new() -> Self {
         ServiceStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            broker: serde_json::json!({ "state": "unknown" }),
             ..Default::default()
         }
     }
@@ -99,13 +160,7 @@ impl ServiceStatus {
         if self.shutting_down {
             reasons.push("shutting down".to_string());
         }
-        let standby_ok = self.canal.state == ConnectionState::Standby
-            && self
-                .canal
-                .ha
-                .as_ref()
-                .is_some_and(|h| h.zookeeper == crate::ha::ZkSession::Connected);
-        if self.canal.state != ConnectionState::Connected && !standby_ok {
+        if !self.canal_ready() {
             let state = self.canal.state;
             match &self.canal.last_error {
                 Some(e) => reasons.push(format!("canal is {state}: {e}")),
@@ -113,16 +168,12 @@ impl ServiceStatus {
             }
         }
         if !self.broker_connected {
-            let why =
-                serde_json::from_value::<crate::publisher::PublisherStatus>(self.broker.clone())
-                    .ok()
-                    .and_then(|p| p.unavailable());
-            let state = self
-                .broker
-                .get("state")
-                .and_then(|s| s.as_str())
-                .unwrap_or("down");
-            reasons.push(why.unwrap_or_else(|| format!("broker channel is not up ({state})")));
+            reasons.push(match &self.broker {
+                Some(p) => p
+                    .unavailable()
+                    .unwrap_or_else(|| format!("broker channel is not up ({})", p.state)),
+                None => "broker channel is not up (none)".to_string(),
+            });
         }
         if reasons.is_empty() {
             Ok(())
@@ -130,29 +181,21 @@ impl ServiceStatus {
             Err(reasons.join("; "))
         }
     }
+
+    /// Canal's side of [`ServiceStatus::readiness`]: connected, or a standby whose ZooKeeper
+    /// session is up.
+    pub fn canal_ready(&self) -> bool {
+        let standby_ok = self.canal.state == ConnectionState::Standby
+            && self
+                .canal
+                .ha
+                .as_ref()
+                .is_some_and(|h| h.zookeeper == crate::ha::ZkSession::Connected);
+        self.canal.state == ConnectionState::Connected || standby_ok
+    }
 }
 
-/// One consumer in `GET /status` and `GET /consumers`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConsumerStatus {
-    pub name: String,
-    pub enabled: bool,
-    pub state: ConsumerState,
-    pub events: u64,
-    pub triggers: u64,
-    pub errors: u64,
-    pub restarts: u64,
-    /// Events (or refused triggers) parked in the dead-letter queue.
-    #[serde(default)]
-    pub parked: u64,
-    /// Seconds between now and the source time of the newest event it handled.
-    #[serde(default)]
-    pub lag_seconds: Option<f64>,
-    #[serde(default)]
-    pub last_error: Option<String>,
-}
-
-pub use crate::manager::ConsumerState;
+pub use crate::manager::{ConsumerState, ConsumerStatus};
 
 /// Errors of the admin endpoint.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -179,6 +222,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn broker_is_a_publisher_status_or_none() {
+        let mut s = ServiceStatus::new();
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["broker"], serde_json::json!({"state": "none"}));
+        let back: ServiceStatus = serde_json::from_value(v).unwrap();
+        assert!(back.broker.is_none());
+        s.broker = Some(PublisherStatus::connecting(
+            "amqp://x".into(),
+            1,
+            "q".into(),
+            8,
+        ));
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["broker"]["state"], "connecting");
+        let back: ServiceStatus = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back.broker, s.broker);
+        // a renamed or missing field is an error, not a blank
+        let mut bad = v;
+        bad["broker"].as_object_mut().unwrap().remove("queue");
+        let e = serde_json::from_value::<ServiceStatus>(bad).unwrap_err();
+        assert!(e.to_string().contains("queue"), "{e}");
+    }
+
+    #[test]
     fn readiness_needs_canal_and_broker() {
         let mut s = ServiceStatus::new();
         let why = s.readiness().unwrap_err();
@@ -188,13 +255,14 @@ mod tests {
         s.broker_connected = true;
         assert_eq!(s.readiness(), Ok(()));
         // a link that carries nothing is not ready, and says since when
-        s.broker = serde_json::json!({
+        s.broker = serde_json::from_value(serde_json::json!({
             "state": "connected", "broker": "amqp://x", "queue": "q", "blocked_reason": null,
             "unconfirmed": 3, "max_unconfirmed": 8, "published": 3, "confirmed": 0,
             "returned": 0, "nacked": 0, "timeouts": 0, "lost": 0, "late_confirms": 0,
             "oldest_unconfirmed_ms": 61_000, "stalled_since": "2026-11-29T08:00:00.000Z",
             "connects": 1, "last_error": null, "state_since": "2026-11-29T07:00:00.000Z"
-        });
+        }))
+        .unwrap();
         s.broker_connected = false;
         assert_eq!(
             s.readiness(),

@@ -1,19 +1,19 @@
-//! Text the command line prints from the admin endpoint's JSON: the `status` screen (fit for
-//! `watch -n 5`) and the `list` table. Pure functions of the JSON and the clock, so they are
-//! tested on fixed inputs; the HTTP side is in the `client` module.
+//! Text the command line prints from the admin endpoint's answers: the `status` screen (fit
+//! for `watch -n 5`), the `list` table and the backfill bar. Pure functions of the typed status
+//! ([`ServiceStatus`], [`ConsumerStatus`], [`BackfillView`]) and the clock, so they are tested
+//! on fixed inputs; the HTTP side, and reading the JSON back into those types, is in the
+//! `client` module. Nothing here reads JSON by key: a field renamed in the status is a compile
+//! error here, and an answer that does not fit the types is the client's error, never a `-`.
 
+use super::{ConsumerStatus, ServiceStatus};
+use crate::backfill::BackfillView;
+use crate::backfill::record::State as BackfillState;
 use crate::canal::lossy::{LossyColumn, OnLossyText};
+use crate::event::Position;
+use crate::publisher::PublisherStatus;
 use crate::publisher::routes::BrokenRoute;
 use serde_json::Value;
 use std::fmt::Write as _;
-
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("-")
-}
-
-fn n(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
 
 /// `1h02m`, `3m05s`, `4.2s`, `120ms`.
 pub fn short_duration(secs: f64) -> String {
@@ -49,29 +49,21 @@ fn bytes(n: u64) -> String {
     }
 }
 
-fn position(v: &Value) -> String {
-    match v {
-        Value::Object(_) => format!(
-            "{}:{}#{}",
-            s(v, "log_file"),
-            n(v, "offset"),
-            n(v, "row_index")
-        ),
-        _ => "-".into(),
+fn position(p: Option<&Position>) -> String {
+    match p {
+        Some(p) => p.to_string(),
+        None => "-".into(),
     }
 }
 
 /// The human status, for `watch -n 5`. `now_ms` is the wall clock (ms since the epoch), for
 /// the lag.
-pub fn render_status(v: &Value, now_ms: i64) -> String {
+pub fn render_status(v: &ServiceStatus, now_ms: i64) -> String {
     let mut out = String::new();
-    let canal = &v["canal"];
-    let ready = if v["shutting_down"].as_bool() == Some(true) {
+    let canal = &v.canal;
+    let ready = if v.shutting_down {
         "SHUTTING DOWN"
-    } else if (canal["state"] == "connected"
-        || (canal["state"] == "standby" && canal["ha"]["zookeeper"] == "connected"))
-        && v["broker_connected"].as_bool() == Some(true)
-    {
+    } else if v.canal_ready() && v.broker_connected {
         "ready"
     } else {
         "NOT READY"
@@ -79,34 +71,38 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
     let _ = writeln!(
         out,
         "canal-consumer {}  up {}  {ready}",
-        s(v, "version"),
-        short_duration(n(v, "uptime_seconds") as f64)
+        v.version,
+        short_duration(v.uptime_seconds as f64)
     );
+    if !v.unanswered.is_empty() {
+        let parts: Vec<String> = v.unanswered.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "        NO ANSWER from {} (their figures are missing)",
+            parts.join(", ")
+        );
+    }
     // With heartbeats: the lag they measure. Without: nothing in flight means caught up with
     // everything Canal has served.
-    let lag = if let Some(hb) = v["heartbeat"]["lag_seconds"].as_f64() {
+    let lag = if let Some(hb) = v.heartbeat.as_ref().and_then(|h| h.lag_seconds) {
         format!("{} (heartbeat)", short_duration(hb))
-    } else if canal["inflight_batches"].as_u64() == Some(0) {
+    } else if canal.inflight_batches == 0 {
         "0s".to_string()
     } else {
-        canal["last_executed_at"]
-            .as_i64()
+        canal
+            .last_executed_at
             .map(|t| short_duration(((now_ms - t).max(0)) as f64 / 1000.0))
             .unwrap_or_else(|| "-".into())
     };
     let _ = writeln!(
         out,
         "canal   {:<12} {}  destination {}  lag {lag}",
-        s(canal, "state"),
-        s(canal, "server"),
-        s(canal, "destination"),
+        canal.state.as_str(),
+        canal.server,
+        canal.destination,
     );
-    if let Some(ha) = canal["ha"].as_object() {
-        let get = |k: &str| ha.get(k).and_then(Value::as_str).unwrap_or("-");
-        let why = match (
-            ha.get("reason").and_then(Value::as_str),
-            ha.get("holder").and_then(Value::as_str),
-        ) {
+    if let Some(ha) = &canal.ha {
+        let why = match (&ha.reason, &ha.holder) {
             (Some(r), _) => format!("  ({r})"),
             (None, Some(h)) => format!("  (held by {h})"),
             _ => String::new(),
@@ -114,143 +110,121 @@ pub fn render_status(v: &Value, now_ms: i64) -> String {
         let _ = writeln!(
             out,
             "replica {:<12} zookeeper {}  canal server {}{why}",
-            get("role").to_uppercase(),
-            get("zookeeper"),
-            get("canal_server"),
+            ha.role.as_str().to_uppercase(),
+            ha.zookeeper.as_str(),
+            ha.canal_server.as_deref().unwrap_or("-"),
         );
     }
     let _ = writeln!(
         out,
         "        fetched {}  acked {}  in flight {} batches ({})",
-        position(&canal["last_position"]),
-        position(&canal["acked_position"]),
-        v["batches_in_flight"]
-            .as_u64()
-            .unwrap_or_else(|| n(canal, "inflight_batches")),
-        bytes(n(canal, "inflight_bytes")),
+        position(canal.last_position.as_ref()),
+        position(canal.acked_position.as_ref()),
+        v.batches_in_flight,
+        bytes(canal.inflight_bytes as u64),
     );
     let _ = writeln!(
         out,
         "        batches {}  events {}  rollbacks {}  reconnects {}",
-        n(canal, "batches_received"),
-        n(canal, "events_received"),
-        n(canal, "rollbacks"),
-        n(canal, "reconnects"),
+        canal.batches_received, canal.events_received, canal.rollbacks, canal.reconnects,
     );
-    if let Some(stall) = canal["stall"].as_object() {
+    if let Some(stall) = &canal.stall {
         let _ = writeln!(
             out,
             "        STALLED since {}: {}",
-            stall.get("since").and_then(Value::as_str).unwrap_or("-"),
-            stall.get("reason").and_then(Value::as_str).unwrap_or("-")
+            stall.since, stall.reason
         );
-        let _ = writeln!(
-            out,
-            "        to go on: {}",
-            stall.get("how").and_then(Value::as_str).unwrap_or("-")
-        );
-    } else if let Some(e) = canal["last_error"].as_str() {
+        let _ = writeln!(out, "        to go on: {}", stall.how);
+    } else if let Some(e) = &canal.last_error {
         let _ = writeln!(out, "        last error: {e}");
     }
-    if let Some(rewound) = canal["rewind_skipped"].as_u64().filter(|n| *n > 0) {
+    if canal.rewind_skipped > 0 {
         let _ = writeln!(
             out,
-            "        canal rewound {rewound} rows (sent again at or before the confirmed position); skipped"
+            "        canal rewound {} rows (sent again at or before the confirmed position); skipped",
+            canal.rewind_skipped
         );
     }
-    if let Some(w) = canal["config_warning"].as_str() {
+    if let Some(w) = &canal.config_warning {
         let _ = writeln!(out, "        config: {w}");
     }
-    if let Some(skipped) = canal["skipped"].as_array().filter(|a| !a.is_empty()) {
-        let last = skipped.last().and_then(Value::as_str).unwrap_or("-");
-        let _ = writeln!(out, "        skipped {} (last: {last})", skipped.len());
-    }
-    lossy_text(&mut out, &v["lossy_text"]);
-    let broker = &v["broker"];
-    let state = broker.get("state").and_then(Value::as_str).unwrap_or(
-        if v["broker_connected"].as_bool() == Some(true) {
-            "connected"
-        } else {
-            "down"
-        },
-    );
-    // with several broker URLs (amqp.urls), which one is in use
-    let node = match (
-        broker.get("node").and_then(Value::as_u64),
-        broker.get("nodes").and_then(Value::as_u64),
-    ) {
-        (Some(n), Some(of)) if of > 1 => format!(" (node {n} of {of})"),
-        _ => String::new(),
-    };
-    let _ = writeln!(
-        out,
-        "broker  {state:<12} {}{node}  queue {}",
-        s(broker, "broker"),
-        s(broker, "queue")
-    );
-    // The publisher's counters, those it reports, in a fixed order.
-    let mut counts = Vec::new();
-    if let Some(u) = broker.get("unconfirmed").and_then(Value::as_u64) {
-        match broker.get("max_unconfirmed").and_then(Value::as_u64) {
-            Some(max) => counts.push(format!("unconfirmed {u}/{max}")),
-            None => counts.push(format!("unconfirmed {u}")),
-        }
-    }
-    for key in [
-        "published",
-        "confirmed",
-        "returned",
-        "nacked",
-        "timeouts",
-        "lost",
-    ] {
-        if let Some(x) = broker.get(key).and_then(Value::as_u64) {
-            counts.push(format!("{key} {x}"));
-        }
-    }
-    if !counts.is_empty() {
-        let _ = writeln!(out, "        {}", counts.join("  "));
-    }
-    if let Some(since) = broker.get("stalled_since").and_then(Value::as_str) {
+    if let Some(last) = canal.skipped.last() {
         let _ = writeln!(
             out,
-            "        STALLED since {since}: no confirm for {} s",
-            broker
-                .get("oldest_unconfirmed_ms")
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-                / 1000
+            "        skipped {} (last: {last})",
+            canal.skipped.len()
         );
     }
-    broken_routes(&mut out, &broker["broken_routes"]);
-    for key in ["blocked_reason", "last_error"] {
-        if let Some(e) = broker.get(key).and_then(Value::as_str) {
-            let _ = writeln!(out, "        {}: {e}", key.replace('_', " "));
+    lossy_text(&mut out, &v.lossy_text);
+    match &v.broker {
+        Some(b) => broker(&mut out, b),
+        None => {
+            let _ = writeln!(out, "broker  {:<12} -  queue -", "none");
         }
     }
-    if let Some(all) = v["backfills"].as_array() {
-        for b in all
-            .iter()
-            .filter(|b| !matches!(b["state"].as_str(), Some("done" | "cancelled")))
-        {
-            let _ = writeln!(out, "backfill {}", backfill_bar(b));
-            if let Some(e) = b["progress"]["error"].as_str() {
-                let _ = writeln!(out, "        {e}");
-            }
+    for b in v.backfills.iter().filter(|b| !b.backfill.state.is_final()) {
+        let _ = writeln!(out, "backfill {}", bar(b));
+        if let Some(e) = &b.backfill.progress.error {
+            let _ = writeln!(out, "        {e}");
         }
     }
     out.push('\n');
-    out.push_str(&consumer_table(&v["consumers"], true));
+    out.push_str(&consumer_table(&v.consumers, true));
     out
 }
 
-/// The routes the publisher found gone while running (typed from the status, not read by
-/// key).
-fn broken_routes(out: &mut String, v: &Value) {
-    let Ok(routes) = serde_json::from_value::<Vec<BrokenRoute>>(v.clone()) else {
-        return;
+/// The publisher's lines.
+fn broker(out: &mut String, b: &PublisherStatus) {
+    // with several broker URLs (amqp.urls), which one is in use
+    let node = if b.nodes > 1 {
+        format!(" (node {} of {})", b.node, b.nodes)
+    } else {
+        String::new()
     };
-    for r in &routes {
+    let _ = writeln!(
+        out,
+        "broker  {:<12} {}{node}  queue {}",
+        b.state.to_string(),
+        b.broker,
+        b.queue
+    );
+    let c = &b.counters;
+    let _ = writeln!(
+        out,
+        "        unconfirmed {}/{}  published {}  confirmed {}  returned {}  nacked {}  timeouts {}  lost {}",
+        b.unconfirmed,
+        b.max_unconfirmed,
+        c.published,
+        c.confirmed,
+        c.returned,
+        c.nacked,
+        c.timeouts,
+        c.lost
+    );
+    let _ = writeln!(
+        out,
+        "        connects {}  channels renewed {}  late confirms {}  cancelled {}  refused {}",
+        b.connects, c.renewed_channels, c.late_confirms, c.cancelled, c.refused
+    );
+    if let Some(since) = &b.stalled_since {
+        let _ = writeln!(
+            out,
+            "        STALLED since {since}: no confirm for {} s",
+            b.oldest_unconfirmed_ms.unwrap_or(0) / 1000
+        );
+    }
+    broken_routes(out, &b.broken_routes);
+    if let Some(e) = &b.blocked_reason {
+        let _ = writeln!(out, "        blocked reason: {e}");
+    }
+    if let Some(e) = &b.last_error {
+        let _ = writeln!(out, "        last error: {e}");
+    }
+}
+
+/// The routes the publisher found gone while running.
+fn broken_routes(out: &mut String, routes: &[BrokenRoute]) {
+    for r in routes {
         let _ = writeln!(
             out,
             "        ROUTE GONE exchange '{}': {} messages parked, next check in {}: {}",
@@ -262,12 +236,9 @@ fn broken_routes(out: &mut String, v: &Value) {
     }
 }
 
-/// The columns whose text arrived lossy (typed from the status, not read by key).
-fn lossy_text(out: &mut String, v: &Value) {
-    let Ok(columns) = serde_json::from_value::<Vec<LossyColumn>>(v.clone()) else {
-        return;
-    };
-    for c in &columns {
+/// The columns whose text arrived lossy.
+fn lossy_text(out: &mut String, columns: &[LossyColumn]) {
+    for c in columns {
         let done = match c.policy {
             OnLossyText::Deliver => "delivered as they arrived",
             OnLossyText::Park => "parked",
@@ -283,17 +254,15 @@ fn lossy_text(out: &mut String, v: &Value) {
     }
 }
 
-fn consumer_table(consumers: &Value, counters: bool) -> String {
+fn consumer_table(list: &[ConsumerStatus], counters: bool) -> String {
     let mut out = String::new();
-    let empty = Vec::new();
-    let list = consumers.as_array().unwrap_or(&empty);
     if list.is_empty() {
         out.push_str("no consumers\n");
         return out;
     }
     let width = list
         .iter()
-        .map(|c| s(c, "name").len())
+        .map(|c| c.name.len())
         .max()
         .unwrap_or(8)
         .max("CONSUMER".len());
@@ -315,40 +284,36 @@ fn consumer_table(consumers: &Value, counters: bool) -> String {
         let _ = writeln!(out, "{:<width$}  {:<7}  STATE", "CONSUMER", "ENABLED");
     }
     for c in list {
-        let enabled = if c["enabled"].as_bool() == Some(true) {
-            "yes"
-        } else {
-            "no"
-        };
+        let enabled = if c.enabled { "yes" } else { "no" };
         if counters {
-            let lag = c["lag_seconds"]
-                .as_f64()
+            let lag = c
+                .lag_seconds
                 .map(short_duration)
                 .unwrap_or_else(|| "-".into());
-            let mut err = c["last_error"].as_str().unwrap_or("-").replace('\n', " ");
+            let mut err = c.last_error.as_deref().unwrap_or("-").replace('\n', " ");
             if err.chars().count() > 60 {
                 err = err.chars().take(59).collect::<String>() + "…";
             }
             let _ = writeln!(
                 out,
                 "{:<width$}  {:<7}  {:<11}  {:>9}  {:>9}  {:>6}  {:>8}  {:>6}  {:>7}  {err}",
-                s(c, "name"),
+                c.name,
                 enabled,
-                s(c, "state"),
-                n(c, "events"),
-                n(c, "triggers"),
-                n(c, "errors"),
-                n(c, "restarts"),
-                n(c, "parked"),
+                c.state.as_str(),
+                c.events,
+                c.triggers,
+                c.errors,
+                c.restarts,
+                c.parked,
                 lag,
             );
         } else {
             let _ = writeln!(
                 out,
                 "{:<width$}  {:<7}  {}",
-                s(c, "name"),
+                c.name,
                 enabled,
-                s(c, "state")
+                c.state.as_str()
             );
         }
     }
@@ -356,21 +321,17 @@ fn consumer_table(consumers: &Value, counters: bool) -> String {
 }
 
 /// The human list of consumers (`GET /consumers`).
-pub fn render_list(consumers: &Value) -> String {
+pub fn render_list(consumers: &[ConsumerStatus]) -> String {
     consumer_table(consumers, false)
 }
 
-fn num(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
-
 /// `[#######-------]  45%  45000/100000 rows  1234 rows/s  ETA 44s  running`
-pub fn backfill_bar(b: &Value) -> String {
-    let p = &b["progress"];
-    let read = num(&p["rows_read"]);
-    let estimate = num(&p["estimate"]).max(read);
-    let state = b["state"].as_str().unwrap_or("?");
-    let frac = if state == "done" {
+pub fn bar(b: &BackfillView) -> String {
+    let p = &b.backfill.progress;
+    let read = p.rows_read;
+    let estimate = p.estimate.max(read);
+    let state = b.backfill.state;
+    let frac = if state == BackfillState::Done {
         1.0
     } else if estimate == 0 {
         0.0
@@ -381,15 +342,15 @@ pub fn backfill_bar(b: &Value) -> String {
     let filled = ((frac * width as f64).round() as usize).min(width);
     let mut s = format!(
         "{} [{}{}] {:>3.0}%  {read}/{estimate} rows",
-        b["id"].as_str().unwrap_or("?"),
+        b.backfill.id,
         "#".repeat(filled),
         "-".repeat(width - filled),
         frac * 100.0
     );
-    if let Some(r) = b["rows_per_second"].as_f64() {
+    if let Some(r) = b.rows_per_second {
         let _ = write!(s, "  {r:.0} rows/s");
     }
-    if let Some(eta) = b["eta_seconds"].as_u64() {
+    if let Some(eta) = b.eta_seconds {
         let _ = write!(
             s,
             "  ETA {}",
@@ -401,30 +362,87 @@ pub fn backfill_bar(b: &Value) -> String {
 }
 
 /// One line: id, table, state, counts.
-pub fn backfill_line(b: &Value) -> String {
-    let p = &b["progress"];
-    let spec = &b["spec"];
+pub fn line(b: &BackfillView) -> String {
+    let p = &b.backfill.progress;
+    let spec = &b.backfill.spec;
     let mut s = format!(
         "{} {}.{} {}: {} rows read of ~{}, {} emitted, {} left to live changes, {} chunks",
-        b["id"].as_str().unwrap_or("?"),
-        spec["database"].as_str().unwrap_or("?"),
-        spec["table"].as_str().unwrap_or("?"),
-        b["state"].as_str().unwrap_or("?"),
-        num(&p["rows_read"]),
-        num(&p["estimate"]),
-        num(&p["rows_emitted"]),
-        num(&p["rows_dropped"]),
-        num(&p["chunks"]),
+        b.backfill.id,
+        spec.database,
+        spec.table,
+        b.backfill.state,
+        p.rows_read,
+        p.estimate,
+        p.rows_emitted,
+        p.rows_dropped,
+        p.chunks,
     );
-    if let Some(e) = p["error"].as_str() {
+    if let Some(e) = &p.error {
         let _ = write!(s, " ({e})");
     }
     s
 }
 
+/// [`bar`] of a backfill as the `/backfills` API sent it (JSON); says so when it does not
+/// read as one.
+pub fn backfill_bar(b: &Value) -> String {
+    typed(b, bar)
+}
+
+/// [`line`] of a backfill as the `/backfills` API sent it (JSON).
+pub fn backfill_line(b: &Value) -> String {
+    typed(b, line)
+}
+
+fn typed(b: &Value, f: impl Fn(&BackfillView) -> String) -> String {
+    match serde_json::from_value::<BackfillView>(b.clone()) {
+        Ok(v) => f(&v),
+        Err(e) => format!("(a backfill that cannot be read: {e})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::HeartbeatStatus;
+
+    /// `patch` over `base`, objects merged key by key.
+    fn merge(base: &mut Value, patch: &Value) {
+        match (base, patch) {
+            (Value::Object(b), Value::Object(p)) => {
+                for (k, v) in p {
+                    merge(b.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+            (b, p) => *b = p.clone(),
+        }
+    }
+
+    /// A typed status from the fields a test cares about (the rest at their defaults).
+    fn status(partial: Value) -> ServiceStatus {
+        let mut base = serde_json::to_value(ServiceStatus::new()).unwrap();
+        base["broker"] = serde_json::to_value(PublisherStatus::connecting(
+            String::new(),
+            1,
+            String::new(),
+            0,
+        ))
+        .unwrap();
+        base["heartbeat"] = serde_json::to_value(HeartbeatStatus::default()).unwrap();
+        let mut partial = partial;
+        if let Some(list) = partial["consumers"].as_array_mut() {
+            for c in list {
+                let mut one = serde_json::to_value(ConsumerStatus::default()).unwrap();
+                merge(&mut one, c);
+                *c = one;
+            }
+        }
+        if partial.get("heartbeat").is_none() {
+            base.as_object_mut().unwrap().remove("heartbeat");
+        }
+        merge(&mut base, &partial);
+        serde_json::from_value(base).unwrap()
+    }
 
     #[test]
     fn durations_are_short() {
@@ -450,7 +468,7 @@ mod tests {
                        "oldest_unconfirmed_ms": 7_400},
             "broker_connected": false, "consumers": []
         });
-        let text = render_status(&v, 0);
+        let text = render_status(&status(v), 0);
         assert!(text.contains("NOT READY"), "{text}");
         assert!(
             text.contains(
@@ -486,7 +504,7 @@ mod tests {
                              "reason": "standby: client running node held by host-a:17"}},
             "broker": {"state": "connected"}, "broker_connected": true, "consumers": []
         });
-        let text = render_status(&v, 0);
+        let text = render_status(&status(v.clone()), 0);
         assert!(text.contains("  ready"), "{text}");
         assert!(text.contains("canal   standby"), "{text}");
         assert!(
@@ -497,7 +515,7 @@ mod tests {
         let mut plain = v.clone();
         plain["canal"].as_object_mut().unwrap().remove("ha");
         plain["canal"]["state"] = "connected".into();
-        assert!(!render_status(&plain, 0).contains("replica"));
+        assert!(!render_status(&status(plain), 0).contains("replica"));
     }
     #[test]
     fn names_the_broker_node_in_use_when_there_are_several() {
@@ -508,7 +526,7 @@ mod tests {
                        "node": 2, "nodes": 3, "queue": "plugin_tasks"},
             "broker_connected": true, "consumers": []
         });
-        let text = render_status(&v, 2_000);
+        let text = render_status(&status(v.clone()), 2_000);
         assert!(
             text.contains(
                 "broker  connected    amqp://u:***@rabbit2:5672/%2f (node 2 of 3)  queue plugin_tasks"
@@ -517,7 +535,7 @@ mod tests {
         );
         // one broker: no node count
         v["broker"]["nodes"] = 1.into();
-        let text = render_status(&v, 2_000);
+        let text = render_status(&status(v), 2_000);
         assert!(
             text.contains("amqp://u:***@rabbit2:5672/%2f  queue plugin_tasks"),
             "{text}"
@@ -539,7 +557,7 @@ mod tests {
                                                "row_index": 1},
                             "policy": "park", "fix": "use the raw-text mode"}]
         });
-        let text = render_status(&v, 0);
+        let text = render_status(&status(v.clone()), 0);
         assert!(
             text.contains(
                 "        ROUTE GONE exchange 'orders': 50 messages parked, next check in 1.5s: \
@@ -558,7 +576,7 @@ mod tests {
         let mut clean = v.clone();
         clean["broker"]["broken_routes"] = serde_json::json!([]);
         clean["lossy_text"] = serde_json::json!([]);
-        let text = render_status(&clean, 0);
+        let text = render_status(&status(clean), 0);
         assert!(
             !text.contains("ROUTE GONE") && !text.contains("LOSSY"),
             "{text}"
@@ -591,7 +609,8 @@ mod tests {
                  "triggers": 0, "errors": 2, "restarts": 1, "last_error": "boom"}
             ]
         });
-        let text = render_status(&v, 1_002_500);
+        let typed = status(v.clone());
+        let text = render_status(&typed, 1_002_500);
         assert!(
             text.starts_with("canal-consumer 0.1.0  up 1h02m  ready\n"),
             "{text}"
@@ -601,7 +620,7 @@ mod tests {
         // with heartbeats, their lag
         let mut hb = v.clone();
         hb["heartbeat"] = serde_json::json!({"lag_seconds": 0.004, "trips": 3});
-        let text_hb = render_status(&hb, 9_000_000);
+        let text_hb = render_status(&status(hb), 9_000_000);
         assert!(
             text_hb.contains("destination example  lag 4ms (heartbeat)"),
             "{text_hb}"
@@ -615,7 +634,12 @@ mod tests {
             text.contains("broker  connected    amqp://u:***@rabbit:5672/%2f  queue plugin_tasks"),
             "{text}"
         );
-        assert!(text.contains("unconfirmed 3/512  confirmed 40\n"), "{text}");
+        assert!(
+            text.contains(
+                "unconfirmed 3/512  published 0  confirmed 40  returned 0  nacked 0  timeouts 0  lost 0\n"
+            ),
+            "{text}"
+        );
         let row = text
             .lines()
             .find(|l| l.starts_with("example_consumer"))
@@ -641,7 +665,7 @@ mod tests {
             .find(|l| l.starts_with("teacher_consumer"))
             .unwrap();
         assert!(row.ends_with("boom"), "{row}");
-        let list = render_list(&v["consumers"]);
+        let list = render_list(&typed.consumers);
         assert!(
             list.contains("teacher_consumer  no       disabled"),
             "{list}"
@@ -651,7 +675,8 @@ mod tests {
     fn the_bar_shows_share_rate_and_time_left() {
         let b = serde_json::json!({
             "id": "bf-1", "state": "running",
-            "spec": {"database": "d", "table": "t"},
+            "spec": {"database": "d", "table": "t", "chunk": 100, "owner": "example/1001",
+                     "key_columns": ["id"]},
             "progress": {"rows_read": 250, "estimate": 1000},
             "rows_per_second": 50.0, "eta_seconds": 15
         });
@@ -659,11 +684,15 @@ mod tests {
             backfill_bar(&b),
             "bf-1 [########----------------------]  25%  250/1000 rows  50 rows/s  ETA 15s  running"
         );
-        let done = serde_json::json!({"id": "bf-1", "state": "done", "progress": {"rows_read": 3, "estimate": 0}});
+        let mut done = b.clone();
+        done["state"] = "done".into();
+        done["progress"] = serde_json::json!({"rows_read": 3, "estimate": 0});
         assert!(
             backfill_bar(&done).contains("100%"),
             "{}",
             backfill_bar(&done)
         );
+        // what does not read as a backfill says so
+        assert!(backfill_bar(&serde_json::json!({"id": "bf-1"})).contains("cannot be read"));
     }
 }

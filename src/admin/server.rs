@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `GET /health` | probe | 200 `ok` while the process serves requests (liveness) |
 //! | `GET /ready` | probe | 200 `ready` when Canal is connected and the broker channel is up (a ZooKeeper standby: its ZooKeeper session is connected and the broker channel is up), else 503 with the reason (readiness) |
-//! | `GET /metrics` | probe | 200, Prometheus text format 0.0.4 (refreshed from a status snapshot first) |
+//! | `GET /metrics` | probe | 200, Prometheus text format 0.0.4, encoded from a fresh status snapshot ([`super::exposition`]) |
 //! | `GET /status` | read | 200, [`ServiceStatus`] as JSON |
 //! | `GET /consumers` | read | 200, the consumers of the status as a JSON array |
 //! | `POST /consumers/{name}/enable`, `/disable` | token | 200 `{"consumer", "enabled", "persisted"}`; 404 for an unknown name |
@@ -22,12 +22,13 @@
 //! failed save is a 500 saying the change is live but not saved.
 
 use super::access::{Access, Need, Token, check_bind, token_path};
+use super::exposition;
 use super::now_ms;
 use super::{AdminError, Control, ServiceStatus};
 use crate::backfill::record::Action;
-use crate::backfill::{BackfillError, BackfillView, Backfills, StartRequest};
+use crate::backfill::{BackfillError, Backfills, StartRequest};
 use crate::config::Config;
-use crate::metrics::{CONTENT_TYPE, Metrics, MetricsHandle};
+use crate::metrics::{CONTENT_TYPE, MetricsHandle};
 use crate::state::StateFile;
 use crate::tap::{self, Tap, TapFilter};
 use actix_web::dev::{Server, ServerHandle};
@@ -220,12 +221,7 @@ async fn status(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
     if let Some(r) = refused(&req, &state, Need::Read) {
         return r;
     }
-    let mut s = state.control.status().await;
-    s.tap_listeners = state.tap.listeners();
-    if let Some(b) = &state.backfills {
-        s.backfills = b.seen();
-    }
-    HttpResponse::Ok().json(s)
+    HttpResponse::Ok().json(snapshot(&state).await)
 }
 
 async fn consumers(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
@@ -235,85 +231,25 @@ async fn consumers(req: HttpRequest, state: web::Data<AdminState>) -> HttpRespon
     HttpResponse::Ok().json(state.control.status().await.consumers)
 }
 
-/// Bring the registry up to date with a status snapshot: counters catch up with the actors'
-/// totals (never backwards), gauges take the snapshot's values.
-pub fn observe(m: &Metrics, s: &ServiceStatus, now_ms: i64) {
-    let c = &s.canal;
-    m.canal_batches_total.observe(c.batches_received);
-    m.canal_events_total.observe(c.events_received);
-    m.canal_rollbacks_total.observe(c.rollbacks);
-    m.canal_reconnects_total.observe(c.reconnects);
-    m.canal_rewind_skipped_total.observe(c.rewind_skipped);
-    m.canal_inflight_batches
-        .set(s.batches_in_flight.max(c.inflight_batches) as i64);
-    m.ha_active.set_bool(
-        c.ha.as_ref()
-            .is_none_or(|h| h.role == crate::ha::Role::Active),
-    );
-    // heartbeats on: their lag once there is one (see manager::heartbeat); else the age of
-    // the newest fetched event
-    let heartbeat_lag = s.heartbeat.as_ref().and_then(|hb| hb.lag_seconds);
-    match (heartbeat_lag, c.last_executed_at) {
-        (Some(lag), _) => m.canal_lag_seconds.set(lag),
-        (None, Some(t)) => m.canal_lag_seconds.set((now_ms - t).max(0) as f64 / 1000.0),
-        (None, None) => {}
+/// The status snapshot `/status` and `/metrics` show: the actors' parts, the tap's listeners
+/// and the backfills as the runner last read them.
+async fn snapshot(state: &AdminState) -> ServiceStatus {
+    let mut s = state.control.status().await;
+    s.tap_listeners = state.tap.listeners();
+    if let Some(b) = &state.backfills {
+        s.backfills = b.seen();
     }
-    if let Some(hb) = &s.heartbeat {
-        m.canal_heartbeat_trips_total.observe(hb.trips);
-        if let Some(trip) = hb.last_trip_ms {
-            m.canal_heartbeat_trip_seconds.set(trip as f64 / 1000.0);
-        }
-    }
-    let b = &s.broker;
-    let num = |k: &str| b.get(k).and_then(serde_json::Value::as_u64);
-    let pairs = [
-        ("published", &m.publisher_published_total),
-        ("confirmed", &m.publisher_confirmed_total),
-        ("returned", &m.publisher_returned_total),
-        ("nacked", &m.publisher_nacked_total),
-        ("timeouts", &m.publisher_timeouts_total),
-    ];
-    for (key, counter) in pairs {
-        if let Some(v) = num(key) {
-            counter.observe(v);
-        }
-    }
-    if let Some(v) = num("unconfirmed") {
-        m.publisher_unconfirmed.set(v as i64);
-    }
-    if let Some(state) = b.get("state").and_then(serde_json::Value::as_str) {
-        m.publisher_blocked.set_bool(state == "blocked");
-    }
-    for c in &s.lossy_text {
-        m.observe_lossy_text(&c.database, &c.table, &c.column, c.rows);
-    }
-    for cs in &s.consumers {
-        let cm = m.consumer(&cs.name);
-        cm.events_total.observe(cs.events);
-        cm.triggers_total.observe(cs.triggers);
-        cm.errors_total.observe(cs.errors);
-        cm.restarts_total.observe(cs.restarts);
-        cm.parked_total.observe(cs.parked);
-        cm.enabled.set_bool(cs.enabled);
-        if let Some(lag) = cs.lag_seconds {
-            cm.lag_seconds.set(lag);
-        }
-    }
+    s
 }
 
 async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     if let Some(r) = refused(&req, &state, Need::Probe) {
         return r;
     }
-    let snapshot = state.control.status().await;
-    observe(&state.metrics, &snapshot, now_ms());
-    if let Some(b) = &state.backfills {
-        let figures: Vec<_> = b.seen().iter().map(BackfillView::figures).collect();
-        state.metrics.observe_backfills(&figures);
-    }
+    let s = snapshot(&state).await;
     HttpResponse::Ok()
         .content_type(CONTENT_TYPE)
-        .body(state.metrics.render())
+        .body(exposition::render(&state.metrics, s, now_ms()))
 }
 
 /// Pass what the Canal stream is stalled at; the token must be the one `/status` shows. Like
@@ -572,36 +508,5 @@ async fn backfill_act(
     match b.act(&id, action).await {
         Ok(v) => HttpResponse::Ok().json(v),
         Err(e) => backfill_error(&e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::manager::HeartbeatStatus;
-
-    #[test]
-    fn lag_comes_from_heartbeats_when_they_are_on() {
-        let m = Metrics::new();
-        let mut s = ServiceStatus::new();
-        s.canal.last_executed_at = Some(1_000);
-        // without heartbeats: the age of the newest fetched event
-        observe(&m, &s, 7_000);
-        assert_eq!(m.canal_lag_seconds.get(), 6.0);
-        // with them, before the first one came through: the same
-        s.heartbeat = Some(HeartbeatStatus::default());
-        observe(&m, &s, 8_000);
-        assert_eq!(m.canal_lag_seconds.get(), 7.0);
-        // then their lag, however long the database has been idle
-        s.heartbeat = Some(HeartbeatStatus {
-            lag_seconds: Some(0.004),
-            trips: 5,
-            last_trip_ms: Some(4),
-            ..Default::default()
-        });
-        observe(&m, &s, 60_000);
-        assert_eq!(m.canal_lag_seconds.get(), 0.004);
-        assert_eq!(m.canal_heartbeat_trips_total.get(), 5);
-        assert_eq!(m.canal_heartbeat_trip_seconds.get(), 0.004);
     }
 }

@@ -8,14 +8,12 @@
 //! - `ConsumerError::Event` applies the consumer's [`ErrorPolicy`] (trigger `error_handler`, or
 //!   a dead-letter message); the batch goes on.
 //! - `ConsumerError::Fatal`, the `stop` policy, or a panic inside `process_event` fails the
-//!   batch (nothing of it is published) and stops the actor. Its supervisor restarts it; the
-//!   Manager retries the same batch after a backoff that grows with each restart. A panic is
-//!   caught here, so it stops only this consumer.
+//!   batch (nothing of it is published), answers [`ProcessFailure`] and stops the actor. Its
+//!   supervisor restarts it; a panic is caught here, so it stops only this consumer.
 //! - Every restart builds the consumer anew from its [`ConsumerFactory`].
-//! - More than `max_restarts` restarts within `quarantine_window` quarantines the consumer: it
-//!   refuses normal work (the Manager parks its rows, or rolls back with `on_poison = "stall"`).
+//! - It keeps no supervision state: when to retry (the backoff) and when to quarantine are
+//!   decided by the Manager's router (`manager::core`), which counts the restarts.
 
-use crate::backoff::Backoff;
 use crate::canal::connection::BatchRef;
 use crate::consumer::Mode;
 use crate::consumer::{Consumer, ConsumerContext, ConsumerError, Failure};
@@ -24,31 +22,10 @@ use crate::publisher::{Publish, PublishError};
 use crate::trigger::Trigger;
 use crate::trigger::{MessageFormat, Route};
 use actix::prelude::*;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-
-/// Supervision settings.
-#[derive(Debug, Clone)]
-pub struct SupervisionConfig {
-    pub restart_min: Duration,
-    pub restart_max: Duration,
-    pub max_restarts: u32,
-    pub quarantine_window: Duration,
-}
-
-impl From<&crate::config::ConsumersConfig> for SupervisionConfig {
-    fn from(c: &crate::config::ConsumersConfig) -> Self {
-        SupervisionConfig {
-            restart_min: c.restart_min,
-            restart_max: c.restart_max,
-            max_restarts: c.max_restarts.get(),
-            quarantine_window: c.quarantine_window,
-        }
-    }
-}
 
 /// Process these events (indices into `events`), in order.
 #[derive(Message)]
@@ -78,25 +55,13 @@ pub struct Processed {
     pub confirmed: oneshot::Receiver<Result<(), PublishError>>,
 }
 
-/// The batch could not be processed.
+/// The batch could not be processed: the consumer failed (fatal error, `stop` policy or
+/// panic), and its actor restarts with a fresh instance.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum ProcessFailure {
-    #[error("consumer failed: {error} (restart {restarts}, retry in {retry_in:?})")]
-    Failed {
-        error: String,
-        restarts: u32,
-        retry_in: Duration,
-    },
-    #[error("consumer is restarting (retry in {retry_in:?})")]
-    Restarting { retry_in: Duration },
-    #[error("consumer is quarantined after {restarts} restarts: {last_error}")]
-    Quarantined { restarts: u32, last_error: String },
+#[error("consumer failed: {error}")]
+pub struct ProcessFailure {
+    pub error: String,
 }
-
-/// Lift a quarantine (used by `enable`).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Reinstate;
 
 /// Builds a fresh consumer: the supervisor calls it on every restart, so state a panic may
 /// have left half-updated never survives into the next attempt.
@@ -108,12 +73,6 @@ pub struct ConsumerActor {
     consumer: Box<dyn Consumer>,
     ctx: ConsumerContext,
     publisher: Recipient<Publish>,
-    supervision: SupervisionConfig,
-    restarts: u32,
-    recent_restarts: VecDeque<Instant>,
-    quarantined: bool,
-    retry_at: Option<Instant>,
-    last_error: String,
 }
 
 impl ConsumerActor {
@@ -122,7 +81,6 @@ impl ConsumerActor {
         publisher: Recipient<Publish>,
         default_route: Route,
         default_format: MessageFormat,
-        supervision: SupervisionConfig,
     ) -> Self {
         let consumer = factory();
         let ctx = ConsumerContext::new(consumer.name(), default_route, default_format);
@@ -131,22 +89,12 @@ impl ConsumerActor {
             consumer,
             ctx,
             publisher,
-            supervision,
-            restarts: 0,
-            recent_restarts: VecDeque::new(),
-            quarantined: false,
-            retry_at: None,
-            last_error: String::new(),
         }
     }
 
     /// Start under a supervisor.
     pub fn start_supervised(self) -> Addr<ConsumerActor> {
         Supervisor::start(move |_| self)
-    }
-
-    fn backoff(&self) -> Duration {
-        Backoff::new(self.supervision.restart_min, self.supervision.restart_max).base(self.restarts)
     }
 }
 
@@ -160,34 +108,10 @@ impl Actor for ConsumerActor {
 
 impl Supervised for ConsumerActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        let now = Instant::now();
-        self.restarts += 1;
-        self.recent_restarts.push_back(now);
-        while self
-            .recent_restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > self.supervision.quarantine_window)
-        {
-            self.recent_restarts.pop_front();
-        }
         self.ctx.take_triggers();
         // a new instance: nothing a failed `process_event` left behind carries over
         self.consumer = (self.factory)();
-        if self.recent_restarts.len() as u32 > self.supervision.max_restarts {
-            self.quarantined = true;
-            tracing::error!(
-                consumer = self.consumer.name(),
-                restarts = self.restarts,
-                error = %self.last_error,
-                "consumer quarantined: its batches are rolled back until it is re-enabled"
-            );
-        } else {
-            tracing::warn!(
-                consumer = self.consumer.name(),
-                restarts = self.restarts,
-                "consumer restarted"
-            );
-        }
+        tracing::warn!(consumer = self.consumer.name(), "consumer restarted");
     }
 }
 
@@ -442,22 +366,9 @@ impl Handler<ProcessBatch> for ConsumerActor {
     fn handle(&mut self, msg: ProcessBatch, ctx: &mut Context<Self>) -> Self::Result {
         self.ctx.take_errors();
         if msg.mode.is_park() {
-            // parking never waits for a backoff and works while quarantined
+            // parking runs even while the consumer is quarantined
             let parked = self.process_parking(&msg);
             return Ok(self.publish(&msg, parked));
-        }
-        if self.quarantined {
-            return Err(ProcessFailure::Quarantined {
-                restarts: self.restarts,
-                last_error: self.last_error.clone(),
-            });
-        }
-        if let Some(at) = self.retry_at {
-            let now = Instant::now();
-            if at > now {
-                return Err(ProcessFailure::Restarting { retry_in: at - now });
-            }
-            self.retry_at = None;
         }
         let mut failed = None;
         let mut parked = 0;
@@ -497,15 +408,8 @@ impl Handler<ProcessBatch> for ConsumerActor {
         }
         if let Some(error) = failed {
             self.ctx.take_triggers();
-            self.last_error = error.clone();
-            let retry_in = self.backoff();
-            self.retry_at = Some(Instant::now() + retry_in);
             ctx.stop();
-            return Err(ProcessFailure::Failed {
-                error,
-                restarts: self.restarts + 1,
-                retry_in,
-            });
+            return Err(ProcessFailure { error });
         }
         if parked > 0 {
             tracing::warn!(
@@ -516,18 +420,5 @@ impl Handler<ProcessBatch> for ConsumerActor {
             );
         }
         Ok(self.publish(&msg, parked))
-    }
-}
-
-impl Handler<Reinstate> for ConsumerActor {
-    type Result = ();
-
-    fn handle(&mut self, _: Reinstate, _: &mut Context<Self>) {
-        if self.quarantined {
-            tracing::info!(consumer = self.consumer.name(), "consumer reinstated");
-        }
-        self.quarantined = false;
-        self.recent_restarts.clear();
-        self.retry_at = None;
     }
 }

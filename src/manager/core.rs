@@ -24,14 +24,48 @@
 //!   quarantined consumer dead-letters its parts unprocessed. The batch then proceeds for
 //!   everyone: no rollback, so the healthy consumers see no duplicates. With
 //!   `on_poison = "stall"` failures are retried forever and unroutable triggers or a quarantine
-//!   roll the batch back (nothing is acked until an operator acts).
+//!   roll the batch back (nothing is acked until an operator acts);
+//! - supervision has one owner, here: a consumer that fails a part is restarted by its actor's
+//!   supervisor (a fresh instance), and the Router counts that restart, retries the part after
+//!   the backoff ([`SupervisionConfig`]) and quarantines the consumer after more than
+//!   `max_restarts` restarts within `quarantine_window` (enabling it lifts the quarantine). The
+//!   consumer actor keeps no supervision state of its own.
 
 use crate::canal::connection::BatchRef;
 pub use crate::consumer::policy::{Mode, OnPoison, PoisonPolicy};
 use crate::publisher::PublishError;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How a failing consumer is restarted and when it is quarantined (`[consumers]` settings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupervisionConfig {
+    /// The backoff before a failed part is retried: `restart_min`, doubling per restart up to
+    /// `restart_max`.
+    pub restart_min: Duration,
+    pub restart_max: Duration,
+    /// More restarts than this within `quarantine_window` quarantine the consumer.
+    pub max_restarts: u32,
+    pub quarantine_window: Duration,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig::from(&crate::config::ConsumersConfig::default())
+    }
+}
+
+impl From<&crate::config::ConsumersConfig> for SupervisionConfig {
+    fn from(c: &crate::config::ConsumersConfig) -> Self {
+        SupervisionConfig {
+            restart_min: c.restart_min,
+            restart_max: c.restart_max,
+            max_restarts: c.max_restarts.get(),
+            quarantine_window: c.quarantine_window,
+        }
+    }
+}
 
 /// Index of a consumer in the Manager.
 pub type SlotId = usize;
@@ -73,10 +107,12 @@ impl std::fmt::Display for ConsumerState {
 pub enum Processed {
     /// Its triggers were handed to the publisher; a [`Router::confirmed`] follows.
     Published,
-    /// It failed (error or panic) and is being restarted: retry the same part after `retry_in`.
-    Failed { retry_in: Duration, error: String },
-    /// It is quarantined: the part cannot be processed.
-    Quarantined,
+    /// It failed (error or panic) and its actor restarts it: the Router counts the restart,
+    /// then retries the same part after the backoff, or quarantines the consumer.
+    Failed { error: String },
+    /// It could not be asked (its actor was between instances): retry the same part after
+    /// `retry_in`; not a restart.
+    Unavailable { retry_in: Duration, error: String },
 }
 
 /// Why a part's publish failed.
@@ -156,6 +192,11 @@ struct Slot<P> {
     quarantined: bool,
     retrying: bool,
     policy: PoisonPolicy,
+    supervision: SupervisionConfig,
+    /// Restarts since start.
+    restarts: u32,
+    /// When the restarts within `quarantine_window` happened.
+    recent: VecDeque<Instant>,
     queue: VecDeque<Item<P>>,
     /// Parts handed to the publisher, kept until confirmed (a park run may need them).
     awaiting: BTreeMap<BatchRef, (P, Mode)>,
@@ -163,6 +204,31 @@ struct Slot<P> {
     in_consumer: bool,
     /// A `RetryAfter` is outstanding.
     waiting_retry: bool,
+}
+
+impl<P> Slot<P> {
+    /// Its consumer was restarted at `now`: the delay before the part is retried, or `None`
+    /// when that is one restart too many within the window (quarantined).
+    fn restarted(&mut self, now: Instant) -> Option<Duration> {
+        let sup = &self.supervision;
+        let delay =
+            crate::backoff::Backoff::new(sup.restart_min, sup.restart_max).base(self.restarts);
+        self.restarts = self.restarts.saturating_add(1);
+        self.recent.push_back(now);
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > sup.quarantine_window)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() > sup.max_restarts as usize {
+            self.quarantined = true;
+            None
+        } else {
+            Some(delay)
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -183,20 +249,30 @@ pub struct Router<P> {
 }
 
 impl<P: Clone> Router<P> {
-    /// A router for consumers with these enabled flags and the default poison policy.
+    /// A router for consumers with these enabled flags and the default poison policy and
+    /// supervision.
     pub fn new(enabled: impl IntoIterator<Item = bool>) -> Self {
-        Self::with_policies(enabled.into_iter().map(|e| (e, PoisonPolicy::default())))
+        Self::with_policies(
+            enabled
+                .into_iter()
+                .map(|e| (e, PoisonPolicy::default(), SupervisionConfig::default())),
+        )
     }
 
-    /// A router for consumers with these enabled flags and poison policies.
-    pub fn with_policies(slots: impl IntoIterator<Item = (bool, PoisonPolicy)>) -> Self {
+    /// A router for consumers with these enabled flags, poison policies and supervision.
+    pub fn with_policies(
+        slots: impl IntoIterator<Item = (bool, PoisonPolicy, SupervisionConfig)>,
+    ) -> Self {
         Router {
             slots: slots
                 .into_iter()
-                .map(|(enabled, policy)| Slot {
+                .map(|(enabled, policy, supervision)| Slot {
                     enabled,
                     quarantined: false,
                     retrying: false,
+                    supervision,
+                    restarts: 0,
+                    recent: VecDeque::new(),
                     policy: PoisonPolicy {
                         attempts: policy.attempts.max(1),
                         ..policy
@@ -228,6 +304,11 @@ impl<P: Clone> Router<P> {
         } else {
             ConsumerState::Running
         }
+    }
+
+    /// Restarts of this slot's consumer since start.
+    pub fn restarts(&self, slot: SlotId) -> u32 {
+        self.slots[slot].restarts
     }
 
     /// Parts waiting for (or inside) this slot's consumer.
@@ -297,6 +378,10 @@ impl<P: Clone> Router<P> {
         }
         let parks = s.policy.on_poison == OnPoison::Park;
         let quarantined = s.quarantined;
+        if quarantined && !parks {
+            // nothing of it can be processed: its batches roll back until it is enabled again
+            return self.refuse_all(slot);
+        }
         if let Some(item) = s.queue.front_mut() {
             if quarantined && parks && item.mode == Mode::Normal {
                 item.mode = Mode::ParkAll {
@@ -313,8 +398,8 @@ impl<P: Clone> Router<P> {
         }
     }
 
-    /// The slot's consumer answered the part of `batch`.
-    pub fn processed(&mut self, slot: SlotId, batch: BatchRef, outcome: Processed) {
+    /// The slot's consumer answered the part of `batch`; `now` times its restarts.
+    pub fn processed(&mut self, slot: SlotId, batch: BatchRef, outcome: Processed, now: Instant) {
         let s = &mut self.slots[slot];
         let is_front = s.in_consumer && s.queue.front().is_some_and(|i| i.batch == batch);
         if !is_front {
@@ -333,45 +418,57 @@ impl<P: Clone> Router<P> {
                 s.awaiting.insert(batch, (item.part, item.mode));
                 self.dispatch(slot);
             }
-            Processed::Failed { retry_in, error } => {
-                s.retrying = true;
-                if batch.epoch < self.epoch || !s.enabled {
-                    // abandoned or disabled while it was inside the consumer: do not retry it
-                    s.queue.pop_front();
-                    let ok = batch.epoch == self.epoch;
-                    self.part_finished(slot, batch, ok);
-                    self.dispatch(slot);
-                    return;
-                }
-                let parks = s.policy.on_poison == OnPoison::Park;
-                let attempts = s.policy.attempts;
-                if let Some(item) = s.queue.front_mut() {
-                    item.failures += 1;
-                    if parks && item.mode == Mode::Normal && item.failures >= attempts {
-                        item.mode = Mode::ParkFailures {
-                            reason: format!("failed {} times: {error}", item.failures),
-                        };
-                    }
-                }
+            Processed::Failed { error } => {
+                let retry_in = s.restarted(now);
+                self.failed(slot, batch, retry_in, error);
+            }
+            Processed::Unavailable { retry_in, error } => {
+                self.failed(slot, batch, Some(retry_in), error)
+            }
+        }
+    }
+
+    /// The part of `batch` failed in the slot's consumer: retry it after `retry_in`, or, with
+    /// `None`, the consumer is quarantined.
+    fn failed(&mut self, slot: SlotId, batch: BatchRef, retry_in: Option<Duration>, error: String) {
+        let s = &mut self.slots[slot];
+        s.retrying = true;
+        if batch.epoch < self.epoch || !s.enabled {
+            // abandoned or disabled while it was inside the consumer: do not retry it
+            s.queue.pop_front();
+            let ok = batch.epoch == self.epoch;
+            self.part_finished(slot, batch, ok);
+            self.dispatch(slot);
+            return;
+        }
+        let parks = s.policy.on_poison == OnPoison::Park;
+        let attempts = s.policy.attempts;
+        if let Some(item) = s.queue.front_mut() {
+            item.failures += 1;
+            if parks && item.mode == Mode::Normal && item.failures >= attempts {
+                item.mode = Mode::ParkFailures {
+                    reason: format!("failed {} times: {error}", item.failures),
+                };
+            }
+        }
+        match retry_in {
+            Some(delay) => {
                 s.waiting_retry = true;
-                self.out.push(Command::RetryAfter {
-                    slot,
-                    delay: retry_in,
-                });
+                self.out.push(Command::RetryAfter { slot, delay });
             }
-            Processed::Quarantined => {
-                s.quarantined = true;
-                if s.policy.on_poison == OnPoison::Park {
-                    // dead-letter it (and what follows) instead of rolling the world back
-                    self.dispatch(slot);
-                    return;
-                }
-                let dropped: Vec<BatchRef> = s.queue.drain(..).map(|i| i.batch).collect();
-                self.fail(batch, format!("consumer slot {slot} is quarantined"));
-                for b in dropped {
-                    self.part_finished(slot, b, false);
-                }
-            }
+            // quarantined: dead-letter its parts (park), or roll their batches back (stall)
+            None => self.dispatch(slot),
+        }
+    }
+
+    /// A quarantined slot that stalls: every queued part is dropped and its batch rolled back.
+    fn refuse_all(&mut self, slot: SlotId) {
+        let dropped: Vec<BatchRef> = self.slots[slot].queue.drain(..).map(|i| i.batch).collect();
+        if let Some(&first) = dropped.first() {
+            self.fail(first, format!("consumer slot {slot} is quarantined"));
+        }
+        for b in dropped {
+            self.part_finished(slot, b, false);
         }
     }
 
@@ -499,6 +596,7 @@ impl<P: Clone> Router<P> {
         if enabled {
             s.quarantined = false;
             s.retrying = false;
+            s.recent.clear();
             // parts waiting to be dead-lettered because of the quarantine are processed again
             let skip = usize::from(s.in_consumer);
             for item in s.queue.iter_mut().skip(skip) {
@@ -583,10 +681,10 @@ mod tests {
         let mut r = Router::new([true]);
         r.route(b(1), vec![(0, "part")]);
         assert_eq!(process(&mut r), Mode::Normal);
-        r.processed(0, b(1), Processed::Published);
+        r.processed(0, b(1), Processed::Published, Instant::now());
         r.confirmed(0, b(1), Err(unroutable()));
         assert!(matches!(process(&mut r), Mode::ParkIds { .. }));
-        r.processed(0, b(1), Processed::Published);
+        r.processed(0, b(1), Processed::Published, Instant::now());
         r.confirmed(0, b(1), Ok(()));
         assert_eq!(r.take_commands(), vec![Command::Ack(b(1))]);
     }
@@ -602,6 +700,7 @@ mod tests {
                 on_poison: OnPoison::Park,
                 attempts: 1,
             },
+            SupervisionConfig::default(),
         )]);
         r.route(b(1), vec![(0, "part")]);
         process(&mut r);
@@ -609,14 +708,14 @@ mod tests {
             0,
             b(1),
             Processed::Failed {
-                retry_in: Duration::ZERO,
                 error: "boom".into(),
             },
+            Instant::now(),
         );
         r.take_commands();
         r.retry(0);
         assert!(matches!(process(&mut r), Mode::ParkFailures { .. }));
-        r.processed(0, b(1), Processed::Published);
+        r.processed(0, b(1), Processed::Published, Instant::now());
         r.confirmed(0, b(1), Err(unroutable()));
         let cmds = r.take_commands();
         assert!(
@@ -627,5 +726,103 @@ mod tests {
             !cmds.iter().any(|c| matches!(c, Command::Ack(_))),
             "{cmds:?}"
         );
+    }
+
+    fn supervision(max_restarts: u32) -> SupervisionConfig {
+        SupervisionConfig {
+            restart_min: Duration::from_millis(100),
+            restart_max: Duration::from_secs(1),
+            max_restarts,
+            quarantine_window: Duration::from_secs(60),
+        }
+    }
+
+    fn fail(r: &mut Router<&'static str>, id: i64, at: Instant) -> Vec<Command<&'static str>> {
+        let error = "boom".to_string();
+        r.processed(0, b(id), Processed::Failed { error }, at);
+        r.take_commands()
+    }
+
+    /// The Router alone supervises: it counts restarts, backs off, quarantines after more
+    /// than `max_restarts` within the window, and enabling lifts the quarantine.
+    #[test]
+    fn restarts_back_off_then_quarantine_and_enabling_lifts_it() {
+        let stall = PoisonPolicy {
+            on_poison: OnPoison::Stall,
+            attempts: 1,
+        };
+        let mut r = Router::with_policies([(true, stall, supervision(2))]);
+        let t0 = Instant::now();
+        r.route(b(1), vec![(0, "part")]);
+        process(&mut r);
+        let retry = |d| vec![Command::RetryAfter { slot: 0, delay: d }];
+        assert_eq!(fail(&mut r, 1, t0), retry(Duration::from_millis(100)));
+        assert_eq!(r.state(0), ConsumerState::Restarting);
+        r.retry(0);
+        process(&mut r);
+        assert_eq!(fail(&mut r, 1, t0), retry(Duration::from_millis(200)));
+        r.retry(0);
+        process(&mut r);
+        // the third restart within the window: quarantined, the batch rolls back
+        let cmds = fail(&mut r, 1, t0 + Duration::from_secs(1));
+        assert!(
+            matches!(cmds.first(), Some(Command::Rollback { batch, .. }) if *batch == b(1)),
+            "{cmds:?}"
+        );
+        assert_eq!((r.state(0), r.restarts(0)), (ConsumerState::Quarantined, 3));
+        // what comes next is refused at once, without asking the consumer
+        r.reset(2);
+        r.take_commands();
+        let b2 = BatchRef { epoch: 2, id: 2 };
+        r.route(b2, vec![(0, "part")]);
+        let cmds = r.take_commands();
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Process { .. })),
+            "{cmds:?}"
+        );
+        assert!(
+            cmds.iter()
+                .any(|c| matches!(c, Command::Rollback { batch, .. } if *batch == b2)),
+            "{cmds:?}"
+        );
+        // enabling lifts it; the restart count stays, the window starts again
+        r.set_enabled(0, true);
+        assert_eq!((r.state(0), r.restarts(0)), (ConsumerState::Running, 3));
+        let b3 = BatchRef { epoch: 2, id: 3 };
+        r.route(b3, vec![(0, "part")]);
+        assert_eq!(process(&mut r), Mode::Normal);
+        let cmds = {
+            r.processed(0, b3, Processed::Failed { error: "x".into() }, t0);
+            r.take_commands()
+        };
+        assert!(
+            matches!(cmds.as_slice(), [Command::RetryAfter { .. }]),
+            "{cmds:?}"
+        );
+    }
+
+    /// Restarts older than the window do not count toward a quarantine.
+    #[test]
+    fn old_restarts_fall_out_of_the_window() {
+        let mut r = Router::with_policies([(
+            true,
+            PoisonPolicy {
+                on_poison: OnPoison::Stall,
+                attempts: 1,
+            },
+            supervision(1),
+        )]);
+        let t0 = Instant::now();
+        r.route(b(1), vec![(0, "part")]);
+        for i in 0..4 {
+            process(&mut r);
+            let cmds = fail(&mut r, 1, t0 + Duration::from_secs(61 * i));
+            assert!(
+                matches!(cmds.as_slice(), [Command::RetryAfter { .. }]),
+                "restart {i}: {cmds:?}"
+            );
+            r.retry(0);
+        }
+        assert_eq!(r.restarts(0), 4);
     }
 }

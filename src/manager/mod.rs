@@ -9,9 +9,10 @@
 //! publisher) and feeds the answers back in.
 //!
 //! Failures:
-//! - a consumer that fails a part is restarted by its supervisor; the router retries that same
-//!   part after the consumer's backoff. Other consumers keep going (up to the Canal in-flight
-//!   window), so one slow or failing consumer does not stop the rest;
+//! - a consumer that fails a part is restarted by its supervisor (a fresh instance); the router,
+//!   the one owner of supervision, counts the restart and retries that same part after a
+//!   backoff, or quarantines the consumer (see [`core`]). Other consumers keep going (up to the
+//!   Canal in-flight window), so one slow or failing consumer does not stop the rest;
 //! - a quarantined consumer, or a publish that fails (nack, return, timeout, lost broker),
 //!   rolls the batch back: Canal redelivers it and every consumer sees it again (duplicates
 //!   carry the same message ids);
@@ -44,14 +45,14 @@ use crate::canal::connection::{
 };
 use crate::canal::lossy::{self, LossyColumn, LossyText, OnLossyText};
 use crate::consumer::TableFilter;
-use crate::consumer::actor::{ConsumerActor, ProcessBatch, ProcessFailure, Reinstate};
+use crate::consumer::actor::{ConsumerActor, ProcessBatch, ProcessFailure};
 use crate::consumer::filter::canal_filter;
 use crate::event::{ChangeEvent, now_ms};
 use crate::publisher::{CancelBefore, PublishError};
 use actix::prelude::*;
 pub use core::ConsumerState;
 use core::{Command, Mode, PartError, Processed, Router};
-pub use core::{OnPoison, PoisonPolicy};
+pub use core::{OnPoison, PoisonPolicy, SupervisionConfig};
 pub use heartbeat::HeartbeatStatus;
 use serde::{Deserialize, Serialize};
 use snapshot::Windows;
@@ -69,6 +70,8 @@ pub struct ConsumerEntry {
     pub filters: Vec<TableFilter>,
     pub enabled: bool,
     pub poison: PoisonPolicy,
+    /// When its failures are retried and when it is quarantined (the router keeps the count).
+    pub supervision: SupervisionConfig,
     pub addr: Addr<ConsumerActor>,
 }
 
@@ -82,22 +85,32 @@ pub struct Part {
     pub park: Arc<BTreeMap<usize, String>>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ConsumerStats {
+/// One consumer as `status`, `list` and `/metrics` show it: the one place its counters are
+/// spelled. The Manager keeps one per consumer and updates it in place; `GET /status` serves it
+/// as it is (the JSON field names are what `tests/` and `deploy/` rely on), the command line
+/// reads it back typed, and the admin endpoint encodes its metrics from it at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerStatus {
     pub name: String,
     pub enabled: bool,
     pub state: ConsumerState,
+    /// Events routed to it.
     pub events: u64,
+    /// Plugin triggers it emitted.
     pub triggers: u64,
+    /// Events it failed to handle.
     pub errors: u64,
-    pub restarts: u32,
+    /// Supervisor restarts.
+    pub restarts: u64,
     /// Events (or refused triggers) parked in the dead-letter queue.
     #[serde(default)]
     pub parked: u64,
-    pub queued_parts: usize,
+    /// Seconds between now and the source time of the newest event whose triggers were
+    /// confirmed; 0 when nothing is queued or unconfirmed anywhere (caught up).
+    #[serde(default)]
+    pub lag_seconds: Option<f64>,
+    #[serde(default)]
     pub last_error: Option<String>,
-    /// Source execution time of the newest event whose triggers were confirmed (ms).
-    pub confirmed_executed_at: Option<i64>,
 }
 
 /// Manager settings.
@@ -175,7 +188,7 @@ pub struct GetManagerStatus;
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ManagerStatus {
     pub batches_in_flight: usize,
-    pub consumers: Vec<ConsumerStats>,
+    pub consumers: Vec<ConsumerStatus>,
     pub filter: String,
     /// Columns whose text arrived with U+FFFD (UTF-8 mode), with their counts and the fix.
     #[serde(default)]
@@ -230,7 +243,11 @@ struct Slot {
     name: String,
     filters: Vec<TableFilter>,
     addr: Addr<ConsumerActor>,
-    stats: ConsumerStats,
+    /// Its counters and last error (`enabled`, `state` and `lag_seconds` are filled in from
+    /// the router when a snapshot is taken).
+    stats: ConsumerStatus,
+    /// Source execution time of the newest event whose triggers were confirmed (ms).
+    confirmed_executed_at: Option<i64>,
 }
 
 /// The Manager actor.
@@ -251,14 +268,19 @@ pub struct Manager {
 
 impl Manager {
     pub fn new(cfg: ManagerConfig, consumers: Vec<ConsumerEntry>) -> Self {
-        let router = Router::with_policies(consumers.iter().map(|c| (c.enabled, c.poison)));
+        let router = Router::with_policies(
+            consumers
+                .iter()
+                .map(|c| (c.enabled, c.poison, c.supervision.clone())),
+        );
         let slots = consumers
             .into_iter()
             .map(|c| Slot {
-                stats: ConsumerStats {
+                stats: ConsumerStatus {
                     name: c.name.clone(),
                     ..Default::default()
                 },
+                confirmed_executed_at: None,
                 name: c.name,
                 filters: c.filters,
                 addr: c.addr,
@@ -509,45 +531,45 @@ impl Manager {
                 Err(mailbox) => {
                     // the actor stopped while handling it (restart in progress)
                     tracing::debug!(error = %mailbox, "consumer mailbox error");
-                    Processed::Failed {
+                    Processed::Unavailable {
                         retry_in: Duration::from_millis(50),
                         error: format!("consumer mailbox: {mailbox}"),
                     }
                 }
             };
-            act.router.processed(i, batch, outcome);
+            let failed = matches!(outcome, Processed::Failed { .. });
+            act.router
+                .processed(i, batch, outcome, std::time::Instant::now());
+            if failed {
+                act.log_restart(i);
+            }
             act.run(ctx);
         }));
     }
 
     fn part_failed(&mut self, i: usize, failure: ProcessFailure) -> Processed {
         let stats = &mut self.slots[i].stats;
-        match failure {
-            ProcessFailure::Failed {
+        stats.errors += 1;
+        stats.last_error = Some(failure.error.clone());
+        Processed::Failed {
+            error: failure.error,
+        }
+    }
+
+    /// Say what the router decided about a consumer that failed.
+    fn log_restart(&self, i: usize) {
+        let slot = &self.slots[i];
+        let restarts = self.router.restarts(i);
+        let error = slot.stats.last_error.as_deref().unwrap_or("-");
+        if self.router.state(i) == ConsumerState::Quarantined {
+            tracing::error!(
+                consumer = %slot.name,
+                restarts,
                 error,
-                restarts,
-                retry_in,
-            } => {
-                stats.errors += 1;
-                stats.restarts = restarts;
-                stats.last_error = Some(error.clone());
-                Processed::Failed { retry_in, error }
-            }
-            ProcessFailure::Restarting { retry_in } => Processed::Failed {
-                retry_in,
-                error: stats
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "restarting".into()),
-            },
-            ProcessFailure::Quarantined {
-                restarts,
-                last_error,
-            } => {
-                stats.restarts = restarts;
-                stats.last_error = Some(last_error);
-                Processed::Quarantined
-            }
+                "consumer quarantined: its batches are parked or rolled back (on_poison) until it is enabled again"
+            );
+        } else {
+            tracing::warn!(consumer = %slot.name, restarts, error, "consumer failed; retrying its part after a backoff");
         }
     }
 }
@@ -659,7 +681,7 @@ impl Handler<PartDone> for Manager {
         if let Ok(()) = msg.result
             && let Some(at) = msg.executed_at
         {
-            self.slots[msg.slot].stats.confirmed_executed_at = Some(at);
+            self.slots[msg.slot].confirmed_executed_at = Some(at);
         }
         if msg.result.is_ok()
             && let Some(h) = &self.cfg.commit_to_confirm
@@ -708,9 +730,6 @@ impl Handler<SetEnabled> for Manager {
             return Box::pin(async move { Err(SetEnabledError::UnknownConsumer(msg.name)) });
         };
         self.router.set_enabled(i, msg.enabled);
-        if msg.enabled {
-            self.slots[i].addr.do_send(Reinstate);
-        }
         tracing::info!(consumer = %msg.name, enabled = msg.enabled, "consumer state changed");
         self.run(ctx);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -741,6 +760,8 @@ impl Handler<GetManagerStatus> for Manager {
     type Result = MessageResult<GetManagerStatus>;
 
     fn handle(&mut self, _: GetManagerStatus, _: &mut Context<Self>) -> Self::Result {
+        let now = now_ms();
+        let in_flight = self.router.batches_in_flight();
         let consumers = self
             .slots
             .iter()
@@ -748,13 +769,22 @@ impl Handler<GetManagerStatus> for Manager {
             .map(|(i, s)| {
                 let mut st = s.stats.clone();
                 st.enabled = self.router.is_enabled(i);
-                st.queued_parts = self.router.queued(i);
                 st.state = self.router.state(i);
+                st.restarts = u64::from(self.router.restarts(i));
+                // nothing queued or unconfirmed anywhere: the consumer is caught up
+                let caught_up = in_flight == 0 && self.router.queued(i) == 0;
+                st.lag_seconds = s.confirmed_executed_at.map(|t| {
+                    if caught_up {
+                        0.0
+                    } else {
+                        (now - t).max(0) as f64 / 1000.0
+                    }
+                });
                 st
             })
             .collect();
         MessageResult(ManagerStatus {
-            batches_in_flight: self.router.batches_in_flight(),
+            batches_in_flight: in_flight,
             consumers,
             filter: self.filter(),
             lossy_text: self
@@ -762,7 +792,7 @@ impl Handler<GetManagerStatus> for Manager {
                 .as_ref()
                 .map(LossyText::columns)
                 .unwrap_or_default(),
-            heartbeat: self.heartbeat.as_ref().map(|t| t.status(now_ms())),
+            heartbeat: self.heartbeat.as_ref().map(|t| t.status(now)),
         })
     }
 }

@@ -10,7 +10,10 @@
 //! How it works: a connection is served by one *session* task ([`super::session`]), an I/O
 //! shell around the pure confirm window ([`super::window::ConfirmWindow`]), which decides what
 //! is published next (jobs in arrival order, at most `amqp.max_unconfirmed` unconfirmed), what
-//! each confirm, return, nack and timeout means, and when each `Publish` is answered. Every
+//! each confirm, return, nack and timeout means, and when each `Publish` is answered. The actor
+//! alone writes the [`PublisherStatus`]: the session reports its connection's state on a
+//! `watch` ([`super::status::SessionReport`]), which the actor takes in before it accepts a
+//! `Publish` or answers [`GetPublisherStatus`]; the counters carry on across connections. Every
 //! message is `mandatory`, persistent, and carries the trigger id as `message_id` and
 //! `correlation_id`.
 //!
@@ -36,10 +39,8 @@
 //! back anyway. The URL's password never reaches logs or status ([`redact_url`]).
 
 use super::failover::{Failover, Next};
-use super::session::{
-    self, Job, Prepared, Session, SharedStatus, ToSession, lock, now_rfc3339, set_state,
-};
-use super::window::WindowStats;
+use super::session::{self, Job, Prepared, Session, ToSession};
+use super::status::SessionReport;
 use super::{CancelBefore, Publish, PublishError, celery, envelope};
 use crate::backoff::Backoff;
 use crate::config::{AmqpConfig, redact_url};
@@ -49,9 +50,9 @@ use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, LongString},
 };
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 pub use super::status::{PublisherState, PublisherStatus, stall_after};
@@ -82,7 +83,10 @@ struct SessionEnded {
 /// The AMQP publisher actor. See the module docs.
 pub struct AmqpPublisher {
     cfg: Arc<AmqpConfig>,
-    status: SharedStatus,
+    /// The publisher's status: written here only, from what the session reports.
+    status: PublisherStatus,
+    /// The current session's reports (see [`super::status`]).
+    report: Option<watch::Receiver<SessionReport>>,
     session: Option<mpsc::UnboundedSender<ToSession>>,
     generation: u64,
     /// Failed connection attempts in a row (for the reconnect backoff).
@@ -100,33 +104,22 @@ pub struct AmqpPublisher {
 
 impl AmqpPublisher {
     pub fn new(cfg: AmqpConfig) -> Self {
-        let status = PublisherStatus {
-            state: PublisherState::Connecting,
-            broker: cfg
-                .endpoints()
+        let status = PublisherStatus::connecting(
+            cfg.endpoints()
                 .first()
                 .map(|u| redact_url(u.expose()))
                 .unwrap_or_default(),
-            node: 1,
-            nodes: cfg.endpoints().len(),
-            queue: cfg.queue.name.clone(),
-            blocked_reason: None,
-            unconfirmed: 0,
-            max_unconfirmed: cfg.max_unconfirmed.get(),
-            counters: WindowStats::default(),
-            oldest_unconfirmed_ms: None,
-            stalled_since: None,
-            broken_routes: Vec::new(),
-            connects: 0,
-            last_error: None,
-            state_since: now_rfc3339(),
-        };
+            cfg.endpoints().len(),
+            cfg.queue.name.clone(),
+            cfg.max_unconfirmed.get(),
+        );
         AmqpPublisher {
             failover: Failover::new(cfg.endpoints().len()),
             topology_verified: false,
             attempt: 0,
             cfg: Arc::new(cfg),
-            status: Arc::new(Mutex::new(status)),
+            status,
+            report: None,
             session: None,
             generation: 0,
             ready: None,
@@ -154,14 +147,11 @@ impl AmqpPublisher {
         if self.shutting_down {
             return;
         }
-        set_state(&self.status, PublisherState::Connecting);
+        self.status.set_state(PublisherState::Connecting, None);
         let node = self.failover.target();
         let broker = self.node_url(node);
-        {
-            let mut st = lock(&self.status);
-            st.broker = broker.clone();
-            st.node = node + 1;
-        }
+        self.status.broker = broker.clone();
+        self.status.node = node + 1;
         info!(broker = %broker, node = node + 1, nodes = self.failover.nodes(), "connecting to the broker");
         let cfg = self.cfg.clone();
         ctx.spawn(
@@ -186,11 +176,8 @@ impl AmqpPublisher {
         self.attempt = 0;
         self.failover.connected();
         self.topology_verified = true;
-        {
-            let mut st = lock(&self.status);
-            st.connects += 1;
-        }
-        set_state(&self.status, PublisherState::Connected);
+        self.status.connects += 1;
+        self.status.set_state(PublisherState::Connected, None);
         info!(
             broker = %self.node_url(self.failover.target()),
             node = self.failover.target() + 1,
@@ -201,12 +188,19 @@ impl AmqpPublisher {
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Ok(()));
         }
+        // the new session counts on from the connections before
+        let (report_tx, report_rx) = watch::channel(SessionReport {
+            counters: self.status.counters.clone(),
+            ..Default::default()
+        });
+        self.report = Some(report_rx);
         let session = Session::new(
             opened,
             rx,
             self.cfg.clone(),
-            self.status.clone(),
+            report_tx,
             generation,
+            self.status.counters.clone(),
         );
         let me = ctx.address().downgrade();
         let (done_tx, done_rx) = oneshot::channel();
@@ -224,8 +218,8 @@ impl AmqpPublisher {
         if self.shutting_down {
             return;
         }
-        set_state(&self.status, PublisherState::Disconnected);
-        lock(&self.status).last_error = Some(e.to_string());
+        self.status.set_state(PublisherState::Disconnected, None);
+        self.status.last_error = Some(e.to_string());
         let topology = matches!(e, PublishError::Topology(_) | PublishError::Tls(_));
         if topology {
             error!(error = %e, "the broker cannot be used as configured");
@@ -252,6 +246,26 @@ impl AmqpPublisher {
                 ctx.run_later(delay, |act, ctx| act.connect(ctx));
             }
         }
+    }
+
+    /// Fold the current session's newest report into the status.
+    fn absorb(&mut self) {
+        if let Some(r) = self.report.as_mut() {
+            // a session that is gone leaves its last report, which still counts
+            if r.has_changed().unwrap_or(true) {
+                let report = r.borrow_and_update();
+                self.status.absorb(&report);
+            }
+        }
+    }
+
+    /// The current session is over: its last report taken in, no more to come.
+    fn session_over(&mut self) {
+        self.absorb();
+        self.report = None;
+        self.status.unconfirmed = 0;
+        self.status.oldest_unconfirmed_ms = None;
+        self.status.stalled_since = None;
     }
 
     /// The URL of node `i` (0-based) of `amqp.urls`, password redacted.
@@ -354,10 +368,12 @@ impl Handler<Publish> for AmqpPublisher {
             )));
             return;
         }
-        let (state, blocked_reason, last_error) = {
-            let st = lock(&self.status);
-            (st.state, st.blocked_reason.clone(), st.last_error.clone())
-        };
+        self.absorb();
+        let (state, blocked_reason, last_error) = (
+            self.status.state,
+            self.status.blocked_reason.clone(),
+            self.status.last_error.clone(),
+        );
         let Some(session) = self
             .session
             .as_ref()
@@ -414,37 +430,45 @@ impl Handler<GetPublisherStatus> for AmqpPublisher {
     type Result = MessageResult<GetPublisherStatus>;
 
     fn handle(&mut self, _: GetPublisherStatus, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(lock(&self.status).clone())
+        self.absorb();
+        MessageResult(self.status.clone())
     }
 }
 
 impl Handler<StopPublishing> for AmqpPublisher {
-    type Result = ResponseFuture<Result<(), PublishError>>;
+    type Result = ResponseActFuture<Self, Result<(), PublishError>>;
 
     fn handle(&mut self, msg: StopPublishing, _: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
         // dropping the sender tells the session to finish what it accepted and close
         self.session = None;
         let done = self.session_done.take();
-        let status = self.status.clone();
+        let report = self.report.clone();
         info!(deadline = ?msg.deadline, "publisher shutting down");
-        Box::pin(async move {
-            let res = match done {
+        let wait = async move {
+            match done {
                 None => Ok(()),
                 Some(done) => match tokio::time::timeout(msg.deadline, done).await {
                     Ok(_) => Ok(()),
                     Err(_) => Err(PublishError::Unavailable(format!(
                         "shutdown deadline {:?} passed with {} messages unconfirmed",
                         msg.deadline,
-                        lock(&status).unconfirmed
+                        report.map_or(0, |r| r.borrow().unconfirmed)
                     ))),
                 },
-            };
-            set_state(&status, PublisherState::Disconnected);
-            lock(&status).last_error = Some("shut down".into());
+            }
+        };
+        Box::pin(wait.into_actor(self).map(|res, act, _| {
+            if res.is_ok() {
+                act.session_over();
+            } else {
+                act.absorb();
+            }
+            act.status.set_state(PublisherState::Disconnected, None);
+            act.status.last_error = Some("shut down".into());
             info!("publisher shut down");
             res
-        })
+        }))
     }
 }
 
@@ -456,8 +480,9 @@ impl Handler<SessionEnded> for AmqpPublisher {
             return;
         }
         self.session = None;
-        set_state(&self.status, PublisherState::Disconnected);
-        lock(&self.status).last_error = Some(msg.reason.clone());
+        self.session_over();
+        self.status.set_state(PublisherState::Disconnected, None);
+        self.status.last_error = Some(msg.reason.clone());
         self.attempt = 0;
         let lost = self.failover.target();
         self.failover.connection_lost();

@@ -4,7 +4,10 @@
 //! the publisher actor, asks the window what to publish next, writes it (tagging each publish
 //! with a unique `canal_consumer_publish` header so a return can be pinned on the exact copy),
 //! feeds confirms, returns and timeouts back into the window, and sends each job's answer when
-//! the window decides it. Every decision lives in the window; this file only does I/O.
+//! the window decides it. Every decision lives in the window; this file only does I/O. What the
+//! actor needs to know about the connection (blocked, counters, unconfirmed, stall, broken
+//! routes, the end and its reason) goes into a [`SessionReport`] on a `watch`: the session
+//! writes only that, and the actor owns the publisher's status.
 //!
 //! How it fails: when the channel or connection dies, the window fails every job
 //! ([`PublishError::ConnectionLost`]), queued jobs are refused, and `run` returns the reason;
@@ -28,40 +31,20 @@ use lapin::{
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::status::{PublisherState, PublisherStatus};
+use super::status::{SessionReport, now_rfc3339};
+use super::window::WindowStats;
 
 /// How long a broken session waits for the broker's reason before it reports the failure.
 const EXPLAIN_WAIT: Duration = Duration::from_secs(1);
 
 /// The header that identifies one publish on the wire (`<generation>.<seq>`).
 pub(super) const PUBLISH_TAG_HEADER: &str = "canal_consumer_publish";
-
-pub(super) type SharedStatus = Arc<Mutex<PublisherStatus>>;
-
-pub(super) fn lock(s: &SharedStatus) -> std::sync::MutexGuard<'_, PublisherStatus> {
-    s.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-pub(super) fn set_state(s: &SharedStatus, state: PublisherState) {
-    let mut st = lock(s);
-    if st.state != state {
-        st.state = state;
-        st.state_since = now_rfc3339();
-    }
-    if state != PublisherState::Blocked {
-        st.blocked_reason = None;
-    }
-}
-
-pub(super) fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
 
 /// One message ready to go.
 pub(super) struct Prepared {
@@ -238,7 +221,10 @@ pub(super) struct Session {
     events: Pin<Box<dyn Stream<Item = Event> + Send>>,
     jobs: mpsc::UnboundedReceiver<ToSession>,
     cfg: Arc<AmqpConfig>,
-    status: SharedStatus,
+    /// What this session tells the actor (it writes nothing else the actor reads).
+    report: watch::Sender<SessionReport>,
+    /// The broker blocks publishing (as last reported).
+    blocked: bool,
     generation: u64,
     window: ConfirmWindow<Prepared>,
     replies: HashMap<JobNo, oneshot::Sender<Result<(), PublishError>>>,
@@ -256,8 +242,9 @@ impl Session {
         opened: Opened,
         jobs: mpsc::UnboundedReceiver<ToSession>,
         cfg: Arc<AmqpConfig>,
-        status: SharedStatus,
+        report: watch::Sender<SessionReport>,
         generation: u64,
+        counted: WindowStats,
     ) -> Self {
         let events = Box::pin(opened.conn.events_listener());
         Session {
@@ -265,10 +252,12 @@ impl Session {
             channel: Rc::new(opened.channel),
             events,
             jobs,
-            window: ConfirmWindow::new(cfg.max_unconfirmed.get(), cfg.confirm_timeout),
+            window: ConfirmWindow::new(cfg.max_unconfirmed.get(), cfg.confirm_timeout)
+                .counting_from(counted),
             routes: BrokenRoutes::new(cfg.reconnect_min, cfg.reconnect_max),
             cfg,
-            status,
+            report,
+            blocked: false,
             generation,
             replies: HashMap::new(),
             confirms: FuturesUnordered::new(),
@@ -280,9 +269,8 @@ impl Session {
     /// Serve the connection until it fails or the actor goes away; answer every job.
     pub(super) async fn run(mut self) -> String {
         let reason = self.drive().await;
-        // the reason first: whoever sees `disconnected` also sees why
-        lock(&self.status).last_error = Some(reason.clone());
-        set_state(&self.status, PublisherState::Disconnected);
+        // ended before the jobs are failed: whoever is answered finds the publisher down
+        self.report.send_modify(|r| r.ended = Some(reason.clone()));
         self.fail_all(&reason);
         close_quietly(&self.conn).await;
         reason
@@ -375,7 +363,7 @@ impl Session {
                         }
                     }
                     let blocked = self.conn.status().blocked();
-                    let shown = lock(&self.status).state == PublisherState::Blocked;
+                    let shown = self.blocked;
                     if blocked && !shown {
                         self.on_blocked("reported by connection status".into());
                     } else if !blocked && shown {
@@ -528,7 +516,7 @@ impl Session {
         self.flush();
     }
 
-    /// Send the answers the window decided, log failures, and copy its counters into status.
+    /// Send the answers the window decided, log failures, and report its counters.
     fn flush(&mut self) {
         for f in self.window.take_failures() {
             match &f.error {
@@ -552,17 +540,20 @@ impl Session {
         }
         let stats = self.window.stats().clone();
         let oldest = self.window.oldest_unconfirmed_at();
-        let mut st = lock(&self.status);
-        st.counters = stats;
-        st.broken_routes = self.routes.snapshot(Instant::now().into_std());
-        st.unconfirmed = self.window.unconfirmed();
-        st.oldest_unconfirmed_ms = oldest.map(|t| t.elapsed().as_millis() as u64);
+        let broken_routes = self.routes.snapshot(Instant::now().into_std());
+        let unconfirmed = self.window.unconfirmed();
         let stall = super::status::stall_after(self.cfg.confirm_timeout);
-        st.stalled_since = oldest.filter(|t| t.elapsed() >= stall).map(|t| {
+        let stalled_since = oldest.filter(|t| t.elapsed() >= stall).map(|t| {
             let ago = chrono::Duration::from_std(t.elapsed()).unwrap_or_default();
             (chrono::Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
         });
-        drop(st);
+        self.report.send_modify(|r| {
+            r.counters = stats;
+            r.broken_routes = broken_routes;
+            r.unconfirmed = unconfirmed;
+            r.oldest_unconfirmed_ms = oldest.map(|t| t.elapsed().as_millis() as u64);
+            r.stalled_since = stalled_since;
+        });
         // answers after the counters, so whoever is answered sees them
         for (no, result) in self.window.take_replies() {
             if let Some(reply) = self.replies.remove(&no) {
@@ -656,13 +647,20 @@ impl Session {
 
     fn on_blocked(&mut self, reason: String) {
         warn!(reason = %reason, unconfirmed = self.window.unconfirmed(), "the broker blocked publishing");
-        set_state(&self.status, PublisherState::Blocked);
-        lock(&self.status).blocked_reason = Some(reason);
+        self.blocked = true;
+        self.report.send_modify(|r| {
+            r.blocked = Some(reason);
+            r.blocked_changed = Some(now_rfc3339());
+        });
     }
 
     fn on_unblocked(&mut self) {
         info!("the broker unblocked publishing");
-        set_state(&self.status, PublisherState::Connected);
+        self.blocked = false;
+        self.report.send_modify(|r| {
+            r.blocked = None;
+            r.blocked_changed = Some(now_rfc3339());
+        });
     }
 
     /// Hand one message to lapin without waiting for it to reach the socket.
@@ -788,7 +786,7 @@ impl Session {
             ))));
         }
         self.flush();
-        lock(&self.status).unconfirmed = 0;
+        self.report.send_modify(|r| r.unconfirmed = 0);
     }
 }
 

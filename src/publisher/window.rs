@@ -154,6 +154,13 @@ impl<M: Outgoing> ConfirmWindow<M> {
         }
     }
 
+    /// Count on from `stats` (the totals of the connections before this one), so the
+    /// publisher's counters cover the whole process, not one connection.
+    pub fn counting_from(mut self, stats: WindowStats) -> Self {
+        self.stats = stats;
+        self
+    }
+
     /// Queue a job of `epoch`. A job of an epoch below the floor is answered `Cancelled` at
     /// once; a job of a newer epoch raises the floor (cancelling older unpublished work).
     pub fn submit(&mut self, epoch: u64, messages: Vec<M>) -> JobNo {
