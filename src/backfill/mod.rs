@@ -35,7 +35,7 @@ use crate::consumer::TableFilter;
 use crate::consumer::filter::NameMatch;
 use crate::event::{ArcStr, EventType, now_ms};
 use crate::manager::{
-    ChunkPlan, ChunkRows, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
+    ChunkPlan, ChunkRows, DdlSeen, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
 };
 use actix::{Addr, Recipient};
 use record::{Action, Backfill, Progress, Spec, State};
@@ -141,6 +141,21 @@ pub const MIN_RATE: f64 = 0.01;
 /// The longest a chunk waits for the live stream to leave room.
 pub const MAX_YIELD: Duration = Duration::from_secs(1);
 
+/// How long a table's layout (columns, primary key) read for a backfill is used before it is
+/// read again. A DDL on the table the stream brings meanwhile makes the next chunk fail (see
+/// [`ChunkPlan::layout`]) and the layout is read again then; this bounds the time a layout
+/// is trusted without a DDL in sight.
+pub const LAYOUT_TTL: Duration = Duration::from_secs(10);
+
+/// A table's layout as a backfill last read it.
+#[derive(Debug, Clone)]
+struct Layout {
+    meta: TableMeta,
+    /// The stream's DDL count of the table before it was read ([`DdlSeen`]).
+    ddl_seen: u64,
+    read_at: Instant,
+}
+
 /// A consumer a backfill may be for: its filters, and the names and event types of its rules
 /// (`when`), which must take SNAPSHOT events of the table too.
 #[derive(Debug, Clone)]
@@ -192,6 +207,11 @@ pub struct Backfills {
     /// When each backfill may read its next chunk (its `--rate`, or a wait for a disabled
     /// consumer); the others go on meanwhile.
     next_at: Mutex<HashMap<String, Instant>>,
+    /// Progress of confirmed chunks not stored yet: it goes with the backfill's next low
+    /// watermark (one UPDATE for both), or alone when no chunk of it follows at once.
+    unsaved: Mutex<HashMap<String, Progress>>,
+    /// Each backfill's table layout (see [`LAYOUT_TTL`]).
+    layouts: Mutex<HashMap<String, Layout>>,
     wake: tokio::sync::Notify,
 }
 
@@ -266,6 +286,8 @@ impl Backfills {
             reading: Mutex::new(None),
             busy_since: Mutex::new(None),
             next_at: Mutex::new(HashMap::new()),
+            unsaved: Mutex::new(HashMap::new()),
+            layouts: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -500,7 +522,14 @@ impl Backfills {
             }
             return Ok(false);
         }
-        let all = self.source.list(&self.settings.owner).await?;
+        let mut all = self.source.list(&self.settings.owner).await?;
+        if let Ok(unsaved) = self.unsaved.lock() {
+            for b in all.iter_mut() {
+                if let Some(p) = unsaved.get(&b.id) {
+                    b.progress = p.clone();
+                }
+            }
+        }
         if let Ok(mut s) = self.seen.lock() {
             *s = all.clone();
         }
@@ -509,6 +538,7 @@ impl Backfills {
             .filter(|b| b.state == State::Running)
             .collect();
         if running.is_empty() {
+            self.save_unsaved(None).await?;
             return Ok(false);
         }
         let now = Instant::now();
@@ -521,6 +551,7 @@ impl Backfills {
             (ready, next.values().filter(|t| **t > now).min().copied())
         };
         if ready.is_empty() {
+            self.save_unsaved(None).await?;
             // every running backfill waits (its rate, a disabled consumer): until the first
             // may go on, or an operator's action
             let wait = soonest.map_or(Duration::from_secs(1), |t| t - now);
@@ -530,6 +561,8 @@ impl Backfills {
         }
         *turn = (*turn + 1) % ready.len();
         let b = ready[*turn].clone();
+        // the others' progress cannot wait for their next low watermark
+        self.save_unsaved(Some(&b.id)).await?;
         if let Ok(mut r) = self.reading.lock() {
             *r = Some(b.id.clone());
         }
@@ -541,26 +574,100 @@ impl Backfills {
         Ok(true)
     }
 
-    /// Read, emit and confirm one chunk of `b`, then store its progress.
+    /// Store the progress not stored yet of every backfill but `except`.
+    async fn save_unsaved(&self, except: Option<&str>) -> Result<(), BackfillError> {
+        let due: Vec<(String, Progress)> = match self.unsaved.lock() {
+            Ok(u) => u
+                .iter()
+                .filter(|(id, _)| Some(id.as_str()) != except)
+                .map(|(id, p)| (id.clone(), p.clone()))
+                .collect(),
+            Err(_) => return Ok(()),
+        };
+        for (id, p) in due {
+            self.source.save_progress(&id, &p).await?;
+            self.saved(&id, &p);
+        }
+        Ok(())
+    }
+
+    /// `p` is stored for `id`: forget it unless it moved on meanwhile.
+    fn saved(&self, id: &str, p: &Progress) {
+        if let Ok(mut u) = self.unsaved.lock()
+            && u.get(id) == Some(p)
+        {
+            u.remove(id);
+        }
+    }
+
+    /// Keep `b`'s progress for its next low watermark.
+    fn keep_unsaved(&self, b: &Backfill) {
+        if let Ok(mut u) = self.unsaved.lock() {
+            u.insert(b.id.clone(), b.progress.clone());
+        }
+    }
+
+    /// `b`'s table layout: the cached one, or read again (see [`LAYOUT_TTL`]).
+    async fn layout(&self, b: &Backfill) -> Result<Layout, BackfillError> {
+        let cached = self
+            .layouts
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&b.id).cloned())
+            .filter(|l| l.read_at.elapsed() < LAYOUT_TTL);
+        if let Some(l) = cached {
+            return Ok(l);
+        }
+        // the stream's DDL count before the layout: a DDL after the read moves it
+        let ddl_seen = self
+            .manager
+            .send(DdlSeen(b.spec.database.clone(), b.spec.table.clone()))
+            .await
+            .unwrap_or(0);
+        let read_at = Instant::now();
+        let meta = self
+            .source
+            .table_meta(&b.spec.database, &b.spec.table)
+            .await?;
+        let l = Layout {
+            meta,
+            ddl_seen,
+            read_at,
+        };
+        if let Ok(mut all) = self.layouts.lock() {
+            all.insert(b.id.clone(), l.clone());
+        }
+        Ok(l)
+    }
+
+    /// Read `id`'s table layout again before its next chunk.
+    fn forget_layout(&self, id: &str) {
+        if let Ok(mut all) = self.layouts.lock() {
+            all.remove(id);
+        }
+    }
+
+    /// Read, emit and confirm one chunk of `b`; its progress goes with the next chunk's low
+    /// watermark (or alone, see [`Self::save_unsaved`]).
     async fn chunk(&self, mut b: Backfill) -> Result<(), BackfillError> {
         let started = Instant::now();
         if let Some(why) = self.no_taker_enabled(&b).await {
             // hold: rows emitted now would reach nobody
-            if b.progress.error.as_deref() != Some(why.as_str()) {
+            let unsaved = self.unsaved.lock().is_ok_and(|u| u.contains_key(&b.id));
+            if b.progress.error.as_deref() != Some(why.as_str()) || unsaved {
                 b.progress.error = Some(why);
                 self.source.save_progress(&b.id, &b.progress).await?;
+                if let Ok(mut u) = self.unsaved.lock() {
+                    u.remove(&b.id);
+                }
             }
             if let Ok(mut next) = self.next_at.lock() {
                 next.insert(b.id.clone(), started + Duration::from_secs(2));
             }
             return Ok(());
         }
-        let meta = match self
-            .source
-            .table_meta(&b.spec.database, &b.spec.table)
-            .await
-        {
-            Ok(m) => m,
+        let (meta, layout) = match self.layout(&b).await {
+            Ok(l) => (l.meta, l.ddl_seen),
             Err(BackfillError::Invalid(why)) => return self.fail(&b, why).await,
             Err(e) => return Err(e),
         };
@@ -586,6 +693,7 @@ impl Backfills {
             table: ArcStr::from(meta.table.as_str()),
             key_columns: meta.key.clone(),
             consumer: b.spec.consumer.as_deref().map(ArcStr::from),
+            layout,
         };
         if self
             .manager
@@ -598,10 +706,18 @@ impl Backfills {
         {
             return Ok(()); // the service is stopping
         }
+        let unsaved = self.unsaved.lock().ok().and_then(|u| u.get(&b.id).cloned());
         let read = async {
-            self.source
-                .write_watermark(&b.id, &format!("low:{nonce}"))
-                .await?;
+            if !self
+                .source
+                .write_low_watermark(&b.id, &format!("low:{nonce}"), unsaved.as_ref())
+                .await?
+            {
+                return Ok(None); // paused or cancelled meanwhile
+            }
+            if let Some(p) = &unsaved {
+                self.saved(&b.id, p);
+            }
             let rows = self
                 .source
                 .read_chunk(
@@ -612,12 +728,17 @@ impl Backfills {
                     b.spec.chunk,
                 )
                 .await?;
-            Ok::<_, BackfillError>(rows)
+            Ok::<_, BackfillError>(Some(rows))
         };
         let rows = match read.await {
-            Ok(rows) => rows,
+            Ok(Some(rows)) => rows,
+            Ok(None) => {
+                self.manager.do_send(ForgetChunk(nonce));
+                return self.save_unsaved(None).await;
+            }
             Err(e) => {
                 self.manager.do_send(ForgetChunk(nonce));
+                self.forget_layout(&b.id);
                 return Err(e);
             }
         };
@@ -668,7 +789,7 @@ impl Backfills {
                 if last_chunk {
                     return self.finish(&b, b.progress.clone()).await;
                 }
-                self.source.save_progress(&b.id, &b.progress).await?;
+                self.keep_unsaved(&b);
                 // the rate limit: this backfill's next chunk waits; the others go on
                 let mut took = started.elapsed();
                 if let Some(rate) = b.spec.rate {
@@ -686,7 +807,8 @@ impl Backfills {
                 tracing::info!(backfill = %b.id, table = %b.spec.full_table(), reason = %why, "backfill chunk read again");
                 b.progress.rereads += 1;
                 b.progress.error = Some(format!("chunk read again: {why}"));
-                self.source.save_progress(&b.id, &b.progress).await?;
+                self.forget_layout(&b.id);
+                self.keep_unsaved(&b);
             }
         }
         Ok(())
@@ -723,6 +845,14 @@ impl Backfills {
         }
     }
 
+    /// Forget what this replica keeps for `id` (it stopped running here).
+    fn drop_state(&self, id: &str) {
+        if let Ok(mut u) = self.unsaved.lock() {
+            u.remove(id);
+        }
+        self.forget_layout(id);
+    }
+
     async fn finish(&self, b: &Backfill, mut p: Progress) -> Result<(), BackfillError> {
         p.error = None;
         let mut done = p.clone();
@@ -733,8 +863,11 @@ impl Backfills {
             .await?
         {
             // paused or cancelled while its last chunk was in flight: keep what it did
-            return self.source.save_progress(&b.id, &p).await;
+            self.source.save_progress(&b.id, &p).await?;
+            self.drop_state(&b.id);
+            return Ok(());
         }
+        self.drop_state(&b.id);
         let p = done;
         tracing::info!(
             backfill = %b.id,
@@ -754,6 +887,7 @@ impl Backfills {
         self.source
             .set_state(&b.id, State::Running, State::Failed, Some(&p))
             .await?;
+        self.drop_state(&b.id);
         tracing::error!(backfill = %b.id, table = %b.spec.full_table(), error = %why, "backfill failed");
         Ok(())
     }

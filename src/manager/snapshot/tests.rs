@@ -62,7 +62,21 @@ fn wm_event(kind: &str, nonce: &str, n: u64) -> ChangeEvent {
     event(EventType::Update, "cc", "watermark", data, None, n)
 }
 
-fn plan(nonce: &str) -> ChunkPlan {
+fn ddl_event(n: u64) -> ChangeEvent {
+    let mut e = event(
+        EventType::Alter,
+        "db",
+        "t",
+        Row::from_values(Arc::new(Columns::new(vec![])), vec![]),
+        None,
+        n,
+    );
+    e.is_ddl = true;
+    e.sql = Some("ALTER TABLE t COMMENT 'x'".into());
+    e
+}
+
+fn plan(nonce: &str, layout: u64) -> ChunkPlan {
     ChunkPlan {
         nonce: nonce.into(),
         backfill: "b1".into(),
@@ -70,6 +84,7 @@ fn plan(nonce: &str) -> ChunkPlan {
         table: "t".into(),
         key_columns: vec!["id".into()],
         consumer: None,
+        layout,
     }
 }
 
@@ -135,6 +150,12 @@ fn run(seed: u64) {
     let mut read: Option<(String, u8)> = None;
     let mut pending_rows: HashMap<String, Vec<Row>> = HashMap::new();
     let mut reads = 0u32;
+    // the table's layout as the backfill last read it: the windows' DDL count before the
+    // read, and how much of the log the read saw
+    let mut layout: Option<(u64, usize)> = None;
+    // per read: where its layout was read, and where its (first) high watermark is in the log
+    let mut layout_at: HashMap<String, usize> = HashMap::new();
+    let mut high_at: HashMap<String, usize> = HashMap::new();
     let mut steps = 0;
     while !(done && delivered == log.len()) {
         steps += 1;
@@ -143,6 +164,11 @@ fn run(seed: u64) {
             // the writer
             0..=2 => {
                 n += 1;
+                if rng.u8(0..40) == 0 {
+                    // a DDL that changes nothing the model sees
+                    log.push(ddl_event(n));
+                    continue;
+                }
                 match rng.u8(0..4) {
                     0 => {
                         next_id += rng.i64(1..3);
@@ -217,7 +243,12 @@ fn run(seed: u64) {
                 None => {
                     reads += 1;
                     let nonce = format!("r{reads}");
-                    windows.expect(plan(&nonce));
+                    if layout.is_none() || rng.u8(0..5) == 0 {
+                        layout = Some((windows.ddl_seen("db", "t"), log.len()));
+                    }
+                    let (ddl_seen, seen_log) = layout.unwrap();
+                    layout_at.insert(nonce.clone(), seen_log);
+                    windows.expect(plan(&nonce, ddl_seen));
                     n += 1;
                     log.push(wm_event("low", &nonce, n));
                     read = Some((nonce, 0));
@@ -238,6 +269,7 @@ fn run(seed: u64) {
                 }
                 Some((nonce, _)) => {
                     n += 1;
+                    high_at.entry(nonce.clone()).or_insert(log.len());
                     log.push(wm_event("high", &nonce, n));
                     read = Some((nonce, 2));
                 }
@@ -257,7 +289,17 @@ fn run(seed: u64) {
                 for e in events {
                     apply_seen(&mut seen, e);
                 }
+                // a read emitted saw the table's current layout: no DDL between its layout
+                // read and its high watermark
+                for (nonce, _, _) in &scan.emitted {
+                    let (from, to) = (layout_at[nonce], high_at[nonce]);
+                    assert!(
+                        !log[from..to].iter().any(|e| e.is_ddl),
+                        "seed {seed}: read {nonce} emitted over a DDL after its layout was read"
+                    );
+                }
                 for (nonce, _) in scan.failed {
+                    layout = None;
                     pending_rows.remove(&nonce);
                     if read.as_ref().is_some_and(|(r, _)| *r == nonce) {
                         read = None; // read the chunk again
@@ -272,6 +314,9 @@ fn run(seed: u64) {
                         continue;
                     }
                     read = None;
+                    if let Outcome::Failed(_) = outcome {
+                        layout = None;
+                    }
                     if let Outcome::Confirmed { .. } = outcome {
                         match rows.last() {
                             Some(r) if rows.len() == chunk => {
