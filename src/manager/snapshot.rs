@@ -29,6 +29,8 @@
 //! abandoned, is read again under a new nonce; a watermark whose nonce is unknown (a
 //! redelivery of an old read, another replica's read) is ignored.
 
+pub mod chunks;
+
 use crate::canal::connection::BatchRef;
 use crate::event::{ArcStr, ChangeEvent, EventType, Row, SnapshotOrigin, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
