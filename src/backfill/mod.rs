@@ -136,6 +136,8 @@ pub struct Settings {
     pub chunk: usize,
     pub chunk_timeout: Duration,
     pub max_live_batches: usize,
+    /// Chunks of one backfill read and not yet confirmed, at most (`backfill.chunks_in_flight`).
+    pub chunks_in_flight: usize,
     /// `destination/client_id`: the stream these backfills ride on.
     pub owner: String,
 }
@@ -155,10 +157,6 @@ pub const LAYOUT_TTL: Duration = Duration::from_secs(10);
 /// How often the runner reads the records (backfills started, or stopped by an operator, on
 /// the other replica); an action on this replica wakes it at once.
 pub const LIST_EVERY: Duration = Duration::from_secs(1);
-
-/// Chunks of one backfill read and not yet confirmed, at most: the next chunk is read while
-/// the previous one's messages are confirmed.
-pub const MAX_OUTSTANDING: usize = 2;
 
 /// A backfill this replica runs.
 struct Active {
@@ -522,8 +520,9 @@ impl Backfills {
 
     /// Whether this replica streams and the live stream leaves room for a chunk. Live batches
     /// go first, but a stream that never leaves room does not starve the backfill: after
-    /// [`MAX_YIELD`] of waiting a chunk goes anyway.
-    async fn may_read(&self) -> bool {
+    /// [`MAX_YIELD`] of waiting a chunk goes anyway. `own`: chunks in flight, whose watermark
+    /// batches (a low and a high each, at most) are not live batches.
+    async fn may_read(&self, own: usize) -> bool {
         let st = match self.connection.send(GetConnectionStatus).await {
             Ok(st) if st.state == ConnectionState::Connected => st,
             _ => return false,
@@ -531,7 +530,7 @@ impl Backfills {
         let Ok(mut busy) = self.busy_since.lock() else {
             return false;
         };
-        if st.inflight_batches <= self.settings.max_live_batches {
+        if st.inflight_batches <= self.settings.max_live_batches + 2 * own {
             *busy = None;
             return true;
         }
@@ -557,7 +556,8 @@ impl Backfills {
         self.settle(r).await?;
         let mut busy = false;
         if let Some(id) = self.next_read(r, now) {
-            if self.may_read().await {
+            let own = r.active.values().map(|a| a.chunks.outstanding()).sum();
+            if self.may_read(own).await {
                 return self.read(r, &id).await;
             }
             busy = true;
@@ -596,7 +596,7 @@ impl Backfills {
                         b.progress.clone(),
                         b.spec.chunk,
                         b.spec.rate,
-                        MAX_OUTSTANDING,
+                        self.settings.chunks_in_flight,
                     );
                     r.active.insert(
                         b.id.clone(),
