@@ -10,14 +10,17 @@
 //! - [`Backfills::start`] and the operator's actions (`pause`, `resume`, `cancel`), checked
 //!   here (a table without a primary key, a consumer that does not take SNAPSHOT events of the
 //!   table and a `where` the server refuses are refused with what to do);
-//! - the runner ([`Backfills::run`]): one chunk at a time, only while this replica's Canal
-//!   connection streams (so only the active HA replica reads), and only while the live stream
-//!   has at most `backfill.max_live_batches` batches in flight (live changes go first), at most
-//!   `rate` rows per second;
+//! - the runner ([`Backfills::run`]), a thin loop over [`Chunks`] (when a chunk may be read,
+//!   what progress may be stored): one read at a time, the next chunk read while earlier ones
+//!   are confirmed (`backfill.chunks_in_flight`), only while this replica's Canal connection
+//!   streams (so only the active HA replica reads), and only while the live stream has at most
+//!   `backfill.max_live_batches` batches in flight besides the backfills' own (live changes go
+//!   first), at most `rate` rows per second;
 //! - the records: every backfill is a row of the watermark table ([`record`]), so a restarted
 //!   service or the other replica finds it; its progress moves only once a chunk's triggers are
-//!   all confirmed, so after a crash the last chunk is read again and its messages carry the
-//!   same ids (made of backfill, table and key).
+//!   all confirmed, in key order, and is stored with the next low watermark (or alone), so
+//!   after a crash the chunks after it are read again and their messages carry the same ids
+//!   (made of backfill, table and key).
 //!
 //! How it fails: a request the source cannot serve is [`BackfillError::Invalid`] (definite,
 //! nothing stored); the source database failing on the way is [`BackfillError::Source`]
