@@ -331,6 +331,7 @@ async fn start(
                     chunk: cfg.backfill.chunk.get(),
                     chunk_timeout: cfg.backfill.chunk_timeout,
                     max_live_batches: cfg.backfill.max_live_batches,
+                    chunks_in_flight: cfg.backfill.chunks_in_flight,
                     owner: format!("{}/{}", cfg.canal.destination, cfg.canal.client_id),
                 },
                 backfill_consumers,

@@ -10,14 +10,17 @@
 //! - [`Backfills::start`] and the operator's actions (`pause`, `resume`, `cancel`), checked
 //!   here (a table without a primary key, a consumer that does not take SNAPSHOT events of the
 //!   table and a `where` the server refuses are refused with what to do);
-//! - the runner ([`Backfills::run`]): one chunk at a time, only while this replica's Canal
-//!   connection streams (so only the active HA replica reads), and only while the live stream
-//!   has at most `backfill.max_live_batches` batches in flight (live changes go first), at most
-//!   `rate` rows per second;
+//! - the runner ([`Backfills::run`]), a thin loop over [`Chunks`] (when a chunk may be read,
+//!   what progress may be stored): one read at a time, the next chunk read while earlier ones
+//!   are confirmed (`backfill.chunks_in_flight`), only while this replica's Canal connection
+//!   streams (so only the active HA replica reads), and only while the live stream has at most
+//!   `backfill.max_live_batches` batches in flight besides the backfills' own (live changes go
+//!   first), at most `rate` rows per second;
 //! - the records: every backfill is a row of the watermark table ([`record`]), so a restarted
 //!   service or the other replica finds it; its progress moves only once a chunk's triggers are
-//!   all confirmed, so after a crash the last chunk is read again and its messages carry the
-//!   same ids (made of backfill, table and key).
+//!   all confirmed, in key order, and is stored with the next low watermark (or alone), so
+//!   after a crash the chunks after it are read again and their messages carry the same ids
+//!   (made of backfill, table and key).
 //!
 //! How it fails: a request the source cannot serve is [`BackfillError::Invalid`] (definite,
 //! nothing stored); the source database failing on the way is [`BackfillError::Source`]
@@ -34,14 +37,19 @@ use crate::canal::connection::{ConnectionState, GetConnectionStatus};
 use crate::consumer::TableFilter;
 use crate::consumer::filter::NameMatch;
 use crate::event::{ArcStr, EventType, now_ms};
+use crate::manager::snapshot::chunks::Chunks;
 use crate::manager::{
-    ChunkPlan, ChunkRows, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
+    ChunkPlan, ChunkRows, DdlSeen, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
 };
 use actix::{Addr, Recipient};
+use futures::FutureExt as _;
+use futures::StreamExt as _;
+use futures::future::LocalBoxFuture;
+use futures::stream::FuturesUnordered;
 use record::{Action, Backfill, Progress, Spec, State};
 use serde::{Deserialize, Serialize};
 use source::{Source, TableMeta, key_values};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -131,6 +139,8 @@ pub struct Settings {
     pub chunk: usize,
     pub chunk_timeout: Duration,
     pub max_live_batches: usize,
+    /// Chunks of one backfill read and not yet confirmed, at most (`backfill.chunks_in_flight`).
+    pub chunks_in_flight: usize,
     /// `destination/client_id`: the stream these backfills ride on.
     pub owner: String,
 }
@@ -140,6 +150,50 @@ pub const MIN_RATE: f64 = 0.01;
 
 /// The longest a chunk waits for the live stream to leave room.
 pub const MAX_YIELD: Duration = Duration::from_secs(1);
+
+/// How long a table's layout (columns, primary key) read for a backfill is used before it is
+/// read again. A DDL on the table the stream brings meanwhile makes the next chunk fail (see
+/// [`ChunkPlan::layout`]) and the layout is read again then; this bounds the time a layout
+/// is trusted without a DDL in sight.
+pub const LAYOUT_TTL: Duration = Duration::from_secs(10);
+
+/// How often the runner reads the records (backfills started, or stopped by an operator, on
+/// the other replica); an action on this replica wakes it at once.
+pub const LIST_EVERY: Duration = Duration::from_secs(1);
+
+/// A backfill this replica runs.
+struct Active {
+    /// As listed when it started here (its progress lives in `chunks`).
+    b: Backfill,
+    chunks: Chunks,
+    layout: Option<Layout>,
+    /// Every consumer it is for is disabled: no reads.
+    held: bool,
+    /// When it last moved (for its rate figure).
+    since: Instant,
+    /// `progress.finished_at` as stored when an operator stopped it (a cancel sets it).
+    finished_at: Option<i64>,
+}
+
+/// What the runner keeps between steps.
+#[derive(Default)]
+struct Runner {
+    active: BTreeMap<String, Active>,
+    /// The outcomes of chunks read: (backfill, nonce, outcome or `None` when timed out).
+    pending: FuturesUnordered<LocalBoxFuture<'static, (String, String, Option<Outcome>)>>,
+    /// When the records were last read (`None`: read them now).
+    listed: Option<Instant>,
+    turn: usize,
+}
+
+/// A table's layout as a backfill last read it.
+#[derive(Debug, Clone)]
+struct Layout {
+    meta: TableMeta,
+    /// The stream's DDL count of the table before it was read ([`DdlSeen`]).
+    ddl_seen: u64,
+    read_at: Instant,
+}
 
 /// A consumer a backfill may be for: its filters, and the names and event types of its rules
 /// (`when`), which must take SNAPSHOT events of the table too.
@@ -185,13 +239,10 @@ pub struct Backfills {
     rates: Mutex<HashMap<String, Rate>>,
     /// The records as the runner last read them (for `status` without a query).
     seen: Mutex<Vec<Backfill>>,
-    /// The backfill whose chunk is in flight.
-    reading: Mutex<Option<String>>,
+    /// The backfills with chunks read and not yet confirmed.
+    reading: Mutex<HashSet<String>>,
     /// Since when the live stream has had no room for a chunk.
     busy_since: Mutex<Option<Instant>>,
-    /// When each backfill may read its next chunk (its `--rate`, or a wait for a disabled
-    /// consumer); the others go on meanwhile.
-    next_at: Mutex<HashMap<String, Instant>>,
     wake: tokio::sync::Notify,
 }
 
@@ -263,9 +314,8 @@ impl Backfills {
             connection,
             rates: Mutex::new(HashMap::new()),
             seen: Mutex::new(Vec::new()),
-            reading: Mutex::new(None),
+            reading: Mutex::new(HashSet::new()),
             busy_since: Mutex::new(None),
-            next_at: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -409,10 +459,7 @@ impl Backfills {
         let eta = rate.map(|r| {
             (b.progress.estimate.saturating_sub(b.progress.rows_read) as f64 / r).ceil() as u64
         });
-        let reading = self
-            .reading
-            .lock()
-            .is_ok_and(|r| r.as_deref() == Some(b.id.as_str()));
+        let reading = self.reading.lock().is_ok_and(|r| r.contains(&b.id));
         BackfillView {
             backfill: b,
             rows_per_second: rate,
@@ -443,35 +490,42 @@ impl Backfills {
         self.get(id).await
     }
 
-    /// The runner: run chunks of running backfills, one at a time, for as long as the service
-    /// runs.
+    /// The runner: read chunks of running backfills, one read at a time, and wait for their
+    /// outcomes, for as long as the service runs. While a backfill's chunk waits for its
+    /// confirms, its next chunk (or another backfill's) may be read.
     pub async fn run(self: Arc<Self>) {
         let backoff =
             crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut failures = 0u32;
-        let mut turn = 0usize;
+        let mut r = Runner::default();
         loop {
-            match self.round(&mut turn).await {
-                Ok(true) => failures = 0,
-                Ok(false) => {
-                    failures = 0;
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(2), self.wake.notified()).await;
-                }
+            match self.step(&mut r).await {
+                Ok(()) => failures = 0,
                 Err(e) => {
                     let wait = backoff.delay(failures);
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %e, retry_in = ?wait, transient = e.is_transient(), "backfill runner: the source database failed; trying again");
+                    r.listed = None;
                     tokio::time::sleep(wait).await;
                 }
+            }
+            if let Ok(mut reading) = self.reading.lock() {
+                *reading = r
+                    .active
+                    .iter()
+                    // a stopped one until what it did is stored
+                    .filter(|(_, a)| a.chunks.outstanding() > 0 || a.chunks.stopping())
+                    .map(|(id, _)| id.clone())
+                    .collect();
             }
         }
     }
 
     /// Whether this replica streams and the live stream leaves room for a chunk. Live batches
     /// go first, but a stream that never leaves room does not starve the backfill: after
-    /// [`MAX_YIELD`] of waiting a chunk goes anyway.
-    async fn may_read(&self) -> bool {
+    /// [`MAX_YIELD`] of waiting a chunk goes anyway. `own`: chunks in flight, whose watermark
+    /// batches (a low and a high each, at most) are not live batches.
+    async fn may_read(&self, own: usize) -> bool {
         let st = match self.connection.send(GetConnectionStatus).await {
             Ok(st) if st.state == ConnectionState::Connected => st,
             _ => return false,
@@ -479,7 +533,7 @@ impl Backfills {
         let Ok(mut busy) = self.busy_since.lock() else {
             return false;
         };
-        if st.inflight_batches <= self.settings.max_live_batches {
+        if st.inflight_batches <= self.settings.max_live_batches + 2 * own {
             *busy = None;
             return true;
         }
@@ -491,101 +545,226 @@ impl Backfills {
         false
     }
 
-    /// One chunk of the next running backfill. Ok(false): nothing to do now.
-    async fn round(&self, turn: &mut usize) -> Result<bool, BackfillError> {
-        if !self.may_read().await {
-            if self.busy_since.lock().is_ok_and(|b| b.is_some()) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                return Ok(true);
-            }
-            return Ok(false);
-        }
-        let all = self.source.list(&self.settings.owner).await?;
-        if let Ok(mut s) = self.seen.lock() {
-            *s = all.clone();
-        }
-        let running: Vec<Backfill> = all
-            .into_iter()
-            .filter(|b| b.state == State::Running)
-            .collect();
-        if running.is_empty() {
-            return Ok(false);
+    /// One step of the runner: the outcomes that came, the records when due, progress to
+    /// store, then one read, or a wait for the next thing to do.
+    async fn step(&self, r: &mut Runner) -> Result<(), BackfillError> {
+        while let Some(Some((id, nonce, o))) = r.pending.next().now_or_never() {
+            self.outcome(r, id, nonce, o).await;
         }
         let now = Instant::now();
-        let (ready, soonest) = {
-            let next = self.next_at.lock().map(|n| n.clone()).unwrap_or_default();
-            let ready: Vec<Backfill> = running
-                .into_iter()
-                .filter(|b| next.get(&b.id).is_none_or(|t| *t <= now))
-                .collect();
-            (ready, next.values().filter(|t| **t > now).min().copied())
-        };
-        if ready.is_empty() {
-            // every running backfill waits (its rate, a disabled consumer): until the first
-            // may go on, or an operator's action
-            let wait = soonest.map_or(Duration::from_secs(1), |t| t - now);
-            let _ =
-                tokio::time::timeout(wait.min(Duration::from_secs(1)), self.wake.notified()).await;
-            return Ok(true);
+        if r.listed.is_none_or(|t| now >= t + LIST_EVERY) {
+            self.sync(r).await?;
+            r.listed = Some(now);
         }
-        *turn = (*turn + 1) % ready.len();
-        let b = ready[*turn].clone();
-        if let Ok(mut r) = self.reading.lock() {
-            *r = Some(b.id.clone());
+        self.settle(r).await?;
+        let mut busy = false;
+        if let Some(id) = self.next_read(r, now) {
+            let own = r.active.values().map(|a| a.chunks.outstanding()).sum();
+            if self.may_read(own).await {
+                return self.read(r, &id).await;
+            }
+            busy = true;
         }
-        let res = self.chunk(b).await;
-        if let Ok(mut r) = self.reading.lock() {
-            *r = None;
+        // nothing to do now: wait for an outcome, an operator, or the next due time
+        let mut until = r.listed.unwrap_or(now) + LIST_EVERY;
+        for a in r.active.values() {
+            let read_at = (!a.held).then(|| a.chunks.not_before()).flatten();
+            for t in [a.chunks.save_at(), read_at].into_iter().flatten() {
+                until = until.min(t);
+            }
         }
-        res?;
-        Ok(true)
+        if busy {
+            until = until.min(now + Duration::from_millis(20));
+        }
+        let until = until.max(now + Duration::from_millis(1));
+        tokio::select! {
+            Some((id, nonce, o)) = r.pending.next(), if !r.pending.is_empty() => {
+                self.outcome(r, id, nonce, o).await;
+            }
+            _ = self.wake.notified() => r.listed = None,
+            _ = tokio::time::sleep_until(until.into()) => {}
+        }
+        Ok(())
     }
 
-    /// Read, emit and confirm one chunk of `b`, then store its progress.
-    async fn chunk(&self, mut b: Backfill) -> Result<(), BackfillError> {
-        let started = Instant::now();
-        if let Some(why) = self.no_taker_enabled(&b).await {
-            // hold: rows emitted now would reach nobody
-            if b.progress.error.as_deref() != Some(why.as_str()) {
-                b.progress.error = Some(why);
-                self.source.save_progress(&b.id, &b.progress).await?;
+    /// Read the records: backfills to run here, the ones an operator stopped, the ones whose
+    /// consumers are all disabled.
+    async fn sync(&self, r: &mut Runner) -> Result<(), BackfillError> {
+        let mut all = self.source.list(&self.settings.owner).await?;
+        let now = Instant::now();
+        for b in &all {
+            match (b.state, r.active.get_mut(&b.id)) {
+                (State::Running, None) => {
+                    let chunks = Chunks::new(
+                        b.progress.clone(),
+                        b.spec.chunk,
+                        b.spec.rate,
+                        self.settings.chunks_in_flight,
+                    );
+                    r.active.insert(
+                        b.id.clone(),
+                        Active {
+                            b: b.clone(),
+                            chunks,
+                            layout: None,
+                            held: false,
+                            since: now,
+                            finished_at: None,
+                        },
+                    );
+                }
+                (State::Running, Some(_)) => {}
+                (_, Some(a)) => {
+                    a.chunks.stop();
+                    a.finished_at = b.progress.finished_at;
+                }
+                _ => {}
             }
-            if let Ok(mut next) = self.next_at.lock() {
-                next.insert(b.id.clone(), started + Duration::from_secs(2));
-            }
-            return Ok(());
         }
-        let meta = match self
+        for (id, a) in r.active.iter_mut() {
+            if !all.iter().any(|b| b.id == *id) {
+                a.chunks.stop();
+            }
+        }
+        for a in r.active.values_mut() {
+            let why = self.no_taker_enabled(&a.b).await;
+            a.held = why.is_some();
+            if why.is_some() {
+                // rows emitted now would reach nobody
+                a.chunks.note(why, now);
+            }
+        }
+        for b in all.iter_mut() {
+            if let Some(a) = r.active.get(&b.id) {
+                b.progress = a.chunks.progress().clone();
+            }
+        }
+        if let Ok(mut s) = self.seen.lock() {
+            *s = all;
+        }
+        Ok(())
+    }
+
+    /// Show `id`'s progress in `status` (see [`Self::seen`]).
+    fn show(&self, id: &str, p: &Progress) {
+        if let Ok(mut s) = self.seen.lock()
+            && let Some(b) = s.iter_mut().find(|b| b.id == id)
+        {
+            b.progress = p.clone();
+        }
+    }
+
+    /// Store what is due: the progress no low watermark will carry soon, and the backfills
+    /// done or stopped here.
+    async fn settle(&self, r: &mut Runner) -> Result<(), BackfillError> {
+        let now = Instant::now();
+        let ids: Vec<String> = r.active.keys().cloned().collect();
+        for id in ids {
+            let Some(a) = r.active.get_mut(&id) else {
+                continue;
+            };
+            if a.chunks.finished() {
+                let p = a.chunks.progress().clone();
+                self.finish(&a.b, p).await?;
+                r.active.remove(&id);
+            } else if a.chunks.stopped() {
+                // what it did before the operator stopped it
+                if let Some((_, mut p)) = a.chunks.to_fold() {
+                    p.finished_at = a.finished_at;
+                    self.source.save_progress(&id, &p).await?;
+                }
+                r.active.remove(&id);
+            } else if a.chunks.save_due(now)
+                && let Some((version, p)) = a.chunks.to_fold()
+            {
+                self.source.save_progress(&id, &p).await?;
+                a.chunks.stored(version);
+            }
+        }
+        Ok(())
+    }
+
+    /// The backfill whose chunk is read next (in turn among those that may read now).
+    fn next_read(&self, r: &mut Runner, now: Instant) -> Option<String> {
+        let ready: Vec<&String> = r
+            .active
+            .iter()
+            .filter(|(_, a)| !a.held && a.chunks.may_read(now))
+            .map(|(id, _)| id)
+            .collect();
+        if ready.is_empty() {
+            return None;
+        }
+        r.turn = (r.turn + 1) % ready.len();
+        Some(ready[r.turn].clone())
+    }
+
+    /// `b`'s table layout, read again: the stream's DDL count first, so that a DDL after the
+    /// read makes its chunks fail ([`ChunkPlan::layout`]).
+    async fn read_layout(&self, b: &Backfill) -> Result<Layout, BackfillError> {
+        let ddl_seen = self
+            .manager
+            .send(DdlSeen(b.spec.database.clone(), b.spec.table.clone()))
+            .await
+            .unwrap_or(0);
+        let read_at = Instant::now();
+        let meta = self
             .source
             .table_meta(&b.spec.database, &b.spec.table)
-            .await
-        {
-            Ok(m) => m,
-            Err(BackfillError::Invalid(why)) => return self.fail(&b, why).await,
-            Err(e) => return Err(e),
+            .await?;
+        Ok(Layout {
+            meta,
+            ddl_seen,
+            read_at,
+        })
+    }
+
+    /// Read one chunk of backfill `id` (low watermark with its unstored progress, SELECT,
+    /// rows to the Manager, high watermark); its outcome comes later.
+    async fn read(&self, r: &mut Runner, id: &str) -> Result<(), BackfillError> {
+        let Some(a) = r.active.get_mut(id) else {
+            return Ok(());
         };
+        let layout = match a
+            .layout
+            .clone()
+            .filter(|l| l.read_at.elapsed() < LAYOUT_TTL)
+        {
+            Some(l) => l,
+            None => match self.read_layout(&a.b).await {
+                Ok(l) => {
+                    a.layout = Some(l.clone());
+                    l
+                }
+                Err(BackfillError::Invalid(why)) => return self.fail(r, id, why).await,
+                Err(e) => return Err(e),
+            },
+        };
+        let meta = layout.meta;
         let key: Vec<String> = meta.key.iter().map(|k| k.to_string()).collect();
-        if key != b.spec.key_columns {
+        if key != a.b.spec.key_columns {
             let why = format!(
                 "the primary key of {} changed from ({}) to ({}) during the backfill; start a new one",
-                b.spec.full_table(),
-                b.spec.key_columns.join(", "),
+                a.b.spec.full_table(),
+                a.b.spec.key_columns.join(", "),
                 key.join(", ")
             );
-            return self.fail(&b, why).await;
+            return self.fail(r, id, why).await;
         }
-        let Some(max) = b.progress.max_key.clone() else {
-            return self.finish(&b, b.progress.clone()).await;
+        let Some(max) = a.chunks.progress().max_key.clone() else {
+            return Ok(()); // nothing to read: finished
         };
         let nonce = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let after = a.chunks.begin(&nonce, Instant::now());
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let plan = ChunkPlan {
             nonce: nonce.clone(),
-            backfill: ArcStr::from(b.id.as_str()),
+            backfill: ArcStr::from(id),
             database: ArcStr::from(meta.database.as_str()),
             table: ArcStr::from(meta.table.as_str()),
             key_columns: meta.key.clone(),
-            consumer: b.spec.consumer.as_deref().map(ArcStr::from),
+            consumer: a.b.spec.consumer.as_deref().map(ArcStr::from),
+            layout: layout.ddl_seen,
         };
         if self
             .manager
@@ -596,33 +775,55 @@ impl Backfills {
             .await
             .is_err()
         {
+            a.chunks.abandon(&nonce);
             return Ok(()); // the service is stopping
         }
+        let fold = a.chunks.to_fold();
         let read = async {
-            self.source
-                .write_watermark(&b.id, &format!("low:{nonce}"))
-                .await?;
+            if !self
+                .source
+                .write_low_watermark(id, &format!("low:{nonce}"), fold.as_ref().map(|f| &f.1))
+                .await?
+            {
+                return Ok(None); // paused or cancelled meanwhile
+            }
             let rows = self
                 .source
                 .read_chunk(
                     &meta,
-                    b.spec.condition.as_deref(),
-                    b.progress.last_key.as_deref(),
+                    a.b.spec.condition.as_deref(),
+                    after.as_deref(),
                     &max,
-                    b.spec.chunk,
+                    a.b.spec.chunk,
                 )
                 .await?;
-            Ok::<_, BackfillError>(rows)
+            Ok::<_, BackfillError>(Some(rows))
         };
         let rows = match read.await {
-            Ok(rows) => rows,
+            Ok(Some(rows)) => rows,
+            Ok(None) => {
+                // paused or cancelled meanwhile: read the records before storing what it did
+                self.manager.do_send(ForgetChunk(nonce.clone()));
+                a.chunks.abandon(&nonce);
+                a.chunks.stop();
+                r.listed = None;
+                return Ok(());
+            }
             Err(e) => {
-                self.manager.do_send(ForgetChunk(nonce));
+                self.manager.do_send(ForgetChunk(nonce.clone()));
+                a.chunks.abandon(&nonce);
+                a.layout = None;
                 return Err(e);
             }
         };
-        let n = rows.len();
-        let last = rows.last().map(|r| key_values(r, &meta.key));
+        if let Some((version, _)) = fold {
+            a.chunks.stored(version);
+        }
+        a.chunks.read(
+            &nonce,
+            rows.len(),
+            rows.last().map(|r| key_values(r, &meta.key)),
+        );
         let handed = self
             .manager
             .send(ChunkRows {
@@ -632,23 +833,40 @@ impl Backfills {
             .await
             .unwrap_or(false);
         if !handed {
+            a.chunks.abandon(&nonce);
             return Ok(());
         }
         if let Err(e) = self
             .source
-            .write_watermark(&b.id, &format!("high:{nonce}"))
+            .write_watermark(id, &format!("high:{nonce}"))
             .await
         {
-            self.manager.do_send(ForgetChunk(nonce));
+            self.manager.do_send(ForgetChunk(nonce.clone()));
+            a.chunks.abandon(&nonce);
             return Err(e);
         }
-        let outcome = match tokio::time::timeout(self.settings.chunk_timeout, done_rx).await {
-            Ok(Ok(o)) => o,
-            Ok(Err(_)) => Outcome::Failed("the service dropped the chunk".into()),
-            Err(_) => {
+        a.chunks.high_written(&nonce);
+        let timeout = self.settings.chunk_timeout;
+        let id = id.to_string();
+        r.pending.push(Box::pin(async move {
+            let o = match tokio::time::timeout(timeout, done_rx).await {
+                Ok(Ok(o)) => Some(o),
+                Ok(Err(_)) => Some(Outcome::Failed("the service dropped the chunk".into())),
+                Err(_) => None,
+            };
+            (id, nonce, o)
+        }));
+        Ok(())
+    }
+
+    /// How read `nonce` of backfill `id` ended (`None`: not within `backfill.chunk_timeout`).
+    async fn outcome(&self, r: &mut Runner, id: String, nonce: String, o: Option<Outcome>) {
+        let o = match o {
+            Some(o) => o,
+            None => {
                 let why = self
                     .manager
-                    .send(ForgetChunk(nonce))
+                    .send(ForgetChunk(nonce.clone()))
                     .await
                     .ok()
                     .flatten()
@@ -659,37 +877,30 @@ impl Backfills {
                 ))
             }
         };
-        match outcome {
+        let Some(a) = r.active.get_mut(&id) else {
+            return;
+        };
+        let now = Instant::now();
+        match o {
             Outcome::Confirmed { emitted, dropped } => {
-                b.progress.error = None;
-                let last_chunk = b
-                    .progress
-                    .chunk_done(n, b.spec.chunk, last, emitted, dropped);
-                if last_chunk {
-                    return self.finish(&b, b.progress.clone()).await;
+                let moved = a.chunks.confirmed(&nonce, emitted, dropped, now);
+                if moved.chunks > 0 {
+                    self.note_rate(&id, moved.rows, now.duration_since(a.since));
+                    a.since = now;
                 }
-                self.source.save_progress(&b.id, &b.progress).await?;
-                // the rate limit: this backfill's next chunk waits; the others go on
-                let mut took = started.elapsed();
-                if let Some(rate) = b.spec.rate {
-                    let want = Duration::try_from_secs_f64(n.max(1) as f64 / rate)
-                        .unwrap_or(Duration::from_secs(86_400))
-                        .min(Duration::from_secs(86_400));
-                    took = took.max(want);
-                    if let Ok(mut next) = self.next_at.lock() {
-                        next.insert(b.id.clone(), started + want);
-                    }
-                }
-                self.note_rate(&b.id, n, took);
             }
             Outcome::Failed(why) => {
-                tracing::info!(backfill = %b.id, table = %b.spec.full_table(), reason = %why, "backfill chunk read again");
-                b.progress.rereads += 1;
-                b.progress.error = Some(format!("chunk read again: {why}"));
-                self.source.save_progress(&b.id, &b.progress).await?;
+                if !a.chunks.nonces().any(|n| n == nonce) {
+                    return; // forgotten: an earlier chunk failed
+                }
+                tracing::info!(backfill = %id, table = %a.b.spec.full_table(), reason = %why, "backfill chunk read again");
+                for later in a.chunks.failed(&nonce, &why, now) {
+                    self.manager.do_send(ForgetChunk(later));
+                }
+                a.layout = None;
             }
         }
-        Ok(())
+        self.show(&id, a.chunks.progress());
     }
 
     /// Why `b` must wait: every consumer it is for is disabled (its rows would reach nobody).
@@ -711,7 +922,7 @@ impl Backfills {
         })
     }
 
-    fn note_rate(&self, id: &str, rows: usize, took: Duration) {
+    fn note_rate(&self, id: &str, rows: u64, took: Duration) {
         let now = rows as f64 / took.as_secs_f64().max(1e-3);
         if let Ok(mut r) = self.rates.lock() {
             let e = r.entry(id.to_string()).or_default();
@@ -748,13 +959,21 @@ impl Backfills {
         Ok(())
     }
 
-    async fn fail(&self, b: &Backfill, why: String) -> Result<(), BackfillError> {
-        let mut p = b.progress.clone();
+    /// Backfill `id` cannot go on (`why`): forget its reads, store it failed.
+    async fn fail(&self, r: &mut Runner, id: &str, why: String) -> Result<(), BackfillError> {
+        let Some(a) = r.active.get_mut(id) else {
+            return Ok(());
+        };
+        for nonce in a.chunks.nonces() {
+            self.manager.do_send(ForgetChunk(nonce.to_string()));
+        }
+        let mut p = a.chunks.progress().clone();
         p.error = Some(why.clone());
         self.source
-            .set_state(&b.id, State::Running, State::Failed, Some(&p))
+            .set_state(id, State::Running, State::Failed, Some(&p))
             .await?;
-        tracing::error!(backfill = %b.id, table = %b.spec.full_table(), error = %why, "backfill failed");
+        tracing::error!(backfill = %id, table = %a.b.spec.full_table(), error = %why, "backfill failed");
+        r.active.remove(id);
         Ok(())
     }
 

@@ -354,6 +354,43 @@ impl Source {
         .map_err(self.err("writing a watermark (needs UPDATE on the watermark table)"))
     }
 
+    /// Write a low watermark (`low:<nonce>`) on backfill `id`'s row if it is still running,
+    /// with `progress` (the last confirmed chunk's, not yet stored) in the same UPDATE: one
+    /// commit, and one transaction through Canal, for both. False if it is no longer running
+    /// (paused or cancelled meanwhile): nothing was written.
+    pub async fn write_low_watermark(
+        &self,
+        id: &str,
+        value: &str,
+        progress: Option<&Progress>,
+    ) -> Result<bool, BackfillError> {
+        let mut c = self.conn().await?;
+        let what = "writing a watermark (needs UPDATE on the watermark table)";
+        match progress {
+            Some(p) => c
+                .exec_drop(
+                    format!(
+                        "UPDATE {} SET watermark = ?, progress = ? WHERE id = ? AND state = ?",
+                        self.wm()
+                    ),
+                    (value, json(p), id, State::Running.as_str()),
+                )
+                .await
+                .map_err(self.err(what))?,
+            None => c
+                .exec_drop(
+                    format!(
+                        "UPDATE {} SET watermark = ? WHERE id = ? AND state = ?",
+                        self.wm()
+                    ),
+                    (value, id, State::Running.as_str()),
+                )
+                .await
+                .map_err(self.err(what))?,
+        }
+        Ok(c.affected_rows() == 1)
+    }
+
     /// Write heartbeat row `id` (state 'heartbeat') with `value` in its watermark column:
     /// created on its first write, updated after.
     pub async fn write_heartbeat(&self, id: &str, value: &str) -> Result<(), BackfillError> {

@@ -553,6 +553,10 @@ pub struct BackfillConfig {
     /// Start a chunk only while at most this many live batches are in flight (live changes go
     /// first).
     pub max_live_batches: usize,
+    /// Chunks of one backfill read and not yet confirmed, at most: the next chunk is read
+    /// while earlier ones' messages are confirmed. 1 reads one chunk after another; each
+    /// chunk in flight holds its rows in memory.
+    pub chunks_in_flight: usize,
 }
 
 impl BackfillConfig {
@@ -581,6 +585,7 @@ impl Default for BackfillConfig {
             chunk: nz(1000),
             chunk_timeout: Duration::from_secs(60),
             max_live_batches: 2,
+            chunks_in_flight: 2,
         }
     }
 }

@@ -91,6 +91,15 @@ impl Config {
                 format!("must be at most 100000 rows, got {}", self.backfill.chunk),
             );
         }
+        if !(1..=8).contains(&self.backfill.chunks_in_flight) {
+            bad(
+                "backfill.chunks_in_flight",
+                format!(
+                    "must be between 1 and 8 chunks, got {}",
+                    self.backfill.chunks_in_flight
+                ),
+            );
+        }
         if self.backfill.chunk_timeout < std::time::Duration::from_secs(1) {
             bad(
                 "backfill.chunk_timeout",

@@ -221,6 +221,12 @@ pub struct ChunkRows {
     pub rows: Vec<crate::event::Row>,
 }
 
+/// How many DDL events on a table (`database`, `table`) the stream has brought
+/// ([`Windows::ddl_seen`]); asked before a backfill reads the table's layout.
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct DdlSeen(pub String, pub String);
+
 /// Give up on a read (its backfill stopped waiting); answers why it was not done, when the
 /// read was still known.
 #[derive(Message)]
@@ -650,6 +656,16 @@ impl Handler<ChunkRows> for Manager {
         self.windows
             .as_mut()
             .is_some_and(|w| w.rows(&msg.nonce, msg.rows))
+    }
+}
+
+impl Handler<DdlSeen> for Manager {
+    type Result = u64;
+
+    fn handle(&mut self, msg: DdlSeen, _: &mut Context<Self>) -> u64 {
+        self.windows
+            .as_ref()
+            .map_or(0, |w| w.ddl_seen(&msg.0, &msg.1))
     }
 }
 

@@ -13,7 +13,10 @@
 //!   as SNAPSHOT events, right after the watermark event (a changed row's live event is newer
 //!   than what the SELECT saw, and it is delivered anyway);
 //! - a DDL on the chunk's table inside the window spoils the read: nothing is emitted and the
-//!   read fails (the backfill reads the table's layout again and redoes the chunk).
+//!   read fails (the backfill reads the table's layout again and redoes the chunk). So does a
+//!   DDL on the table anywhere after the backfill read its layout ([`ChunkPlan::layout`]):
+//!   the backfill keeps a table's layout across chunks, and such a DDL may have come before
+//!   the low watermark, after the layout read.
 //!
 //! Why this is enough (DBLog, section 3): every live change to a key either comes before the
 //! low watermark (and so before the SNAPSHOT row, which shows the row at or after it), or after
@@ -25,6 +28,8 @@
 //! it confirmed); the Manager reports that ([`Outcome`]). A read that fails, or whose batch is
 //! abandoned, is read again under a new nonce; a watermark whose nonce is unknown (a
 //! redelivery of an old read, another replica's read) is ignored.
+
+pub mod chunks;
 
 use crate::canal::connection::BatchRef;
 use crate::event::{ArcStr, ChangeEvent, EventType, Row, SnapshotOrigin, Value};
@@ -43,6 +48,10 @@ pub struct ChunkPlan {
     pub key_columns: Vec<ArcStr>,
     /// Deliver only to this consumer.
     pub consumer: Option<ArcStr>,
+    /// [`Windows::ddl_seen`] of the table when its layout (columns, key) was read, before
+    /// that read: a DDL on the table since then, anywhere before the high watermark, spoils
+    /// the read (its SELECT may have used a stale layout).
+    pub layout: u64,
 }
 
 /// How a read ended.
@@ -152,6 +161,9 @@ pub struct Windows {
     /// Reads whose rows ride in a batch, with their counts: settled when it is acked or
     /// abandoned.
     batches: BTreeMap<BatchRef, Vec<(String, u64, u64)>>,
+    /// DDL events seen per table (`database`, `table`), in or out of any window: a backfill
+    /// that caches a table's layout reads this before the layout and puts it in its plans.
+    ddl: HashMap<(ArcStr, ArcStr), u64>,
 }
 
 impl Windows {
@@ -160,7 +172,17 @@ impl Windows {
             table,
             reads: HashMap::new(),
             batches: BTreeMap::new(),
+            ddl: HashMap::new(),
         }
+    }
+
+    /// How many DDL events on `database.table` this has seen (a redelivered one counts
+    /// again). A layout read after this was taken is stale once it moves.
+    pub fn ddl_seen(&self, database: &str, table: &str) -> u64 {
+        self.ddl
+            .get(&(ArcStr::from(database), ArcStr::from(table)))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The watermark table this watches.
@@ -243,6 +265,12 @@ impl Windows {
     /// Look at one batch in binlog order; see the module docs.
     pub fn scan(&mut self, events: &[ChangeEvent]) -> Scan {
         let mut scan = Scan::default();
+        for e in events.iter().filter(|e| e.is_ddl) {
+            *self
+                .ddl
+                .entry((e.database.clone(), e.table.clone()))
+                .or_default() += 1;
+        }
         if self.reads.is_empty() {
             return scan;
         }
@@ -329,7 +357,18 @@ impl Windows {
                 None
             }
             (Phase::Open, true) => {
-                if let Some(why) = r.spoiled.take() {
+                let ddl = self
+                    .ddl
+                    .get(&(r.plan.database.clone(), r.plan.table.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                let stale = (ddl != r.plan.layout).then(|| {
+                    format!(
+                        "a DDL on {}.{} since the backfill read its layout",
+                        r.plan.database, r.plan.table
+                    )
+                });
+                if let Some(why) = r.spoiled.take().or(stale) {
                     let nonce = nonce.to_string();
                     self.reads.remove(&nonce);
                     scan.failed.push((nonce, why));

@@ -6,10 +6,13 @@
 //! state (a deleted key's last event removes it), and every row of the final table must have
 //! been seen: the table's final state is the independent expectation.
 
+use super::chunks::{Chunks, Key};
 use super::*;
+use crate::backfill::record::Progress;
 use crate::canal::connection::BatchRef;
 use crate::event::{Columns, Position};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
 
 fn columns() -> Arc<Columns> {
     Arc::new(Columns::new(vec!["id".into(), "v".into()]))
@@ -62,7 +65,21 @@ fn wm_event(kind: &str, nonce: &str, n: u64) -> ChangeEvent {
     event(EventType::Update, "cc", "watermark", data, None, n)
 }
 
-fn plan(nonce: &str) -> ChunkPlan {
+fn ddl_event(n: u64) -> ChangeEvent {
+    let mut e = event(
+        EventType::Alter,
+        "db",
+        "t",
+        Row::from_values(Arc::new(Columns::new(vec![])), vec![]),
+        None,
+        n,
+    );
+    e.is_ddl = true;
+    e.sql = Some("ALTER TABLE t COMMENT 'x'".into());
+    e
+}
+
+fn plan(nonce: &str, layout: u64) -> ChunkPlan {
     ChunkPlan {
         nonce: nonce.into(),
         backfill: "b1".into(),
@@ -70,6 +87,7 @@ fn plan(nonce: &str) -> ChunkPlan {
         table: "t".into(),
         key_columns: vec!["id".into()],
         consumer: None,
+        layout,
     }
 }
 
@@ -105,8 +123,109 @@ fn apply_seen(seen: &mut Seen, e: &ChangeEvent) {
     }
 }
 
-/// One run: a table of `initial` rows, a writer and a backfill of chunk size `chunk`, the
-/// binlog delivered in random batches with random redeliveries.
+/// The write of one row of the model table: its event, and the table changed.
+fn write(
+    rng: &mut fastrand::Rng,
+    cols: &Arc<Columns>,
+    table: &mut BTreeMap<i64, i64>,
+    next_id: &mut i64,
+    n: u64,
+) -> Option<ChangeEvent> {
+    if rng.u8(0..40) == 0 {
+        // a DDL that changes nothing the model sees
+        return Some(ddl_event(n));
+    }
+    let pick = |rng: &mut fastrand::Rng, table: &BTreeMap<i64, i64>| {
+        *table.keys().nth(rng.usize(0..table.len())).unwrap()
+    };
+    match rng.u8(0..4) {
+        0 => {
+            *next_id += rng.i64(1..3);
+            let v = rng.i64(1..1000);
+            table.insert(*next_id, v);
+            Some(event(
+                EventType::Insert,
+                "db",
+                "t",
+                row(cols, *next_id, v),
+                None,
+                n,
+            ))
+        }
+        1 if !table.is_empty() => {
+            let k = pick(rng, table);
+            let v = rng.i64(1..1000);
+            table.insert(k, v);
+            let old = Row::from_values(
+                Arc::new(Columns::new(vec!["v".into()])),
+                vec![Value::Int(0)],
+            );
+            Some(event(
+                EventType::Update,
+                "db",
+                "t",
+                row(cols, k, v),
+                Some(old),
+                n,
+            ))
+        }
+        2 if !table.is_empty() => {
+            // the key changes (to an unused key, maybe inside a read chunk)
+            let k = pick(rng, table);
+            let mut to = rng.i64(0..*next_id + 5);
+            while table.contains_key(&to) {
+                to += 1;
+            }
+            *next_id = (*next_id).max(to);
+            let v = table.remove(&k).unwrap();
+            table.insert(to, v);
+            let old = Row::from_values(
+                Arc::new(Columns::new(vec!["id".into()])),
+                vec![Value::Int(k)],
+            );
+            Some(event(
+                EventType::Update,
+                "db",
+                "t",
+                row(cols, to, v),
+                Some(old),
+                n,
+            ))
+        }
+        3 if !table.is_empty() => {
+            let k = pick(rng, table);
+            let v = table.remove(&k).unwrap();
+            Some(event(
+                EventType::Delete,
+                "db",
+                "t",
+                row(cols, k, v),
+                None,
+                n,
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn int_key(k: &Option<Key>) -> Option<i64> {
+    k.as_ref().map(|k| match k.as_slice() {
+        [Value::Int(i)] => *i,
+        other => panic!("not a model key: {other:?}"),
+    })
+}
+
+/// The chunks at most outstanding in the simulation.
+const MAX_OUTSTANDING: usize = 2;
+
+/// One run: a table of `initial` rows, a writer and a backfill of chunk size `chunk` whose
+/// decisions are [`Chunks`]' (the next chunk read while earlier ones wait, progress stored
+/// with the next low watermark or alone), the binlog delivered in random batches acked later
+/// in order, some abandoned (their publish failed: the stream comes again from the last ack
+/// and the reads whose rows they carried are read again), reads whose rows were lost, reads
+/// the backfill gives up on (its timeout), outcomes reaching the backfill in any order, and
+/// restarts of the service (everything not stored is lost; it goes on from the stored
+/// progress). After each step the invariants below are checked.
 fn run(seed: u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let cols = columns();
@@ -118,8 +237,15 @@ fn run(seed: u64) {
         table.insert(next_id, 0);
     }
     let chunk = rng.usize(1..8);
+    let rate = (rng.u8(0..4) == 0).then(|| rng.f64() * 2000.0 + 100.0);
+    let t0 = Instant::now();
     // the backfill ends at the largest key when it started (later rows come live)
-    let max_key = table.keys().last().copied().unwrap_or(i64::MIN);
+    let max_key = table.keys().last().copied();
+    let mut stored = Progress {
+        max_key: max_key.map(|k| vec![Value::Int(k)]),
+        ..Default::default()
+    };
+    let mut chunks = Chunks::new(stored.clone(), chunk, rate, MAX_OUTSTANDING);
     let mut log: Vec<ChangeEvent> = Vec::new();
     let mut n = 0u64;
     let mut windows = Windows::new(wm_table());
@@ -127,123 +253,97 @@ fn run(seed: u64) {
     let mut seen = Seen::new();
     let mut delivered = 0usize; // log events handed to the windows (the stream's cursor)
     let mut acked = 0usize; // the cursor a redelivery restarts from
+    let mut inflight: VecDeque<(BatchRef, usize)> = VecDeque::new(); // batches not acked, with their end
     let (mut epoch, mut batch_id) = (1u64, 0i64);
-    // backfill side: keyset pagination over `id`
-    let mut last_key: Option<i64> = None;
-    let mut done = false;
-    // the current read: (nonce, stage: 0 low written, 1 rows read, 2 high written)
-    let mut read: Option<(String, u8)> = None;
-    let mut pending_rows: HashMap<String, Vec<Row>> = HashMap::new();
+    // backfill side
+    let mut done = stored.max_key.is_none();
+    // the read under way: (nonce, the key it reads after, stage: 0 low written, 1 rows read)
+    let mut read: Option<(String, Option<Key>, u8)> = None;
+    // outcomes on their way to the backfill (it takes them in any order)
+    let mut outcomes: Vec<(String, Outcome)> = Vec::new();
     let mut reads = 0u32;
-    let mut steps = 0;
-    while !(done && delivered == log.len()) {
+    // the table's layout as the backfill last read it: the windows' DDL count before the
+    // read, and how much of the log the read saw
+    let mut layout: Option<(u64, usize)> = None;
+    // per read: where its layout was read, and where its high watermark is in the log
+    let mut layout_at: HashMap<String, usize> = HashMap::new();
+    let mut high_at: HashMap<String, usize> = HashMap::new();
+    // independent of the core: per read, the key it read after and its last key; the reads
+    // whose rows were confirmed (acked)
+    let mut spans: HashMap<String, (Option<i64>, Option<i64>)> = HashMap::new();
+    let mut confirmed: HashSet<String> = HashSet::new();
+    let mut restarts = 0;
+    let mut checked: Option<Option<i64>> = None; // the stored key last checked
+    let mut steps = 0u64;
+    while !(done && delivered == log.len() && inflight.is_empty()) {
         steps += 1;
-        assert!(steps < 20_000, "seed {seed}: no progress");
-        match rng.u8(0..10) {
+        assert!(steps < 100_000, "seed {seed}: no progress");
+        let now = t0 + Duration::from_millis(steps);
+        match rng.u8(0..14) {
             // the writer
             0..=2 => {
                 n += 1;
-                match rng.u8(0..4) {
-                    0 => {
-                        next_id += rng.i64(1..3);
-                        let v = rng.i64(1..1000);
-                        table.insert(next_id, v);
-                        log.push(event(
-                            EventType::Insert,
-                            "db",
-                            "t",
-                            row(&cols, next_id, v),
-                            None,
-                            n,
-                        ));
-                    }
-                    1 if !table.is_empty() => {
-                        let k = *table.keys().nth(rng.usize(0..table.len())).unwrap();
-                        let v = rng.i64(1..1000);
-                        table.insert(k, v);
-                        let old = Row::from_values(
-                            Arc::new(Columns::new(vec!["v".into()])),
-                            vec![Value::Int(0)],
-                        );
-                        log.push(event(
-                            EventType::Update,
-                            "db",
-                            "t",
-                            row(&cols, k, v),
-                            Some(old),
-                            n,
-                        ));
-                    }
-                    2 if !table.is_empty() => {
-                        // the key changes (to an unused key, maybe inside a read chunk)
-                        let k = *table.keys().nth(rng.usize(0..table.len())).unwrap();
-                        let mut to = rng.i64(0..next_id + 5);
-                        while table.contains_key(&to) {
-                            to += 1;
-                        }
-                        next_id = next_id.max(to);
-                        let v = table.remove(&k).unwrap();
-                        table.insert(to, v);
-                        let old = Row::from_values(
-                            Arc::new(Columns::new(vec!["id".into()])),
-                            vec![Value::Int(k)],
-                        );
-                        log.push(event(
-                            EventType::Update,
-                            "db",
-                            "t",
-                            row(&cols, to, v),
-                            Some(old),
-                            n,
-                        ));
-                    }
-                    3 if !table.is_empty() => {
-                        let k = *table.keys().nth(rng.usize(0..table.len())).unwrap();
-                        let v = table.remove(&k).unwrap();
-                        log.push(event(
-                            EventType::Delete,
-                            "db",
-                            "t",
-                            row(&cols, k, v),
-                            None,
-                            n,
-                        ));
-                    }
-                    _ => {}
+                if let Some(e) = write(&mut rng, &cols, &mut table, &mut next_id, n) {
+                    log.push(e);
                 }
             }
-            // the backfill: one step of its current read
+            // the backfill: one step of its read, or a new read, or progress stored alone
             3..=5 if !done => match read.clone() {
-                None => {
+                None if chunks.may_read(now) => {
                     reads += 1;
                     let nonce = format!("r{reads}");
-                    windows.expect(plan(&nonce));
+                    if layout.is_none() || rng.u8(0..5) == 0 {
+                        layout = Some((windows.ddl_seen("db", "t"), log.len()));
+                    }
+                    let (ddl_seen, seen_log) = layout.unwrap();
+                    layout_at.insert(nonce.clone(), seen_log);
+                    windows.expect(plan(&nonce, ddl_seen));
+                    let after = chunks.begin(&nonce, now);
+                    // the low watermark carries the progress not stored yet
+                    if let Some((version, p)) = chunks.to_fold() {
+                        stored = p;
+                        chunks.stored(version);
+                    }
                     n += 1;
                     log.push(wm_event("low", &nonce, n));
-                    read = Some((nonce, 0));
+                    read = Some((nonce, after, 0));
                 }
-                Some((nonce, 0)) => {
+                None => {
+                    if chunks.save_due(now)
+                        && let Some((version, p)) = chunks.to_fold()
+                    {
+                        stored = p;
+                        chunks.stored(version);
+                    }
+                }
+                Some((nonce, after, 0)) => {
+                    let after = int_key(&after);
                     let rows: Vec<Row> = table
-                        .range(last_key.map_or(i64::MIN, |k| k + 1)..)
-                        .take_while(|(k, _)| **k <= max_key)
+                        .range(after.map_or(i64::MIN, |k| k + 1)..)
+                        .take_while(|(k, _)| Some(**k) <= max_key)
                         .take(chunk)
                         .map(|(k, v)| row(&cols, *k, *v))
                         .collect();
-                    // sometimes the rows are lost (the service restarted between SELECT and hand-over)
+                    let last = rows.last().map(|r| vec![r.get("id").unwrap().clone()]);
+                    spans.insert(nonce.clone(), (after, int_key(&last)));
+                    chunks.read(&nonce, rows.len(), last);
+                    // sometimes the rows are lost (the service restarted between SELECT and
+                    // hand-over)
                     if rng.u8(0..20) != 0 {
-                        windows.rows(&nonce, rows.clone());
+                        windows.rows(&nonce, rows);
                     }
-                    pending_rows.insert(nonce.clone(), rows);
-                    read = Some((nonce, 1));
+                    read = Some((nonce, None, 1));
                 }
-                Some((nonce, _)) => {
+                Some((nonce, _, _)) => {
                     n += 1;
+                    high_at.insert(nonce.clone(), log.len());
                     log.push(wm_event("high", &nonce, n));
-                    read = Some((nonce, 2));
+                    chunks.high_written(&nonce);
+                    read = None;
                 }
             },
             // the stream: deliver a batch
-            6..=9 if delivered < log.len() => {
+            6..=8 if delivered < log.len() => {
                 let size = rng.usize(1..=(log.len() - delivered).min(6));
                 batch_id += 1;
                 let b = BatchRef {
@@ -257,44 +357,123 @@ fn run(seed: u64) {
                 for e in events {
                     apply_seen(&mut seen, e);
                 }
-                for (nonce, _) in scan.failed {
-                    pending_rows.remove(&nonce);
-                    if read.as_ref().is_some_and(|(r, _)| *r == nonce) {
-                        read = None; // read the chunk again
-                    }
+                // a read emitted saw the table's current layout: no DDL between its layout
+                // read and its high watermark
+                for (nonce, _, _) in &scan.emitted {
+                    let (from, to) = (layout_at[nonce], high_at[nonce]);
+                    assert!(
+                        !log[from..to].iter().any(|e| e.is_ddl),
+                        "seed {seed}: read {nonce} emitted over a DDL after its layout was read"
+                    );
                 }
-                // a publish fails now and then: the batch is abandoned and the stream comes
-                // again from the last ack (a new epoch); else it is acked
-                let acked_now = rng.u8(0..6) != 0;
-                for (nonce, outcome) in windows.settled(b, acked_now) {
-                    let rows = pending_rows.remove(&nonce).unwrap();
-                    if read.as_ref().is_none_or(|(r, _)| *r != nonce) {
-                        continue;
-                    }
-                    read = None;
-                    if let Outcome::Confirmed { .. } = outcome {
-                        match rows.last() {
-                            Some(r) if rows.len() == chunk => {
-                                last_key = Some(match r.get("id") {
-                                    Some(Value::Int(i)) => *i,
-                                    _ => unreachable!(),
-                                })
-                            }
-                            _ => done = true,
-                        }
-                    }
+                for (nonce, why) in scan.failed {
+                    outcomes.push((nonce, Outcome::Failed(why)));
                 }
-                if acked_now {
-                    delivered += size;
+                delivered += size;
+                inflight.push_back((b, delivered));
+            }
+            // the publisher: the oldest batch is acked, or every batch in flight abandoned
+            9..=10 if !inflight.is_empty() => {
+                if rng.u8(0..6) != 0 {
+                    let (b, end) = inflight.pop_front().unwrap();
+                    for (nonce, o) in windows.settled(b, true) {
+                        confirmed.insert(nonce.clone());
+                        outcomes.push((nonce, o));
+                    }
+                    acked = end;
                 } else {
+                    for (b, _) in inflight.drain(..) {
+                        outcomes.extend(windows.settled(b, false));
+                    }
                     epoch += 1;
                     delivered = acked;
                 }
-                acked = delivered;
+            }
+            // the backfill takes an outcome (any of those that came)
+            // (between reads: the runner reads a chunk in one go)
+            11 if !outcomes.is_empty() && read.is_none() => {
+                let (nonce, o) = outcomes.swap_remove(rng.usize(0..outcomes.len()));
+                match o {
+                    Outcome::Confirmed { emitted, dropped } => {
+                        if chunks.confirmed(&nonce, emitted, dropped, now).finished {
+                            // done: stored with the state
+                            stored = chunks.progress().clone();
+                            done = true;
+                        }
+                    }
+                    Outcome::Failed(why) => {
+                        layout = None;
+                        for later in chunks.failed(&nonce, &why, now) {
+                            windows.forget(&later);
+                        }
+                    }
+                }
+            }
+            // the backfill gives up on a chunk it waits for (backfill.chunk_timeout)
+            12 if rng.u8(0..8) == 0 && read.is_none() => {
+                if let Some(nonce) = chunks.nonces().last().map(str::to_string) {
+                    windows.forget(&nonce);
+                    for later in chunks.failed(&nonce, "timeout", now) {
+                        windows.forget(&later);
+                    }
+                }
+            }
+            // the service restarts: what is not stored is lost, the stream comes again
+            // from the last ack
+            13 if rng.u8(0..30) == 0 && restarts < 3 && !done => {
+                restarts += 1;
+                windows = Windows::new(wm_table());
+                chunks = Chunks::new(stored.clone(), chunk, rate, MAX_OUTSTANDING);
+                read = None;
+                layout = None;
+                outcomes.clear();
+                inflight.clear();
+                epoch += 1;
+                delivered = acked;
             }
             _ => {}
         }
+        // invariants, after every step
+        assert!(
+            chunks.outstanding() <= MAX_OUTSTANDING,
+            "seed {seed}: {} chunks outstanding",
+            chunks.outstanding()
+        );
+        // at most one read between its watermarks: windows disjoint in binlog order
+        assert_eq!(
+            chunks.reading(),
+            read.is_some(),
+            "seed {seed}: the core and the read under way disagree"
+        );
+        // what is stored claims only confirmed chunks, in key order: its last key is reached
+        // from the start through confirmed reads, each starting where the one before ended
+        let claimed = int_key(&stored.last_key);
+        if claimed.is_some() && checked != Some(claimed) {
+            checked = Some(claimed);
+            let mut reach: HashSet<Option<i64>> = HashSet::from([None]);
+            loop {
+                let before = reach.len();
+                for (nonce, (after, last)) in &spans {
+                    if confirmed.contains(nonce) && reach.contains(after) {
+                        reach.insert(*last);
+                    }
+                }
+                if reach.len() == before {
+                    break;
+                }
+            }
+            assert!(
+                reach.contains(&claimed),
+                "seed {seed}: stored progress claims {claimed:?}, not reached by confirmed chunks in order"
+            );
+        }
+        // the core's progress moves only forward, and is never behind what is stored
+        assert!(
+            chunks.progress().chunks >= stored.chunks,
+            "seed {seed}: the progress went back behind what is stored"
+        );
     }
+    assert!(chunks.finished() || stored.max_key.is_none(), "seed {seed}");
     // every key the consumer knows of ends in the table's final state
     for (k, v) in &seen {
         assert_eq!(table.get(k).copied(), *v, "seed {seed}: key {k}");
@@ -318,4 +497,57 @@ fn every_key_ends_in_the_tables_final_state_across_seeds() {
     for seed in 0..seeds {
         run(seed);
     }
+}
+
+#[test]
+fn chunks_overlap_two_reads_and_store_progress_in_key_order() {
+    let t0 = Instant::now();
+    let key = |i: i64| Some(vec![Value::Int(i)]);
+    let p = Progress {
+        max_key: key(100),
+        ..Default::default()
+    };
+    let mut c = Chunks::new(p, 10, None, 2);
+    assert_eq!(c.begin("a", t0), None);
+    // one read at a time: not before its high watermark is written
+    assert!(!c.may_read(t0));
+    c.read("a", 10, key(10));
+    assert!(!c.may_read(t0));
+    c.high_written("a");
+    assert!(c.may_read(t0));
+    assert_eq!(c.begin("b", t0), key(10));
+    c.read("b", 10, key(20));
+    c.high_written("b");
+    // two outstanding: no third
+    assert!(!c.may_read(t0));
+    // b confirmed first: held until a is
+    assert_eq!(c.confirmed("b", 10, 0, t0).chunks, 0);
+    assert_eq!(c.to_fold(), None);
+    let moved = c.confirmed("a", 9, 1, t0);
+    assert_eq!((moved.chunks, moved.rows, moved.finished), (2, 20, false));
+    let (version, stored) = c.to_fold().unwrap();
+    assert_eq!(stored.last_key, key(20));
+    assert_eq!((stored.rows_emitted, stored.rows_dropped), (19, 1));
+    // not due alone right away (the next low watermark carries it), but after FOLD_WAIT
+    assert!(!c.save_due(t0));
+    assert!(c.save_due(t0 + chunks::FOLD_WAIT));
+    c.stored(version);
+    assert!(!c.save_due(t0 + chunks::FOLD_WAIT));
+    // a failure rewinds to the end of the chunk before it and forgets the later ones
+    c.begin("c", t0);
+    c.read("c", 10, key(30));
+    c.high_written("c");
+    c.begin("d", t0);
+    c.read("d", 10, key(40));
+    c.high_written("d");
+    assert_eq!(c.failed("c", "rolled back", t0), vec!["d".to_string()]);
+    assert_eq!(c.confirmed("d", 10, 0, t0).chunks, 0);
+    assert_eq!(c.progress().rereads, 1);
+    assert_eq!(c.begin("e", t0), key(20));
+    // the last chunk (short) finishes it
+    c.read("e", 3, key(23));
+    c.high_written("e");
+    assert!(!c.may_read(t0));
+    assert!(c.confirmed("e", 3, 0, t0).finished);
+    assert!(c.finished());
 }
