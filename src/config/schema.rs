@@ -554,8 +554,9 @@ pub struct BackfillConfig {
     /// first).
     pub max_live_batches: usize,
     /// Chunks of one backfill read and not yet confirmed, at most: the next chunk is read
-    /// while earlier ones' messages are confirmed. 1 reads one chunk after another; each
-    /// chunk in flight holds its rows in memory.
+    /// while earlier ones' messages are confirmed. 1 (the default) reads one chunk after
+    /// another; more can help a bulk consumer, but queues more chunks ahead of that consumer's
+    /// live changes; each chunk in flight holds its rows in memory.
     pub chunks_in_flight: usize,
 }
 
@@ -585,7 +586,7 @@ impl Default for BackfillConfig {
             chunk: nz(1000),
             chunk_timeout: Duration::from_secs(60),
             max_live_batches: 2,
-            chunks_in_flight: 2,
+            chunks_in_flight: 1,
         }
     }
 }
