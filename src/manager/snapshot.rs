@@ -30,6 +30,9 @@
 //! redelivery of an old read, another replica's read) is ignored.
 
 pub mod chunks;
+mod progress;
+
+pub use progress::Progress;
 
 use crate::canal::connection::BatchRef;
 use crate::event::{ArcStr, ChangeEvent, EventType, Row, SnapshotOrigin, Value};

@@ -6,9 +6,9 @@
 //! state (a deleted key's last event removes it), and every row of the final table must have
 //! been seen: the table's final state is the independent expectation.
 
+use super::Progress;
 use super::chunks::{Chunks, Key};
 use super::*;
-use crate::backfill::record::Progress;
 use crate::canal::connection::BatchRef;
 use crate::event::{Columns, Position};
 use std::collections::{BTreeMap, VecDeque};
