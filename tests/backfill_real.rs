@@ -735,3 +735,101 @@ async fn a_backfill_for_a_disabled_consumer_waits_for_it() {
     let _ = svc.terminate(Duration::from_secs(30));
     delete_queue(&queue).await;
 }
+
+/// The record's writers do not undo each other (against MariaDB's own JSON functions): an
+/// operator's pause leaves the progress the runner stored after the operator read the record,
+/// and the runner's later stores keep the `finished_at` a cancel wrote. Both went wrong before:
+/// `act` wrote back the progress it had read, and the runner's stores wrote `finished_at: null`.
+#[tokio::test]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn an_operators_stop_and_the_runners_progress_do_not_undo_each_other() {
+    use canal_consumer::backfill::record::{Backfill, Progress, Spec, State};
+    use canal_consumer::backfill::source::Source;
+    let source = Source::new(
+        &backfill_url(),
+        "backfill".into(),
+        ("canal_consumer".into(), "wm_writers".into()),
+    )
+    .unwrap();
+    mysql("DROP TABLE IF EXISTS canal_consumer.wm_writers");
+    source.ensure_table().await.unwrap();
+    let owner = "writers-test";
+    let b = Backfill {
+        id: "bf-writers".into(),
+        state: State::Running,
+        spec: Spec {
+            database: DB.into(),
+            table: "t".into(),
+            consumer: None,
+            condition: None,
+            chunk: 10,
+            rate: None,
+            owner: owner.into(),
+            key_columns: vec!["id".into()],
+        },
+        progress: Progress {
+            started_at: 1,
+            ..Progress::default()
+        },
+    };
+    source.insert(&b).await.unwrap();
+    // an operator reads the record (rows_read 0), the runner stores a chunk, the pause lands
+    let read = source.get(owner, &b.id).await.unwrap();
+    assert_eq!(read.progress.rows_read, 0);
+    let stored = Progress {
+        rows_read: 10,
+        chunks: 1,
+        started_at: 1,
+        ..Progress::default()
+    };
+    source.save_progress(&b.id, &stored).await.unwrap();
+    assert!(
+        source
+            .set_state_only(&b.id, read.state, State::Paused, None)
+            .await
+            .unwrap()
+    );
+    let paused = source.get(owner, &b.id).await.unwrap();
+    assert_eq!(paused.state, State::Paused);
+    assert_eq!(paused.progress, stored, "the pause moved progress back");
+    // a stale state is refused
+    assert!(
+        !source
+            .set_state_only(&b.id, State::Running, State::Cancelled, Some(7))
+            .await
+            .unwrap()
+    );
+    // the cancel stamps finished_at; the runner's last store (its chunk in flight) keeps it
+    assert!(
+        source
+            .set_state_only(
+                &b.id,
+                State::Paused,
+                State::Cancelled,
+                Some(1_700_000_000_123)
+            )
+            .await
+            .unwrap()
+    );
+    let last = Progress {
+        rows_read: 20,
+        chunks: 2,
+        started_at: 1,
+        ..Progress::default()
+    };
+    source.save_progress(&b.id, &last).await.unwrap();
+    let cancelled = source.get(owner, &b.id).await.unwrap();
+    assert_eq!(cancelled.state, State::Cancelled);
+    assert_eq!(
+        cancelled.progress,
+        Progress {
+            finished_at: Some(1_700_000_000_123),
+            ..last
+        }
+    );
+    mysql("DROP TABLE canal_consumer.wm_writers");
+    source.close().await;
+}

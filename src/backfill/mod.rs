@@ -171,8 +171,6 @@ struct Active {
     held: bool,
     /// When it last moved (for its rate figure).
     since: Instant,
-    /// `progress.finished_at` as stored when an operator stopped it (a cancel sets it).
-    finished_at: Option<i64>,
 }
 
 /// What the runner keeps between steps.
@@ -472,13 +470,10 @@ impl Backfills {
     pub async fn act(&self, id: &str, action: Action) -> Result<BackfillView, BackfillError> {
         let b = self.source.get(&self.settings.owner, id).await?;
         let to = action.apply(b.state).map_err(BackfillError::Conflict)?;
-        let mut progress = b.progress.clone();
-        if to == State::Cancelled {
-            progress.finished_at = Some(now_ms());
-        }
+        let finished_at = (to == State::Cancelled).then(now_ms);
         if !self
             .source
-            .set_state(id, b.state, to, Some(&progress))
+            .set_state_only(id, b.state, to, finished_at)
             .await?
         {
             return Err(BackfillError::Conflict(format!(
@@ -609,14 +604,12 @@ impl Backfills {
                             layout: None,
                             held: false,
                             since: now,
-                            finished_at: None,
                         },
                     );
                 }
                 (State::Running, Some(_)) => {}
                 (_, Some(a)) => {
                     a.chunks.stop();
-                    a.finished_at = b.progress.finished_at;
                 }
                 _ => {}
             }
@@ -669,8 +662,7 @@ impl Backfills {
                 r.active.remove(&id);
             } else if a.chunks.stopped() {
                 // what it did before the operator stopped it
-                if let Some((_, mut p)) = a.chunks.to_fold() {
-                    p.finished_at = a.finished_at;
+                if let Some((_, p)) = a.chunks.to_fold() {
                     self.source.save_progress(&id, &p).await?;
                 }
                 r.active.remove(&id);

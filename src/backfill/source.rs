@@ -370,7 +370,7 @@ impl Source {
             Some(p) => c
                 .exec_drop(
                     format!(
-                        "UPDATE {} SET watermark = ?, progress = ? WHERE id = ? AND state = ?",
+                        "UPDATE {} SET watermark = ?, progress = {KEEP_FINISHED_AT} WHERE id = ? AND state = ?",
                         self.wm()
                     ),
                     (value, json(p), id, State::Running.as_str()),
@@ -506,11 +506,55 @@ impl Source {
         Ok(c.affected_rows() == 1)
     }
 
-    /// Store `id`'s progress (whatever its state).
+    /// An operator's pause, resume or cancel: set `id`'s state to `to` if it is still `from`
+    /// (false if it changed meanwhile), leaving the stored progress as the runner wrote it,
+    /// except `finished_at` when given (a cancel). Writing back a progress read before the
+    /// UPDATE could move it back past a chunk the runner stored meanwhile.
+    pub async fn set_state_only(
+        &self,
+        id: &str,
+        from: State,
+        to: State,
+        finished_at: Option<i64>,
+    ) -> Result<bool, BackfillError> {
+        let mut c = self.conn().await?;
+        let what = "updating a backfill (needs UPDATE on the watermark table)";
+        match finished_at {
+            Some(at) => c
+                .exec_drop(
+                    format!(
+                        "UPDATE {} SET state = ?, progress = JSON_SET(progress, '$.finished_at', ?) \
+                         WHERE id = ? AND state = ?",
+                        self.wm()
+                    ),
+                    (to.as_str(), at, id, from.as_str()),
+                )
+                .await
+                .map_err(self.err(what))?,
+            None => c
+                .exec_drop(
+                    format!(
+                        "UPDATE {} SET state = ? WHERE id = ? AND state = ?",
+                        self.wm()
+                    ),
+                    (to.as_str(), id, from.as_str()),
+                )
+                .await
+                .map_err(self.err(what))?,
+        }
+        Ok(c.affected_rows() == 1)
+    }
+
+    /// Store `id`'s progress (whatever its state), keeping the stored `finished_at`: the
+    /// runner's progress never carries one, and an operator's cancel may have set it since the
+    /// runner last looked.
     pub async fn save_progress(&self, id: &str, p: &Progress) -> Result<(), BackfillError> {
         let mut c = self.conn().await?;
         c.exec_drop(
-            format!("UPDATE {} SET progress = ? WHERE id = ?", self.wm()),
+            format!(
+                "UPDATE {} SET progress = {KEEP_FINISHED_AT} WHERE id = ?",
+                self.wm()
+            ),
             (json(p), id),
         )
         .await
@@ -521,6 +565,11 @@ impl Source {
         let _ = self.pool.disconnect().await;
     }
 }
+
+/// The runner's progress (the `?`) with the stored `finished_at` kept: see
+/// [`Source::save_progress`].
+const KEEP_FINISHED_AT: &str =
+    "JSON_SET(?, '$.finished_at', JSON_EXTRACT(progress, '$.finished_at'))";
 
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("records always serialize")
