@@ -747,7 +747,7 @@ async fn a_backfill_for_a_disabled_consumer_waits_for_it() {
 )]
 async fn an_operators_stop_and_the_runners_progress_do_not_undo_each_other() {
     use canal_consumer::backfill::record::{Backfill, Progress, Spec, State};
-    use canal_consumer::backfill::source::Source;
+    use canal_consumer::backfill::source::{ProgressWrite, Source};
     let source = Source::new(
         &backfill_url(),
         "backfill".into(),
@@ -788,7 +788,7 @@ async fn an_operators_stop_and_the_runners_progress_do_not_undo_each_other() {
     source.save_progress(&b.id, &stored).await.unwrap();
     assert!(
         source
-            .set_state_only(&b.id, read.state, State::Paused, None)
+            .set_state(&b.id, read.state, State::Paused, ProgressWrite::Keep)
             .await
             .unwrap()
     );
@@ -798,18 +798,23 @@ async fn an_operators_stop_and_the_runners_progress_do_not_undo_each_other() {
     // a stale state is refused
     assert!(
         !source
-            .set_state_only(&b.id, State::Running, State::Cancelled, Some(7))
+            .set_state(
+                &b.id,
+                State::Running,
+                State::Cancelled,
+                ProgressWrite::FinishedAt(7)
+            )
             .await
             .unwrap()
     );
     // the cancel stamps finished_at; the runner's last store (its chunk in flight) keeps it
     assert!(
         source
-            .set_state_only(
+            .set_state(
                 &b.id,
                 State::Paused,
                 State::Cancelled,
-                Some(1_700_000_000_123)
+                ProgressWrite::FinishedAt(1_700_000_000_123)
             )
             .await
             .unwrap()

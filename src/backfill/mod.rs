@@ -48,7 +48,7 @@ use futures::future::LocalBoxFuture;
 use futures::stream::FuturesUnordered;
 use record::{Action, Backfill, Progress, Spec, State};
 use serde::{Deserialize, Serialize};
-use source::{Source, TableMeta, key_values};
+use source::{ProgressWrite, Source, TableMeta, key_values};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -470,12 +470,11 @@ impl Backfills {
     pub async fn act(&self, id: &str, action: Action) -> Result<BackfillView, BackfillError> {
         let b = self.source.get(&self.settings.owner, id).await?;
         let to = action.apply(b.state).map_err(BackfillError::Conflict)?;
-        let finished_at = (to == State::Cancelled).then(now_ms);
-        if !self
-            .source
-            .set_state_only(id, b.state, to, finished_at)
-            .await?
-        {
+        let write = match to {
+            State::Cancelled => ProgressWrite::FinishedAt(now_ms()),
+            _ => ProgressWrite::Keep,
+        };
+        if !self.source.set_state(id, b.state, to, write).await? {
             return Err(BackfillError::Conflict(format!(
                 "backfill {id} changed state meanwhile; look again"
             )));
@@ -932,7 +931,12 @@ impl Backfills {
         done.finished_at = Some(now_ms());
         if !self
             .source
-            .set_state(&b.id, State::Running, State::Done, Some(&done))
+            .set_state(
+                &b.id,
+                State::Running,
+                State::Done,
+                ProgressWrite::Replace(&done),
+            )
             .await?
         {
             // paused or cancelled while its last chunk was in flight: keep what it did
@@ -962,7 +966,12 @@ impl Backfills {
         let mut p = a.chunks.progress().clone();
         p.error = Some(why.clone());
         self.source
-            .set_state(id, State::Running, State::Failed, Some(&p))
+            .set_state(
+                id,
+                State::Running,
+                State::Failed,
+                ProgressWrite::Replace(&p),
+            )
             .await?;
         tracing::error!(backfill = %id, table = %a.b.spec.full_table(), error = %why, "backfill failed");
         r.active.remove(id);

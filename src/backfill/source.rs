@@ -471,77 +471,37 @@ impl Source {
             .ok_or_else(|| BackfillError::NotFound(id.to_string()))
     }
 
-    /// Set `id`'s state to `to` if it is still `from`; false if it changed meanwhile.
+    /// Set `id`'s state to `to` if it is still `from`, and its progress as `progress` says;
+    /// false if the state changed meanwhile.
     pub async fn set_state(
         &self,
         id: &str,
         from: State,
         to: State,
-        progress: Option<&Progress>,
+        progress: ProgressWrite<'_>,
     ) -> Result<bool, BackfillError> {
         let mut c = self.conn().await?;
-        let what = "updating a backfill (needs UPDATE on the watermark table)";
-        match progress {
-            Some(p) => c
-                .exec_drop(
-                    format!(
-                        "UPDATE {} SET state = ?, progress = ? WHERE id = ? AND state = ?",
-                        self.wm()
-                    ),
-                    (to.as_str(), json(p), id, from.as_str()),
-                )
-                .await
-                .map_err(self.err(what))?,
-            None => c
-                .exec_drop(
-                    format!(
-                        "UPDATE {} SET state = ? WHERE id = ? AND state = ?",
-                        self.wm()
-                    ),
-                    (to.as_str(), id, from.as_str()),
-                )
-                .await
-                .map_err(self.err(what))?,
-        }
-        Ok(c.affected_rows() == 1)
-    }
-
-    /// An operator's pause, resume or cancel: set `id`'s state to `to` if it is still `from`
-    /// (false if it changed meanwhile), leaving the stored progress as the runner wrote it,
-    /// except `finished_at` when given (a cancel). Writing back a progress read before the
-    /// UPDATE could move it back past a chunk the runner stored meanwhile.
-    pub async fn set_state_only(
-        &self,
-        id: &str,
-        from: State,
-        to: State,
-        finished_at: Option<i64>,
-    ) -> Result<bool, BackfillError> {
-        let mut c = self.conn().await?;
-        let what = "updating a backfill (needs UPDATE on the watermark table)";
-        match finished_at {
-            Some(at) => c
-                .exec_drop(
-                    format!(
-                        "UPDATE {} SET state = ?, progress = JSON_SET(progress, '$.finished_at', ?) \
-                         WHERE id = ? AND state = ?",
-                        self.wm()
-                    ),
-                    (to.as_str(), at, id, from.as_str()),
-                )
-                .await
-                .map_err(self.err(what))?,
-            None => c
-                .exec_drop(
-                    format!(
-                        "UPDATE {} SET state = ? WHERE id = ? AND state = ?",
-                        self.wm()
-                    ),
-                    (to.as_str(), id, from.as_str()),
-                )
-                .await
-                .map_err(self.err(what))?,
-        }
+        let (set, value): (&str, Option<mysql_async::Value>) = match progress {
+            ProgressWrite::Keep => ("", None),
+            ProgressWrite::Replace(p) => (", progress = ?", Some(json(p).into())),
+            ProgressWrite::FinishedAt(at) => (
+                ", progress = JSON_SET(progress, '$.finished_at', ?)",
+                Some(at.into()),
+            ),
+        };
+        let mut params: Vec<mysql_async::Value> = vec![to.as_str().into()];
+        params.extend(value);
+        params.push(id.into());
+        params.push(from.as_str().into());
+        c.exec_drop(
+            format!(
+                "UPDATE {} SET state = ?{set} WHERE id = ? AND state = ?",
+                self.wm()
+            ),
+            params,
+        )
+        .await
+        .map_err(self.err("updating a backfill (needs UPDATE on the watermark table)"))?;
         Ok(c.affected_rows() == 1)
     }
 
@@ -564,6 +524,18 @@ impl Source {
     pub async fn close(self) {
         let _ = self.pool.disconnect().await;
     }
+}
+
+/// What a state change does to the stored progress.
+#[derive(Debug, Clone, Copy)]
+pub enum ProgressWrite<'a> {
+    /// Leave it as stored: an operator's pause or resume. Writing back a progress read before
+    /// the UPDATE could move it back past a chunk the runner stored meanwhile.
+    Keep,
+    /// Only set `finished_at` (milliseconds since the epoch): an operator's cancel.
+    FinishedAt(i64),
+    /// The runner's own, newest progress: done or failed.
+    Replace(&'a Progress),
 }
 
 /// The runner's progress (the `?`) with the stored `finished_at` kept: see
