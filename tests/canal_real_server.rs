@@ -689,3 +689,60 @@ async fn a_memory_unit_smaller_than_the_servers_is_named_in_status() {
         }
     }
 }
+
+/// The other way round: a `canal.mem_unit` larger than the server's memunit (the service's
+/// default 1024 against this Canal's 128) makes every GET that many times smaller than
+/// `canal.batch_size` means, and nothing else shows it. A backlog read through such a
+/// connection gets it named in the connection's status; the right unit never does.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+#[actix_rt::test]
+async fn a_memory_unit_larger_than_the_servers_is_named_once_a_backlog_shows_it() {
+    let _lock = canal_lock().await;
+    let table = "unit_small";
+    setup_table(table, "(id INT PRIMARY KEY, pad VARCHAR(300) NOT NULL)");
+    drop(Tap::clean(&filter(table)).await);
+    let mut next = 1;
+    let mut seen = BTreeSet::new();
+    for (mem_unit, mismatched) in [(canal_mem_unit(), false), (8 * canal_mem_unit(), true)] {
+        // a backlog before the connection starts: 300 transactions of 5 rows of many sizes
+        let mut sql = format!("USE {DB};");
+        for _ in 0..300 {
+            sql.push_str(&format!(
+                "INSERT INTO {table} SELECT {next} + seq, REPEAT('x', ({next} + seq) * 37 % 300) \
+                 FROM seq_0_to_4;"
+            ));
+            next += 5;
+        }
+        mysql(&sql);
+        let (conn, mut rx) = collect_from(real_canal(mem_unit), table);
+        wait_for(table, i64::from(next) - 1, &mut rx, &mut seen).await;
+        let status = conn
+            .send(canal_consumer::canal::connection::GetConnectionStatus)
+            .await
+            .unwrap();
+        conn.send(Shutdown { rollback: false }).await.unwrap();
+        match (&status.config_warning, mismatched) {
+            (None, false) => {}
+            (Some(w), true) => {
+                assert!(
+                    w.contains(&format!("canal.mem_unit is {mem_unit} bytes"))
+                        && w.contains("canal.instance.memory.buffer.memunit is smaller"),
+                    "{w}"
+                );
+                // the unit it names is the server's
+                let named = w
+                    .split_once(" in a row at ")
+                    .and_then(|(_, rest)| rest.split_once(" bytes per unit"))
+                    .map(|(unit, _)| unit)
+                    .unwrap_or_else(|| panic!("no unit in {w}"));
+                let (lo, hi) = named.split_once(" to ").unwrap_or((named, named));
+                let (lo, hi): (u32, u32) = (lo.parse().unwrap(), hi.parse().unwrap());
+                assert!(lo <= canal_mem_unit() && canal_mem_unit() <= hi, "{w}");
+            }
+            (w, _) => panic!("mem_unit {mem_unit}: config_warning {w:?}"),
+        }
+    }
+}

@@ -134,6 +134,95 @@ pub fn server_unit_larger(
     (before_last > u64::from(unit_bytes)).then_some(before_last)
 }
 
+/// Watches short answers for the mark of a Canal memunit *smaller* than `canal.mem_unit`
+/// (the case [`server_unit_larger`] cannot see). Canal's store (MEMSIZE mode) stops taking
+/// entries once it has taken more than `asked × memunit` bytes, so an answer it cut there has
+/// `asked × memunit` in `[bytes before its last entry, all its bytes)`. With a smaller server
+/// unit every answer is cut that way while rows wait, yet looks short by our unit
+/// ([`took_all`]): each GET brings `mem_unit / memunit` times less than `canal.batch_size`
+/// means, and nothing else shows it.
+///
+/// An answer counts only if it holds no more bytes than our unit allows, has two entries or
+/// more but not exactly `asked` (which could be a full ITEMSIZE answer), and does not end at a
+/// transaction's end: Canal's parser puts whole transactions into its store, so a
+/// store that ran out ends at one (a cut lands there only by chance). The bounds of every
+/// counted answer must agree on one unit smaller than ours ([`Self::ANSWERS`] in a row, of at
+/// least two different sizes: a large transaction that the parser hands over in equal pieces
+/// can also run the store out mid-transaction, always at the same size); an answer that does not
+/// agree starts the count again.
+#[derive(Debug, Clone, Default)]
+pub struct SmallUnitProbe {
+    /// The server unit's bounds (bytes, inclusive) the counted answers agree on.
+    bounds: Option<(u64, u64)>,
+    counted: u32,
+    /// Some counted answer's size differed from the first one's.
+    sizes_differ: bool,
+    first_size: u64,
+    named: bool,
+}
+
+impl SmallUnitProbe {
+    /// Agreeing answers in a row before the unit is named.
+    pub const ANSWERS: u32 = 8;
+
+    /// Judge one answer: `ends_transaction` says whether its last entry is a transaction's end.
+    /// Returns the server unit's bounds in bytes, once, when they are known to be below
+    /// `unit_bytes`.
+    pub fn observe(
+        &mut self,
+        asked: i32,
+        unit_bytes: u32,
+        entry_bytes: impl ExactSizeIterator<Item = usize>,
+        ends_transaction: bool,
+    ) -> Option<(u64, u64)> {
+        let n = entry_bytes.len();
+        let Ok(asked) = u64::try_from(asked) else {
+            return None;
+        };
+        if self.named || asked == 0 || n < 2 || ends_transaction || n as u64 == asked {
+            // `asked` entries may be a full ITEMSIZE answer
+            return None;
+        }
+        let sizes: Vec<u64> = entry_bytes.map(|b| b as u64).collect();
+        let total: u64 = sizes.iter().sum();
+        if total > asked * u64::from(unit_bytes) {
+            // cut by our unit, or more: the server's is not smaller
+            return None;
+        }
+        let before_last = total - sizes[n - 1];
+        // asked × unit in [before_last, total): the unit in [⌈before_last/asked⌉, ⌊(total-1)/asked⌋]
+        let (lo, hi) = (before_last.div_ceil(asked), (total - 1) / asked);
+        if lo > hi {
+            // no whole unit could have cut it there: not a cut answer
+            *self = SmallUnitProbe::default();
+            return None;
+        }
+        let agreed = self
+            .bounds
+            .map(|(l, h)| (l.max(lo), h.min(hi)))
+            .filter(|(l, h)| l <= h);
+        match agreed {
+            Some(b) => {
+                self.bounds = Some(b);
+                self.counted += 1;
+                self.sizes_differ |= total != self.first_size;
+            }
+            None => {
+                self.bounds = Some((lo, hi));
+                self.counted = 1;
+                self.sizes_differ = false;
+                self.first_size = total;
+            }
+        }
+        let (lo, hi) = self.bounds?;
+        if self.counted >= Self::ANSWERS && self.sizes_differ && hi < u64::from(unit_bytes) {
+            self.named = true;
+            return Some((lo, hi));
+        }
+        None
+    }
+}
+
 /// The batch window. See the module docs.
 #[derive(Debug)]
 pub struct BatchWindow {
@@ -578,5 +667,146 @@ mod tests {
         assert_eq!(w.fetched(7, 1, None, true).gap, Some((6, 7)));
         w.begin_epoch(true);
         assert_eq!(w.fetched(1, 1, None, true).gap, None);
+    }
+
+    /// Canal's MEMSIZE store answering a GET for `asked` units of `unit` bytes from `store`
+    /// (entry size, ends a transaction): it takes entries while it has taken at most
+    /// `asked × unit` bytes.
+    fn canal_get(store: &mut VecDeque<(usize, bool)>, asked: u64, unit: u64) -> Vec<(usize, bool)> {
+        let mut taken = 0u64;
+        let mut out = Vec::new();
+        while taken <= asked * unit
+            && let Some(e) = store.pop_front()
+        {
+            taken += e.0 as u64;
+            out.push(e);
+        }
+        out
+    }
+
+    /// Transactions of 1-20 rows of 80-400 bytes between a BEGIN and an END.
+    fn transactions(rng: &mut fastrand::Rng, n: usize) -> VecDeque<(usize, bool)> {
+        let mut store = VecDeque::new();
+        for _ in 0..n {
+            store.push_back((rng.usize(55..70), false));
+            for _ in 0..rng.usize(1..=20) {
+                store.push_back((rng.usize(80..=400), false));
+            }
+            store.push_back((rng.usize(45..60), true));
+        }
+        store
+    }
+
+    /// Feeds `answers` to a probe; the bounds it names, if any.
+    fn probe(answers: &[Vec<(usize, bool)>], asked: u64, unit: u32) -> Option<(u64, u64)> {
+        let mut p = SmallUnitProbe::default();
+        let mut named = None;
+        for a in answers {
+            let ends = a.last().is_some_and(|e| e.1);
+            if let Some(b) = p.observe(asked as i32, unit, a.iter().map(|e| e.0), ends) {
+                assert!(named.is_none(), "named twice");
+                named = Some(b);
+            }
+        }
+        named
+    }
+
+    #[test]
+    fn a_server_unit_smaller_than_ours_is_named_from_a_backlog() {
+        for seed in 0..200 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            // canal.mem_unit 1024 asks 64 units for 64 KiB; the server's are 128 or 256 bytes
+            for server in [128u64, 256] {
+                let mut store = transactions(&mut rng, 400);
+                let mut answers = Vec::new();
+                while !store.is_empty() {
+                    answers.push(canal_get(&mut store, 64, server));
+                }
+                let (lo, hi) = probe(&answers, 64, 1024)
+                    .unwrap_or_else(|| panic!("seed {seed}: a {server}-byte unit not named"));
+                assert!(lo <= server && server <= hi, "seed {seed}: {lo}..={hi}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_server_unit_like_ours_or_larger_is_never_named() {
+        for seed in 0..200 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            for server in [1024u64, 4096] {
+                let mut store = transactions(&mut rng, 400);
+                let mut answers = Vec::new();
+                while !store.is_empty() {
+                    answers.push(canal_get(&mut store, 64, server));
+                }
+                assert_eq!(
+                    probe(&answers, 64, 1024),
+                    None,
+                    "seed {seed}, unit {server}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_store_that_runs_out_is_not_taken_for_a_small_unit() {
+        for seed in 0..200 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            // the parser hands over whole transactions, one to three between two GETs
+            let answers: Vec<Vec<(usize, bool)>> = (0..300)
+                .map(|_| {
+                    let n = rng.usize(1..=3);
+                    transactions(&mut rng, n).into_iter().collect()
+                })
+                .collect();
+            assert_eq!(probe(&answers, 64, 1024), None, "seed {seed}");
+            // a large transaction handed over in pieces of 1,024 rows: each answer ends inside
+            // it, all of one size when its rows are...
+            let same: Vec<Vec<(usize, bool)>> = (0..30).map(|_| vec![(100, false); 1024]).collect();
+            assert_eq!(probe(&same, 4096, 1024), None);
+            // ...and of many sizes when they are not
+            let mixed: Vec<Vec<(usize, bool)>> = (0..30)
+                .map(|_| (0..1024).map(|_| (rng.usize(80..=400), false)).collect())
+                .collect();
+            assert_eq!(probe(&mixed, 4096, 1024), None, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn each_guard_of_the_probe_is_needed() {
+        // steady one-row transactions, one per answer: their bounds agree (on a unit of about
+        // 3 bytes); only their ending at a transaction's end keeps them from counting
+        let mut rng = fastrand::Rng::with_seed(7);
+        let steady: Vec<Vec<(usize, bool)>> = (0..30)
+            .map(|_| vec![(60, false), (rng.usize(80..=100), false), (50, true)])
+            .collect();
+        assert_eq!(probe(&steady, 64, 1024), None);
+        let unmarked: Vec<Vec<(usize, bool)>> = steady
+            .iter()
+            .map(|a| a.iter().map(|e| (e.0, false)).collect())
+            .collect();
+        assert!(probe(&unmarked, 64, 1024).is_some());
+        // identical answers that end inside a transaction agree with each other whatever cut
+        // them; only answers of different sizes show a unit
+        let same: Vec<Vec<(usize, bool)>> = (0..30).map(|_| vec![(200, false); 5]).collect();
+        assert_eq!(probe(&same, 4, 1024), None);
+        let mut varied = same.clone();
+        varied[29] = vec![
+            (190, false),
+            (200, false),
+            (200, false),
+            (200, false),
+            (200, false),
+        ];
+        assert_eq!(probe(&varied, 4, 1024), Some((200, 247)));
+    }
+
+    #[test]
+    fn itemsize_answers_are_not_judged() {
+        // ITEMSIZE: `asked` entries, whatever their bytes
+        let full: Vec<Vec<(usize, bool)>> = (0..30)
+            .map(|i| (0..64).map(|j| (100 + (i + j) % 7, false)).collect())
+            .collect();
+        assert_eq!(probe(&full, 64, 1024), None);
     }
 }

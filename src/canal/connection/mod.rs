@@ -55,7 +55,8 @@
 
 use crate::backoff::Backoff;
 use crate::canal::CanalError;
-use crate::canal::decode::{DecodeError, Decoder};
+use crate::canal::decode::{DecodeError, Decoder, wire};
+use crate::canal::proto::entry::EntryType;
 use crate::canal::session::{Fetch, RawBatch, Session};
 use crate::event::{ChangeEvent, Position};
 
@@ -88,6 +89,12 @@ impl RawView for RawBatch {
     }
     fn entry_sizes(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
         self.entries.iter().map(|e| e.len())
+    }
+    fn ends_transaction(&self) -> bool {
+        // an entry not even its type can be read from tells nothing either
+        self.entries.last().is_none_or(|e| {
+            wire::entry_type(e).is_none_or(|t| t == EntryType::TransactionEnd as u64)
+        })
     }
 }
 

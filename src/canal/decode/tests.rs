@@ -347,3 +347,33 @@ fn garbage_entries_are_errors_not_panics() {
     let err = decode_entries("example", &[entry], &mut out).unwrap_err();
     assert!(err.to_string().contains("no event type"), "{err}");
 }
+
+#[test]
+fn the_wire_reader_finds_an_entrys_type_without_decoding_it() {
+    use crate::canal::proto::entry::{Entry, EntryType};
+    use prost::Message as _;
+    let header = Header {
+        schema_name: "db".into(),
+        table_name: "t".into(),
+        ..Default::default()
+    };
+    for t in [
+        EntryType::TransactionBegin,
+        EntryType::RowData,
+        EntryType::TransactionEnd,
+    ] {
+        let entry = Entry {
+            header: Some(header.clone()),
+            entry_type: Some(t as i32),
+            store_value: vec![1, 2, 3].into(),
+        };
+        assert_eq!(wire::entry_type(&entry.encode_to_vec()), Some(t as u64));
+    }
+    let untyped = Entry {
+        header: Some(header),
+        entry_type: None,
+        store_value: Default::default(),
+    };
+    assert_eq!(wire::entry_type(&untyped.encode_to_vec()), None);
+    assert_eq!(wire::entry_type(&[0x0a, 0x05, 1]), None, "cut short");
+}

@@ -70,6 +70,19 @@ pub fn batch_id_from_head(head: &[u8]) -> Option<i64> {
     }
 }
 
+/// An `Entry`'s `entryType` (field 2; `None` if absent or the entry is not well formed): the
+/// connection judges the end of an answer by it without decoding the entry.
+pub fn entry_type(entry: &[u8]) -> Option<u64> {
+    let mut r = Reader::new(entry);
+    while !r.done() {
+        match r.key().ok()? {
+            (2, VARINT) => return r.varint().ok(),
+            (f, w) => r.skip(f, w).ok()?,
+        }
+    }
+    None
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,

@@ -39,7 +39,7 @@ mod tests;
 use super::api::{ConnectionState, ConnectionStatus, ShutdownReport, StallInfo};
 use crate::backoff::Backoff;
 use crate::canal::window::{
-    AckOutcome, BatchRef, BatchWindow, GetMode, server_unit_larger, took_all,
+    AckOutcome, BatchRef, BatchWindow, GetMode, SmallUnitProbe, server_unit_larger, took_all,
 };
 use crate::event::Position;
 use crate::ha::{Lease, Role};
@@ -93,6 +93,8 @@ pub struct ConnectionCore<R, E> {
     lease: Option<Lease>,
     /// Newest confirmed position (and its execution time): the rewind guard.
     confirmed: Option<(Position, i64)>,
+    /// Watches answers for a server memunit smaller than `canal.mem_unit`.
+    small_unit: SmallUnitProbe,
     jitter: u64,
     actions: Vec<Action<R, E>>,
 }
@@ -131,6 +133,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             shutdown: None,
             lease: zookeeper.then(Lease::default),
             confirmed: None,
+            small_unit: SmallUnitProbe::default(),
             jitter: cfg.jitter_seed | 1,
             actions: Vec::new(),
             cfg,
@@ -797,7 +800,8 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
         self.notify_drained();
     }
 
-    /// Name a Canal memunit larger than `canal.mem_unit`, once, if this answer shows one.
+    /// Name a Canal memunit larger than `canal.mem_unit`, once, if this answer shows one, or a
+    /// smaller one, once a run of answers shows it ([`SmallUnitProbe`]).
     fn check_unit(&mut self, raw: &R) {
         if self.status.config_warning.is_none()
             && let Some(bytes) =
@@ -810,6 +814,32 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                  waits for the long poll to time out (canal.fetch_wait); set canal.mem_unit to the \
                  server's memunit",
                 self.cfg.mem_unit
+            );
+            tracing::warn!("{w}");
+            self.status.config_warning = Some(w);
+        }
+        if self.status.config_warning.is_none()
+            && let Some((lo, hi)) = self.small_unit.observe(
+                raw.asked(),
+                self.cfg.mem_unit,
+                raw.entry_sizes(),
+                raw.ends_transaction(),
+            )
+        {
+            let unit = if lo == hi {
+                format!("{lo} bytes")
+            } else {
+                format!("{lo} to {hi} bytes")
+            };
+            let w = format!(
+                "canal.mem_unit is {} bytes, but the Canal server cut {} answers in a row at \
+                 {unit} per unit while more was waiting: its \
+                 canal.instance.memory.buffer.memunit is smaller. Each GET brings about {}x less \
+                 than canal.batch_size means, which costs throughput; set canal.mem_unit to the \
+                 server's memunit",
+                self.cfg.mem_unit,
+                SmallUnitProbe::ANSWERS,
+                u64::from(self.cfg.mem_unit) / hi.max(1)
             );
             tracing::warn!("{w}");
             self.status.config_warning = Some(w);

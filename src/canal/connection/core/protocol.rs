@@ -16,6 +16,11 @@ pub trait RawView {
     fn asked(&self) -> i32;
     /// Each entry's size.
     fn entry_sizes(&self) -> impl ExactSizeIterator<Item = usize> + '_;
+    /// The last entry ends a transaction (true when not known: such an answer tells nothing
+    /// about the server's memunit, see [`crate::canal::window::SmallUnitProbe`]).
+    fn ends_transaction(&self) -> bool {
+        true
+    }
     fn is_empty(&self) -> bool {
         self.batch_id() < 0 || self.entry_sizes().len() == 0
     }
