@@ -106,7 +106,8 @@ async fn wait_destination_ready() {
 async fn catch_up() {
     let marker = "ha_catch_up";
     mysql(&format!(
-        "CREATE TABLE IF NOT EXISTS {DB}.{marker} (id BIGINT PRIMARY KEY AUTO_INCREMENT)"
+        "CREATE DATABASE IF NOT EXISTS {DB}; \
+         CREATE TABLE IF NOT EXISTS {DB}.{marker} (id BIGINT PRIMARY KEY AUTO_INCREMENT)"
     ));
     let addr = running_canal().await;
     let (host, port) = addr.rsplit_once(':').expect("host:port");
