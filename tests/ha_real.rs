@@ -3,7 +3,8 @@
 //! (`deploy/local/zk-ctl`, `deploy/local/canal-ha-ctl`: servers on 127.0.0.1:11121 and :11122,
 //! destination `example`, cursors in ZooKeeper), real MariaDB and real RabbitMQ. Each test
 //! writes rows to a table of its own and counts them on a queue of its own: every row must
-//! arrive; a row may arrive twice only with its original message id.
+//! arrive; a row may arrive twice only with its original message id, and the first copies
+//! arrive in binlog order (README guarantee 5, also across a failover).
 //!
 //! The tests kill, freeze and restart the cluster's processes, so they run one at a time
 //! (`canal_lock`), and a guard starts whatever a test stopped again when it ends. The replicas
@@ -751,10 +752,6 @@ async fn publishes_of_a_frozen_replica_landing_after_its_successors_are_copies()
         triggers(s) > 50
     })
     .await;
-    assert!(
-        proxy.published() > 50,
-        "the active replica publishes through the proxy"
-    );
 
     // hold what the active replica writes to the broker; once some publishes are held (no
     // confirm comes back for them, so their rows are not acked), freeze it
