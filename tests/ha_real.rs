@@ -3,7 +3,8 @@
 //! (`deploy/local/zk-ctl`, `deploy/local/canal-ha-ctl`: servers on 127.0.0.1:11121 and :11122,
 //! destination `example`, cursors in ZooKeeper), real MariaDB and real RabbitMQ. Each test
 //! writes rows to a table of its own and counts them on a queue of its own: every row must
-//! arrive; a row may arrive twice only with its original message id.
+//! arrive; a row may arrive twice only with its original message id, and the first copies
+//! arrive in binlog order (README guarantee 5, also across a failover).
 //!
 //! The tests kill, freeze and restart the cluster's processes, so they run one at a time
 //! (`canal_lock`), and a guard starts whatever a test stopped again when it ends. The replicas
@@ -106,7 +107,8 @@ async fn wait_destination_ready() {
 async fn catch_up() {
     let marker = "ha_catch_up";
     mysql(&format!(
-        "CREATE TABLE IF NOT EXISTS {DB}.{marker} (id BIGINT PRIMARY KEY AUTO_INCREMENT)"
+        "CREATE DATABASE IF NOT EXISTS {DB}; \
+         CREATE TABLE IF NOT EXISTS {DB}.{marker} (id BIGINT PRIMARY KEY AUTO_INCREMENT)"
     ));
     let addr = running_canal().await;
     let (host, port) = addr.rsplit_once(':').expect("host:port");
@@ -263,6 +265,90 @@ fn check_rows(got: &[Got], n: i64, consumer: &str) {
     }
 }
 
+/// Guarantee 5 (README), on what a queue received, in arrival order: a message for a row before
+/// one already received is a copy, with the same id, of a message already received; so the
+/// first copies arrive in binlog order. The writer inserts ids in ascending order, one
+/// statement at a time, so binlog order is id order (and the first copies' positions must say
+/// so). Returns how many messages came after one of a later row (all of them copies).
+fn first_copies_in_binlog_order(got: &[Got]) -> usize {
+    let (late, wrong) = order_of_first_copies(got);
+    assert!(
+        wrong.is_empty(),
+        "first copies out of binlog order ({} of {} messages): {wrong:#?}",
+        wrong.len(),
+        got.len()
+    );
+    late
+}
+
+/// What [`first_copies_in_binlog_order`] asserts: the late messages, and what breaks the rule.
+fn order_of_first_copies(got: &[Got]) -> (usize, Vec<String>) {
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    let mut newest: Option<(i64, (String, u64, u64))> = None;
+    let mut late = 0;
+    let mut wrong = Vec::new();
+    for (i, g) in got.iter().enumerate() {
+        let p = &g.body["payload"];
+        let row = p["id"].as_i64().unwrap();
+        let at = (
+            p["log_file"].as_str().unwrap().to_string(),
+            p["offset"].as_u64().unwrap(),
+            p["row_index"].as_u64().unwrap(),
+        );
+        let first = seen.insert(g.message_id.as_str());
+        match &newest {
+            Some((n, _)) if row < *n => {
+                late += 1;
+                if first {
+                    wrong.push(format!(
+                        "message {i}: the first copy of row {row} arrived after row {n}"
+                    ));
+                }
+            }
+            Some((n, newest_at)) if row > *n && at <= *newest_at => wrong.push(format!(
+                "message {i}: row {row} at {at:?} is not after row {n} at {newest_at:?} in the binlog"
+            )),
+            _ => {}
+        }
+        if newest.as_ref().is_none_or(|(n, _)| row > *n) {
+            newest = Some((row, at));
+        }
+    }
+    (late, wrong)
+}
+
+/// The order check itself, on made-up arrivals (no services needed): copies may come late, a
+/// first copy may not.
+#[test]
+fn the_order_check_tells_a_late_copy_from_a_late_first_copy() {
+    let msg = |row: i64| Got {
+        message_id: format!("id-{row}"),
+        priority: None,
+        body: serde_json::json!({"payload": {
+            "id": row, "log_file": "mysql-bin.000001", "offset": 100 * row as u64, "row_index": 0
+        }}),
+    };
+    // a previous replica's copies of rows 2 and 3 after its successor's row 4: fine
+    let ok: Vec<Got> = [1, 2, 3, 2, 3, 4, 2, 3, 5].into_iter().map(msg).collect();
+    assert_eq!(order_of_first_copies(&ok), (3, vec![]));
+    // the first copy of row 3 after row 4: not fine
+    let late_first: Vec<Got> = [1, 2, 4, 3, 5].into_iter().map(msg).collect();
+    let (_, wrong) = order_of_first_copies(&late_first);
+    assert_eq!(
+        wrong,
+        ["message 3: the first copy of row 3 arrived after row 4"]
+    );
+    // a later row at an earlier binlog position: not fine either
+    let mut bad_position: Vec<Got> = [1, 2].into_iter().map(msg).collect();
+    bad_position[1].body["payload"]["offset"] = 50.into();
+    let (_, wrong) = order_of_first_copies(&bad_position);
+    assert_eq!(
+        wrong.len(),
+        1,
+        "binlog positions out of order passed: {wrong:?}"
+    );
+}
+
 async fn wait_status(
     svc: &ServiceProc,
     what: &str,
@@ -414,6 +500,7 @@ async fn a_second_replica_or_a_java_client_holding_the_destination_means_standby
     })
     .await;
     check_rows(&got, 100, "sb");
+    first_copies_in_binlog_order(&got);
     let sb = b.status().await;
     assert!(standby(&sb), "{sb:#}");
     assert_eq!(triggers(&sb), 0, "the standby fetched nothing: {sb:#}");
@@ -490,6 +577,7 @@ async fn kill_9_of_the_running_canal_server_mid_stream_the_service_follows_and_l
     })
     .await;
     check_rows(&got, n, "ck");
+    first_copies_in_binlog_order(&got);
     a.terminate(Duration::from_secs(30));
 }
 
@@ -564,6 +652,7 @@ async fn kill_9_of_the_active_replica_mid_stream_the_standby_takes_over() {
     })
     .await;
     check_rows(&got, n, "rk");
+    first_copies_in_binlog_order(&got);
     assert_eq!(conflicts(&b.status().await), 0);
     b.terminate(Duration::from_secs(30));
 }
@@ -607,6 +696,7 @@ async fn a_frozen_active_replica_never_acks_after_waking() {
     })
     .await;
     check_rows(&got, n, "ss");
+    first_copies_in_binlog_order(&got);
     // the woken replica wrote no ack (and so acked no batch a second time)
     let late: Vec<_> = ack_writes(&a)
         .into_iter()
@@ -624,6 +714,135 @@ async fn a_frozen_active_replica_never_acks_after_waking() {
     assert!(working(&sb), "{sb:#}");
     b.terminate(Duration::from_secs(30));
     a.terminate(Duration::from_secs(30));
+}
+
+/// Order across a replica failover (README guarantee 5 and "Running two replicas"), with the
+/// interleaving forced: the active replica publishes through a proxy that holds what it
+/// writes, so its publishes stay on their way (as in a socket buffer or on a slow path) while
+/// it is frozen; the standby takes over and delivers every row; only then do the held
+/// publishes reach the broker, after the standby's messages of later rows. They must all be
+/// copies of messages already received: the first copies stay in binlog order.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+#[tokio::test]
+async fn publishes_of_a_frozen_replica_landing_after_its_successors_are_copies() {
+    let _lock = canal_lock().await;
+    let _cluster = ClusterGuard::new();
+    wait_destination_ready().await;
+    let table = "ha_order";
+    note_table(DB, table);
+    let queue = &common::queue("cc_ha_order");
+    delete_queue(queue).await;
+    let proxy = common::hold::HoldProxy::start();
+    let mut a = replica("ha-or-a", queue, "or", table);
+    // heartbeats far apart: the broker must not close the held connection
+    a.env
+        .push(("CANAL_CONSUMER__AMQP__URL".into(), proxy.url(60)));
+    a.start().await;
+    wait_status(&a, "active", Duration::from_secs(20), working).await;
+    let mut b = replica("ha-or-b", queue, "or", table);
+    b.start().await;
+    wait_status(&b, "standby", Duration::from_secs(20), standby).await;
+    let arrivals = Arrivals::start(queue).await;
+    let (chunks, per) = (40, 10);
+    let w = writer(table, chunks, per, Duration::from_millis(100));
+    wait_status(&a, "some triggers", Duration::from_secs(30), |s| {
+        triggers(s) > 50
+    })
+    .await;
+
+    // hold what the active replica writes to the broker; once some publishes are held (no
+    // confirm comes back for them, so their rows are not acked), freeze it
+    proxy.hold();
+    let held_at = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.held() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the active replica published nothing more"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.child.as_ref().unwrap().signal("STOP");
+    wait_status(&b, "active", Duration::from_secs(30), working).await;
+    w.join().unwrap();
+    let rows: i64 = mysql(&format!("SELECT COUNT(*) FROM {DB}.{table}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(rows, chunks * per);
+    // the standby delivers every row: it starts at Canal's acked cursor, before the held rows
+    arrivals
+        .wait("every row", Duration::from_secs(120), |g| {
+            ids_by_row(g).len() as i64 == rows
+        })
+        .await;
+    let before = arrivals.got().len();
+    // and the held publishes outlive the frozen replica's confirm_timeout (5 s in the tests'
+    // config): on waking it may count them as failed (timed out), which is no exception to
+    // the order (the broker took them, in order)
+    let past = Duration::from_secs(6);
+    if held_at.elapsed() < past {
+        tokio::time::sleep(past - held_at.elapsed()).await;
+    }
+
+    // the held publishes reach the broker now, while the replica that wrote them is still
+    // frozen; then it wakes, finds its lease gone and stands by
+    let held = proxy.held();
+    proxy.release();
+    a.child.as_ref().unwrap().signal("CONT");
+    wait_status(&a, "standby after waking", Duration::from_secs(30), standby).await;
+    // everything both published has arrived: the frozen replica's part counted on the wire
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (sa, sb) = loop {
+        let (sa, sb) = (a.status().await, b.status().await);
+        let published_b = sb["broker"]["published"].as_u64().unwrap();
+        let got = arrivals.got().len() as u64;
+        if got == proxy.published() + published_b
+            && sa["broker"]["published"].as_u64() == Some(proxy.published())
+        {
+            break (sa, sb);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{got} messages arrived; published: {} by the frozen replica (on the wire: {}), {published_b} by its successor",
+            sa["broker"]["published"],
+            proxy.published()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let got = arrivals.finish().await;
+    check_rows(&got, rows, "or");
+    // the statement's exception (a message the broker refused while it took later ones)
+    // did not arise
+    for s in [&sa, &sb] {
+        assert_eq!(s["broker"]["nacked"], 0, "{s:#}");
+        assert_eq!(s["broker"]["returned"], 0, "{s:#}");
+    }
+    assert_eq!(conflicts(&sa) + conflicts(&sb), 0, "{sa:#}\n{sb:#}");
+    let late = first_copies_in_binlog_order(&got);
+    // the interleaving happened: after every row had arrived, the held publishes came
+    assert!(held >= 5);
+    assert!(
+        got.len() - before >= held as usize && late >= held as usize,
+        "{held} publishes were held, {} messages came after every row had, {late} after a later row",
+        got.len() - before
+    );
+    eprintln!(
+        "measured: {held} publishes of the frozen replica held and released after its successor delivered every row; \
+         {} messages for {rows} rows, {late} of them after a message of a later row (all copies); \
+         frozen replica: {} published, {} timed out, {} late confirms",
+        got.len(),
+        sa["broker"]["published"],
+        sa["broker"]["timeouts"],
+        sa["broker"]["late_confirms"],
+    );
+    b.terminate(Duration::from_secs(30));
+    a.terminate(Duration::from_secs(30));
+    drop(proxy);
+    delete_queue(queue).await;
 }
 
 #[cfg_attr(
@@ -649,6 +868,7 @@ async fn a_zookeeper_restart_with_two_replicas_loses_nothing_and_leaves_one_acti
     })
     .await;
     check_rows(&got, n, "zr");
+    first_copies_in_binlog_order(&got);
     // exactly one active afterwards, the other standby
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod backfill;
+pub mod hold;
 pub mod proc;
 pub mod promql;
 pub mod service;

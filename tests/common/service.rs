@@ -347,3 +347,82 @@ pub fn consumer<'a>(status: &'a Value, name: &str) -> &'a Value {
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("no consumer {name} in {status:#}"))
 }
+
+/// A reader that takes every message of a queue as it arrives, in the queue's order, in the
+/// background, for tests that must act while messages come in (and see the order they came
+/// in). Stops reading when dropped.
+pub struct Arrivals {
+    got: std::sync::Arc<std::sync::Mutex<Vec<Got>>>,
+    task: tokio::task::JoinHandle<()>,
+    conn: Connection,
+}
+
+impl Arrivals {
+    /// Starts reading `queue` (it must exist).
+    pub async fn start(queue: &str) -> Arrivals {
+        let (conn, ch) = amqp().await;
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "test-arrivals".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("consume {queue}: {e}"));
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = std::sync::Arc::clone(&got);
+        let task = tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                into.lock().unwrap().push(Got {
+                    message_id: d
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                    priority: *d.properties.priority(),
+                    body: serde_json::from_slice(&d.data).unwrap_or(Value::Null),
+                });
+            }
+        });
+        Arrivals { got, task, conn }
+    }
+
+    /// The messages so far, in arrival order.
+    pub fn got(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until `done(messages so far)` holds; panics after `within`.
+    pub async fn wait(&self, what: &str, within: Duration, done: impl Fn(&[Got]) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            if done(&self.got.lock().unwrap()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never saw {what} within {within:?}: {} messages",
+                self.got.lock().unwrap().len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops reading and returns everything, in arrival order.
+    pub async fn finish(self) -> Vec<Got> {
+        self.task.abort();
+        let _ = self.conn.close(200, "bye".into()).await;
+        self.got()
+    }
+}
+
+impl Drop for Arrivals {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
