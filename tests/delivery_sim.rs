@@ -1,7 +1,13 @@
 //! Deterministic simulation of the delivery path: the sans-IO cores wired together (the Canal
 //! connection's [`ConnectionCore`] with its batch window, the Manager's [`Router`], the
 //! publisher's [`ConfirmWindow`]) with a model Canal server, model consumers, a model broker
-//! and a virtual clock.
+//! and a virtual clock. Two of the five consumers are real [`ConfigConsumer`]s built from a
+//! TOML spec: one with a bulk rule (`max_rows = 2`: several rows per message, never across a
+//! Canal batch), one whose rule fails on every third row with `on_error = "error_handler"`
+//! (one `error_handler` message per failing row). In ZooKeeper seeds (one in four) there are
+//! two replicas, each with its own connection core, router, publisher and consumers, each fed
+//! by the real [`HaCore`] from a model ZooKeeper: sessions that end a session timeout after the
+//! servers last heard from them, and the client running node one session holds.
 //!
 //! A seeded RNG picks, at every step, one of: the answer of the operation on the Canal session
 //! (connect, GET, acks + GET, subscribe, rollback, close), the end of a batch's decoding
@@ -15,9 +21,14 @@
 //! cursor, an ack written but never received, the clock jumping to the next armed timer
 //! (reconnect backoff, the pause after a rollback, the ack wait), enable and disable of a
 //! consumer (which changes the subscription: the model server filters rows when it parses
-//! them, as Canal does), and a drain (graceful shutdown). In ZooKeeper seeds the connection
-//! also obeys a lease that the model ZooKeeper renews, lets run out, or hands to another
-//! replica. After every step the invariants are checked:
+//! them, as Canal does), and a drain (graceful shutdown). In ZooKeeper seeds: which replica
+//! steps, its ZooKeeper client reading an answer (claimed, held by the other, heartbeat,
+//! node gone, expired), sending a heartbeat, getting its connection back, time passing, and
+//! the faults: its ZooKeeper connection dropping, the process freezing (for up to two session
+//! timeouts), freezing between the lease check and a write (up to `SIM_GATE_FREEZE_MS`, by
+//! default just under the third of the session timeout the lease leaves as margin), or being
+//! killed and started again (its old session holds the node until it times out). After every
+//! step the invariants are checked:
 //!
 //! - (a) Canal acks a batch only when, for every consumer that was never disabled, every row up
 //!   to the end of that batch has a message the broker accepted (acks also go in batch order:
@@ -43,8 +54,10 @@
 //!   message the broker had accepted when its row was acked;
 //! - (j) the toggled consumer: once its `enable` has returned (the core said the filter is in
 //!   force), every row of its tables committed after that reaches it while it stays enabled;
-//! - (k) ZooKeeper seeds: no GET or ACK is written while the model ZooKeeper's lease is over;
-//! - (l) the model has one client: the connection never reports a conflict with another;
+//! - (k) ZooKeeper seeds: every GET and ACK (and the subscribe and rollback of a connect) lands
+//!   while the writing replica's session holds the client running node in the model ZooKeeper,
+//!   whatever froze in between; (a), (b) and (d) hold across handovers;
+//! - (l) single-replica seeds: the connection never reports a conflict with another client;
 //! - (m) nothing more is written on a publishing channel once it nacked a publish, until the
 //!   publisher renewed the channel (a channel's state at the broker can go
 //!   stale: on RabbitMQ 3.x, a channel that first published to a quorum queue while its leader
@@ -52,6 +65,14 @@
 //!
 //! A GET is two steps, as on the wire: written (the model server answers it then), and its
 //! answer read later, with other steps between; one operation is on the session at a time.
+//!
+//! Bulk messages are measured, not checked against ids: a bulk row Canal sends again after a
+//! rollback, a reconnect or a handover may come back cut differently, under another bulk id;
+//! the run prints how many did. It also prints the handovers, the freezes between a lease check
+//! and a write, and the rollbacks a replica wrote after its lease ended (the shell does not
+//! check the lease before a rollback; `SIM_STRICT_ROLLBACK=1` makes them failures).
+//! `SIM_MUTATION=no_gate | lease_without_margin | heartbeat_on_expired_session |
+//! claim_ignores_holder` breaks the model's ZooKeeper shell on purpose (see [`Mutation`]).
 //!
 //! A failing seed reproduces exactly: `SIM_SEED=1234 cargo test --test delivery_sim -- --nocapture`.
 //! More seeds: `SIM_SEEDS=1000000 cargo test --release --test delivery_sim` (see README).
