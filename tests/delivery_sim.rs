@@ -54,7 +54,7 @@
 //!   message the broker had accepted when its row was acked;
 //! - (j) the toggled consumer: once its `enable` has returned (the core said the filter is in
 //!   force), every row of its tables committed after that reaches it while it stays enabled;
-//! - (k) ZooKeeper seeds: every GET and ACK (and the subscribe and rollback of a connect) lands
+//! - (k) ZooKeeper seeds: every GET, ACK, subscribe and rollback lands
 //!   while the writing replica's session holds the client running node in the model ZooKeeper,
 //!   whatever froze in between; (a), (b) and (d) hold across handovers;
 //! - (l) single-replica seeds: the connection never reports a conflict with another client;
@@ -69,10 +69,10 @@
 //! Bulk messages are measured, not checked against ids: a bulk row Canal sends again after a
 //! rollback, a reconnect or a handover may come back cut differently, under another bulk id;
 //! the run prints how many did. It also prints the handovers, the freezes between a lease check
-//! and a write, and the rollbacks a replica wrote after its lease ended (the shell does not
-//! check the lease before a rollback; `SIM_STRICT_ROLLBACK=1` makes them failures).
-//! `SIM_MUTATION=no_gate | lease_without_margin | heartbeat_on_expired_session |
-//! claim_ignores_holder` breaks the model's ZooKeeper shell on purpose (see [`Mutation`]).
+//! and a write, and, under `SIM_MUTATION=ungated_rollback`, the rollbacks a replica wrote after
+//! its lease ended. `SIM_MUTATION=no_gate | lease_without_margin |
+//! heartbeat_on_expired_session | claim_ignores_holder | ungated_rollback` breaks the model's
+//! ZooKeeper shell on purpose (see [`Mutation`]).
 //!
 //! A failing seed reproduces exactly: `SIM_SEED=1234 cargo test --test delivery_sim -- --nocapture`.
 //! More seeds: `SIM_SEEDS=1000000 cargo test --release --test delivery_sim` (see README).
@@ -446,6 +446,9 @@ enum Mutation {
     NoGate,
     /// The shell takes the answer to a heartbeat on an expired session as a renewal.
     HeartbeatOnExpiredSession,
+    /// The shell writes rollbacks without checking the lease (as it did before the
+    /// simulator found seed 40663).
+    UngatedRollback,
     /// The shell takes a claim refused because another replica holds the node (a replica
     /// started again after a kill, whose old session still holds it) as granted.
     ClaimIgnoresHolder,
@@ -459,6 +462,7 @@ impl Mutation {
             Ok("no_gate") => Mutation::NoGate,
             Ok("heartbeat_on_expired_session") => Mutation::HeartbeatOnExpiredSession,
             Ok("claim_ignores_holder") => Mutation::ClaimIgnoresHolder,
+            Ok("ungated_rollback") => Mutation::UngatedRollback,
             Ok(other) => panic!("unknown SIM_MUTATION {other}"),
         }
     }
@@ -963,26 +967,25 @@ impl Sim {
         Ok(())
     }
 
-    /// A rollback is written to Canal. The shell checks no lease before it (only before acks
-    /// and GETs): a replica whose lease ended may still roll back, and on the same client
-    /// identity that rolls back the active replica's batches. Counted (the active one's acks
-    /// are refused, it reconnects and gets the rows again: duplicates, no loss);
-    /// `SIM_STRICT_ROLLBACK=1` makes it a failure, to reproduce it.
-    fn rollback_written(&mut self) {
-        let Some(ha) = &self.rep.ha else { return };
-        if self.zk.as_ref().unwrap().holds(ha.session, self.now) {
-            return;
+    /// The gate before a rollback. The shell checks the lease before rollbacks as before acks
+    /// and GETs; `SIM_MUTATION=ungated_rollback` is the shell before that check: a replica
+    /// whose lease ended rolls back, on the client identity the replicas share, the batches the
+    /// active replica has outstanding (counted; (c) fails when the active one then gets rows
+    /// again within its epoch).
+    fn gate_rollback(&mut self) -> Result<(), Failure> {
+        if self.mutation != Mutation::UngatedRollback {
+            return self.gate();
         }
-        self.stale_rollbacks += 1;
-        self.log(format!(
-            "replica {} rolls back on canal after its lease ended",
-            self.rep.id
-        ));
-        assert!(
-            std::env::var_os("SIM_STRICT_ROLLBACK").is_none(),
-            "(k') replica {} wrote a rollback to canal while its session did not hold the client running node",
-            self.rep.id
-        );
+        if let Some(ha) = &self.rep.ha
+            && !self.zk.as_ref().unwrap().holds(ha.session, self.now)
+        {
+            self.stale_rollbacks += 1;
+            self.log(format!(
+                "replica {} rolls back on canal after its lease ended",
+                self.rep.id
+            ));
+        }
+        Ok(())
     }
 
     /// Write a GET for `size` rows (the model server answers it now).
@@ -1026,20 +1029,18 @@ impl Sim {
                     Done::Fetched { epoch, raw }
                 }),
                 Op::Ack { ids, then_get } => self.write_acks(ids, then_get, &mut get),
-                Op::Subscribe(filter) => {
+                Op::Subscribe(filter) => self.gate().map(|()| {
                     self.server.filter = filter.parse().unwrap();
                     self.log(format!("subscribe {filter}"));
-                    Ok(Done::Subscribed(filter))
-                }
-                Op::Rollback => {
+                    Done::Subscribed(filter)
+                }),
+                Op::Rollback => self.gate_rollback().map(|()| {
                     self.log("rollback".into());
-                    self.rollback_written();
                     self.server.rollback();
-                    Ok(Done::RolledBack)
-                }
+                    Done::RolledBack
+                }),
                 Op::Close { rollback } => {
-                    if rollback {
-                        self.rollback_written();
+                    if rollback && self.gate_rollback().is_ok() {
                         self.server.rollback();
                     }
                     self.rep.session_alive = false;
@@ -2218,7 +2219,7 @@ fn the_delivery_cores_keep_every_invariant_under_every_interleaving() {
         total.rows, total.redelivered, total.other_id, total.seeds_with_other_id
     );
     println!(
-        "zookeeper seeds: handovers between replicas: {}, freezes between the lease check and the write: {}, rollbacks written after the lease ended: {} (in {} seeds)",
+        "zookeeper seeds: handovers between replicas: {}, freezes between the lease check and the write: {}, rollbacks written after the lease ended (ungated_rollback only): {} (in {} seeds)",
         total.handovers, total.gate_freezes, total.stale_rollbacks, total.seeds_with_stale_rollback
     );
 }
