@@ -104,6 +104,8 @@ struct TestConsumer {
     /// Every event fails with an event error (handled by the error_handler policy).
     bad_rows: bool,
     poison: PoisonPolicy,
+    /// When (tokio's clock, paused in timer tests) each event was handed to it.
+    seen_at: Arc<Mutex<Vec<tokio::time::Instant>>>,
 }
 
 impl TestConsumer {
@@ -116,6 +118,7 @@ impl TestConsumer {
             always_fail: false,
             built: Arc::new(AtomicU32::new(0)),
             bad_rows: false,
+            seen_at: Arc::default(),
             // the older tests here describe the stall policy; parking has its own test
             poison: PoisonPolicy {
                 on_poison: OnPoison::Stall,
@@ -137,6 +140,10 @@ impl Consumer for TestConsumer {
         event: &ChangeEvent,
         ctx: &mut ConsumerContext,
     ) -> Result<(), ConsumerError> {
+        self.seen_at
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
         if self.always_fail {
             return Err(ConsumerError::Fatal("downstream is gone".into()));
         }
@@ -581,4 +588,40 @@ async fn errors_handled_by_a_policy_show_their_reason_in_status() {
     // each failure went to the error_handler plugin
     let t = next_trigger(&mut h).await;
     assert_eq!(t.plugin, "error_handler");
+}
+
+/// The Manager actor's retry timer (`ctx.run_later` on the router's `RetryAfter`) on tokio's
+/// paused clock, without a real sleep: a part whose consumer panics is run again after the
+/// restart backoff, `restart_min` (20 ms) doubling per restart up to `restart_max` (200 ms),
+/// to tokio's timer tick (1 ms). Expected gaps from the policy's arithmetic: 20, 40, 80, 160,
+/// then 200 twice.
+#[actix_rt::test]
+async fn a_failing_part_is_retried_after_the_restart_backoff_in_virtual_time() {
+    tokio::time::pause();
+    let mut flaky = TestConsumer::new("flaky", "b");
+    flaky.panic_on = Some(1);
+    flaky.panics_left.store(6, Ordering::SeqCst);
+    let seen_at = flaky.seen_at.clone();
+    let mut h = harness(vec![flaky], &[], 10);
+    h.manager.do_send(batch(1, vec![event("b", 1, 10)]));
+    // the seventh attempt succeeds: its trigger, then the ack (the paused clock moves to the
+    // next armed timer only while every task waits)
+    let t = next_trigger(&mut h).await;
+    assert_eq!(id_of(&t), 1);
+    match next_conn(&mut h).await {
+        ConnMsg::Ack(b) => assert_eq!(b.id, 1),
+        other => panic!("expected the ack, got {other:?}"),
+    }
+    let seen = seen_at.lock().unwrap().clone();
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1] - w[0]).collect();
+    let backoff = [20, 40, 80, 160, 200, 200].map(Duration::from_millis);
+    assert_eq!(gaps.len(), backoff.len(), "attempts at {seen:?}");
+    // tokio's timer wheel rounds a deadline up to its next 1 ms tick
+    for (gap, delay) in gaps.iter().zip(backoff) {
+        assert!(
+            *gap >= delay && *gap <= delay + Duration::from_millis(1),
+            "retried after {gap:?}, the backoff is {delay:?} (gaps {gaps:?})"
+        );
+    }
+    assert!(h.trig_rx.try_recv().is_err(), "one trigger for the row");
 }

@@ -340,7 +340,13 @@ impl CanalConnection {
         };
         let gate = self.cfg.lease.clone();
         let fut: SessionOp = match op {
+            // ZooKeeper mode: a rollback or a subscribe acts on the client identity the active
+            // replica shares, so a replica whose lease ended writes neither (it would roll back
+            // the active one's batches, or change its filter)
             Op::Rollback => Box::pin(async move {
+                if let Err(e) = may_write(&gate) {
+                    return (session, Err(e));
+                }
                 let r = session.rollback(0).await.map(|_| Done::RolledBack);
                 (session, r)
             }),
@@ -367,12 +373,16 @@ impl CanalConnection {
                 (session, r)
             }),
             Op::Close { rollback } => Box::pin(async move {
+                let rollback = rollback && may_write(&gate).is_ok();
                 if rollback && let Err(e) = session.rollback(0).await {
                     tracing::warn!(error = %e, "rollback on shutdown failed");
                 }
                 (session, Ok(Done::Closed))
             }),
             Op::Subscribe(filter) => Box::pin(async move {
+                if let Err(e) = may_write(&gate) {
+                    return (session, Err(e));
+                }
                 let r = session
                     .subscribe(&filter)
                     .await
