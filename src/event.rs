@@ -8,7 +8,7 @@
 //!
 //! Transaction begin/end are boundaries, not events: they never become a `ChangeEvent`.
 //!
-//! Names are shared, not copied per row: database, table and binlog file names are [`ArcStr`]s,
+//! Names are shared, not copied per row: database, table and binlog file names are `Arc<str>`s,
 //! and a row's column names live in [`Columns`] that every row of the same table layout shares
 //! ([`Row`], [`ColumnSet`]).
 
@@ -225,133 +225,19 @@ impl<'de> Deserialize<'de> for Value {
     }
 }
 
-/// An immutable, cheaply cloned string: table, database and column names, binlog file names.
-/// Decoding shares one of each among all the rows of a batch instead of copying it per row.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ArcStr(Arc<str>);
-
-impl ArcStr {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for ArcStr {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl AsRef<str> for ArcStr {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for ArcStr {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&str> for ArcStr {
-    fn from(s: &str) -> Self {
-        ArcStr(Arc::from(s))
-    }
-}
-
-impl From<String> for ArcStr {
-    fn from(s: String) -> Self {
-        ArcStr(Arc::from(s))
-    }
-}
-
-impl From<&String> for ArcStr {
-    fn from(s: &String) -> Self {
-        ArcStr(Arc::from(s.as_str()))
-    }
-}
-
-impl From<ArcStr> for String {
-    fn from(s: ArcStr) -> Self {
-        s.0.to_string()
-    }
-}
-
-impl PartialEq<str> for ArcStr {
-    fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
-    }
-}
-
-impl PartialEq<&str> for ArcStr {
-    fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
-    }
-}
-
-impl PartialEq<String> for ArcStr {
-    fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
-    }
-}
-
-impl PartialEq<ArcStr> for str {
-    fn eq(&self, other: &ArcStr) -> bool {
-        self == &*other.0
-    }
-}
-
-impl PartialEq<ArcStr> for &str {
-    fn eq(&self, other: &ArcStr) -> bool {
-        *self == &*other.0
-    }
-}
-
-impl PartialEq<ArcStr> for String {
-    fn eq(&self, other: &ArcStr) -> bool {
-        **self == *other.0
-    }
-}
-
-impl fmt::Debug for ArcStr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-impl fmt::Display for ArcStr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl Serialize for ArcStr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ArcStr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(ArcStr::from)
-    }
-}
-
 /// The column names of one table layout, shared by every row (and every [`ColumnSet`]) decoded
 /// with that layout.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Columns {
-    names: Vec<ArcStr>,
+    names: Vec<Arc<str>>,
     /// Name lookup for wide tables (a scan is faster below [`Columns::SCAN_MAX`] columns).
-    index: Option<HashMap<ArcStr, u32>>,
+    index: Option<HashMap<Arc<str>, u32>>,
 }
 
 impl Columns {
     const SCAN_MAX: usize = 16;
 
-    pub fn new(names: Vec<ArcStr>) -> Columns {
+    pub fn new(names: Vec<Arc<str>>) -> Columns {
         let mut c = Columns { names, index: None };
         c.reindex();
         c
@@ -368,7 +254,7 @@ impl Columns {
         });
     }
 
-    fn push(&mut self, name: ArcStr) -> u32 {
+    fn push(&mut self, name: Arc<str>) -> u32 {
         let i = self.names.len() as u32;
         if let Some(m) = &mut self.index {
             m.entry(name.clone()).or_insert(i);
@@ -388,7 +274,7 @@ impl Columns {
         self.names.is_empty()
     }
 
-    pub fn names(&self) -> &[ArcStr] {
+    pub fn names(&self) -> &[Arc<str>] {
         &self.names
     }
 
@@ -479,7 +365,7 @@ impl Row {
 
     /// Sets a column's value (kept in place if the row has it, appended otherwise) and
     /// returns the previous value.
-    pub fn insert(&mut self, name: ArcStr, value: Value) -> Option<Value> {
+    pub fn insert(&mut self, name: Arc<str>, value: Value) -> Option<Value> {
         if let Some(s) = self.slot(&name) {
             return Some(std::mem::replace(&mut self.slots[s].1, value));
         }
@@ -499,7 +385,7 @@ impl Row {
     }
 
     /// `(shared name, value)` in row order.
-    pub fn iter_shared(&self) -> impl ExactSizeIterator<Item = (&ArcStr, &Value)> + '_ {
+    pub fn iter_shared(&self) -> impl ExactSizeIterator<Item = (&Arc<str>, &Value)> + '_ {
         self.slots
             .iter()
             .map(|(i, v)| (&self.columns.names[*i as usize], v))
@@ -534,7 +420,7 @@ impl fmt::Debug for Row {
     }
 }
 
-impl<K: Into<ArcStr>> FromIterator<(K, Value)> for Row {
+impl<K: Into<Arc<str>>> FromIterator<(K, Value)> for Row {
     fn from_iter<I: IntoIterator<Item = (K, Value)>>(iter: I) -> Row {
         let mut row = Row::new();
         for (k, v) in iter {
@@ -667,7 +553,7 @@ impl ColumnSet {
         self.positions().map(|i| self.columns.name(i))
     }
 
-    pub fn iter_shared(&self) -> impl Iterator<Item = &ArcStr> + '_ {
+    pub fn iter_shared(&self) -> impl Iterator<Item = &Arc<str>> + '_ {
         self.positions().map(|i| &self.columns.names[i])
     }
 
@@ -695,14 +581,14 @@ impl ColumnSet {
     }
 }
 
-impl<K: Into<ArcStr>> FromIterator<K> for ColumnSet {
+impl<K: Into<Arc<str>>> FromIterator<K> for ColumnSet {
     fn from_iter<I: IntoIterator<Item = K>>(iter: I) -> ColumnSet {
-        let names: Vec<ArcStr> = iter.into_iter().map(Into::into).collect();
+        let names: Vec<Arc<str>> = iter.into_iter().map(Into::into).collect();
         ColumnSet::all(Arc::new(Columns::new(names)))
     }
 }
 
-impl<K: Into<ArcStr>> From<Vec<K>> for ColumnSet {
+impl<K: Into<Arc<str>>> From<Vec<K>> for ColumnSet {
     fn from(v: Vec<K>) -> ColumnSet {
         v.into_iter().collect()
     }
@@ -749,7 +635,7 @@ impl<'de> Deserialize<'de> for ColumnSet {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Position {
     /// Binlog file name, e.g. `mysql-bin.000003`.
-    pub log_file: ArcStr,
+    pub log_file: Arc<str>,
     /// Start offset of the binlog event in that file.
     pub offset: u64,
     /// Index of the row inside the binlog row event (0-based).
@@ -759,7 +645,7 @@ pub struct Position {
     pub server_id: u64,
     /// The server's GTID set at this event, when the Canal server tracks GTIDs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gtid: Option<ArcStr>,
+    pub gtid: Option<Arc<str>>,
 }
 
 impl fmt::Display for Position {
@@ -772,9 +658,9 @@ impl fmt::Display for Position {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChangeEvent {
     /// The Canal destination (instance) this came from.
-    pub destination: ArcStr,
-    pub database: ArcStr,
-    pub table: ArcStr,
+    pub destination: Arc<str>,
+    pub database: Arc<str>,
+    pub table: Arc<str>,
     pub event_type: EventType,
     /// The row: the after image for INSERT/UPDATE, the before image for DELETE; empty for DDL.
     pub data: Row,
@@ -814,13 +700,13 @@ pub fn now_ms() -> i64 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotOrigin {
     /// The backfill's id.
-    pub backfill: ArcStr,
+    pub backfill: Arc<str>,
     /// The primary key's values, as a JSON array in key column order (e.g. `[42]`,
     /// `["eu",7]`): with the backfill, table and consumer, what the message id is made of.
     pub key: String,
     /// The consumer the backfill is for; `None`: every consumer whose filters name SNAPSHOT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consumer: Option<ArcStr>,
+    pub consumer: Option<Arc<str>>,
 }
 
 impl ChangeEvent {

@@ -8,7 +8,7 @@
 //! offset, row index, event time), the consumer, the rule and the plugin (see [`message_id`]), so
 //! a redelivered change produces byte-identical ids and workers can drop duplicates.
 
-use crate::event::{ArcStr, ChangeEvent, EventType, Position, SnapshotOrigin};
+use crate::event::{ChangeEvent, EventType, Position, SnapshotOrigin};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
@@ -98,9 +98,9 @@ impl Default for Route {
 /// The part of the source event a message carries along.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceRef {
-    pub destination: ArcStr,
-    pub database: ArcStr,
-    pub table: ArcStr,
+    pub destination: Arc<str>,
+    pub database: Arc<str>,
+    pub table: Arc<str>,
     pub event_type: EventType,
     pub position: Position,
     pub executed_at: i64,

@@ -125,7 +125,7 @@ async fn every_common_type_arrives_with_the_value_written() {
     );
     assert_eq!(ins.primary_keys, ["id"]);
     assert!(ins.old.is_none());
-    assert_eq!(ins.database, DB);
+    assert_eq!(&*ins.database, DB);
     assert!(ins.position.log_file.contains("bin"), "{}", ins.position);
     assert!(ins.executed_at > 1_600_000_000_000);
 
@@ -218,7 +218,7 @@ async fn ddl_arrives_as_a_ddl_event() {
         .collect_matching(
             true,
             Duration::from_secs(60),
-            |e| e.table == table,
+            |e| &*e.table == table,
             |ev| ev.iter().any(|e| e.event_type == EventType::Insert),
         )
         .await;
@@ -515,7 +515,7 @@ async fn wait_for(
             .await
             .unwrap_or_else(|_| panic!("missing rows up to {upto}: have {}", seen.len()))
             .expect("collector alive");
-        if e.table == table
+        if &*e.table == table
             && let Some(Value::Int(i)) = e.data.get("id")
         {
             seen.insert(*i);
@@ -639,7 +639,7 @@ async fn a_lone_row_ends_a_long_poll_for_one_unit() {
             rows.extend(
                 decoded
                     .into_iter()
-                    .filter(|e| e.table == table && !e.is_ddl),
+                    .filter(|e| &*e.table == table && !e.is_ddl),
             );
             if !b.is_empty() {
                 tap.session.ack(b.batch_id).await.expect("ack");

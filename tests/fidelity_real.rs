@@ -88,10 +88,10 @@ async fn every_table_a_pattern_matches_is_delivered_by_canal() {
         .collect_matching(
             true,
             Duration::from_secs(60),
-            |e| !e.is_ddl && dbs.contains(e.database.as_str()),
+            |e| !e.is_ddl && dbs.contains(&*e.database),
             |ev| {
                 ev.iter()
-                    .any(|e| e.table == "p_123" && e.data.get("id") == Some(&Value::Int(2)))
+                    .any(|e| &*e.table == "p_123" && e.data.get("id") == Some(&Value::Int(2)))
             },
         )
         .await;

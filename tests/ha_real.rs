@@ -135,7 +135,7 @@ async fn catch_up() {
     tap.collect_matching(
         true,
         Duration::from_secs(600),
-        |e| e.table == marker,
+        |e| &*e.table == marker,
         |ev| {
             ev.iter()
                 .any(|e| matches!(e.data.get("id"), Some(canal_consumer::event::Value::Int(i)) if *i == id))

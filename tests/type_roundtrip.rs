@@ -342,7 +342,7 @@ impl RawTail {
                 .printed()
                 .lines()
                 .filter_map(|l| serde_json::from_str::<ChangeEvent>(l).ok())
-                .filter(|e| e.table == self.table && e.event_type == EventType::Insert)
+                .filter(|e| *e.table == *self.table && e.event_type == EventType::Insert)
                 .collect();
             if events.len() >= n {
                 return events;

@@ -36,7 +36,7 @@ pub mod source;
 use crate::canal::connection::{ConnectionState, GetConnectionStatus};
 use crate::consumer::TableFilter;
 use crate::consumer::filter::NameMatch;
-use crate::event::{ArcStr, EventType, now_ms};
+use crate::event::{EventType, now_ms};
 use crate::manager::snapshot::chunks::Chunks;
 use crate::manager::{
     ChunkPlan, ChunkRows, DdlSeen, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
@@ -750,11 +750,11 @@ impl Backfills {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let plan = ChunkPlan {
             nonce: nonce.clone(),
-            backfill: ArcStr::from(id),
-            database: ArcStr::from(meta.database.as_str()),
-            table: ArcStr::from(meta.table.as_str()),
+            backfill: Arc::<str>::from(id),
+            database: Arc::<str>::from(meta.database.as_str()),
+            table: Arc::<str>::from(meta.table.as_str()),
             key_columns: meta.key.clone(),
-            consumer: a.b.spec.consumer.as_deref().map(ArcStr::from),
+            consumer: a.b.spec.consumer.as_deref().map(Arc::<str>::from),
             layout: layout.ddl_seen,
         };
         if self

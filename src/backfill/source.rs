@@ -15,7 +15,7 @@
 use super::BackfillError;
 use super::record::{Backfill, Progress, Spec, State};
 use crate::canal::decode::DeclaredType;
-use crate::event::{ArcStr, Columns, Row, Value};
+use crate::event::{Columns, Row, Value};
 use mysql_async::prelude::Queryable as _;
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ pub struct TableMeta {
     pub columns: Arc<Columns>,
     pub types: Vec<DeclaredType>,
     /// The primary key's columns, in key order.
-    pub key: Vec<ArcStr>,
+    pub key: Vec<Arc<str>>,
 }
 
 /// A pool of connections to the source database, and the watermark table's name.
@@ -74,7 +74,7 @@ pub fn literal(v: &Value) -> String {
 /// `(k1, k2, ..) op (v1, v2, ..)` in lexicographic key order, written out so that every
 /// server uses the key's index: `k1 > v1 OR (k1 = v1 AND k2 > v2)`. `op` is `>` (after) or
 /// `<=` (up to).
-pub fn key_bound(key: &[ArcStr], values: &[Value], after: bool) -> String {
+pub fn key_bound(key: &[Arc<str>], values: &[Value], after: bool) -> String {
     let mut ors = Vec::new();
     for i in 0..key.len() {
         let mut ands: Vec<String> = (0..i)
@@ -205,9 +205,9 @@ impl Source {
             table: table.into(),
             types: cols.iter().map(|(_, t)| DeclaredType::parse(t)).collect(),
             columns: Arc::new(Columns::new(
-                cols.into_iter().map(|(n, _)| ArcStr::from(n)).collect(),
+                cols.into_iter().map(|(n, _)| Arc::<str>::from(n)).collect(),
             )),
-            key: key.into_iter().map(ArcStr::from).collect(),
+            key: key.into_iter().map(Arc::<str>::from).collect(),
         })
     }
 
@@ -548,7 +548,7 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 }
 
 /// A row's key values, in key order.
-pub fn key_values(row: &Row, key: &[ArcStr]) -> Vec<Value> {
+pub fn key_values(row: &Row, key: &[Arc<str>]) -> Vec<Value> {
     key.iter()
         .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
         .collect()
@@ -560,7 +560,7 @@ mod tests {
 
     #[test]
     fn key_bounds_are_lexicographic_and_literals_cannot_escape() {
-        let key: Vec<ArcStr> = vec!["region".into(), "id".into()];
+        let key: Vec<Arc<str>> = vec!["region".into(), "id".into()];
         let v = [Value::Text("eu'; DROP".into()), Value::Int(7)];
         assert_eq!(
             key_bound(&key, &v, true),

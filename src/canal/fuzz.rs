@@ -11,9 +11,10 @@ use crate::canal::decode::{
 };
 use crate::canal::proto::entry::{Entry, EntryType, RowChange};
 use crate::canal::proto::packet::{Messages, Packet};
-use crate::event::{ArcStr, ChangeEvent, ColumnSet, EventType, Position, Row};
+use crate::event::{ChangeEvent, ColumnSet, EventType, Position, Row};
 use bytes::BytesMut;
 use prost::Message;
+use std::sync::Arc;
 use tokio_util::codec::Decoder;
 
 /// The frame cap the fuzz targets use (small, so oversized frames are common).
@@ -143,7 +144,7 @@ fn reference_row_entry(
         .ok_or_else(|| format!("entry {index}: no event type"))?;
     let event_type = map_event_type(raw_type)
         .ok_or_else(|| format!("entry {index}: unknown event type {raw_type}"))?;
-    let gtid = (!header.gtid.is_empty()).then(|| ArcStr::from(header.gtid.as_str()));
+    let gtid = (!header.gtid.is_empty()).then(|| Arc::<str>::from(header.gtid.as_str()));
     let position = |row_index: u32| Position {
         log_file: header.logfile_name.as_str().into(),
         offset: header.logfile_offset.max(0) as u64,

@@ -15,9 +15,10 @@
 //! (`canal.connection_charset = "ISO-8859-1"` with `canal.source_url`, README "Character
 //! sets"), in which this check does not run: text is decoded by us, with each column's charset.
 
-use crate::event::{ArcStr, ChangeEvent, Position, Row, Value};
+use crate::event::{ChangeEvent, Position, Row, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// What Canal puts in place of bytes it could not decode.
 pub const LOSSY_MARK: char = '\u{FFFD}';
@@ -43,7 +44,7 @@ pub enum OnLossyText {
 /// order, each column once per row (in `data` or in `old`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LossyRows {
-    pub rows: Vec<(usize, Vec<ArcStr>)>,
+    pub rows: Vec<(usize, Vec<Arc<str>>)>,
 }
 
 impl LossyRows {
@@ -52,7 +53,7 @@ impl LossyRows {
     }
 }
 
-fn marked_columns(row: &Row, out: &mut Vec<ArcStr>) {
+fn marked_columns(row: &Row, out: &mut Vec<Arc<str>>) {
     for (name, value) in row.iter_shared() {
         if let Value::Text(t) = value
             && t.contains(LOSSY_MARK)
@@ -146,7 +147,7 @@ impl LossyText {
     }
 
     /// Why a marked row is parked (`canal.on_lossy_text = "park"`).
-    pub fn park_reason(event: &ChangeEvent, columns: &[ArcStr]) -> String {
+    pub fn park_reason(event: &ChangeEvent, columns: &[Arc<str>]) -> String {
         let names: Vec<&str> = columns.iter().map(|c| &**c).collect();
         format!(
             "lossy text: column(s) {} of {}.{} arrived with U+FFFD (canal.on_lossy_text = \
@@ -167,7 +168,7 @@ mod tests {
     fn event(table: &str, data: &[(&str, Value)], old: Option<&[(&str, Value)]>) -> ChangeEvent {
         let row = |vals: &[(&str, Value)]| {
             let cols = Arc::new(Columns::new(
-                vals.iter().map(|(n, _)| ArcStr::from(*n)).collect(),
+                vals.iter().map(|(n, _)| Arc::<str>::from(*n)).collect(),
             ));
             Row::from_values(cols, vals.iter().map(|(_, v)| v.clone()).collect())
         };
@@ -227,8 +228,8 @@ mod tests {
         assert_eq!(
             found.rows,
             vec![
-                (1, vec![ArcStr::from("name")]),
-                (3, vec![ArcStr::from("a"), ArcStr::from("b")])
+                (1, vec![Arc::<str>::from("name")]),
+                (3, vec![Arc::<str>::from("a"), Arc::<str>::from("b")])
             ]
         );
     }
@@ -257,7 +258,7 @@ mod tests {
         assert_eq!(counts, [("name", 3), ("x", 1)]);
         assert!(all.iter().all(|c| c.policy == OnLossyText::Park));
         assert!(all[0].fix.contains("canal.connection_charset"));
-        let why = LossyText::park_reason(&a, &[ArcStr::from("name")]);
+        let why = LossyText::park_reason(&a, &[Arc::<str>::from("name")]);
         assert!(why.contains("name of db.t"), "{why}");
         assert!(why.contains("ISO-8859-1"), "{why}");
     }

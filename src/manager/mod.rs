@@ -413,7 +413,7 @@ impl Manager {
                     e.snapshot
                         .as_ref()
                         .and_then(|s| s.consumer.as_ref())
-                        .is_none_or(|c| *c == slot.name)
+                        .is_none_or(|c| **c == *slot.name)
                 })
                 // the watermark table's changes are the service's own bookkeeping
                 .filter(|(_, e)| watermark.is_none_or(|w| !w.is(e)))

@@ -35,7 +35,7 @@ mod progress;
 pub use progress::Progress;
 
 use crate::canal::connection::BatchRef;
-use crate::event::{ArcStr, ChangeEvent, EventType, Row, SnapshotOrigin, Value};
+use crate::event::{ChangeEvent, EventType, Row, SnapshotOrigin, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -44,13 +44,13 @@ use std::sync::Arc;
 pub struct ChunkPlan {
     /// Unique per read; the watermark values carry it.
     pub nonce: String,
-    pub backfill: ArcStr,
-    pub database: ArcStr,
-    pub table: ArcStr,
+    pub backfill: Arc<str>,
+    pub database: Arc<str>,
+    pub table: Arc<str>,
     /// The primary key's columns, in key order.
-    pub key_columns: Vec<ArcStr>,
+    pub key_columns: Vec<Arc<str>>,
     /// Deliver only to this consumer.
-    pub consumer: Option<ArcStr>,
+    pub consumer: Option<Arc<str>>,
     /// [`Windows::ddl_seen`] of the table when its layout (columns, key) was read, before
     /// that read: a DDL on the table since then, anywhere before the high watermark, spoils
     /// the read (its SELECT may have used a stale layout).
@@ -80,7 +80,7 @@ impl WatermarkTable {
 
     /// Whether `e` is a change of this table.
     pub(crate) fn is(&self, e: &ChangeEvent) -> bool {
-        e.database == self.database.as_str() && e.table == self.table.as_str()
+        *e.database == *self.database && *e.table == *self.table
     }
 
     /// The text an INSERT or UPDATE of a watermark-table row carries in [`Self::COLUMN`]
@@ -166,7 +166,7 @@ pub struct Windows {
     batches: BTreeMap<BatchRef, Vec<(String, u64, u64)>>,
     /// DDL events seen per table (`database`, `table`), in or out of any window: a backfill
     /// that caches a table's layout reads this before the layout and puts it in its plans.
-    ddl: HashMap<(ArcStr, ArcStr), u64>,
+    ddl: HashMap<(Arc<str>, Arc<str>), u64>,
 }
 
 impl Windows {
@@ -183,7 +183,7 @@ impl Windows {
     /// again). A layout read after this was taken is stale once it moves.
     pub fn ddl_seen(&self, database: &str, table: &str) -> u64 {
         self.ddl
-            .get(&(ArcStr::from(database), ArcStr::from(table)))
+            .get(&(Arc::<str>::from(database), Arc::<str>::from(table)))
             .copied()
             .unwrap_or(0)
     }
@@ -301,8 +301,8 @@ impl Windows {
     fn live(&mut self, e: &ChangeEvent) {
         for r in self.reads.values_mut() {
             if !matches!(r.phase, Phase::Open)
-                || e.table != r.plan.table.as_str()
-                || e.database != r.plan.database.as_str()
+                || e.table != r.plan.table
+                || e.database != r.plan.database
             {
                 continue;
             }
@@ -408,7 +408,7 @@ fn watermark(e: &ChangeEvent) -> Option<(bool, String)> {
 
 /// A row's key as a JSON array of its key columns' values, in key order; `None` if a key
 /// column is missing.
-pub fn key_text(row: &Row, key_columns: &[ArcStr]) -> Option<String> {
+pub fn key_text(row: &Row, key_columns: &[Arc<str>]) -> Option<String> {
     let mut values = Vec::with_capacity(key_columns.len());
     for c in key_columns {
         values.push(row.get(c)?);

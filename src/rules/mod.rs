@@ -219,13 +219,13 @@ pub fn sample_events(spec: &ConsumerSpec) -> Vec<ChangeEvent> {
                 data.insert("id".into(), Value::Int(1));
                 primary_keys.push("id".to_string());
                 for c in &columns {
-                    data.insert(c.into(), sample(c, false));
+                    data.insert(c.as_str().into(), sample(c, false));
                 }
                 match t {
                     EventType::Update => {
                         let mut o = Row::new();
                         for c in &columns {
-                            o.insert(c.into(), sample(c, true));
+                            o.insert(c.as_str().into(), sample(c, true));
                             changed.push(c.clone());
                         }
                         old = Some(o);

@@ -231,7 +231,7 @@ impl Tap {
         timeout: Duration,
         done: impl Fn(&[ChangeEvent]) -> bool,
     ) -> (Vec<ChangeEvent>, Vec<i64>) {
-        self.collect_matching(ack, timeout, |e| e.table == table && !e.is_ddl, done)
+        self.collect_matching(ack, timeout, |e| &*e.table == table && !e.is_ddl, done)
             .await
     }
 

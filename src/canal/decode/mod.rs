@@ -44,7 +44,7 @@
 use crate::canal::charset::{self, BinlogPos, CharsetError, CharsetMap, Lookup, Need, TableName};
 use crate::canal::proto::entry::{Column, Entry, EntryType, EventType as WireEventType, Header};
 use crate::event::{
-    ArcStr, ChangeEvent, ColumnSet, ColumnSetBuilder, Columns, EventType, Position, Row, Value,
+    ChangeEvent, ColumnSet, ColumnSetBuilder, Columns, EventType, Position, Row, Value,
 };
 use prost::Message as _;
 use std::collections::HashMap;
@@ -206,13 +206,13 @@ fn with_texts<'a>(
 /// them; only the values are per row. Meant to live for one batch (its caches only grow).
 #[derive(Debug)]
 pub struct Decoder {
-    destination: ArcStr,
+    destination: Arc<str>,
     /// `db \0 table` -> index in `tables`.
     table_index: HashMap<String, usize>,
     tables: Vec<TableLayouts>,
     key_buf: String,
-    log_file: ArcStr,
-    gtid: Option<ArcStr>,
+    log_file: Arc<str>,
+    gtid: Option<Arc<str>>,
     /// Reused per row: the columns of the row images being decoded (kept empty between
     /// entries, see [`wire::reuse`]).
     before: Vec<wire::ColumnRef<'static>>,
@@ -223,8 +223,8 @@ pub struct Decoder {
 
 #[derive(Debug)]
 struct TableLayouts {
-    database: ArcStr,
-    table: ArcStr,
+    database: Arc<str>,
+    table: Arc<str>,
     layouts: Vec<Arc<Layout>>,
 }
 
@@ -269,7 +269,7 @@ impl Layout {
         let mut names = Vec::with_capacity(cols.len());
         let mut decls = Vec::with_capacity(cols.len());
         for c in cols {
-            names.push(ArcStr::from(wire::utf8(c.name)?));
+            names.push(Arc::<str>::from(wire::utf8(c.name)?));
             let mysql_type = wire::utf8(c.mysql_type)?;
             let declared = mysql_type.to_ascii_lowercase();
             decls.push(Decl {
@@ -311,7 +311,7 @@ impl Decoder {
             table_index: HashMap::new(),
             tables: Vec::new(),
             key_buf: String::new(),
-            log_file: ArcStr::default(),
+            log_file: Arc::<str>::default(),
             gtid: None,
             before: Vec::new(),
             after: Vec::new(),
@@ -387,14 +387,14 @@ impl Decoder {
         i
     }
 
-    fn position_names(&mut self, header: &Header) -> (ArcStr, Option<ArcStr>) {
-        if self.log_file != header.logfile_name.as_str() {
+    fn position_names(&mut self, header: &Header) -> (Arc<str>, Option<Arc<str>>) {
+        if *self.log_file != *header.logfile_name {
             self.log_file = header.logfile_name.as_str().into();
         }
         let gtid = if header.gtid.is_empty() {
             None
         } else {
-            if self.gtid.as_ref().is_none_or(|g| *g != header.gtid) {
+            if self.gtid.as_ref().is_none_or(|g| **g != *header.gtid) {
                 self.gtid = Some(header.gtid.as_str().into());
             }
             self.gtid.clone()

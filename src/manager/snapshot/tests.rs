@@ -95,7 +95,7 @@ fn plan(nonce: &str, layout: u64) -> ChunkPlan {
 type Seen = BTreeMap<i64, Option<i64>>;
 
 fn apply_seen(seen: &mut Seen, e: &ChangeEvent) {
-    if e.database != "db" || e.table != "t" {
+    if &*e.database != "db" || &*e.table != "t" {
         return;
     }
     let id = |r: &Row| match r.get("id") {
