@@ -27,17 +27,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 /// Why a publish failed. Any of these means the Canal batch must not be acked.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     #[error(
-        "broker returned message {id} as unroutable (exchange '{exchange}', routing key '{routing_key}'): {reason}"
+        "broker returned message {} as unroutable (exchange '{}', routing key '{}'): {}",
+        .0.id, .0.exchange, .0.routing_key, .0.reason
     )]
-    Returned {
-        id: String,
-        exchange: String,
-        routing_key: String,
-        reason: String,
-    },
+    Returned(Returned),
     #[error("broker nacked message {id}")]
     Nacked { id: String },
     #[error("no confirm for message {id} within {timeout:?}")]
@@ -95,7 +91,9 @@ impl PublishError {
     }
 }
 
-/// One message the broker returned as unroutable.
+/// One message the broker returned as unroutable (or that was refused before publishing
+/// because its exchange is known broken): the one shape of a return, from the window's record
+/// of it to [`PublishError::Returned`] and [`PublishError::Unroutable`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Returned {
     pub id: String,

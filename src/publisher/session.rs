@@ -520,16 +520,11 @@ impl Session {
     fn flush(&mut self) {
         for f in self.window.take_failures() {
             match &f.error {
-                PublishError::Returned {
-                    id,
-                    exchange,
-                    routing_key,
-                    reason,
-                } => {
-                    warn!(id = %id, exchange = %exchange, routing_key = %routing_key,
-                          reason = %reason, "the broker returned an unroutable message");
-                    if exchange.is_empty()
-                        && *routing_key == self.cfg.queue.name
+                PublishError::Returned(r) => {
+                    warn!(id = %r.id, exchange = %r.exchange, routing_key = %r.routing_key,
+                          reason = %r.reason, "the broker returned an unroutable message");
+                    if r.exchange.is_empty()
+                        && r.routing_key == self.cfg.queue.name
                         && self.cfg.queue.declare == DeclareMode::Declare
                     {
                         self.redeclare = true;
