@@ -8,15 +8,15 @@
 //! - `ConsumerError::Event` applies the consumer's [`ErrorPolicy`] (trigger `error_handler`, or
 //!   a dead-letter message); the batch goes on.
 //! - `ConsumerError::Fatal`, the `stop` policy, or a panic inside `process_event` fails the
-//!   batch (nothing of it is published), answers [`ProcessFailure`] and stops the actor. Its
-//!   supervisor restarts it; a panic is caught here, so it stops only this consumer.
+//!   batch (nothing of it is published), answers [`ProcessFailure`] (transient: the part is
+//!   retried) and stops the actor. Its supervisor restarts it; a panic is caught here, so it
+//!   stops only this consumer.
 //! - Every restart builds the consumer anew from its [`ConsumerFactory`].
 //! - It keeps no supervision state: when to retry (the backoff) and when to quarantine are
 //!   decided by the Manager's router (`manager::core`), which counts the restarts.
 
 use crate::canal::connection::BatchRef;
-use crate::consumer::Mode;
-use crate::consumer::{Consumer, ConsumerContext, ConsumerError, Failure};
+use crate::consumer::{Consumer, ConsumerContext, ConsumerError, Failure, Mode, ProcessFailure};
 use crate::event::ChangeEvent;
 use crate::publisher::{Publish, PublishError};
 use crate::trigger::Trigger;
@@ -53,14 +53,6 @@ pub struct Processed {
     pub parked: usize,
     /// Resolves when every trigger is confirmed (or failed).
     pub confirmed: oneshot::Receiver<Result<(), PublishError>>,
-}
-
-/// The batch could not be processed: the consumer failed (fatal error, `stop` policy or
-/// panic), and its actor restarts with a fresh instance.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("consumer failed: {error}")]
-pub struct ProcessFailure {
-    pub error: String,
 }
 
 /// Builds a fresh consumer: the supervisor calls it on every restart, so state a panic may
@@ -122,7 +114,7 @@ pub fn process_event(
     consumer: &mut dyn Consumer,
     cctx: &mut ConsumerContext,
     event: &ChangeEvent,
-) -> Result<(), String> {
+) -> Result<(), ProcessFailure> {
     cctx.begin_event(event);
     let mark = cctx.triggers().len();
     let outcome =
@@ -132,16 +124,11 @@ pub fn process_event(
         Ok(Err(ConsumerError::Event(msg))) => msg,
         Ok(Err(ConsumerError::Fatal(msg))) => {
             cctx.truncate(mark);
-            return Err(msg);
+            return Err(ProcessFailure::Stopped(msg));
         }
         Err(panic) => {
             cctx.truncate(mark);
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            return Err(format!("panic in process_event: {msg}"));
+            return Err(panicked("process_event", panic));
         }
     };
     cctx.truncate(mark);
@@ -163,29 +150,35 @@ pub fn process_event(
     if cctx.handle_failure(&consumer.error_policy(), failure) {
         Ok(())
     } else {
-        Err(error)
+        Err(ProcessFailure::Stopped(error))
     }
 }
 
 /// Run `consumer.end_of_part` (bulk messages of the part), catching a panic like
 /// [`process_event`]. On failure what it emitted is discarded and `Err` says why.
-pub fn finish_part(consumer: &mut dyn Consumer, cctx: &mut ConsumerContext) -> Result<(), String> {
+pub fn finish_part(
+    consumer: &mut dyn Consumer,
+    cctx: &mut ConsumerContext,
+) -> Result<(), ProcessFailure> {
     let mark = cctx.triggers().len();
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| consumer.end_of_part(cctx)));
     let error = match outcome {
         Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => e.to_string(),
-        Err(panic) => format!(
-            "panic in end_of_part: {}",
-            panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into())
-        ),
+        Ok(Err(e)) => ProcessFailure::Stopped(e.to_string()),
+        Err(panic) => panicked("end_of_part", panic),
     };
     cctx.truncate(mark);
     Err(error)
+}
+
+/// A caught panic as a failure: its message when it has one.
+fn panicked(during: &'static str, panic: Box<dyn std::any::Any + Send>) -> ProcessFailure {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    ProcessFailure::Panicked { during, message }
 }
 
 fn failure<'a>(consumer: &'a str, event: &'a ChangeEvent, error: &'a str) -> Failure<'a> {
@@ -244,7 +237,7 @@ impl ConsumerActor {
                     self.ctx.truncate(mark);
                     self.ctx.begin_event(event);
                     if let Err(error) = result {
-                        self.ctx.park(failure(&error), None);
+                        self.ctx.park(failure(&error.to_string()), None);
                         parked += 1;
                         continue;
                     }
@@ -282,6 +275,7 @@ impl ConsumerActor {
         let events = || msg.indices.iter().filter_map(|&i| msg.events.get(i));
         let mark = self.ctx.triggers().len();
         if let Err(error) = finish_part(self.consumer.as_mut(), &mut self.ctx) {
+            let error = error.to_string();
             let mut parked = 0;
             for event in events() {
                 self.ctx.begin_event(event);
@@ -409,7 +403,7 @@ impl Handler<ProcessBatch> for ConsumerActor {
         if let Some(error) = failed {
             self.ctx.take_triggers();
             ctx.stop();
-            return Err(ProcessFailure { error });
+            return Err(error);
         }
         if parked > 0 {
             tracing::warn!(

@@ -15,7 +15,7 @@ pub mod filter;
 pub mod policy;
 
 pub use filter::TableFilter;
-pub use policy::{Mode, OnPoison, PoisonPolicy};
+pub use policy::{Mode, OnPoison, PoisonPolicy, ProcessFailure};
 
 use crate::event::ChangeEvent;
 use crate::trigger::{

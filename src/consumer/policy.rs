@@ -1,7 +1,8 @@
-//! What the Manager tells a consumer about a part and its failures: the poison policy a
-//! consumer is configured with, and the mode a part is run in. Defined here, below the Manager
-//! that decides them (`manager::core`), so the consumer actor and the rules read them without
-//! importing the Manager.
+//! What the Manager and a consumer tell each other about a part and its failures: the poison
+//! policy a consumer is configured with, the mode a part is run in, and why a part failed
+//! ([`ProcessFailure`]). Defined here, below the Manager that decides on them
+//! (`manager::core`), so the consumer actor and the rules use them without importing the
+//! Manager.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,5 +52,30 @@ pub enum Mode {
 impl Mode {
     pub fn is_park(&self) -> bool {
         !matches!(self, Mode::Normal)
+    }
+}
+
+/// Why a consumer could not finish a part. Transient (see [the crate docs](crate#errors)):
+/// its actor restarts it with a fresh instance and the Manager retries the part after a
+/// backoff; the poison policy, not this error, decides when retrying stops (park or stall).
+/// Its text is what `status` shows as the consumer's `last_error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProcessFailure {
+    /// It gave up on its own: `ConsumerError::Fatal`, an event error under the `stop` error
+    /// policy, or an error from `end_of_part`. The text is the consumer's.
+    #[error("{0}")]
+    Stopped(String),
+    /// It panicked in `during` (`process_event` or `end_of_part`): a bug in it.
+    #[error("panic in {during}: {message}")]
+    Panicked {
+        during: &'static str,
+        message: String,
+    },
+}
+
+impl From<&str> for ProcessFailure {
+    /// A consumer's own reason for stopping.
+    fn from(reason: &str) -> Self {
+        ProcessFailure::Stopped(reason.to_string())
     }
 }

@@ -32,8 +32,8 @@
 //!   consumer actor keeps no supervision state of its own.
 
 use crate::canal::connection::BatchRef;
-pub use crate::consumer::policy::{Mode, OnPoison, PoisonPolicy};
-use crate::publisher::PublishError;
+pub use crate::consumer::policy::{Mode, OnPoison, PoisonPolicy, ProcessFailure};
+use crate::publisher::{PublishError, Returned};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -109,48 +109,56 @@ pub enum Processed {
     Published,
     /// It failed (error or panic) and its actor restarts it: the Router counts the restart,
     /// then retries the same part after the backoff, or quarantines the consumer.
-    Failed { error: String },
-    /// It could not be asked (its actor was between instances): retry the same part after
-    /// `retry_in`; not a restart.
-    Unavailable { retry_in: Duration, error: String },
+    Failed { error: ProcessFailure },
+    /// It could not be asked (its actor was between instances): transient; retry the same part
+    /// after `retry_in`; not a restart.
+    Unavailable { retry_in: Duration },
 }
 
-/// Why a part's publish failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a park run says of a part that could not be asked ([`Processed::Unavailable`]).
+const UNAVAILABLE: &str = "the consumer was between instances (its mailbox was closed)";
+
+/// Why a part's publish failed, as it bears on the part.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PartError {
-    /// The broker or the link failed (nack, timeout, lost connection): roll back and retry.
-    Transient(String),
-    /// The broker could not route these triggers (a rule's exchange or queue does not exist).
-    Unroutable { ids: Vec<String>, reason: String },
+    /// The batch rolls back and comes again: transient or definite as the [`PublishError`]
+    /// says (a definite one, such as a queue topology mismatch, comes back the same way until
+    /// an operator acts, so nothing is lost in the meantime).
+    #[error(transparent)]
+    Publish(PublishError),
+    /// Definite: the broker could not route these triggers (a rule's exchange or queue does
+    /// not exist); parked or rolled back by the poison policy.
+    #[error("{}", unroutable_text(.0))]
+    Unroutable(Vec<Returned>),
 }
 
 /// How a failed publish bears on its part: messages the broker could not route as configured
 /// (returned, or refused because their exchange is gone) are [`PartError::Unroutable`], to be
-/// parked by policy; every other failure is transient (the batch rolls back and comes again).
+/// parked by policy; every other failure rolls the batch back and it comes again.
 /// One mapping for the Manager and the delivery simulation.
 impl From<PublishError> for PartError {
     fn from(e: PublishError) -> Self {
         match e {
-            PublishError::Unroutable { returned } => {
-                let reason = PublishError::Unroutable {
-                    returned: returned.clone(),
-                }
-                .to_string();
-                PartError::Unroutable {
-                    ids: returned.into_iter().map(|r| r.id).collect(),
-                    reason,
-                }
-            }
-            e => PartError::Transient(e.to_string()),
+            PublishError::Unroutable { returned } => PartError::Unroutable(returned),
+            e => PartError::Publish(e),
         }
     }
 }
 
+/// [`PartError::Unroutable`]'s text: [`PublishError::Unroutable`]'s.
+fn unroutable_text(returned: &[Returned]) -> String {
+    PublishError::Unroutable {
+        returned: returned.to_vec(),
+    }
+    .to_string()
+}
+
 impl PartError {
-    fn reason(&self) -> &str {
+    /// Transient or definite: see [the crate docs](crate#errors).
+    pub fn is_transient(&self) -> bool {
         match self {
-            PartError::Transient(r) => r,
-            PartError::Unroutable { reason, .. } => reason,
+            PartError::Publish(e) => e.is_transient(),
+            PartError::Unroutable(_) => false,
         }
     }
 }
@@ -420,17 +428,23 @@ impl<P: Clone> Router<P> {
             }
             Processed::Failed { error } => {
                 let retry_in = s.restarted(now);
-                self.failed(slot, batch, retry_in, error);
+                self.failed(slot, batch, retry_in, &error);
             }
-            Processed::Unavailable { retry_in, error } => {
-                self.failed(slot, batch, Some(retry_in), error)
+            Processed::Unavailable { retry_in } => {
+                self.failed(slot, batch, Some(retry_in), &UNAVAILABLE)
             }
         }
     }
 
     /// The part of `batch` failed in the slot's consumer: retry it after `retry_in`, or, with
     /// `None`, the consumer is quarantined.
-    fn failed(&mut self, slot: SlotId, batch: BatchRef, retry_in: Option<Duration>, error: String) {
+    fn failed(
+        &mut self,
+        slot: SlotId,
+        batch: BatchRef,
+        retry_in: Option<Duration>,
+        error: &dyn std::fmt::Display,
+    ) {
         let s = &mut self.slots[slot];
         s.retrying = true;
         if batch.epoch < self.epoch || !s.enabled {
@@ -487,7 +501,7 @@ impl<P: Clone> Router<P> {
         };
         let s = &mut self.slots[slot];
         let live = batch.epoch == self.epoch && s.enabled && self.batches.contains_key(&batch);
-        if let (PartError::Unroutable { ids, reason }, Some((part, mode)), true, OnPoison::Park) =
+        if let (PartError::Unroutable(returned), Some((part, mode)), true, OnPoison::Park) =
             (&err, awaited, live, s.policy.on_poison)
             // only triggers of a normal run can be re-run as dead letters: a park run's refused
             // messages may be dead letters themselves (the dead-letter queue is missing), and
@@ -499,8 +513,8 @@ impl<P: Clone> Router<P> {
                 batch,
                 part,
                 mode: Mode::ParkIds {
-                    ids: ids.clone(),
-                    reason: reason.clone(),
+                    ids: returned.iter().map(|r| r.id.clone()).collect(),
+                    reason: err.to_string(),
                 },
                 failures: 0,
             };
@@ -510,7 +524,7 @@ impl<P: Clone> Router<P> {
             return;
         }
         // the rollback goes out before the batch can be released
-        self.fail(batch, err.reason().to_string());
+        self.fail(batch, err.to_string());
         self.part_finished(slot, batch, false);
     }
 
@@ -640,7 +654,7 @@ mod tests {
 
     #[test]
     fn publish_errors_map_to_part_errors() {
-        let returned = crate::publisher::Returned {
+        let returned = Returned {
             id: "m1".into(),
             exchange: "cc_gone".into(),
             routing_key: "k".into(),
@@ -649,9 +663,13 @@ mod tests {
         match PartError::from(PublishError::Unroutable {
             returned: vec![returned],
         }) {
-            PartError::Unroutable { ids, reason } => {
-                assert_eq!(ids, ["m1"]);
-                assert!(reason.contains("exchange 'cc_gone'"), "{reason}");
+            e @ PartError::Unroutable(_) => {
+                assert!(!e.is_transient());
+                let reason = e.to_string();
+                assert!(
+                    reason.contains("message(s) unroutable, first m1: exchange 'cc_gone'"),
+                    "{reason}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -664,15 +682,20 @@ mod tests {
             },
         ] {
             let text = e.to_string();
-            assert_eq!(PartError::from(e), PartError::Transient(text));
+            let part = PartError::from(e.clone());
+            assert_eq!(part, PartError::Publish(e));
+            assert!(part.is_transient());
+            assert_eq!(part.to_string(), text);
         }
     }
 
     fn unroutable() -> PartError {
-        PartError::Unroutable {
-            ids: vec!["x".into()],
+        PartError::Unroutable(vec![Returned {
+            id: "x".into(),
+            exchange: "cc_gone".into(),
+            routing_key: "k".into(),
             reason: "312 NO_ROUTE".into(),
-        }
+        }])
     }
 
     /// A refused trigger of a normal run is re-run as a dead letter; the batch then acks.
@@ -738,7 +761,7 @@ mod tests {
     }
 
     fn fail(r: &mut Router<&'static str>, id: i64, at: Instant) -> Vec<Command<&'static str>> {
-        let error = "boom".to_string();
+        let error = ProcessFailure::Stopped("boom".into());
         r.processed(0, b(id), Processed::Failed { error }, at);
         r.take_commands()
     }

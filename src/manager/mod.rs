@@ -44,8 +44,9 @@ use crate::canal::connection::{
     AckBatch, Batch, BatchRef, CanalConnection, CanalEvent, ReleaseBatch, RollbackBatch, SetFilter,
 };
 use crate::canal::lossy::{self, LossyColumn, LossyText, OnLossyText};
+use crate::consumer::ProcessFailure;
 use crate::consumer::TableFilter;
-use crate::consumer::actor::{ConsumerActor, ProcessBatch, ProcessFailure};
+use crate::consumer::actor::{ConsumerActor, ProcessBatch};
 use crate::consumer::filter::canal_filter;
 use crate::event::{ChangeEvent, now_ms};
 use crate::publisher::{CancelBefore, PublishError};
@@ -539,7 +540,6 @@ impl Manager {
                     tracing::debug!(error = %mailbox, "consumer mailbox error");
                     Processed::Unavailable {
                         retry_in: Duration::from_millis(50),
-                        error: format!("consumer mailbox: {mailbox}"),
                     }
                 }
             };
@@ -556,10 +556,8 @@ impl Manager {
     fn part_failed(&mut self, i: usize, failure: ProcessFailure) -> Processed {
         let stats = &mut self.slots[i].stats;
         stats.errors += 1;
-        stats.last_error = Some(failure.error.clone());
-        Processed::Failed {
-            error: failure.error,
-        }
+        stats.last_error = Some(failure.to_string());
+        Processed::Failed { error: failure }
     }
 
     /// Say what the router decided about a consumer that failed.

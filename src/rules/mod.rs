@@ -53,7 +53,7 @@ pub use template::Template;
 
 use crate::consumer::actor::{finish_part, process_event};
 use crate::consumer::filter::NameMatch;
-use crate::consumer::{Consumer, ConsumerContext};
+use crate::consumer::{Consumer, ConsumerContext, ProcessFailure};
 use crate::event::{ChangeEvent, EventType, Position, Row, Value};
 use crate::trigger::{MessageFormat, Route, Trigger};
 use serde::Serialize;
@@ -131,7 +131,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<ConsumerSpec>, RulesError> {
 // test NAME
 
 /// What running a consumer over some events produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct TestRun {
     /// The messages it would publish, in order.
     pub triggers: Vec<Trigger>,
@@ -139,7 +139,7 @@ pub struct TestRun {
     pub matched: usize,
     /// Set if the consumer stopped (fatal error, `stop` policy or panic): the index of the
     /// event and the error. Events after it were not processed.
-    pub stopped: Option<(usize, String)>,
+    pub stopped: Option<(usize, ProcessFailure)>,
 }
 
 /// Runs `consumer` over `events` exactly as its actor would (filters, `process_event`, the

@@ -596,7 +596,7 @@ fn stop_policy_fails_the_event_with_nothing_published() {
     assert_eq!(out.triggers, vec![]);
     let (index, error) = out.stopped.expect("stopped");
     assert_eq!(index, 0);
-    assert!(error.contains("rule `bad`"), "{error}");
+    assert!(error.to_string().contains("rule `bad`"), "{error}");
     // the trait-level call returns Fatal
     let mut ctx =
         crate::consumer::ConsumerContext::new("c", Default::default(), Default::default());
