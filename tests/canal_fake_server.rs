@@ -209,7 +209,7 @@ async fn a_rejected_login_names_the_destination_and_user() {
     let text = err.to_string();
     assert!(text.contains("destination 'example'"), "{text}");
     assert!(text.contains("user 'canal'"), "{text}");
-    assert!(err.is_permanent());
+    assert!(!err.is_transient());
 }
 
 #[tokio::test]

@@ -83,8 +83,8 @@ impl Control for ActorControl {
         let req = self.skip.send(SkipStalled(token.to_string()));
         Box::pin(async move {
             match req.timeout(ASK_TIMEOUT).await {
-                Ok(Ok(done)) => Ok(done),
-                Ok(Err(why)) => Err(AdminError::Conflict(why)),
+                Ok(Ok(done)) => Ok(done.to_string()),
+                Ok(Err(why)) => Err(AdminError::Conflict(why.to_string())),
                 Err(e) => Err(AdminError::Unavailable(format!("canal connection: {e}"))),
             }
         })

@@ -105,10 +105,11 @@ pub enum CanalError {
 }
 
 impl CanalError {
-    /// Errors that a reconnect cannot fix: retrying just repeats them (wrong password, frame
-    /// over the cap). The connection still retries them with backoff, but logs them as errors.
-    pub fn is_permanent(&self) -> bool {
-        matches!(
+    /// Transient or definite (see [the crate docs](crate#errors)): a reconnect cannot fix a
+    /// wrong password, a frame over the cap or a compressed packet, so those are definite; the
+    /// connection still retries them with backoff, but logs them as errors.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
             self,
             CanalError::Auth { .. }
                 | CanalError::Frame(codec::FrameError::TooLarge { .. })

@@ -31,7 +31,7 @@ pub struct ConnectionConfig {
     pub max_inflight_bytes: usize,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
-    /// Give up (instead of retrying) when the very first connect fails with a permanent error
+    /// Give up (instead of retrying) when the very first connect fails with a definite error
     /// such as a wrong password.
     pub fail_fast: bool,
     /// ZooKeeper mode: the lease that says which Canal server to use (instead of
@@ -74,8 +74,34 @@ pub enum CanalEvent {
     Batch(Batch),
     /// Every batch of an epoch before `epoch` was abandoned and will be redelivered.
     Reset { epoch: u64, reason: String },
-    /// The connection gave up (only with `fail_fast`, on a permanent error at first connect).
-    Fatal { error: String },
+    /// The connection gave up (only with `fail_fast`, on a definite error at first connect).
+    Fatal { error: Failure },
+}
+
+/// A failed connect or operation: what the core needs to know of the error (its kind says
+/// transient or definite, and which of the definite ones the core handles on its own); its
+/// text is the error's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// What kind of failure: decides between a reconnect, a stall, a conflict and standing by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A reconnect may fix it (network, server restart).
+    Transient,
+    /// A reconnect repeats it (a wrong password): definite, but still retried with backoff
+    /// (logged as an error), except at the first connect with `fail_fast`.
+    Definite,
+    /// The next frame is over `canal.max_frame_bytes`.
+    TooLarge { len: usize, max: usize },
+    /// Canal no longer knows a batch we ack: another process acked or rolled it back.
+    Vanished { evidence: String },
+    /// ZooKeeper mode: the lease ended under the operation.
+    NotActive,
 }
 
 /// The subscriber finished a batch: everything derived from it is safely delivered.
@@ -165,8 +191,39 @@ pub struct StallInfo {
 /// Pass what the connection is stalled at, acking it without delivering it. `token` must be
 /// the one `status` shows. Answers with what was skipped, or why nothing was.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<String, String>")]
+#[rtype(result = "Result<Skipped, SkipError>")]
 pub struct SkipStalled(pub String);
+
+/// What `canal-consumer skip` passed; its text is the command's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skipped {
+    /// A held batch (an entry that cannot be decoded): acked without being delivered.
+    Batch { token: String },
+    /// An oversized frame: the connection reconnects and the next fetch reads past it.
+    Frame { token: String },
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skipped::Batch { token } => write!(f, "skipped {token}"),
+            Skipped::Frame { token } => write!(
+                f,
+                "skipping {token}: the next fetch reads past it (see `canal-consumer status`)"
+            ),
+        }
+    }
+}
+
+/// Why `canal-consumer skip` passed nothing. Definite: the same command fails the same way
+/// until the stream's state changes (see `status` for what it is stalled at).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SkipError {
+    #[error("the canal stream is not stalled; nothing to skip")]
+    NotStalled,
+    #[error("the stream is stalled at {stalled}, not {given}; nothing was skipped")]
+    OtherToken { stalled: String, given: String },
+}
 
 /// The connection's state as `status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

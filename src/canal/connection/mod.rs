@@ -73,8 +73,7 @@ pub mod core;
 mod stall;
 pub use api::*;
 use core::{
-    Action, ConnectionCore, CoreConfig, Decoded, Done, EventsView, Failure, FailureKind, Input, Op,
-    RawView, Timer,
+    Action, ConnectionCore, CoreConfig, Decoded, Done, EventsView, Input, Op, RawView, Timer,
 };
 
 impl RawView for RawBatch {
@@ -521,7 +520,7 @@ fn failure(e: &CanalError) -> Failure {
         CanalError::NotActive { .. } => FailureKind::NotActive,
         e => match stall::vanished_batch(e) {
             Some(evidence) => FailureKind::Vanished { evidence },
-            None if e.is_permanent() => FailureKind::Permanent,
+            None if !e.is_transient() => FailureKind::Definite,
             None => FailureKind::Transient,
         },
     };
@@ -654,7 +653,7 @@ impl Handler<Shutdown> for CanalConnection {
 }
 
 impl Handler<SkipStalled> for CanalConnection {
-    type Result = Result<String, String>;
+    type Result = Result<Skipped, SkipError>;
 
     fn handle(&mut self, msg: SkipStalled, ctx: &mut Context<Self>) -> Self::Result {
         let r = self.core.skip(Instant::now(), &msg.0);

@@ -37,7 +37,9 @@ mod stall;
 mod tests;
 mod unit;
 
-use super::api::{ConnectionState, ConnectionStatus, ShutdownReport, StallInfo};
+use super::api::{
+    ConnectionState, ConnectionStatus, ShutdownReport, SkipError, Skipped, StallInfo,
+};
 use crate::backoff::Backoff;
 use crate::canal::window::{AckOutcome, BatchRef, BatchWindow, GetMode, SmallUnitProbe, took_all};
 use crate::event::Position;
@@ -454,9 +456,9 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
     }
 
     fn connect_failed(&mut self, now: Instant, failure: Failure) {
-        if failure.kind == FailureKind::Permanent && self.cfg.fail_fast && !self.ever_connected {
+        if failure.kind == FailureKind::Definite && self.cfg.fail_fast && !self.ever_connected {
             tracing::debug!(error = %failure.message, "canal connection failed permanently");
-            self.actions.push(Action::Fatal(failure.message));
+            self.actions.push(Action::Fatal(failure));
             self.state = ConnectionState::Stopped;
             return;
         }
@@ -470,7 +472,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
         let delay = self.backoff(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         self.status.reconnects += 1;
-        if failure.kind == FailureKind::Permanent {
+        if failure.kind == FailureKind::Definite {
             tracing::error!(error = %failure.message, retry_in = ?delay, "canal connection failed");
         } else {
             tracing::warn!(error = %failure.message, retry_in = ?delay, "canal connection failed");
@@ -520,7 +522,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             }
             FailureKind::Vanished { evidence } => self.on_conflict(evidence),
             FailureKind::NotActive => self.not_active(now, failure),
-            FailureKind::Transient | FailureKind::Permanent => self.schedule_reconnect(failure),
+            FailureKind::Transient | FailureKind::Definite => self.schedule_reconnect(failure),
         }
     }
 

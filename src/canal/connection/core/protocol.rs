@@ -2,6 +2,7 @@
 //! and of decoded events, its settings, and its inputs and actions.
 
 use crate::canal::connection::api::ShutdownReport;
+pub use crate::canal::connection::api::{Failure, FailureKind};
 use crate::canal::window::BatchRef;
 use crate::event::Position;
 use crate::ha::Lease;
@@ -141,8 +142,8 @@ pub enum Action<R, E> {
     Drained,
     /// The connection stopped: answer a shutdown request with the report, stop the actor.
     Finished(ShutdownReport),
-    /// The connection gave up (a permanent error at the first connect with `fail_fast`).
-    Fatal(String),
+    /// The connection gave up (a definite error at the first connect with `fail_fast`).
+    Fatal(Failure),
 }
 
 /// What happened, for the core.
@@ -217,26 +218,4 @@ pub enum Decoded<E> {
     Undecodable(String),
     /// The decoder panicked: a bug; the batch is redelivered after a rollback.
     Panicked(String),
-}
-
-/// A failed connect or operation: what the core needs to know of the error.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub kind: FailureKind,
-    pub message: String,
-}
-
-/// What kind of failure: decides between a reconnect, a stall, a conflict and standing by.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FailureKind {
-    /// A reconnect may fix it (network, server restart).
-    Transient,
-    /// A reconnect repeats it (a wrong password); still retried with backoff, logged as an error.
-    Permanent,
-    /// The next frame is over `canal.max_frame_bytes`.
-    TooLarge { len: usize, max: usize },
-    /// Canal no longer knows a batch we ack: another process acked or rolled it back.
-    Vanished { evidence: String },
-    /// ZooKeeper mode: the lease ended under the operation.
-    NotActive,
 }

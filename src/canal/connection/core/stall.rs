@@ -6,15 +6,15 @@ use super::*;
 
 impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
     /// Pass what the stream is stalled at (`canal-consumer skip TOKEN`).
-    pub fn skip(&mut self, now: Instant, token: &str) -> Result<String, String> {
+    pub fn skip(&mut self, now: Instant, token: &str) -> Result<Skipped, SkipError> {
         let Some(stall) = self.status.stall.clone() else {
-            return Err("the canal stream is not stalled; nothing to skip".into());
+            return Err(SkipError::NotStalled);
         };
         if token != stall.token {
-            return Err(format!(
-                "the stream is stalled at {}, not {token}; nothing was skipped",
-                stall.token
-            ));
+            return Err(SkipError::OtherToken {
+                stalled: stall.token,
+                given: token.to_string(),
+            });
         }
         if let Some(batch) = self.held.take() {
             self.window.ack(batch);
@@ -30,16 +30,13 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             ));
             self.state = ConnectionState::Connected;
             self.drive(now);
-            return Ok(format!("skipped {}", stall.token));
+            return Ok(Skipped::Batch { token: stall.token });
         }
         // an oversized frame: reconnect and read past it on the next fetch
         self.skip_oversized = true;
         self.status.stall = None;
         self.connect(now);
-        Ok(format!(
-            "skipping {}: the next fetch reads past it (see `canal-consumer status`)",
-            stall.token
-        ))
+        Ok(Skipped::Frame { token: stall.token })
     }
 
     /// Stop fetching until an operator acts; say so everywhere.

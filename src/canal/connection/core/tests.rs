@@ -216,3 +216,96 @@ fn a_batch_whose_id_jumped_is_not_left_waiting_for_a_release() {
         "nothing downstream holds it"
     );
 }
+
+/// `skip` answers in types: nothing stalled, another token, then what it passed; the texts
+/// are the command's answers.
+#[test]
+fn skip_answers_what_it_passed_or_why_not() {
+    let (mut c, now) = core();
+    assert_eq!(c.skip(now, "batch:3"), Err(SkipError::NotStalled));
+    // batch 3 cannot be decoded: held, and the stream stalls at it
+    let epoch = c.window().epoch();
+    c.on(
+        now,
+        Input::Done {
+            generation: c.generation(),
+            done: Done::Fetched {
+                epoch,
+                raw: Raw(3, 2),
+            },
+        },
+    );
+    let raw = c.take_actions().into_iter().find_map(|a| match a {
+        Action::Decode { raw, .. } => Some(raw),
+        _ => None,
+    });
+    c.on(
+        now,
+        Input::Decoded {
+            epoch,
+            raw: raw.expect("a decode of batch 3"),
+            outcome: Decoded::Undecodable("entry 1: malformed header".into()),
+        },
+    );
+    assert_eq!(c.state(), ConnectionState::Stalled);
+    let wrong = c.skip(now, "batch:4").expect_err("another token");
+    assert_eq!(
+        wrong,
+        SkipError::OtherToken {
+            stalled: "batch:3".into(),
+            given: "batch:4".into(),
+        }
+    );
+    assert_eq!(
+        wrong.to_string(),
+        "the stream is stalled at batch:3, not batch:4; nothing was skipped"
+    );
+    assert_eq!(c.state(), ConnectionState::Stalled);
+    let done = c.skip(now, "batch:3").expect("skips the held batch");
+    assert_eq!(
+        done,
+        Skipped::Batch {
+            token: "batch:3".into()
+        }
+    );
+    assert_eq!(done.to_string(), "skipped batch:3");
+    assert_eq!(c.state(), ConnectionState::Connected);
+    assert_eq!(acks(&mut c), vec![3], "acked without being delivered");
+}
+
+/// With `fail_fast`, a definite failure at the first connect gives up with that failure;
+/// a transient one is retried.
+#[test]
+fn fail_fast_gives_up_on_a_definite_failure_only() {
+    let failed = |kind| {
+        let mut cfg = core().0.cfg.clone();
+        cfg.fail_fast = true;
+        let now = Instant::now();
+        let mut c: ConnectionCore<Raw, Rows> = ConnectionCore::new(cfg, false);
+        c.on(now, Input::Start);
+        c.take_actions();
+        let failure = Failure {
+            kind,
+            message: "authentication failed".into(),
+        };
+        c.on(
+            now,
+            Input::Failed {
+                generation: c.generation(),
+                failure,
+            },
+        );
+        c.take_actions()
+    };
+    let fatal = failed(FailureKind::Definite);
+    assert!(
+        matches!(fatal.as_slice(), [Action::Fatal(f)] if f.kind == FailureKind::Definite
+            && f.to_string() == "authentication failed"),
+        "{fatal:?}"
+    );
+    let retried = failed(FailureKind::Transient);
+    assert!(
+        !retried.iter().any(|a| matches!(a, Action::Fatal(_))),
+        "{retried:?}"
+    );
+}
