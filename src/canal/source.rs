@@ -28,6 +28,8 @@ pub enum SourceError {
 }
 
 impl SourceError {
+    /// Transient or definite (see [the crate docs](crate#errors)): a failed query is
+    /// transient, an unusable URL definite.
     pub fn is_transient(&self) -> bool {
         matches!(self, SourceError::Query { .. })
     }

@@ -72,13 +72,15 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// True when retrying the same publish later may succeed (the broker or the link was the
-    /// problem, or our own queue was deleted and is declared again: `Returned`); false when the message itself cannot be delivered as configured (unroutable,
-    /// unencodable, wrong topology), so retrying alone never helps.
+    /// Transient or definite (see [the crate docs](crate#errors)): transient when retrying the
+    /// same publish later may succeed (the broker or the link was the problem, or our own
+    /// queue was deleted and is declared again: `Returned`); definite when the message itself
+    /// cannot be delivered as configured (unroutable, unencodable, wrong topology), so
+    /// retrying alone never helps.
     pub fn is_transient(&self) -> bool {
         match self {
             PublishError::Nacked { .. }
-            | PublishError::Returned { .. }
+            | PublishError::Returned(_)
             | PublishError::ConfirmTimeout { .. }
             | PublishError::ConnectionLost { .. }
             | PublishError::Unavailable(_)
