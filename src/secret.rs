@@ -46,22 +46,58 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// `scheme://user:pass@host/...` with the password replaced by `***`. Anything before the last
-/// `@` is treated as credentials, so an odd URL is over-redacted rather than leaked; a user
-/// without a password is shown as it is.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "***".into();
-    };
-    match rest.rfind('@') {
-        None => url.to_string(),
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{}", &rest[at + 1..])
+/// `scheme://user:pass@host/...` with the password replaced by `***`; a user without a
+/// password is shown as it is, and text that is no URL as `***`.
+///
+/// The URL is read by the `url` crate (the parser lapin and mysql_async read it with). Text it
+/// does not read unambiguously (an invalid port, a password with an unencoded `/`, `?` or `#`,
+/// which ends the authority early and leaves an `@` behind it) is split at its last `@`
+/// instead, everything before it taken as credentials: an odd URL is over-redacted, never
+/// leaked.
+pub fn redact_url(raw: &str) -> String {
+    if let Some(mut u) = parsed(raw) {
+        if u.password().is_some() {
+            // cannot fail: a URL with a password has a host
+            let _ = u.set_password(Some("***"));
+        }
+        return u.into();
+    }
+    match credentials_by_last_at(raw) {
+        None if raw.contains("://") => raw.to_string(),
+        None => "***".into(),
+        Some((scheme, user, password, host)) => {
+            let hidden = if password.is_some() { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}")
         }
     }
+}
+
+/// The password of a URL (as written, percent-encoding kept), read as [`redact_url`] reads it;
+/// for scrubbing it from a parser's message that might quote it.
+pub fn url_password(raw: &str) -> Option<String> {
+    match parsed(raw) {
+        Some(u) => u.password().map(str::to_string),
+        None => credentials_by_last_at(raw)?.2.map(str::to_string),
+    }
+}
+
+/// `raw` as a URL with a host, unless an `@` follows its authority (then the parser may have
+/// taken part of a password for the host and the rest for the path).
+fn parsed(raw: &str) -> Option<url::Url> {
+    let u = url::Url::parse(raw).ok()?;
+    (u.has_host() && !u[url::Position::BeforePath..].contains('@')).then_some(u)
+}
+
+/// The conservative reading of text the URL parser does not take: scheme, user, password and
+/// what follows the last `@`; `None` without `://` or without `@`.
+fn credentials_by_last_at(raw: &str) -> Option<(&str, &str, Option<&str>, &str)> {
+    let (scheme, rest) = raw.split_once("://")?;
+    let (userinfo, host) = rest.rsplit_once('@')?;
+    let (user, password) = match userinfo.split_once(':') {
+        Some((u, p)) => (u, Some(p)),
+        None => (userinfo, None),
+    };
+    Some((scheme, user, password, host))
 }
 
 /// A string field that also accepts a number or a boolean (as its text): `client_id = 1001`.

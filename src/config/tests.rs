@@ -1,6 +1,7 @@
 //! Tests of loading, layering, errors and redaction.
 
 use super::*;
+use crate::secret::url_password;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -593,6 +594,37 @@ fn redact_url_shapes() {
     assert_eq!(redact_url("amqps://u:p@ss@host/"), "amqps://u:***@host/");
     assert_eq!(redact_url("amqp://host:5672"), "amqp://host:5672");
     assert_eq!(redact_url("amqp://user@host"), "amqp://user@host");
+    assert_eq!(redact_url("amqp://u:p%40ss@h/v"), "amqp://u:***@h/v");
+    assert_eq!(
+        redact_url("amqps://u:p@[::1]:5671/%2f"),
+        "amqps://u:***@[::1]:5671/%2f"
+    );
+    assert_eq!(
+        redact_url("mysql://backfill:s3cret@db.example:3306"),
+        "mysql://backfill:***@db.example:3306"
+    );
+    assert_eq!(redact_url("http://u:p@h/x"), "http://u:***@h/x");
+    // not a valid URL (port): still shown, password hidden
+    assert_eq!(
+        redact_url("amqp://bob:s3cret@rabbit:99999/%2f"),
+        "amqp://bob:***@rabbit:99999/%2f"
+    );
+    // a password with an unencoded '?', '#' or '/': the URL parser ends the authority there
+    // and would read `u:12` as host and port, the rest of the password as query or path
+    for (raw, password) in [
+        ("amqp://u:12?ss@h/v", "12?ss"),
+        ("amqp://u:12#ss@h/v", "12#ss"),
+        ("amqp://u:12/ss@h/v", "12/ss"),
+        ("amqp://u:p?ss@h/v", "p?ss"),
+    ] {
+        assert_eq!(redact_url(raw), "amqp://u:***@h/v", "{raw}");
+        assert_eq!(url_password(raw).as_deref(), Some(password), "{raw}");
+    }
+    assert_eq!(
+        url_password("amqp://u:s3cret@h:1/v").as_deref(),
+        Some("s3cret")
+    );
+    assert_eq!(url_password("amqp://u@h/v"), None);
 }
 
 /// `canal.instance.memory.buffer.memunit` of the local Canal server (deploy/local/canal).

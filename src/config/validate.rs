@@ -3,7 +3,7 @@
 
 use super::error::{ConfigError, Origin};
 use super::schema::{Config, ConnectionCharset};
-use crate::secret::Secret;
+use crate::secret::{Secret, url_password};
 use std::path::Path;
 
 /// The longest `canal.fetch_wait` accepted (see its check).
@@ -299,8 +299,8 @@ fn check_amqp_url(url: &Secret) -> Result<(), String> {
     let parsed = raw.parse::<lapin::uri::AMQPUri>().map_err(|e| {
         // the parser may quote its input: never let the password through
         let e = e.replace(raw, &shown);
-        let e = match password(raw) {
-            Some(p) if !p.is_empty() => e.replace(p, "***"),
+        let e = match url_password(raw) {
+            Some(p) if !p.is_empty() => e.replace(&p, "***"),
             _ => e,
         };
         format!("`{shown}` is not a valid AMQP URL: {e}")
@@ -398,13 +398,6 @@ pub fn check_queue_type_arguments(q: &super::schema::QueueConfig) -> Vec<(&'stat
         ));
     }
     out
-}
-
-/// The password part of `scheme://user:password@host...`, if any.
-fn password(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    let userinfo = &rest[..rest.rfind('@')?];
-    Some(userinfo.split_once(':')?.1)
 }
 
 /// `log.file` must be a file the service can append to: not a directory, and either an

@@ -120,24 +120,28 @@ pub fn explain_tls_error(text: &str, url: &str, tls: &TlsConfig) -> Option<Strin
     Some(format!("TLS to {shown}: {why} (client said: {text})"))
 }
 
+/// The host of `url` as the client connects to it (`[::1]` for an IPv6 address); empty when
+/// `url` is not a URL with a host.
 fn host_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let authority = rest.split(['/', '?']).next().unwrap_or("");
-    match authority.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h.to_string(),
-        _ => authority.to_string(),
-    }
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// The broker URL with a heartbeat, so a link that carries nothing is noticed: `heartbeat=10`
-/// is added unless the URL sets one (lapin reads it from the query).
-pub(super) fn with_heartbeat(url: &str) -> String {
-    if url.contains("heartbeat=") {
-        return url.to_string();
+/// is added unless the URL's query sets `heartbeat` (lapin reads it from there). A URL that
+/// does not parse is returned as it is, for lapin to refuse with its own reason.
+pub(super) fn with_heartbeat(raw: &str) -> String {
+    let Ok(mut u) = url::Url::parse(raw) else {
+        return raw.to_string();
+    };
+    if u.query_pairs().any(|(key, _)| key == "heartbeat") {
+        return raw.to_string();
     }
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}heartbeat={DEFAULT_HEARTBEAT_SECS}")
+    u.query_pairs_mut()
+        .append_pair("heartbeat", &DEFAULT_HEARTBEAT_SECS.to_string());
+    u.into()
 }
 
 /// Seconds between AMQP heartbeats unless the URL says otherwise.
@@ -189,5 +193,11 @@ mod tests {
         assert_eq!(host_of("amqps://u:p@h.example:5671/%2f"), "h.example");
         assert_eq!(host_of("amqp://127.0.0.1"), "127.0.0.1");
         assert_eq!(host_of("amqp://u@host/v?heartbeat=5"), "host");
+        // what splitting at the last '@' and ':' got wrong
+        assert_eq!(host_of("amqp://host/v?reply_to=a@b"), "host");
+        assert_eq!(host_of("amqp://u:p%40ss@host:5671/v"), "host");
+        assert_eq!(host_of("amqps://u:p@[::1]:5671/%2f"), "[::1]");
+        assert_eq!(host_of("amqps://[fe80::1]/%2f"), "[fe80::1]");
+        assert_eq!(host_of("not a url"), "");
     }
 }

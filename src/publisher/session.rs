@@ -811,6 +811,29 @@ mod tests {
             with_heartbeat("amqp://h/%2f?heartbeat=3"),
             "amqp://h/%2f?heartbeat=3"
         );
+        // a parameter whose name ends in "heartbeat" is not the heartbeat
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?xheartbeat=1"),
+            "amqp://h/%2f?xheartbeat=1&heartbeat=10"
+        );
+        // nor is a value, or a password, that mentions it (the password comes back
+        // percent-encoded: the same password to lapin's parser)
+        let url = with_heartbeat("amqp://u:heartbeat=1@h/%2f?reply=heartbeat=2");
+        assert_eq!(
+            url,
+            "amqp://u:heartbeat%3D1@h/%2f?reply=heartbeat=2&heartbeat=10"
+        );
+        let parsed: lapin::uri::AMQPUri = url.parse().unwrap();
+        assert_eq!(parsed.authority.userinfo.password, "heartbeat=1");
+        assert_eq!(parsed.query.heartbeat, Some(10));
+        assert_eq!(
+            with_heartbeat("amqps://u:p@[::1]:5671/%2f?heartbeat=0"),
+            "amqps://u:p@[::1]:5671/%2f?heartbeat=0"
+        );
+        assert_eq!(
+            with_heartbeat("amqps://[::1]/%2f"),
+            "amqps://[::1]/%2f?heartbeat=10"
+        );
     }
 
     #[test]
