@@ -674,7 +674,8 @@ pub struct ChangeEvent {
     #[serde(default, skip_serializing_if = "ColumnSet::is_empty")]
     pub primary_keys: ColumnSet,
     pub position: Position,
-    /// When the change was executed on the source, milliseconds since the Unix epoch.
+    /// When the change was executed on the source, milliseconds since the Unix epoch (ages
+    /// and lags are measured against [`crate::clock::now_ms`]).
     pub executed_at: i64,
     /// True for schema changes (Canal's `isDdl`).
     #[serde(default)]
@@ -685,15 +686,6 @@ pub struct ChangeEvent {
     /// SNAPSHOT events only: the backfill that read the row, and its key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<Arc<SnapshotOrigin>>,
-}
-
-/// Wall-clock milliseconds since the Unix epoch: the unit of [`ChangeEvent::executed_at`], for
-/// ages and lags measured against it.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Where a SNAPSHOT event comes from: which backfill read it, and the row's primary key.

@@ -22,7 +22,8 @@
 //! Operating it: [`config`] (layered loading, validation), [`logging`], [`metrics`] (the shared
 //! Prometheus registry), [`state`] (persisted enable/disable), [`admin`] (the admin HTTP
 //! endpoint, its access rules and its command-line client), [`tap`] (what `tail` reads from
-//! the running service), [`backoff`] (the one exponential-backoff policy).
+//! the running service), [`backoff`] (the one exponential-backoff policy), [`clock`] (the wall
+//! clock, and how times and durations are written).
 //!
 //! # Errors
 //!
@@ -50,6 +51,7 @@ pub mod backfill;
 pub mod backoff;
 pub mod canal;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod consumer;
 pub mod event;

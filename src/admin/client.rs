@@ -16,9 +16,9 @@
 //! error maps to a non-zero exit code.
 
 use super::access::Token;
-use super::now_ms;
 use super::render::{render_list, render_status};
 use super::{ConsumerStatus, ServiceStatus};
+use crate::clock::now_ms;
 use crate::state::{StateError, StateFile};
 use awc::error::{ConnectError, SendRequestError};
 use awc::http::Method;

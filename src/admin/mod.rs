@@ -32,8 +32,6 @@ use serde::{Deserialize, Serialize};
 pub use actors::ActorControl;
 pub use server::{AdminServer, AdminState, serve};
 
-pub(crate) use crate::event::now_ms;
-
 /// What the admin endpoint needs from the running service.
 ///
 /// Both methods return `'static` futures so implementations can hand them to actors (clone an

@@ -9,30 +9,12 @@ use super::{ConsumerStatus, ServiceStatus};
 use crate::backfill::BackfillView;
 use crate::backfill::record::State as BackfillState;
 use crate::canal::lossy::{LossyColumn, OnLossyText};
+use crate::clock::short_duration;
 use crate::event::Position;
 use crate::publisher::PublisherStatus;
 use crate::publisher::routes::BrokenRoute;
 use serde_json::Value;
 use std::fmt::Write as _;
-
-/// `1h02m`, `3m05s`, `4.2s`, `120ms`.
-pub fn short_duration(secs: f64) -> String {
-    if !secs.is_finite() || secs < 0.0 {
-        return "-".into();
-    }
-    let whole = secs as u64;
-    if secs < 1.0 {
-        format!("{}ms", (secs * 1000.0).round() as u64)
-    } else if secs < 60.0 {
-        format!("{secs:.1}s")
-    } else if whole < 3600 {
-        format!("{}m{:02}s", whole / 60, whole % 60)
-    } else if whole < 86400 {
-        format!("{}h{:02}m", whole / 3600, (whole % 3600) / 60)
-    } else {
-        format!("{}d{:02}h", whole / 86400, (whole % 86400) / 3600)
-    }
-}
 
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
@@ -444,14 +426,6 @@ mod tests {
         serde_json::from_value(base).unwrap()
     }
 
-    #[test]
-    fn durations_are_short() {
-        assert_eq!(short_duration(0.12), "120ms");
-        assert_eq!(short_duration(4.25), "4.2s");
-        assert_eq!(short_duration(185.0), "3m05s");
-        assert_eq!(short_duration(3720.0), "1h02m");
-        assert_eq!(short_duration(90000.0), "1d01h");
-    }
     #[test]
     fn a_stall_says_what_and_how_to_go_on() {
         let v = serde_json::json!({

@@ -23,10 +23,10 @@
 
 use super::access::{Access, Need, Token, check_bind, token_path};
 use super::exposition;
-use super::now_ms;
 use super::{AdminError, Control, ServiceStatus};
 use crate::backfill::record::Action;
 use crate::backfill::{BackfillError, Backfills, StartRequest};
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::metrics::{CONTENT_TYPE, MetricsHandle};
 use crate::state::StateFile;

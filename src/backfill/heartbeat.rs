@@ -16,7 +16,7 @@
 
 use super::source::Source;
 use crate::canal::connection::{ConnectionState, GetConnectionStatus};
-use crate::event::now_ms;
+use crate::clock::now_ms;
 use crate::manager::HeartbeatNote;
 use crate::manager::heartbeat::{Note, PREFIX};
 use actix::Recipient;

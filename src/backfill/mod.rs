@@ -34,9 +34,10 @@ pub mod record;
 pub mod source;
 
 use crate::canal::connection::{ConnectionState, GetConnectionStatus};
+use crate::clock::now_ms;
 use crate::consumer::TableFilter;
 use crate::consumer::filter::NameMatch;
-use crate::event::{EventType, now_ms};
+use crate::event::EventType;
 use crate::manager::snapshot::chunks::Chunks;
 use crate::manager::{
     ChunkPlan, ChunkRows, DdlSeen, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,

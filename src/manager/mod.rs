@@ -44,11 +44,12 @@ use crate::canal::connection::{
     AckBatch, Batch, BatchRef, CanalConnection, CanalEvent, ReleaseBatch, RollbackBatch, SetFilter,
 };
 use crate::canal::lossy::{self, LossyColumn, LossyText, OnLossyText};
+use crate::clock::now_ms;
 use crate::consumer::ProcessFailure;
 use crate::consumer::TableFilter;
 use crate::consumer::actor::{ConsumerActor, ProcessBatch};
 use crate::consumer::filter::canal_filter;
-use crate::event::{ChangeEvent, now_ms};
+use crate::event::ChangeEvent;
 use crate::publisher::{CancelBefore, PublishError};
 use actix::prelude::*;
 pub use core::ConsumerState;

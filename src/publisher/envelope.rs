@@ -9,6 +9,7 @@
 //! meaning of a field bumps [`ENVELOPE_VERSION`].
 
 use super::PublishError;
+use crate::clock::rfc3339_ms;
 use crate::trigger::Trigger;
 use serde::{Deserialize, Serialize};
 
@@ -111,7 +112,7 @@ impl Envelope {
                 executed_at: s.executed_at,
                 snapshot: s.snapshot.as_deref().cloned(),
             },
-            published_at: published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            published_at: rfc3339_ms(published_at),
             bulk: trigger.bulk.as_ref().map(|b| EnvelopeBulk {
                 rows: b.rows,
                 last_position: EnvelopePosition {
@@ -201,7 +202,7 @@ pub fn encode(
             executed_at: s.executed_at,
             snapshot: s.snapshot.as_deref(),
         },
-        published_at: published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        published_at: rfc3339_ms(published_at),
         bulk: trigger.bulk.as_ref().map(|b| BulkRef {
             rows: b.rows,
             last_position: PositionRef {

@@ -37,8 +37,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::status::{SessionReport, now_rfc3339};
+use super::status::SessionReport;
 use super::window::WindowStats;
+use crate::clock::{now_rfc3339, rfc3339_ago};
 
 /// How long a broken session waits for the broker's reason before it reports the failure.
 const EXPLAIN_WAIT: Duration = Duration::from_secs(1);
@@ -538,10 +539,9 @@ impl Session {
         let broken_routes = self.routes.snapshot(Instant::now().into_std());
         let unconfirmed = self.window.unconfirmed();
         let stall = super::status::stall_after(self.cfg.confirm_timeout);
-        let stalled_since = oldest.filter(|t| t.elapsed() >= stall).map(|t| {
-            let ago = chrono::Duration::from_std(t.elapsed()).unwrap_or_default();
-            (chrono::Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        });
+        let stalled_since = oldest
+            .filter(|t| t.elapsed() >= stall)
+            .map(|t| rfc3339_ago(t.elapsed()));
         self.report.send_modify(|r| {
             r.counters = stats;
             r.broken_routes = broken_routes;

@@ -10,6 +10,7 @@
 //! status request. Plain data; nothing here fails.
 
 use super::window::WindowStats;
+use crate::clock::now_rfc3339;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -95,11 +96,6 @@ pub struct PublisherStatus {
     pub last_error: Option<String>,
     /// When `state` last changed (RFC 3339).
     pub state_since: String,
-}
-
-/// Now as RFC 3339 with milliseconds (`state_since`, `stalled_since`).
-pub(super) fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// How long the oldest unconfirmed message may wait before the publisher reports a stall:

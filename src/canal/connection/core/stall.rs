@@ -48,7 +48,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             reason,
             after: self.status.acked_position.clone(),
             how,
-            since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            since: crate::clock::now_rfc3339(),
         });
         self.state = ConnectionState::Stalled;
     }
