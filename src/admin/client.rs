@@ -203,6 +203,18 @@ pub async fn backfill_call(
     }
 }
 
+/// A backfill call ([`backfill_call`]) read into the type the admin endpoint serializes
+/// ([`crate::backfill::BackfillView`], or a list of them). An answer that does not fit it is
+/// [`ClientError::BadResponse`] naming the field.
+pub async fn backfill<T: serde::de::DeserializeOwned>(
+    bind: &str,
+    token: Option<&Token>,
+    verb: &str,
+    path: &str,
+) -> Result<T, ClientError> {
+    typed(backfill_call(bind, token, verb, path).await?)
+}
+
 /// `s` for a URL path segment or query value.
 pub fn encode(s: &str) -> String {
     percent_encode(s)
@@ -221,7 +233,8 @@ pub async fn fetch(addr: &str) -> Result<ServiceStatus, ClientError> {
     typed(fetch_status(addr).await?)
 }
 
-fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ClientError> {
+/// `v` read into `T`; [`ClientError::BadResponse`] naming the field when it does not fit.
+pub fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ClientError> {
     serde_path_to_error::deserialize(v)
         .map_err(|e| ClientError::BadResponse(format!("{}: {}", e.path(), e.inner())))
 }
@@ -420,6 +433,35 @@ mod tests {
             q.path(),
             "/tap?table=%5Etest_db%5C.%28users%7Corders%29%24&consumer=example_consumer&fired=true&buffer=8"
         );
+    }
+
+    #[test]
+    fn a_backfill_answer_is_read_typed_or_refused_naming_the_field() {
+        use crate::backfill::BackfillView;
+        let b = serde_json::json!({
+            "id": "bf-1", "state": "paused",
+            "spec": {"database": "d", "table": "t", "chunk": 100, "owner": "example/1001",
+                     "key_columns": ["id"]},
+            "progress": {"rows_read": 250, "estimate": 1000},
+        });
+        let v: BackfillView = typed(b.clone()).unwrap();
+        assert_eq!(v.backfill.id, "bf-1");
+        assert_eq!(v.backfill.progress.rows_read, 250);
+        let list: Vec<BackfillView> = typed(serde_json::json!([b.clone()])).unwrap();
+        assert_eq!(list, vec![v]);
+        let mut bad = b;
+        bad["progress"]["rows_read"] = "many".into();
+        match typed::<BackfillView>(bad) {
+            // (the record is flattened into the view, so the path stops at the top)
+            Err(ClientError::BadResponse(why)) => {
+                assert!(why.contains("\"many\", expected u64"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        match typed::<BackfillView>(serde_json::json!({"id": "bf-1"})) {
+            Err(ClientError::BadResponse(why)) => assert!(why.contains("missing field"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

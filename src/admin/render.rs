@@ -13,7 +13,6 @@ use crate::clock::short_duration;
 use crate::event::Position;
 use crate::publisher::PublisherStatus;
 use crate::publisher::routes::BrokenRoute;
-use serde_json::Value;
 use std::fmt::Write as _;
 
 fn bytes(n: u64) -> String {
@@ -365,28 +364,11 @@ pub fn line(b: &BackfillView) -> String {
     s
 }
 
-/// [`bar`] of a backfill as the `/backfills` API sent it (JSON); says so when it does not
-/// read as one.
-pub fn backfill_bar(b: &Value) -> String {
-    typed(b, bar)
-}
-
-/// [`line`] of a backfill as the `/backfills` API sent it (JSON).
-pub fn backfill_line(b: &Value) -> String {
-    typed(b, line)
-}
-
-fn typed(b: &Value, f: impl Fn(&BackfillView) -> String) -> String {
-    match serde_json::from_value::<BackfillView>(b.clone()) {
-        Ok(v) => f(&v),
-        Err(e) => format!("(a backfill that cannot be read: {e})"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::manager::HeartbeatStatus;
+    use serde_json::Value;
 
     /// `patch` over `base`, objects merged key by key.
     fn merge(base: &mut Value, patch: &Value) {
@@ -647,6 +629,7 @@ mod tests {
     }
     #[test]
     fn the_bar_shows_share_rate_and_time_left() {
+        let read = |v: &Value| bar(&serde_json::from_value(v.clone()).unwrap());
         let b = serde_json::json!({
             "id": "bf-1", "state": "running",
             "spec": {"database": "d", "table": "t", "chunk": 100, "owner": "example/1001",
@@ -655,18 +638,12 @@ mod tests {
             "rows_per_second": 50.0, "eta_seconds": 15
         });
         assert_eq!(
-            backfill_bar(&b),
+            read(&b),
             "bf-1 [########----------------------]  25%  250/1000 rows  50 rows/s  ETA 15s  running"
         );
         let mut done = b.clone();
         done["state"] = "done".into();
         done["progress"] = serde_json::json!({"rows_read": 3, "estimate": 0});
-        assert!(
-            backfill_bar(&done).contains("100%"),
-            "{}",
-            backfill_bar(&done)
-        );
-        // what does not read as a backfill says so
-        assert!(backfill_bar(&serde_json::json!({"id": "bf-1"})).contains("cannot be read"));
+        assert!(read(&done).contains("100%"), "{}", read(&done));
     }
 }

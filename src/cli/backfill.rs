@@ -4,16 +4,19 @@
 //! backfill ends or pauses; on a terminal the bar redraws in place, otherwise a line is printed
 //! every few seconds.
 //!
+//! It reads the service's answers into the types the admin endpoint serializes
+//! ([`BackfillView`]), never by key.
+//!
 //! How it fails: like every admin call ([`ClientError`]); a refused request prints the
-//! service's reason. Exit codes: 0 when the asked thing happened (or a followed backfill is
+//! service's reason, an answer that does not fit the types names the field. Exit codes: 0 when the asked thing happened (or a followed backfill is
 //! done, paused or cancelled), 1 when it failed or was refused, 3 when the service is not
 //! running.
 
 use crate::admin::access::Token;
 use crate::admin::client::{self, ClientError};
-use crate::admin::render::{backfill_bar as bar, backfill_line as line};
-use crate::backfill::StartRequest;
-use serde_json::Value;
+use crate::admin::render::{bar, line};
+use crate::backfill::record::State;
+use crate::backfill::{BackfillView, StartRequest};
 use std::fmt::Write as _;
 use std::io::{IsTerminal as _, Write as _};
 use std::time::{Duration, Instant};
@@ -66,8 +69,8 @@ async fn act(bind: &str, token: Option<&Token>, action: Action) -> Result<i32, C
                 q.push(format!("rate={r}"));
             }
             let path = format!("/backfills?{}", q.join("&"));
-            let b = client::backfill_call(bind, token, "POST", &path).await?;
-            let id = b["id"].as_str().unwrap_or_default().to_string();
+            let b: BackfillView = client::backfill(bind, token, "POST", &path).await?;
+            let id = b.backfill.id.clone();
             println!("{id}");
             eprintln!("started: {}", line(&b));
             if detach {
@@ -80,7 +83,7 @@ async fn act(bind: &str, token: Option<&Token>, action: Action) -> Result<i32, C
             if json {
                 println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
             } else {
-                print!("{}", render_list(&all));
+                print!("{}", render_list(&client::typed::<Vec<_>>(all)?));
             }
             Ok(0)
         }
@@ -92,11 +95,12 @@ async fn act(bind: &str, token: Option<&Token>, action: Action) -> Result<i32, C
             if f {
                 return follow(bind, token, &id).await;
             }
-            let b = get(bind, token, &id).await?;
+            let path = format!("/backfills/{}", client::encode(&id));
+            let b = client::backfill_call(bind, token, "GET", &path).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&b).unwrap_or_default());
             } else {
-                print!("{}", render_one(&b));
+                print!("{}", render_one(&client::typed(b)?));
             }
             Ok(0)
         }
@@ -109,9 +113,9 @@ async fn act(bind: &str, token: Option<&Token>, action: Action) -> Result<i32, C
     }
 }
 
-async fn get(bind: &str, token: Option<&Token>, id: &str) -> Result<Value, ClientError> {
+async fn get(bind: &str, token: Option<&Token>, id: &str) -> Result<BackfillView, ClientError> {
     let path = format!("/backfills/{}", client::encode(id));
-    client::backfill_call(bind, token, "GET", &path).await
+    client::backfill(bind, token, "GET", &path).await
 }
 
 async fn change(
@@ -121,7 +125,7 @@ async fn change(
     what: &str,
 ) -> Result<i32, ClientError> {
     let path = format!("/backfills/{}/{what}", client::encode(id));
-    let b = client::backfill_call(bind, token, "POST", &path).await?;
+    let b: BackfillView = client::backfill(bind, token, "POST", &path).await?;
     println!("{}", line(&b));
     Ok(0)
 }
@@ -132,41 +136,40 @@ async fn follow(bind: &str, token: Option<&Token>, id: &str) -> Result<i32, Clie
     let mut last_print = Instant::now() - Duration::from_secs(60);
     loop {
         let b = get(bind, token, id).await?;
-        let state = b["state"].as_str().unwrap_or("?").to_string();
+        let state = b.backfill.state;
         if tty {
             eprint!("\r\x1b[2K{}", bar(&b));
             let _ = std::io::stderr().flush();
-        } else if last_print.elapsed() >= Duration::from_secs(5) || state != "running" {
+        } else if last_print.elapsed() >= Duration::from_secs(5) || state != State::Running {
             eprintln!("{}", bar(&b));
             last_print = Instant::now();
         }
-        if state != "running" {
+        if state != State::Running {
             if tty {
                 eprintln!();
             }
             println!("{}", line(&b));
-            return Ok(if state == "failed" { 1 } else { 0 });
+            return Ok(if state == State::Failed { 1 } else { 0 });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
-fn render_one(b: &Value) -> String {
-    let spec = &b["spec"];
+fn render_one(b: &BackfillView) -> String {
+    let spec = &b.backfill.spec;
     let mut s = format!("{}\n{}\n", line(b), bar(b));
-    if let Some(c) = spec["consumer"].as_str() {
+    if let Some(c) = &spec.consumer {
         let _ = writeln!(s, "consumer: {c}");
     }
-    if let Some(w) = spec["where"].as_str() {
+    if let Some(w) = &spec.condition {
         let _ = writeln!(s, "where: {w}");
     }
     s
 }
 
-fn render_list(all: &Value) -> String {
-    let items = all.as_array().cloned().unwrap_or_default();
-    if items.is_empty() {
+fn render_list(all: &[BackfillView]) -> String {
+    if all.is_empty() {
         return "no backfills\n".into();
     }
-    items.iter().map(|b| line(b) + "\n").collect()
+    all.iter().map(|b| line(b) + "\n").collect()
 }
