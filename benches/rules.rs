@@ -140,7 +140,7 @@ fn bench_rules(c: &mut Criterion) {
     group.finish();
 }
 
-/// The pipeline bench's rule (benches/pipeline.rs) on the pipeline bench's INSERTs.
+/// The pipeline bench's rule (benches/pipeline/service.rs) on the pipeline bench's INSERTs.
 const PIPELINE_RULE: &str = r#"
 [consumers.bench]
 [[consumers.bench.filters]]

@@ -32,13 +32,7 @@ const CTL: &str = "deploy/local/rabbit-cluster-ctl";
 
 /// The cluster's AMQP URLs, node 1 first (`CC_TEST_AMQP_CLUSTER_URLS`, comma-separated).
 fn node_urls() -> Vec<String> {
-    env_or(
-        "CC_TEST_AMQP_CLUSTER_URLS",
-        "amqp://guest:guest@127.0.0.1:5781/%2f,amqp://guest:guest@127.0.0.1:5782/%2f,amqp://guest:guest@127.0.0.1:5783/%2f",
-    )
-    .split(',')
-    .map(|s| s.trim().to_string())
-    .collect()
+    amqp_cluster_urls()
 }
 
 fn node_url(n: usize) -> String {

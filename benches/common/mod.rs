@@ -1,5 +1,5 @@
 //! The 10-column row the benches share: the shape of the pipeline bench's `cc_bench.rows`
-//! (benches/pipeline.rs) as Canal sends it, so decode and rules are measured on the same rows.
+//! (benches/pipeline/source.rs) as Canal sends it, so decode and rules are measured on the same rows.
 
 use canal_consumer::canal::proto::entry::{Column, RowData};
 

@@ -24,11 +24,28 @@
 //! `BENCH_BACKFILL_CHUNK` sets the backfills' `chunk` (the service's default, 1,000 rows,
 //! without). Results go to stdout and `target/bench-pipeline-backfill.json`.
 
-use super::*;
+use crate::Opts;
+use crate::accounting::{
+    Busy, canal_server_pid, cores, ha_cluster_running, proc_status_kib, service_and_canal_cpu,
+    settle, stack_pids, uptime_load,
+};
+use crate::broker::{QUEUE, amqp_url, queue_args};
+use crate::latency::{latency, sink_arrivals};
+use crate::probes::probe;
+use crate::report::{busy_json, busy_text, latency_json, write_json};
+use crate::service::{
+    BackfillService, confirmed, empty_sink, service_dir, start_service, wait_ready, wait_rows,
+};
+use crate::source::{create_table, drain_canal, mysql};
 use canal_consumer::admin::access::Token;
 use canal_consumer::admin::client::{backfill_call, encode};
 use canal_consumer::backfill::source::Source;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
+use std::time::{Duration, Instant};
 
 /// Live rows get ids from here on; the backfills read only the keys below it.
 const LIVE_BASE: u64 = 1_000_000_000;
@@ -172,7 +189,7 @@ async fn throughput(
 /// SELECT, nothing published. Rows per second.
 async fn source_probe(rows: u64, chunk: usize) -> f64 {
     let source = Source::new(
-        BACKFILL_SOURCE,
+        &crate::env::backfill_url(),
         "bench".into(),
         ("canal_consumer".into(), "cc_bench_wm".into()),
     )
@@ -250,14 +267,6 @@ async fn wait_quiet(admin: &str) {
         }
         last = c;
     }
-}
-
-fn lat_json(l: &Latency) -> serde_json::Value {
-    serde_json::json!({
-        "rate": l.rate, "achieved": l.achieved, "rows": l.n,
-        "p50_ms": l.p50, "p99_ms": l.p99, "max_ms": l.max,
-        "service_cpu_s": l.cpu.map(|c| c.0), "canal_server_cpu_s": l.cpu.and_then(|c| c.1),
-    })
 }
 
 pub(crate) async fn run(o: &Opts, load_before: String) {
@@ -498,7 +507,7 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
                 "live latency at {rate} rows/s ({:.0} achieved) for {}s, {what}: {} rows, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {cpu_text}{extra}",
                 l.achieved, o.seconds, l.n, l.p50, l.p99, l.max
             );
-            let mut j = lat_json(&l);
+            let mut j = latency_json(&l);
             if let Some(b) = backfilled {
                 j["backfill"] = b;
                 j["p99_minus_without_ms"] = (l.p99 - p99_without).into();
@@ -534,9 +543,7 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
         "ha_cluster_running": ha_cluster_running(),
         "load": [load_before, load_after],
     });
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/bench-pipeline-backfill.json");
-    let _ = std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap());
+    write_json("bench-pipeline-backfill.json", &report);
     let _ = ch
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
         .await;

@@ -13,17 +13,7 @@ use std::time::{Duration, Instant};
 
 pub const DB: &str = "cc_bf";
 
-/// The service's `canal.source_url` for backfills (`CC_TEST_BACKFILL_URL`).
-pub fn backfill_url() -> String {
-    env_or(
-        "CC_TEST_BACKFILL_URL",
-        &format!(
-            "mysql://backfill:backfill@{}:{}",
-            mysql_host(),
-            mysql_port()
-        ),
-    )
-}
+pub use super::env::backfill_url;
 
 /// A connection pool as the test user (ALL privileges).
 pub fn pool() -> mysql_async::Pool {
