@@ -168,7 +168,7 @@ const ID_NAMESPACE: Uuid = Uuid::from_bytes([
 
 /// The deterministic id of a trigger (scheme `v2`).
 ///
-/// UUIDv5 (namespace [`ID_NAMESPACE`]) of the NUL-joined fields
+/// UUIDv5 (namespace `ID_NAMESPACE`) of the NUL-joined fields
 /// `v2, destination, server_id, log_file, offset, row_index, executed_at, consumer, rule, plugin,
 /// seq`, where `seq` counts the triggers one consumer fired for the same plugin and rule on one
 /// row (so two calls from code-defined consumers stay distinct; the first has `seq = 0`) and a
@@ -273,7 +273,7 @@ impl IdKey {
 
 /// The deterministic id of a bulk trigger (scheme `bulk-v1`).
 ///
-/// UUIDv5 (namespace [`ID_NAMESPACE`]) of the NUL-joined fields
+/// UUIDv5 (namespace `ID_NAMESPACE`) of the NUL-joined fields
 /// `bulk-v1, destination, first server_id, first log_file, first offset, first row_index,
 /// first executed_at, last server_id, last log_file, last offset, last row_index,
 /// last executed_at, rows, consumer, rule, plugin`: the same rows of the same rule give the

@@ -1,6 +1,6 @@
 //! The command-line flags that override the file and the environment.
 //!
-//! Each flag is declared once, in [`flags!`]: its field, type, the config key it sets and its
+//! Each flag is declared once, in `flags!`: its field, type, the config key it sets and its
 //! help text. The macro makes the clap argument group (used by `main.rs`'s subcommands as is)
 //! and the list of `(key, flag, value)` the override layer merges, so a new flag cannot be
 //! parsed and then forgotten, or named differently in errors. Secrets have no flag (they would

@@ -12,7 +12,7 @@ pub enum Origin {
     Env(String),
     /// A command-line flag, e.g. `--port`.
     Flag(String),
-    /// Not known (a [`Config`] checked on its own).
+    /// Not known (a [`Config`](super::Config) checked on its own).
     Unknown,
 }
 

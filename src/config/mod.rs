@@ -1,6 +1,6 @@
 //! Service configuration: one [`Config`] with a section per pipeline stage.
 //!
-//! Loaded in layers by [`load`]: built-in defaults < the config file
+//! Loaded in layers by [`load`](fn@load): built-in defaults < the config file
 //! (`config/canal-consumer.toml` when it exists, or the file given with `--config`, which must
 //! exist) < environment < command-line flags ([`CliOverrides`]).
 //!
@@ -24,9 +24,9 @@
 //! [`Config::to_redacted_toml`], not in error messages.
 
 //!
-//! Layout: [`schema`] (the sections, their defaults and enums), [`secret`] ([`Secret`] and URL
+//! Layout: [`schema`] (the sections, their defaults and enums), [`crate::secret`] ([`Secret`] and URL
 //! redaction), [`cli`] (the command-line flags, declared once for clap and for the override
-//! layer), [`load`] (the layers and the translation of their errors), [`validate`] (the
+//! layer), [`load`](mod@load) (the layers and the translation of their errors), [`validate`] (the
 //! checks types cannot express), [`error`] ([`ConfigError`], [`Origin`]).
 
 pub mod cli;

@@ -10,7 +10,7 @@ use std::path::Path;
 pub const MAX_FETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Config {
-    /// Semantic checks that types cannot express. Errors name the key; [`load`] adds where the
+    /// Semantic checks that types cannot express. Errors name the key; [`load`](fn@super::load) adds where the
     /// value came from.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errs = Vec::new();

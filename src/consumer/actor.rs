@@ -5,7 +5,7 @@
 //! carries a receiver that resolves when the publisher has confirmed them.
 //!
 //! Failure handling:
-//! - `ConsumerError::Event` applies the consumer's [`ErrorPolicy`] (trigger `error_handler`, or
+//! - `ConsumerError::Event` applies the consumer's [`ErrorPolicy`](crate::consumer::ErrorPolicy) (trigger `error_handler`, or
 //!   a dead-letter message); the batch goes on.
 //! - `ConsumerError::Fatal`, the `stop` policy, or a panic inside `process_event` fails the
 //!   batch (nothing of it is published), answers [`ProcessFailure`] (transient: the part is

@@ -7,7 +7,7 @@
 //! queue mismatch), send it [`Publish`] and [`GetPublisherStatus`], and [`StopPublishing`] to drain
 //! (publish what was accepted, await its confirms, close) on the way out.
 //!
-//! How it works: a connection is served by one *session* task ([`super::session`]), an I/O
+//! How it works: a connection is served by one *session* task (`publisher::session`), an I/O
 //! shell around the pure confirm window ([`super::window::ConfirmWindow`]), which decides what
 //! is published next (jobs in arrival order, at most `amqp.max_unconfirmed` unconfirmed), what
 //! each confirm, return, nack and timeout means, and when each `Publish` is answered. The actor

@@ -322,7 +322,7 @@ impl<M: Outgoing> ConfirmWindow<M> {
     }
 
     /// The broker returned the publish `seq` as unroutable (a return always precedes the
-    /// publish's own ack). `transient`: see [`Outcome::Returned`]. Returns false if that
+    /// publish's own ack). `transient`: see `Outcome::Returned`. Returns false if that
     /// publish is no longer in flight.
     pub fn on_return(
         &mut self,

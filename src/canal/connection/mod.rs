@@ -6,14 +6,14 @@
 //! [`RollbackBatch`]. Acks are sent to Canal strictly in the order batches were fetched: a
 //! batch acked early waits until every earlier one is acked too.
 //!
-//! The bookkeeping lives in [`BatchWindow`] (sans-IO): which batches are in flight, which are
+//! The bookkeeping lives in [`BatchWindow`](crate::canal::window::BatchWindow) (sans-IO): which batches are in flight, which are
 //! finished, which acks may be written, whether another GET may be issued. This actor only turns
 //! messages and session I/O into calls on it.
 //!
 //! Fetching: while data keeps coming every GET takes what Canal has at once; after a GET came
-//! back empty, or short (Canal had nothing more, [`took_all`]), the next one long-polls for the
+//! back empty, or short (Canal had nothing more, [`took_all`](crate::canal::window::took_all)), the next one long-polls for the
 //! smallest batch (up to `fetch_wait`), which Canal answers as soon as there is one unit of
-//! data (see [`GetMode`]). The session is lent to one request at a time, so an ack written
+//! data (see [`GetMode`](crate::canal::window::GetMode)). The session is lent to one request at a time, so an ack written
 //! behind a long poll waits until Canal answers it; the long poll therefore waits (at most
 //! `fetch_wait`) for the acks of the batches in flight, and they go out in the same turn.
 //!

@@ -37,7 +37,7 @@
 //! decoder this replaced lives on as `canal::fuzz::reference_decode`, and every fuzz input is
 //! checked to decode the same with both. `benches/decode.rs` measures both against prost alone.
 //!
-//! Files: this one decodes entries and builds the per-table layouts; [`types`] restores values
+//! Files: this one decodes entries and builds the per-table layouts; `types` restores values
 //! to their declared types; [`wire`] reads the row changes zero-copy; `tests.rs` pins every
 //! column type's byte-level decoding.
 
@@ -786,7 +786,7 @@ pub(crate) fn map_event_type(v: i32) -> Option<EventType> {
     })
 }
 
-/// [`mismatch`] for one column on its own (tests and the reference decoder in
+/// `mismatch` for one column on its own (tests and the reference decoder in
 /// `canal::fuzz`).
 pub fn column_mismatch(col: &Column) -> Option<String> {
     let c = wire::ColumnRef {

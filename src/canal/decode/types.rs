@@ -209,7 +209,7 @@ impl DeclaredType {
     }
 
     /// The value of MySQL's text-protocol rendering `bytes` (`None` for NULL). Where MySQL's
-    /// rendering differs from Canal's, this follows what [`Kind::value`] makes of Canal's: BIT
+    /// rendering differs from Canal's, this follows what `Kind::value` makes of Canal's: BIT
     /// arrives as its bytes (Canal: the number), ENUM and SET as their labels (Canal: index
     /// and bitmask), binary types as their bytes (Canal: one char per byte).
     pub fn from_mysql_text(&self, bytes: Option<&[u8]>) -> Value {

@@ -1,7 +1,7 @@
 //! A zero-copy reader for the hot part of Canal's entries: `RowChange`, `RowData` and `Column`
 //! (`proto/canal_entry.proto`), which prost would decode into three owned strings per column.
 //! Column names, declared types and values are borrowed from the entry; names and types are
-//! only compared with the cached layout, values become [`Value`]s directly.
+//! only compared with the cached layout, values become [`Value`](crate::event::Value)s directly.
 //!
 //! It accepts what prost accepts for these messages: every field of every wire type in any
 //! order, unknown fields skipped (groups included), the last value of a repeated scalar wins,

@@ -36,7 +36,7 @@ pub trait EventsView {
     fn drop_first(&mut self, n: usize);
 }
 
-/// Settings of the core (the parts of [`super::ConnectionConfig`] that decide something).
+/// Settings of the core (the parts of the actor's `ConnectionConfig` that decide something).
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     /// The Canal server of the simple mode (`host:port`); in ZooKeeper mode the lease names it.
@@ -172,7 +172,7 @@ pub enum Input<R, E> {
         raw: R,
         outcome: Decoded<E>,
     },
-    /// The subscriber finished a batch ([`super::AckBatch`]).
+    /// The subscriber finished a batch (the actor's `AckBatch` message).
     Ack(BatchRef),
     Release(BatchRef),
     Rollback {
