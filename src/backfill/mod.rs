@@ -238,11 +238,21 @@ pub struct Backfills {
     rates: Mutex<HashMap<String, Rate>>,
     /// The records as the runner last read them (for `status` without a query).
     seen: Mutex<Vec<Backfill>>,
-    /// The backfills with chunks read and not yet confirmed.
-    reading: Mutex<HashSet<String>>,
+    /// What the runner holds, as of the end of its last step.
+    held: Mutex<Held>,
     /// Since when the live stream has had no room for a chunk.
     busy_since: Mutex<Option<Instant>>,
     wake: tokio::sync::Notify,
+}
+
+/// What the runner holds (see [`Backfills::view`]).
+#[derive(Debug, Default, Clone)]
+struct Held {
+    /// Backfills with chunks read and not yet confirmed, or stopped with what they did not yet
+    /// stored.
+    reading: HashSet<String>,
+    /// Every backfill the runner has taken on and not yet let go of.
+    active: HashSet<String>,
 }
 
 /// `--where` must be one condition: no statement separator, no comment that could hide the
@@ -313,7 +323,7 @@ impl Backfills {
             connection,
             rates: Mutex::new(HashMap::new()),
             seen: Mutex::new(Vec::new()),
-            reading: Mutex::new(HashSet::new()),
+            held: Mutex::new(Held::default()),
             busy_since: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
         }
@@ -429,23 +439,35 @@ impl Backfills {
 
     /// Every backfill of this service, with live figures.
     pub async fn list(&self) -> Result<Vec<BackfillView>, BackfillError> {
+        let held = self.held();
         let all = self.source.list(&self.settings.owner).await?;
-        Ok(all.into_iter().map(|b| self.view(b)).collect())
+        Ok(all.into_iter().map(|b| self.view(b, &held)).collect())
     }
 
     /// One backfill, with live figures.
     pub async fn get(&self, id: &str) -> Result<BackfillView, BackfillError> {
+        let held = self.held();
         let b = self.source.get(&self.settings.owner, id).await?;
-        Ok(self.view(b))
+        Ok(self.view(b, &held))
     }
 
     /// The records as the runner last saw them (no query), for `status`.
     pub fn seen(&self) -> Vec<BackfillView> {
+        let held = self.held();
         let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
-        seen.into_iter().map(|b| self.view(b)).collect()
+        seen.into_iter().map(|b| self.view(b, &held)).collect()
     }
 
-    fn view(&self, b: Backfill) -> BackfillView {
+    fn held(&self) -> Held {
+        self.held.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// `b` with live figures. `held`: what the runner held *before* `b` was read, so that a
+    /// backfill an operator stopped shows `reading` until the runner has let go of it, which it
+    /// does only after storing what it did: a view that says it is no longer reading has that
+    /// progress (the runner may not have seen the stop yet, or may hold progress no chunk has
+    /// stored yet).
+    fn view(&self, b: Backfill, held: &Held) -> BackfillView {
         let rate = (b.state == State::Running)
             .then(|| {
                 self.rates
@@ -458,7 +480,8 @@ impl Backfills {
         let eta = rate.map(|r| {
             (b.progress.estimate.saturating_sub(b.progress.rows_read) as f64 / r).ceil() as u64
         });
-        let reading = self.reading.lock().is_ok_and(|r| r.contains(&b.id));
+        let reading = held.reading.contains(&b.id)
+            || (b.state != State::Running && held.active.contains(&b.id));
         BackfillView {
             backfill: b,
             rows_per_second: rate,
@@ -504,14 +527,15 @@ impl Backfills {
                     tokio::time::sleep(wait).await;
                 }
             }
-            if let Ok(mut reading) = self.reading.lock() {
-                *reading = r
+            if let Ok(mut held) = self.held.lock() {
+                held.reading = r
                     .active
                     .iter()
                     // a stopped one until what it did is stored
                     .filter(|(_, a)| a.chunks.outstanding() > 0 || a.chunks.stopping())
                     .map(|(id, _)| id.clone())
                     .collect();
+                held.active = r.active.keys().cloned().collect();
             }
         }
     }
