@@ -375,11 +375,17 @@ fn batch_size_is_sent_in_the_canal_servers_memory_units() {
     // Canal's default unit: KiB, sent as is (also how ITEMSIZE entries pass through)
     let c = load_from(None, nowhere(), env(&[]), CliOverrides::default()).unwrap();
     assert_eq!((c.canal.batch_size, c.canal.mem_unit), (100, 1024));
-    assert_eq!(c.canal.connection(String::new(), false).fetch_size, 100);
+    assert_eq!(
+        c.canal.connection(String::new(), false).core.fetch_size,
+        100
+    );
     // a 128-byte unit: 100 KiB is 800 units; a part unit rounds up
     let file = write(&dir, "u.toml", "[canal]\nmem_unit = 128\n");
     let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
-    assert_eq!(c.canal.connection(String::new(), false).fetch_size, 800);
+    assert_eq!(
+        c.canal.connection(String::new(), false).core.fetch_size,
+        800
+    );
     let file = write(&dir, "v.toml", "[canal]\nmem_unit = 1000\nbatch_size = 3\n");
     let c = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
     assert_eq!(c.canal.fetch_units(), 4, "3072 bytes in 1000-byte units");

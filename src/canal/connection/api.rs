@@ -16,6 +16,30 @@ pub use crate::canal::window::BatchRef;
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
     pub session: SessionConfig,
+    /// What the connection core decides with (the filter, GET sizes, window bounds, reconnect
+    /// backoff, `fail_fast`). Its `server`, `destination` and `client_id` are the session's;
+    /// the shell sets `jitter_seed`.
+    pub core: CoreConfig,
+    /// ZooKeeper mode: the lease that says which Canal server to use (instead of
+    /// `session.host`/`session.port`) and whether this replica may fetch and ack at all; read
+    /// before every GET and ACK. None: the simple mode (always this host and port).
+    pub lease: Option<tokio::sync::watch::Receiver<crate::ha::Lease>>,
+    /// How text columns arrive (`canal.connection_charset`).
+    pub text: TextSource,
+    /// The rewind guard's file (`canal.rewind_guard`): the newest confirmed position, read at
+    /// start and written (at most once a second, and at shutdown) as it moves. None: the guard
+    /// keeps it in memory only.
+    pub confirmed_file: Option<std::path::PathBuf>,
+}
+
+/// Settings of the core: what `[canal]` sets that decides something, mapped in one place
+/// (`config::CanalConfig::connection`) and carried in the actor's `ConnectionConfig`.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// The Canal server of the simple mode (`host:port`); in ZooKeeper mode the lease names it.
+    pub server: String,
+    pub destination: String,
+    pub client_id: String,
     /// Canal subscription filter (comma-separated regexes on `schema.table`); empty keeps the
     /// server's configured filter.
     pub filter: String,
@@ -34,16 +58,9 @@ pub struct ConnectionConfig {
     /// Give up (instead of retrying) when the very first connect fails with a definite error
     /// such as a wrong password.
     pub fail_fast: bool,
-    /// ZooKeeper mode: the lease that says which Canal server to use (instead of
-    /// `session.host`/`session.port`) and whether this replica may fetch and ack at all; read
-    /// before every GET and ACK. None: the simple mode (always this host and port).
-    pub lease: Option<tokio::sync::watch::Receiver<crate::ha::Lease>>,
-    /// How text columns arrive (`canal.connection_charset`).
-    pub text: TextSource,
-    /// The rewind guard's file (`canal.rewind_guard`): the newest confirmed position, read at
-    /// start and written (at most once a second, and at shutdown) as it moves. None: the guard
-    /// keeps it in memory only.
-    pub confirmed_file: Option<std::path::PathBuf>,
+    /// Seeds the backoff jitter (up to 20%); the simulation passes its own for reproducible
+    /// runs.
+    pub jitter_seed: u64,
 }
 
 /// How the destination ships text columns.

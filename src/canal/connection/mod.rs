@@ -72,9 +72,7 @@ mod confirmed;
 pub mod core;
 mod stall;
 pub use api::*;
-use core::{
-    Action, ConnectionCore, CoreConfig, Decoded, Done, EventsView, Input, Op, RawView, Timer,
-};
+use core::{Action, ConnectionCore, Decoded, Done, EventsView, Input, Op, RawView, Timer};
 
 impl RawView for RawBatch {
     fn batch_id(&self) -> i64 {
@@ -140,19 +138,8 @@ impl CanalConnection {
     pub fn new(cfg: ConnectionConfig, subscriber: Recipient<CanalEvent>) -> Self {
         let core = ConnectionCore::new(
             CoreConfig {
-                server: cfg.session.addr(),
-                destination: cfg.session.destination.clone(),
-                client_id: cfg.session.client_id.clone(),
-                filter: cfg.filter.clone(),
-                fetch_size: cfg.fetch_size,
-                mem_unit: cfg.mem_unit,
-                fetch_wait: cfg.fetch_wait,
-                max_inflight_batches: cfg.max_inflight_batches,
-                max_inflight_bytes: cfg.max_inflight_bytes,
-                reconnect_min: cfg.reconnect_min,
-                reconnect_max: cfg.reconnect_max,
-                fail_fast: cfg.fail_fast,
                 jitter_seed: fastrand::u64(..),
+                ..cfg.core.clone()
             },
             cfg.lease.is_some(),
         );
@@ -499,9 +486,10 @@ impl CanalConnection {
     fn backoff(&self, attempt: u32) -> std::time::Duration {
         Backoff::new(
             self.cfg
+                .core
                 .reconnect_min
                 .max(std::time::Duration::from_millis(1)),
-            self.cfg.reconnect_max,
+            self.cfg.core.reconnect_max,
         )
         .with_jitter(0.2)
         .delay(attempt)

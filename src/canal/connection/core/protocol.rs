@@ -2,7 +2,7 @@
 //! and of decoded events, its settings, and its inputs and actions.
 
 use crate::canal::connection::api::ShutdownReport;
-pub use crate::canal::connection::api::{Failure, FailureKind};
+pub use crate::canal::connection::api::{CoreConfig, Failure, FailureKind};
 use crate::canal::window::BatchRef;
 use crate::event::Position;
 use crate::ha::Lease;
@@ -34,27 +34,6 @@ pub trait EventsView {
     fn key(&self, i: usize) -> (&Position, i64);
     /// Drop the first `n` events.
     fn drop_first(&mut self, n: usize);
-}
-
-/// Settings of the core (the parts of the actor's `ConnectionConfig` that decide something).
-#[derive(Debug, Clone)]
-pub struct CoreConfig {
-    /// The Canal server of the simple mode (`host:port`); in ZooKeeper mode the lease names it.
-    pub server: String,
-    pub destination: String,
-    pub client_id: String,
-    pub filter: String,
-    pub fetch_size: i32,
-    pub mem_unit: u32,
-    pub fetch_wait: Duration,
-    pub max_inflight_batches: usize,
-    pub max_inflight_bytes: usize,
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    pub fail_fast: bool,
-    /// Seeds the backoff jitter (up to 20%); the simulation passes its own for reproducible
-    /// runs.
-    pub jitter_seed: u64,
 }
 
 /// A timer the shell arms ([`Action::Timer`]) and reports back when it fires.
