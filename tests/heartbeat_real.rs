@@ -18,18 +18,6 @@ use std::time::{Duration, Instant};
 
 const DB: &str = "cc_hb";
 
-/// The service's `canal.source_url` (`CC_TEST_BACKFILL_URL`).
-fn source_url() -> String {
-    env_or(
-        "CC_TEST_BACKFILL_URL",
-        &format!(
-            "mysql://backfill:backfill@{}:{}",
-            mysql_host(),
-            mysql_port()
-        ),
-    )
-}
-
 /// Starts Canal again if the test ends (or panics) while it is stopped.
 struct CanalBackUp;
 impl Drop for CanalBackUp {
@@ -118,7 +106,7 @@ interval = "1s"
 "#,
     );
     svc.env
-        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), source_url()));
+        .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
     svc.start().await;
 
     // heartbeats come back
