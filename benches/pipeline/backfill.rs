@@ -41,8 +41,7 @@ use canal_consumer::admin::access::Token;
 use canal_consumer::admin::client::{backfill_call, encode};
 use canal_consumer::backfill::source::Source;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -326,18 +325,7 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
         admin: admin.clone(),
         token,
     };
-    let mut sink = ch
-        .basic_consume(
-            QUEUE.into(),
-            "bench-sink".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut sink = crate::broker::no_ack_consumer(&ch, QUEUE, "bench-sink").await;
 
     // ---- warm-up: 1,000 rows; the probe publishes copies of the first SNAPSHOT message
     let warm = bf

@@ -38,6 +38,25 @@ pub(crate) fn quorum_queue() -> canal_consumer::config::QueueConfig {
 
 pub(crate) const QUEUE: &str = "cc_bench";
 
+/// A consumer of `queue` under `tag` that takes deliveries without acks (the bench's sinks).
+pub(crate) async fn no_ack_consumer(
+    ch: &lapin::Channel,
+    queue: &str,
+    tag: &str,
+) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        lapin::options::BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
 pub(crate) fn queue_args(max_priority: Option<u8>) -> FieldTable {
     if cluster() {
         return canal_consumer::publisher::topology::declare_arguments(&quorum_queue());

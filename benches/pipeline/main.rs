@@ -101,8 +101,7 @@ use crate::service::{
 };
 use crate::source::{Inserting, MYSQL_FAILED, create_table, drain_canal, mysql, row};
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -244,18 +243,7 @@ async fn main() {
     let mut service = start_service(&dir, &admin, o.max_priority, o.bulk, None);
     let pid = service.0.id();
     wait_ready(&admin, &mut service, &dir).await;
-    let mut sink = ch
-        .basic_consume(
-            QUEUE.into(),
-            "bench-sink".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut sink = crate::broker::no_ack_consumer(&ch, QUEUE, "bench-sink").await;
 
     // ---- one row first: the probe publishes copies of the message the service made of it
     let mut id = 1u64;

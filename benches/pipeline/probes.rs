@@ -6,8 +6,7 @@ use crate::env::destination;
 use crate::source::{canal_session, insert_bulk, local_canal};
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -72,18 +71,7 @@ pub(crate) async fn probe(
     .await
     .unwrap();
     let drain_ch = conn.create_channel().await.unwrap();
-    let mut sink = drain_ch
-        .basic_consume(
-            PROBE_QUEUE.into(),
-            "bench-probe-sink".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut sink = crate::broker::no_ack_consumer(&drain_ch, PROBE_QUEUE, "bench-probe-sink").await;
     if !drain {
         // no consumer: the messages pile up in the queue, as when the workers fall behind
         let _ = drain_ch
