@@ -650,6 +650,16 @@ async fn a_lone_row_ends_a_long_poll_for_one_unit() {
     }
 }
 
+/// The connection's `config_warning` as it stands, then the connection shut down.
+async fn config_warning_at_shutdown(conn: actix::Addr<CanalConnection>) -> Option<String> {
+    let status = conn
+        .send(canal_consumer::canal::connection::GetConnectionStatus)
+        .await
+        .unwrap();
+    conn.send(Shutdown { rollback: false }).await.unwrap();
+    status.config_warning
+}
+
 /// `canal.mem_unit` must be the server's memunit: one that is smaller is seen in the first
 /// long-poll answer (Canal took more than one of our units before its last entry) and named in
 /// the connection's status; the right one never is.
@@ -673,12 +683,7 @@ async fn a_memory_unit_smaller_than_the_servers_is_named_in_status() {
             wait_for(table, next, &mut rx, &mut seen).await;
             next += 1;
         }
-        let status = conn
-            .send(canal_consumer::canal::connection::GetConnectionStatus)
-            .await
-            .unwrap();
-        conn.send(Shutdown { rollback: false }).await.unwrap();
-        match (&status.config_warning, mismatched) {
+        match (&config_warning_at_shutdown(conn).await, mismatched) {
             (None, false) => {}
             (Some(w), true) => assert!(
                 w.contains("canal.mem_unit is 1 bytes")
@@ -719,12 +724,7 @@ async fn a_memory_unit_larger_than_the_servers_is_named_once_a_backlog_shows_it(
         mysql(&sql);
         let (conn, mut rx) = collect_from(real_canal(mem_unit), table);
         wait_for(table, i64::from(next) - 1, &mut rx, &mut seen).await;
-        let status = conn
-            .send(canal_consumer::canal::connection::GetConnectionStatus)
-            .await
-            .unwrap();
-        conn.send(Shutdown { rollback: false }).await.unwrap();
-        match (&status.config_warning, mismatched) {
+        match (&config_warning_at_shutdown(conn).await, mismatched) {
             (None, false) => {}
             (Some(w), true) => {
                 assert!(
