@@ -183,13 +183,13 @@ impl SmallUnitProbe {
             // `asked` entries may be a full ITEMSIZE answer
             return None;
         }
-        let sizes: Vec<u64> = entry_bytes.map(|b| b as u64).collect();
-        let total: u64 = sizes.iter().sum();
+        // one pass, no allocation: this runs on every answer
+        let (total, last) = entry_bytes.fold((0u64, 0u64), |(t, _), b| (t + b as u64, b as u64));
         if total > asked * u64::from(unit_bytes) {
             // cut by our unit, or more: the server's is not smaller
             return None;
         }
-        let before_last = total - sizes[n - 1];
+        let before_last = total - last;
         // asked × unit in [before_last, total): the unit in [⌈before_last/asked⌉, ⌊(total-1)/asked⌋]
         let (lo, hi) = (before_last.div_ceil(asked), (total - 1) / asked);
         if lo > hi {
