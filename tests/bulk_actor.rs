@@ -109,7 +109,7 @@ async fn part_parking(
     let processed = h
         .actor
         .send(ProcessBatch {
-            batch: BatchRef { epoch: 1, id },
+            batch: BatchRef::new(1, id),
             mode,
             events: Arc::new(events.to_vec()),
             indices: Arc::new((0..events.len()).collect()),
@@ -232,7 +232,7 @@ async fn a_failed_part_sends_no_bulk_and_its_retry_sends_all_of_it() {
     let failed = h
         .actor
         .send(ProcessBatch {
-            batch: BatchRef { epoch: 1, id: 1 },
+            batch: BatchRef::new(1, 1),
             mode: Mode::Normal,
             events: Arc::new(events.to_vec()),
             indices: Arc::new((0..events.len()).collect()),
@@ -252,7 +252,7 @@ async fn a_failed_part_sends_no_bulk_and_its_retry_sends_all_of_it() {
         let r = h
             .actor
             .send(ProcessBatch {
-                batch: BatchRef { epoch: 2, id: 2 },
+                batch: BatchRef::new(2, 2),
                 mode: Mode::Normal,
                 events: Arc::new(fixed.to_vec()),
                 indices: Arc::new((0..fixed.len()).collect()),

@@ -169,3 +169,102 @@ async fn a_real_celery_worker_gets_each_bulk_as_a_list_argument() {
     assert!(counts.values().all(|&c| c == 1), "a row ran twice");
     svc.terminate(Duration::from_secs(30));
 }
+
+/// The bulk ids each row was carried under, in arrival order of its copies.
+fn ids_by_row(got: &[Got]) -> BTreeMap<i64, Vec<String>> {
+    let mut out: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for g in got {
+        for p in g.body["payload"].as_array().into_iter().flatten() {
+            out.entry(p["id"].as_i64().unwrap())
+                .or_default()
+                .push(g.message_id.clone());
+        }
+    }
+    out
+}
+
+/// Guarantee 2 for bulk rules: rows Canal sends again keep their bulks and bulk ids even when
+/// Canal cuts them into other batches. The service publishes ten 6-row transactions as they
+/// are committed (each waited for at the queue: many small batches), while a proxy holds the
+/// broker's confirms, so nothing is acked to Canal; it is killed (-9) and started again on the
+/// same state directory; Canal sends all 60 rows again, now in one or two large batches. Each
+/// row's second copy must come in a bulk with its first copy's id.
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+#[tokio::test]
+async fn bulks_sent_again_after_a_kill_keep_their_ids_though_canal_cuts_them_otherwise() {
+    let _lock = canal_lock().await;
+    let name = "recut";
+    note_table(DB, name);
+    drop(Tap::clean(&format!("{DB}\\.{name}")).await);
+    let queue = &common::queue("cc_e2e_bulk_recut");
+    delete_queue(queue).await;
+    let proxy = common::hold::HoldProxy::start();
+    let mut svc = ServiceProc::prepare(
+        "bulk-recut",
+        queue,
+        &[("bulk.toml", &bulk_consumer("bulk_recut", name, 4, ""))],
+        "",
+    );
+    svc.env
+        .push(("CANAL_CONSUMER__AMQP__URL".into(), proxy.url(60)));
+    // the held confirms must not time out (a rollback would send the rows again in this run)
+    svc.env.push((
+        "CANAL_CONSUMER__AMQP__CONFIRM_TIMEOUT".into(),
+        "120s".into(),
+    ));
+    svc.start().await;
+    let arrivals = Arrivals::start(queue).await;
+    proxy.hold_replies();
+    let (txs, rows) = (10i64, 6i64);
+    for t in 0..txs {
+        insert_notes(DB, name, t * rows + 1, (t + 1) * rows);
+        let want = ((t + 1) * rows) as usize;
+        arrivals
+            .wait(
+                &format!("the first {want} rows"),
+                Duration::from_secs(60),
+                |got| ids_by_row(got).len() == want,
+            )
+            .await;
+    }
+    let first = svc.status().await;
+    let first_batches = first["canal"]["batches_received"].as_u64().unwrap();
+    assert!(
+        first_batches >= txs as u64,
+        "one batch or more per transaction: {first:#}"
+    );
+    assert_eq!(first["canal"]["batches_acked"], 0, "{first:#}");
+    svc.kill9();
+    proxy.release_replies();
+    // again, on the same state directory; the broker directly
+    svc.env.clear();
+    svc.start().await;
+    let n = (txs * rows) as usize;
+    arrivals
+        .wait("every row a second time", Duration::from_secs(60), |got| {
+            let by_row = ids_by_row(got);
+            by_row.len() == n && by_row.values().all(|ids| ids.len() >= 2)
+        })
+        .await;
+    let second = wait_status(&svc, "every batch acked", |s| {
+        s["canal"]["inflight_batches"] == 0 && s["canal"]["batches_acked"].as_u64() > Some(0)
+    })
+    .await;
+    // Canal did cut the rows otherwise: fewer, larger batches than the first time
+    let second_batches = second["canal"]["batches_received"].as_u64().unwrap();
+    assert!(
+        second_batches < first_batches,
+        "the second run got {second_batches} batches, the first {first_batches}: Canal cut them the same way, which proves nothing"
+    );
+    let got = arrivals.finish().await;
+    for (row, ids) in ids_by_row(&got) {
+        assert!(
+            ids.iter().all(|id| *id == ids[0]),
+            "row {row} came under bulk ids {ids:?}"
+        );
+    }
+    svc.terminate(Duration::from_secs(30));
+}

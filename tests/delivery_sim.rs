@@ -3,7 +3,7 @@
 //! publisher's [`ConfirmWindow`]) with a model Canal server, model consumers, a model broker
 //! and a virtual clock. Two of the five consumers are real [`ConfigConsumer`]s built from a
 //! TOML spec: one with a bulk rule (`max_rows = 2`: several rows per message, never across a
-//! Canal batch), one whose rule fails on every third row with `on_error = "error_handler"`
+//! delivery), one whose rule fails on every third row with `on_error = "error_handler"`
 //! (one `error_handler` message per failing row). In ZooKeeper seeds (one in four) there are
 //! two replicas, each with its own connection core, router, publisher and consumers, each fed
 //! by the real [`HaCore`] from a model ZooKeeper: sessions that end a session timeout after the
@@ -66,9 +66,17 @@
 //! A GET is two steps, as on the wire: written (the model server answers it then), and its
 //! answer read later, with other steps between; one operation is on the session at a time.
 //!
-//! Bulk messages are measured, not checked against ids: a bulk row Canal sends again after a
-//! rollback, a reconnect or a handover may come back cut differently, under another bulk id;
-//! the run prints how many did. It also prints the handovers, the freezes between a lease check
+//! - (n) bulk ids across redelivery: a bulk row a replica writes again (after a rollback, a
+//!   reconnect, a Canal restart that cut the batches elsewhere, or a restart of the replica,
+//!   which reads its rewind guard file) is carried by a bulk with the id of the first bulk
+//!   that carried it, unless the replica delivered held rows as they were since (a drain, a
+//!   long poll that found nothing, held rows filling the window) or an operator skipped a
+//!   batch: the connection core cuts rows Canal sends again where their first delivery ended
+//!   (`canal::connection::core::recut`).
+//!
+//! The run prints what (n) does not check: bulk rows written again under another id by the
+//! other replica (the delivery ends are not shared between replicas), or after a re-cut flush
+//! or a skip. It also prints the handovers, the freezes between a lease check
 //! and a write, and, under `SIM_MUTATION=ungated_rollback`, the rollbacks a replica wrote after
 //! its lease ended. `SIM_MUTATION=no_gate | lease_without_margin |
 //! heartbeat_on_expired_session | claim_ignores_holder | ungated_rollback` breaks the model's
@@ -219,6 +227,12 @@ impl EventsView for SimEvents {
     }
     fn drop_first(&mut self, n: usize) {
         self.0.drain(..n);
+    }
+    fn split_off(&mut self, n: usize) -> Self {
+        SimEvents(self.0.split_off(n))
+    }
+    fn append(&mut self, mut more: Self) {
+        self.0.append(&mut more.0)
     }
 }
 
@@ -532,7 +546,14 @@ struct Ha {
 }
 
 impl Replica {
-    fn new(id: usize, incarnation: usize, seed: u64, zookeeper: bool, now: Instant) -> Self {
+    fn new(
+        id: usize,
+        incarnation: usize,
+        seed: u64,
+        zookeeper: bool,
+        now: Instant,
+        file: StateFile,
+    ) -> Self {
         let consumers: Vec<Consumer> = (0..CONSUMERS)
             .map(|c| Consumer {
                 tables: TABLE_MASKS[c],
@@ -571,11 +592,13 @@ impl Replica {
                 jitter_seed: seed + incarnation as u64,
             },
             zookeeper,
-        );
+        )
+        .with_confirmed(file.confirmed.clone(), file.cuts.clone());
         Replica {
             id,
             incarnation,
             core,
+            file,
             session_alive: false,
             pending: Vec::new(),
             decoding: VecDeque::new(),
@@ -678,13 +701,15 @@ struct Sim {
     accepted_rows: BTreeSet<(usize, usize)>,
     /// Rows of [`BULK`] that had an accepted bulk when their batch was acked ((i) for bulks).
     acked_bulk_rows: BTreeSet<usize>,
-    /// Per row of [`BULK`]: the replica, its incarnation and epoch, and the id of the first
-    /// bulk that carried it to the channel.
-    bulk_first: HashMap<usize, ((usize, usize, u64), String)>,
+    /// Per row of [`BULK`]: the replica, its incarnation and epoch, the id of the first bulk
+    /// that carried it to the channel, and the replica's re-cut flushes then.
+    bulk_first: HashMap<usize, (Writer, String, u64)>,
     /// Rows of [`BULK`] written again in a later epoch, and those of them written under a
-    /// different bulk id than the first time (measured, not asserted).
+    /// different bulk id than the first time: by another replica (its delivery ends are not
+    /// shared), or after the replica delivered held rows as they were (a re-cut flush).
     bulk_redelivered: BTreeSet<usize>,
     bulk_other_id: BTreeSet<usize>,
+    bulk_other_id_flushed: BTreeSet<usize>,
     /// Ids of messages the broker had accepted when their row was acked to Canal, and the
     /// newest row Canal shipped in an acked batch (i).
     acked_msgs: BTreeSet<String>,
@@ -707,6 +732,18 @@ struct Sim {
     mutation: Mutation,
 }
 
+/// Who wrote: the replica, its incarnation and the epoch.
+type Writer = (usize, usize, u64);
+
+/// A replica's rewind guard file (`canal.rewind_guard`), and the re-cut flushes of its earlier
+/// incarnations (not in the real file: for (n)).
+#[derive(Debug, Clone, Default)]
+struct StateFile {
+    confirmed: Option<(Position, i64)>,
+    cuts: Vec<(Position, i64)>,
+    flushes: u64,
+}
+
 /// What one replica (one process of the service) holds: its cores, its consumers, its AMQP
 /// channel, and what the model knows about its sessions.
 struct Replica {
@@ -714,6 +751,11 @@ struct Replica {
     id: usize,
     incarnation: usize,
     core: Core,
+    /// Its rewind guard's file: the confirmed position and the delivery ends, written before
+    /// each delivery is handed on (as the shell does); a replica started again reads it. It
+    /// also keeps the held rows delivered as they were (re-cut flushes) of earlier
+    /// incarnations.
+    file: StateFile,
     /// The TCP connection to the model server is alive.
     session_alive: bool,
     /// Operations written and not answered yet: the one on the current session, and ones
@@ -796,6 +838,7 @@ impl Sim {
             bulk_first: HashMap::new(),
             bulk_redelivered: BTreeSet::new(),
             bulk_other_id: BTreeSet::new(),
+            bulk_other_id_flushed: BTreeSet::new(),
             acked_msgs: BTreeSet::new(),
             stale_rollbacks: 0,
             last_writer: None,
@@ -803,9 +846,9 @@ impl Sim {
             gate_freezes: 0,
             steps: 0,
             trace: Vec::new(),
-            rep: Replica::new(0, 0, seed, zookeeper, now),
+            rep: Replica::new(0, 0, seed, zookeeper, now, StateFile::default()),
             seed,
-            other: zookeeper.then(|| Replica::new(1, 0, seed ^ 1, true, now)),
+            other: zookeeper.then(|| Replica::new(1, 0, seed ^ 1, true, now, StateFile::default())),
             zk: zookeeper.then(ZkModel::default),
             mutation: Mutation::from_env(),
         };
@@ -882,7 +925,12 @@ impl Sim {
                 self.rep.session_alive = false;
             }
             Action::Decode { epoch, raw } => self.rep.decoding.push_back((epoch, raw)),
-            Action::Deliver { batch, events, .. } => self.deliver(batch, events),
+            Action::Deliver { batch, events, .. } => {
+                let core = &self.rep.core;
+                self.rep.file.confirmed = core.confirmed().cloned();
+                self.rep.file.cuts = core.cuts().ends().cloned().collect();
+                self.deliver(batch, events)
+            }
             Action::Reset { epoch, reason } => {
                 self.log(format!("epoch {epoch}: {reason}"));
                 self.rep.last_get_short = false;
@@ -1575,19 +1623,31 @@ impl Sim {
     }
 
     /// A bulk written to the channel: is any of its rows written again, in a later epoch (after
-    /// a rollback or a reconnect), and under another id than the first time (Canal cut the
-    /// batches differently)?
+    /// a rollback, a reconnect, a Canal restart or a restart of the replica), under another id
+    /// than the first time? (n): not by the same replica, unless it delivered held rows as they
+    /// were since (a re-cut flush); another replica does not know where the first one cut.
     fn measure_bulk(&mut self, msg: &Msg) {
         let when = (self.rep.id, self.rep.incarnation, msg.epoch);
+        let flushes = self.rep.file.flushes + self.rep.core.recut_flushes();
         for &r in &msg.rows {
             match self.bulk_first.get(&r) {
                 None => {
-                    self.bulk_first.insert(r, (when, msg.id.clone()));
+                    self.bulk_first.insert(r, (when, msg.id.clone(), flushes));
                 }
-                Some((first, id)) if *first != when => {
+                Some((first, id, first_flushes)) if *first != when => {
                     self.bulk_redelivered.insert(r);
                     if *id != msg.id {
-                        self.bulk_other_id.insert(r);
+                        if first.0 == self.rep.id && *first_flushes == flushes {
+                            panic!(
+                                "(n) row {r} of the bulk consumer written again by replica {} under bulk id {} instead of {id} (first written in {first:?}, now {when:?})",
+                                self.rep.id, msg.id
+                            );
+                        }
+                        if first.0 == self.rep.id {
+                            self.bulk_other_id_flushed.insert(r);
+                        } else {
+                            self.bulk_other_id.insert(r);
+                        }
                     }
                 }
                 Some(_) => {}
@@ -1720,10 +1780,16 @@ impl Sim {
             w.inflight_batches(),
             w.abandoned_batches()
         );
+        // batches whose rows the re-cut holds back count as in flight
         let bytes = w.inflight_bytes() + w.abandoned_bytes();
         assert!(
             bytes < MAX_BYTES + (FETCH_ROWS + 1) * ROW_BYTES,
             "(e) bytes in flight {bytes}"
+        );
+        assert!(
+            self.rep.core.held_rows() <= FETCH_ROWS + 1,
+            "(e) rows held back by the re-cut: {}",
+            self.rep.core.held_rows()
         );
         assert!(
             self.rep.publisher.unconfirmed() <= MAX_UNCONFIRMED,
@@ -1904,12 +1970,15 @@ impl Sim {
             }
             _ => {
                 self.log(format!("replica {id} killed and started again"));
+                let mut file = self.rep.file.clone();
+                file.flushes += self.rep.core.recut_flushes();
                 let fresh = Replica::new(
                     id,
                     self.rep.incarnation + 1,
                     self.seed ^ id as u64,
                     true,
                     self.now,
+                    file,
                 );
                 let old = std::mem::replace(&mut self.rep, fresh);
                 // what it had published unconfirmed the broker may or may not have taken
@@ -2142,7 +2211,9 @@ impl Sim {
 struct BulkCounts {
     rows: usize,
     redelivered: usize,
+    /// Written again under another id by another replica, or after a re-cut flush.
     other_id: usize,
+    other_id_flushed: usize,
     seeds_with_other_id: usize,
     /// ZooKeeper seeds: handovers between writers, freezes between the gate and the write,
     /// rollbacks written after the lease ended (and in how many seeds).
@@ -2178,7 +2249,10 @@ fn run_seed(seed: u64) -> BulkCounts {
         rows: sim.bulk_first.len(),
         redelivered: sim.bulk_redelivered.len(),
         other_id: sim.bulk_other_id.len(),
-        seeds_with_other_id: usize::from(!sim.bulk_other_id.is_empty()),
+        other_id_flushed: sim.bulk_other_id_flushed.len(),
+        seeds_with_other_id: usize::from(
+            !sim.bulk_other_id.is_empty() || !sim.bulk_other_id_flushed.is_empty(),
+        ),
         handovers: sim.handovers,
         gate_freezes: sim.gate_freezes,
         stale_rollbacks: sim.stale_rollbacks,
@@ -2207,16 +2281,21 @@ fn the_delivery_cores_keep_every_invariant_under_every_interleaving() {
         total.rows += c.rows;
         total.redelivered += c.redelivered;
         total.other_id += c.other_id;
+        total.other_id_flushed += c.other_id_flushed;
         total.seeds_with_other_id += c.seeds_with_other_id;
         total.handovers += c.handovers;
         total.gate_freezes += c.gate_freezes;
         total.stale_rollbacks += c.stale_rollbacks;
         total.seeds_with_stale_rollback += c.seeds_with_stale_rollback;
     }
-    // evidence for a design decision (bulk ids independent of Canal's batch cuts), not a check
+    // (n) checks the rest: a replica writes a bulk row again under its first id
     println!(
-        "{seeds} seeds: bulk rows written: {}, redelivered in a later epoch: {}, under a different bulk id: {} (in {} seeds)",
-        total.rows, total.redelivered, total.other_id, total.seeds_with_other_id
+        "{seeds} seeds: bulk rows written: {}, written again in a later epoch: {}, under a different bulk id: by another replica {}, after a re-cut flush or a skip {} (in {} seeds)",
+        total.rows,
+        total.redelivered,
+        total.other_id,
+        total.other_id_flushed,
+        total.seeds_with_other_id
     );
     println!(
         "zookeeper seeds: handovers between replicas: {}, freezes between the lease check and the write: {}, rollbacks written after the lease ended (ungated_rollback only): {} (in {} seeds)",

@@ -191,7 +191,7 @@ fn event(table: &str, id: i64, offset: u64) -> ChangeEvent {
 
 fn batch(id: i64, events: Vec<ChangeEvent>) -> CanalEvent {
     CanalEvent::Batch(Batch {
-        batch: BatchRef { epoch: 1, id },
+        batch: BatchRef::new(1, id),
         events: Arc::new(events),
         bytes: 100,
         entries: 1,

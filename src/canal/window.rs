@@ -24,27 +24,55 @@
 use crate::event::Position;
 use std::collections::{BTreeMap, VecDeque};
 
-/// Identifies a batch: Canal's batch id within a connection epoch.
+/// Identifies what the subscriber is handed and acks: Canal's batch id within a connection
+/// epoch, and which piece of it. A batch is usually delivered whole (piece 0). A batch that
+/// Canal sends again is cut where the first delivery of its rows ended (the connection core's
+/// re-cut), so one Canal batch may become several pieces, and a piece may also hold the rows
+/// of earlier batches: it is named after the batch its last row came from, the pieces ending
+/// in one batch numbered from 0. Ordered as delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct BatchRef {
     pub epoch: u64,
     pub id: i64,
+    pub piece: u32,
+}
+
+impl BatchRef {
+    /// Piece 0 of batch `id`: a whole batch.
+    pub fn new(epoch: u64, id: i64) -> Self {
+        BatchRef {
+            epoch,
+            id,
+            piece: 0,
+        }
+    }
 }
 
 impl std::fmt::Display for BatchRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.epoch, self.id)
+        if self.piece == 0 {
+            write!(f, "{}/{}", self.epoch, self.id)
+        } else {
+            write!(f, "{}/{}.{}", self.epoch, self.id, self.piece)
+        }
     }
 }
 
+/// A piece handed to the subscriber (or recorded as done), in delivery order.
 #[derive(Debug)]
 struct InFlight {
     id: i64,
+    piece: u32,
     bytes: usize,
     /// The subscriber finished it (or it had nothing to deliver).
     done: bool,
     /// It was handed to the subscriber, which must release it if it is abandoned.
     delivered: bool,
+    /// The Canal batches acked once this piece and every earlier one are done: those whose
+    /// last row it holds (usually just its own batch; none for a piece cut from the middle of
+    /// a batch).
+    acks: Vec<i64>,
+    /// The newest position those acks cover (with its execution time).
     last: Option<(Position, i64)>,
 }
 
@@ -231,8 +259,12 @@ pub struct BatchWindow {
     epoch: u64,
     inflight: VecDeque<InFlight>,
     inflight_bytes: usize,
-    abandoned: BTreeMap<BatchRef, usize>,
+    /// Abandoned pieces still downstream: their bytes and how many Canal batches they ack.
+    abandoned: BTreeMap<BatchRef, (usize, usize)>,
     abandoned_bytes: usize,
+    abandoned_count: usize,
+    /// Canal batches the pieces in flight ack.
+    inflight_count: usize,
     /// The last batch id fetched in this session.
     last_id: Option<i64>,
     /// The last answered GET found nothing more.
@@ -243,6 +275,12 @@ pub struct BatchWindow {
     ack_wait_over: bool,
     /// A GET of this epoch was written and its answer is not recorded yet: it may bring a batch.
     get_outstanding: bool,
+    /// The batch id and piece number of the last piece recorded in this epoch.
+    last_piece: Option<(i64, u32)>,
+    /// Batches (and their bytes) whose rows the core holds back, not yet recorded as pieces
+    /// ([`Self::set_held`]).
+    held_batches: usize,
+    held_bytes: usize,
 }
 
 impl BatchWindow {
@@ -255,11 +293,16 @@ impl BatchWindow {
             inflight_bytes: 0,
             abandoned: BTreeMap::new(),
             abandoned_bytes: 0,
+            abandoned_count: 0,
+            inflight_count: 0,
             last_id: None,
             idle: false,
             idle_period: 0,
             ack_wait_over: false,
             get_outstanding: false,
+            last_piece: None,
+            held_batches: 0,
+            held_bytes: 0,
         }
     }
 
@@ -267,18 +310,37 @@ impl BatchWindow {
         self.epoch
     }
 
-    /// Batches fetched in this epoch and not yet acked.
+    /// Batches fetched in this epoch and not yet acked, held ones included. (A batch cut into
+    /// pieces counts once, with the piece that acks it.)
     pub fn inflight_batches(&self) -> usize {
-        self.inflight.len()
+        self.inflight_count + self.held_batches
     }
 
     pub fn inflight_bytes(&self) -> usize {
-        self.inflight_bytes
+        self.inflight_bytes + self.held_bytes
+    }
+
+    /// The core holds back the rows of `batches` fetched batches (`bytes` of frames) until
+    /// more come (its re-cut): they count against the bounds like recorded ones (the core
+    /// stops holding when they alone fill the window).
+    /// Frame bytes of the batches whose rows are held back ([`Self::set_held`]).
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Do the held batches alone fill the window (so no GET may be issued until they go)?
+    pub fn held_full(&self) -> bool {
+        self.held_batches >= self.max_batches || self.held_bytes >= self.max_bytes
+    }
+
+    pub fn set_held(&mut self, batches: usize, bytes: usize) {
+        self.held_batches = batches;
+        self.held_bytes = bytes;
     }
 
     /// Batches of abandoned epochs the subscriber still works on.
     pub fn abandoned_batches(&self) -> usize {
-        self.abandoned.len()
+        self.abandoned_count
     }
 
     pub fn abandoned_bytes(&self) -> usize {
@@ -316,8 +378,8 @@ impl BatchWindow {
 
     /// May another GET be issued?
     pub fn may_fetch(&self) -> bool {
-        self.inflight.len() + self.abandoned.len() < self.max_batches
-            && self.inflight_bytes + self.abandoned_bytes < self.max_bytes
+        self.inflight_batches() + self.abandoned_count < self.max_batches
+            && self.inflight_bytes() + self.abandoned_bytes < self.max_bytes
     }
 
     /// The GET to issue next, if one may be issued now ([`Self::may_fetch`]).
@@ -355,6 +417,11 @@ impl BatchWindow {
         }
     }
 
+    /// The last answered GET showed Canal had nothing more (the next one long-polls).
+    pub fn is_idle(&self) -> bool {
+        self.idle
+    }
+
     /// An answered GET showed Canal had nothing more (empty, or [`took_all`]): the next one
     /// long-polls. After [`Self::fetched`] for a batch, which assumes more may be waiting.
     pub fn caught_up(&mut self) {
@@ -369,21 +436,27 @@ impl BatchWindow {
     /// will be redelivered by Canal. Returns the new epoch and how many batches were abandoned.
     /// `new_session` also forgets the batch-id sequence (a new session may restart it).
     pub fn begin_epoch(&mut self, new_session: bool) -> (u64, usize) {
-        let abandoned = self.inflight.len();
+        let abandoned = self.inflight_count;
+        self.inflight_count = 0;
         for b in self.inflight.drain(..) {
             if b.delivered && !b.done {
                 let key = BatchRef {
                     epoch: self.epoch,
                     id: b.id,
+                    piece: b.piece,
                 };
-                self.abandoned.insert(key, b.bytes);
+                self.abandoned.insert(key, (b.bytes, b.acks.len()));
                 self.abandoned_bytes += b.bytes;
+                self.abandoned_count += b.acks.len();
             }
         }
         self.inflight_bytes = 0;
         // the answer of a GET still on the wire belongs to the old epoch
         self.get_outstanding = false;
         self.epoch += 1;
+        self.last_piece = None;
+        self.held_batches = 0;
+        self.held_bytes = 0;
         // redelivery starts at once: Canal has the rolled-back batches ready
         self.idle = false;
         if new_session {
@@ -402,20 +475,42 @@ impl BatchWindow {
         deliver: bool,
     ) -> Fetched {
         let gap = self.observe_id(id);
+        let batch = self.piece(id, bytes, vec![id], last, deliver);
+        Fetched { batch, gap }
+    }
+
+    /// Record one piece cut from fetched batches (the connection core's re-cut; their ids were
+    /// observed with [`Self::observe_id`]): its last row came from batch `id`; `acks` are the
+    /// batches to ack once it and every earlier piece are done, `last` the newest position
+    /// they cover; `deliver` as for [`Self::fetched`].
+    pub fn piece(
+        &mut self,
+        id: i64,
+        bytes: usize,
+        acks: Vec<i64>,
+        last: Option<(Position, i64)>,
+        deliver: bool,
+    ) -> BatchRef {
+        let piece = match self.last_piece {
+            Some((last, n)) if last == id => n + 1,
+            _ => 0,
+        };
+        self.last_piece = Some((id, piece));
+        self.inflight_count += acks.len();
         self.inflight.push_back(InFlight {
             id,
+            piece,
             bytes,
             done: !deliver,
             delivered: deliver,
+            acks,
             last,
         });
         self.inflight_bytes += bytes;
-        Fetched {
-            batch: BatchRef {
-                epoch: self.epoch,
-                id,
-            },
-            gap,
+        BatchRef {
+            epoch: self.epoch,
+            id,
+            piece,
         }
     }
 
@@ -423,18 +518,12 @@ impl BatchWindow {
     /// be decoded): it holds every later ack back until [`Self::ack`] is called for it.
     pub fn hold(&mut self, id: i64, bytes: usize) -> BatchRef {
         self.observe_id(id);
-        self.inflight.push_back(InFlight {
-            id,
-            bytes,
-            done: false,
-            delivered: false,
-            last: None,
-        });
-        self.inflight_bytes += bytes;
-        BatchRef {
-            epoch: self.epoch,
-            id,
+        let batch = self.piece(id, bytes, vec![id], None, false);
+        if let Some(b) = self.inflight.back_mut() {
+            // not done until the operator decides, and nothing downstream to release
+            b.done = false;
         }
+        batch
     }
 
     /// Would batch id `id` be a jump in this session's sequence? (`(expected, got)`, as
@@ -462,7 +551,11 @@ impl BatchWindow {
             self.release(batch);
             return AckOutcome::Abandoned;
         }
-        match self.inflight.iter_mut().find(|b| b.id == batch.id) {
+        match self
+            .inflight
+            .iter_mut()
+            .find(|b| b.id == batch.id && b.piece == batch.piece)
+        {
             Some(b) => {
                 b.done = true;
                 AckOutcome::Recorded
@@ -474,8 +567,9 @@ impl BatchWindow {
     /// The subscriber holds nothing of the abandoned `batch` any more.
     pub fn release(&mut self, batch: BatchRef) -> bool {
         match self.abandoned.remove(&batch) {
-            Some(bytes) => {
+            Some((bytes, count)) => {
                 self.abandoned_bytes -= bytes;
+                self.abandoned_count -= count;
                 true
             }
             None => false,
@@ -492,7 +586,8 @@ impl BatchWindow {
                 break;
             };
             self.inflight_bytes -= b.bytes;
-            out.ids.push(b.id);
+            self.inflight_count -= b.acks.len();
+            out.ids.extend(b.acks);
             if b.last.is_some() {
                 out.last = b.last;
             }

@@ -639,7 +639,7 @@ mod tests {
     use super::*;
 
     fn b(id: i64) -> BatchRef {
-        BatchRef { epoch: 1, id }
+        BatchRef::new(1, id)
     }
 
     fn process(r: &mut Router<&'static str>) -> Mode {
@@ -796,7 +796,7 @@ mod tests {
         // what comes next is refused at once, without asking the consumer
         r.reset(2);
         r.take_commands();
-        let b2 = BatchRef { epoch: 2, id: 2 };
+        let b2 = BatchRef::new(2, 2);
         r.route(b2, vec![(0, "part")]);
         let cmds = r.take_commands();
         assert!(
@@ -811,7 +811,7 @@ mod tests {
         // enabling lifts it; the restart count stays, the window starts again
         r.set_enabled(0, true);
         assert_eq!((r.state(0), r.restarts(0)), (ConsumerState::Running, 3));
-        let b3 = BatchRef { epoch: 2, id: 3 };
+        let b3 = BatchRef::new(2, 3);
         r.route(b3, vec![(0, "part")]);
         assert_eq!(process(&mut r), Mode::Normal);
         let cmds = {

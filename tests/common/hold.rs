@@ -1,7 +1,8 @@
 //! A TCP proxy in front of the test broker whose client-to-broker direction can be **held**:
 //! what the client writes meanwhile is read and kept (its writes succeed, as when they sit in
 //! a socket buffer or on a congested path) and reaches the broker, in order, only when the
-//! hold is released. The broker-to-client direction always flows.
+//! hold is released. The broker-to-client direction can be held the same way
+//! ([`HoldProxy::hold_replies`]: the broker takes what is published, and its confirms wait).
 //!
 //! It counts the AMQP `basic.publish` messages that pass (method, header and body frames all
 //! written), and how many of them were written while the hold was on: an independent count of
@@ -30,6 +31,7 @@ pub struct HoldProxy {
     /// The broker URL (`CC_TEST_AMQP_URL`) the proxy forwards to.
     target: lapin::uri::AMQPUri,
     hold: watch::Sender<bool>,
+    hold_replies: watch::Sender<bool>,
     counts: Arc<Counts>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -48,6 +50,7 @@ impl HoldProxy {
             .expect("nonblocking listener");
         let port = listener.local_addr().expect("bound").port();
         let (hold, hold_rx) = watch::channel(false);
+        let (hold_replies, replies_rx) = watch::channel(false);
         let counts = Arc::new(Counts::default());
         let (stop, stop_rx) = oneshot::channel();
         let c = Arc::clone(&counts);
@@ -67,6 +70,7 @@ impl HoldProxy {
                             client,
                             upstream.clone(),
                             hold_rx.clone(),
+                            replies_rx.clone(),
                             Arc::clone(&c),
                         ));
                     }
@@ -82,6 +86,7 @@ impl HoldProxy {
             port,
             target,
             hold,
+            hold_replies,
             counts,
             stop: Some(stop),
             thread: Some(thread),
@@ -108,6 +113,17 @@ impl HoldProxy {
         self.hold.send_replace(false);
     }
 
+    /// From now on, keep what the broker writes to its clients (confirms, heartbeats: keep the
+    /// hold shorter than two heartbeats).
+    pub fn hold_replies(&self) {
+        self.hold_replies.send_replace(true);
+    }
+
+    /// Write what the broker wrote meanwhile to its clients, and forward again.
+    pub fn release_replies(&self) {
+        self.hold_replies.send_replace(false);
+    }
+
     /// `basic.publish` messages the clients wrote completely so far, held or not.
     pub fn published(&self) -> u64 {
         self.counts.published.load(Ordering::SeqCst)
@@ -130,12 +146,12 @@ impl Drop for HoldProxy {
     }
 }
 
-/// One client connection: broker-to-client copied as it comes, client-to-broker through the
-/// hold.
+/// One client connection, each direction through its hold.
 async fn pipe(
     client: TcpStream,
     upstream: String,
     mut hold: watch::Receiver<bool>,
+    mut hold_down: watch::Receiver<bool>,
     counts: Arc<Counts>,
 ) {
     let Ok(server) = TcpStream::connect(&upstream).await else {
@@ -144,7 +160,40 @@ async fn pipe(
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_server, mut to_server) = server.into_split();
     let down = async move {
-        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        let mut kept: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            tokio::select! {
+                read = from_server.read(&mut buf) => {
+                    let n = match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if *hold_down.borrow() {
+                        kept.extend_from_slice(&buf[..n]);
+                        continue;
+                    }
+                    if !kept.is_empty() && to_client.write_all(&kept).await.is_err() {
+                        break;
+                    }
+                    kept.clear();
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                changed = hold_down.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if !*hold_down.borrow() && !kept.is_empty() {
+                        if to_client.write_all(&kept).await.is_err() {
+                            break;
+                        }
+                        kept.clear();
+                    }
+                }
+            }
+        }
         let _ = to_client.shutdown().await;
     };
     let up = async move {

@@ -1,11 +1,15 @@
 //! The rewind guard's file: the newest confirmed position, so a restarted service still knows
-//! what it confirmed when Canal sends it again (`canal.rewind_guard`). The decision is the
-//! core's ([`super::core`]); this module only reads and writes the file.
+//! what it confirmed when Canal sends it again (`canal.rewind_guard`), and where the deliveries
+//! Canal has not acked yet ended, so a restarted service cuts the rows Canal sends again the
+//! same way ([`super::core::recut`]). The decisions are the core's ([`super::core`]); this
+//! module only reads and writes the file.
 //!
-//! The file is JSON (`{"position": {...}, "executed_at": ms}`), replaced atomically (a
+//! The file is JSON (`{"position": {...}, "executed_at": ms, "cuts": [[{...}, ms], ...]}`;
+//! `position` may be null, `cuts` absent in files of older versions), replaced atomically (a
 //! temporary file in the same directory, then a rename). How it fails: a file that cannot be
 //! read or parsed is logged and ignored (the guard starts empty: a rewind then costs duplicates,
-//! never a lost row); a write that fails is logged and retried at the next move.
+//! and bulk messages sent again may be cut differently; never a lost row); a write that fails
+//! is logged and retried at the next move.
 
 use crate::event::Position;
 use serde::{Deserialize, Serialize};
@@ -14,12 +18,26 @@ use std::path::Path;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Confirmed {
-    position: Position,
+    position: Option<Position>,
+    #[serde(default)]
     executed_at: i64,
+    #[serde(default)]
+    cuts: Vec<(Position, i64)>,
 }
 
-/// The position in `path`, if there is a readable one.
-pub(super) fn load(path: &Path) -> Option<(Position, i64)> {
+/// What the file holds: the confirmed position (and its execution time), and the delivery ends.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct Saved {
+    pub confirmed: Option<(Position, i64)>,
+    pub cuts: Vec<(Position, i64)>,
+}
+
+/// What `path` holds, if it is readable.
+pub(super) fn load(path: &Path) -> Saved {
+    load_file(path).unwrap_or_default()
+}
+
+fn load_file(path: &Path) -> Option<Saved> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -30,8 +48,13 @@ pub(super) fn load(path: &Path) -> Option<(Position, i64)> {
     };
     match serde_json::from_str::<Confirmed>(&text) {
         Ok(c) => {
-            tracing::info!(file = %path.display(), position = %c.position, "rewind guard: confirmed position of the last run");
-            Some((c.position, c.executed_at))
+            if let Some(p) = &c.position {
+                tracing::info!(file = %path.display(), position = %p, cuts = c.cuts.len(), "rewind guard: confirmed position of the last run");
+            }
+            Some(Saved {
+                confirmed: c.position.map(|p| (p, c.executed_at)),
+                cuts: c.cuts,
+            })
         }
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "the rewind guard's file is not valid; starting without it");
@@ -40,11 +63,16 @@ pub(super) fn load(path: &Path) -> Option<(Position, i64)> {
     }
 }
 
-/// Write `confirmed` to `path`, atomically.
-pub(super) fn save(path: &Path, confirmed: &(Position, i64)) {
+/// Write `confirmed` and the delivery ends to `path`, atomically.
+pub(super) fn save<'a>(
+    path: &Path,
+    confirmed: Option<&(Position, i64)>,
+    cuts: impl Iterator<Item = &'a (Position, i64)>,
+) {
     let c = Confirmed {
-        position: confirmed.0.clone(),
-        executed_at: confirmed.1,
+        position: confirmed.map(|c| c.0.clone()),
+        executed_at: confirmed.map_or(0, |c| c.1),
+        cuts: cuts.cloned().collect(),
     };
     let write = || -> std::io::Result<()> {
         let dir = path
@@ -71,7 +99,7 @@ mod tests {
     fn a_saved_position_loads_back_and_a_bad_file_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("c.json");
-        assert_eq!(load(&path), None);
+        assert_eq!(load(&path), Saved::default());
         let p = Position {
             log_file: "mysql-bin.000007".into(),
             offset: 1234,
@@ -79,9 +107,31 @@ mod tests {
             server_id: 1,
             gtid: None,
         };
-        save(&path, &(p.clone(), 99));
-        assert_eq!(load(&path), Some((p, 99)));
+        let mut q = p.clone();
+        q.offset = 2000;
+        let cuts = [(q.clone(), 100)];
+        save(&path, Some(&(p.clone(), 99)), cuts.iter());
+        assert_eq!(
+            load(&path),
+            Saved {
+                confirmed: Some((p.clone(), 99)),
+                cuts: vec![(q, 100)]
+            }
+        );
+        // a file of an older version: no cuts
+        std::fs::write(
+            &path,
+            r#"{"position":{"log_file":"mysql-bin.000007","offset":1234,"row_index":2,"server_id":1,"gtid":null},"executed_at":99}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            load(&path),
+            Saved {
+                confirmed: Some((p, 99)),
+                cuts: vec![]
+            }
+        );
         std::fs::write(&path, "{").unwrap();
-        assert_eq!(load(&path), None);
+        assert_eq!(load(&path), Saved::default());
     }
 }

@@ -105,6 +105,12 @@ impl EventsView for Vec<ChangeEvent> {
     fn drop_first(&mut self, n: usize) {
         self.drain(..n.min(self.len()));
     }
+    fn split_off(&mut self, n: usize) -> Self {
+        Vec::split_off(self, n.min(self.len()))
+    }
+    fn append(&mut self, mut more: Self) {
+        Vec::append(self, &mut more)
+    }
 }
 
 type Core = ConnectionCore<RawBatch, Vec<ChangeEvent>>;
@@ -131,6 +137,9 @@ pub struct CanalConnection {
     /// The rewind guard's position as last written to `cfg.confirmed_file`, and whether a
     /// write is due (at most one a second).
     confirmed_saved: Option<(Position, i64)>,
+    /// The version of the delivery ends last written ([`core::recut::Cuts::version`]): they
+    /// are written before a delivery is handed on, so a restart cuts the same way.
+    cuts_saved: u64,
     confirmed_timer: bool,
 }
 
@@ -143,8 +152,14 @@ impl CanalConnection {
             },
             cfg.lease.is_some(),
         );
-        let confirmed_saved = cfg.confirmed_file.as_deref().and_then(confirmed::load);
-        let core = core.with_confirmed(confirmed_saved.clone());
+        let saved = cfg
+            .confirmed_file
+            .as_deref()
+            .map(confirmed::load)
+            .unwrap_or_default();
+        let confirmed_saved = saved.confirmed.clone();
+        let core = core.with_confirmed(saved.confirmed, saved.cuts);
+        let cuts_saved = core.cuts().version();
         CanalConnection {
             subscriber,
             core,
@@ -154,6 +169,7 @@ impl CanalConnection {
             drain_waiters: Vec::new(),
             shutdown_waiters: Vec::new(),
             confirmed_saved,
+            cuts_saved,
             confirmed_timer: false,
             raw_text: match &cfg.text {
                 TextSource::AsShipped => None,
@@ -184,9 +200,23 @@ impl CanalConnection {
         if let (Some(path), Some(c)) = (&self.cfg.confirmed_file, self.core.confirmed())
             && self.confirmed_saved.as_ref() != Some(c)
         {
-            confirmed::save(path, c);
-            self.confirmed_saved = Some(c.clone());
+            self.write_file(path.clone());
         }
+    }
+
+    /// Before a delivery is handed on: the delivery ends, if they moved.
+    fn save_cuts(&mut self) {
+        if let Some(path) = &self.cfg.confirmed_file
+            && self.core.cuts().version() != self.cuts_saved
+        {
+            self.write_file(path.clone());
+        }
+    }
+
+    fn write_file(&mut self, path: std::path::PathBuf) {
+        confirmed::save(&path, self.core.confirmed(), self.core.cuts().ends());
+        self.confirmed_saved = self.core.confirmed().cloned();
+        self.cuts_saved = self.core.cuts().version();
     }
 
     fn run_actions(&mut self, ctx: &mut Context<Self>) {
@@ -205,12 +235,15 @@ impl CanalConnection {
                     events,
                     bytes,
                     entries,
-                } => self.subscriber.do_send(CanalEvent::Batch(Batch {
-                    batch,
-                    events: Arc::new(events),
-                    bytes,
-                    entries,
-                })),
+                } => {
+                    self.save_cuts();
+                    self.subscriber.do_send(CanalEvent::Batch(Batch {
+                        batch,
+                        events: Arc::new(events),
+                        bytes,
+                        entries,
+                    }))
+                }
                 Action::Reset { epoch, reason } => {
                     self.subscriber.do_send(CanalEvent::Reset { epoch, reason })
                 }

@@ -346,10 +346,7 @@ fn run(seed: u64) {
             6..=8 if delivered < log.len() => {
                 let size = rng.usize(1..=(log.len() - delivered).min(6));
                 batch_id += 1;
-                let b = BatchRef {
-                    epoch,
-                    id: batch_id,
-                };
+                let b = BatchRef::new(epoch, batch_id);
                 let batch = &log[delivered..delivered + size];
                 let scan = windows.route(b, batch);
                 let events = scan.events.as_deref().unwrap_or(batch);

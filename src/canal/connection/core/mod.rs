@@ -31,6 +31,7 @@
 //! session, a timer of an older period, an ack of an unknown batch) is ignored or logged.
 
 mod protocol;
+pub mod recut;
 mod rewind;
 mod stall;
 #[cfg(test)]
@@ -45,6 +46,7 @@ use crate::canal::window::{AckOutcome, BatchRef, BatchWindow, GetMode, SmallUnit
 use crate::event::Position;
 use crate::ha::{Lease, Role};
 pub use protocol::*;
+use recut::{Cuts, Key};
 pub use rewind::not_after;
 use std::time::{Duration, Instant};
 
@@ -55,6 +57,43 @@ enum Link {
     Connecting,
     Idle,
     Busy,
+}
+
+/// Rows of fetched batches held back by the re-cut, with what their delivery must carry.
+#[derive(Debug)]
+struct Pending<E> {
+    events: E,
+    /// The batch the last of them came from.
+    id: i64,
+    /// The batches to ack with the piece that completes them, and the newest position.
+    acks: Vec<i64>,
+    last: Option<Key>,
+    bytes: usize,
+    entries: usize,
+    /// Long polls in a row that found nothing since.
+    empty_polls: u32,
+}
+
+/// What a piece carries for the batches whose last rows it holds: their acks, the newest
+/// position those cover, their frame bytes and entries.
+#[derive(Debug, Default)]
+struct Carry {
+    acks: Vec<i64>,
+    last: Option<Key>,
+    bytes: usize,
+    entries: usize,
+}
+
+impl Carry {
+    /// Add a later batch's.
+    fn take(&mut self, later: Carry) {
+        self.acks.extend(later.acks);
+        if later.last.is_some() {
+            self.last = later.last;
+        }
+        self.bytes += later.bytes;
+        self.entries += later.entries;
+    }
 }
 
 /// The connection core. See the module docs.
@@ -94,6 +133,14 @@ pub struct ConnectionCore<R, E> {
     lease: Option<Lease>,
     /// Newest confirmed position (and its execution time): the rewind guard.
     confirmed: Option<(Position, i64)>,
+    /// Where the deliveries Canal has not acked yet ended: rows it sends again are cut there
+    /// ([`recut`]).
+    cuts: Cuts,
+    /// Rows held back until the rest of the delivery they began comes ([`recut`]).
+    pending: Option<Pending<E>>,
+    /// Held rows delivered without the rest of their first delivery, and skips (the rows after
+    /// a skipped batch no longer start where a delivery started).
+    recut_flushes: u64,
     /// Watches answers for a server memunit smaller than `canal.mem_unit`.
     small_unit: SmallUnitProbe,
     jitter: u64,
@@ -134,6 +181,9 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             shutdown: None,
             lease: zookeeper.then(Lease::default),
             confirmed: None,
+            cuts: Cuts::default(),
+            pending: None,
+            recut_flushes: 0,
             small_unit: SmallUnitProbe::default(),
             jitter: cfg.jitter_seed | 1,
             actions: Vec::new(),
@@ -141,10 +191,28 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
         }
     }
 
-    /// Start the rewind guard at a position confirmed by an earlier run.
-    pub fn with_confirmed(mut self, confirmed: Option<(Position, i64)>) -> Self {
+    /// Start the rewind guard at a position confirmed by an earlier run, and the re-cut at the
+    /// delivery ends that run wrote with it ([`recut`]).
+    pub fn with_confirmed(mut self, confirmed: Option<(Position, i64)>, cuts: Vec<Key>) -> Self {
+        self.cuts = Cuts::restored(cuts, confirmed.as_ref());
         self.confirmed = confirmed;
         self
+    }
+
+    /// Where the deliveries not acked yet ended (written with the confirmed position).
+    pub fn cuts(&self) -> &Cuts {
+        &self.cuts
+    }
+
+    /// Rows held back until the rest of their first delivery comes.
+    pub fn held_rows(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.events.count())
+    }
+
+    /// How many times held rows were delivered without the rest of their first delivery, or a
+    /// batch was skipped (the bulks of the rows around it may differ from the first time).
+    pub fn recut_flushes(&self) -> u64 {
+        self.recut_flushes
     }
 
     /// The actions decided so far, in order.
@@ -299,6 +367,8 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             Input::Drain => {
                 self.draining = true;
                 self.drain_waiting = true;
+                // the drain fetches no more: what is held goes as it is
+                self.flush_pending();
                 self.notify_drained();
             }
             Input::Shutdown { rollback } => {
@@ -528,6 +598,8 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
 
     /// Start a new epoch: the subscriber forgets older batches; acks for them are not written.
     fn begin_epoch(&mut self, reason: &str, new_session: bool) {
+        // held rows were not handed on: their batches come again (the window forgets them)
+        self.pending = None;
         let (epoch, abandoned) = self.window.begin_epoch(new_session);
         self.status.abandoned_total += abandoned as u64;
         if abandoned > 0 {
@@ -622,7 +694,11 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             && !self.draining
             && self.paused_until.is_none_or(|t| t <= now)
         {
-            self.window.next_get()
+            // rows held back by the re-cut wait for the rest of their delivery: ask for it
+            // without first waiting for the acks in flight
+            self.window.next_get().or_else(|| {
+                (self.pending.is_some() && self.window.may_fetch()).then_some(GetMode::LongPoll)
+            })
         } else {
             None
         }
@@ -664,6 +740,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                 self.status.acked_position = Some(pos.clone());
                 self.status.acked_executed_at = Some(at);
                 // never backwards: acking rows Canal sent again does not lower the guard
+                self.cuts.acked(&(pos.clone(), at));
                 if self
                     .confirmed
                     .as_ref()
@@ -758,6 +835,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                 self.window.get_answered();
                 self.skip_oversized = false;
                 if epoch == self.window.epoch() {
+                    self.flush_pending();
                     let b = self.window.fetched(batch_id, 0, None, false);
                     if let Some((expected, got)) = b.gap {
                         return self.on_conflict(format!(
@@ -805,6 +883,16 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
         self.check_unit(&raw);
         if raw.is_empty() {
             if epoch == self.window.epoch() {
+                if self.window.is_idle()
+                    && let Some(p) = &mut self.pending
+                {
+                    // long polls that found nothing: the rest of the held rows' delivery is
+                    // not coming (see `recut`)
+                    p.empty_polls += 1;
+                    if p.empty_polls >= recut::EMPTY_POLLS {
+                        self.flush_pending();
+                    }
+                }
                 self.window.caught_up();
             }
             return;
@@ -835,6 +923,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             Decoded::Events(events) => events,
             Decoded::Undecodable(error) | Decoded::Panicked(error) => {
                 // retrying cannot help: hold it (no later batch is acked past it) and stall
+                self.flush_pending();
                 let batch = self.window.hold(raw.batch_id(), raw.frame_bytes());
                 self.held = Some(batch);
                 let entries = raw.entry_sizes().len();
@@ -877,28 +966,169 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                 .fetched(raw.batch_id(), raw.frame_bytes(), None, false);
             return self.on_conflict(format!("canal's batch ids jumped from {expected} to {got}"));
         }
-        let deliver = events.count() > 0;
-        let fetched = self
-            .window
-            .fetched(raw.batch_id(), raw.frame_bytes(), last, deliver);
+        self.window.observe_id(raw.batch_id());
         // a short answer: Canal had nothing more, so the next GET long-polls
         if took_all(raw.asked(), self.cfg.mem_unit, raw.entry_sizes()) {
             self.window.caught_up();
         }
         tracing::debug!(
-            batch = %fetched.batch,
+            batch_id = raw.batch_id(),
             entries = raw.entry_sizes().len(),
             events = events.count(),
             bytes = raw.frame_bytes(),
             "canal batch fetched"
         );
-        if deliver {
-            self.actions.push(Action::Deliver {
-                batch: fetched.batch,
-                bytes: raw.frame_bytes(),
-                entries: raw.entry_sizes().len(),
+        self.deliver(
+            raw.batch_id(),
+            raw.frame_bytes(),
+            raw.entry_sizes().len(),
+            last,
+            events,
+        );
+    }
+
+    /// Hand a batch's events on, cut where earlier deliveries of them ended ([`recut`]): each
+    /// piece is recorded in the window and delivered; the acks of this batch and of the held
+    /// rows' batches ride with its last piece (which ends where the batch ends); rows short of
+    /// a remembered end wait in [`Self::pending`], with those acks. Frame bytes are shared out
+    /// by rows, so pieces and held rows count what they hold.
+    fn deliver(&mut self, id: i64, bytes: usize, entries: usize, last: Option<Key>, events: E) {
+        self.window.set_held(0, 0);
+        let fresh = events.count();
+        let mut current = Carry {
+            acks: vec![id],
+            last,
+            bytes: 0,
+            entries,
+        };
+        let (mut events, prior, held_id, held_n) = match self.pending.take() {
+            Some(mut p) => {
+                let n = p.events.count();
+                p.events.append(events);
+                let prior = Carry {
+                    acks: p.acks,
+                    last: p.last,
+                    bytes: 0,
+                    entries: p.entries,
+                };
+                // a batch with no rows adds its bytes to those held
+                let held_bytes = if fresh == 0 { p.bytes + bytes } else { p.bytes };
+                (p.events, Some((prior, held_bytes)), p.id, n)
+            }
+            None => (events, None, id, 0),
+        };
+        let total = events.count();
+        if total == 0 {
+            // nothing to deliver: done at once, acked in order
+            self.window
+                .piece(id, bytes, current.acks, current.last, false);
+            return;
+        }
+        let held_bytes = prior.as_ref().map_or(0, |p| p.1);
+        let fresh_bytes = if fresh == 0 { 0 } else { bytes };
+        // bytes of the first `k` rows
+        let bytes_upto = |k: usize| -> usize {
+            let from_held = (held_bytes * k.min(held_n))
+                .checked_div(held_n)
+                .unwrap_or(0);
+            let from_fresh = (fresh_bytes * k.saturating_sub(held_n))
+                .checked_div(fresh)
+                .unwrap_or(0);
+            from_held + from_fresh
+        };
+        let mut prior = prior.map(|p| p.0);
+        let plan = self.cuts.plan(total, |i| events.key(i));
+        let mut done = 0;
+        let n_pieces = plan.pieces.len();
+        for (i, len) in plan.pieces.into_iter().enumerate() {
+            let rest = events.split_off(len);
+            let piece = std::mem::replace(&mut events, rest);
+            // the piece's last row came from the held rows' batch or from this one
+            let end_id = if done + len <= held_n { held_id } else { id };
+            let mut carry = Carry {
+                bytes: bytes_upto(done + len) - bytes_upto(done),
+                ..Carry::default()
+            };
+            done += len;
+            if i + 1 == n_pieces && !plan.hold {
+                // the acks ride only with a piece that ends where a batch ends, so the
+                // position Canal acks is always a piece's end: rows it sends again start a
+                // piece
+                if let Some(p) = prior.take() {
+                    carry.take(p);
+                }
+                carry.take(std::mem::take(&mut current));
+            }
+            self.deliver_piece(end_id, carry, piece);
+        }
+        if plan.hold {
+            tracing::debug!(
+                rows = events.count(),
+                "holding rows back until the rest of their first delivery comes"
+            );
+            let mut carry = prior.unwrap_or_default();
+            carry.take(current);
+            carry.bytes = bytes_upto(total) - bytes_upto(done);
+            self.window.set_held(carry.acks.len(), carry.bytes);
+            self.pending = Some(Pending {
                 events,
+                id: if fresh > 0 { id } else { held_id },
+                acks: carry.acks,
+                last: carry.last,
+                bytes: carry.bytes,
+                entries: carry.entries,
+                empty_polls: 0,
             });
+            if self.draining {
+                // a drain fetches no more: nothing would complete them
+                self.flush_pending();
+            } else if self.window.held_full() {
+                // held rows alone fill the window: no GET could bring the rest
+                self.flush_pending();
+            }
+        }
+    }
+
+    /// Record one piece and hand it on.
+    fn deliver_piece(&mut self, id: i64, carry: Carry, events: E) {
+        let Carry {
+            acks,
+            last,
+            bytes,
+            entries,
+        } = carry;
+        let n = events.count();
+        let Some(end) = n.checked_sub(1).map(|i| events.key(i)) else {
+            self.window.piece(id, bytes, acks, last, false);
+            return;
+        };
+        self.cuts.delivered((end.0.clone(), end.1));
+        let batch = self.window.piece(id, bytes, acks, last, true);
+        self.actions.push(Action::Deliver {
+            batch,
+            bytes,
+            entries,
+            events,
+        });
+    }
+
+    /// Deliver the held rows as they are (their delivery's rest is not coming, or the stream
+    /// must not wait: a skip, a stall, a drain).
+    fn flush_pending(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.window.set_held(0, 0);
+            tracing::info!(
+                rows = p.events.count(),
+                "delivering held rows without the rest of their first delivery; their bulk messages may differ from the first time"
+            );
+            self.recut_flushes += 1;
+            let carry = Carry {
+                acks: p.acks,
+                last: p.last,
+                bytes: p.bytes,
+                entries: p.entries,
+            };
+            self.deliver_piece(p.id, carry, p.events);
         }
     }
 
@@ -936,6 +1166,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
     /// Stop for good: drop the session, release waiters, report.
     fn finish_shutdown(&mut self) {
         self.state = ConnectionState::Stopped;
+        self.pending = None;
         if self.link != Link::None {
             self.link = Link::None;
             self.actions.push(Action::DropSession);

@@ -34,6 +34,10 @@ pub trait EventsView {
     fn key(&self, i: usize) -> (&Position, i64);
     /// Drop the first `n` events.
     fn drop_first(&mut self, n: usize);
+    /// Keep the first `n` events; return the rest.
+    fn split_off(&mut self, n: usize) -> Self;
+    /// Add `more` after the last event.
+    fn append(&mut self, more: Self);
 }
 
 /// A timer the shell arms ([`Action::Timer`]) and reports back when it fires.

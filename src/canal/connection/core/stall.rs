@@ -55,6 +55,8 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
 
     pub(super) fn record_skip(&mut self, what: String) {
         tracing::warn!(skipped = %what, "skipped at the operator's request; its rows were not delivered");
+        // the rows after it no longer start where a delivery started (see `recut`)
+        self.recut_flushes += 1;
         self.status.skipped.push(what);
         let n = self.status.skipped.len();
         if n > 20 {

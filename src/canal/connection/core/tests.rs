@@ -30,6 +30,12 @@ impl EventsView for Rows {
     fn drop_first(&mut self, n: usize) {
         self.0.drain(..n);
     }
+    fn split_off(&mut self, n: usize) -> Self {
+        Rows(self.0.split_off(n))
+    }
+    fn append(&mut self, mut more: Self) {
+        self.0.append(&mut more.0)
+    }
 }
 
 fn pos(file: &str, offset: u64) -> Position {
@@ -308,4 +314,162 @@ fn fail_fast_gives_up_on_a_definite_failure_only() {
         !retried.iter().any(|a| matches!(a, Action::Fatal(_))),
         "{retried:?}"
     );
+}
+
+/// Answer the GET on the wire with `raw`, decode it into `events`: every piece delivered, as
+/// (batch, first offset, rows).
+fn fetch_all(
+    c: &mut ConnectionCore<Raw, Rows>,
+    now: Instant,
+    raw: Raw,
+    events: Rows,
+) -> Vec<(BatchRef, u64, usize)> {
+    let epoch = c.window().epoch();
+    c.on(
+        now,
+        Input::Done {
+            generation: c.generation(),
+            done: Done::Fetched { epoch, raw },
+        },
+    );
+    let raw = c
+        .take_actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Decode { raw, .. } => Some(raw),
+            _ => None,
+        })
+        .unwrap();
+    c.on(
+        now,
+        Input::Decoded {
+            epoch,
+            raw,
+            outcome: Decoded::Events(events),
+        },
+    );
+    let actions = c.take_actions();
+    let out = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver { batch, events, .. } => {
+                Some((*batch, events.key(0).0.offset, events.count()))
+            }
+            _ => None,
+        })
+        .collect();
+    c.actions = actions;
+    out
+}
+
+/// The session drops and a new one is up (Canal redelivers everything not acked).
+fn reconnect(c: &mut ConnectionCore<Raw, Rows>, now: Instant) {
+    c.on(
+        now,
+        Input::Failed {
+            generation: c.generation(),
+            failure: Failure {
+                kind: FailureKind::Transient,
+                message: "canal closed the connection".into(),
+            },
+        },
+    );
+    c.on(now, Input::Timer(Timer::Reconnect));
+    c.on(
+        now,
+        Input::Connected {
+            generation: c.generation(),
+            filter: ".*".into(),
+        },
+    );
+    c.take_actions();
+}
+
+#[test]
+fn rows_sent_again_are_delivered_in_the_pieces_they_were_first_delivered_in() {
+    let (mut c, now) = core();
+    // first delivery: rows 10..15 and 15..20, neither acked
+    let first = fetch_all(&mut c, now, Raw(1, 5), rows(10..15));
+    let second = fetch_all(&mut c, now, Raw(2, 5), rows(15..20));
+    assert_eq!((first.len(), second.len()), (1, 1));
+    reconnect(&mut c, now);
+    // Canal cuts the same rows as 10..13 and 13..20: the first is held back, the second brings
+    // the rest, and the two deliveries of the first time come out
+    assert_eq!(fetch_all(&mut c, now, Raw(1, 3), rows(10..13)), vec![]);
+    assert_eq!(c.held_rows(), 3);
+    let again = fetch_all(&mut c, now, Raw(2, 7), rows(13..20));
+    let pieces: Vec<(u64, usize)> = again.iter().map(|d| (d.1, d.2)).collect();
+    assert_eq!(pieces, vec![(10, 5), (15, 5)]);
+    assert_eq!(c.held_rows(), 0);
+    // both batches are acked with the last piece, the one that ends where batch 2 ends
+    c.on(now, Input::Ack(again[1].0));
+    assert_eq!(
+        acks(&mut c),
+        Vec::<i64>::new(),
+        "the first piece is not confirmed yet"
+    );
+    c.on(now, Input::Ack(again[0].0));
+    assert_eq!(acks(&mut c), vec![1, 2]);
+    assert_eq!(c.confirmed().unwrap().0.offset, 19);
+    assert!(c.cuts().is_empty(), "acked ends are forgotten");
+}
+
+#[test]
+fn a_batch_sent_again_whole_is_split_where_its_rows_were_first_delivered() {
+    let (mut c, now) = core();
+    fetch_all(&mut c, now, Raw(1, 5), rows(10..15));
+    fetch_all(&mut c, now, Raw(2, 2), rows(15..17));
+    reconnect(&mut c, now);
+    let again = fetch_all(&mut c, now, Raw(1, 9), rows(10..19));
+    let pieces: Vec<(BatchRef, u64, usize)> = again.clone();
+    assert_eq!(
+        pieces.iter().map(|d| (d.1, d.2)).collect::<Vec<_>>(),
+        vec![(10, 5), (15, 2), (17, 2)]
+    );
+    // named after batch 1, pieces 0..2, in delivery order
+    assert_eq!(
+        pieces.iter().map(|d| d.0.piece).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    for d in &again {
+        c.on(now, Input::Ack(d.0));
+    }
+    assert_eq!(acks(&mut c), vec![1]);
+}
+
+#[test]
+fn held_rows_go_as_they_are_when_a_long_poll_finds_nothing_more() {
+    let (mut c, now) = core();
+    fetch_all(&mut c, now, Raw(1, 5), rows(10..15));
+    reconnect(&mut c, now);
+    assert_eq!(fetch_all(&mut c, now, Raw(1, 2), rows(10..12)), vec![]);
+    // a short answer: the next GET is a long poll for the rest (the window is idle)
+    assert!(c.window().is_idle());
+    let epoch = c.window().epoch();
+    assert_eq!(c.recut_flushes(), 0);
+    // long polls that find nothing: after a few, the rest is taken as not coming
+    for _ in 0..recut::EMPTY_POLLS {
+        assert_eq!(c.held_rows(), 2);
+        c.on(
+            now,
+            Input::Done {
+                generation: c.generation(),
+                done: Done::Fetched {
+                    epoch,
+                    raw: Raw(-1, 0),
+                },
+            },
+        );
+    }
+    assert_eq!(c.held_rows(), 0);
+    assert_eq!(c.recut_flushes(), 1);
+    let delivered: Vec<(u64, usize)> = c
+        .take_actions()
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver { events, .. } => Some((events.key(0).0.offset, events.count())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, vec![(10, 2)]);
 }
