@@ -236,7 +236,11 @@ async fn bulks_sent_again_after_a_kill_keep_their_ids_though_canal_cuts_them_oth
         first_batches >= txs as u64,
         "one batch or more per transaction: {first:#}"
     );
-    assert_eq!(first["canal"]["batches_acked"], 0, "{first:#}");
+    // (a batch with no rows of ours, such as the table's DDL, is acked at once)
+    assert!(
+        first["canal"]["acked_position"].is_null(),
+        "no row may be acked: {first:#}"
+    );
     svc.kill9();
     proxy.release_replies();
     // again, on the same state directory; the broker directly
