@@ -351,3 +351,84 @@ fn the_lag_from_heartbeats_follows_the_stream_in_virtual_time() {
         assert_eq!(w.lag_at(9500), None);
     });
 }
+
+/// Records the virtual time and node of every "connecting to the broker" log line.
+struct Attempts {
+    start: Instant,
+    seen: Arc<Mutex<Vec<(u64, u64)>>>,
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    node: Option<u64>,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if field.name() == "node" {
+            self.node = Some(value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Attempts {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut f = Fields::default();
+        event.record(&mut f);
+        if f.message == "connecting to the broker" {
+            let node = f.node.unwrap();
+            self.seen.lock().unwrap().push((at(self.start), node));
+        }
+    }
+}
+
+/// The publisher actor's reconnect timer: two broker nodes that both fail (the CA file of
+/// `[amqp.tls]` is missing, so every attempt fails before any I/O), `reconnect_min` 100 ms,
+/// `reconnect_max` 1 s. Each round tries both nodes at once, then waits 100 ms, doubling per
+/// failed round, capped at 1 s: attempts at 0, 100, 300, 700, 1500, 2500, 3500 ms of virtual
+/// time, never sooner.
+#[test]
+fn the_publisher_reconnects_after_a_backoff_that_doubles_up_to_reconnect_max() {
+    use canal_consumer::config::{AmqpConfig, Secret, TlsConfig};
+    use canal_consumer::publisher::AmqpPublisher;
+    use tracing_subscriber::layer::SubscriberExt;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    on_paused_clock(async {
+        let start = Instant::now();
+        let _log =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(Attempts {
+                start,
+                seen: seen.clone(),
+            }));
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AmqpConfig {
+            urls: vec![
+                Secret::new("amqps://guest:guest@node-a.invalid:5671/%2f"),
+                Secret::new("amqps://guest:guest@node-b.invalid:5671/%2f"),
+            ],
+            tls: TlsConfig {
+                ca_file: Some(dir.path().join("missing-ca.pem")),
+                ..TlsConfig::default()
+            },
+            reconnect_min: ms(100),
+            reconnect_max: ms(1000),
+            ..AmqpConfig::default()
+        };
+        let publisher = AmqpPublisher::new(cfg).start();
+        tokio::time::sleep_until(start + ms(3600)).await;
+        drop(publisher);
+    });
+    let seen = seen.lock().unwrap().clone();
+    let expected: Vec<(u64, u64)> = [0, 100, 300, 700, 1500, 2500, 3500]
+        .iter()
+        .flat_map(|&t| [(t, 1), (t, 2)])
+        .collect();
+    assert_eq!(seen, expected);
+}
