@@ -315,6 +315,7 @@ async fn start(
             cfg.heartbeat.interval,
             manager.clone().recipient(),
             connection.clone().recipient(),
+            crate::clock::now_ms,
         ));
     }
     let backfills = match watermark {

@@ -12,14 +12,19 @@
 //!
 //! How it fails: a write the source refuses or cannot take (down, no grant) is logged (the
 //! first of a run of failures as a warning, then every [`LOG_EVERY`]th) and tried again at the
-//! next tick; nothing stops the service. It ends when the connection actor is gone.
+//! next tick, not sooner; nothing stops the service. A write slower than the interval delays
+//! the next tick instead of bunching the missed ones. It ends when the connection actor is gone.
+//!
+//! The table ([`HeartbeatTable`]) and the clock are arguments, so `tests/actor_timers.rs` runs
+//! the writer on tokio's paused clock with a fake table.
 
+use super::BackfillError;
 use super::source::Source;
 use crate::canal::connection::{ConnectionState, GetConnectionStatus};
-use crate::clock::now_ms;
 use crate::manager::HeartbeatNote;
 use crate::manager::heartbeat::{Note, PREFIX};
 use actix::Recipient;
+use std::future::Future;
 use std::time::Duration;
 
 pub use crate::config::{HEARTBEAT_MAX_ID as MAX_ID, heartbeat_row_id as row_id};
@@ -41,13 +46,42 @@ pub fn decide(state: ConnectionState, now: i64) -> Note {
     }
 }
 
-/// Write heartbeats every `interval` for as long as the connection actor lives.
+/// Where the writer writes: the source database's watermark table ([`Source`]).
+pub trait HeartbeatTable {
+    /// Create the table if it is not there.
+    fn ensure_table(&self) -> impl Future<Output = Result<(), BackfillError>>;
+    /// Write row `id` with `value` in its watermark column.
+    fn write_heartbeat(
+        &self,
+        id: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), BackfillError>>;
+}
+
+impl HeartbeatTable for Source {
+    fn ensure_table(&self) -> impl Future<Output = Result<(), BackfillError>> {
+        Source::ensure_table(self)
+    }
+
+    fn write_heartbeat(
+        &self,
+        id: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), BackfillError>> {
+        Source::write_heartbeat(self, id, value)
+    }
+}
+
+/// Write heartbeats into `table` every `interval` (the first at once) for as long as the
+/// connection actor lives. `clock` gives the heartbeat's value, ms since the epoch
+/// ([`crate::clock::now_ms`] in the service).
 pub async fn run(
-    source: Source,
+    table: impl HeartbeatTable,
     id: String,
     interval: Duration,
     manager: Recipient<HeartbeatNote>,
     connection: Recipient<GetConnectionStatus>,
+    clock: impl Fn() -> i64,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -58,7 +92,7 @@ pub async fn run(
         let Ok(status) = connection.send(GetConnectionStatus).await else {
             return; // the connection is gone: the service is stopping
         };
-        let now = now_ms();
+        let now = clock();
         let note = decide(status.state, now);
         // announced first: the note is in the Manager's mailbox before the row can come back
         manager.do_send(HeartbeatNote(note));
@@ -67,10 +101,10 @@ pub async fn run(
         }
         let written = async {
             if !table_ready {
-                source.ensure_table().await?;
+                table.ensure_table().await?;
                 table_ready = true;
             }
-            source.write_heartbeat(&id, &format!("{PREFIX}{now}")).await
+            table.write_heartbeat(&id, &format!("{PREFIX}{now}")).await
         };
         match written.await {
             Ok(()) => {

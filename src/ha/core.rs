@@ -419,6 +419,51 @@ mod tests {
         assert!(!c.lease().may_write(woke));
     }
 
+    /// The lease at the shell's cadence (`zk.rs`: a heartbeat every `heartbeat_every`, sent
+    /// at the tick, each given `heartbeat_every` to be answered). While every heartbeat is
+    /// answered, even in its last moment, the lease never lapses. Then ZooKeeper cannot be
+    /// reached and the client has not noticed yet (no Disconnected): heartbeats go unanswered,
+    /// and the replica may write until two thirds of the session timeout after the last
+    /// answered one was sent, and not a moment longer. The servers heard from it no earlier
+    /// than that send, so they cannot expire its session (and let a standby claim the node)
+    /// before a whole session timeout after it: a third of the timeout to spare.
+    #[test]
+    fn a_replica_cut_off_from_zookeeper_stops_writing_before_its_session_can_expire() {
+        let moment = Duration::from_nanos(1);
+        let t0 = Instant::now();
+        let mut c = active(t0);
+        let every = c.heartbeat_every();
+        assert_eq!(every, T * 2 / 3 / 4);
+        let mut sent = t0;
+        for _ in 0..40 {
+            sent += every;
+            let answered = sent + every - moment;
+            assert!(c.lease().may_write(answered), "lapsed before {answered:?}");
+            c.on(Event::Heartbeat { sent });
+            assert!(c.lease().may_write(answered));
+        }
+        let last = sent;
+        // cut off: the heartbeats sent after `last` time out, nothing is observed
+        let lease = c.lease();
+        assert!(lease.may_write(last + T * 2 / 3 - moment));
+        assert_eq!(
+            lease.target(last + T * 2 / 3 - moment),
+            Some("10.0.0.1:11111")
+        );
+        assert!(!lease.may_write(last + T * 2 / 3));
+        assert_eq!(lease.target(last + T * 2 / 3), None);
+        // the earliest the servers can expire the session, with a third of it to spare
+        let earliest_expiry = last + T;
+        assert_eq!(earliest_expiry - (last + T * 2 / 3), T / 3);
+        assert!(!lease.may_write(earliest_expiry));
+        // a heartbeat sent before the cut and answered late proves nothing newer
+        c.on(Event::Heartbeat { sent: last - every });
+        assert!(!c.lease().may_write(last + T * 2 / 3));
+        // the client notices: nothing more at once, whatever the lease said
+        c.on(Event::Disconnected);
+        assert!(!c.lease().may_write(last + every));
+    }
+
     #[test]
     fn heartbeats_keep_the_lease_and_never_shorten_it() {
         let t0 = Instant::now();

@@ -89,8 +89,6 @@ pub struct AmqpPublisher {
     report: Option<watch::Receiver<SessionReport>>,
     session: Option<mpsc::UnboundedSender<ToSession>>,
     generation: u64,
-    /// Failed connection attempts in a row (for the reconnect backoff).
-    attempt: u32,
     ready: Option<oneshot::Sender<Result<(), PublishError>>>,
     origin: String,
     /// Resolves when the current session task has ended.
@@ -116,7 +114,6 @@ impl AmqpPublisher {
         AmqpPublisher {
             failover: Failover::new(cfg.endpoints().len()),
             topology_verified: false,
-            attempt: 0,
             cfg: Arc::new(cfg),
             status,
             report: None,
@@ -173,7 +170,6 @@ impl AmqpPublisher {
         let generation = self.generation;
         let (tx, rx) = mpsc::unbounded_channel();
         self.session = Some(tx);
-        self.attempt = 0;
         self.failover.connected();
         self.topology_verified = true;
         self.status.connects += 1;
@@ -232,20 +228,23 @@ impl AmqpPublisher {
             }
         }
         let failed = self.failover.target();
-        match self.failover.attempt_failed() {
+        let next = self.failover.attempt_failed();
+        let delay = next.delay(&self.backoff());
+        match next {
             Next::TryNow => {
                 warn!(error = %e, node = failed + 1, next = self.failover.target() + 1,
                       "cannot connect to this broker node; trying the next");
-                ctx.run_later(Duration::ZERO, |act, ctx| act.connect(ctx));
             }
-            Next::BackOff { round } => {
-                self.attempt = round;
-                let delay =
-                    Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max).delay(round);
+            Next::BackOff { .. } => {
                 warn!(error = %e, retry_in = ?delay, "cannot connect to the broker; retrying");
-                ctx.run_later(delay, |act, ctx| act.connect(ctx));
             }
         }
+        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+
+    /// `amqp.reconnect_min` doubling up to `amqp.reconnect_max` (see [`super::failover`]).
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max)
     }
 
     /// Fold the current session's newest report into the status.
@@ -483,10 +482,8 @@ impl Handler<SessionEnded> for AmqpPublisher {
         self.session_over();
         self.status.set_state(PublisherState::Disconnected, None);
         self.status.last_error = Some(msg.reason.clone());
-        self.attempt = 0;
         let lost = self.failover.target();
-        self.failover.connection_lost();
-        let delay = self.cfg.reconnect_min;
+        let delay = self.failover.after_loss(&self.backoff());
         warn!(reason = %msg.reason, node = lost + 1, next = self.failover.target() + 1,
               retry_in = ?delay, "broker session ended; reconnecting");
         ctx.run_later(delay, |act, ctx| act.connect(ctx));

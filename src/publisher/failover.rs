@@ -10,6 +10,15 @@
 //! - a successful connection resets the rounds.
 //!
 //! With one node it degenerates to "retry that node with backoff", the single-URL behaviour.
+//!
+//! How long to wait is decided here too ([`Next::delay`], [`Failover::after_loss`]): nothing
+//! between the attempts of one round; `amqp.reconnect_min` after the first failed round,
+//! doubling with every further one up to `amqp.reconnect_max`; `reconnect_min` after a
+//! connection that worked was lost. The actor only arms the timer (`tests/actor_timers.rs`
+//! checks it on a paused clock).
+
+use crate::backoff::Backoff;
+use std::time::Duration;
 
 /// What to do after a failed connection attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +28,17 @@ pub enum Next {
     /// Every node failed in this round: wait (backoff for this many failed rounds, from 0),
     /// then try [`Failover::target`].
     BackOff { round: u32 },
+}
+
+impl Next {
+    /// How long to wait before trying [`Failover::target`]: nothing for [`Next::TryNow`],
+    /// `backoff`'s delay for the round otherwise.
+    pub fn delay(self, backoff: &Backoff) -> Duration {
+        match self {
+            Next::TryNow => Duration::ZERO,
+            Next::BackOff { round } => backoff.delay(round),
+        }
+    }
 }
 
 /// See the module docs.
@@ -78,6 +98,13 @@ impl Failover {
         self.failed_in_round = 0;
         self.rounds_failed = 0;
     }
+
+    /// [`Self::connection_lost`], and how long to wait before trying [`Self::target`]:
+    /// `backoff`'s shortest delay (the lost node may be the only one, restarting).
+    pub fn after_loss(&mut self, backoff: &Backoff) -> Duration {
+        self.connection_lost();
+        backoff.min()
+    }
 }
 
 #[cfg(test)]
@@ -119,6 +146,39 @@ mod tests {
         assert_eq!(f.attempt_failed(), Next::TryNow);
         assert_eq!(f.target(), 1, "the node that was lost comes last");
         assert_eq!(f.attempt_failed(), Next::BackOff { round: 0 });
+    }
+
+    /// The delays the publisher waits between attempts, `reconnect_min` 100 ms and
+    /// `reconnect_max` 1 s, two nodes: none within a round, then 100 ms doubling per failed
+    /// round up to 1 s; a success starts over, and a lost connection waits the shortest.
+    #[test]
+    fn reconnect_delays_double_per_failed_round_up_to_the_cap() {
+        let ms = Duration::from_millis;
+        let backoff = Backoff::new(ms(100), ms(1000));
+        let mut f = Failover::new(2);
+        let delays: Vec<(usize, Duration)> = (0..14)
+            .map(|_| {
+                let d = f.attempt_failed().delay(&backoff);
+                (f.target(), d)
+            })
+            .collect();
+        let expected: Vec<(usize, Duration)> =
+            [0, 100, 0, 200, 0, 400, 0, 800, 0, 1000, 0, 1000, 0, 1000]
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| ((i + 1) % 2, ms(d)))
+                .collect();
+        assert_eq!(delays, expected);
+        f.connected();
+        assert_eq!(f.attempt_failed().delay(&backoff), ms(0));
+        assert_eq!(f.attempt_failed().delay(&backoff), ms(100));
+        f.connected();
+        assert_eq!(f.target(), 0);
+        assert_eq!(f.after_loss(&backoff), ms(100));
+        assert_eq!(f.target(), 1);
+        // a failed attempt after a loss is the first of a new round
+        assert_eq!(f.attempt_failed().delay(&backoff), ms(0));
+        assert_eq!(f.attempt_failed().delay(&backoff), ms(100));
     }
 
     #[test]

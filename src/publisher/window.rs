@@ -727,6 +727,44 @@ mod tests {
         assert!(matches!(replies[1], (j, Err(PublishError::Cancelled { .. })) if j == b));
     }
 
+    /// `amqp.confirm_timeout` counts from each message's own publish: a confirm in the last
+    /// moment of it is in time; a publish without a confirm fails exactly `confirm_timeout`
+    /// after it went out and not a moment before (`next_deadline` is the instant the session
+    /// sleeps until), whatever the publishes before it did.
+    #[test]
+    fn a_publish_times_out_exactly_confirm_timeout_after_it_went_out_not_before() {
+        let timeout = Duration::from_secs(5);
+        let moment = Duration::from_nanos(1);
+        let now = t0();
+        let mut w = ConfirmWindow::new(8, timeout);
+        let a = w.submit(1, vec![M("a")]);
+        let (a_seq, _) = w.poll_publish(now).unwrap();
+        let later = now + Duration::from_secs(2);
+        let b = w.submit(1, vec![M("b")]);
+        w.poll_publish(later).unwrap();
+        assert_eq!(w.next_deadline(), Some(now + timeout));
+        w.on_confirm(a_seq, true, false);
+        w.settle(now + timeout - moment);
+        assert_eq!(w.take_replies(), vec![(a, Ok(()))]);
+        assert_eq!(w.next_deadline(), Some(later + timeout));
+        w.settle(now + timeout);
+        w.settle(later + timeout - moment);
+        assert!(w.take_replies().is_empty());
+        assert_eq!(w.unconfirmed(), 1);
+        w.settle(later + timeout);
+        assert_eq!(
+            w.take_replies(),
+            vec![(
+                b,
+                Err(PublishError::ConfirmTimeout {
+                    id: "b".into(),
+                    timeout
+                })
+            )]
+        );
+        assert_eq!((w.stats().confirmed, w.stats().timeouts), (1, 1));
+    }
+
     #[test]
     fn timeouts_settle_in_order_and_late_confirms_are_counted() {
         let now = t0();
