@@ -70,14 +70,17 @@
 //!   reconnect, a Canal restart that cut the batches elsewhere, or a restart of the replica,
 //!   which reads its rewind guard file) is carried by a bulk with the id of the first bulk
 //!   that carried it, unless the replica delivered held rows as they were since (a drain, a
-//!   long poll that found nothing, held rows filling the window) or an operator skipped a
+//!   long poll that found nothing, held rows filling the window), the model Canal restarted at
+//!   a row where none of the acks ended since (a real Canal restarts where it was acked), the
+//!   other replica ever wrote to Canal (it acks where it cut, and a rewind can land there), or
+//!   an operator skipped a
 //!   batch (a skipped batch has no position: after a Canal rewind its rows come again and join
 //!   the delivery after them): the connection core cuts rows Canal sends again where their
 //!   first delivery ended (`canal::connection::core::recut`).
 //!
-//! The run prints what (n) does not check: bulk rows written again under another id by the
-//! other replica (the delivery ends are not shared between replicas), or after a re-cut flush
-//! or a skip. It also prints the handovers, the freezes between a lease check
+//! The run prints what (n) does not check: bulk rows written again under another id after a
+//! handover between replicas (the delivery ends are not shared between them), or after a
+//! re-cut flush or a skip. It also prints the handovers, the freezes between a lease check
 //! and a write, and, under `SIM_MUTATION=ungated_rollback`, the rollbacks a replica wrote after
 //! its lease ended. `SIM_MUTATION=no_gate | lease_without_margin |
 //! heartbeat_on_expired_session | claim_ignores_holder | ungated_rollback` breaks the model's
@@ -253,6 +256,8 @@ struct Server {
     /// The cursor as last flushed to its meta store: a restart resumes anywhere from here to
     /// `acked_upto` (Canal flushes periodically).
     saved_upto: usize,
+    /// Where acked batches ended (and 0): the cursors a real Canal can restart at.
+    ack_ends: BTreeSet<usize>,
     delivered_upto: usize,
     /// Batches handed out and not acked: id, rows, and the last row it shipped.
     outstanding: VecDeque<(i64, usize, usize, Option<usize>)>,
@@ -310,6 +315,7 @@ impl Server {
         self.outstanding.pop_front();
         assert_eq!(start, self.acked_upto);
         self.acked_upto = end;
+        self.ack_ends.insert(end);
         self.high_acked = self.high_acked.max(end);
         (start, end, last_shipped)
     }
@@ -704,10 +710,11 @@ struct Sim {
     acked_bulk_rows: BTreeSet<usize>,
     /// Per row of [`BULK`]: the replica, its incarnation and epoch, the id of the first bulk
     /// that carried it to the channel, and the replica's re-cut flushes then.
-    bulk_first: HashMap<usize, (Writer, String, u64)>,
+    bulk_first: HashMap<usize, (Writer, String, (u64, usize))>,
     /// Rows of [`BULK`] written again in a later epoch, and those of them written under a
-    /// different bulk id than the first time: by another replica (its delivery ends are not
-    /// shared), or after the replica delivered held rows as they were (a re-cut flush).
+    /// different bulk id than the first time: after a handover (by the other replica, whose
+    /// delivery ends are not shared, or after it wrote to Canal), or after the replica delivered
+    /// held rows as they were (a re-cut flush) or a batch was skipped.
     bulk_redelivered: BTreeSet<usize>,
     bulk_other_id: BTreeSet<usize>,
     bulk_other_id_flushed: BTreeSet<usize>,
@@ -720,6 +727,10 @@ struct Sim {
     /// writer changed, how many writes froze between the gate and the write.
     last_writer: Option<(usize, usize)>,
     handovers: usize,
+    /// Writes to Canal by a replica other than the one before, and restarts of the model Canal
+    /// at a row where no ack ended (for (n)).
+    replica_switches: usize,
+    rewinds_between_acks: usize,
     gate_freezes: usize,
     steps: u64,
     trace: Vec<String>,
@@ -819,6 +830,7 @@ impl Sim {
             filter: all,
             acked_upto: 0,
             saved_upto: 0,
+            ack_ends: BTreeSet::from([0]),
             delivered_upto: 0,
             outstanding: VecDeque::new(),
             next_id: 1,
@@ -844,6 +856,8 @@ impl Sim {
             stale_rollbacks: 0,
             last_writer: None,
             handovers: 0,
+            replica_switches: 0,
+            rewinds_between_acks: 0,
             gate_freezes: 0,
             steps: 0,
             trace: Vec::new(),
@@ -1011,6 +1025,9 @@ impl Sim {
         let writer = (self.rep.id, self.rep.incarnation);
         if self.last_writer.is_some_and(|w| w != writer) {
             self.handovers += 1;
+        }
+        if self.last_writer.is_some_and(|w| w.0 != writer.0) {
+            self.replica_switches += 1;
         }
         self.last_writer = Some(writer);
         Ok(())
@@ -1629,7 +1646,12 @@ impl Sim {
     /// were since (a re-cut flush); another replica does not know where the first one cut.
     fn measure_bulk(&mut self, msg: &Msg) {
         let when = (self.rep.id, self.rep.incarnation, msg.epoch);
-        let flushes = self.rep.file.flushes + self.rep.core.recut_flushes();
+        // what may have moved Canal's cursor to where this replica did not cut: its own
+        // flushes and skips, and a model Canal restarting between two of its acks
+        let flushes = (
+            self.rep.file.flushes + self.rep.core.recut_flushes(),
+            self.rewinds_between_acks,
+        );
         for &r in &msg.rows {
             match self.bulk_first.get(&r) {
                 None => {
@@ -1642,6 +1664,7 @@ impl Sim {
                         // again, and they join the delivery after them
                         if first.0 == self.rep.id
                             && *first_flushes == flushes
+                            && self.replica_switches == 0
                             && self.skipped_rows.is_empty()
                         {
                             panic!(
@@ -1649,7 +1672,7 @@ impl Sim {
                                 self.rep.id, msg.id
                             );
                         }
-                        if first.0 == self.rep.id {
+                        if self.replica_switches == 0 {
                             self.bulk_other_id_flushed.insert(r);
                         } else {
                             self.bulk_other_id.insert(r);
@@ -2093,6 +2116,11 @@ impl Sim {
                     "canal server restarts at row {cursor} (acked up to {})",
                     self.server.acked_upto
                 ));
+                if !self.server.ack_ends.contains(&cursor) {
+                    // the model may restart at any row in between; a real Canal restarts at
+                    // a position it was acked at (for (n))
+                    self.rewinds_between_acks += 1;
+                }
                 self.server.up = false;
                 self.server.restart(cursor);
                 // every client's connection drops
@@ -2298,7 +2326,7 @@ fn the_delivery_cores_keep_every_invariant_under_every_interleaving() {
     }
     // (n) checks the rest: a replica writes a bulk row again under its first id
     println!(
-        "{seeds} seeds: bulk rows written: {}, written again in a later epoch: {}, under a different bulk id: by another replica {}, after a re-cut flush or a skip {} (in {} seeds)",
+        "{seeds} seeds: bulk rows written: {}, written again in a later epoch: {}, under a different bulk id: after a handover between replicas {}, after a re-cut flush or a skip {} (in {} seeds)",
         total.rows,
         total.redelivered,
         total.other_id,

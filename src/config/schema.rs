@@ -56,7 +56,8 @@ pub struct CanalConfig {
     /// `consumers.state_file`) and ack without delivering what Canal sends again at or before
     /// it, as after a Canal restart from a cursor older than our last ack. Turn it off (or
     /// delete that file while the service is stopped) to replay on purpose by moving Canal's
-    /// cursor back.
+    /// cursor back. The file also keeps where the deliveries not yet acked ended, so that after
+    /// a restart rows Canal sends again come in the same bulk messages.
     pub rewind_guard: bool,
     /// How long an idle long poll (the GET after one that found nothing) waits on the server;
     /// GETs while rows flow never wait (`canal::window::GetMode`).

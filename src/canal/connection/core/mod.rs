@@ -694,11 +694,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             && !self.draining
             && self.paused_until.is_none_or(|t| t <= now)
         {
-            // rows held back by the re-cut wait for the rest of their delivery: ask for it
-            // without first waiting for the acks in flight
-            self.window.next_get().or_else(|| {
-                (self.pending.is_some() && self.window.may_fetch()).then_some(GetMode::LongPoll)
-            })
+            self.window.next_get()
         } else {
             None
         }
