@@ -6,10 +6,15 @@
 //!
 //! The file is JSON (`{"position": {...}, "executed_at": ms, "cuts": [[{...}, ms], ...]}`;
 //! `position` may be null, `cuts` absent in files of older versions), replaced atomically (a
-//! temporary file in the same directory, then a rename). How it fails: a file that cannot be
-//! read or parsed is logged and ignored (the guard starts empty: a rewind then costs duplicates,
-//! and bulk messages sent again may be cut differently; never a lost row); a write that fails
-//! is logged and retried at the next move.
+//! temporary file in the same directory, then a rename) at most once a second. A delivery's
+//! end must be on disk before its messages can reach the broker, and a rename per delivery
+//! costs too much on the live path, so each end is also appended, one JSON line, to a log
+//! beside it ([`EndsLog`], the same name with `.ends` added: one `write` per delivery), which
+//! each rewrite of the file empties. How it fails: a file that cannot be read or parsed is
+//! logged and ignored (the guard starts empty: a rewind then costs duplicates, and bulk
+//! messages sent again may be cut differently; never a lost row), and so is a log line that
+//! does not parse (a torn last line); a write that fails is logged and retried at the next
+//! move.
 
 use crate::event::Position;
 use serde::{Deserialize, Serialize};
@@ -32,9 +37,11 @@ pub(super) struct Saved {
     pub cuts: Vec<(Position, i64)>,
 }
 
-/// What `path` holds, if it is readable.
+/// What `path` holds, if it is readable, with the ends in its log.
 pub(super) fn load(path: &Path) -> Saved {
-    load_file(path).unwrap_or_default()
+    let mut saved = load_file(path).unwrap_or_default();
+    saved.cuts.extend(EndsLog::read(&EndsLog::path(path)));
+    saved
 }
 
 fn load_file(path: &Path) -> Option<Saved> {
@@ -60,6 +67,83 @@ fn load_file(path: &Path) -> Option<Saved> {
             tracing::warn!(file = %path.display(), error = %e, "the rewind guard's file is not valid; starting without it");
             None
         }
+    }
+}
+
+/// The log of delivery ends written since the file was last replaced: one JSON line
+/// (`[{position}, ms]`) per delivery, appended with one `write`.
+#[derive(Debug)]
+pub(super) struct EndsLog {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    line: Vec<u8>,
+}
+
+impl EndsLog {
+    /// The log beside the file at `confirmed`.
+    pub fn path(confirmed: &Path) -> std::path::PathBuf {
+        let mut name = confirmed.as_os_str().to_owned();
+        name.push(".ends");
+        name.into()
+    }
+
+    pub fn new(confirmed: &Path) -> Self {
+        EndsLog {
+            path: Self::path(confirmed),
+            file: None,
+            line: Vec::new(),
+        }
+    }
+
+    /// Append one end.
+    pub fn append(&mut self, end: &(Position, i64)) {
+        if self.file.is_none() {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+            {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    tracing::warn!(file = %self.path.display(), error = %e, "cannot open the log of delivery ends");
+                    return;
+                }
+            }
+        }
+        self.line.clear();
+        if serde_json::to_writer(&mut self.line, end).is_err() {
+            return;
+        }
+        self.line.push(b'\n');
+        if let Some(f) = &mut self.file
+            && let Err(e) = f.write_all(&self.line)
+        {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot append to the log of delivery ends");
+            self.file = None;
+        }
+    }
+
+    /// The file was replaced with every end: start the log again.
+    pub fn clear(&mut self) {
+        let res = match &self.file {
+            Some(f) => f.set_len(0),
+            None => match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        };
+        if let Err(e) = res {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot empty the log of delivery ends");
+        }
+    }
+
+    fn read(path: &Path) -> Vec<(Position, i64)> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 }
 
@@ -115,7 +199,7 @@ mod tests {
             load(&path),
             Saved {
                 confirmed: Some((p.clone(), 99)),
-                cuts: vec![(q, 100)]
+                cuts: vec![(q.clone(), 100)]
             }
         );
         // a file of an older version: no cuts
@@ -127,11 +211,33 @@ mod tests {
         assert_eq!(
             load(&path),
             Saved {
-                confirmed: Some((p, 99)),
+                confirmed: Some((p.clone(), 99)),
                 cuts: vec![]
             }
         );
         std::fs::write(&path, "{").unwrap();
         assert_eq!(load(&path), Saved::default());
+        // ends appended to the log come back with the file's, a torn last line is ignored
+        let mut e = p.clone();
+        e.offset = 3000;
+        save(&path, None, [(q.clone(), 100)].iter());
+        let mut log = EndsLog::new(&path);
+        log.append(&(e.clone(), 101));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(EndsLog::path(&path))
+            .unwrap()
+            .write_all(b"[{\"log_fi")
+            .unwrap();
+        assert_eq!(
+            load(&path),
+            Saved {
+                confirmed: None,
+                cuts: vec![(q.clone(), 100), (e, 101)]
+            }
+        );
+        // a rewrite of the file empties the log
+        log.clear();
+        assert_eq!(load(&path).cuts, vec![(q, 100)]);
     }
 }

@@ -137,9 +137,11 @@ pub struct CanalConnection {
     /// The rewind guard's position as last written to `cfg.confirmed_file`, and whether a
     /// write is due (at most one a second).
     confirmed_saved: Option<(Position, i64)>,
-    /// The version of the delivery ends last written ([`core::recut::Cuts::version`]): they
-    /// are written before a delivery is handed on, so a restart cuts the same way.
+    /// The version of the delivery ends last written to the file
+    /// ([`core::recut::Cuts::version`]); each delivery's end is appended to the file's log
+    /// before the delivery is handed on, so a restart cuts the same way.
     cuts_saved: u64,
+    ends_log: Option<confirmed::EndsLog>,
     confirmed_timer: bool,
 }
 
@@ -170,6 +172,7 @@ impl CanalConnection {
             shutdown_waiters: Vec::new(),
             confirmed_saved,
             cuts_saved,
+            ends_log: cfg.confirmed_file.as_deref().map(confirmed::EndsLog::new),
             confirmed_timer: false,
             raw_text: match &cfg.text {
                 TextSource::AsShipped => None,
@@ -183,10 +186,11 @@ impl CanalConnection {
     fn feed(&mut self, input: Input<RawBatch, Vec<ChangeEvent>>, ctx: &mut Context<Self>) {
         self.core.on(Instant::now(), input);
         self.run_actions(ctx);
-        // the rewind guard moved: write it within a second
+        // the rewind guard or the delivery ends moved: write them within a second
         if self.cfg.confirmed_file.is_some()
             && !self.confirmed_timer
-            && self.core.confirmed() != self.confirmed_saved.as_ref()
+            && (self.core.confirmed() != self.confirmed_saved.as_ref()
+                || self.core.cuts().version() != self.cuts_saved)
         {
             self.confirmed_timer = true;
             ctx.run_later(std::time::Duration::from_secs(1), |act, _| {
@@ -197,26 +201,18 @@ impl CanalConnection {
     }
 
     fn save_confirmed(&mut self) {
-        if let (Some(path), Some(c)) = (&self.cfg.confirmed_file, self.core.confirmed())
-            && self.confirmed_saved.as_ref() != Some(c)
-        {
-            self.write_file(path.clone());
-        }
-    }
-
-    /// Before a delivery is handed on: the delivery ends, if they moved.
-    fn save_cuts(&mut self) {
         if let Some(path) = &self.cfg.confirmed_file
-            && self.core.cuts().version() != self.cuts_saved
+            && (self.confirmed_saved.as_ref() != self.core.confirmed()
+                || self.cuts_saved != self.core.cuts().version())
         {
-            self.write_file(path.clone());
+            confirmed::save(path, self.core.confirmed(), self.core.cuts().ends());
+            self.confirmed_saved = self.core.confirmed().cloned();
+            self.cuts_saved = self.core.cuts().version();
+            // every end is in the file now
+            if let Some(log) = &mut self.ends_log {
+                log.clear();
+            }
         }
-    }
-
-    fn write_file(&mut self, path: std::path::PathBuf) {
-        confirmed::save(&path, self.core.confirmed(), self.core.cuts().ends());
-        self.confirmed_saved = self.core.confirmed().cloned();
-        self.cuts_saved = self.core.cuts().version();
     }
 
     fn run_actions(&mut self, ctx: &mut Context<Self>) {
@@ -236,7 +232,10 @@ impl CanalConnection {
                     bytes,
                     entries,
                 } => {
-                    self.save_cuts();
+                    // its end on disk before any of its messages can reach the broker
+                    if let (Some(log), Some(last)) = (&mut self.ends_log, events.last()) {
+                        log.append(&(last.position.clone(), last.executed_at));
+                    }
                     self.subscriber.do_send(CanalEvent::Batch(Batch {
                         batch,
                         events: Arc::new(events),

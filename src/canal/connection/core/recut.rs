@@ -46,10 +46,12 @@ pub struct Cuts {
 impl Cuts {
     /// Ends read back from the file of an earlier run; those at or before `acked` are gone.
     pub fn restored(ends: Vec<Key>, acked: Option<&Key>) -> Self {
-        let mut c = Cuts {
-            ends: ends.into(),
-            version: 0,
-        };
+        let mut c = Cuts::default();
+        // in order, once each (the file and its log may both hold one)
+        for end in ends {
+            c.delivered(end);
+        }
+        c.version = 0;
         if let Some(a) = acked {
             c.acked(a);
         }
