@@ -763,8 +763,9 @@ struct Replica {
     id: usize,
     incarnation: usize,
     core: Core,
-    /// Its rewind guard's file: the confirmed position and the delivery ends, written before
-    /// each delivery is handed on (as the shell does); a replica started again reads it. It
+    /// Its rewind guard's file: the confirmed position (written with each ack) and the
+    /// delivery ends (written before each delivery is handed on), as the shell does; a replica
+    /// started again reads it. It
     /// also keeps the held rows delivered as they were (re-cut flushes) of earlier
     /// incarnations.
     file: StateFile,
@@ -934,7 +935,13 @@ impl Sim {
                     .pending
                     .push(Pending::Connect { generation, filter });
             }
-            Action::Run { generation, op } => self.write(generation, op),
+            Action::Run { generation, op } => {
+                if let Op::Ack { .. } = op {
+                    // the shell appends the new confirmed position to the file's log
+                    self.rep.file.confirmed = self.rep.core.confirmed().cloned();
+                }
+                self.write(generation, op)
+            }
             Action::DropSession => {
                 self.log("session dropped".into());
                 self.rep.session_alive = false;

@@ -37,11 +37,25 @@ pub(super) struct Saved {
     pub cuts: Vec<(Position, i64)>,
 }
 
-/// What `path` holds, if it is readable, with the ends in its log.
+/// What `path` holds, if it is readable, with what its log adds: ends, and a newer confirmed
+/// position.
 pub(super) fn load(path: &Path) -> Saved {
     let mut saved = load_file(path).unwrap_or_default();
-    saved.cuts.extend(EndsLog::read(&EndsLog::path(path)));
+    for line in EndsLog::read(&EndsLog::path(path)) {
+        match line {
+            Line::End(end) => saved.cuts.push(end),
+            Line::Confirmed { confirmed } => saved.confirmed = Some(confirmed),
+        }
+    }
     saved
+}
+
+/// A line of the log: a delivery's end, or the confirmed position after an ack.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Line {
+    End((Position, i64)),
+    Confirmed { confirmed: (Position, i64) },
 }
 
 fn load_file(path: &Path) -> Option<Saved> {
@@ -70,8 +84,9 @@ fn load_file(path: &Path) -> Option<Saved> {
     }
 }
 
-/// The log of delivery ends written since the file was last replaced: one JSON line
-/// (`[{position}, ms]`) per delivery, appended with one `write`.
+/// The log of what moved since the file was last replaced: one JSON line per delivery's end
+/// (`[{position}, ms]`) and per ack (`{"confirmed": [{position}, ms]}`), each appended with one
+/// `write`.
 #[derive(Debug)]
 pub(super) struct EndsLog {
     path: std::path::PathBuf,
@@ -95,8 +110,20 @@ impl EndsLog {
         }
     }
 
-    /// Append one end.
+    /// Append one delivery's end.
     pub fn append(&mut self, end: &(Position, i64)) {
+        self.write_line(&Line::End(end.clone()));
+    }
+
+    /// Append the confirmed position after an ack (a restart then knows it even if the file
+    /// was not rewritten since).
+    pub fn confirmed(&mut self, confirmed: &(Position, i64)) {
+        self.write_line(&Line::Confirmed {
+            confirmed: confirmed.clone(),
+        });
+    }
+
+    fn write_line(&mut self, line: &Line) {
         if self.file.is_none() {
             match std::fs::OpenOptions::new()
                 .create(true)
@@ -111,7 +138,7 @@ impl EndsLog {
             }
         }
         self.line.clear();
-        if serde_json::to_writer(&mut self.line, end).is_err() {
+        if serde_json::to_writer(&mut self.line, line).is_err() {
             return;
         }
         self.line.push(b'\n');
@@ -137,7 +164,7 @@ impl EndsLog {
         }
     }
 
-    fn read(path: &Path) -> Vec<(Position, i64)> {
+    fn read(path: &Path) -> Vec<Line> {
         let Ok(text) = std::fs::read_to_string(path) else {
             return Vec::new();
         };
@@ -217,12 +244,14 @@ mod tests {
         );
         std::fs::write(&path, "{").unwrap();
         assert_eq!(load(&path), Saved::default());
-        // ends appended to the log come back with the file's, a torn last line is ignored
+        // ends appended to the log come back with the file's, a newer confirmed position
+        // replaces the file's, a torn last line is ignored
         let mut e = p.clone();
         e.offset = 3000;
         save(&path, None, [(q.clone(), 100)].iter());
         let mut log = EndsLog::new(&path);
         log.append(&(e.clone(), 101));
+        log.confirmed(&(q.clone(), 100));
         std::fs::OpenOptions::new()
             .append(true)
             .open(EndsLog::path(&path))
@@ -232,7 +261,7 @@ mod tests {
         assert_eq!(
             load(&path),
             Saved {
-                confirmed: None,
+                confirmed: Some((q.clone(), 100)),
                 cuts: vec![(q.clone(), 100), (e, 101)]
             }
         );

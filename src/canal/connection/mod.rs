@@ -184,7 +184,14 @@ impl CanalConnection {
 
     /// Feed the core one input and carry out what it decides.
     fn feed(&mut self, input: Input<RawBatch, Vec<ChangeEvent>>, ctx: &mut Context<Self>) {
+        let confirmed = self.core.confirmed().cloned();
         self.core.on(Instant::now(), input);
+        // acks move the confirmed position: in the log before they are written
+        if let (Some(log), Some(c)) = (&mut self.ends_log, self.core.confirmed())
+            && confirmed.as_ref() != Some(c)
+        {
+            log.confirmed(c);
+        }
         self.run_actions(ctx);
         // the rewind guard or the delivery ends moved: write them within a second
         if self.cfg.confirmed_file.is_some()
