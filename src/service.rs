@@ -264,6 +264,10 @@ async fn start(
                 .map(|(database, table)| crate::manager::WatermarkTable { database, table }),
             heartbeat: cfg.heartbeat.enabled && watermark.is_some(),
             commit_to_confirm: Some(metrics.canal_commit_to_confirm_seconds.clone()),
+            lane: crate::manager::LaneConfig {
+                rows: cfg.backfill.lane_rows.get(),
+                parts: cfg.backfill.lane_parts,
+            },
         },
         entries,
     )

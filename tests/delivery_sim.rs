@@ -1357,9 +1357,11 @@ impl Sim {
             }
             for cmd in cmds {
                 match cmd {
+                    // one part per batch and consumer here (`Router::route`): part number 0
                     Command::Process {
                         slot,
                         batch,
+                        seq: 0,
                         part,
                         mode,
                     } => {
@@ -1369,6 +1371,7 @@ impl Sim {
                         );
                         self.rep.consumers[slot].inbox = Some((batch, part, mode));
                     }
+                    Command::Process { seq, .. } => panic!("part {seq} of a batch routed whole"),
                     Command::RetryAfter { slot, .. } => self.rep.retries.push(slot),
                     Command::Ack(b) => self.feed(Input::Ack(b)),
                     Command::Rollback { batch, reason } => {
@@ -1398,7 +1401,7 @@ impl Sim {
             // the Manager's own mapping
             self.rep
                 .router
-                .confirmed(slot, batch, res.map_err(PartError::from));
+                .confirmed(slot, batch, 0, res.map_err(PartError::from));
         }
     }
 
@@ -1547,7 +1550,7 @@ impl Sim {
             }
         };
         self.log(format!("consumer {c} {batch} {mode:?}: {outcome:?}"));
-        self.rep.router.processed(c, batch, outcome, self.now);
+        self.rep.router.processed(c, batch, 0, outcome, self.now);
         if self.rep.router.state(c) == ConsumerState::Quarantined {
             self.rep.consumers[c].poisoned = false;
         }

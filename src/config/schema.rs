@@ -565,6 +565,13 @@ pub struct BackfillConfig {
     /// another; more can help a bulk consumer, but queues more chunks ahead of that consumer's
     /// live changes; each chunk in flight holds its rows in memory.
     pub chunks_in_flight: usize,
+    /// SNAPSHOT rows per part for a consumer that also gets live events: its SNAPSHOT rows
+    /// travel in a lane of their own, in parts of at most this many rows, so its live changes
+    /// wait only for the rows of their own key (`manager::core`).
+    pub lane_rows: NonZeroUsize,
+    /// SNAPSHOT parts of one consumer out (being rendered or awaiting confirms) at a time: a
+    /// live change waits behind at most this many parts' messages at the publisher.
+    pub lane_parts: usize,
 }
 
 impl BackfillConfig {
@@ -594,6 +601,8 @@ impl Default for BackfillConfig {
             chunk_timeout: Duration::from_secs(60),
             max_live_batches: 2,
             chunks_in_flight: 1,
+            lane_rows: nz(64),
+            lane_parts: 2,
         }
     }
 }

@@ -100,6 +100,24 @@ impl Config {
                 ),
             );
         }
+        if self.backfill.lane_rows.get() > 100_000 {
+            bad(
+                "backfill.lane_rows",
+                format!(
+                    "must be at most 100000 rows, got {}",
+                    self.backfill.lane_rows
+                ),
+            );
+        }
+        if !(1..=64).contains(&self.backfill.lane_parts) {
+            bad(
+                "backfill.lane_parts",
+                format!(
+                    "must be between 1 and 64 parts, got {}",
+                    self.backfill.lane_parts
+                ),
+            );
+        }
         if self.backfill.chunk_timeout < std::time::Duration::from_secs(1) {
             bad(
                 "backfill.chunk_timeout",

@@ -1,12 +1,20 @@
 //! The Manager actor: routes Canal batches to consumers and decides when a batch is acked.
 //!
 //! For each batch from the `CanalConnection` it picks, per enabled consumer, the events that
-//! consumer's filters match, and hands that part to the pure [`core::Router`], which decides
-//! everything else: each consumer gets one part at a time, in batch order, so its triggers leave
-//! in binlog order; a batch is acked once every consumer part of it is processed *and* confirmed
-//! by the publisher; the connection then acks batches to Canal strictly in order. This actor only
-//! carries the router's commands out (messages to consumer actors, the connection and the
-//! publisher) and feeds the answers back in.
+//! consumer's filters match, and hands them to the pure [`core::Router`], which decides
+//! everything else: each consumer gets one part at a time, its live parts in batch order, so
+//! their triggers leave in binlog order; a batch is acked once every consumer part of it is
+//! processed *and* confirmed by the publisher; the connection then acks batches to Canal
+//! strictly in order. This actor only carries the router's commands out (messages to consumer
+//! actors, the connection and the publisher) and feeds the answers back in.
+//!
+//! SNAPSHOT rows (a backfill's, spliced in after their high watermark by [`snapshot`]) go to a
+//! consumer that also gets live events as parts of at most [`LaneConfig::rows`] rows in the
+//! router's SNAPSHOT lane ([`core::Lane`]), each naming the keys of its rows; its live parts name
+//! the keys of their rows on the tables a backfill has emitted rows of. So a live change waits
+//! only for the SNAPSHOT rows of its own key routed before it, and behind at most
+//! [`LaneConfig::parts`] such parts at the publisher, not behind a whole chunk. A consumer that
+//! gets only SNAPSHOT events takes a batch's rows in one part, as before.
 //!
 //! Failures:
 //! - a consumer that fails a part is restarted by its supervisor (a fresh instance); the router,
@@ -53,7 +61,7 @@ use crate::event::ChangeEvent;
 use crate::publisher::{CancelBefore, PublishError};
 use actix::prelude::*;
 pub use core::ConsumerState;
-use core::{Command, Mode, PartError, Processed, Router};
+use core::{Command, Lane, Mode, PartError, Processed, Router, Segment};
 pub use core::{OnPoison, PoisonPolicy, SupervisionConfig};
 pub use heartbeat::HeartbeatStatus;
 use serde::{Deserialize, Serialize};
@@ -130,6 +138,26 @@ pub struct ManagerConfig {
     pub heartbeat: bool,
     /// Where commit-to-confirm latencies are observed (`canal_commit_to_confirm_seconds`).
     pub commit_to_confirm: Option<crate::metrics::LatencyHistogram>,
+    /// How SNAPSHOT rows are cut for the SNAPSHOT lane.
+    pub lane: LaneConfig,
+}
+
+/// The SNAPSHOT lane (`backfill.lane_rows`, `backfill.lane_parts`): see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneConfig {
+    /// SNAPSHOT rows per part, at most, for a consumer that also gets live events.
+    pub rows: usize,
+    /// SNAPSHOT parts of one consumer out (in its actor or awaiting confirms) at a time.
+    pub parts: usize,
+}
+
+impl Default for LaneConfig {
+    fn default() -> Self {
+        LaneConfig {
+            rows: 64,
+            parts: core::LANE_PARTS,
+        }
+    }
 }
 
 /// Give the Manager its connection (the connection is created with the Manager's address).
@@ -241,6 +269,7 @@ pub struct ForgetChunk(pub String);
 struct PartDone {
     slot: usize,
     batch: BatchRef,
+    seq: u32,
     result: Result<(), PublishError>,
     executed_at: Option<i64>,
     /// The part's live events by commit time: (executed_at, events), for the latency histogram.
@@ -256,6 +285,8 @@ struct Slot {
     stats: ConsumerStatus,
     /// Source execution time of the newest event whose triggers were confirmed (ms).
     confirmed_executed_at: Option<i64>,
+    /// Its filters take live events, not only SNAPSHOT ones: its SNAPSHOT rows go in the lane.
+    live_too: bool,
 }
 
 /// The Manager actor.
@@ -280,7 +311,8 @@ impl Manager {
             consumers
                 .iter()
                 .map(|c| (c.enabled, c.poison, c.supervision.clone())),
-        );
+        )
+        .with_lane_parts(cfg.lane.parts);
         let slots = consumers
             .into_iter()
             .map(|c| Slot {
@@ -289,6 +321,12 @@ impl Manager {
                     ..Default::default()
                 },
                 confirmed_executed_at: None,
+                live_too: c.filters.iter().any(|f| {
+                    f.event_types.is_empty()
+                        || f.event_types
+                            .iter()
+                            .any(|t| *t != crate::event::EventType::Snapshot)
+                }),
                 name: c.name,
                 filters: c.filters,
                 addr: c.addr,
@@ -401,6 +439,12 @@ impl Manager {
             }
         }
         let park = Arc::new(self.check_lossy(&batch.events));
+        let keys = self
+            .windows
+            .as_ref()
+            .map(|w| row_keys(w, &batch.events))
+            .unwrap_or_default();
+        let lane_rows = self.cfg.lane.rows.max(1);
         let watermark = self.cfg.watermark.as_ref();
         let mut parts = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
@@ -426,16 +470,24 @@ impl Manager {
                 continue;
             }
             slot.stats.events += indices.len() as u64;
+            let part = |indices: Vec<usize>| Part {
+                events: batch.events.clone(),
+                indices: Arc::new(indices),
+                park: park.clone(),
+            };
             parts.push((
                 i,
-                Part {
-                    events: batch.events.clone(),
-                    indices: Arc::new(indices),
-                    park: park.clone(),
-                },
+                segments(
+                    &batch.events,
+                    indices,
+                    slot.live_too,
+                    lane_rows,
+                    &keys,
+                    part,
+                ),
             ));
         }
-        self.router.route(batch.batch, parts);
+        self.router.route_segments(batch.batch, parts);
         self.run(ctx);
     }
 
@@ -446,9 +498,10 @@ impl Manager {
                 Command::Process {
                     slot,
                     batch,
+                    seq,
                     part,
                     mode,
-                } => self.process(slot, batch, part, mode, ctx),
+                } => self.process(slot, batch, seq, part, mode, ctx),
                 Command::RetryAfter { slot, delay } => {
                     ctx.run_later(delay, move |act, ctx| {
                         act.router.retry(slot);
@@ -485,6 +538,7 @@ impl Manager {
         &mut self,
         i: usize,
         batch: BatchRef,
+        seq: u32,
         part: Part,
         mode: Mode,
         ctx: &mut Context<Self>,
@@ -528,6 +582,7 @@ impl Manager {
                         me.do_send(PartDone {
                             slot: i,
                             batch,
+                            seq,
                             result,
                             executed_at: last_at,
                             commits,
@@ -546,7 +601,7 @@ impl Manager {
             };
             let failed = matches!(outcome, Processed::Failed { .. });
             act.router
-                .processed(i, batch, outcome, std::time::Instant::now());
+                .processed(i, batch, seq, outcome, std::time::Instant::now());
             if failed {
                 act.log_restart(i);
             }
@@ -577,6 +632,84 @@ impl Manager {
             tracing::warn!(consumer = %slot.name, restarts, error, "consumer failed; retrying its part after a backoff");
         }
     }
+}
+
+/// The keys each event of a batch touches, for the SNAPSHOT lane (see the module docs): a
+/// SNAPSHOT row's, and a live row's on a table whose rows a backfill emitted.
+pub(crate) fn row_keys(windows: &Windows, events: &[ChangeEvent]) -> Vec<Vec<String>> {
+    let name = |e: &ChangeEvent, key: &str| format!("{}\0{}\0{key}", e.database, e.table);
+    events
+        .iter()
+        .map(|e| match &e.snapshot {
+            Some(s) => vec![name(e, &s.key)],
+            None if e.event_type.is_row() => windows
+                .key_columns(&e.database, &e.table)
+                .map(|cols| {
+                    snapshot::live_keys(e, cols)
+                        .iter()
+                        .map(|k| name(e, k))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => Vec::new(),
+        })
+        .collect()
+}
+
+/// A consumer's events of one batch (`indices`, in order) as the router's parts: one live part
+/// for a consumer that gets only SNAPSHOT events (`live_too` false); otherwise the runs of live
+/// and of SNAPSHOT events in order, SNAPSHOT runs cut every `lane_rows` rows, each part with the
+/// keys of its events (`keys`, by event index; empty: none known).
+pub(crate) fn segments<P>(
+    events: &[ChangeEvent],
+    indices: Vec<usize>,
+    live_too: bool,
+    lane_rows: usize,
+    keys: &[Vec<String>],
+    part: impl Fn(Vec<usize>) -> P,
+) -> Vec<Segment<P>> {
+    if !live_too {
+        return vec![Segment {
+            part: part(indices),
+            lane: Lane::Live,
+            keys: Vec::new(),
+        }];
+    }
+    let is_snapshot = |i: usize| {
+        events
+            .get(i)
+            .is_some_and(|e| e.event_type == crate::event::EventType::Snapshot)
+    };
+    let mut out = Vec::new();
+    let mut run: Vec<usize> = Vec::new();
+    let mut run_keys: Vec<String> = Vec::new();
+    let mut flush = |run: &mut Vec<usize>, run_keys: &mut Vec<String>| {
+        if let Some(&first) = run.first() {
+            out.push(Segment {
+                lane: if is_snapshot(first) {
+                    Lane::Snapshot
+                } else {
+                    Lane::Live
+                },
+                part: part(std::mem::take(run)),
+                keys: std::mem::take(run_keys),
+            });
+        }
+    };
+    for i in indices {
+        let snap = is_snapshot(i);
+        if let Some(&first) = run.first()
+            && (snap != is_snapshot(first) || (snap && run.len() >= lane_rows))
+        {
+            flush(&mut run, &mut run_keys);
+        }
+        run.push(i);
+        if let Some(k) = keys.get(i) {
+            run_keys.extend(k.iter().cloned());
+        }
+    }
+    flush(&mut run, &mut run_keys);
+    out
 }
 
 /// The live (not SNAPSHOT) events of a part by commit time: `(executed_at, count)`, in order.
@@ -732,7 +865,7 @@ impl Handler<PartDone> for Manager {
             }
         }
         let result = msg.result.map_err(PartError::from);
-        self.router.confirmed(msg.slot, msg.batch, result);
+        self.router.confirmed(msg.slot, msg.batch, msg.seq, result);
         self.run(ctx);
     }
 }
@@ -809,5 +942,63 @@ impl Handler<GetManagerStatus> for Manager {
                 .unwrap_or_default(),
             heartbeat: self.heartbeat.as_ref().map(|t| t.status(now)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventType, Row, SnapshotOrigin};
+
+    fn event(t: EventType) -> ChangeEvent {
+        let mut e = ChangeEvent {
+            destination: "d".into(),
+            database: "db".into(),
+            table: "t".into(),
+            event_type: t,
+            data: Row::default(),
+            old: None,
+            changed: Default::default(),
+            primary_keys: Default::default(),
+            position: Default::default(),
+            executed_at: 0,
+            is_ddl: false,
+            sql: None,
+            snapshot: None,
+        };
+        if t == EventType::Snapshot {
+            e.snapshot = Some(Arc::new(SnapshotOrigin {
+                backfill: "b".into(),
+                key: "[1]".into(),
+                consumer: None,
+            }));
+        }
+        e
+    }
+
+    /// A consumer that gets live events too takes SNAPSHOT runs in the lane, cut every
+    /// `lane_rows` rows, with their keys; one that gets only SNAPSHOT events takes it whole.
+    #[test]
+    fn snapshot_runs_are_cut_for_the_lane() {
+        use EventType::{Insert as I, Snapshot as S};
+        let events: Vec<ChangeEvent> = [I, S, S, S, I, S].into_iter().map(event).collect();
+        let keys: Vec<Vec<String>> = (0..events.len()).map(|i| vec![format!("k{i}")]).collect();
+        let cut = |live_too| {
+            segments(&events, (0..6).collect(), live_too, 2, &keys, |ix| ix)
+                .into_iter()
+                .map(|s| (s.lane, s.part, s.keys.len()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cut(true),
+            vec![
+                (Lane::Live, vec![0], 1),
+                (Lane::Snapshot, vec![1, 2], 2),
+                (Lane::Snapshot, vec![3], 1),
+                (Lane::Live, vec![4], 1),
+                (Lane::Snapshot, vec![5], 1),
+            ]
+        );
+        assert_eq!(cut(false), vec![(Lane::Live, (0..6).collect(), 0)]);
     }
 }

@@ -156,6 +156,9 @@ pub struct Scan {
     pub failed: Vec<(String, String)>,
 }
 
+/// A table as (`database`, `table`).
+type TableName = (Arc<str>, Arc<str>);
+
 /// Every announced read, by nonce.
 #[derive(Debug)]
 pub struct Windows {
@@ -167,6 +170,10 @@ pub struct Windows {
     /// DDL events seen per table (`database`, `table`), in or out of any window: a backfill
     /// that caches a table's layout reads this before the layout and puts it in its plans.
     ddl: HashMap<(Arc<str>, Arc<str>), u64>,
+    /// The key columns of every table whose rows this emitted (`database`, `table`), as the
+    /// last read of it planned them: the Manager names live rows of those tables by key, so a
+    /// live change waits only for the SNAPSHOT rows of its own key (`manager::core`).
+    key_columns: HashMap<TableName, Vec<Arc<str>>>,
 }
 
 impl Windows {
@@ -176,7 +183,18 @@ impl Windows {
             reads: HashMap::new(),
             batches: BTreeMap::new(),
             ddl: HashMap::new(),
+            key_columns: HashMap::new(),
         }
+    }
+
+    /// The key columns of `database.table` if this emitted rows of it (see the field).
+    pub fn key_columns(&self, database: &Arc<str>, table: &Arc<str>) -> Option<&[Arc<str>]> {
+        if self.key_columns.is_empty() {
+            return None;
+        }
+        self.key_columns
+            .get(&(database.clone(), table.clone()))
+            .map(Vec::as_slice)
     }
 
     /// How many DDL events on `database.table` this has seen (a redelivered one counts
@@ -318,20 +336,7 @@ impl Windows {
                 }
                 continue;
             }
-            if let Some(k) = key_text(&e.data, &r.plan.key_columns) {
-                r.changed.insert(k);
-            }
-            if let Some(old) = &e.old
-                && r.plan.key_columns.iter().any(|c| old.contains_key(c))
-            {
-                let mut before = e.data.clone();
-                for (c, v) in old.iter_shared() {
-                    before.insert(c.clone(), v.clone());
-                }
-                if let Some(k) = key_text(&before, &r.plan.key_columns) {
-                    r.changed.insert(k);
-                }
-            }
+            r.changed.extend(live_keys(e, &r.plan.key_columns));
         }
     }
 
@@ -385,6 +390,10 @@ impl Windows {
                     return None;
                 };
                 r.phase = Phase::Emitted;
+                self.key_columns.insert(
+                    (r.plan.database.clone(), r.plan.table.clone()),
+                    r.plan.key_columns.clone(),
+                );
                 let (emit, dropped) = emit(&r.plan, &r.changed, rows, at);
                 scan.emitted
                     .push((nonce.to_string(), emit.len() as u64, dropped));
@@ -404,6 +413,23 @@ fn watermark(e: &ChangeEvent) -> Option<(bool, String)> {
     } else {
         v.strip_prefix("high:").map(|n| (true, n.to_string()))
     }
+}
+
+/// The keys (see [`key_text`]) a live row event touches: its row's, and for an UPDATE that
+/// changed the key, the key before.
+pub fn live_keys(e: &ChangeEvent, key_columns: &[Arc<str>]) -> Vec<String> {
+    let mut out = Vec::new();
+    out.extend(key_text(&e.data, key_columns));
+    if let Some(old) = &e.old
+        && key_columns.iter().any(|c| old.contains_key(c))
+    {
+        let mut before = e.data.clone();
+        for (c, v) in old.iter_shared() {
+            before.insert(c.clone(), v.clone());
+        }
+        out.extend(key_text(&before, key_columns));
+    }
+    out
 }
 
 /// A row's key as a JSON array of its key columns' values, in key order; `None` if a key
