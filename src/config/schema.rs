@@ -564,6 +564,13 @@ pub struct BackfillConfig {
     /// another; more can help a bulk consumer, but queues more chunks ahead of that consumer's
     /// live changes; each chunk in flight holds its rows in memory.
     pub chunks_in_flight: usize,
+    /// Rows per chunk when `backfill start` gives no `--chunk` and every consumer the backfill
+    /// is for only has bulk rules (`batch`) for its rows: such a chunk becomes a few bulk
+    /// messages, so a larger one costs little memory and spreads a chunk's fixed cost (its
+    /// watermarks' trip through Canal) over more rows.
+    pub bulk_chunk: NonZeroUsize,
+    /// `chunks_in_flight` for such a backfill (the larger of the two applies).
+    pub bulk_chunks_in_flight: usize,
 }
 
 impl BackfillConfig {
@@ -593,6 +600,8 @@ impl Default for BackfillConfig {
             chunk_timeout: Duration::from_secs(60),
             max_live_batches: 2,
             chunks_in_flight: 1,
+            bulk_chunk: nz(5000),
+            bulk_chunks_in_flight: 1,
         }
     }
 }
