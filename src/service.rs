@@ -214,12 +214,11 @@ async fn start(
             rules: s
                 .rules
                 .iter()
-                .map(|r| {
-                    (
-                        r.when.database.clone(),
-                        r.when.table.clone(),
-                        r.when.events.clone(),
-                    )
+                .map(|r| crate::backfill::TakerRule {
+                    database: r.when.database.clone(),
+                    table: r.when.table.clone(),
+                    events: r.when.events.clone(),
+                    bulk: r.batch.is_some(),
                 })
                 .collect(),
         })
@@ -333,10 +332,14 @@ async fn start(
             let b = Arc::new(crate::backfill::Backfills::new(
                 source,
                 crate::backfill::Settings {
-                    chunk: cfg.backfill.chunk.get(),
+                    pace: crate::manager::snapshot::chunks::Pace {
+                        chunk: cfg.backfill.chunk.get(),
+                        outstanding: cfg.backfill.chunks_in_flight,
+                        bulk_chunk: cfg.backfill.bulk_chunk.get(),
+                        bulk_outstanding: cfg.backfill.bulk_chunks_in_flight,
+                    },
                     chunk_timeout: cfg.backfill.chunk_timeout,
                     max_live_batches: cfg.backfill.max_live_batches,
-                    chunks_in_flight: cfg.backfill.chunks_in_flight,
                     owner: format!("{}/{}", cfg.canal.destination, cfg.canal.client_id),
                 },
                 backfill_consumers,

@@ -14,6 +14,14 @@ pub(crate) fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The process's peak RSS (`VmHWM`) in KiB, then reset to its current RSS (`clear_refs`), so
+/// that the next reading is the next phase's peak.
+pub(crate) fn take_peak_rss_kib(pid: u32) -> u64 {
+    let peak = proc_status_kib(pid, "VmHWM:");
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    peak
+}
+
 /// CPU seconds (user + system, all threads) the process has used.
 pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -22,12 +22,13 @@
 //!   without, against the issue's 5 ms.
 //!
 //! `BENCH_BACKFILL_CHUNK` sets the backfills' `chunk` (the service's default, 1,000 rows,
-//! without). Results go to stdout and `target/bench-pipeline-backfill.json`.
+//! without). `BENCH_PERF=<file>` records the service's stacks (`perf record`) during the
+//! per-row phase. Results go to stdout and `target/bench-pipeline-backfill.json`.
 
 use crate::Opts;
 use crate::accounting::{
-    Busy, canal_server_pid, cores, ha_cluster_running, proc_status_kib, service_and_canal_cpu,
-    settle, stack_pids, uptime_load,
+    Busy, canal_server_pid, cores, ha_cluster_running, service_and_canal_cpu, settle, stack_pids,
+    take_peak_rss_kib, uptime_load,
 };
 use crate::broker::{QUEUE, amqp_url, queue_args};
 use crate::latency::{latency, sink_arrivals};
@@ -44,6 +45,7 @@ use futures::StreamExt;
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Live rows get ids from here on; the backfills read only the keys below it.
@@ -127,6 +129,8 @@ struct Phase {
     /// From the request until the last row arrived at the queue's consumer.
     arrival_s: f64,
     service_cpu: f64,
+    /// The service's peak RSS during the phase, KiB.
+    peak_rss_kib: u64,
     busy: (f64, Vec<(&'static str, f64)>),
 }
 
@@ -146,6 +150,7 @@ impl Phase {
             "arrival_s": self.arrival_s, "arrival_rows_per_s": self.arrival_rate(),
             "service_cpu_s": self.service_cpu,
             "service_cpu_s_per_10k_rows": self.service_cpu / self.rows as f64 * 10_000.0,
+            "peak_rss_kib": self.peak_rss_kib,
             "machine_busy_cores": busy_json(&self.busy),
         })
     }
@@ -161,12 +166,48 @@ async fn throughput(
     rows: u64,
     bulk: bool,
 ) -> Phase {
+    let pid = named
+        .iter()
+        .find(|(n, _)| *n == "service")
+        .expect("the service")
+        .1;
+    // BENCH_PERF=<file>: sample the service's stacks (perf, cpu-clock) during the per-row
+    // phase only
+    let perf = std::env::var("BENCH_PERF")
+        .ok()
+        .filter(|_| !bulk)
+        .map(|out| {
+            Command::new("perf")
+                .args([
+                    "record",
+                    "-e",
+                    "cpu-clock",
+                    "-F",
+                    "499",
+                    "--call-graph",
+                    "dwarf,32768",
+                    "-o",
+                ])
+                .arg(out)
+                .args(["-p", &pid.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("perf (BENCH_PERF)")
+        });
+    take_peak_rss_kib(pid);
     let busy = Busy::start(named);
     let limits = Limits { chunk, rate: None };
     let id = bf.start(consumer, limits, &below_live()).await;
     // the sink first: no admin requests while rows flow
     let (arrived, messages) = wait_rows(sink, rows, bulk).await;
     let b = bf.wait_final(&id).await;
+    if let Some(mut perf) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
     let phase = Phase {
         rows,
         messages,
@@ -174,6 +215,7 @@ async fn throughput(
         record_s: record_seconds(&b),
         arrival_s: (arrived - busy.t0).as_secs_f64(),
         service_cpu: busy.seconds("service").unwrap(),
+        peak_rss_kib: take_peak_rss_kib(pid),
         busy: busy.cores(),
     };
     assert_eq!(
@@ -381,7 +423,7 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
     println!(
         "per-row backfill: {rows} rows, {} messages, {} chunks; {:.2}s by its record = {:.0} rows/s = {:.1}% of the broker's rate \
          ({:.1}% of the source probe); until the last arrival {:.2}s = {:.0} rows/s; service CPU {:.2}s = {:.3}s per 10k rows; \
-         machine busy {}",
+         peak RSS {:.1} MiB; machine busy {}",
         per_row.messages,
         per_row.chunks,
         per_row.record_s,
@@ -392,6 +434,7 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
         per_row.arrival_rate(),
         per_row.service_cpu,
         per_row.service_cpu / rows as f64 * 10_000.0,
+        per_row.peak_rss_kib as f64 / 1024.0,
         busy_text(&per_row.busy),
     );
 
@@ -402,7 +445,7 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
     println!(
         "bulk backfill (max_rows {}, max_wait 50ms): {rows} rows, {} messages, {} chunks; {:.2}s by its record = {:.0} rows/s \
          ({:.1}% of the source probe; target 100k); until the last arrival {:.2}s = {:.0} rows/s; service CPU {:.2}s = {:.3}s per 10k rows; \
-         machine busy {}",
+         peak RSS {:.1} MiB; machine busy {}",
         o.backfill_bulk,
         bulk.messages,
         bulk.chunks,
@@ -413,6 +456,7 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
         bulk.arrival_rate(),
         bulk.service_cpu,
         bulk.service_cpu / rows as f64 * 10_000.0,
+        bulk.peak_rss_kib as f64 / 1024.0,
         busy_text(&bulk.busy),
     );
 
@@ -507,8 +551,13 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
     }
     reader.abort();
     let _ = reader.await;
-    let rss = proc_status_kib(pid, "VmHWM:");
-    println!("service peak RSS: {:.1} MiB", rss as f64 / 1024.0);
+    let rss = take_peak_rss_kib(pid)
+        .max(per_row.peak_rss_kib)
+        .max(bulk.peak_rss_kib);
+    println!(
+        "service peak RSS (whole run): {:.1} MiB",
+        rss as f64 / 1024.0
+    );
     drop(service);
     let load_after = uptime_load();
     println!("load average before/after: {load_before} / {load_after}");

@@ -39,7 +39,7 @@ use crate::clock::now_ms;
 use crate::consumer::TableFilter;
 use crate::consumer::filter::NameMatch;
 use crate::event::EventType;
-use crate::manager::snapshot::chunks::Chunks;
+use crate::manager::snapshot::chunks::{Chunks, Pace};
 use crate::manager::{
     ChunkPlan, ChunkRows, DdlSeen, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
 };
@@ -138,11 +138,10 @@ impl BackfillView {
 /// Settings of the runner.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub chunk: usize,
+    /// Rows per chunk by default and chunks outstanding, per-row and bulk-only.
+    pub pace: Pace,
     pub chunk_timeout: Duration,
     pub max_live_batches: usize,
-    /// Chunks of one backfill read and not yet confirmed, at most (`backfill.chunks_in_flight`).
-    pub chunks_in_flight: usize,
     /// `destination/client_id`: the stream these backfills ride on.
     pub owner: String,
 }
@@ -163,14 +162,34 @@ pub const LAYOUT_TTL: Duration = Duration::from_secs(10);
 /// the other replica); an action on this replica wakes it at once.
 pub const LIST_EVERY: Duration = Duration::from_secs(1);
 
-/// A consumer a backfill may be for: its filters, and the names and event types of its rules
-/// (`when`), which must take SNAPSHOT events of the table too.
+/// A consumer a backfill may be for: its filters, and its rules' `when` (which must take
+/// SNAPSHOT events of the table too) and whether they batch their rows.
 #[derive(Debug, Clone)]
 pub struct Taker {
     pub name: String,
     pub filters: Vec<TableFilter>,
-    /// Per rule: `when.database`, `when.table`, `when.events` (empty: any).
-    pub rules: Vec<(Option<NameMatch>, Option<NameMatch>, BTreeSet<EventType>)>,
+    pub rules: Vec<TakerRule>,
+}
+
+/// What a backfill needs to know of one rule of a [`Taker`].
+#[derive(Debug, Clone)]
+pub struct TakerRule {
+    /// `when.database`, `when.table`, `when.events` (empty: any).
+    pub database: Option<NameMatch>,
+    pub table: Option<NameMatch>,
+    pub events: BTreeSet<EventType>,
+    /// The rule batches its rows into bulk messages (`batch`).
+    pub bulk: bool,
+}
+
+impl TakerRule {
+    /// Whether this rule may fire on SNAPSHOT events of `database.table` (its condition
+    /// aside).
+    fn fires(&self, database: &str, table: &str) -> bool {
+        (self.events.is_empty() || self.events.contains(&EventType::Snapshot))
+            && self.database.as_ref().is_none_or(|d| d.matches(database))
+            && self.table.as_ref().is_none_or(|t| t.matches(table))
+    }
 }
 
 impl Taker {
@@ -181,12 +200,17 @@ impl Taker {
                 && f.database.matches(database)
                 && f.table.matches(table)
         });
-        let fires = self.rules.iter().any(|(d, t, events)| {
-            (events.is_empty() || events.contains(&EventType::Snapshot))
-                && d.as_ref().is_none_or(|d| d.matches(database))
-                && t.as_ref().is_none_or(|t| t.matches(table))
-        });
-        filtered && fires
+        filtered && self.rules.iter().any(|r| r.fires(database, table))
+    }
+
+    /// Whether every rule that may fire on SNAPSHOT events of `database.table` batches its
+    /// rows: a backfill for this consumer alone makes a few bulk messages per chunk, not one
+    /// message per row.
+    pub fn bulk_only(&self, database: &str, table: &str) -> bool {
+        self.rules
+            .iter()
+            .filter(|r| r.fires(database, table))
+            .all(|r| r.bulk)
     }
 }
 
@@ -307,6 +331,18 @@ impl Backfills {
             .collect()
     }
 
+    /// Whether every consumer a backfill of `database.table` (for `consumer`, or for every
+    /// consumer that takes it) is for only has bulk rules for its rows.
+    fn bulk_only(&self, database: &str, table: &str, consumer: Option<&str>) -> bool {
+        let mut takers = self
+            .consumers
+            .iter()
+            .filter(|c| c.takes(database, table))
+            .filter(|c| consumer.is_none_or(|n| c.name == n))
+            .peekable();
+        takers.peek().is_some() && takers.all(|c| c.bulk_only(database, table))
+    }
+
     /// Check and store a new backfill; it starts with the runner's next round.
     pub async fn start(&self, req: StartRequest) -> Result<Backfill, BackfillError> {
         let (database, table) = req
@@ -347,7 +383,8 @@ impl Backfills {
         if let Some(c) = condition {
             check_condition(c).map_err(BackfillError::Invalid)?;
         }
-        let chunk = req.chunk.unwrap_or(self.settings.chunk);
+        let bulk_only = self.bulk_only(database, table, req.consumer.as_deref());
+        let chunk = self.settings.pace.chunk(req.chunk, bulk_only);
         if chunk == 0 || chunk > 100_000 {
             return Err(BackfillError::Invalid(format!(
                 "--chunk must be between 1 and 100000 rows, got {chunk}"
@@ -509,5 +546,40 @@ mod tests {
         assert!(check_condition(smuggled).is_err());
         assert!(check_condition("name LIKE 'a\\_b'").is_err());
         assert!(check_condition("`we``ird` = 1").is_ok());
+    }
+
+    fn rule(table: Option<&str>, events: &[EventType], bulk: bool) -> TakerRule {
+        TakerRule {
+            database: None,
+            table: table.map(NameMatch::exact),
+            events: events.iter().copied().collect(),
+            bulk,
+        }
+    }
+
+    #[test]
+    fn a_consumer_is_bulk_only_for_a_table_when_every_rule_that_may_fire_batches() {
+        let taker = |rules| Taker {
+            name: "c".into(),
+            filters: ["t", "other"]
+                .iter()
+                .map(|t| TableFilter::new("db", t, &[EventType::Snapshot]))
+                .collect(),
+            rules,
+        };
+        let bulk = taker(vec![
+            rule(None, &[EventType::Snapshot], true),
+            // per row, but never for SNAPSHOT events or not for this table
+            rule(None, &[EventType::Insert], false),
+            rule(Some("other"), &[], false),
+        ]);
+        assert!(bulk.takes("db", "t") && bulk.bulk_only("db", "t"));
+        assert!(!bulk.bulk_only("db", "other"));
+        // a rule without `events` takes SNAPSHOT events too
+        let mixed = taker(vec![
+            rule(None, &[EventType::Snapshot], true),
+            rule(None, &[], false),
+        ]);
+        assert!(mixed.takes("db", "t") && !mixed.bulk_only("db", "t"));
     }
 }

@@ -147,11 +147,13 @@ impl Backfills {
         for b in &all {
             match (b.state, r.active.get_mut(&b.id)) {
                 (State::Running, None) => {
+                    let bulk_only =
+                        self.bulk_only(&b.spec.database, &b.spec.table, b.spec.consumer.as_deref());
                     let chunks = Chunks::new(
                         b.progress.clone(),
                         b.spec.chunk,
                         b.spec.rate,
-                        self.settings.chunks_in_flight,
+                        self.settings.pace.outstanding(bulk_only),
                     );
                     r.active.insert(
                         b.id.clone(),

@@ -273,22 +273,10 @@ impl Source {
             "reading a chunk of {}.{}",
             meta.database, meta.table
         )))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let values = r
-                .unwrap()
-                .into_iter()
-                .zip(&meta.types)
-                .map(|(v, t)| match v {
-                    mysql_async::Value::NULL => Value::Null,
-                    mysql_async::Value::Bytes(b) => t.from_mysql_text(Some(&b)),
-                    // the text protocol sends nothing else; keep what came
-                    other => Value::Text(other.as_sql(false)),
-                })
-                .collect();
-            out.push(Row::from_values(meta.columns.clone(), values));
-        }
-        Ok(out)
+        Ok(rows
+            .into_iter()
+            .map(|r| Row::from_values(meta.columns.clone(), typed(r.unwrap(), &meta.types)))
+            .collect())
     }
 
     fn columns_sql(meta: &TableMeta) -> String {
@@ -545,6 +533,21 @@ const KEEP_FINISHED_AT: &str =
 
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("records always serialize")
+}
+
+/// A row's values as the text protocol sent them, typed by the columns' declared types (see
+/// the module docs); the text and bytes keep their buffers.
+pub fn typed(values: Vec<mysql_async::Value>, types: &[DeclaredType]) -> Vec<Value> {
+    values
+        .into_iter()
+        .zip(types)
+        .map(|(v, t)| match v {
+            mysql_async::Value::NULL => Value::Null,
+            mysql_async::Value::Bytes(b) => t.from_mysql_text(Some(b)),
+            // the text protocol sends nothing else; keep what came
+            other => Value::Text(other.as_sql(false)),
+        })
+        .collect()
 }
 
 /// A row's key values, in key order.

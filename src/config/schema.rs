@@ -572,6 +572,13 @@ pub struct BackfillConfig {
     /// SNAPSHOT parts of one consumer out (being rendered or awaiting confirms) at a time: a
     /// live change waits behind at most this many parts' messages at the publisher.
     pub lane_parts: usize,
+    /// Rows per chunk when `backfill start` gives no `--chunk` and every consumer the backfill
+    /// is for only has bulk rules (`batch`) for its rows: such a chunk becomes a few bulk
+    /// messages, so a larger one costs little memory and spreads a chunk's fixed cost (its
+    /// watermarks' trip through Canal) over more rows.
+    pub bulk_chunk: NonZeroUsize,
+    /// `chunks_in_flight` for such a backfill (the larger of the two applies).
+    pub bulk_chunks_in_flight: usize,
 }
 
 impl BackfillConfig {
@@ -603,6 +610,8 @@ impl Default for BackfillConfig {
             chunks_in_flight: 1,
             lane_rows: nz(64),
             lane_parts: 2,
+            bulk_chunk: nz(5000),
+            bulk_chunks_in_flight: 1,
         }
     }
 }

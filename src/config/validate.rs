@@ -91,12 +91,12 @@ impl Config {
                 format!("must be at most 100000 rows, got {}", self.backfill.chunk),
             );
         }
-        if !(1..=8).contains(&self.backfill.chunks_in_flight) {
+        if self.backfill.bulk_chunk.get() > 100_000 {
             bad(
-                "backfill.chunks_in_flight",
+                "backfill.bulk_chunk",
                 format!(
-                    "must be between 1 and 8 chunks, got {}",
-                    self.backfill.chunks_in_flight
+                    "must be at most 100000 rows, got {}",
+                    self.backfill.bulk_chunk
                 ),
             );
         }
@@ -117,6 +117,17 @@ impl Config {
                     self.backfill.lane_parts
                 ),
             );
+        }
+        for (key, n) in [
+            ("backfill.chunks_in_flight", self.backfill.chunks_in_flight),
+            (
+                "backfill.bulk_chunks_in_flight",
+                self.backfill.bulk_chunks_in_flight,
+            ),
+        ] {
+            if !(1..=8).contains(&n) {
+                bad(key, format!("must be between 1 and 8 chunks, got {n}"));
+            }
         }
         if self.backfill.chunk_timeout < std::time::Duration::from_secs(1) {
             bad(

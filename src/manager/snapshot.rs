@@ -451,6 +451,8 @@ fn emit(
 ) -> (Vec<ChangeEvent>, u64) {
     let mut out = Vec::with_capacity(rows.len());
     let mut dropped = 0;
+    // the rows of a read share their columns: their key columns' set is made once
+    let mut keys: Option<(Arc<crate::event::Columns>, crate::event::ColumnSet)> = None;
     for row in rows {
         let Some(key) = key_text(&row, &plan.key_columns) else {
             dropped += 1;
@@ -460,14 +462,19 @@ fn emit(
             dropped += 1;
             continue;
         }
-        let primary_keys = {
-            let mut b = crate::event::ColumnSetBuilder::new(row.columns().len());
-            for c in &plan.key_columns {
-                if let Some(i) = row.columns().find(c) {
-                    b.set(i);
+        let primary_keys = match &keys {
+            Some((cols, set)) if Arc::ptr_eq(cols, row.columns()) => set.clone(),
+            _ => {
+                let mut b = crate::event::ColumnSetBuilder::new(row.columns().len());
+                for c in &plan.key_columns {
+                    if let Some(i) = row.columns().find(c) {
+                        b.set(i);
+                    }
                 }
+                let set = b.build(row.columns().clone());
+                keys = Some((row.columns().clone(), set.clone()));
+                set
             }
-            b.build(row.columns().clone())
         };
         out.push(ChangeEvent {
             destination: at.destination.clone(),

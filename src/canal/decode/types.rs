@@ -211,25 +211,30 @@ impl DeclaredType {
     /// The value of MySQL's text-protocol rendering `bytes` (`None` for NULL). Where MySQL's
     /// rendering differs from Canal's, this follows what `Kind::value` makes of Canal's: BIT
     /// arrives as its bytes (Canal: the number), ENUM and SET as their labels (Canal: index
-    /// and bitmask), binary types as their bytes (Canal: one char per byte).
-    pub fn from_mysql_text(&self, bytes: Option<&[u8]>) -> Value {
+    /// and bitmask), binary types as their bytes (Canal: one char per byte). Text and bytes
+    /// keep the buffer they came in (no copy).
+    pub fn from_mysql_text(&self, bytes: Option<Vec<u8>>) -> Value {
         let Some(b) = bytes else {
             return Value::Null;
         };
-        let text = || String::from_utf8_lossy(b);
+        // text as is when it is UTF-8 (it always is from a utf8mb4 column), else lossily
+        let owned = |b: Vec<u8>| {
+            String::from_utf8(b)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        };
         match &self.0 {
             Kind::Bit => Value::UInt(b.iter().fold(0u64, |n, x| (n << 8) | u64::from(*x))),
-            Kind::Binary { len } => Value::Bytes(padded(b.to_vec(), *len)),
-            Kind::Bytes => Value::Bytes(b.to_vec()),
-            Kind::Enum(_) | Kind::Set(_) => Value::Text(text().into_owned()),
+            Kind::Binary { len } => Value::Bytes(padded(b, *len)),
+            Kind::Bytes => Value::Bytes(b),
+            Kind::Enum(_) | Kind::Set(_) | Kind::BySqlType | Kind::Text => Value::Text(owned(b)),
+            Kind::BlobText { json: false } => Value::Text(owned(b)),
             Kind::BlobText { json: true } => {
-                let t = text();
+                let t = owned(b);
                 serde_json::from_str(&t)
                     .map(Value::Json)
-                    .unwrap_or_else(|_| Value::Text(t.into_owned()))
+                    .unwrap_or(Value::Text(t))
             }
-            Kind::BySqlType => Value::Text(text().into_owned()),
-            kind => kind.value(0, &text()),
+            kind => kind.value(0, &String::from_utf8_lossy(&b)),
         }
     }
 }

@@ -17,7 +17,7 @@
 //! event it shows or after a newer one).
 
 use super::Progress;
-use super::chunks::{Chunks, Key};
+use super::chunks::{Chunks, Key, Pace};
 use super::*;
 use crate::canal::connection::BatchRef;
 use crate::event::{Columns, Position};
@@ -232,8 +232,6 @@ fn int_key(k: &Option<Key>) -> Option<i64> {
     })
 }
 
-/// The chunks at most outstanding in the simulation.
-const MAX_OUTSTANDING: usize = 2;
 
 /// The model consumers: 0 takes SNAPSHOT rows in the lane, 1 takes every batch whole (as a
 /// consumer that gets only SNAPSHOT events does).
@@ -422,6 +420,14 @@ fn run(seed: u64) {
     }
     let chunk = rng.usize(1..8);
     let rate = (rng.u8(0..4) == 0).then(|| rng.f64() * 2000.0 + 100.0);
+    // a per-row backfill's pace or a bulk-only one's: 1 to 4 chunks outstanding
+    let pace = Pace {
+        chunk,
+        outstanding: rng.usize(1..=2),
+        bulk_chunk: chunk,
+        bulk_outstanding: rng.usize(1..=4),
+    };
+    let max_outstanding = pace.outstanding(rng.bool());
     let t0 = Instant::now();
     // the backfill ends at the largest key when it started (later rows come live)
     let max_key = table.keys().last().copied();
@@ -429,7 +435,7 @@ fn run(seed: u64) {
         max_key: max_key.map(|k| vec![Value::Int(k)]),
         ..Default::default()
     };
-    let mut chunks = Chunks::new(stored.clone(), chunk, rate, MAX_OUTSTANDING);
+    let mut chunks = Chunks::new(stored.clone(), chunk, rate, max_outstanding);
     let mut log: Vec<ChangeEvent> = Vec::new();
     let mut n = 0u64;
     let max_writes = rng.u64(50..400);
@@ -628,7 +634,7 @@ fn run(seed: u64) {
             13 if rng.u8(0..30) == 0 && restarts < 3 && !done => {
                 restarts += 1;
                 windows = Windows::new(wm_table());
-                chunks = Chunks::new(stored.clone(), chunk, rate, MAX_OUTSTANDING);
+                chunks = Chunks::new(stored.clone(), chunk, rate, max_outstanding);
                 read = None;
                 layout = None;
                 outcomes.clear();
@@ -660,7 +666,7 @@ fn run(seed: u64) {
         }
         // invariants, after every step
         assert!(
-            chunks.outstanding() <= MAX_OUTSTANDING,
+            chunks.outstanding() <= max_outstanding,
             "seed {seed}: {} chunks outstanding",
             chunks.outstanding()
         );
@@ -782,3 +788,119 @@ fn chunks_overlap_two_reads_and_store_progress_in_key_order() {
     assert!(c.confirmed("e", 3, 0, t0).finished);
     assert!(c.finished());
 }
+
+#[test]
+fn a_bulk_only_backfill_gets_larger_chunks_and_more_in_flight_unless_the_operator_says() {
+    let pace = Pace {
+        chunk: 1000,
+        outstanding: 1,
+        bulk_chunk: 5000,
+        bulk_outstanding: 2,
+    };
+    assert_eq!(pace.chunk(None, false), 1000);
+    assert_eq!(pace.chunk(None, true), 5000);
+    // what the operator asks is what it gets
+    assert_eq!(pace.chunk(Some(100), true), 100);
+    assert_eq!(pace.chunk(Some(20_000), false), 20_000);
+    assert_eq!(pace.outstanding(false), 1);
+    assert_eq!(pace.outstanding(true), 2);
+    // a bulk-only backfill never has fewer in flight than a per-row one
+    let more = Pace {
+        outstanding: 3,
+        ..pace
+    };
+    assert_eq!(more.outstanding(true), 3);
+}
+
+/// A SNAPSHOT message's bytes, pinned end to end: the SELECT's text values typed by the
+/// columns' declared types ([`crate::backfill::source::typed`]), the SNAPSHOT event the windows
+/// emit at the high watermark, a per-row rule's payload, the trigger (its `snap-v1` id) and
+/// its envelope. A change to any of them that changes a byte fails here.
+#[test]
+fn a_snapshot_message_keeps_its_bytes() {
+    use crate::backfill::source::typed;
+    use crate::canal::decode::DeclaredType;
+    use crate::consumer::{Consumer, ConsumerContext};
+    use mysql_async::Value as Sql;
+    let declared = [
+        ("id", "bigint(20)"),
+        ("user_id", "int(11)"),
+        ("email", "varchar(128)"),
+        ("name", "varchar(64)"),
+        ("amount", "decimal(12,2)"),
+        ("status", "enum('new','paid')"),
+        ("created_at", "datetime(3)"),
+        ("score", "double"),
+        ("note", "text"),
+        ("flags", "tinyint(3) unsigned"),
+        ("raw", "varbinary(8)"),
+        ("doc", "json"),
+    ];
+    let cols = Arc::new(Columns::new(
+        declared.iter().map(|(n, _)| Arc::<str>::from(*n)).collect(),
+    ));
+    let types: Vec<DeclaredType> = declared
+        .iter()
+        .map(|(_, t)| DeclaredType::parse(t))
+        .collect();
+    let text = |s: &str| Sql::Bytes(s.as_bytes().to_vec());
+    let values = typed(
+        vec![
+            text("42"),
+            text("424242"),
+            text("zhang.san@example.com"),
+            text("张三 \"Zhang\" 🚀"),
+            text("1234.50"),
+            text("paid"),
+            text("2026-11-23 12:34:56.789"),
+            text("98.25"),
+            Sql::NULL,
+            text("7"),
+            Sql::Bytes(vec![0, 0xff, b'a']),
+            text(r#"{"a": [1, 2.5, "x"]}"#),
+        ],
+        &types,
+    );
+    let mut windows = Windows::new(wm_table());
+    windows.expect(ChunkPlan {
+        table: "rows".into(),
+        ..plan("n1", 0)
+    });
+    assert!(windows.rows("n1", vec![Row::from_values(cols, values)]));
+    let batch = [wm_event("low", "n1", 7), wm_event("high", "n1", 9)];
+    let scan = windows.route(BatchRef::new(1, 1), &batch);
+    let events = scan
+        .events
+        .expect("the SNAPSHOT row after the high watermark");
+    let snapshot = &events[2];
+    assert_eq!(snapshot.event_type, EventType::Snapshot);
+
+    let spec = crate::rules::parse_file(
+        std::path::Path::new("golden.toml"),
+        r#"
+[consumers.golden]
+[[consumers.golden.filters]]
+database = "db"
+table = "rows"
+events = ["SNAPSHOT"]
+[[consumers.golden.rules]]
+name = "row"
+plugin = "golden_task"
+payload = { id = "${data.id}", email = "${data.email}", name = "${data.name}", amount = "${data.amount}", row = "${data}" }
+"#,
+    )
+    .expect("the golden rule")
+    .remove(0);
+    let mut consumer = crate::rules::ConfigConsumer::new(spec);
+    let mut ctx = ConsumerContext::new(consumer.name(), Default::default(), Default::default());
+    assert!(consumer.wants(snapshot));
+    ctx.begin_event(snapshot);
+    consumer.process_event(snapshot, &mut ctx).unwrap();
+    let triggers = ctx.take_triggers();
+    assert_eq!(triggers.len(), 1);
+    let at = chrono::DateTime::from_timestamp_millis(1_700_000_001_456).unwrap();
+    let body = crate::publisher::envelope::encode(&triggers[0], at).unwrap();
+    assert_eq!(String::from_utf8(body).unwrap(), GOLDEN_SNAPSHOT);
+}
+
+const GOLDEN_SNAPSHOT: &str = r#"{"version":1,"id":"e93ce813-e0d1-53d4-a1de-a0f276c6b18f","plugin":"golden_task","payload":{"amount":"1234.50","email":"zhang.san@example.com","id":42,"name":"张三 \"Zhang\" 🚀","row":{"amount":"1234.50","created_at":"2026-11-23 12:34:56.789","doc":{"a":[1,2.5,"x"]},"email":"zhang.san@example.com","flags":7,"id":42,"name":"张三 \"Zhang\" 🚀","note":null,"raw":{"base64":"AP9h"},"score":98.25,"status":"paid","user_id":424242}},"priority":"normal","consumer":"golden","rule":"row","source":{"destination":"d","database":"db","table":"rows","event_type":"SNAPSHOT","position":{"log_file":"bin.000001","offset":9,"row_index":0,"server_id":1,"gtid":null},"executed_at":9,"snapshot":{"backfill":"b1","key":"[42]"}},"published_at":"2023-11-14T22:13:21.456Z"}"#;
