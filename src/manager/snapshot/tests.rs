@@ -232,7 +232,6 @@ fn int_key(k: &Option<Key>) -> Option<i64> {
     })
 }
 
-
 /// The model consumers: 0 takes SNAPSHOT rows in the lane, 1 takes every batch whole (as a
 /// consumer that gets only SNAPSHOT events does).
 const CONSUMERS: usize = 2;
