@@ -32,6 +32,8 @@
 pub mod heartbeat;
 pub mod record;
 mod runner;
+#[cfg(test)]
+mod snapshot_bytes;
 pub mod source;
 
 use crate::canal::connection::{ConnectionState, GetConnectionStatus};
