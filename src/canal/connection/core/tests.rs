@@ -93,34 +93,9 @@ fn fetch(
     raw: Raw,
     events: Rows,
 ) -> Option<(BatchRef, usize)> {
-    let epoch = c.window().epoch();
-    c.on(
-        now,
-        Input::Done {
-            generation: c.generation(),
-            done: Done::Fetched { epoch, raw },
-        },
-    );
-    let raw = c.take_actions().into_iter().find_map(|a| match a {
-        Action::Decode { raw, .. } => Some(raw),
-        _ => None,
-    })?;
-    c.on(
-        now,
-        Input::Decoded {
-            epoch,
-            raw,
-            outcome: Decoded::Events(events),
-        },
-    );
-    let actions = c.take_actions();
-    // what else it decided (an ack of a batch with nothing to deliver) stays for `acks`
-    let delivered = actions.iter().find_map(|a| match a {
-        Action::Deliver { batch, events, .. } => Some((*batch, events.count())),
-        _ => None,
-    });
-    c.actions = actions;
-    delivered
+    fetch_all(c, now, raw, events)
+        .first()
+        .map(|&(batch, _, n)| (batch, n))
 }
 
 /// The ack ids of the operation the core runs next, if it acks.
@@ -332,14 +307,12 @@ fn fetch_all(
             done: Done::Fetched { epoch, raw },
         },
     );
-    let raw = c
-        .take_actions()
-        .into_iter()
-        .find_map(|a| match a {
-            Action::Decode { raw, .. } => Some(raw),
-            _ => None,
-        })
-        .unwrap();
+    let Some(raw) = c.take_actions().into_iter().find_map(|a| match a {
+        Action::Decode { raw, .. } => Some(raw),
+        _ => None,
+    }) else {
+        return Vec::new();
+    };
     c.on(
         now,
         Input::Decoded {
