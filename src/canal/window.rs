@@ -320,9 +320,6 @@ impl BatchWindow {
         self.inflight_bytes + self.held_bytes
     }
 
-    /// The core holds back the rows of `batches` fetched batches (`bytes` of frames) until
-    /// more come (its re-cut): they count against the bounds like recorded ones (the core
-    /// stops holding when they alone fill the window).
     /// Frame bytes of the batches whose rows are held back ([`Self::set_held`]).
     pub fn held_bytes(&self) -> usize {
         self.held_bytes
@@ -333,6 +330,9 @@ impl BatchWindow {
         self.held_batches >= self.max_batches || self.held_bytes >= self.max_bytes
     }
 
+    /// The core holds back the rows of `batches` fetched batches (`bytes` of frames) until
+    /// more come (its re-cut): they count against the bounds like recorded ones (the core
+    /// stops holding when they alone fill the window).
     pub fn set_held(&mut self, batches: usize, bytes: usize) {
         self.held_batches = batches;
         self.held_bytes = bytes;
