@@ -157,86 +157,22 @@ async fn pipe(
     let Ok(server) = TcpStream::connect(&upstream).await else {
         return;
     };
-    let (mut from_client, mut to_client) = client.into_split();
-    let (mut from_server, mut to_server) = server.into_split();
+    let (from_client, mut to_client) = client.into_split();
+    let (from_server, mut to_server) = server.into_split();
     let down = async move {
-        let mut kept: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            tokio::select! {
-                read = from_server.read(&mut buf) => {
-                    let n = match read {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if *hold_down.borrow() {
-                        kept.extend_from_slice(&buf[..n]);
-                        continue;
-                    }
-                    if !kept.is_empty() && to_client.write_all(&kept).await.is_err() {
-                        break;
-                    }
-                    kept.clear();
-                    if to_client.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-                changed = hold_down.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    if !*hold_down.borrow() && !kept.is_empty() {
-                        if to_client.write_all(&kept).await.is_err() {
-                            break;
-                        }
-                        kept.clear();
-                    }
-                }
-            }
-        }
+        forward(from_server, &mut to_client, &mut hold_down, |_, _| {}).await;
         let _ = to_client.shutdown().await;
     };
     let up = async move {
         let mut publishes = Publishes::default();
-        let mut kept: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            tokio::select! {
-                read = from_client.read(&mut buf) => {
-                    let n = match read {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let done = publishes.feed(&buf[..n]);
-                    counts.published.fetch_add(done, Ordering::SeqCst);
-                    let holding = *hold.borrow();
-                    if holding {
-                        counts.held.fetch_add(done, Ordering::SeqCst);
-                        kept.extend_from_slice(&buf[..n]);
-                        continue;
-                    }
-                    if !kept.is_empty() && to_server.write_all(&kept).await.is_err() {
-                        break;
-                    }
-                    kept.clear();
-                    if to_server.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-                changed = hold.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let holding = *hold.borrow();
-                    if !holding && !kept.is_empty() {
-                        if to_server.write_all(&kept).await.is_err() {
-                            break;
-                        }
-                        kept.clear();
-                    }
-                }
+        let kept = forward(from_client, &mut to_server, &mut hold, |data, holding| {
+            let done = publishes.feed(data);
+            counts.published.fetch_add(done, Ordering::SeqCst);
+            if holding {
+                counts.held.fetch_add(done, Ordering::SeqCst);
             }
-        }
+        })
+        .await;
         // the client closed: what was kept still goes, once released
         if !kept.is_empty() && hold.wait_for(|h| !*h).await.is_ok() {
             let _ = to_server.write_all(&kept).await;
@@ -244,6 +180,54 @@ async fn pipe(
         let _ = to_server.shutdown().await;
     };
     tokio::join!(up, down);
+}
+
+/// Copy `from` to `to` until either side fails or `from` closes: what is read while `hold`
+/// is on is kept and written, in order, once it is off. `seen` sees every read and whether it
+/// was kept. Returns what was still kept when the copy ended.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    hold: &mut watch::Receiver<bool>,
+    mut seen: impl FnMut(&[u8], bool),
+) -> Vec<u8> {
+    let mut kept: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            read = from.read(&mut buf) => {
+                let n = match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let holding = *hold.borrow();
+                seen(&buf[..n], holding);
+                if holding {
+                    kept.extend_from_slice(&buf[..n]);
+                    continue;
+                }
+                if !kept.is_empty() && to.write_all(&kept).await.is_err() {
+                    break;
+                }
+                kept.clear();
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            changed = hold.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if !*hold.borrow() && !kept.is_empty() {
+                    if to.write_all(&kept).await.is_err() {
+                        break;
+                    }
+                    kept.clear();
+                }
+            }
+        }
+    }
+    kept
 }
 
 /// Counts the `basic.publish` messages in a client's byte stream as they complete: the
