@@ -152,25 +152,7 @@ fn rows_sent_again_at_or_before_the_confirmed_position_are_acked_not_delivered()
     assert_eq!(c.confirmed().unwrap().0.offset, 14);
     written(&mut c, now, vec![1]);
     // Canal restarts from an older cursor: rows 12..14 again, then new rows 15..17
-    c.on(
-        now,
-        Input::Failed {
-            generation: c.generation(),
-            failure: Failure {
-                kind: FailureKind::Transient,
-                message: "canal closed the connection".into(),
-            },
-        },
-    );
-    c.on(now, Input::Timer(Timer::Reconnect));
-    c.on(
-        now,
-        Input::Connected {
-            generation: c.generation(),
-            filter: ".*".into(),
-        },
-    );
-    c.take_actions();
+    reconnect(&mut c, now);
     // entirely old: acked, nothing delivered, and the guard does not move back
     assert_eq!(fetch(&mut c, now, Raw(1, 3), rows(12..15)), None);
     assert_eq!(acks(&mut c), vec![1]);
