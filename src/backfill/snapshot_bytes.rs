@@ -5,64 +5,10 @@
 
 use super::source::typed;
 use crate::canal::connection::BatchRef;
-use crate::event::{ChangeEvent, Columns, EventType, Position, Row, Value};
-use crate::manager::snapshot::{ChunkPlan, WatermarkTable, Windows};
+use crate::event::{Columns, EventType, Row};
+use crate::manager::snapshot::tests::{plan, wm_event, wm_table};
+use crate::manager::snapshot::{ChunkPlan, Windows};
 use std::sync::Arc;
-
-fn event(t: EventType, db: &str, table: &str, data: Row, n: u64) -> ChangeEvent {
-    ChangeEvent {
-        destination: "d".into(),
-        database: db.into(),
-        table: table.into(),
-        event_type: t,
-        data,
-        old: None,
-        changed: Default::default(),
-        primary_keys: Default::default(),
-        position: Position {
-            log_file: "bin.000001".into(),
-            offset: n,
-            row_index: 0,
-            server_id: 1,
-            gtid: None,
-        },
-        executed_at: n as i64,
-        is_ddl: false,
-        sql: None,
-        snapshot: None,
-    }
-}
-
-fn wm_table() -> WatermarkTable {
-    WatermarkTable {
-        database: "cc".into(),
-        table: "watermark".into(),
-    }
-}
-
-fn wm_event(kind: &str, nonce: &str, n: u64) -> ChangeEvent {
-    let cols = Arc::new(Columns::new(vec!["id".into(), "watermark".into()]));
-    let data = Row::from_values(
-        cols,
-        vec![
-            Value::Text("b1".into()),
-            Value::Text(format!("{kind}:{nonce}")),
-        ],
-    );
-    event(EventType::Update, "cc", "watermark", data, n)
-}
-
-fn plan(nonce: &str, layout: u64) -> ChunkPlan {
-    ChunkPlan {
-        nonce: nonce.into(),
-        backfill: "b1".into(),
-        database: "db".into(),
-        table: "t".into(),
-        key_columns: vec!["id".into()],
-        consumer: None,
-        layout,
-    }
-}
 
 /// A SNAPSHOT message's bytes, pinned end to end: the SELECT's text values typed by the
 /// columns' declared types ([`typed`]), the SNAPSHOT event the windows

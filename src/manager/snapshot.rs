@@ -500,4 +500,4 @@ fn emit(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -61,14 +61,14 @@ fn event(t: EventType, db: &str, table: &str, data: Row, old: Option<Row>, n: u6
     }
 }
 
-fn wm_table() -> WatermarkTable {
+pub(crate) fn wm_table() -> WatermarkTable {
     WatermarkTable {
         database: "cc".into(),
         table: "watermark".into(),
     }
 }
 
-fn wm_event(kind: &str, nonce: &str, n: u64) -> ChangeEvent {
+pub(crate) fn wm_event(kind: &str, nonce: &str, n: u64) -> ChangeEvent {
     let cols = Arc::new(Columns::new(vec!["id".into(), "watermark".into()]));
     let data = Row::from_values(
         cols,
@@ -94,7 +94,7 @@ fn ddl_event(n: u64) -> ChangeEvent {
     e
 }
 
-fn plan(nonce: &str, layout: u64) -> ChunkPlan {
+pub(crate) fn plan(nonce: &str, layout: u64) -> ChunkPlan {
     ChunkPlan {
         nonce: nonce.into(),
         backfill: "b1".into(),
