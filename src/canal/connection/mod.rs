@@ -184,14 +184,7 @@ impl CanalConnection {
 
     /// Feed the core one input and carry out what it decides.
     fn feed(&mut self, input: Input<RawBatch, Vec<ChangeEvent>>, ctx: &mut Context<Self>) {
-        let confirmed = self.core.confirmed().cloned();
         self.core.on(Instant::now(), input);
-        // acks move the confirmed position: in the log before they are written
-        if let (Some(log), Some(c)) = (&mut self.ends_log, self.core.confirmed())
-            && confirmed.as_ref() != Some(c)
-        {
-            log.confirmed(c);
-        }
         self.run_actions(ctx);
         // the rewind guard or the delivery ends moved: write them within a second
         if self.cfg.confirmed_file.is_some()
@@ -230,7 +223,15 @@ impl CanalConnection {
                     server,
                     filter,
                 } => self.connect(generation, &server, filter, ctx),
-                Action::Run { generation, op } => self.run(generation, op, ctx),
+                Action::Run { generation, op } => {
+                    // acks move the confirmed position: in the log before they are written
+                    if let (Op::Ack { .. }, Some(log), Some(c)) =
+                        (&op, &mut self.ends_log, self.core.confirmed())
+                    {
+                        log.confirmed(c);
+                    }
+                    self.run(generation, op, ctx)
+                }
                 Action::DropSession => self.session = None,
                 Action::Decode { epoch, raw } => self.decode(epoch, raw, ctx),
                 Action::Deliver {
