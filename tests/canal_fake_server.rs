@@ -385,11 +385,13 @@ impl actix::Handler<SetConn> for Subscriber {
 type Conn = actix::Addr<canal_consumer::canal::connection::CanalConnection>;
 
 /// A connection to the scripted server on `port` and its subscriber (acking every batch if
-/// `ack`); the subscriber reports each batch it gets on the returned receiver.
+/// `ack`); the subscriber reports each batch it gets on the returned receiver. The long poll
+/// waits `waits.0` (`canal.fetch_wait`) on the server, and up to `waits.1`
+/// (`canal.ack_wait`) for the acks in flight before it goes out.
 fn connect(
     port: u16,
     ack: bool,
-    fetch_wait: Duration,
+    (fetch_wait, ack_wait): (Duration, Duration),
 ) -> (Conn, tokio::sync::mpsc::UnboundedReceiver<()>) {
     use actix::Actor;
     let cfg = canal_consumer::config::CanalConfig {
@@ -397,6 +399,7 @@ fn connect(
         username: "canal".into(),
         password: canal_consumer::config::Secret::new("canal"),
         fetch_wait,
+        ack_wait,
         ..Default::default()
     };
     let (got_tx, got) = tokio::sync::mpsc::unbounded_channel();
@@ -431,10 +434,10 @@ async fn next_seen(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>) -> Seen 
 
 /// Runs the connection against the scripted server until it writes its first long poll;
 /// returns what the server saw up to and including it.
-async fn until_the_long_poll(ack: bool, fetch_wait: Duration) -> Vec<Seen> {
+async fn until_the_long_poll(ack: bool, waits: (Duration, Duration)) -> Vec<Seen> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let port = scripted_server(tx, None).await;
-    let (_conn, mut got) = connect(port, ack, fetch_wait);
+    let (_conn, mut got) = connect(port, ack, waits);
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -457,7 +460,9 @@ async fn until_the_long_poll(ack: bool, fetch_wait: Duration) -> Vec<Seen> {
 /// in the same turn.
 #[actix_rt::test]
 async fn the_ack_goes_out_before_the_long_poll() {
-    let seen = until_the_long_poll(true, Duration::from_secs(10)).await;
+    // an ack wait as long as the poll's, so that a slow machine cannot end it first
+    let ten = Duration::from_secs(10);
+    let seen = until_the_long_poll(true, (ten, ten)).await;
     let tail: Vec<_> = seen
         .iter()
         .filter(|s| !matches!(s, Seen::Other(_)))
@@ -481,13 +486,20 @@ async fn the_ack_goes_out_before_the_long_poll() {
     );
 }
 
-/// A batch that is never confirmed (stuck downstream) does not stop the fetching: after
-/// `fetch_wait` the long poll goes out without its ack.
+/// A batch that is never confirmed (stuck downstream, or a backfill chunk's many rows) does not
+/// stop the fetching: after `ack_wait` the long poll goes out without its ack.
 #[actix_rt::test]
-async fn a_batch_never_acked_delays_the_long_poll_by_fetch_wait_only() {
-    let seen = until_the_long_poll(false, Duration::from_millis(200)).await;
+async fn a_batch_never_acked_delays_the_long_poll_by_the_ack_wait_only() {
+    let waits = (Duration::from_secs(10), Duration::from_millis(200));
+    let seen = until_the_long_poll(false, waits).await;
     assert!(!seen.iter().any(|s| matches!(s, Seen::Ack(_))), "{seen:?}");
-    assert_eq!(seen.last(), Some(&Seen::Get { size: 1, wait: 200 }));
+    assert_eq!(
+        seen.last(),
+        Some(&Seen::Get {
+            size: 1,
+            wait: 10_000
+        })
+    );
 }
 
 /// A GET written just before a drain (graceful shutdown) began can still bring a batch. The
@@ -501,7 +513,8 @@ async fn a_drain_waits_for_the_answer_of_the_get_on_the_wire() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (release, hold) = tokio::sync::oneshot::channel();
     let port = scripted_server(tx, Some(hold)).await;
-    let (conn, mut got) = connect(port, true, Duration::from_secs(10));
+    let ten = Duration::from_secs(10);
+    let (conn, mut got) = connect(port, true, (ten, ten));
     // the first GET is on the wire, and the server holds it
     assert_eq!(
         next_seen(&mut rx).await,

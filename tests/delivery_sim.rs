@@ -45,7 +45,7 @@
 //!   what is there without waiting (so latency never depends on a fixed wait while rows keep
 //!   coming);
 //! - (g) a long poll is written with no batch of its epoch in flight (their acks went out
-//!   before it), unless the wait for those acks ended (the `fetch_wait` timer fired), so a batch
+//!   before it), unless the wait for those acks ended (the `ack_wait` timer fired), so a batch
 //!   stuck downstream does not stop the fetching;
 //! - (h) once a drain has ended (the core said [`Action::Drained`]: the shell then stops the
 //!   publisher and closes the session), no batch of that epoch is delivered any more;
@@ -123,6 +123,8 @@ const MAX_BYTES: usize = 8 * ROW_BYTES;
 const MAX_UNCONFIRMED: usize = 6;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 const FETCH_WAIT: Duration = Duration::from_millis(100);
+/// `canal.ack_wait`: shorter than `FETCH_WAIT`, as by default.
+const ACK_WAIT: Duration = Duration::from_millis(5);
 const LEASE: Duration = Duration::from_secs(2);
 const CONSUMERS: usize = 5;
 const TABLES: usize = 4;
@@ -591,6 +593,7 @@ impl Replica {
                 fetch_size: FETCH_ROWS as i32,
                 mem_unit: ROW_BYTES as u32,
                 fetch_wait: FETCH_WAIT,
+                ack_wait: ACK_WAIT,
                 max_inflight_batches: MAX_BATCHES,
                 max_inflight_bytes: MAX_BYTES,
                 reconnect_min: Duration::from_millis(100),

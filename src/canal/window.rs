@@ -388,8 +388,9 @@ impl BatchWindow {
     /// written behind it wait as long; should the session die meanwhile, confirmed rows come
     /// again. So while batches of this epoch are in flight (their confirms typically a
     /// millisecond away) the long poll waits for their acks, which then go out in the same
-    /// turn as the poll, until [`Self::end_ack_wait`] says it waited long enough (a batch stuck
-    /// downstream must not stop the fetching).
+    /// turn as the poll, until [`Self::end_ack_wait`] says it waited long enough (`ack_wait`:
+    /// a batch stuck downstream must not stop the fetching, and one whose confirms take long,
+    /// like a backfill chunk's, must not hold up the live rows behind it).
     pub fn next_get(&self) -> Option<GetMode> {
         if !self.may_fetch() {
             None

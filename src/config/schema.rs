@@ -63,6 +63,13 @@ pub struct CanalConfig {
     /// GETs while rows flow never wait (`canal::window::GetMode`).
     #[serde(with = "humantime_serde")]
     pub fetch_wait: Duration,
+    /// Caught up with batches in flight, how long the long poll waits for their acks before it
+    /// goes out without them (at most `fetch_wait`). An ack written behind a long poll takes
+    /// effect only when Canal answers the poll; rows fetched meanwhile wait for this. Short, so
+    /// that a batch whose confirms take long (a backfill chunk's rows) does not hold up the
+    /// live rows behind it; confirms of live batches are typically a millisecond away.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -130,6 +137,7 @@ impl Default for CanalConfig {
             filter: String::new(),
             rewind_guard: true,
             fetch_wait: Duration::from_millis(100),
+            ack_wait: Duration::from_millis(5),
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
@@ -214,6 +222,7 @@ impl CanalConfig {
                 fetch_size: self.fetch_units(),
                 mem_unit: self.mem_unit,
                 fetch_wait: self.fetch_wait,
+                ack_wait: self.ack_wait.min(self.fetch_wait),
                 max_inflight_batches: self.max_inflight_batches.get(),
                 max_inflight_bytes: self.max_inflight_bytes.get(),
                 reconnect_min: self.reconnect_min,

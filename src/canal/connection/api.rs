@@ -51,6 +51,9 @@ pub struct CoreConfig {
     /// How long an idle long poll (a GET after an empty one) may wait on the server for data
     /// before it is answered with "nothing"; GETs while data flows never wait.
     pub fetch_wait: Duration,
+    /// Caught up with batches in flight, how long the long poll waits for their acks
+    /// (`canal.ack_wait`, at most `fetch_wait`).
+    pub ack_wait: Duration,
     pub max_inflight_batches: usize,
     pub max_inflight_bytes: usize,
     pub reconnect_min: Duration,

@@ -15,7 +15,9 @@
 //! smallest batch (up to `fetch_wait`), which Canal answers as soon as there is one unit of
 //! data (see [`GetMode`](crate::canal::window::GetMode)). The session is lent to one request at a time, so an ack written
 //! behind a long poll waits until Canal answers it; the long poll therefore waits (at most
-//! `fetch_wait`) for the acks of the batches in flight, and they go out in the same turn.
+//! `ack_wait`, 5 ms) for the acks of the batches in flight, and they go out in the same turn.
+//! Not longer: a batch whose confirms take long (a backfill chunk's rows ride in one) would
+//! hold up every live row behind it.
 //!
 //! Back-pressure: no GET is issued while `max_inflight_batches` batches or
 //! `max_inflight_bytes` bytes of frames are unacked — counting batches of abandoned epochs that

@@ -782,7 +782,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
             }
         } else {
             // caught up with batches in flight: the long poll waits for their acks, at most
-            // `fetch_wait` (see `BatchWindow::next_get`)
+            // `ack_wait` (see `BatchWindow::next_get`)
             if let Some(period) = self.window.waiting_for_acks()
                 && self.ack_wait_timer != Some(period)
             {
@@ -791,7 +791,7 @@ impl<R: RawView, E: EventsView> ConnectionCore<R, E> {
                 }
                 self.actions.push(Action::Timer {
                     timer: Timer::AckWait(period),
-                    after: self.cfg.fetch_wait,
+                    after: self.cfg.ack_wait,
                 });
             }
             if let Some(until) = self.paused_until {

@@ -49,7 +49,7 @@ pub enum Timer {
     ConflictRetry,
     /// The pause after a rollback is over.
     Resume,
-    /// The long poll of this idle period has waited `fetch_wait` for the acks in flight.
+    /// The long poll of this idle period has waited `ack_wait` for the acks in flight.
     AckWait(u64),
 }
 

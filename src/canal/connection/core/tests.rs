@@ -65,6 +65,7 @@ fn core() -> (ConnectionCore<Raw, Rows>, Instant) {
         fetch_size: 10,
         mem_unit: 100,
         fetch_wait: Duration::from_millis(100),
+        ack_wait: Duration::from_millis(20),
         max_inflight_batches: 8,
         max_inflight_bytes: 1 << 20,
         reconnect_min: Duration::from_millis(100),
@@ -427,4 +428,49 @@ fn held_rows_go_as_they_are_when_a_long_poll_finds_nothing_more() {
         })
         .collect();
     assert_eq!(delivered, vec![(10, 2)]);
+}
+
+/// Caught up with a batch in flight, the long poll waits `ack_wait` for its ack, then goes out
+/// without it: it does not wait `fetch_wait`, since a batch whose confirms take long (a
+/// backfill chunk's rows ride in one) would hold up every row behind it that long.
+#[test]
+fn caught_up_with_a_batch_unconfirmed_the_long_poll_waits_ack_wait_for_its_ack() {
+    let (mut c, now) = core();
+    // a short answer: Canal had nothing more, and the batch is not confirmed yet
+    assert_eq!(fetch_all(&mut c, now, Raw(1, 2), rows(10..12)).len(), 1);
+    assert!(c.window().is_idle());
+    let actions = c.take_actions();
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Run { .. })),
+        "no GET while the ack may still come: {actions:?}"
+    );
+    let waits: Vec<(Timer, Duration)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Timer { timer, after } => Some((*timer, *after)),
+            _ => None,
+        })
+        .collect();
+    let [(timer @ Timer::AckWait(_), after)] = waits[..] else {
+        panic!("one ack wait armed: {actions:?}");
+    };
+    assert_eq!(
+        after,
+        Duration::from_millis(20),
+        "canal.ack_wait, not fetch_wait"
+    );
+    // the wait ends: the long poll goes out without the ack
+    c.on(now + after, Input::Timer(timer));
+    let ops: Vec<Op> = c
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Run { op, .. } => Some(op),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(ops[..], [Op::Get { size: 1, wait, .. }] if wait == Duration::from_millis(100)),
+        "{ops:?}"
+    );
 }
