@@ -77,15 +77,24 @@ impl Backfills {
     /// go first, but a stream that never leaves room does not starve the backfill: after
     /// [`MAX_YIELD`] of waiting a chunk goes anyway. `own`: chunks in flight, whose watermark
     /// batches (a low and a high each, at most) are not live batches.
+    ///
+    /// The batches counted are the Manager's: delivered and not yet confirmed. The
+    /// connection's count would include confirmed batches whose acks wait behind a long poll
+    /// (up to `canal.fetch_wait` when nothing is committed); a gate on it kept the next chunk
+    /// from starting until that poll ended, and since only the chunk would have committed
+    /// anything, the poll always ran its full time.
     async fn may_read(&self, own: usize) -> bool {
-        let st = match self.connection.send(GetConnectionStatus).await {
-            Ok(st) if st.state == ConnectionState::Connected => st,
+        match self.connection.send(GetConnectionStatus).await {
+            Ok(st) if st.state == ConnectionState::Connected => {}
             _ => return false,
+        }
+        let Ok(manager) = self.manager.send(GetManagerStatus).await else {
+            return false;
         };
         let Ok(mut busy) = self.busy_since.lock() else {
             return false;
         };
-        if st.inflight_batches <= self.settings.max_live_batches + 2 * own {
+        if manager.batches_in_flight <= self.settings.max_live_batches + 2 * own {
             *busy = None;
             return true;
         }

@@ -566,8 +566,8 @@ pub struct BackfillConfig {
     /// is read again.
     #[serde(with = "humantime_serde")]
     pub chunk_timeout: Duration,
-    /// Start a chunk only while at most this many live batches are in flight (live changes go
-    /// first).
+    /// Start a chunk only while at most this many live batches are in flight, delivered and
+    /// not yet confirmed (live changes go first).
     pub max_live_batches: usize,
     /// Chunks of one backfill read and not yet confirmed, at most: the next chunk is read
     /// while earlier ones' messages are confirmed. 1 (the default) reads one chunk after
