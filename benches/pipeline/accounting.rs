@@ -189,3 +189,46 @@ pub(crate) fn ha_cluster_running() -> bool {
             .is_ok()
     })
 }
+
+/// `BENCH_PERF=<file>`: the service's stacks sampled (`perf record`, cpu-clock) during one
+/// phase, from [`Perf::start`] to [`Perf::stop`]. Without `BENCH_PERF`, nothing.
+pub(crate) struct Perf(Option<std::process::Child>);
+
+impl Perf {
+    pub(crate) fn start(pid: u32) -> Perf {
+        Perf(std::env::var("BENCH_PERF").ok().map(|out| {
+            Command::new("perf")
+                .args([
+                    "record",
+                    "-e",
+                    "cpu-clock",
+                    "-F",
+                    "499",
+                    "--call-graph",
+                    "dwarf,32768",
+                    "-o",
+                ])
+                .arg(out)
+                .args(["-p", &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf (BENCH_PERF)")
+        }))
+    }
+
+    /// Not sampling (no `BENCH_PERF`, or not this phase).
+    pub(crate) fn none() -> Perf {
+        Perf(None)
+    }
+
+    /// Stop sampling; perf writes its file on SIGINT.
+    pub(crate) fn stop(self) {
+        if let Some(mut perf) = self.0 {
+            let _ = Command::new("kill")
+                .args(["-INT", &perf.id().to_string()])
+                .status();
+            let _ = perf.wait();
+        }
+    }
+}

@@ -27,8 +27,8 @@
 
 use crate::Opts;
 use crate::accounting::{
-    Busy, canal_server_pid, cores, ha_cluster_running, service_and_canal_cpu, settle, stack_pids,
-    take_peak_rss_kib, uptime_load,
+    Busy, Perf, canal_server_pid, cores, ha_cluster_running, service_and_canal_cpu, settle,
+    stack_pids, take_peak_rss_kib, uptime_load,
 };
 use crate::broker::{QUEUE, amqp_url, queue_args};
 use crate::latency::{latency, sink_arrivals};
@@ -45,7 +45,6 @@ use futures::StreamExt;
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Live rows get ids from here on; the backfills read only the keys below it.
@@ -173,28 +172,7 @@ async fn throughput(
         .1;
     // BENCH_PERF=<file>: sample the service's stacks (perf, cpu-clock) during the per-row
     // phase only
-    let perf = std::env::var("BENCH_PERF")
-        .ok()
-        .filter(|_| !bulk)
-        .map(|out| {
-            Command::new("perf")
-                .args([
-                    "record",
-                    "-e",
-                    "cpu-clock",
-                    "-F",
-                    "499",
-                    "--call-graph",
-                    "dwarf,32768",
-                    "-o",
-                ])
-                .arg(out)
-                .args(["-p", &pid.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("perf (BENCH_PERF)")
-        });
+    let perf = if bulk { Perf::none() } else { Perf::start(pid) };
     take_peak_rss_kib(pid);
     let busy = Busy::start(named);
     let limits = Limits { chunk, rate: None };
@@ -202,12 +180,7 @@ async fn throughput(
     // the sink first: no admin requests while rows flow
     let (arrived, messages) = wait_rows(sink, rows, bulk).await;
     let b = bf.wait_final(&id).await;
-    if let Some(mut perf) = perf {
-        let _ = Command::new("kill")
-            .args(["-INT", &perf.id().to_string()])
-            .status();
-        let _ = perf.wait();
-    }
+    perf.stop();
     let phase = Phase {
         rows,
         messages,

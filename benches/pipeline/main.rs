@@ -88,8 +88,8 @@ mod service;
 mod source;
 
 use crate::accounting::{
-    Busy, canal_server_pid, cores, ha_cluster_running, proc_status_kib, service_and_canal_cpu,
-    settle, stack_pids, uptime_load,
+    Busy, Perf, canal_server_pid, cores, ha_cluster_running, proc_status_kib,
+    service_and_canal_cpu, settle, stack_pids, uptime_load,
 };
 use crate::broker::{QUEUE, amqp_url, cluster, normal_priority, queue_args};
 use crate::latency::{canal_arrivals, latency, sink_arrivals};
@@ -103,7 +103,6 @@ use crate::source::{Inserting, MYSQL_FAILED, create_table, drain_canal, mysql, r
 use futures::StreamExt;
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -284,25 +283,7 @@ async fn main() {
     let probe_before = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
     let probe_busy = busy.cores();
     // BENCH_PERF=<file>: sample the service's stacks (perf, cpu-clock) during this phase only
-    let perf = std::env::var("BENCH_PERF").ok().map(|out| {
-        Command::new("perf")
-            .args([
-                "record",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "499",
-                "--call-graph",
-                "dwarf,32768",
-                "-o",
-            ])
-            .arg(out)
-            .args(["-p", &pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("perf (BENCH_PERF)")
-    });
+    let perf = Perf::start(pid);
     let run = Inserting::start(&named(Some(pid)), id, o.rows);
     id += o.rows;
     done += o.rows;
@@ -316,12 +297,7 @@ async fn main() {
     let elapsed = finished - run.busy.t0;
     let cpu_tp = run.busy.seconds("service").unwrap();
     let tp_busy = run.busy.cores();
-    if let Some(mut perf) = perf {
-        let _ = Command::new("kill")
-            .args(["-INT", &perf.id().to_string()])
-            .status();
-        let _ = perf.wait();
-    }
+    perf.stop();
     run.inserter.join().unwrap();
     empty_sink(&mut sink).await;
     let probe_after = probe(&conn, probe_args(), &sample, o.rows, window, true).await;
