@@ -340,6 +340,16 @@ async fn start(
                     },
                     chunk_timeout: cfg.backfill.chunk_timeout,
                     max_live_batches: cfg.backfill.max_live_batches,
+                    live_window: cfg.backfill.live_window,
+                    // rate_while_live = 0: backfills do not yield
+                    live: if cfg.backfill.rate_while_live > 0.0 {
+                        crate::manager::snapshot::chunks::Yield {
+                            rate: Some(cfg.backfill.rate_while_live),
+                            chunk: Some(cfg.backfill.chunk_while_live.get()),
+                        }
+                    } else {
+                        Default::default()
+                    },
                     owner: format!("{}/{}", cfg.canal.destination, cfg.canal.client_id),
                 },
                 backfill_consumers,

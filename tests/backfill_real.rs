@@ -50,6 +50,13 @@ async fn a_backfill_under_concurrent_writes_ends_in_the_tables_final_state() {
     );
     svc.env
         .push(("CANAL_CONSUMER__CANAL__SOURCE_URL".into(), backfill_url()));
+    // the watermark algorithm under writes, in chunks of 2,000 all along: the writer below
+    // never stops, so a backfill yielding to it would read 100 rows at a time (that is
+    // `a_backfill_yields_to_live_changes_and_goes_full_speed_after_them`)
+    svc.env.push((
+        "CANAL_CONSUMER__BACKFILL__RATE_WHILE_LIVE".into(),
+        "0".into(),
+    ));
     svc.start().await;
 
     let pool = pool();
@@ -439,6 +446,100 @@ async fn composite_and_string_keys_pause_resume_cancel_and_an_empty_where() {
         *ids.entry(g.message_id.as_str()).or_default() += 1;
     }
     assert!(ids.values().all(|n| *n == 1), "a message id came twice");
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+    disconnect(pool).await;
+}
+
+/// Live changes first: while they flow, a backfill reads chunks of at most
+/// `backfill.chunk_while_live` rows at `backfill.rate_while_live`; once none came for a
+/// second, its own chunk size again. Every key ends in the table's final state either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn a_backfill_yields_to_live_changes_and_goes_full_speed_after_them() {
+    let _canal = canal_lock().await;
+    let rows = 2000u64;
+    keyed_table("yield", rows);
+    let queue = queue("backfill-yield");
+    let consumer = state_consumer("yield", "yield", "${data.id}", "${old.id}", "changed('id')");
+    let mut svc = backfill_proc(
+        "backfill-yield",
+        &queue,
+        &[("yield.toml", &consumer)],
+        "wm_yield",
+    )
+    .await;
+    // 50-row chunks at 200 rows/s while live changes flow, and they flow while one came
+    // within 3 s (a Canal that stalls for less does not end them)
+    for (k, v) in [
+        ("RATE_WHILE_LIVE", "200"),
+        ("CHUNK_WHILE_LIVE", "50"),
+        ("LIVE_WINDOW", "3s"),
+    ] {
+        svc.env
+            .push((format!("CANAL_CONSUMER__BACKFILL__{k}"), v.into()));
+    }
+    svc.start().await;
+    // live changes flow before and all through the backfill: updates all over the table
+    let pool = pool();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let pool = pool.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut c = pool.get_conn().await.unwrap();
+            let mut rng = fastrand::Rng::with_seed(11);
+            let mut ops = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let k = rng.u64(1..=rows);
+                c.query_drop(format!("UPDATE yield SET v = v + 1 WHERE id = {k}"))
+                    .await
+                    .unwrap();
+                ops += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ops
+        })
+    };
+    wait_status(&svc, "live changes routed", |s| {
+        common::service::consumer(s, "yield")["events"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    })
+    .await;
+    let id = start_backfill(&svc, &format!("table={DB}.yield")).await;
+    let done = wait_backfill(&svc, &id, "done", Duration::from_secs(120)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ops = writer.await.unwrap();
+    let p = &done["progress"];
+    assert_eq!(p["rows_read"].as_u64().unwrap(), rows, "{done}");
+    // not one chunk of the default 5,000 rows: 50 at a time
+    assert!(
+        p["chunks"].as_u64().unwrap() >= rows / 50,
+        "the backfill did not yield to the live changes: {done}"
+    );
+    // the writer's last change (and the sentinel) is through: the next backfill yields for at
+    // most the 3 s after it, 600 rows at 200 rows/s (12 chunks), then reads its own size
+    check_final_state(
+        &queue,
+        "yield",
+        "yield",
+        "backfill yielding to live changes",
+    )
+    .await;
+    let again = start_backfill(&svc, &format!("table={DB}.yield")).await;
+    let done = wait_backfill(&svc, &again, "done", Duration::from_secs(120)).await;
+    let p = &done["progress"];
+    assert_eq!(p["rows_read"].as_u64().unwrap(), rows + 1, "{done}"); // and the sentinel
+    assert!(
+        p["chunks"].as_u64().unwrap() < rows / 50,
+        "the backfill still yielded with no live changes: {done}"
+    );
+    eprintln!("{ops} live changes during the first backfill");
     let _ = svc.terminate(Duration::from_secs(30));
     delete_queue(&queue).await;
     disconnect(pool).await;

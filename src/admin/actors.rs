@@ -162,6 +162,7 @@ mod tests {
             filter: String::new(),
             lossy_text: Vec::new(),
             heartbeat: None,
+            live_at: None,
         };
         let s = assemble(canal, manager, None, Duration::from_secs(9), false);
         assert_eq!(s.uptime_seconds, 9);

@@ -135,6 +135,10 @@ const NO_METRIC: &[(&str, &str)] = &[
         "derived from the rate and the estimate",
     ),
     ("backfills[].reading", "a moment's state"),
+    (
+        "backfills[].yielding",
+        "a moment's state, shown on `status`",
+    ),
 ];
 
 /// Figures `status` leaves out, on purpose (they are in `status --json`).
@@ -275,7 +279,7 @@ fn full() -> ServiceStatus {
                          "rows_read": 250, "rows_emitted": 240, "rows_dropped": 10,
                          "chunks": 3, "rereads": 1, "started_at": 5, "finished_at": 6,
                          "error": "read again"},
-            "rows_per_second": 50.0, "eta_seconds": 15, "reading": true
+            "rows_per_second": 50.0, "eta_seconds": 15, "reading": true, "yielding": true
         }],
         "tap_listeners": 1,
         "consumers": [{"name": "example_consumer", "enabled": true, "state": "running",

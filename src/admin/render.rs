@@ -339,6 +339,9 @@ pub fn bar(b: &BackfillView) -> String {
         );
     }
     let _ = write!(s, "  {state}");
+    if b.yielding {
+        s.push_str(", yielding to live changes");
+    }
     s
 }
 
@@ -358,6 +361,9 @@ pub fn line(b: &BackfillView) -> String {
         p.rows_dropped,
         p.chunks,
     );
+    if b.yielding {
+        s.push_str(", yielding to live changes");
+    }
     if let Some(e) = &p.error {
         let _ = write!(s, " ({e})");
     }
@@ -640,6 +646,13 @@ mod tests {
         assert_eq!(
             read(&b),
             "bf-1 [########----------------------]  25%  250/1000 rows  50 rows/s  ETA 15s  running"
+        );
+        let mut live = b.clone();
+        live["yielding"] = true.into();
+        assert!(
+            read(&live).ends_with("ETA 15s  running, yielding to live changes"),
+            "{}",
+            read(&live)
         );
         let mut done = b.clone();
         done["state"] = "done".into();

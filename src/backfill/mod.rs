@@ -41,7 +41,7 @@ use crate::clock::now_ms;
 use crate::consumer::TableFilter;
 use crate::consumer::filter::NameMatch;
 use crate::event::EventType;
-use crate::manager::snapshot::chunks::{Chunks, Pace};
+use crate::manager::snapshot::chunks::{Chunks, Pace, Yield};
 use crate::manager::{
     ChunkPlan, ChunkRows, DdlSeen, ExpectChunk, ForgetChunk, GetManagerStatus, Manager, Outcome,
 };
@@ -118,6 +118,10 @@ pub struct BackfillView {
     /// pause or cancel takes effect once that chunk is done.
     #[serde(default)]
     pub reading: bool,
+    /// Live changes flow, so it yields to them: its reads keep to `backfill.rate_while_live`
+    /// in chunks of at most `backfill.chunk_while_live` rows (this replica, while it runs).
+    #[serde(default)]
+    pub yielding: bool,
 }
 
 impl BackfillView {
@@ -144,6 +148,13 @@ pub struct Settings {
     pub pace: Pace,
     pub chunk_timeout: Duration,
     pub max_live_batches: usize,
+    /// How backfills yield while live changes flow (`backfill.rate_while_live`,
+    /// `backfill.chunk_while_live`); a backfill whose rows a bulk rule takes keeps its chunk
+    /// size.
+    pub live: Yield,
+    /// Live changes flow while one went to a consumer less than this long ago
+    /// (`backfill.live_window`).
+    pub live_window: Duration,
     /// `destination/client_id`: the stream these backfills ride on.
     pub owner: String,
 }
@@ -214,6 +225,15 @@ impl Taker {
             .filter(|r| r.fires(database, table))
             .all(|r| r.bulk)
     }
+
+    /// Whether a rule that may fire on SNAPSHOT events of `database.table` batches its rows
+    /// (its messages' ids then depend on the chunks the rows came in).
+    pub fn any_bulk(&self, database: &str, table: &str) -> bool {
+        self.rules
+            .iter()
+            .filter(|r| r.fires(database, table))
+            .any(|r| r.bulk)
+    }
 }
 
 /// Live figures per backfill (this replica).
@@ -248,6 +268,8 @@ struct Held {
     reading: HashSet<String>,
     /// Every backfill the runner has taken on and not yet let go of.
     active: HashSet<String>,
+    /// Backfills whose last chunk yielded to live changes.
+    yielding: HashSet<String>,
 }
 
 /// `--where` must be one condition: no statement separator, no comment that could hide the
@@ -343,6 +365,16 @@ impl Backfills {
             .filter(|c| consumer.is_none_or(|n| c.name == n))
             .peekable();
         takers.peek().is_some() && takers.all(|c| c.bulk_only(database, table))
+    }
+
+    /// Whether a consumer a backfill of `database.table` is for batches its rows (see
+    /// [`Taker::any_bulk`]): its chunks must keep their size.
+    fn any_bulk(&self, database: &str, table: &str, consumer: Option<&str>) -> bool {
+        self.consumers
+            .iter()
+            .filter(|c| c.takes(database, table))
+            .filter(|c| consumer.is_none_or(|n| c.name == n))
+            .any(|c| c.any_bulk(database, table))
     }
 
     /// Check and store a new backfill; it starts with the runner's next round.
@@ -490,11 +522,13 @@ impl Backfills {
         });
         let reading = held.reading.contains(&b.id)
             || (b.state != State::Running && held.active.contains(&b.id));
+        let yielding = b.state == State::Running && held.yielding.contains(&b.id);
         BackfillView {
             backfill: b,
             rows_per_second: rate,
             eta_seconds: eta,
             reading,
+            yielding,
         }
     }
 

@@ -18,6 +18,8 @@ struct Active {
     held: bool,
     /// When it last moved (for its rate figure).
     since: Instant,
+    /// Its last chunk yielded to live changes.
+    yielding: bool,
 }
 
 /// What the runner keeps between steps.
@@ -69,41 +71,47 @@ impl Backfills {
                     .map(|(id, _)| id.clone())
                     .collect();
                 held.active = r.active.keys().cloned().collect();
+                held.yielding = r
+                    .active
+                    .iter()
+                    .filter(|(_, a)| a.yielding)
+                    .map(|(id, _)| id.clone())
+                    .collect();
             }
         }
     }
 
-    /// Whether this replica streams and the live stream leaves room for a chunk. Live batches
-    /// go first, but a stream that never leaves room does not starve the backfill: after
-    /// [`MAX_YIELD`] of waiting a chunk goes anyway. `own`: chunks in flight, whose watermark
-    /// batches (a low and a high each, at most) are not live batches.
+    /// Whether this replica streams and the live stream leaves room for a chunk: `None` when
+    /// not, else whether live changes flow (the chunk then yields to them, [`Settings::live`]).
+    /// Live batches go first, but a stream that never leaves room does not starve the
+    /// backfill: after [`MAX_YIELD`] of waiting a chunk goes anyway. `own`: chunks in flight,
+    /// whose watermark batches (a low and a high each, at most) are not live batches.
     ///
     /// The batches counted are the Manager's: delivered and not yet confirmed. The
     /// connection's count would include confirmed batches whose acks wait behind a long poll
     /// (up to `canal.fetch_wait` when nothing is committed); a gate on it kept the next chunk
     /// from starting until that poll ended, and since only the chunk would have committed
     /// anything, the poll always ran its full time.
-    async fn may_read(&self, own: usize) -> bool {
+    async fn may_read(&self, own: usize) -> Option<bool> {
         match self.connection.send(GetConnectionStatus).await {
             Ok(st) if st.state == ConnectionState::Connected => {}
-            _ => return false,
+            _ => return None,
         }
-        let Ok(manager) = self.manager.send(GetManagerStatus).await else {
-            return false;
-        };
-        let Ok(mut busy) = self.busy_since.lock() else {
-            return false;
-        };
+        let manager = self.manager.send(GetManagerStatus).await.ok()?;
+        let live = manager
+            .live_at
+            .is_some_and(|t| t.elapsed() < self.settings.live_window);
+        let mut busy = self.busy_since.lock().ok()?;
         if manager.batches_in_flight <= self.settings.max_live_batches + 2 * own {
             *busy = None;
-            return true;
+            return Some(live);
         }
         let since = *busy.get_or_insert_with(Instant::now);
         if since.elapsed() >= MAX_YIELD {
             *busy = None;
-            return true;
+            return Some(live);
         }
-        false
+        None
     }
 
     /// One step of the runner: the outcomes that came, the records when due, progress to
@@ -121,8 +129,8 @@ impl Backfills {
         let mut busy = false;
         if let Some(id) = self.next_read(r, now) {
             let own = r.active.values().map(|a| a.chunks.outstanding()).sum();
-            if self.may_read(own).await {
-                return self.read(r, &id).await;
+            if let Some(live) = self.may_read(own).await {
+                return self.read(r, &id, live).await;
             }
             busy = true;
         }
@@ -158,12 +166,17 @@ impl Backfills {
                 (State::Running, None) => {
                     let bulk_only =
                         self.bulk_only(&b.spec.database, &b.spec.table, b.spec.consumer.as_deref());
+                    let mut live = self.settings.live;
+                    if self.any_bulk(&b.spec.database, &b.spec.table, b.spec.consumer.as_deref()) {
+                        live.chunk = None; // its bulk messages' ids depend on the chunks
+                    }
                     let chunks = Chunks::new(
                         b.progress.clone(),
                         b.spec.chunk,
                         b.spec.rate,
                         self.settings.pace.outstanding(bulk_only),
-                    );
+                    )
+                    .with_yield(live);
                     r.active.insert(
                         b.id.clone(),
                         Active {
@@ -172,6 +185,7 @@ impl Backfills {
                             layout: None,
                             held: false,
                             since: now,
+                            yielding: false,
                         },
                     );
                 }
@@ -280,8 +294,9 @@ impl Backfills {
     }
 
     /// Read one chunk of backfill `id` (low watermark with its unstored progress, SELECT,
-    /// rows to the Manager, high watermark); its outcome comes later.
-    async fn read(&self, r: &mut Runner, id: &str) -> Result<(), BackfillError> {
+    /// rows to the Manager, high watermark); its outcome comes later. `live`: live changes
+    /// flow, so the chunk yields to them.
+    async fn read(&self, r: &mut Runner, id: &str, live: bool) -> Result<(), BackfillError> {
         let Some(a) = r.active.get_mut(id) else {
             return Ok(());
         };
@@ -315,7 +330,8 @@ impl Backfills {
             return Ok(()); // nothing to read: finished
         };
         let nonce = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        let after = a.chunks.begin(&nonce, Instant::now());
+        let (after, asked) = a.chunks.begin(&nonce, Instant::now(), live);
+        a.yielding = live && self.settings.live != Yield::default();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let plan = ChunkPlan {
             nonce: nonce.clone(),
@@ -354,7 +370,7 @@ impl Backfills {
                     a.b.spec.condition.as_deref(),
                     after.as_deref(),
                     &max,
-                    a.b.spec.chunk,
+                    asked,
                 )
                 .await?;
             Ok::<_, BackfillError>(Some(rows))

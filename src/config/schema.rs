@@ -588,6 +588,18 @@ pub struct BackfillConfig {
     pub bulk_chunk: NonZeroUsize,
     /// `chunks_in_flight` for such a backfill (the larger of the two applies).
     pub bulk_chunks_in_flight: usize,
+    /// While live changes flow (a live row went to a consumer within `live_window`), a
+    /// backfill reads at most this many rows per second (live changes first); 0: backfills do
+    /// not yield (full speed, their own chunk size, always). `backfill start --rate` still
+    /// applies, the lower of the two.
+    pub rate_while_live: f64,
+    /// While live changes flow, a backfill's chunks have at most this many rows, so its work
+    /// comes in small pieces; a backfill whose rows a bulk rule takes keeps its chunk size.
+    pub chunk_while_live: NonZeroUsize,
+    /// Live changes flow while one went to a consumer less than this long ago; a backfill
+    /// goes back to full speed this long after the last.
+    #[serde(with = "humantime_serde")]
+    pub live_window: Duration,
 }
 
 impl BackfillConfig {
@@ -613,7 +625,7 @@ impl Default for BackfillConfig {
     fn default() -> Self {
         BackfillConfig {
             watermark_table: "canal_consumer.watermark".into(),
-            chunk: nz(1000),
+            chunk: nz(5000),
             chunk_timeout: Duration::from_secs(60),
             max_live_batches: 2,
             chunks_in_flight: 1,
@@ -621,6 +633,9 @@ impl Default for BackfillConfig {
             lane_parts: 2,
             bulk_chunk: nz(5000),
             bulk_chunks_in_flight: 1,
+            rate_while_live: 1000.0,
+            chunk_while_live: nz(100),
+            live_window: Duration::from_secs(1),
         }
     }
 }

@@ -272,6 +272,44 @@ fn zero_where_zero_is_invalid_names_origin_and_key() {
 }
 
 #[test]
+fn how_backfills_yield_to_live_changes_is_checked_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key, want) in [
+        (
+            "rate_while_live = -5",
+            "backfill.rate_while_live",
+            "must be 0 (backfills do not yield) or at least 0.01 rows per second, got -5",
+        ),
+        (
+            "rate_while_live = nan",
+            "backfill.rate_while_live",
+            "got NaN",
+        ),
+        (
+            "live_window = \"1ms\"",
+            "backfill.live_window",
+            "must be between 10ms and 1h, got 1ms",
+        ),
+        (
+            "chunk_while_live = 200000",
+            "backfill.chunk_while_live",
+            "must be at most 100000 rows, got 200000",
+        ),
+    ] {
+        let file = write(&dir, "y.toml", &format!("[backfill]\n{text}\n"));
+        let err = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
+        assert!(err.ends_with(want), "{text}: {err}");
+    }
+    // 0 turns yielding off, and is no error
+    let file = write(&dir, "y.toml", "[backfill]\nrate_while_live = 0\n");
+    let cfg = load_from(Some(&file), nowhere(), env(&[]), CliOverrides::default()).unwrap();
+    assert_eq!(cfg.backfill.rate_while_live, 0.0);
+}
+
+#[test]
 fn a_non_number_for_a_non_zero_key_is_not_called_zero() {
     for (value, want) in [
         ("abc", "expected a port number (1 to 65535)"),

@@ -129,6 +129,35 @@ impl Config {
                 bad(key, format!("must be between 1 and 8 chunks, got {n}"));
             }
         }
+        let r = self.backfill.rate_while_live;
+        if !r.is_finite() || r < 0.0 || (r > 0.0 && r < crate::backfill::MIN_RATE) {
+            bad(
+                "backfill.rate_while_live",
+                format!(
+                    "must be 0 (backfills do not yield) or at least {} rows per second, got {r}",
+                    crate::backfill::MIN_RATE
+                ),
+            );
+        }
+        if self.backfill.chunk_while_live.get() > 100_000 {
+            bad(
+                "backfill.chunk_while_live",
+                format!(
+                    "must be at most 100000 rows, got {}",
+                    self.backfill.chunk_while_live
+                ),
+            );
+        }
+        let w = self.backfill.live_window;
+        if w < std::time::Duration::from_millis(10) || w > std::time::Duration::from_secs(3600) {
+            bad(
+                "backfill.live_window",
+                format!(
+                    "must be between 10ms and 1h, got {}",
+                    humantime::format_duration(w)
+                ),
+            );
+        }
         if self.backfill.chunk_timeout < std::time::Duration::from_secs(1) {
             bad(
                 "backfill.chunk_timeout",

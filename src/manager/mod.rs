@@ -226,6 +226,10 @@ pub struct ManagerStatus {
     /// With heartbeats on: the lag they measure, and their trips.
     #[serde(default)]
     pub heartbeat: Option<HeartbeatStatus>,
+    /// When live rows last went to a consumer (not SNAPSHOT rows, not the watermark table's):
+    /// a backfill yields while they flow (`backfill.rate_while_live`). In-process only.
+    #[serde(skip)]
+    pub live_at: Option<std::time::Instant>,
 }
 
 /// What the heartbeat writer did (or could not do) at a tick; see [`heartbeat`].
@@ -303,6 +307,8 @@ pub struct Manager {
     reads: BTreeMap<String, tokio::sync::oneshot::Sender<Outcome>>,
     /// Heartbeats and the lag they give (`[heartbeat] enabled`).
     heartbeat: Option<heartbeat::Tracker>,
+    /// When live rows (not SNAPSHOT, not the service's own) last went to a consumer.
+    live_at: Option<std::time::Instant>,
 }
 
 impl Manager {
@@ -342,6 +348,7 @@ impl Manager {
             slots,
             router,
             reads: BTreeMap::new(),
+            live_at: None,
         }
     }
 
@@ -468,6 +475,14 @@ impl Manager {
                 .collect();
             if indices.is_empty() {
                 continue;
+            }
+            if indices.iter().any(|&j| {
+                batch
+                    .events
+                    .get(j)
+                    .is_some_and(|e| e.event_type.is_row() && e.snapshot.is_none())
+            }) {
+                self.live_at = Some(std::time::Instant::now());
             }
             slot.stats.events += indices.len() as u64;
             let part = |indices: Vec<usize>| Part {
@@ -941,6 +956,7 @@ impl Handler<GetManagerStatus> for Manager {
                 .map(LossyText::columns)
                 .unwrap_or_default(),
             heartbeat: self.heartbeat.as_ref().map(|t| t.status(now)),
+            live_at: self.live_at,
         })
     }
 }

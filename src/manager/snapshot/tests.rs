@@ -17,7 +17,7 @@
 //! event it shows or after a newer one).
 
 use super::Progress;
-use super::chunks::{Chunks, Key, Pace};
+use super::chunks::{Chunks, Key, Pace, Yield};
 use super::*;
 use crate::canal::connection::BatchRef;
 use crate::event::{Columns, Position};
@@ -434,7 +434,13 @@ fn run(seed: u64) {
         max_key: max_key.map(|k| vec![Value::Int(k)]),
         ..Default::default()
     };
-    let mut chunks = Chunks::new(stored.clone(), chunk, rate, max_outstanding);
+    // live changes flow at times: then a read may be smaller (a per-row backfill) and slower
+    let live = Yield {
+        rate: (rng.u8(0..3) == 0).then(|| rng.f64() * 2000.0 + 100.0),
+        chunk: rng.bool().then(|| rng.usize(1..=chunk)),
+    };
+    let mut chunks = Chunks::new(stored.clone(), chunk, rate, max_outstanding).with_yield(live);
+    let mut asking = chunk; // rows the read under way asked for
     let mut log: Vec<ChangeEvent> = Vec::new();
     let mut n = 0u64;
     let max_writes = rng.u64(50..400);
@@ -499,7 +505,12 @@ fn run(seed: u64) {
                     let (ddl_seen, seen_log) = layout.unwrap();
                     layout_at.insert(nonce.clone(), seen_log);
                     windows.expect(plan(&nonce, ddl_seen));
-                    let after = chunks.begin(&nonce, now);
+                    let (after, asked) = chunks.begin(&nonce, now, rng.bool());
+                    assert!(
+                        asked >= 1 && asked <= chunk,
+                        "read {nonce} asks {asked} rows"
+                    );
+                    asking = asked;
                     // the low watermark carries the progress not stored yet
                     if let Some((version, p)) = chunks.to_fold() {
                         stored = p;
@@ -522,7 +533,7 @@ fn run(seed: u64) {
                     let rows: Vec<Row> = table
                         .range(after.map_or(i64::MIN, |k| k + 1)..)
                         .take_while(|(k, _)| Some(**k) <= max_key)
-                        .take(chunk)
+                        .take(asking)
                         .map(|(k, v)| row(&cols, *k, *v))
                         .collect();
                     let last = rows.last().map(|r| vec![r.get("id").unwrap().clone()]);
@@ -633,7 +644,7 @@ fn run(seed: u64) {
             13 if rng.u8(0..30) == 0 && restarts < 3 && !done => {
                 restarts += 1;
                 windows = Windows::new(wm_table());
-                chunks = Chunks::new(stored.clone(), chunk, rate, max_outstanding);
+                chunks = Chunks::new(stored.clone(), chunk, rate, max_outstanding).with_yield(live);
                 read = None;
                 layout = None;
                 outcomes.clear();
@@ -736,6 +747,67 @@ fn every_key_ends_in_the_tables_final_state_across_seeds() {
 }
 
 #[test]
+fn while_live_changes_flow_a_read_is_smaller_and_keeps_to_the_live_rate() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let key = |i: i64| Some(vec![Value::Int(i)]);
+    let p = Progress {
+        max_key: key(1000),
+        ..Default::default()
+    };
+    let live = Yield {
+        rate: Some(1000.0),
+        chunk: Some(100),
+    };
+    let mut c = Chunks::new(p.clone(), 500, None, 1).with_yield(live);
+    // no live changes: the backfill's own chunk size, and no pause after it
+    assert_eq!(c.begin("a", t0, false), (None, 500));
+    c.read("a", 500, key(500));
+    c.high_written("a");
+    assert_eq!(c.confirmed("a", 500, 0, t0).chunks, 1);
+    assert!(c.may_read(t0));
+    // live changes: 100 rows, and the next read not before 100 ms (1000 rows/s) after it began
+    assert_eq!(c.begin("b", t0, true), (key(500), 100));
+    c.read("b", 100, key(600));
+    c.high_written("b");
+    let moved = c.confirmed("b", 100, 0, t0);
+    assert!(!moved.finished, "100 rows of the 100 asked is not the end");
+    assert!(!c.may_read(t0 + ms(99)));
+    assert!(c.may_read(t0 + ms(100)));
+    // fewer rows than that smaller chunk asked for: the last one
+    assert_eq!(c.begin("c", t0 + ms(100), true), (key(600), 100));
+    c.read("c", 40, key(640));
+    c.high_written("c");
+    let moved = c.confirmed("c", 40, 0, t0 + ms(100));
+    assert!(moved.finished);
+    assert_eq!(c.progress().rows_read, 640);
+    assert_eq!(c.progress().chunks, 3);
+
+    // a backfill whose rows a bulk rule takes keeps its chunk size; the lower rate wins
+    let mut c = Chunks::new(p.clone(), 500, Some(200.0), 1).with_yield(Yield {
+        rate: Some(1000.0),
+        chunk: None,
+    });
+    assert_eq!(c.begin("a", t0, true), (None, 500));
+    c.read("a", 500, key(500));
+    c.high_written("a");
+    c.confirmed("a", 500, 0, t0);
+    assert!(!c.may_read(t0 + ms(2499)), "500 rows at 200 rows/s: 2.5 s");
+    assert!(c.may_read(t0 + ms(2500)));
+    // its own rate is slower than the live one either way
+    let mut c = Chunks::new(p, 500, Some(5000.0), 1).with_yield(live);
+    assert_eq!(c.begin("a", t0, true), (None, 100));
+    c.read("a", 100, key(100));
+    c.high_written("a");
+    c.confirmed("a", 100, 0, t0);
+    assert!(
+        !c.may_read(t0 + ms(99)),
+        "the live rate, 1000 rows/s, is the lower"
+    );
+    assert!(c.may_read(t0 + ms(100)));
+}
+
+#[test]
 fn chunks_overlap_two_reads_and_store_progress_in_key_order() {
     let t0 = Instant::now();
     let key = |i: i64| Some(vec![Value::Int(i)]);
@@ -744,14 +816,14 @@ fn chunks_overlap_two_reads_and_store_progress_in_key_order() {
         ..Default::default()
     };
     let mut c = Chunks::new(p, 10, None, 2);
-    assert_eq!(c.begin("a", t0), None);
+    assert_eq!(c.begin("a", t0, false).0, None);
     // one read at a time: not before its high watermark is written
     assert!(!c.may_read(t0));
     c.read("a", 10, key(10));
     assert!(!c.may_read(t0));
     c.high_written("a");
     assert!(c.may_read(t0));
-    assert_eq!(c.begin("b", t0), key(10));
+    assert_eq!(c.begin("b", t0, false).0, key(10));
     c.read("b", 10, key(20));
     c.high_written("b");
     // two outstanding: no third
@@ -770,16 +842,16 @@ fn chunks_overlap_two_reads_and_store_progress_in_key_order() {
     c.stored(version);
     assert!(!c.save_due(t0 + chunks::FOLD_WAIT));
     // a failure rewinds to the end of the chunk before it and forgets the later ones
-    c.begin("c", t0);
+    c.begin("c", t0, false);
     c.read("c", 10, key(30));
     c.high_written("c");
-    c.begin("d", t0);
+    c.begin("d", t0, false);
     c.read("d", 10, key(40));
     c.high_written("d");
     assert_eq!(c.failed("c", "rolled back", t0), vec!["d".to_string()]);
     assert_eq!(c.confirmed("d", 10, 0, t0).chunks, 0);
     assert_eq!(c.progress().rereads, 1);
-    assert_eq!(c.begin("e", t0), key(20));
+    assert_eq!(c.begin("e", t0, false).0, key(20));
     // the last chunk (short) finishes it
     c.read("e", 3, key(23));
     c.high_written("e");
