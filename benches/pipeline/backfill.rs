@@ -19,9 +19,12 @@
 //!   ([`latency`]) at each of `BENCH_BACKFILL_RATES` rows/s, first alone, then while a per-row
 //!   backfill of the table runs, then while a bulk one runs (a new backfill is started whenever
 //!   one finishes, and the last one is cancelled when the phase ends); p99 with minus p99
-//!   without, against the 5 ms.
+//!   without, against the 5 ms. Each phase writes live rows for a second before its
+//!   clock starts (not counted), so the backfill's first chunks are under way and it has seen
+//!   live changes flow: the figures are the steady state of a backfill yielding to a live
+//!   stream (`backfill.rate_while_live`, `backfill.chunk_while_live`).
 //!
-//! `BENCH_BACKFILL_CHUNK` sets the backfills' `chunk` (the service's default, 1,000 rows,
+//! `BENCH_BACKFILL_CHUNK` sets the backfills' `chunk` (the service's default, 5,000 rows,
 //! without). `BENCH_PERF=<file>` records the service's stacks (`perf record`) during the
 //! per-row phase. Results go to stdout and `target/bench-pipeline-backfill.json`.
 
@@ -459,12 +462,12 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
             let (tx, rx) = tokio::sync::oneshot::channel();
             // one task: the latency phase, and beside it the backfills kept running
             let measure = async {
-                if with.is_some() {
-                    // the backfill's first chunks under way before the clock starts
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+                // one second of live rows first, not counted: the backfill's first chunks are
+                // under way before the clock starts, and it has seen live changes flow (a
+                // chunk read before any did goes at full speed, see README "Backfill")
+                let _ = latency(&mut arrivals, id, rate, 1).await;
                 let busy = Busy::start(&service_and_canal);
-                let mut l = latency(&mut arrivals, id, rate, o.seconds).await;
+                let mut l = latency(&mut arrivals, id + rate, rate, o.seconds).await;
                 let (cpu, cpu_text) = service_and_canal_cpu(&busy);
                 l.cpu = Some(cpu);
                 let _ = tx.send(());
@@ -479,7 +482,7 @@ pub(crate) async fn run(o: &Opts, load_before: String) {
                 }
             };
             let ((l, cpu_text), kept) = tokio::join!(measure, keep);
-            id += rate * o.seconds;
+            id += rate * (o.seconds + 1);
             let what = match with {
                 None => "no backfill".to_string(),
                 Some((consumer, l)) => format!(
