@@ -15,7 +15,9 @@
 //!   are confirmed (`backfill.chunks_in_flight`), only while this replica's Canal connection
 //!   streams (so only the active HA replica reads), and only while the live stream has at most
 //!   `backfill.max_live_batches` batches in flight besides the backfills' own (live changes go
-//!   first), at most `rate` rows per second;
+//!   first), at most `rate` rows per second; while live rows went to a consumer within
+//!   `backfill.live_window` (the Manager's `live_at`), at most `backfill.rate_while_live` rows
+//!   per second in chunks of at most `backfill.chunk_while_live` rows ([`Yield`]);
 //! - the records: every backfill is a row of the watermark table ([`record`]), so a restarted
 //!   service or the other replica finds it; its progress moves only once a chunk's triggers are
 //!   all confirmed, in key order, and is stored with the next low watermark (or alone), so
@@ -159,8 +161,8 @@ pub struct Settings {
     pub owner: String,
 }
 
-/// The smallest `--rate` (rows per second).
-pub const MIN_RATE: f64 = 0.01;
+/// The smallest `--rate` (rows per second); `backfill.rate_while_live` has the same floor.
+pub use crate::config::MIN_BACKFILL_RATE as MIN_RATE;
 
 /// The longest a chunk waits for the live stream to leave room.
 pub const MAX_YIELD: Duration = Duration::from_secs(1);

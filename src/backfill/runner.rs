@@ -1,5 +1,6 @@
 //! The backfill runner: for as long as the service runs, it reads the records, reads chunks of
-//! the running backfills (one read at a time, live batches first), hands their rows to the
+//! the running backfills (one read at a time, live batches first, smaller and slower while
+//! live changes flow), hands their rows to the
 //! stream through the Manager, waits for their outcomes, and stores progress. Each chunk's
 //! decisions (what to read next, when progress may move, when to store it) are in the pure
 //! core [`crate::manager::snapshot::chunks::Chunks`]; this is its shell. A failure of the source

@@ -640,6 +640,10 @@ impl Default for BackfillConfig {
     }
 }
 
+/// The smallest rate a backfill may be given (rows per second): `backfill start --rate` and
+/// `backfill.rate_while_live` (besides its 0, no yielding).
+pub const MIN_BACKFILL_RATE: f64 = 0.01;
+
 /// The longest row id of the watermark table (its `id` column is `VARCHAR(64)`).
 pub const HEARTBEAT_MAX_ID: usize = 64;
 

@@ -130,12 +130,12 @@ impl Config {
             }
         }
         let r = self.backfill.rate_while_live;
-        if !r.is_finite() || r < 0.0 || (r > 0.0 && r < crate::backfill::MIN_RATE) {
+        if !r.is_finite() || r < 0.0 || (r > 0.0 && r < super::schema::MIN_BACKFILL_RATE) {
             bad(
                 "backfill.rate_while_live",
                 format!(
                     "must be 0 (backfills do not yield) or at least {} rows per second, got {r}",
-                    crate::backfill::MIN_RATE
+                    super::schema::MIN_BACKFILL_RATE
                 ),
             );
         }
