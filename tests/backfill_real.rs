@@ -512,7 +512,22 @@ async fn a_backfill_yields_to_live_changes_and_goes_full_speed_after_them() {
     })
     .await;
     let id = start_backfill(&svc, &format!("table={DB}.yield")).await;
+    // status says so while it yields
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let b = backfill(&svc, &id).await;
+        if b["yielding"] == true {
+            break;
+        }
+        assert!(
+            b["state"] == "running" && Instant::now() < deadline,
+            "never shown as yielding: {b}\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let done = wait_backfill(&svc, &id, "done", Duration::from_secs(120)).await;
+    assert_eq!(done["yielding"], false, "a backfill that is done yields no more: {done}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let ops = writer.await.unwrap();
     let p = &done["progress"];
