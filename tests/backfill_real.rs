@@ -63,42 +63,27 @@ async fn a_backfill_under_concurrent_writes_ends_in_the_tables_final_state() {
     let id = start_backfill(&svc, &format!("table={DB}.big&chunk=2000")).await;
     // the writer: inserts, updates, key changes and deletes all over the key range, for as
     // long as the backfill runs
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let pool = pool.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut c = pool.get_conn().await.unwrap();
-            let mut rng = fastrand::Rng::with_seed(7);
-            let mut ops = 0u32;
-            let mut next = rows + 1;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let k = rng.i64(1..=rows);
-                let sql = match rng.u8(0..4) {
-                    0 => {
-                        next += 1;
-                        format!("INSERT INTO big VALUES ({next}, {})", rng.i64(1..1_000_000))
-                    }
-                    1 => format!(
-                        "UPDATE big SET v = {} WHERE id = {k}",
-                        rng.i64(1..1_000_000)
-                    ),
-                    2 => {
-                        next += 1;
-                        format!("UPDATE IGNORE big SET id = {next} WHERE id = {k}")
-                    }
-                    _ => format!("DELETE FROM big WHERE id = {k}"),
-                };
-                c.query_drop(sql).await.unwrap();
-                ops += 1;
-                tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut next = rows + 1;
+    let writer = Writer::start(&pool, 7, Duration::from_millis(1), move |rng| {
+        let k = rng.i64(1..=rows);
+        match rng.u8(0..4) {
+            0 => {
+                next += 1;
+                format!("INSERT INTO big VALUES ({next}, {})", rng.i64(1..1_000_000))
             }
-            ops
-        })
-    };
+            1 => format!(
+                "UPDATE big SET v = {} WHERE id = {k}",
+                rng.i64(1..1_000_000)
+            ),
+            2 => {
+                next += 1;
+                format!("UPDATE IGNORE big SET id = {next} WHERE id = {k}")
+            }
+            _ => format!("DELETE FROM big WHERE id = {k}"),
+        }
+    });
     let done = wait_backfill(&svc, &id, "done", Duration::from_secs(600)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let ops = writer.await.unwrap();
+    let ops = writer.stop().await;
     sentinel(&pool, "big", "-1").await;
     let got = consume_until(&queue, Duration::from_secs(300), |g| {
         g.last().is_some_and(is_sentinel)
@@ -485,25 +470,12 @@ async fn a_backfill_yields_to_live_changes_and_goes_full_speed_after_them() {
     svc.start().await;
     // live changes flow before and all through the backfill: updates all over the table
     let pool = pool();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let pool = pool.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut c = pool.get_conn().await.unwrap();
-            let mut rng = fastrand::Rng::with_seed(11);
-            let mut ops = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let k = rng.u64(1..=rows);
-                c.query_drop(format!("UPDATE yield SET v = v + 1 WHERE id = {k}"))
-                    .await
-                    .unwrap();
-                ops += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            ops
-        })
-    };
+    let writer = Writer::start(&pool, 11, Duration::from_millis(20), move |rng| {
+        format!(
+            "UPDATE yield SET v = v + 1 WHERE id = {}",
+            rng.u64(1..=rows)
+        )
+    });
     wait_status(&svc, "live changes routed", |s| {
         common::service::consumer(s, "yield")["events"]
             .as_u64()
@@ -527,9 +499,11 @@ async fn a_backfill_yields_to_live_changes_and_goes_full_speed_after_them() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let done = wait_backfill(&svc, &id, "done", Duration::from_secs(120)).await;
-    assert_eq!(done["yielding"], false, "a backfill that is done yields no more: {done}");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let ops = writer.await.unwrap();
+    assert_eq!(
+        done["yielding"], false,
+        "a backfill that is done yields no more: {done}"
+    );
+    let ops = writer.stop().await;
     let p = &done["progress"];
     assert_eq!(p["rows_read"].as_u64().unwrap(), rows, "{done}");
     // not one chunk of the default 5,000 rows: 50 at a time

@@ -196,6 +196,43 @@ pub fn is_sentinel(g: &Got) -> bool {
     g.body["plugin"] == "row" && g.body["payload"]["v"] == -1
 }
 
+/// A writer on a connection of its own: the statement `next` makes, one after another with
+/// `pause` between, until [`Writer::stop`]. Returns how many it ran.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u32>,
+}
+
+impl Writer {
+    pub fn start(
+        pool: &mysql_async::Pool,
+        seed: u64,
+        pause: Duration,
+        mut next: impl FnMut(&mut fastrand::Rng) -> String + Send + 'static,
+    ) -> Writer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (pool, flag) = (pool.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut c = pool.get_conn().await.unwrap();
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut ops = 0u32;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                c.query_drop(next(&mut rng)).await.unwrap();
+                ops += 1;
+                tokio::time::sleep(pause).await;
+            }
+            ops
+        });
+        Writer { stop, task }
+    }
+
+    /// Stop after the statement under way; how many ran.
+    pub async fn stop(self) -> u32 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
 /// Waits until backfill `id` has confirmed at least `chunks` chunks.
 pub async fn wait_chunks(svc: &ServiceProc, id: &str, chunks: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
