@@ -454,6 +454,8 @@ impl Manager {
         let lane_rows = self.cfg.lane.rows.max(1);
         let watermark = self.cfg.watermark.as_ref();
         let mut parts = Vec::new();
+        // live rows (not SNAPSHOT, not the service's own) went to a consumer
+        let mut live = false;
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if !self.router.is_enabled(i) {
                 continue;
@@ -476,14 +478,13 @@ impl Manager {
             if indices.is_empty() {
                 continue;
             }
-            if indices.iter().any(|&j| {
-                batch
-                    .events
-                    .get(j)
-                    .is_some_and(|e| e.event_type.is_row() && e.snapshot.is_none())
-            }) {
-                self.live_at = Some(std::time::Instant::now());
-            }
+            live = live
+                || indices.iter().any(|&j| {
+                    batch
+                        .events
+                        .get(j)
+                        .is_some_and(|e| e.event_type.is_row() && e.snapshot.is_none())
+                });
             slot.stats.events += indices.len() as u64;
             let part = |indices: Vec<usize>| Part {
                 events: batch.events.clone(),
@@ -501,6 +502,9 @@ impl Manager {
                     part,
                 ),
             ));
+        }
+        if live {
+            self.live_at = Some(std::time::Instant::now());
         }
         self.router.route_segments(batch.batch, parts);
         self.run(ctx);
