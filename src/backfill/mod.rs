@@ -350,9 +350,7 @@ impl Backfills {
 
     /// The consumers that would get SNAPSHOT rows of `database.table`.
     fn takers(&self, database: &str, table: &str) -> Vec<&str> {
-        self.consumers
-            .iter()
-            .filter(|c| c.takes(database, table))
+        self.takers_for(database, table, None)
             .map(|c| c.name.as_str())
             .collect()
     }
@@ -360,23 +358,28 @@ impl Backfills {
     /// Whether every consumer a backfill of `database.table` (for `consumer`, or for every
     /// consumer that takes it) is for only has bulk rules for its rows.
     fn bulk_only(&self, database: &str, table: &str, consumer: Option<&str>) -> bool {
-        let mut takers = self
-            .consumers
-            .iter()
-            .filter(|c| c.takes(database, table))
-            .filter(|c| consumer.is_none_or(|n| c.name == n))
-            .peekable();
+        let mut takers = self.takers_for(database, table, consumer).peekable();
         takers.peek().is_some() && takers.all(|c| c.bulk_only(database, table))
     }
 
     /// Whether a consumer a backfill of `database.table` is for batches its rows (see
     /// [`Taker::any_bulk`]): its chunks must keep their size.
     fn any_bulk(&self, database: &str, table: &str, consumer: Option<&str>) -> bool {
+        self.takers_for(database, table, consumer)
+            .any(|c| c.any_bulk(database, table))
+    }
+
+    /// The consumers a backfill of `database.table` (for `consumer` alone, if named) reaches.
+    fn takers_for<'s, 'q>(
+        &'s self,
+        database: &'q str,
+        table: &'q str,
+        consumer: Option<&'q str>,
+    ) -> impl Iterator<Item = &'s Taker> + use<'s, 'q> {
         self.consumers
             .iter()
-            .filter(|c| c.takes(database, table))
-            .filter(|c| consumer.is_none_or(|n| c.name == n))
-            .any(|c| c.any_bulk(database, table))
+            .filter(move |c| c.takes(database, table))
+            .filter(move |c| consumer.is_none_or(|n| c.name == n))
     }
 
     /// Check and store a new backfill; it starts with the runner's next round.
