@@ -485,19 +485,18 @@ async fn a_backfill_yields_to_live_changes_and_goes_full_speed_after_them() {
     .await;
     let id = start_backfill(&svc, &format!("table={DB}.yield")).await;
     // status says so while it yields
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let b = backfill(&svc, &id).await;
-        if b["yielding"] == true {
-            break;
-        }
-        assert!(
-            b["state"] == "running" && Instant::now() < deadline,
-            "never shown as yielding: {b}\n{}",
-            svc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_view(
+        &svc,
+        &id,
+        "yielding",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        |b| {
+            assert_eq!(b["state"], "running", "never shown as yielding: {b}");
+            b["yielding"] == true
+        },
+    )
+    .await;
     let done = wait_backfill(&svc, &id, "done", Duration::from_secs(120)).await;
     assert_eq!(
         done["yielding"], false,

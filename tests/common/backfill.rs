@@ -115,20 +115,37 @@ pub async fn backfill(svc: &ServiceProc, id: &str) -> Value {
     serde_json::from_str(&r.body).unwrap()
 }
 
-pub async fn wait_backfill(svc: &ServiceProc, id: &str, state: &str, timeout: Duration) -> Value {
+/// Polls backfill `id` every `every` until `ok` holds for its view, which it returns; fails
+/// (with the view and the service's log) after `timeout`, saying it was waiting for `what`.
+pub async fn wait_view(
+    svc: &ServiceProc,
+    id: &str,
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let b = backfill(svc, id).await;
-        if b["state"] == state {
+        if ok(&b) {
             return b;
         }
         assert!(
             Instant::now() < deadline,
-            "backfill {id} not {state} in time: {b}\n{}",
+            "backfill {id}: {what} not in time: {b}\n{}",
             svc.logs()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(every).await;
     }
+}
+
+pub async fn wait_backfill(svc: &ServiceProc, id: &str, state: &str, timeout: Duration) -> Value {
+    let what = format!("state {state}");
+    wait_view(svc, id, &what, timeout, Duration::from_millis(200), |b| {
+        b["state"] == state
+    })
+    .await
 }
 
 /// What a consumer saw last per key, in arrival order: Some(v) for a row, None for gone.
@@ -235,19 +252,16 @@ impl Writer {
 
 /// Waits until backfill `id` has confirmed at least `chunks` chunks.
 pub async fn wait_chunks(svc: &ServiceProc, id: &str, chunks: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let b = backfill(svc, id).await;
-        if b["progress"]["chunks"].as_u64().unwrap() >= chunks {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no progress: {b}\n{}",
-            svc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{chunks} chunks confirmed");
+    wait_view(
+        svc,
+        id,
+        &what,
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        |b| b["progress"]["chunks"].as_u64().unwrap() >= chunks,
+    )
+    .await;
 }
 
 /// `DB.table (id INT PRIMARY KEY, v INT)` holding rows 1..=rows with v = id, written without
