@@ -12,6 +12,13 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// jemalloc instead of glibc's malloc. The publish path allocates each message on the actor
+/// thread and lapin's I/O thread frees it; with glibc that cross-thread traffic was a sixth of
+/// the service's CPU in the per-row backfill (BENCHMARKS.md, "jemalloc"). Its options are built
+/// in from `.cargo/config.toml`; `_RJEM_MALLOC_CONF` in the environment overrides them.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "canal-consumer",
