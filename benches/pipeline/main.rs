@@ -137,6 +137,9 @@ struct Opts {
     /// `BENCH_BACKFILL_THROTTLE=<chunk>,<rate>`: the throttled per-row backfill of the latency
     /// phases.
     backfill_throttle: (u64, u64),
+    /// `BENCH_BACKFILL_ROUNDS`: how many times each backfill latency phase runs (in rotated
+    /// order); the figures are the medians of their p99s.
+    backfill_rounds: usize,
 }
 
 fn rates_env(name: &str, default: &str) -> Vec<u64> {
@@ -181,6 +184,8 @@ impl Opts {
             }),
             backfill_bulk: env_num("BENCH_BACKFILL_BULK", 500),
             backfill_rates: rates_env("BENCH_BACKFILL_RATES", "200,1000"),
+            backfill_rounds: env_num("BENCH_BACKFILL_ROUNDS", if quick { 1 } else { 3 }).max(1)
+                as usize,
             backfill_throttle: {
                 let v = rates_env("BENCH_BACKFILL_THROTTLE", "100,1000");
                 assert!(v.len() == 2, "BENCH_BACKFILL_THROTTLE: <chunk>,<rows/s>");
