@@ -101,6 +101,8 @@ enum Answer {
     Fail,
     /// Succeed after this much virtual time.
     Slow(Duration),
+    /// Never answer (a frozen source).
+    Hang,
 }
 
 #[derive(Clone)]
@@ -127,6 +129,7 @@ impl FakeTable {
                 tokio::time::sleep(d).await;
                 Ok(())
             }
+            Answer::Hang => std::future::pending().await,
         }
     }
 }
@@ -313,6 +316,43 @@ fn a_slow_write_delays_the_next_heartbeat_instead_of_bunching_the_missed_ones() 
             (4500, write(4500, true)),
         ];
         assert_eq!(got, expected);
+    });
+}
+
+/// A write the source never answers (a frozen source) is abandoned after
+/// `heartbeat::WRITE_TIMEOUT` as a failed one, and the writer goes on at the next tick: an
+/// idle database's lag comes back with the next heartbeat instead of waiting on it for the
+/// minutes TCP takes to give up.
+#[test]
+fn a_write_the_source_never_answers_is_abandoned_and_the_writer_goes_on() {
+    on_paused_clock(async {
+        use Answer::*;
+        let mut w = writer(
+            Duration::from_secs(1),
+            &[],
+            &[Ok, Hang, Ok, Ok],
+            Some(ms(30)),
+        );
+        let timeout = heartbeat::WRITE_TIMEOUT.as_millis() as u64;
+        let last = 1000 + timeout + 1000;
+        // virtual time: without the timeout the writer waits forever and the clock runs out
+        let got = tokio::time::timeout(Duration::from_secs(3600), w.until(last))
+            .await
+            .expect("the writer is stuck on a write the source never answers");
+        let expected = vec![
+            (0, written(0)),
+            (0, Seen::EnsureTable(true)),
+            (0, write(0, true)),
+            // the write of 1000 never ends: abandoned at 1000 + WRITE_TIMEOUT, unseen
+            (1000, written(1000)),
+            (1000 + timeout, written(1000 + timeout)),
+            (1000 + timeout, write(1000 + timeout, true)),
+            (last, written(last)),
+            (last, write(last, true)),
+        ];
+        assert_eq!(got, expected);
+        // the heartbeats written after it came back: the lag is their trip again
+        assert_eq!(w.lag_at(last + 1000), Some(30));
     });
 }
 

@@ -399,7 +399,9 @@ fn backfill_error(e: &BackfillError) -> HttpResponse {
         BackfillError::Invalid(_) => StatusCode::BAD_REQUEST,
         BackfillError::NotFound(_) => StatusCode::NOT_FOUND,
         BackfillError::Conflict(_) | BackfillError::NotConfigured => StatusCode::CONFLICT,
-        BackfillError::Source { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        BackfillError::Source { .. } | BackfillError::Timeout { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
     };
     error(status, e.to_string())
 }

@@ -13,7 +13,11 @@
 //! How it fails: a write the source refuses or cannot take (down, no grant) is logged (the
 //! first of a run of failures as a warning, then every [`LOG_EVERY`]th) and tried again at the
 //! next tick, not sooner; nothing stops the service. A write slower than the interval delays
-//! the next tick instead of bunching the missed ones. It ends when the connection actor is gone.
+//! the next tick instead of bunching the missed ones; one unanswered for [`WRITE_TIMEOUT`] (a
+//! frozen source, a link that drops packets) is abandoned as a failed write
+//! ([`BackfillError::Timeout`]), so the writer does not wait on it for the minutes TCP takes to
+//! give up, and the lag of an idle database comes back as soon as the source does. It ends
+//! when the connection actor is gone.
 //!
 //! The table ([`HeartbeatTable`]) and the clock are arguments, so `tests/actor_timers.rs` runs
 //! the writer on tokio's paused clock with a fake table.
@@ -31,6 +35,9 @@ pub use crate::config::{HEARTBEAT_MAX_ID as MAX_ID, heartbeat_row_id as row_id};
 
 /// A run of failed writes is logged again every this many ticks.
 pub const LOG_EVERY: u32 = 100;
+
+/// A table check or write still unanswered after this long is abandoned as failed.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a tick at `now` does in connection state `state`: write (`Written`) only while
 /// connected; a replica that does not stream owes nothing (`Idle`); otherwise the stream
@@ -106,7 +113,15 @@ pub async fn run(
             }
             table.write_heartbeat(&id, &format!("{PREFIX}{now}")).await
         };
-        match written.await {
+        let written = tokio::time::timeout(WRITE_TIMEOUT, written)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackfillError::Timeout {
+                    what: "writing a heartbeat".into(),
+                    after: WRITE_TIMEOUT,
+                })
+            });
+        match written {
             Ok(()) => {
                 if failures > 0 {
                     tracing::info!(failures, "heartbeat written again");

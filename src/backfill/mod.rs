@@ -81,11 +81,17 @@ pub enum BackfillError {
         what: String,
         source: mysql_async::Error,
     },
+    /// The source database did not answer in time (transient): the operation was abandoned.
+    #[error("{what}: no answer within {after:?}")]
+    Timeout { what: String, after: Duration },
 }
 
 impl BackfillError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, BackfillError::Source { .. })
+        matches!(
+            self,
+            BackfillError::Source { .. } | BackfillError::Timeout { .. }
+        )
     }
 }
 
