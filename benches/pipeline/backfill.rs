@@ -38,7 +38,7 @@ use crate::accounting::{
     stack_pids, take_peak_rss_kib, uptime_load,
 };
 use crate::broker::{QUEUE, amqp_url, queue_args};
-use crate::latency::{latency, sink_arrivals};
+use crate::latency::{latency, median, sink_arrivals};
 use crate::probes::probe;
 use crate::report::{busy_json, busy_text, latency_json, write_json};
 use crate::service::{
@@ -291,17 +291,6 @@ fn phase_name(with: Option<(&str, Limits)>, chunk_rows: u64) -> String {
                 .map(|r| format!(", rate {r} rows/s"))
                 .unwrap_or_default()
         ),
-    }
-}
-
-/// The median of a few values (the mean of the middle two for an even count).
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
     }
 }
 

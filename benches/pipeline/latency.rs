@@ -28,6 +28,13 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The median of a few figures (the upper of the middle two for an even count), NaN for none.
+pub(crate) fn median(v: &[f64]) -> f64 {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// One stamped row seen by a reader: its id, its statement stamp and the arrival time (seconds
 /// since the epoch, same host clock).
 pub(crate) type Arrival = (u64, f64, f64);

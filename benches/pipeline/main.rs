@@ -92,7 +92,7 @@ use crate::accounting::{
     service_and_canal_cpu, settle, stack_pids, uptime_load,
 };
 use crate::broker::{QUEUE, amqp_url, cluster, normal_priority, queue_args};
-use crate::latency::{canal_arrivals, latency, sink_arrivals};
+use crate::latency::{canal_arrivals, latency, median, sink_arrivals};
 use crate::probes::{canal_probe, perftest, probe};
 use crate::report::{busy_json, busy_text, latency_json, write_json};
 use crate::service::{
@@ -552,11 +552,6 @@ async fn main() {
                     rates[k].push(r);
                 }
             }
-            let median = |v: &[f64]| {
-                let mut v = v.to_vec();
-                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                v[v.len() / 2]
-            };
             let none = median(&rates[0]);
             let how = if drain { "drained" } else { "piling up" };
             for (k, l) in levels.iter().enumerate() {
