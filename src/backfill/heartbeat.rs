@@ -116,8 +116,13 @@ pub async fn run(
         let written = tokio::time::timeout(WRITE_TIMEOUT, written)
             .await
             .unwrap_or_else(|_| {
+                let what = if table_ready {
+                    "writing a heartbeat"
+                } else {
+                    "checking the watermark table before a heartbeat"
+                };
                 Err(BackfillError::Timeout {
-                    what: "writing a heartbeat".into(),
+                    what: what.into(),
                     after: WRITE_TIMEOUT,
                 })
             });
