@@ -90,6 +90,12 @@ impl TableFilter {
         }
     }
 
+    /// Whether this filter lets live events through (any type but SNAPSHOT): a consumer with
+    /// such a filter takes its SNAPSHOT rows in the lane, beside its live changes.
+    pub fn takes_live(&self) -> bool {
+        self.event_types.is_empty() || self.event_types.iter().any(|t| *t != EventType::Snapshot)
+    }
+
     pub fn matches(&self, event: &ChangeEvent) -> bool {
         let by_type = if self.event_types.is_empty() {
             event.event_type != EventType::Snapshot

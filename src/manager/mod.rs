@@ -327,12 +327,7 @@ impl Manager {
                     ..Default::default()
                 },
                 confirmed_executed_at: None,
-                live_too: c.filters.iter().any(|f| {
-                    f.event_types.is_empty()
-                        || f.event_types
-                            .iter()
-                            .any(|t| *t != crate::event::EventType::Snapshot)
-                }),
+                live_too: c.filters.iter().any(TableFilter::takes_live),
                 name: c.name,
                 filters: c.filters,
                 addr: c.addr,
