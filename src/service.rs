@@ -218,7 +218,7 @@ async fn start(
                     database: r.when.database.clone(),
                     table: r.when.table.clone(),
                     events: r.when.events.clone(),
-                    bulk: r.batch.is_some(),
+                    batch: r.batch.map(|b| b.max_rows),
                 })
                 .collect(),
         })
@@ -341,6 +341,7 @@ async fn start(
                     chunk_timeout: cfg.backfill.chunk_timeout,
                     max_live_batches: cfg.backfill.max_live_batches,
                     live_window: cfg.backfill.live_window,
+                    lane_rows: cfg.backfill.lane_rows.get(),
                     // rate_while_live = 0: backfills do not yield
                     live: if cfg.backfill.rate_while_live > 0.0 {
                         crate::manager::snapshot::chunks::Yield {

@@ -776,6 +776,133 @@ batch = {{ max_rows = 64 }}
     delete_queue(&queue).await;
 }
 
+/// While live changes flow, a backfill whose rows a bulk rule takes reads smaller pieces too,
+/// each a whole number of its bulks (64 rows: 128 for `chunk_while_live` 100), never across
+/// its chunks of 1,000 rows: its bulk messages are exactly those of whole chunks, computed
+/// here from the table's keys, so a chunk read again in either mode keeps its messages' ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(real_services),
+    ignore = "needs the local services: run deploy/local/test (CC_REAL_SERVICES=1)"
+)]
+async fn a_yielding_bulk_backfill_reads_smaller_pieces_and_cuts_the_bulks_of_whole_chunks() {
+    let _canal = canal_lock().await;
+    let rows = 3000usize;
+    keyed_table("bulkyield", rows as u64);
+    // the live changes go to another table and consumer: no row of the backfill is dropped
+    mysql(&format!(
+        "CREATE DATABASE IF NOT EXISTS {DB}; DROP TABLE IF EXISTS {DB}.bulklive; \
+         CREATE TABLE {DB}.bulklive (id INT PRIMARY KEY, v INT NOT NULL); \
+         INSERT INTO {DB}.bulklive VALUES (1, 0);"
+    ));
+    let queue = queue("backfill-bulk-yield");
+    let consumers = format!(
+        r#"
+[consumers.bulk]
+[[consumers.bulk.filters]]
+database = "{DB}"
+table = "bulkyield"
+events = ["SNAPSHOT"]
+
+[[consumers.bulk.rules]]
+name = "rows"
+plugin = "index"
+payload = {{ key = "${{data.id}}" }}
+batch = {{ max_rows = 64 }}
+
+[consumers.live]
+[[consumers.live.filters]]
+database = "{DB}"
+table = "bulklive"
+events = ["UPDATE"]
+
+[[consumers.live.rules]]
+name = "touched"
+plugin = "touch"
+payload = {{ v = "${{data.v}}" }}
+"#
+    );
+    let mut svc = backfill_proc(
+        "backfill-bulk-yield",
+        &queue,
+        &[("bulk.toml", &consumers)],
+        "wm_bulk_yield",
+    )
+    .await;
+    for (k, v) in [
+        ("RATE_WHILE_LIVE", "2000"),
+        ("CHUNK_WHILE_LIVE", "100"),
+        ("LIVE_WINDOW", "3s"),
+    ] {
+        svc.env
+            .push((format!("CANAL_CONSUMER__BACKFILL__{k}"), v.into()));
+    }
+    svc.start().await;
+    let pool = pool();
+    let writer = Writer::start(&pool, 13, Duration::from_millis(20), |_| {
+        "UPDATE bulklive SET v = v + 1 WHERE id = 1".to_string()
+    });
+    wait_status(&svc, "live changes routed", |s| {
+        common::service::consumer(s, "live")["events"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    })
+    .await;
+    let id = start_backfill(&svc, &format!("table={DB}.bulkyield&chunk=1000")).await;
+    let done = wait_backfill(&svc, &id, "done", Duration::from_secs(120)).await;
+    let ops = writer.stop().await;
+    let p = &done["progress"];
+    assert_eq!(p["rows_read"].as_u64(), Some(rows as u64), "{done}");
+    // 3 chunks of 1,000 rows read as 7 × 128 + 104 each: 24 reads
+    assert!(
+        p["chunks"].as_u64().unwrap() >= 20,
+        "the bulk backfill did not read smaller pieces while live changes flowed: {done}"
+    );
+    let bulk_rows = |g: &[Got]| -> usize {
+        g.iter()
+            .filter(|m| m.body["bulk"].is_object())
+            .map(|m| m.body["payload"].as_array().map_or(0, Vec::len))
+            .sum()
+    };
+    let got = consume_until(&queue, Duration::from_secs(60), |g| bulk_rows(g) >= rows).await;
+    let mut bulks: Vec<(i64, i64, usize)> = got
+        .iter()
+        .filter(|m| m.body["bulk"].is_object())
+        .map(|m| {
+            let keys: Vec<i64> = m.body["payload"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["key"].as_i64().unwrap())
+                .collect();
+            (keys[0], *keys.last().unwrap(), keys.len())
+        })
+        .collect();
+    bulks.sort();
+    // the expected cut, from the table's keys: chunks of 1,000 rows, each cut every 64 rows
+    let keys: Vec<i64> = mysql(&format!("SELECT id FROM {DB}.bulkyield ORDER BY id"))
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    let expected: Vec<(i64, i64, usize)> = keys
+        .chunks(1000)
+        .flat_map(|c| c.chunks(64))
+        .map(|b| (b[0], *b.last().unwrap(), b.len()))
+        .collect();
+    assert_eq!(bulks, expected, "the bulks of whole chunks");
+    let ids: std::collections::HashSet<&str> = got
+        .iter()
+        .filter(|m| m.body["bulk"].is_object())
+        .map(|m| m.message_id.as_str())
+        .collect();
+    assert_eq!(ids.len(), expected.len(), "one id per bulk");
+    eprintln!("{ops} live changes during the backfill; {}", p);
+    let _ = svc.terminate(Duration::from_secs(30));
+    delete_queue(&queue).await;
+    disconnect(pool).await;
+}
+
 /// A backfill whose consumer is disabled waits (its rows would reach nobody) and says so; it
 /// goes on once the consumer is enabled, and every row arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,8 @@
 //!   `backfill.max_live_batches` batches in flight besides the backfills' own (live changes go
 //!   first), at most `rate` rows per second; while live rows went to a consumer within
 //!   `backfill.live_window` (the Manager's `live_at`), at most `backfill.rate_while_live` rows
-//!   per second in chunks of at most `backfill.chunk_while_live` rows ([`Yield`]);
+//!   per second in reads of at most `backfill.chunk_while_live` rows, a whole number of its
+//!   bulks for a backfill a bulk rule takes ([`Yield`], [`Taker::bulk_period`]);
 //! - the records: every backfill is a row of the watermark table ([`record`]), so a restarted
 //!   service or the other replica finds it; its progress moves only once a chunk's triggers are
 //!   all confirmed, in key order, and is stored with the next low watermark (or alone), so
@@ -127,7 +128,7 @@ pub struct BackfillView {
     #[serde(default)]
     pub reading: bool,
     /// Live changes flow, so it yields to them: its reads keep to `backfill.rate_while_live`
-    /// in chunks of at most `backfill.chunk_while_live` rows (this replica, while it runs).
+    /// in reads of at most `backfill.chunk_while_live` rows (this replica, while it runs).
     #[serde(default)]
     pub yielding: bool,
 }
@@ -157,9 +158,12 @@ pub struct Settings {
     pub chunk_timeout: Duration,
     pub max_live_batches: usize,
     /// How backfills yield while live changes flow (`backfill.rate_while_live`,
-    /// `backfill.chunk_while_live`); a backfill whose rows a bulk rule takes keeps its chunk
-    /// size.
+    /// `backfill.chunk_while_live`); a backfill whose rows a bulk rule takes reads whole
+    /// periods of its bulks ([`Yield::bulk`]).
     pub live: Yield,
+    /// SNAPSHOT rows per lane part (`backfill.lane_rows`): where a consumer that gets live
+    /// events too cuts its bulks.
+    pub lane_rows: usize,
     /// Live changes flow while one went to a consumer less than this long ago
     /// (`backfill.live_window`).
     pub live_window: Duration,
@@ -199,8 +203,9 @@ pub struct TakerRule {
     pub database: Option<NameMatch>,
     pub table: Option<NameMatch>,
     pub events: BTreeSet<EventType>,
-    /// The rule batches its rows into bulk messages (`batch`).
-    pub bulk: bool,
+    /// The rule batches its rows into bulk messages of at most this many rows
+    /// (`batch.max_rows`); `None`: one message per row.
+    pub batch: Option<usize>,
 }
 
 impl TakerRule {
@@ -231,17 +236,42 @@ impl Taker {
         self.rules
             .iter()
             .filter(|r| r.fires(database, table))
-            .all(|r| r.bulk)
+            .all(|r| r.batch.is_some())
     }
 
-    /// Whether a rule that may fire on SNAPSHOT events of `database.table` batches its rows
-    /// (its messages' ids then depend on the chunks the rows came in).
-    pub fn any_bulk(&self, database: &str, table: &str) -> bool {
-        self.rules
+    /// Every how many rows of a chunk this consumer's bulk messages of SNAPSHOT rows of
+    /// `database.table` repeat their cut, counted from the chunk's first row; `None` when no
+    /// rule that may fire on them batches. A bulk message's id names its first and last row,
+    /// so reads that start a whole number of periods into a chunk cut the same bulks as the
+    /// whole chunk read at once.
+    ///
+    /// A consumer that gets live events too takes a chunk's rows in lane parts of `lane_rows`
+    /// and each bulk rule cuts within a part: the period is `lane_rows`. One that gets only
+    /// SNAPSHOT events takes the chunk whole and each rule cuts at its `max_rows`: the period is
+    /// their least common multiple (saturating).
+    pub fn bulk_period(&self, database: &str, table: &str, lane_rows: usize) -> Option<usize> {
+        let mut sizes = self
+            .rules
             .iter()
             .filter(|r| r.fires(database, table))
-            .any(|r| r.bulk)
+            .filter_map(|r| r.batch)
+            .peekable();
+        sizes.peek()?;
+        if self.filters.iter().any(TableFilter::takes_live) {
+            return Some(lane_rows.max(1));
+        }
+        Some(sizes.fold(1, lcm))
     }
+}
+
+/// The least common multiple of two periods (at least 1; `usize::MAX` when it overflows).
+fn lcm(a: usize, b: usize) -> usize {
+    let (a, b) = (a.max(1), b.max(1));
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    (a / x).saturating_mul(b)
 }
 
 /// Live figures per backfill (this replica).
@@ -368,11 +398,14 @@ impl Backfills {
         takers.peek().is_some() && takers.all(|c| c.bulk_only(database, table))
     }
 
-    /// Whether a consumer a backfill of `database.table` is for batches its rows (see
-    /// [`Taker::any_bulk`]): its chunks must keep their size.
-    fn any_bulk(&self, database: &str, table: &str, consumer: Option<&str>) -> bool {
+    /// Every how many rows of a chunk the bulk messages of a backfill of `database.table`
+    /// (for `consumer`, or every consumer that takes it) repeat their cut, for all its
+    /// consumers at once (see [`Taker::bulk_period`]); `None`: none batches its rows.
+    fn bulk_period(&self, database: &str, table: &str, consumer: Option<&str>) -> Option<usize> {
+        let lane_rows = self.settings.lane_rows;
         self.takers_for(database, table, consumer)
-            .any(|c| c.any_bulk(database, table))
+            .filter_map(|c| c.bulk_period(database, table, lane_rows))
+            .reduce(lcm)
     }
 
     /// The consumers a backfill of `database.table` (for `consumer` alone, if named) reaches.
@@ -595,12 +628,12 @@ mod tests {
         assert!(check_condition("`we``ird` = 1").is_ok());
     }
 
-    fn rule(table: Option<&str>, events: &[EventType], bulk: bool) -> TakerRule {
+    fn rule(table: Option<&str>, events: &[EventType], batch: Option<usize>) -> TakerRule {
         TakerRule {
             database: None,
             table: table.map(NameMatch::exact),
             events: events.iter().copied().collect(),
-            bulk,
+            batch,
         }
     }
 
@@ -615,18 +648,60 @@ mod tests {
             rules,
         };
         let bulk = taker(vec![
-            rule(None, &[EventType::Snapshot], true),
+            rule(None, &[EventType::Snapshot], Some(500)),
             // per row, but never for SNAPSHOT events or not for this table
-            rule(None, &[EventType::Insert], false),
-            rule(Some("other"), &[], false),
+            rule(None, &[EventType::Insert], None),
+            rule(Some("other"), &[], None),
         ]);
         assert!(bulk.takes("db", "t") && bulk.bulk_only("db", "t"));
         assert!(!bulk.bulk_only("db", "other"));
         // a rule without `events` takes SNAPSHOT events too
         let mixed = taker(vec![
-            rule(None, &[EventType::Snapshot], true),
-            rule(None, &[], false),
+            rule(None, &[EventType::Snapshot], Some(500)),
+            rule(None, &[], None),
         ]);
         assert!(mixed.takes("db", "t") && !mixed.bulk_only("db", "t"));
+    }
+
+    #[test]
+    fn a_consumers_bulk_period_is_its_rules_cuts_or_its_lane_parts() {
+        let taker = |events: &[EventType], rules| Taker {
+            name: "c".into(),
+            filters: vec![TableFilter::new("db", "t", events)],
+            rules,
+        };
+        let snap = &[EventType::Snapshot];
+        // only SNAPSHOT events: one part per chunk, each bulk rule cutting at its max_rows
+        let two = taker(
+            snap,
+            vec![
+                rule(None, snap, Some(500)),
+                rule(None, &[], Some(200)),
+                rule(None, &[], None),
+                // never fires on this table's SNAPSHOT rows
+                rule(Some("other"), snap, Some(7)),
+                rule(None, &[EventType::Insert], Some(3)),
+            ],
+        );
+        assert_eq!(two.bulk_period("db", "t", 64), Some(1000));
+        // live events too: lane parts of lane_rows, each rule cutting within a part
+        let lane = taker(
+            &[EventType::Insert, EventType::Snapshot],
+            vec![rule(None, &[], Some(500))],
+        );
+        assert_eq!(lane.bulk_period("db", "t", 64), Some(64));
+        // no rule batches: no period
+        let per_row = taker(snap, vec![rule(None, &[], None)]);
+        assert_eq!(per_row.bulk_period("db", "t", 64), None);
+        // periods too large to multiply saturate (no smaller reads then)
+        let huge = taker(
+            snap,
+            vec![
+                rule(None, &[], Some(usize::MAX - 1)),
+                rule(None, &[], Some(3)),
+            ],
+        );
+        assert_eq!(huge.bulk_period("db", "t", 64), Some(usize::MAX));
+        assert_eq!((lcm(4, 6), lcm(1, 1), lcm(0, 5)), (12, 1, 5));
     }
 }

@@ -168,8 +168,10 @@ impl Backfills {
                     let bulk_only =
                         self.bulk_only(&b.spec.database, &b.spec.table, b.spec.consumer.as_deref());
                     let mut live = self.settings.live;
-                    if self.any_bulk(&b.spec.database, &b.spec.table, b.spec.consumer.as_deref()) {
-                        live.chunk = None; // its bulk messages' ids depend on the chunks
+                    let consumer = b.spec.consumer.as_deref();
+                    if let Some(p) = self.bulk_period(&b.spec.database, &b.spec.table, consumer) {
+                        // smaller reads only where they cut the same bulks (and ids)
+                        live = live.bulk(p, b.spec.chunk);
                     }
                     let chunks = Chunks::new(
                         b.progress.clone(),

@@ -593,8 +593,10 @@ pub struct BackfillConfig {
     /// not yield (full speed, their own chunk size, always). `backfill start --rate` still
     /// applies, the lower of the two.
     pub rate_while_live: f64,
-    /// While live changes flow, a backfill's chunks have at most this many rows, so its work
-    /// comes in small pieces; a backfill whose rows a bulk rule takes keeps its chunk size.
+    /// While live changes flow, a backfill's reads have at most this many rows, so its work
+    /// comes in small pieces; for a backfill whose rows a bulk rule takes, rounded up to a
+    /// whole number of its bulks (`Yield::bulk`), so its bulk messages stay those of whole
+    /// chunks.
     pub chunk_while_live: NonZeroUsize,
     /// Live changes flow while one went to a consumer less than this long ago; a backfill
     /// goes back to full speed this long after the last.

@@ -225,6 +225,11 @@ fn write(
     }
 }
 
+/// The table's keys up to `max` (none when `max` is `None`), in order.
+fn range_keys(table: &BTreeMap<i64, i64>, max: Option<i64>) -> impl Iterator<Item = i64> + '_ {
+    table.keys().copied().take_while(move |&k| Some(k) <= max)
+}
+
 fn int_key(k: &Option<Key>) -> Option<i64> {
     k.as_ref().map(|k| match k.as_slice() {
         [Value::Int(i)] => *i,
@@ -434,16 +439,29 @@ fn run(seed: u64) {
         max_key: max_key.map(|k| vec![Value::Int(k)]),
         ..Default::default()
     };
-    // live changes flow at times: then a read may be smaller (a per-row backfill) and slower
-    let live = Yield {
+    // live changes flow at times: then a read may be smaller and slower; for a backfill whose
+    // rows a bulk rule takes, a whole number of its bulks' period
+    let mut live = Yield {
         rate: (rng.u8(0..3) == 0).then(|| rng.f64() * 2000.0 + 100.0),
         chunk: rng.bool().then(|| rng.usize(1..=chunk)),
     };
+    let period = rng.bool().then(|| rng.usize(1..=chunk));
+    if let Some(p) = period {
+        live = live.bulk(p, chunk);
+    }
     let mut chunks = Chunks::new(stored.clone(), chunk, rate, max_outstanding).with_yield(live);
     let mut asking = chunk; // rows the read under way asked for
     let mut log: Vec<ChangeEvent> = Vec::new();
     let mut n = 0u64;
-    let max_writes = rng.u64(50..400);
+    // now and then no writes at all: the rows' order then checks where reads start (below)
+    let max_writes = if rng.u8(0..4) == 0 {
+        0
+    } else {
+        rng.u64(50..400)
+    };
+    let initial_keys: Vec<i64> = table.keys().copied().collect();
+    // no row of the backfill's range was ever inserted or deleted
+    let mut untouched = true;
     let mut windows = Windows::new(wm_table());
     // consumer side
     let mut ds = Downstream::new(rng.usize(1..4), rng.usize(1..3));
@@ -493,6 +511,7 @@ fn run(seed: u64) {
                 if let Some(e) = write(&mut rng, &cols, &mut table, &mut next_id, n) {
                     log.push(e);
                 }
+                untouched &= initial_keys.iter().copied().eq(range_keys(&table, max_key));
             }
             // the backfill: one step of its read, or a new read, or progress stored alone
             3..=5 if !done => match read.clone() {
@@ -510,6 +529,25 @@ fn run(seed: u64) {
                         asked >= 1 && asked <= chunk,
                         "read {nonce} asks {asked} rows"
                     );
+                    // with the table's rows as they were, a read starts a whole number of
+                    // bulk periods into a chunk of the grid (counted from the first row) and
+                    // does not cross into the next: its bulks are those of whole chunks
+                    if untouched {
+                        let at = int_key(&after)
+                            .map_or(0, |k| initial_keys.iter().filter(|&&i| i <= k).count());
+                        let into = at % chunk;
+                        assert!(
+                            into + asked <= chunk,
+                            "seed {seed}: read {nonce} of {asked} rows starts {into} rows into a chunk of {chunk}"
+                        );
+                        if let (Some(p), Some(_)) = (period, live.chunk) {
+                            assert_eq!(
+                                into % p,
+                                0,
+                                "seed {seed}: read {nonce} starts {into} rows into a chunk, not a whole number of periods of {p}"
+                            );
+                        }
+                    }
                     asking = asked;
                     // the low watermark carries the progress not stored yet
                     if let Some((version, p)) = chunks.to_fold() {
@@ -783,7 +821,8 @@ fn while_live_changes_flow_a_read_is_smaller_and_keeps_to_the_live_rate() {
     assert_eq!(c.progress().rows_read, 640);
     assert_eq!(c.progress().chunks, 3);
 
-    // a backfill whose rows a bulk rule takes keeps its chunk size; the lower rate wins
+    // no smaller reads (a bulk period not below the chunk, see Yield::bulk): its own chunk
+    // size; the lower rate wins
     let mut c = Chunks::new(p.clone(), 500, Some(200.0), 1).with_yield(Yield {
         rate: Some(1000.0),
         chunk: None,
@@ -805,6 +844,103 @@ fn while_live_changes_flow_a_read_is_smaller_and_keeps_to_the_live_rate() {
         "the live rate, 1000 rows/s, is the lower"
     );
     assert!(c.may_read(t0 + ms(100)));
+}
+
+/// The rows at which bulk messages start when every read's rows are cut into bulks of
+/// `max_rows` from the read's first row (a consumer that takes only SNAPSHOT rows), by ordinal.
+fn bulk_starts(reads: &[usize], max_rows: usize) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut at = 0;
+    for &n in reads {
+        starts.extend((at..at + n).step_by(max_rows));
+        at += n;
+    }
+    starts
+}
+
+#[test]
+fn reads_keep_to_the_chunk_grid_so_a_yielding_bulk_backfill_cuts_the_same_bulks() {
+    // while yielding, a bulk backfill reads whole periods of its bulks, at least
+    // chunk_while_live; no smaller reads when that is not below its chunk
+    let live = Yield {
+        rate: Some(1000.0),
+        chunk: Some(100),
+    };
+    assert_eq!(live.bulk(500, 5000).chunk, Some(500));
+    assert_eq!(live.bulk(64, 5000).chunk, Some(128));
+    assert_eq!(live.bulk(40, 5000).chunk, Some(120));
+    assert_eq!(live.bulk(5000, 5000).chunk, None);
+    assert_eq!(live.bulk(usize::MAX, 5000).chunk, None);
+    assert_eq!(live.bulk(500, 5000).rate, Some(1000.0));
+
+    // a chunk of 1000 rows, yielding reads of 300 (a bulk of 300 rows at most): a read asks
+    // for the rest of the grid's chunk it starts in, or less while yielding
+    let t0 = Instant::now();
+    let key = |i: i64| Some(vec![Value::Int(i)]);
+    let p = Progress {
+        max_key: key(10_000),
+        ..Default::default()
+    };
+    let y = Yield {
+        rate: None,
+        chunk: Some(300),
+    };
+    let mut c = Chunks::new(p.clone(), 1000, None, 2).with_yield(y);
+    let mut at = 0i64;
+    let mut asked = Vec::new();
+    let mut step = |c: &mut Chunks, nonce: &str, live: bool, confirm: bool| {
+        let (after, n) = c.begin(nonce, t0, live);
+        assert_eq!(after, if at == 0 { None } else { key(at) }, "read {nonce}");
+        at += n as i64;
+        c.read(nonce, n, key(at));
+        c.high_written(nonce);
+        if confirm {
+            c.confirmed(nonce, n as u64, 0, t0);
+        }
+        asked.push(n);
+    };
+    step(&mut c, "a", true, true);
+    // the next read begins while "b" is outstanding: its rows count
+    step(&mut c, "b", true, false);
+    step(&mut c, "c", true, true);
+    c.confirmed("b", 300, 0, t0);
+    step(&mut c, "d", true, true); // the 100 left of the first chunk
+    step(&mut c, "e", false, true); // a whole chunk
+    step(&mut c, "f", true, true);
+    step(&mut c, "g", false, true); // the 700 left of the third
+    assert_eq!(asked, vec![300, 300, 300, 100, 1000, 300, 700]);
+    assert_eq!(
+        bulk_starts(&asked, 300),
+        bulk_starts(&[1000, 1000, 1000], 300),
+        "the same bulks as whole chunks"
+    );
+    // restarted from the stored progress (2300 rows read): the rest of the third chunk
+    let stored = c.progress().clone();
+    assert_eq!(stored.rows_read, 3000);
+    let mut again = Chunks::new(
+        Progress {
+            rows_read: 2300,
+            last_key: key(2300),
+            ..stored
+        },
+        1000,
+        None,
+        1,
+    )
+    .with_yield(y);
+    assert_eq!(again.begin("h", t0, false), (key(2300), 700));
+    let mut again = Chunks::new(
+        Progress {
+            rows_read: 2300,
+            last_key: key(2300),
+            ..p
+        },
+        1000,
+        None,
+        1,
+    )
+    .with_yield(y);
+    assert_eq!(again.begin("h", t0, true), (key(2300), 300));
 }
 
 #[test]
