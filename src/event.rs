@@ -701,7 +701,23 @@ pub struct SnapshotOrigin {
     pub consumer: Option<Arc<str>>,
 }
 
+/// Which backfill read a SNAPSHOT row came from: the position and time of the read's high
+/// watermark, where all its rows are emitted (no two reads share one).
+pub type ReadMark<'a> = (&'a Position, i64);
+
+/// Whether two rows are SNAPSHOT rows of different backfill reads (live rows never are).
+pub fn other_read(a: Option<ReadMark<'_>>, b: Option<ReadMark<'_>>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a != b)
+}
+
 impl ChangeEvent {
+    /// The read a SNAPSHOT row came from (see [`other_read`]); `None` for other events.
+    pub fn read(&self) -> Option<ReadMark<'_>> {
+        self.snapshot
+            .as_ref()
+            .map(|_| (&self.position, self.executed_at))
+    }
+
     /// `database.table`.
     pub fn full_table(&self) -> String {
         format!("{}.{}", self.database, self.table)

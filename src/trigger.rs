@@ -110,6 +110,15 @@ pub struct SourceRef {
     pub snapshot: Option<Arc<SnapshotOrigin>>,
 }
 
+impl SourceRef {
+    /// The read a SNAPSHOT row came from ([`crate::event::other_read`]); `None` otherwise.
+    pub fn read(&self) -> Option<crate::event::ReadMark<'_>> {
+        self.snapshot
+            .as_ref()
+            .map(|_| (&self.position, self.executed_at))
+    }
+}
+
 impl From<&ChangeEvent> for SourceRef {
     fn from(e: &ChangeEvent) -> Self {
         SourceRef {

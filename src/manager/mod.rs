@@ -57,7 +57,7 @@ use crate::consumer::ProcessFailure;
 use crate::consumer::TableFilter;
 use crate::consumer::actor::{ConsumerActor, ProcessBatch};
 use crate::consumer::filter::canal_filter;
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, other_read};
 use crate::publisher::{CancelBefore, PublishError};
 use actix::prelude::*;
 pub use core::ConsumerState;
@@ -672,8 +672,10 @@ pub(crate) fn row_keys(windows: &Windows, events: &[ChangeEvent]) -> Vec<Vec<Str
 
 /// A consumer's events of one batch (`indices`, in order) as the router's parts: one live part
 /// for a consumer that gets only SNAPSHOT events (`live_too` false); otherwise the runs of live
-/// and of SNAPSHOT events in order, SNAPSHOT runs cut every `lane_rows` rows, each part with the
-/// keys of its events (`keys`, by event index; empty: none known).
+/// and of SNAPSHOT events in order, SNAPSHOT runs cut every `lane_rows` rows and where one
+/// backfill read's rows end (so a read's parts, and the bulks cut in them, are the same
+/// whether its rows came alone or with another's), each part with the keys of its events
+/// (`keys`, by event index; empty: none known).
 pub(crate) fn segments<P>(
     events: &[ChangeEvent],
     indices: Vec<usize>,
@@ -710,10 +712,12 @@ pub(crate) fn segments<P>(
             });
         }
     };
+    let read = |i: usize| events.get(i).and_then(ChangeEvent::read);
     for i in indices {
         let snap = is_snapshot(i);
         if let Some(&first) = run.first()
-            && (snap != is_snapshot(first) || (snap && run.len() >= lane_rows))
+            && (snap != is_snapshot(first)
+                || (snap && (run.len() >= lane_rows || other_read(read(first), read(i)))))
         {
             flush(&mut run, &mut run_keys);
         }
@@ -1015,5 +1019,29 @@ mod tests {
             ]
         );
         assert_eq!(cut(false), vec![(Lane::Live, (0..6).collect(), 0)]);
+    }
+
+    /// Two backfill reads' rows in one batch (each read's rows share its high watermark's
+    /// position): the lane cuts them where one read ends, so each read's parts are those it
+    /// makes alone.
+    #[test]
+    fn lane_parts_never_span_two_backfill_reads() {
+        use EventType::Snapshot as S;
+        let mut events: Vec<ChangeEvent> = (0..5).map(|_| event(S)).collect();
+        for (i, e) in events.iter_mut().enumerate() {
+            e.position.offset = if i < 3 { 100 } else { 200 };
+        }
+        let parts = segments(&events, (0..5).collect(), true, 2, &[], |ix| ix)
+            .into_iter()
+            .map(|s| (s.lane, s.part))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            parts,
+            vec![
+                (Lane::Snapshot, vec![0, 1]),
+                (Lane::Snapshot, vec![2]),
+                (Lane::Snapshot, vec![3, 4]),
+            ]
+        );
     }
 }

@@ -5,7 +5,7 @@ use super::spec::{ConsumerSpec, OnError, RuleSpec};
 use crate::consumer::{
     Consumer, ConsumerContext, ConsumerError, ErrorPolicy, Failure, TableFilter, TriggerRequest,
 };
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, other_read};
 use crate::trigger::SourceRef;
 use cel::Context;
 
@@ -180,7 +180,9 @@ impl Consumer for ConfigConsumer {
     }
 
     /// Sends the part's bulk messages: per bulk rule, its rows in order, `max_rows` per
-    /// message. A bulk therefore never spans a Canal batch.
+    /// message, and SNAPSHOT rows of one backfill read per message ([`other_read`]). A bulk therefore never
+    /// spans a Canal batch, nor two reads whose rows came in one batch: a read's bulks are
+    /// the same whether its rows came alone or with another's.
     fn end_of_part(&mut self, ctx: &mut ConsumerContext) -> Result<(), ConsumerError> {
         self.staged.clear();
         for (rule, pending) in self.spec.rules.iter().zip(self.pending.iter_mut()) {
@@ -193,7 +195,14 @@ impl Consumer for ConfigConsumer {
                 let mut last = None;
                 let mut payloads = Vec::with_capacity(bulk.max_rows);
                 let mut positions = Vec::with_capacity(bulk.max_rows);
-                for (source, payload) in rows.by_ref().take(bulk.max_rows) {
+                while positions.len() < bulk.max_rows {
+                    let Some((source, payload)) = rows.next_if(|(s, _)| {
+                        !first
+                            .as_ref()
+                            .is_some_and(|f: &SourceRef| other_read(f.read(), s.read()))
+                    }) else {
+                        break;
+                    };
                     positions.push(source.position.clone());
                     if first.is_none() {
                         first = Some(source);

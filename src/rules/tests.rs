@@ -1109,6 +1109,74 @@ fn bulk_rules_send_lists_of_the_row_payloads_max_rows_at_a_time() {
     assert_eq!(ids, vec![1, 2, 4, 5, 6]);
 }
 
+/// Two backfill reads whose rows came in one part (two high watermarks in one Canal batch):
+/// each read is cut on its own, as it would be alone, so its bulks keep their ids.
+#[test]
+fn a_bulk_never_spans_two_backfill_reads() {
+    let text = r#"
+[consumers.c]
+[[consumers.c.filters]]
+database = "db"
+table = "t"
+events = ["SNAPSHOT"]
+
+[[consumers.c.rules]]
+name = "bulk"
+plugin = "p"
+payload = { id = "${data.id}" }
+batch = { max_rows = 3 }
+"#;
+    // the rows of a read share its high watermark's position
+    let snapshot = |id: i64, high: u64| {
+        let mut e = event(
+            "db",
+            "t",
+            EventType::Snapshot,
+            row(&[("id", Value::Int(id))]),
+            None,
+        );
+        e.position.offset = high;
+        e.snapshot = Some(std::sync::Arc::new(crate::event::SnapshotOrigin {
+            backfill: "b".into(),
+            key: format!("[{id}]"),
+            consumer: None,
+        }));
+        e
+    };
+    let cut = |events: &[ChangeEvent]| -> Vec<Vec<i64>> {
+        run(&mut one(text), events)
+            .triggers
+            .iter()
+            .map(|t| {
+                t.payload
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["id"].as_i64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let a: Vec<ChangeEvent> = (1..=4).map(|id| snapshot(id, 100)).collect();
+    let b: Vec<ChangeEvent> = (5..=8).map(|id| snapshot(id, 200)).collect();
+    let both: Vec<ChangeEvent> = a.iter().chain(&b).cloned().collect();
+    assert_eq!(
+        cut(&both),
+        vec![vec![1, 2, 3], vec![4], vec![5, 6, 7], vec![8]]
+    );
+    let alone: Vec<Vec<i64>> = [cut(&a), cut(&b)].concat();
+    assert_eq!(cut(&both), alone, "the bulks each read makes alone");
+    // and their ids
+    let ids = |events: &[ChangeEvent]| -> Vec<String> {
+        run(&mut one(text), events)
+            .triggers
+            .into_iter()
+            .map(|t| t.id)
+            .collect()
+    };
+    assert_eq!(ids(&both), [ids(&a), ids(&b)].concat());
+}
+
 #[test]
 fn a_row_failing_in_a_bulk_rule_is_handled_alone_and_left_out_of_the_list() {
     let text = with_rule(
