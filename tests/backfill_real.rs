@@ -457,16 +457,8 @@ async fn a_backfill_yields_to_live_changes_and_goes_full_speed_after_them() {
         "wm_yield",
     )
     .await;
-    // 50-row chunks at 200 rows/s while live changes flow, and they flow while one came
-    // within 3 s (a Canal that stalls for less does not end them)
-    for (k, v) in [
-        ("RATE_WHILE_LIVE", "200"),
-        ("CHUNK_WHILE_LIVE", "50"),
-        ("LIVE_WINDOW", "3s"),
-    ] {
-        svc.env
-            .push((format!("CANAL_CONSUMER__BACKFILL__{k}"), v.into()));
-    }
+    // 50-row chunks at 200 rows/s while live changes flow
+    yield_while_live(&mut svc, 200, 50);
     svc.start().await;
     // live changes flow before and all through the backfill: updates all over the table
     let pool = pool();
@@ -829,14 +821,7 @@ payload = {{ v = "${{data.v}}" }}
         "wm_bulk_yield",
     )
     .await;
-    for (k, v) in [
-        ("RATE_WHILE_LIVE", "2000"),
-        ("CHUNK_WHILE_LIVE", "100"),
-        ("LIVE_WINDOW", "3s"),
-    ] {
-        svc.env
-            .push((format!("CANAL_CONSUMER__BACKFILL__{k}"), v.into()));
-    }
+    yield_while_live(&mut svc, 2000, 100);
     svc.start().await;
     let pool = pool();
     let writer = Writer::start(&pool, 13, Duration::from_millis(20), |_| {

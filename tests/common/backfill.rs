@@ -250,6 +250,19 @@ impl Writer {
     }
 }
 
+/// While live changes flow, `svc`'s backfills read at most `rate` rows/s in reads of at most
+/// `chunk` rows; live changes flow while one came within 3 s (a Canal that stalls for less
+/// does not end them).
+pub fn yield_while_live(svc: &mut ServiceProc, rate: u32, chunk: usize) {
+    for (k, v) in [
+        ("RATE_WHILE_LIVE", rate.to_string()),
+        ("CHUNK_WHILE_LIVE", chunk.to_string()),
+        ("LIVE_WINDOW", "3s".to_string()),
+    ] {
+        svc.env.push((format!("CANAL_CONSUMER__BACKFILL__{k}"), v));
+    }
+}
+
 /// Waits until backfill `id` has confirmed at least `chunks` chunks.
 pub async fn wait_chunks(svc: &ServiceProc, id: &str, chunks: u64) {
     let what = format!("{chunks} chunks confirmed");
