@@ -180,9 +180,9 @@ impl Consumer for ConfigConsumer {
     }
 
     /// Sends the part's bulk messages: per bulk rule, its rows in order, `max_rows` per
-    /// message, and SNAPSHOT rows of one backfill read per message ([`other_read`]). A bulk therefore never
-    /// spans a Canal batch, nor two reads whose rows came in one batch: a read's bulks are
-    /// the same whether its rows came alone or with another's.
+    /// message, and SNAPSHOT rows of one backfill read per message ([`other_read`]). A bulk
+    /// therefore never spans a Canal batch, nor two reads whose rows came in one batch: a
+    /// read's bulks are the same whether its rows came alone or with another's.
     fn end_of_part(&mut self, ctx: &mut ConsumerContext) -> Result<(), ConsumerError> {
         self.staged.clear();
         for (rule, pending) in self.spec.rules.iter().zip(self.pending.iter_mut()) {
