@@ -851,9 +851,9 @@ payload = {{ v = "${{data.v}}" }}
             .sum()
     };
     let got = consume_until(&queue, Duration::from_secs(60), |g| bulk_rows(g) >= rows).await;
-    let mut bulks: Vec<(i64, i64, usize)> = got
+    let bulk_msgs: Vec<&Got> = got.iter().filter(|m| m.body["bulk"].is_object()).collect();
+    let mut bulks: Vec<(i64, i64, usize)> = bulk_msgs
         .iter()
-        .filter(|m| m.body["bulk"].is_object())
         .map(|m| {
             let keys: Vec<i64> = m.body["payload"]
                 .as_array()
@@ -876,11 +876,8 @@ payload = {{ v = "${{data.v}}" }}
         .map(|b| (b[0], *b.last().unwrap(), b.len()))
         .collect();
     assert_eq!(bulks, expected, "the bulks of whole chunks");
-    let ids: std::collections::HashSet<&str> = got
-        .iter()
-        .filter(|m| m.body["bulk"].is_object())
-        .map(|m| m.message_id.as_str())
-        .collect();
+    let ids: std::collections::HashSet<&str> =
+        bulk_msgs.iter().map(|m| m.message_id.as_str()).collect();
     assert_eq!(ids.len(), expected.len(), "one id per bulk");
     eprintln!("{ops} live changes during the backfill; {}", p);
     let _ = svc.terminate(Duration::from_secs(30));
